@@ -1,0 +1,309 @@
+"""Input validation shared by every public entry point.
+
+Every public function checks its tensors here, so that a wrong shape fails at the
+call with a message that names the argument, the expected layout and the actual
+shape, instead of deep inside a ``bmm``.
+
+Shape patterns are sequences whose entries are
+
+* a ``str`` -- a named dimension (``"B"``, ``"K"``, ...). The first tensor that
+  binds a name fixes its size in ``dims``; later tensors must agree.
+* an ``int`` -- a fixed size.
+* ``None`` or ``"*"`` -- any size.
+
+Value checks (labels in ``{0, 1}``) need the values on the host. They run only for
+CPU tensors, where reading them costs no device synchronisation; on accelerators
+they are skipped so the training path never waits on the device. Setting the
+environment variable ``WSSS_BLOCKS_CHECKS=0`` turns off every check.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Collection, MutableMapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "ShapeError",
+    "check_tensor",
+    "check_shape",
+    "check_labels",
+    "check_option",
+    "check_thresholds",
+    "check_range",
+    "check_size",
+    "checks_enabled",
+]
+
+Pattern = Sequence["str | int | None"]
+
+
+class ShapeError(ValueError):
+    """A tensor argument has the wrong rank, shape or dtype, or wrong label values.
+
+    Example:
+        >>> import torch
+        >>> from wsss_blocks._validate import ShapeError, check_shape
+        >>> try:
+        ...     check_shape("cam", torch.zeros(2, 3), ["B", "K", "h", "w"])
+        ... except ShapeError as err:
+        ...     print(err)
+        cam: expected 4 dims (B, K, h, w), got shape (2, 3)
+    """
+
+
+def checks_enabled() -> bool:
+    """Whether validation runs (``WSSS_BLOCKS_CHECKS`` unset or not ``"0"``), and we are not tracing.
+
+    Example:
+        >>> checks_enabled()
+        True
+    """
+    if os.environ.get("WSSS_BLOCKS_CHECKS", "1") == "0":
+        return False
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling():
+        return False
+    return not torch.jit.is_tracing()
+
+
+def _fmt_pattern(pattern: Pattern, dims: MutableMapping[str, int]) -> str:
+    parts = []
+    for p in pattern:
+        if p is None or p == "*":
+            parts.append("*")
+        elif isinstance(p, str):
+            parts.append(f"{p}={dims[p]}" if p in dims else p)
+        else:
+            parts.append(str(p))
+    return "(" + ", ".join(parts) + ")"
+
+
+def check_tensor(name: str, x: Any, *, dtype: str | None = None) -> Tensor:
+    """Check that ``x`` is a tensor, optionally of a dtype kind.
+
+    Args:
+        name: argument name used in the message.
+        x: the value to check.
+        dtype: ``"float"`` (floating point), ``"int"`` (integer, not bool), ``"bool"``,
+            ``"label"`` (bool, integer or floating) or ``None`` (any).
+
+    Returns:
+        ``x`` unchanged.
+
+    Example:
+        >>> check_tensor("x", torch.zeros(2), dtype="float").shape
+        torch.Size([2])
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if dtype is None or not checks_enabled():
+        return x
+    ok = {
+        "float": x.is_floating_point(),
+        "int": (not x.is_floating_point()) and (not x.is_complex()) and x.dtype != torch.bool,
+        "bool": x.dtype == torch.bool,
+        "label": not x.is_complex(),
+    }
+    if dtype not in ok:
+        raise ValueError(f"dtype kind must be one of {sorted(ok)}, got {dtype!r}")
+    if not ok[dtype]:
+        raise ShapeError(f"{name}: expected a {dtype} tensor, got dtype {x.dtype}")
+    return x
+
+
+def check_shape(
+    name: str,
+    x: Tensor,
+    pattern: Pattern,
+    dims: MutableMapping[str, int] | None = None,
+    *,
+    dtype: str | None = None,
+) -> MutableMapping[str, int]:
+    """Check ``x`` against a shape pattern and bind its named dimensions.
+
+    Args:
+        name: argument name used in the message.
+        x: tensor to check.
+        pattern: one entry per dimension: a name, a fixed int, or ``None``/``"*"``.
+        dims: named sizes bound so far (shared across the arguments of one call);
+            new names are added to it. A fresh dict when ``None``.
+        dtype: optional dtype kind, see :func:`check_tensor`.
+
+    Returns:
+        ``dims``, with the names of ``pattern`` bound.
+
+    Raises:
+        ShapeError: on a rank mismatch, a fixed-size mismatch, or a named dimension
+            that disagrees with an earlier binding.
+
+    Example:
+        >>> dims = check_shape("cam", torch.zeros(2, 3, 4, 5), ["B", "K", "h", "w"])
+        >>> dims["K"]
+        3
+        >>> try:
+        ...     check_shape("labels", torch.zeros(2, 4), ["B", "K"], dims)
+        ... except ShapeError as err:
+        ...     print(err)
+        labels: expected shape (B=2, K=3), got (2, 4); K=4 disagrees with K=3 bound earlier
+    """
+    if dims is None:
+        dims = {}
+    check_tensor(name, x, dtype=dtype)
+    if not checks_enabled():
+        return dims
+    shape = tuple(x.shape)
+    if len(shape) != len(pattern):
+        names = ", ".join("*" if (p is None or p == "*") else str(p) for p in pattern)
+        raise ShapeError(
+            f"{name}: expected {len(pattern)} dims ({names}), got shape {shape}"
+        )
+    expected = _fmt_pattern(pattern, dims)
+    for size, p in zip(shape, pattern):
+        if p is None or p == "*":
+            continue
+        if isinstance(p, str):
+            if p in dims and dims[p] != size:
+                raise ShapeError(
+                    f"{name}: expected shape {expected}, got {shape}; "
+                    f"{p}={size} disagrees with {p}={dims[p]} bound earlier"
+                )
+            dims[p] = size
+        elif size != p:
+            raise ShapeError(f"{name}: expected shape {expected}, got {shape}")
+    return dims
+
+
+def check_labels(
+    name: str,
+    labels: Tensor,
+    dims: MutableMapping[str, int] | None = None,
+    *,
+    pattern: Pattern = ("B", "K"),
+) -> MutableMapping[str, int]:
+    """Check multi-hot image labels: shape ``pattern``, values in ``{0, 1}``.
+
+    Bool, integer and floating dtypes are accepted. The values are read only for CPU
+    tensors (no device synchronisation); see the module docstring.
+
+    Args:
+        name: argument name used in the message.
+        labels: the label tensor, ``(B, K)`` by default.
+        dims: named sizes bound so far, see :func:`check_shape`.
+        pattern: the expected shape pattern.
+
+    Returns:
+        ``dims`` with the pattern's names bound.
+
+    Example:
+        >>> dims = check_labels("labels", torch.tensor([[1, 0, 1]]))
+        >>> dims["K"]
+        3
+        >>> try:
+        ...     check_labels("labels", torch.tensor([[0.5, 1.0]]))
+        ... except ShapeError as err:
+        ...     print(err)
+        labels: expected values in {0, 1}, got 0.5
+    """
+    dims = check_shape(name, labels, pattern, dims, dtype="label")
+    if checks_enabled() and labels.device.type == "cpu" and labels.dtype != torch.bool:
+        bad = (labels != 0) & (labels != 1)
+        if bool(bad.any()):  # CPU tensor: no device sync
+            value = labels[bad][0].item()
+            raise ShapeError(f"{name}: expected values in {{0, 1}}, got {value}")
+    return dims
+
+
+def check_option(name: str, value: Any, allowed: Collection[Any]) -> Any:
+    """Check that an option string (or value) is one of ``allowed``.
+
+    Raises:
+        ValueError: showing the value and the allowed set.
+
+    Example:
+        >>> check_option("mode", "max", ("max", "minmax"))
+        'max'
+        >>> try:
+        ...     check_option("mode", "mean", ("max", "minmax"))
+        ... except ValueError as err:
+        ...     print(err)
+        mode: expected one of ['max', 'minmax'], got 'mean'
+    """
+    if value not in allowed:
+        raise ValueError(f"{name}: expected one of {list(allowed)}, got {value!r}")
+    return value
+
+
+def check_thresholds(low_name: str, low: float, high_name: str, high: float) -> None:
+    """Check that two thresholds are finite and strictly ordered, ``low < high``.
+
+    Raises:
+        ShapeError: when ``low >= high`` or either is not finite.
+
+    Example:
+        >>> check_thresholds("low", 0.25, "high", 0.7)
+        >>> try:
+        ...     check_thresholds("low", 0.7, "high", 0.25)
+        ... except ValueError as err:
+        ...     print(err)
+        low=0.7 must be smaller than high=0.25
+    """
+    for n, v in ((low_name, low), (high_name, high)):
+        if not math.isfinite(float(v)):
+            raise ShapeError(f"{n}: expected a finite threshold, got {v}")
+    if not low < high:
+        raise ShapeError(f"{low_name}={low} must be smaller than {high_name}={high}")
+
+
+def check_range(
+    name: str,
+    value: float,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_inclusive: bool = True,
+    high_inclusive: bool = True,
+) -> float:
+    """Check that a scalar hyperparameter is finite and inside ``[low, high]``.
+
+    ``None`` bounds are open. Raises ``ValueError`` naming the argument.
+
+    Example:
+        >>> check_range("alpha", 0.35, 0.0, 1.0)
+        0.35
+        >>> try:
+        ...     check_range("temperature", 0.0, 0.0, low_inclusive=False)
+        ... except ValueError as err:
+        ...     print(err)
+        temperature: expected a value in (0.0, inf), got 0.0
+    """
+    v = float(value)
+    lo_ok = low is None or (v >= low if low_inclusive else v > low)
+    hi_ok = high is None or (v <= high if high_inclusive else v < high)
+    if not (math.isfinite(v) and lo_ok and hi_ok):
+        lb = "[" if low_inclusive and low is not None else "("
+        hb = "]" if high_inclusive and high is not None else ")"
+        lo = float("-inf") if low is None else low
+        hi = float("inf") if high is None else high
+        raise ValueError(f"{name}: expected a value in {lb}{lo}, {hi}{hb}, got {value}")
+    return value
+
+
+def check_size(name: str, size: Any) -> tuple[int, int]:
+    """Check a spatial size given as ``(h, w)`` positive ints; return it as a tuple.
+
+    Example:
+        >>> check_size("size", [28, 14])
+        (28, 14)
+    """
+    try:
+        h, w = (int(s) for s in size)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected a pair (h, w) of ints, got {size!r}") from None
+    if h <= 0 or w <= 0:
+        raise ValueError(f"{name}: expected positive sizes, got {size!r}")
+    return h, w
