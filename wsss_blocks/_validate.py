@@ -213,7 +213,7 @@ def check_labels(
     if checks_enabled() and labels.device.type == "cpu" and labels.dtype != torch.bool:
         bad = (labels != 0) & (labels != 1)
         if bool(bad.any()):  # CPU tensor: no device sync
-            value = labels[bad][0].item()
+            value = labels[bad][0].item()  # sync-ok: CPU tensor, error path
             raise ShapeError(f"{name}: expected values in {{0, 1}}, got {value}")
     return dims
 

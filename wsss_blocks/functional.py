@@ -1,0 +1,37 @@
+"""Every functional op and loss of wsss_blocks, importable from one place.
+
+Example:
+    >>> import torch
+    >>> from wsss_blocks import functional as WF
+    >>> WF.normalize_cam(torch.randn(1, 2, 3, 3)).shape
+    torch.Size([1, 2, 3, 3])
+"""
+
+from wsss_blocks.cam import (
+    add_background,
+    box_to_valid_mask,
+    cam_from_features,
+    masked_average_pool,
+    multiscale_cam,
+    normalize_cam,
+    pseudo_labels,
+    token_pseudo_labels,
+    valid_to_grid,
+)
+from wsss_blocks.tokens import features_as_tokens, grid_to_tokens, split_prefix_tokens, tokens_to_grid
+
+__all__ = [
+    "add_background",
+    "box_to_valid_mask",
+    "cam_from_features",
+    "features_as_tokens",
+    "grid_to_tokens",
+    "masked_average_pool",
+    "multiscale_cam",
+    "normalize_cam",
+    "pseudo_labels",
+    "split_prefix_tokens",
+    "token_pseudo_labels",
+    "tokens_to_grid",
+    "valid_to_grid",
+]
