@@ -3,9 +3,32 @@
 ``import wsss_blocks`` imports only torch, einops, numpy and opt_einsum; timm is imported by
 the functions that need a timm model, and the optional extras (matplotlib, tqdm,
 pydensecrf2, pycocotools, Pillow) only by the parts that use them.
+
+Example:
+    >>> import wsss_blocks
+    >>> from wsss_blocks import cam, tokens, functional
+    >>> isinstance(wsss_blocks.__version__, str)
+    True
 """
 
+from wsss_blocks import cam, functional, metrics, prototypes, tokens
 from wsss_blocks._validate import ShapeError
 from wsss_blocks._version import __version__
+from wsss_blocks.metrics import MeanIoU
+from wsss_blocks.prototypes import ClassBank, kmeans
+from wsss_blocks.tokens import ViTTaps, vit_taps
 
-__all__ = ["ShapeError", "__version__"]
+__all__ = [
+    "ClassBank",
+    "MeanIoU",
+    "ShapeError",
+    "ViTTaps",
+    "__version__",
+    "cam",
+    "functional",
+    "kmeans",
+    "metrics",
+    "prototypes",
+    "tokens",
+    "vit_taps",
+]

@@ -18,14 +18,19 @@ from wsss_blocks.cam import (
     token_pseudo_labels,
     valid_to_grid,
 )
+from wsss_blocks.metrics import confusion_matrix, iou_from_confusion
+from wsss_blocks.prototypes import kmeans
 from wsss_blocks.tokens import features_as_tokens, grid_to_tokens, split_prefix_tokens, tokens_to_grid
 
 __all__ = [
     "add_background",
     "box_to_valid_mask",
     "cam_from_features",
+    "confusion_matrix",
     "features_as_tokens",
     "grid_to_tokens",
+    "iou_from_confusion",
+    "kmeans",
     "masked_average_pool",
     "multiscale_cam",
     "normalize_cam",

@@ -1,0 +1,470 @@
+"""Tests for wsss_blocks.prototypes: kmeans and ClassBank."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from collections import deque
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+from wsss_blocks._validate import ShapeError
+from wsss_blocks.prototypes import ClassBank, kmeans
+
+# ----------------------------------------------------------------------------- helpers
+
+
+@contextmanager
+def no_host_sync():
+    """Make the usual host-sync entry points raise while the block runs."""
+    names = ["item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "nonzero"]
+    saved = {n: getattr(torch.Tensor, n) for n in names}
+    saved_nonzero = torch.nonzero
+
+    def boom(*args, **kwargs):
+        raise AssertionError("host sync on the training path")
+
+    try:
+        for n in names:
+            setattr(torch.Tensor, n, boom)
+        torch.nonzero = boom
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.Tensor, n, f)
+        torch.nonzero = saved_nonzero
+
+
+def blobs(g: int, k: int, per: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Well separated blobs: centres on a far-apart lattice, tiny spread. Returns x, labels."""
+    gen = torch.Generator().manual_seed(seed)
+    means = torch.randn(g, k, d, generator=gen) + 20.0 * torch.arange(k).view(1, k, 1)
+    x = means[:, :, None, :] + 0.1 * torch.randn(g, k, per, d, generator=gen)
+    perm = torch.randperm(k * per, generator=gen)
+    x = x.reshape(g, k * per, d)[:, perm]
+    lab = torch.arange(k).repeat_interleave(per)[perm]
+    return x, lab
+
+
+def lloyd_oracle(x: torch.Tensor, valid: torch.Tensor, init: torch.Tensor, iters: int):
+    """Per-group loop reference of Lloyd steps from given initial centres."""
+    out = init.clone().double()
+    xd = x.double()
+    g, n, _ = x.shape
+    k = init.shape[1]
+    for gi in range(g):
+        c = out[gi].clone()
+        for _ in range(iters):
+            sums = torch.zeros_like(c)
+            cnt = [0] * k
+            for i in range(n):
+                if not valid[gi, i]:
+                    continue
+                dists = [float(((xd[gi, i] - c[j]) ** 2).sum()) for j in range(k)]
+                j = min(range(k), key=lambda jj: (dists[jj], jj))
+                sums[j] += xd[gi, i]
+                cnt[j] += 1
+            for j in range(k):
+                if cnt[j] > 0:
+                    c[j] = sums[j] / cnt[j]
+        out[gi] = c
+    return out
+
+
+def kmeanspp_oracle(x: torch.Tensor, valid: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    """Loop reference of the seeded k-means++ picks (same random stream as the package)."""
+    g, n, _ = x.shape
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    draws = [torch.empty((g, n), dtype=x.dtype).exponential_(generator=gen) for _ in range(k)]
+    picks = torch.zeros(g, k, dtype=torch.long)
+    for gi in range(g):
+        chosen: list[int] = []
+        for j in range(k):
+            if not chosen:
+                w = [1.0 if valid[gi, i] else 0.0 for i in range(n)]
+            else:
+                w = []
+                for i in range(n):
+                    if not valid[gi, i]:
+                        w.append(0.0)
+                        continue
+                    w.append(min(float(((x[gi, i] - x[gi, c]) ** 2).sum()) for c in chosen))
+                if sum(w) == 0:
+                    w = [1.0 if valid[gi, i] else 0.0 for i in range(n)]
+            keys = [float(draws[j][gi, i]) / w[i] if w[i] > 0 else float("inf") for i in range(n)]
+            best = min(range(n), key=lambda i: (keys[i], i))
+            chosen.append(best)
+            picks[gi, j] = best
+    return picks
+
+
+# ----------------------------------------------------------------------------- kmeans
+
+
+def test_kmeans_shapes_dtype_nograd():
+    x = torch.randn(4, 12, 5, requires_grad=True)
+    c, ok = kmeans(x, 3, iters=2)
+    assert c.shape == (4, 3, 5) and c.dtype == torch.float32
+    assert ok.shape == (4, 3) and ok.dtype == torch.bool and bool(ok.all())
+    assert c.requires_grad is False
+    assert c.device == x.device
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_kmeans_recovers_separated_blobs(seed):
+    x, lab = blobs(3, 3, 15, 4, seed)
+    c, ok = kmeans(x, 3, iters=10, seed=seed)
+    assert bool(ok.all())
+    for gi in range(3):
+        ref = torch.stack([x[gi, lab == j].mean(0) for j in range(3)])
+        got = c[gi][c[gi, :, 0].argsort()]
+        ref = ref[ref[:, 0].argsort()]
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+
+
+def test_kmeans_init_matches_kmeanspp_oracle():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 9, 2, generator=gen)
+    valid = torch.rand(3, 9, generator=gen) > 0.3
+    valid[:, :5] = True  # at least 5 > k valid points per group
+    x[1, 3] = x[1, 4]  # duplicate points
+    k = 4
+    init, ok = kmeans(x, k, valid=valid, iters=0, seed=7)
+    picks = kmeanspp_oracle(x, valid, k, seed=7)
+    ref = torch.stack([x[gi, picks[gi]] for gi in range(3)])
+    torch.testing.assert_close(init, ref, atol=0, rtol=0)
+    assert bool(ok.all())
+    for gi in range(3):  # picks are valid, distinct points
+        assert all(bool(valid[gi, p]) for p in picks[gi])
+        assert len(set(picks[gi].tolist())) == k
+
+
+def test_kmeans_pp_all_identical_points_falls_back():
+    x = torch.ones(2, 6, 3)
+    c, ok = kmeans(x, 3, iters=3)
+    torch.testing.assert_close(c, torch.ones(2, 3, 3))
+    assert bool(ok.all())
+
+
+@pytest.mark.parametrize("iters", [1, 3, 7])
+def test_kmeans_lloyd_matches_loop_oracle(iters):
+    gen = torch.Generator().manual_seed(iters)
+    x = torch.randn(3, 20, 3, generator=gen)
+    valid = torch.rand(3, 20, generator=gen) > 0.25
+    valid[:, :6] = True
+    init, _ = kmeans(x, 4, valid=valid, iters=0, seed=3)
+    got, ok = kmeans(x, 4, valid=valid, iters=iters, seed=3)
+    ref = lloyd_oracle(x, valid, init, iters)
+    torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=0)
+    assert bool(ok.all())
+
+
+def test_kmeans_empty_cluster_keeps_centre():
+    # only 3 distinct values and k=4: the 4th k-means++ pick falls back to a duplicate point;
+    # its cluster is empty (ties go to the lower index) and must keep its centre.
+    x = torch.tensor([[[0.0], [0.0], [5.0], [5.0], [9.0]]])
+    init, _ = kmeans(x, 4, iters=0, seed=0)
+    got, ok = kmeans(x, 4, iters=2, seed=0)
+    ref = lloyd_oracle(x, torch.ones(1, 5, dtype=torch.bool), init, 2)
+    torch.testing.assert_close(got.double(), ref)
+    assert bool(ok.all())
+    # 3 distinct values, 4 centres: one centre is a duplicate whose cluster is empty
+    # (ties go to the lower index) and it kept its (non-zero) value
+    assert len(set(got.flatten().tolist())) == 3
+    assert torch.equal(got, init)
+
+
+def test_kmeans_few_points_and_empty_rows():
+    x = torch.randn(3, 8, 2)
+    valid = torch.zeros(3, 8, dtype=torch.bool)
+    valid[0, [1, 6]] = True  # n=2 < k
+    valid[2] = True  # n=8 > k
+    valid[2, 0] = False
+    c, ok = kmeans(x, 3, valid=valid, iters=4)
+    torch.testing.assert_close(c[0, :2], x[0, [1, 6]], atol=0, rtol=0)
+    assert c[0, 2].abs().sum() == 0
+    assert ok[0].tolist() == [True, True, False]
+    assert c[1].abs().sum() == 0 and not bool(ok[1].any())
+    assert bool(ok[2].all())
+    assert torch.isfinite(c).all()
+
+
+def test_kmeans_n_equals_k_returns_slot_order():
+    x = torch.randn(2, 5, 3)
+    valid = torch.tensor([[1, 0, 1, 1, 0], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    c, ok = kmeans(x, 3, valid=valid)
+    torch.testing.assert_close(c[0], x[0, [0, 2, 3]], atol=0, rtol=0)
+    torch.testing.assert_close(c[1], x[1, [0, 1, 2]], atol=0, rtol=0)
+    assert bool(ok.all())
+
+
+def test_kmeans_edge_sizes():
+    c, ok = kmeans(torch.zeros(2, 0, 3), 4)
+    assert c.shape == (2, 4, 3) and not bool(ok.any())
+    c, ok = kmeans(torch.zeros(0, 5, 3), 2)
+    assert c.shape == (0, 2, 3) and ok.shape == (0, 2)
+    x = torch.randn(2, 7, 3)
+    c, ok = kmeans(x, 1, iters=3)  # k=1 -> the mean
+    torch.testing.assert_close(c[:, 0], x.mean(1), atol=1e-6, rtol=0)
+
+
+def test_kmeans_deterministic_and_seeded():
+    x = torch.randn(4, 30, 6)
+    valid = torch.rand(4, 30) > 0.2
+    a = kmeans(x, 5, valid=valid, iters=6, seed=11)
+    b = kmeans(x, 5, valid=valid, iters=6, seed=11)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    i0 = kmeans(x, 5, valid=valid, iters=0, seed=11)[0]
+    i1 = kmeans(x, 5, valid=valid, iters=0, seed=12)[0]
+    assert not torch.equal(i0, i1)
+
+
+def test_kmeans_invalid_points_never_influence():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 25, 4, generator=gen)
+    valid = torch.rand(3, 25, generator=gen) > 0.4
+    valid[:, :6] = True
+    y = x.clone()
+    y[~valid] = 1e6 * torch.randn(int((~valid).sum()), 4, generator=gen)
+    a = kmeans(x, 4, valid=valid, iters=5)
+    b = kmeans(y, 4, valid=valid, iters=5)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert b[0].abs().max() < 100
+
+
+def test_kmeans_fp64_and_low_precision():
+    x = torch.randn(2, 10, 3, dtype=torch.float64)
+    c, _ = kmeans(x, 3)
+    assert c.dtype == torch.float64
+    c16, _ = kmeans(x.to(torch.bfloat16), 3)
+    assert c16.dtype == torch.float32
+
+
+def test_kmeans_autocast_bf16():
+    x, _ = blobs(2, 3, 10, 4, 0)
+    ref = kmeans(x, 3, iters=5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = kmeans(x, 3, iters=5)
+    assert got[0].dtype == torch.float32
+    assert torch.equal(got[0], ref[0])
+
+
+def test_kmeans_no_host_sync_cpu():
+    x = torch.randn(3, 10, 4)
+    valid = torch.rand(3, 10) > 0.5
+    ref = kmeans(x, 3, valid=valid, iters=3)
+    with no_host_sync():
+        got = kmeans(x, 3, valid=valid, iters=3)
+    assert torch.equal(ref[0], got[0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_kmeans_no_host_sync_cuda():
+    x = torch.randn(3, 50, 8, device="cuda")
+    valid = torch.rand(3, 50, device="cuda") > 0.5
+    kmeans(x, 4, valid=valid, iters=2)  # warm-up
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        c, ok = kmeans(x, 4, valid=valid, iters=3)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert c.device.type == "cuda"
+
+
+def test_kmeans_validation():
+    with pytest.raises(ShapeError, match="x"):
+        kmeans(torch.randn(5, 3), 2)
+    with pytest.raises(ShapeError, match="x"):
+        kmeans(torch.ones(2, 5, 3, dtype=torch.long), 2)
+    with pytest.raises(ShapeError, match="valid"):
+        kmeans(torch.randn(2, 5, 3), 2, valid=torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ShapeError, match="valid"):
+        kmeans(torch.randn(2, 5, 3), 2, valid=torch.ones(2, 5))
+    with pytest.raises(ValueError, match="num_clusters"):
+        kmeans(torch.randn(2, 5, 3), 0)
+    with pytest.raises(ValueError, match="iters"):
+        kmeans(torch.randn(2, 5, 3), 2, iters=-1)
+    with pytest.raises(ValueError, match="seed"):
+        kmeans(torch.randn(2, 5, 3), 2, seed=1.5)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- ClassBank
+
+
+class BankOracle:
+    """Per-class ring buffer written one item at a time (plus a deque of the contents)."""
+
+    def __init__(self, c: int, cap: int, dim: int):
+        self.cap = cap
+        self.mem = [[[0.0] * dim for _ in range(cap)] for _ in range(c)]
+        self.ptr = [0] * c
+        self.count = [0] * c
+        self.fifo = [deque(maxlen=cap) for _ in range(c)]
+
+    def update(self, items: torch.Tensor, valid: torch.Tensor):
+        b, c, _ = items.shape
+        for ci in range(c):
+            for bi in range(b):
+                if valid[bi, ci]:
+                    v = items[bi, ci].tolist()
+                    self.mem[ci][self.ptr[ci]] = v
+                    self.ptr[ci] = (self.ptr[ci] + 1) % self.cap
+                    self.count[ci] = min(self.count[ci] + 1, self.cap)
+                    self.fifo[ci].append(v)
+
+    def check(self, bank: ClassBank):
+        assert bank.memory.tolist() == self.mem
+        assert bank.ptr.tolist() == self.ptr
+        assert bank.count.tolist() == self.count
+        for ci, q in enumerate(self.fifo):  # oldest..newest order starting at ptr when full
+            cnt = self.count[ci]
+            start = self.ptr[ci] if cnt == self.cap else 0
+            order = [(start + j) % self.cap for j in range(cnt)]
+            assert [bank.memory[ci, s].tolist() for s in order] == list(q)
+
+
+@pytest.mark.parametrize("cap", [1, 3, 4])
+def test_classbank_matches_loop_oracle(cap):
+    gen = torch.Generator().manual_seed(cap)
+    c, dim = 3, 2
+    bank = ClassBank(c, cap, dim)
+    oracle = BankOracle(c, cap, dim)
+    step = 0
+    for b in [0, 1, 2, 5, 3, 7, 1, 4]:
+        items = torch.randint(0, 1000, (b, c, dim), generator=gen).float() + 1000 * step
+        valid = torch.rand(b, c, generator=gen) > 0.4
+        if b == 7:
+            valid[:, 0] = True  # > cap items of class 0 in one update
+        bank.update(items, valid)
+        oracle.update(items, valid)
+        oracle.check(bank)
+        step += 1
+    filled = torch.arange(cap)[None] < torch.tensor(oracle.count)[:, None]
+    assert torch.equal(bank.filled(), filled)
+
+
+def test_classbank_five_rows_keep_last_three():
+    bank = ClassBank(2, 3, 1)
+    items = torch.arange(10.0).view(5, 2, 1)
+    valid = torch.zeros(5, 2, dtype=torch.bool)
+    valid[:, 0] = True
+    bank.update(items, valid)
+    # items of class 0 are 0,2,4,6,8; ring written at slots 0,1,2,0,1 -> [6, 8, 4]
+    assert bank.memory[0, :, 0].tolist() == [6.0, 8.0, 4.0]
+    assert bank.ptr.tolist() == [2, 0] and bank.count.tolist() == [3, 0]
+    assert bank.memory[1].abs().sum() == 0  # invalid rows never written
+
+
+def test_classbank_state_dict_round_trip_and_reset():
+    bank = ClassBank(3, 4, 2)
+    bank.update(torch.randn(6, 3, 2), torch.rand(6, 3) > 0.3)
+    sd = bank.state_dict()
+    assert set(sd) == {"memory", "ptr", "count"}
+    other = ClassBank(3, 4, 2)
+    other.load_state_dict(sd)
+    for k in sd:
+        assert torch.equal(getattr(other, k), getattr(bank, k))
+    items, valid = torch.randn(2, 3, 2), torch.ones(2, 3, dtype=torch.bool)
+    bank.update(items, valid)
+    other.update(items, valid)
+    assert torch.equal(other.memory, bank.memory)
+    bank.reset()
+    assert bank.memory.abs().sum() == 0 and bank.ptr.sum() == 0 and bank.count.sum() == 0
+    assert not bool(bank.filled().any())
+
+
+def test_classbank_dtype_device_grad():
+    bank = ClassBank(2, 3, 4, dtype=torch.float64)
+    assert bank.memory.dtype == torch.float64 and bank.ptr.dtype == torch.long
+    items = torch.randn(2, 2, 4, requires_grad=True)
+    bank.update(items, torch.ones(2, 2, dtype=torch.bool))
+    assert bank.memory.requires_grad is False
+    torch.testing.assert_close(bank.memory[:, :2].transpose(0, 1), items.detach().double())
+    bank = ClassBank(2, 3, 4)
+    bank.update(torch.randn(2, 2, 4, dtype=torch.bfloat16), torch.ones(2, 2, dtype=torch.bool))
+    assert bank.memory.dtype == torch.float32
+
+
+def test_classbank_no_host_sync():
+    bank = ClassBank(3, 4, 2)
+    items, valid = torch.randn(6, 3, 2), torch.rand(6, 3) > 0.3
+    ref = ClassBank(3, 4, 2)
+    ref.update(items, valid)
+    with no_host_sync():
+        bank.update(items, valid)
+    assert torch.equal(bank.memory, ref.memory)
+
+
+def test_classbank_validation():
+    bank = ClassBank(3, 4, 2)
+    with pytest.raises(ShapeError, match="items"):
+        bank.update(torch.randn(2, 4, 2), torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ShapeError, match="items"):
+        bank.update(torch.randn(2, 3, 5), torch.ones(2, 3, dtype=torch.bool))
+    with pytest.raises(ShapeError, match="items"):
+        bank.update(torch.ones(2, 3, 2, dtype=torch.long), torch.ones(2, 3, dtype=torch.bool))
+    with pytest.raises(ShapeError, match="valid"):
+        bank.update(torch.randn(2, 3, 2), torch.ones(3, 3, dtype=torch.bool))
+    with pytest.raises(ShapeError, match="valid"):
+        bank.update(torch.randn(2, 3, 2), torch.ones(2, 3))
+    with pytest.raises(ValueError, match="capacity"):
+        ClassBank(3, 0, 2)
+    with pytest.raises(ValueError, match="dtype"):
+        ClassBank(3, 2, 2, dtype=torch.long)
+    assert "capacity=4" in repr(bank)
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _batches(rank: int):
+    """Deterministic per-rank batches with unequal B (rank 0: 2,4; rank 1: 5,1)."""
+    sizes = {0: [2, 4], 1: [5, 1]}[rank]
+    out = []
+    for step, b in enumerate(sizes):
+        gen = torch.Generator().manual_seed(100 * rank + step)
+        items = torch.randn(b, 3, 2, generator=gen)
+        valid = torch.rand(b, 3, generator=gen) > 0.3
+        out.append((items, valid))
+    return out
+
+
+def _dist_worker(rank: int, world: int, port: int, outdir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    try:
+        bank = ClassBank(3, 4, 2)
+        for items, valid in _batches(rank):
+            bank.update(items, valid)
+        torch.save(bank.state_dict(), os.path.join(outdir, f"bank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_classbank_distributed_gloo_two_ranks():
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as outdir:
+        mp.spawn(_dist_worker, args=(2, _free_port(), outdir), nprocs=2, join=True)
+        sd0 = torch.load(os.path.join(outdir, "bank0.pt"))
+        sd1 = torch.load(os.path.join(outdir, "bank1.pt"))
+    ref = ClassBank(3, 4, 2)
+    b0, b1 = _batches(0), _batches(1)
+    for (i0, v0), (i1, v1) in zip(b0, b1):
+        ref.update(torch.cat([i0, i1]), torch.cat([v0, v1]))
+    for k in ("memory", "ptr", "count"):
+        assert torch.equal(sd0[k], sd1[k])
+        assert torch.equal(sd0[k], getattr(ref, k))
+    assert int(ref.count.sum()) > 0

@@ -1,0 +1,296 @@
+"""Segmentation metrics: confusion matrix and (streaming) mean IoU with ``ignore_index``.
+
+Metrics are off the training path, so reading values on the host (range checks, the
+final ``float``) is allowed here.
+
+Conventions:
+
+* confusion rows are the **target** class, columns the **prediction**;
+* pixels whose target **or** prediction equals ``ignore_index`` are counted nowhere
+  (a prediction may carry ``ignore_index`` for "undecided", e.g. pseudo labels with an
+  uncertain band; those pixels are then left out, not counted as errors);
+* any other value outside ``[0, num_classes)`` in target or prediction raises
+  :class:`~wsss_blocks._validate.ShapeError`;
+* the IoU of a class absent from both the ground truth and the prediction is ``NaN`` and
+  the mean IoU averages only the classes present in the ground truth or the prediction.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from wsss_blocks._validate import ShapeError, check_tensor
+
+__all__ = ["confusion_matrix", "iou_from_confusion", "MeanIoU"]
+
+
+def _check_num_classes(num_classes: object) -> int:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes: expected an int >= 1, got {num_classes!r}")
+    return num_classes
+
+
+def _check_values(name: str, x: Tensor, num_classes: int, ignore_index: int) -> None:
+    bad = ((x < 0) | (x >= num_classes)) & (x != ignore_index)
+    if bool(bad.any()):  # sync-ok: metrics are off the training path
+        value = int(x[bad][0])  # sync-ok
+        raise ShapeError(
+            f"{name}: expected class indices in [0, {num_classes}) or "
+            f"ignore_index={ignore_index}, got {value}"
+        )
+
+
+def confusion_matrix(
+    pred: Tensor,
+    target: Tensor,
+    num_classes: int,
+    *,
+    ignore_index: int = 255,
+) -> Tensor:
+    """Confusion matrix of integer label maps (one ``bincount``).
+
+    Pixels whose target or prediction is ``ignore_index`` are not counted.
+
+    Args:
+        pred: predicted class indices.
+        target: ground-truth class indices, same shape as ``pred``.
+        num_classes: ``C``.
+        ignore_index: label value to skip.
+
+    Returns:
+        ``conf[t, p]`` = number of pixels with target ``t`` predicted as ``p``.
+
+    Shape:
+        - pred, target: any shape, the same for both (e.g. ``(B, H, W)``), integer dtype.
+        - output: ``(C, C)`` int64 on ``pred``'s device.
+
+    Raises:
+        ShapeError: different shapes, non-integer dtype, or a value outside
+            ``[0, C)`` that is not ``ignore_index``.
+
+    Example:
+        >>> pred = torch.tensor([[0, 1], [1, 1]])
+        >>> target = torch.tensor([[0, 1], [0, 255]])
+        >>> confusion_matrix(pred, target, 2)
+        tensor([[1, 1],
+                [0, 1]])
+    """
+    c = _check_num_classes(num_classes)
+    check_tensor("pred", pred, dtype="int")
+    check_tensor("target", target, dtype="int")
+    if pred.shape != target.shape:
+        raise ShapeError(
+            f"pred: expected the shape of target {tuple(target.shape)}, got {tuple(pred.shape)}"
+        )
+    target = target.to(pred.device)
+    _check_values("pred", pred, c, ignore_index)
+    _check_values("target", target, c, ignore_index)
+    p = pred.reshape(-1).long()
+    t = target.reshape(-1).long()
+    keep = (t != ignore_index) & (p != ignore_index)
+    idx = (t * c + p)[keep]
+    return torch.bincount(idx, minlength=c * c).reshape(c, c)
+
+
+def iou_from_confusion(conf: Tensor) -> tuple[Tensor, float]:
+    """Per-class IoU and mean IoU from a confusion matrix.
+
+    ``IoU_c = TP_c / (GT_c + Pred_c - TP_c)``. A class with neither ground-truth nor
+    predicted pixels has ``NaN`` IoU and is left out of the mean; the mean over no class
+    at all is ``NaN``.
+
+    Args:
+        conf: confusion matrix, rows = target, columns = prediction.
+
+    Returns:
+        ``(per_class_iou, miou)``: a ``(C,)`` float64 tensor and a Python float.
+
+    Shape:
+        - conf: ``(C, C)``; per_class_iou: ``(C,)`` float64.
+
+    Example:
+        >>> conf = torch.tensor([[3, 1, 0], [0, 2, 0], [0, 0, 0]])
+        >>> iou, miou = iou_from_confusion(conf)
+        >>> iou
+        tensor([0.7500, 0.6667,    nan], dtype=torch.float64)
+        >>> round(miou, 4)
+        0.7083
+    """
+    check_tensor("conf", conf)
+    if conf.dim() != 2 or conf.shape[0] != conf.shape[1]:
+        raise ShapeError(f"conf: expected a square (C, C) matrix, got shape {tuple(conf.shape)}")
+    conf = conf.double()
+    tp = conf.diagonal()
+    union = conf.sum(1) + conf.sum(0) - tp
+    iou = torch.where(union > 0, tp / union.clamp_min(1.0), torch.full_like(tp, float("nan")))
+    present = union > 0
+    if bool(present.any()):  # sync-ok: off the training path
+        miou = float(iou[present].mean())  # sync-ok
+    else:
+        miou = math.nan
+    return iou, miou
+
+
+def _dist_world() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+class MeanIoU(nn.Module):
+    """Streaming mean IoU: accumulate a confusion matrix over batches, then compute.
+
+    The confusion matrix lives in a persistent int64 buffer ``confusion (C, C)`` (so
+    ``state_dict`` round-trips it; move the module with ``.to(device)`` to accumulate on
+    a device). Under an initialised ``torch.distributed`` with world size > 1,
+    :meth:`compute` sums the confusion matrices of all ranks (every rank must call it);
+    the local buffer is left unchanged.
+
+    Args:
+        num_classes: ``C``.
+        ignore_index: label value to skip (in target or prediction).
+        class_names: optional ``C`` names used for the ``per_class_named`` entry.
+
+    Shape:
+        - confusion: ``(C, C)`` int64.
+
+    Example:
+        >>> metric = MeanIoU(2, class_names=["bg", "cat"])
+        >>> metric.update(torch.tensor([[0, 1]]), torch.tensor([[0, 1]]))
+        >>> metric.update(torch.tensor([[1, 1]]), torch.tensor([[0, 255]]))
+        >>> out = metric.compute()
+        >>> round(out["miou"], 4), out["per_class_named"]
+        (0.5, {'bg': 0.5, 'cat': 0.5})
+        >>> metric.reset(); int(metric.confusion.sum())
+        0
+    """
+
+    confusion: Tensor
+
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        ignore_index: int = 255,
+        class_names: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_classes = _check_num_classes(num_classes)
+        self.ignore_index = int(ignore_index)
+        if class_names is not None:
+            class_names = list(class_names)
+            if len(class_names) != num_classes:
+                raise ValueError(
+                    f"class_names: expected {num_classes} names, got {len(class_names)}"
+                )
+        self.class_names = class_names
+        self.register_buffer("confusion", torch.zeros(num_classes, num_classes, dtype=torch.long))
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, ignore_index={self.ignore_index}"
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Zero the confusion matrix.
+
+        Example:
+            >>> m = MeanIoU(2)
+            >>> m.update(torch.tensor([0, 1]), torch.tensor([0, 1]))
+            >>> m.reset(); int(m.confusion.sum())
+            0
+        """
+        self.confusion.zero_()
+
+    @torch.no_grad()
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        """Add a batch to the confusion matrix.
+
+        Args:
+            pred: integer class indices of ``target``'s shape, or floating scores with a
+                class dimension at 1 (``(B, C, H, W)`` for ``(B, H, W)`` targets), which
+                are arg-maxed.
+            target: integer ground truth.
+
+        Shape:
+            - pred: ``(B, H, W)`` int or ``(B, C, H, W)`` float; target: ``(B, H, W)``.
+
+        Example:
+            >>> m = MeanIoU(3)
+            >>> m.update(torch.randn(1, 3, 2, 2), torch.zeros(1, 2, 2, dtype=torch.long))
+            >>> int(m.confusion.sum())
+            4
+        """
+        check_tensor("pred", pred)
+        if pred.is_floating_point():
+            if pred.dim() != target.dim() + 1 or pred.shape[1] != self.num_classes:
+                raise ShapeError(
+                    f"pred: expected scores (B, C={self.num_classes}, ...) for target of "
+                    f"shape {tuple(target.shape)}, got {tuple(pred.shape)}"
+                )
+            pred = pred.argmax(1)
+        conf = confusion_matrix(pred, target, self.num_classes, ignore_index=self.ignore_index)
+        self.confusion += conf.to(self.confusion.device)
+
+    @torch.no_grad()
+    def compute(self) -> dict[str, Any]:
+        """Compute the metrics (summed over ranks under ``torch.distributed``).
+
+        Returns:
+            A dict with ``miou`` (float, mean over classes present in GT or prediction),
+            ``per_class`` (``(C,)`` float64 IoU, NaN for absent classes),
+            ``pixel_accuracy`` (float), ``mean_accuracy`` (float, mean recall over classes
+            present in GT), ``confusion`` (``(C, C)`` int64, all ranks summed) and, when
+            ``class_names`` was given, ``per_class_named`` (name -> float).
+
+        Example:
+            >>> m = MeanIoU(2)
+            >>> m.update(torch.tensor([0, 1, 1]), torch.tensor([0, 1, 0]))
+            >>> out = m.compute()
+            >>> out["per_class"], round(out["pixel_accuracy"], 4)
+            (tensor([0.5000, 0.5000], dtype=torch.float64), 0.6667)
+        """
+        conf = self.confusion.clone()
+        if _dist_world() > 1:
+            dist.all_reduce(conf, op=dist.ReduceOp.SUM)
+        per_class, miou = iou_from_confusion(conf)
+        confd = conf.double()
+        total = confd.sum()
+        if bool(total > 0):  # sync-ok
+            pixel_acc = float(confd.diagonal().sum() / total)  # sync-ok
+        else:
+            pixel_acc = math.nan
+        gt = confd.sum(1)
+        has_gt = gt > 0
+        if bool(has_gt.any()):  # sync-ok
+            mean_acc = float((confd.diagonal()[has_gt] / gt[has_gt]).mean())  # sync-ok
+        else:
+            mean_acc = math.nan
+        out: dict[str, Any] = {
+            "miou": miou,
+            "per_class": per_class.cpu(),  # sync-ok
+            "pixel_accuracy": pixel_acc,
+            "mean_accuracy": mean_acc,
+            "confusion": conf,
+        }
+        if self.class_names is not None:
+            out["per_class_named"] = {
+                n: float(v) for n, v in zip(self.class_names, per_class.tolist())  # sync-ok
+            }
+        return out
+
+    def forward(self, pred: Tensor, target: Tensor) -> None:
+        """Same as :meth:`update` (so the metric can be called like a module).
+
+        Example:
+            >>> m = MeanIoU(2)
+            >>> m(torch.tensor([0, 1]), torch.tensor([0, 1]))
+            >>> m.compute()["miou"]
+            1.0
+        """
+        self.update(pred, target)

@@ -1,0 +1,389 @@
+"""Prototype utilities shared by the prototype-based methods (CPAL, CPEWS).
+
+* :func:`kmeans` -- batched, seeded, sync-free k-means (k-means++ init + a fixed number
+  of Lloyd steps) over groups of points, e.g. one group per class.
+* :class:`ClassBank` -- a per-class FIFO ring buffer of feature vectors kept in
+  registered buffers (``state_dict`` round-trips it) and identical on every rank under
+  ``torch.distributed``.
+
+Both run on the tensors' device and never wait on it (no ``.item()``, no boolean-mask
+indexing, no data-dependent Python branches), except :meth:`ClassBank.update` under a
+multi-process ``torch.distributed`` run, which reads the per-rank batch sizes after a
+collective that synchronises anyway.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from wsss_blocks._validate import ShapeError, check_shape
+
+__all__ = ["kmeans", "ClassBank", "all_gather_rows"]
+
+
+def _check_int(name: str, value: object, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name}: expected an int, got {value!r}")
+    if value < low:
+        raise ValueError(f"{name}: expected an int >= {low}, got {value}")
+    return value
+
+
+def _kmeans_pp_init(
+    x: Tensor, valid: Tensor, k: int, generator: torch.Generator
+) -> Tensor:
+    """Seeded k-means++ picks, batched over groups. Returns indices ``(G, k)`` into ``N``.
+
+    The first pick is uniform over the valid points; each later pick samples a valid point
+    with probability proportional to its squared distance to the nearest pick so far
+    (exponential race: ``argmin E_i / w_i`` with ``E_i ~ Exp(1)``). When every remaining
+    weight is zero (all points coincide with picks) it falls back to uniform over the valid
+    points. Rows without valid points return index 0 (the caller discards them).
+    """
+    g, n, _ = x.shape
+    validf = valid.to(x.dtype)
+    inf = torch.tensor(float("inf"), dtype=x.dtype, device=x.device)
+    picks = x.new_zeros((g, k), dtype=torch.long)
+    mind = torch.full((g, n), float("inf"), dtype=x.dtype, device=x.device)
+    weight = validf
+    for j in range(k):
+        e = torch.empty((g, n), dtype=x.dtype, device=x.device).exponential_(
+            generator=generator
+        )
+        key = torch.where(weight > 0, e / weight.clamp_min(torch.finfo(x.dtype).tiny), inf)
+        idx = key.argmin(dim=1)  # (G,)
+        picks[:, j] = idx
+        centre = x.gather(1, idx[:, None, None].expand(g, 1, x.shape[2]))  # (G,1,D)
+        # exact difference form (not the matmul form): a pick and its duplicates get
+        # weight exactly 0, so they are never drawn again while other points remain
+        d = torch.linalg.vector_norm(x - centre, dim=-1).square()  # (G,N)
+        mind = torch.minimum(mind, d)
+        w = torch.where(valid, mind, torch.zeros_like(mind))
+        has_mass = w.sum(1, keepdim=True) > 0
+        weight = torch.where(has_mass, w, validf)
+    return picks
+
+
+@torch.no_grad()
+def kmeans(
+    x: Tensor,
+    num_clusters: int,
+    *,
+    valid: Tensor | None = None,
+    iters: int = 10,
+    seed: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """Batched Euclidean k-means over groups of points (no gradient, no host sync).
+
+    Every group (e.g. a class) is clustered independently but in one batched pass:
+
+    1. **Init**: seeded k-means++ among the group's valid points, with a
+       ``torch.Generator`` on ``x``'s device seeded with ``seed`` (first centre uniform,
+       then proportional to the squared distance to the nearest chosen centre).
+    2. **Lloyd**: exactly ``iters`` steps, no early stop. Assignment by the matmul form
+       ``||x||^2 + ||c||^2 - 2 x.c`` (ties go to the lower centre index); each centre
+       becomes the mean of its members via a one-hot ``bmm``; an empty cluster keeps its
+       centre. Invalid points never influence the centres.
+    3. **Few points**: a group with ``n <= num_clusters`` valid points returns those ``n``
+       points in slot order as its first ``n`` centres (valid) and zeros (invalid) for the
+       rest; ``n = 0`` gives all-invalid zeros. (With ``n == num_clusters`` k-means would
+       return the same points, just in another order.)
+
+    The computation runs in fp32 (fp64 when ``x`` is fp64) with autocast disabled. Same
+    inputs, ``seed`` and device give identical output. It never raises on data values,
+    only on bad shapes/arguments.
+
+    Args:
+        x: points, batched over groups.
+        num_clusters: ``k >= 1``, centres per group.
+        valid: which points take part; ``None`` means all.
+        iters: number of Lloyd steps (``>= 0``).
+        seed: seed of the k-means++ generator.
+
+    Returns:
+        ``(centres, centre_valid)``: centres ``(G, k, D)`` and a bool mask ``(G, k)``.
+        For a group with more than ``k`` valid points every centre is valid.
+
+    Shape:
+        - x: ``(G, N, D)`` floating.
+        - valid: ``(G, N)`` bool.
+        - centres: ``(G, k, D)`` fp32 (fp64 for fp64 input); centre_valid: ``(G, k)`` bool.
+
+    Raises:
+        ShapeError: wrong rank/shape/dtype of ``x`` or ``valid``.
+        ValueError: ``num_clusters < 1``, ``iters < 0`` or a non-int ``seed``.
+
+    Example:
+        >>> x = torch.tensor([[[0.0], [0.1], [10.0], [10.2]]])
+        >>> c, ok = kmeans(x, 2, iters=5)
+        >>> c.squeeze(-1).sort(dim=1).values
+        tensor([[ 0.0500, 10.1000]])
+        >>> ok
+        tensor([[True, True]])
+        >>> c, ok = kmeans(x, 3, valid=torch.tensor([[True, False, False, True]]))
+        >>> c.squeeze(-1), ok
+        (tensor([[ 0.0000, 10.2000,  0.0000]]), tensor([[ True,  True, False]]))
+    """
+    dims = check_shape("x", x, ["G", "N", "D"], dtype="float")
+    if valid is not None:
+        check_shape("valid", valid, ["G", "N"], dims, dtype="bool")
+    k = _check_int("num_clusters", num_clusters, 1)
+    _check_int("iters", iters, 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed: expected an int, got {seed!r}")
+
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    g, n, d = x.shape
+    device = x.device
+    with torch.autocast(device_type=device.type, enabled=False):
+        x = x.to(dtype)
+        if valid is None:
+            valid = torch.ones((g, n), dtype=torch.bool, device=device)
+        if n == 0:  # static shape, not data
+            return x.new_zeros((g, k, d)), torch.zeros((g, k), dtype=torch.bool, device=device)
+
+        # --- few-points path: valid points in slot order (scratch slot k drops the rest) ---
+        rank = valid.long().cumsum(1) - 1  # (G,N)
+        num = valid.sum(1)  # (G,)
+        slot = torch.where(valid & (rank < k), rank, torch.full_like(rank, k))
+        small = x.new_zeros((g, k + 1, d))
+        small.scatter_(1, slot[:, :, None].expand(g, n, d), x)
+        small = small[:, :k]
+        small_valid = torch.arange(k, device=device)[None, :] < num[:, None]
+
+        # --- k-means path ---
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed)
+        picks = _kmeans_pp_init(x, valid, k, generator)
+        centres = x.gather(1, picks[:, :, None].expand(g, k, d))  # (G,k,D)
+        validf = valid.to(dtype)
+        xx = x.pow(2).sum(-1, keepdim=True)  # (G,N,1)
+        for _ in range(iters):
+            cc = centres.pow(2).sum(-1)[:, None, :]  # (G,1,k)
+            dist2 = torch.baddbmm(xx + cc, x, centres.transpose(1, 2), alpha=-2.0)  # (G,N,k)
+            assign = dist2.argmin(dim=2)  # (G,N)
+            onehot = torch.nn.functional.one_hot(assign, k).to(dtype) * validf[:, :, None]
+            sums = torch.bmm(onehot.transpose(1, 2), x)  # (G,k,D)
+            counts = onehot.sum(1)  # (G,k)
+            means = sums / counts.clamp_min(1.0)[:, :, None]
+            centres = torch.where(counts[:, :, None] > 0, means, centres)
+
+        use_small = (num <= k)[:, None]
+        out = torch.where(use_small[:, :, None], small, centres)
+        out_valid = torch.where(use_small, small_valid, torch.ones_like(small_valid))
+    return out, out_valid
+
+
+def _dist_world() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def all_gather_rows(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """All-gather batch-first tensors from every rank, in rank order; ranks may differ in B.
+
+    Each rank's rows are padded with zeros to the largest batch, gathered, and
+    concatenated in rank order. The last returned tensor marks the real (non-padding)
+    rows. Bool tensors are sent as uint8 and come back as bool. Outside an initialised
+    ``torch.distributed`` run (or with one rank) the inputs come back as they are. One
+    host read of the largest batch size is needed to pad (after a collective).
+
+    Args:
+        tensors: tensors sharing their first dimension ``B`` (on the process group's device).
+
+    Shape:
+        - tensors: ``(B, ...)`` each
+        - output: ``(B_total, ...)`` each, then ``real (B_total,)`` bool
+
+    Example:
+        >>> x, real = all_gather_rows(torch.ones(3, 2))   # single process: unchanged
+        >>> x.shape, real.tolist()
+        (torch.Size([3, 2]), [True, True, True])
+    """
+    if not tensors:
+        raise ValueError("all_gather_rows: expected at least one tensor")
+    batch = tensors[0].shape[0]
+    for i, t in enumerate(tensors):
+        if t.shape[0] != batch:
+            raise ShapeError(f"tensors[{i}]: expected first dim {batch}, got shape {tuple(t.shape)}")
+    real = torch.ones(batch, dtype=torch.bool, device=tensors[0].device)
+    world = _dist_world()
+    if world == 1:
+        return (*tensors, real)
+    size = torch.tensor([batch], dtype=torch.long, device=real.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    bmax = int(torch.cat(sizes).max())  # sync-ok: after a collective, needed to pad
+    out = []
+    for t in (*tensors, real):
+        send = t.to(torch.uint8) if t.dtype == torch.bool else t
+        if bmax > batch:
+            send = torch.cat([send, send.new_zeros((bmax - batch, *send.shape[1:]))])
+        parts = [torch.empty_like(send) for _ in range(world)]
+        dist.all_gather(parts, send.contiguous())
+        joined = torch.cat(parts)
+        out.append(joined.bool() if t.dtype == torch.bool else joined)
+    return tuple(out)
+
+
+class ClassBank(nn.Module):
+    """Per-class FIFO ring buffer of feature vectors (e.g. CPAL's prototype memory).
+
+    Each class ``c`` owns ``capacity`` (``L``) slots. :meth:`update` appends the valid
+    items of a batch, in batch order, at ``ptr[c]`` and advances ``ptr[c]`` modulo ``L``;
+    once a class is full the oldest entries are overwritten. ``count[c] = min(seen, L)``.
+    Because ``ptr`` starts at 0, slots ``[0, count[c])`` are exactly the filled ones, and
+    when full the oldest entry sits at ``ptr[c]``. If one update brings more than ``L``
+    items of a class, only its last ``L`` are kept (as if appended one by one).
+
+    State lives in persistent buffers, so ``state_dict()`` / ``load_state_dict()``
+    round-trip it: ``memory (C, L, dim)``, ``ptr (C,)`` int64, ``count (C,)`` int64.
+
+    Under an initialised ``torch.distributed`` with world size > 1, :meth:`update`
+    first all-gathers ``items`` and ``valid`` from every rank (ranks may have different
+    batch sizes; they are padded to the largest) and applies the gathered batch in rank
+    order, so every rank holds the same bank.
+
+    Args:
+        num_classes: ``C``, number of classes (rows).
+        capacity: ``L``, slots per class.
+        dim: feature size.
+        device: device of the buffers.
+        dtype: floating dtype of ``memory`` (fp32 by default).
+
+    Shape:
+        - memory: ``(C, L, dim)``; ptr, count: ``(C,)`` int64.
+
+    Example:
+        >>> bank = ClassBank(2, 3, 1)
+        >>> items = torch.arange(8.0).view(4, 2, 1)
+        >>> valid = torch.tensor([[True, False], [True, True], [True, False], [True, False]])
+        >>> bank.update(items, valid)
+        >>> bank.memory.squeeze(-1)
+        tensor([[6., 2., 4.],
+                [3., 0., 0.]])
+        >>> bank.ptr, bank.count
+        (tensor([1, 1]), tensor([3, 1]))
+        >>> bank.filled()
+        tensor([[ True,  True,  True],
+                [ True, False, False]])
+    """
+
+    memory: Tensor
+    ptr: Tensor
+    count: Tensor
+
+    def __init__(
+        self,
+        num_classes: int,
+        capacity: int,
+        dim: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        self.num_classes = _check_int("num_classes", num_classes, 1)
+        self.capacity = _check_int("capacity", capacity, 1)
+        self.dim = _check_int("dim", dim, 1)
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype: expected a floating dtype, got {dtype}")
+        self.register_buffer(
+            "memory", torch.zeros(num_classes, capacity, dim, device=device, dtype=dtype)
+        )
+        self.register_buffer("ptr", torch.zeros(num_classes, dtype=torch.long, device=device))
+        self.register_buffer("count", torch.zeros(num_classes, dtype=torch.long, device=device))
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, capacity={self.capacity}, dim={self.dim}"
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Empty the bank (zero memory, ``ptr`` and ``count``).
+
+        Example:
+            >>> bank = ClassBank(1, 2, 1)
+            >>> bank.update(torch.ones(1, 1, 1), torch.ones(1, 1, dtype=torch.bool))
+            >>> bank.reset()
+            >>> bank.count, bank.memory.sum()
+            (tensor([0]), tensor(0.))
+        """
+        self.memory.zero_()
+        self.ptr.zero_()
+        self.count.zero_()
+
+    def filled(self) -> Tensor:
+        """Bool mask of filled slots, ``slot < count[c]``.
+
+        Shape:
+            - output: ``(C, L)`` bool.
+
+        Example:
+            >>> ClassBank(2, 3, 4).filled().shape
+            torch.Size([2, 3])
+        """
+        slots = torch.arange(self.capacity, device=self.count.device)
+        return slots[None, :] < self.count[:, None]
+
+    @torch.no_grad()
+    def update(self, items: Tensor, valid: Tensor, *, distributed: bool = True) -> None:
+        """Append the valid items of a batch to their classes (no gradient, no host sync).
+
+        For each class ``c``: with ``r`` the running index of the valid rows (cumsum over
+        the batch) and ``n`` their number, valid rows with ``r >= n - L`` are written at
+        slot ``(ptr[c] + r) % L``; then ``ptr[c] = (ptr[c] + n) % L`` and
+        ``count[c] = min(count[c] + n, L)``. Invalid rows are never written. Rows that are
+        not written are redirected to a write that is already happening (the class's last
+        kept item, or its ``ptr`` slot rewritten with its own value), so one
+        ``index_put_`` does the update without boolean indexing.
+
+        Args:
+            items: one candidate vector per (image, class); cast to the bank's dtype.
+            valid: which candidates to store.
+            distributed: all-gather across ranks first when ``torch.distributed`` is
+                initialised with world size > 1 (set ``False`` if the caller already
+                gathered).
+
+        Shape:
+            - items: ``(B, C, dim)``; valid: ``(B, C)`` bool.
+
+        Example:
+            >>> bank = ClassBank(1, 2, 1)
+            >>> bank.update(torch.arange(5.0).view(5, 1, 1), torch.ones(5, 1, dtype=torch.bool))
+            >>> bank.memory.flatten().tolist(), bank.ptr.tolist(), bank.count.tolist()
+            ([4.0, 3.0], [1], [2])
+        """
+        dims = {"C": self.num_classes, "dim": self.dim}
+        check_shape("items", items, ["B", "C", "dim"], dims, dtype="float")
+        check_shape("valid", valid, ["B", "C"], dims, dtype="bool")
+        items = items.detach().to(device=self.memory.device, dtype=self.memory.dtype)
+        valid = valid.to(self.memory.device)
+        if distributed and _dist_world() > 1:
+            items, valid, real = all_gather_rows(items, valid)
+            valid = valid & real[:, None]
+        if items.shape[0] == 0:
+            return
+        cap = self.capacity
+        ncls = self.num_classes
+        rank = valid.long().cumsum(0) - 1  # (B,C)
+        num = valid.sum(0)  # (C,)
+        keep = valid & (rank >= (num - cap)[None, :])
+        slot = (self.ptr[None, :] + rank) % cap  # (B,C)
+        # default write per class: its last kept item (same slot & value as a real write),
+        # or, when nothing is written, its ptr slot rewritten with its current value
+        bidx = torch.arange(items.shape[0], device=items.device)[:, None]
+        last_b = torch.where(valid, bidx, torch.full_like(bidx, -1)).amax(0)  # (C,)
+        cls = torch.arange(ncls, device=items.device)
+        has = num > 0
+        last_item = items[last_b.clamp_min(0), cls]  # (C,dim)
+        cur = self.memory[cls, self.ptr]  # (C,dim)
+        def_slot = torch.where(has, (self.ptr + num - 1) % cap, self.ptr)
+        def_val = torch.where(has[:, None], last_item, cur)
+        dst = torch.where(keep, slot, def_slot[None, :])
+        val = torch.where(keep[:, :, None], items, def_val[None])
+        self.memory.index_put_((cls[None, :].expand_as(dst), dst), val)
+        self.ptr.copy_((self.ptr + num) % cap)
+        self.count.copy_(torch.clamp(self.count + num, max=cap))
