@@ -18,6 +18,14 @@ from wsss_blocks.cam import (
     token_pseudo_labels,
     valid_to_grid,
 )
+from wsss_blocks.doei import (
+    doei_delta,
+    hybrid_attention,
+    patch_color_affinity,
+    progressive_count,
+    select_top_bottom,
+)
+from wsss_blocks.mct import class_scores
 from wsss_blocks.metrics import confusion_matrix, iou_from_confusion
 from wsss_blocks.prototypes import kmeans
 from wsss_blocks.tokens import features_as_tokens, grid_to_tokens, split_prefix_tokens, tokens_to_grid
@@ -26,15 +34,21 @@ __all__ = [
     "add_background",
     "box_to_valid_mask",
     "cam_from_features",
+    "class_scores",
     "confusion_matrix",
+    "doei_delta",
     "features_as_tokens",
     "grid_to_tokens",
+    "hybrid_attention",
     "iou_from_confusion",
     "kmeans",
     "masked_average_pool",
     "multiscale_cam",
     "normalize_cam",
+    "patch_color_affinity",
+    "progressive_count",
     "pseudo_labels",
+    "select_top_bottom",
     "split_prefix_tokens",
     "token_pseudo_labels",
     "tokens_to_grid",

@@ -1,0 +1,41 @@
+"""DOEI: dual optimisation of embedding information (Zhu et al., 2025), for timm ViTs.
+
+DOEI adds no parameters. In every patched ViT block it boosts the top-t and damps the
+bottom-t class<->patch (PPDO) and class<->class (CPDO) interactions of the attention
+output, with scores taken from the attention mixed with an RGB / embedding affinity (HFA).
+
+**No official code exists** (the authors' repositories hold only a README). Every choice
+below that the paper leaves open is ours and is listed in ``shared/specs/doei.md`` §4-5;
+the defaults of ``st``, ``af``, ``sf`` and ``rgb_sigma`` are our own.
+
+Entry points: :func:`patch` (undoable, context manager) and the pure functions
+:func:`progressive_count`, :func:`patch_color_affinity`, :func:`hybrid_attention`,
+:func:`select_top_bottom`, :func:`doei_delta`, which also serve as the reference of
+what a patched block computes.
+"""
+
+from wsss_blocks.doei.config import DOEIConfig
+from wsss_blocks.doei.functional import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    doei_delta,
+    hybrid_attention,
+    patch_color_affinity,
+    progressive_count,
+    select_top_bottom,
+)
+from wsss_blocks.doei.patching import DOEIHandle, patch, unpatch
+
+__all__ = [
+    "IMAGENET_DEFAULT_MEAN",
+    "IMAGENET_DEFAULT_STD",
+    "DOEIConfig",
+    "DOEIHandle",
+    "patch",
+    "unpatch",
+    "progressive_count",
+    "patch_color_affinity",
+    "hybrid_attention",
+    "select_top_bottom",
+    "doei_delta",
+]

@@ -1,0 +1,431 @@
+"""``patch`` / ``unpatch`` / :class:`DOEIHandle`: DOEI inside timm's own attention forward."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from wsss_blocks._attention_capture import (
+    find_attention_modules,
+    no_autocast,
+    qk_from_qkv,
+    row_logsumexp,
+)
+from wsss_blocks._validate import ShapeError, check_labels, check_shape
+from wsss_blocks.doei.config import DOEIConfig
+from wsss_blocks.doei.functional import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    _assemble,
+    _delta_from_scores,
+    _emb_affinity_rows,
+    patch_color_affinity,
+    progressive_count,
+)
+
+__all__ = ["DOEIHandle", "patch", "unpatch"]
+
+
+class _BlockState:
+    """Per-module capture state (cleared after every call)."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.active = False
+        self.qkv: Tensor | None = None
+        self.attn: Tensor | None = None
+        self.x: Tensor | None = None
+        self.plan: tuple[int, int, bool, bool] | None = None
+
+    def clear(self) -> None:
+        self.active = False
+        self.qkv = self.attn = self.x = None
+        self.plan = None
+
+
+class DOEIHandle:
+    """The handle :func:`patch` returns; undo with :meth:`remove` or a ``with`` block.
+
+    Attributes:
+        config: the :class:`DOEIConfig` in use; may be reassigned between forwards.
+        num_class_tokens: ``C``.
+        num_prefix_tokens: ``P0`` at patch time.
+        num_blocks: ``L``, the number of supported attention modules.
+        patched_blocks: the patched block indices (0-based, sorted).
+
+    Gradient checkpointing recomputes blocks with the handle's current image: run
+    backward before the next forward.
+
+    Example:
+        >>> import timm
+        >>> m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2,
+        ...                       embed_dim=32, num_heads=2)
+        >>> with patch(m) as h:
+        ...     out = m(torch.randn(1, 3, 32, 32))
+        >>> h.num_blocks, hasattr(m, "_doei_handle")
+        (2, False)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        modules: list[nn.Module],
+        num_class_tokens: int,
+        config: DOEIConfig,
+        layers: list[int],
+    ) -> None:
+        self._model = model
+        self._modules = modules
+        self.num_class_tokens = num_class_tokens
+        self.num_prefix_tokens = int(model.num_prefix_tokens)
+        self.num_blocks = len(modules)
+        self.patched_blocks = tuple(layers)
+        self._config = config
+        self._check_config(config)
+        self._image: Tensor | None = None
+        self._image_override: Tensor | None = None
+        self._labels: Tensor | None = None
+        self._affinity_cache: tuple[Any, Tensor] | None = None
+        self._hooks: list[Any] = []
+        self._saved_forward: dict[int, Any] = {}
+        self._removed = False
+        embed = getattr(model, "patch_embed", None)
+        target = embed if embed is not None else model
+        try:
+            self._hooks.append(target.register_forward_pre_hook(self._image_hook, with_kwargs=True))
+            for i in layers:
+                self._wrap(i, modules[i])
+        except BaseException:
+            self.remove()
+            raise
+        model._doei_handle = self
+
+    # -- public -------------------------------------------------------------------------
+
+    @property
+    def config(self) -> DOEIConfig:
+        """The active configuration."""
+        return self._config
+
+    @config.setter
+    def config(self, value: DOEIConfig) -> None:
+        if not isinstance(value, DOEIConfig):
+            raise TypeError(f"config: expected a DOEIConfig, got {type(value).__name__}")
+        self._check_config(value)
+        self._config = value
+
+    def set_image(self, image: Tensor | None) -> None:
+        """Use ``image`` (B, 3, H, W) for HFA until ``set_image(None)``, instead of the input.
+
+        Example:
+            >>> import timm
+            >>> m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1,
+            ...                       embed_dim=32, num_heads=2)
+            >>> with patch(m) as h:
+            ...     h.set_image(torch.zeros(1, 3, 32, 32))
+        """
+        if image is not None:
+            check_shape("image", image, ["B", 3, "H", "W"], dtype="float")
+        self._image_override = image
+        self._affinity_cache = None
+
+    def set_labels(self, labels: Tensor | None) -> None:
+        """Image labels (B, C) for ``restrict_to_labels``; kept until replaced.
+
+        Example:
+            >>> import timm
+            >>> m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1,
+            ...                       embed_dim=32, num_heads=2)
+            >>> with patch(m) as h:
+            ...     h.set_labels(torch.ones(1, 1))
+        """
+        if labels is not None:
+            check_labels("labels", labels, {"C": self.num_class_tokens}, pattern=("B", "C"))
+        self._labels = labels
+
+    def remove(self) -> None:
+        """Restore every patched module and remove all hooks (idempotent).
+
+        Example:
+            >>> import timm
+            >>> m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1,
+            ...                       embed_dim=32, num_heads=2)
+            >>> h = patch(m); h.remove(); h.remove()
+        """
+        if self._removed:
+            return
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        for i, mod in enumerate(self._modules):
+            if i not in self._saved_forward:
+                continue
+            saved = self._saved_forward[i]
+            if saved is None:
+                mod.__dict__.pop("forward", None)
+            else:
+                mod.forward = saved
+        self._saved_forward = {}
+        if getattr(self._model, "_doei_handle", None) is self:
+            del self._model._doei_handle
+        self._image = self._image_override = self._labels = None
+        self._affinity_cache = None
+        self._removed = True
+
+    def __enter__(self) -> DOEIHandle:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _check_config(self, config: DOEIConfig) -> None:
+        if not config.head_mean and not all(hasattr(m, "norm") for m in self._modules):
+            raise NotImplementedError("head_mean=False needs timm's attn.norm (timm >= 0.9)")
+
+    def _image_hook(self, _mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self._image_override is not None:
+            return
+        self._image = args[0] if args else kwargs.get("x")
+        self._affinity_cache = None
+
+    def _wrap(self, index: int, attn: nn.Module) -> None:
+        existing = attn.__dict__.get("forward")
+        if getattr(existing, "_doei_wrapper", False):
+            raise RuntimeError("this attention module is already patched by DOEI")
+        self._saved_forward[index] = existing
+        orig = attn.forward  # instance forward if any, else the bound class forward
+        state = _BlockState(index)
+
+        def qkv_hook(_m: nn.Module, _args: Any, out: Tensor) -> None:
+            if state.active:
+                state.qkv = out
+
+        def drop_pre_hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
+            if state.active:
+                state.attn = args[0]
+
+        self._hooks.append(attn.qkv.register_forward_hook(qkv_hook))
+        self._hooks.append(attn.attn_drop.register_forward_pre_hook(drop_pre_hook))
+        if hasattr(attn, "norm"):
+
+            def norm_pre_hook(_m: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+                if not (state.active and not self._config.head_mean):
+                    return None
+                o = args[0]
+                b, n_all, _ = o.shape
+                heads = attn.num_heads
+                o4 = o.reshape(b, n_all, heads, -1).transpose(1, 2)
+                o4 = self._apply(attn, state, o4, per_head=True)
+                return (o4.transpose(1, 2).reshape(o.shape),) + tuple(args[1:])
+
+            self._hooks.append(attn.norm.register_forward_pre_hook(norm_pre_hook))
+
+        def forward(x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+            if attn_mask is not None or is_causal:
+                raise NotImplementedError("DOEI-patched attention does not support attn_mask / is_causal")
+            plan = self._plan(index, x.shape[1])
+            if plan is None:
+                return orig(x)
+            state.active, state.x, state.plan = True, x, plan
+            try:
+                y = orig(x)
+                if self._config.head_mean:
+                    y = self._apply(attn, state, y, per_head=False)
+            finally:
+                state.clear()
+            return y
+
+        forward._doei_wrapper = True  # type: ignore[attr-defined]
+        attn.forward = forward
+
+    def _plan(self, index: int, n_tokens: int) -> tuple[int, int, bool, bool] | None:
+        cfg = self._config
+        c = self.num_class_tokens
+        n = n_tokens - self.num_prefix_tokens
+        t_p = progressive_count(max(n, 0), index, self.num_blocks, cfg.st_p2c) if cfg.use_ppdo else 0
+        t_c = progressive_count(c - 1, index, self.num_blocks, cfg.st_c2c) if cfg.use_cpdo else 0
+        act_p = t_p > 0 and (cfg.af_p2c + cfg.sf_p2c) > 0
+        act_c = t_c > 0 and (cfg.af_c2c + cfg.sf_c2c) > 0
+        if not (act_p or act_c):
+            return None
+        return t_p, t_c, act_p, act_c
+
+    def _color_affinity(self, batch: int, n: int) -> Tensor:
+        image = self._image_override if self._image_override is not None else self._image
+        if image is None:
+            raise RuntimeError("DOEI needs the image for HFA: call the model on images or handle.set_image(image)")
+        cfg = self._config
+        model = self._model
+        pcfg = getattr(model, "pretrained_cfg", None) or {}
+        mean = cfg.image_mean or tuple(pcfg.get("mean", IMAGENET_DEFAULT_MEAN))
+        std = cfg.image_std or tuple(pcfg.get("std", IMAGENET_DEFAULT_STD))
+        key = (id(image), cfg.rgb_sigma, mean, std)
+        if self._affinity_cache is not None and self._affinity_cache[0] == key:
+            return self._affinity_cache[1]
+        embed = getattr(model, "patch_embed", None)
+        if embed is None:
+            raise RuntimeError("HFA needs model.patch_embed for the patch size; set use_hfa=False")
+        dims = check_shape("image", image, ["B", 3, "H", "W"], {"B": batch}, dtype="float")
+        from wsss_blocks.tokens import patch_grid
+
+        gh, gw = patch_grid(model, (dims["H"], dims["W"]))
+        ph, pw = embed.patch_size
+        pad = bool(getattr(embed, "dynamic_img_pad", False))
+        own = (-(-dims["H"] // ph), -(-dims["W"] // pw)) if pad else (dims["H"] // ph, dims["W"] // pw)
+        if gh * gw != n or own != (gh, gw):
+            raise ShapeError(
+                f"image: shape {tuple(image.shape)} gives a {own[0]}x{own[1]} patch grid, "
+                f"but the tokens have n={n} patches (model grid {gh}x{gw})"
+            )
+        r = patch_color_affinity(image, (ph, pw), sigma=cfg.rgb_sigma, mean=mean, std=std, pad=pad)
+        self._affinity_cache = (key, r)
+        return r
+
+    def _row_mask(self, batch: int, per_head: bool) -> Tensor | None:
+        if not self._config.restrict_to_labels:
+            return None
+        labels = self._labels
+        if labels is None:
+            raise RuntimeError("restrict_to_labels=True needs labels: call handle.set_labels(labels)")
+        check_shape("labels", labels, ["B", "C"], {"B": batch, "C": self.num_class_tokens})
+        mask = (labels != 0)[:, :, None]
+        return mask[:, None] if per_head else mask
+
+    def _apply(self, attn: nn.Module, state: _BlockState, y: Tensor, *, per_head: bool) -> Tensor:
+        """Steps 4-8 for one block: ``y`` (B, N, D) or per-head (B, H, N, d) -> y + delta."""
+        assert state.plan is not None and state.x is not None
+        t_p, t_c, act_p, act_c = state.plan
+        cfg = self._config
+        c, p0 = self.num_class_tokens, self.num_prefix_tokens
+        x = state.x
+        b, n_all = x.shape[0], x.shape[1]
+        n = n_all - p0
+        s = torch.promote_types(x.dtype, torch.float32)
+        qk = None
+        if state.attn is None:
+            if state.qkv is None:
+                raise RuntimeError("DOEI could not capture attn.qkv; is the attention module timm's Attention?")
+            qk = qk_from_qkv(attn, state.qkv)  # in the ambient autocast state, as timm
+        row_mask = self._row_mask(b, per_head)
+        hfa = cfg.use_hfa and cfg.alpha > 0
+        r = self._color_affinity(b, n) if hfa else None
+        with no_autocast(x.device.type):
+            if qk is None:
+                a = state.attn
+                w_c = a[:, :, :c, :].to(s)
+                w_pc = a[:, :, p0:, :c].to(s) if act_p else None
+            else:
+                q = qk[0].to(s) * attn.scale
+                k = qk[1].to(s)
+                w_c = torch.softmax(q[:, :, :c] @ k.transpose(-1, -2), dim=-1)
+                w_pc = None
+                if act_p:
+                    lse = row_logsumexp(q[:, :, p0:], k, cfg.chunk_rows)
+                    w_pc = torch.exp(q[:, :, p0:] @ k[:, :, :c].transpose(-1, -2) - lse[..., None])
+            if not per_head:
+                w_c = w_c.mean(1)
+                w_pc = w_pc.mean(1) if w_pc is not None else None
+            if r is not None:
+                alpha = cfg.alpha
+                rows = slice(None) if act_p else slice(0, c)
+                g_pre, g_pat, row_sum = _emb_affinity_rows(x.to(s), r, p0, rows)
+                g_c = torch.cat([g_pre[:, :c], g_pat[:, :c]], dim=-1) / row_sum[:, :c, None]
+                if per_head:
+                    g_c = g_c[:, None]
+                w_c = (1.0 - alpha) * w_c + alpha * g_c
+                if w_pc is not None:
+                    g_pc = g_pre[:, p0:, :c] / row_sum[:, p0:, None]
+                    w_pc = (1.0 - alpha) * w_pc + alpha * (g_pc[:, None] if per_head else g_pc)
+            p_scores = w_c[..., p0:] + w_pc.transpose(-1, -2) if act_p else None
+            s_scores = w_c[..., :c] + w_c[..., :c].transpose(-1, -2) if act_c else None
+            d_cls, d_patch = _delta_from_scores(
+                p_scores, s_scores, y[..., :c, :].to(s), t_p, t_c,
+                (cfg.af_p2c, cfg.sf_p2c, cfg.af_c2c, cfg.sf_c2c), row_mask,
+            )
+            return _assemble(y, d_cls, d_patch, c, p0)
+
+
+def patch(
+    model: nn.Module,
+    *,
+    num_class_tokens: int | None = None,
+    config: DOEIConfig = DOEIConfig(),
+    layers: Sequence[int] | None = None,
+) -> DOEIHandle:
+    """Patch every supported attention module of a timm ViT with DOEI (undoable).
+
+    Finds exactly ``timm.layers.Attention`` modules (other ``*Attention`` classes raise
+    ``TypeError``; none raises ``ValueError``), replaces their instance ``forward`` by a
+    wrapper and adds capture hooks. Never calls ``.eval()`` / ``.to()``; parameters and
+    ``state_dict`` keys are unchanged. Works in timm's fused and non-fused modes.
+
+    Args:
+        model: a timm ViT with ``C >= 1`` leading class tokens.
+        num_class_tokens: ``C``; default ``num_prefix_tokens - num_reg_tokens``.
+        config: the :class:`DOEIConfig`.
+        layers: block indices to patch (negative allowed); ``i`` and ``L`` stay global.
+            ``None`` = all.
+
+    Returns:
+        A :class:`DOEIHandle` (context manager).
+
+    Raises:
+        RuntimeError: the model is already patched.
+
+    Example:
+        >>> import timm
+        >>> m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2,
+        ...                       embed_dim=32, num_heads=2)
+        >>> h = patch(m, config=DOEIConfig(alpha=0.5))
+        >>> m(torch.randn(2, 3, 32, 32)).shape
+        torch.Size([2, 1000])
+        >>> unpatch(m)
+    """
+    if getattr(model, "_doei_handle", None) is not None:
+        raise RuntimeError("model is already patched by DOEI; call unpatch(model) first")
+    if not isinstance(config, DOEIConfig):
+        raise TypeError(f"config: expected a DOEIConfig, got {type(config).__name__}")
+    modules = [m for _, m in find_attention_modules(model)]
+    big_l = len(modules)
+    p0 = int(getattr(model, "num_prefix_tokens", 0))
+    if num_class_tokens is None:
+        num_class_tokens = p0 - int(getattr(model, "num_reg_tokens", 0) or 0)
+    if isinstance(num_class_tokens, bool) or not 1 <= int(num_class_tokens) <= p0:
+        raise ValueError(
+            f"num_class_tokens: expected 1 <= C <= num_prefix_tokens={p0}, got {num_class_tokens}"
+        )
+    if layers is None:
+        idx = list(range(big_l))
+    else:
+        idx = []
+        for v in layers:
+            if not -big_l <= int(v) < big_l:
+                raise ValueError(f"layers: index {v} is out of range for {big_l} attention modules")
+            idx.append(int(v) % big_l)
+        if len(set(idx)) != len(idx):
+            raise ValueError(f"layers: duplicate indices in {list(layers)}")
+        idx.sort()
+    return DOEIHandle(model, modules, int(num_class_tokens), config, idx)
+
+
+def unpatch(model: nn.Module) -> None:
+    """Undo :func:`patch` on ``model``.
+
+    Raises:
+        ValueError: the model is not patched.
+
+    Example:
+        >>> import timm
+        >>> m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1,
+        ...                       embed_dim=32, num_heads=2)
+        >>> _ = patch(m); unpatch(m)
+    """
+    handle = getattr(model, "_doei_handle", None)
+    if handle is None:
+        raise ValueError(f"{type(model).__name__} is not patched by DOEI")
+    handle.remove()

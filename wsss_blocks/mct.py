@@ -1,0 +1,215 @@
+"""Multi-class-token adapter (MCTformer-V1 style) for timm Vision Transformers.
+
+:func:`add_class_tokens` turns a timm ViT into a model with ``C`` leading class tokens in
+place (MCTformer: one token per class). :func:`final_tokens` and :func:`class_scores` give
+the MCT class logits (mean of the last block's class tokens over ``D``, no final norm), and
+:func:`attention_cams` the class-to-patch attention maps of the last blocks, optionally
+refined by the patch-to-patch attention, following MCTformer's released code.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from wsss_blocks._attention_capture import (
+    QKVTap,
+    class_row_attention,
+    find_attention_modules,
+    no_autocast,
+    patch_patch_attention,
+    qk_from_qkv,
+)
+from wsss_blocks._validate import ShapeError, check_option, check_shape
+
+__all__ = ["add_class_tokens", "final_tokens", "class_scores", "attention_cams"]
+
+
+def add_class_tokens(model: nn.Module, num_classes: int) -> nn.Module:
+    """Give a timm ViT ``num_classes`` class tokens, in place (MCTformer initialisation).
+
+    The single ``cls_token`` is repeated ``C`` times, and so is its position-embedding slot
+    (unless ``no_embed_class``); ``num_prefix_tokens`` (model and ``PatchDropout``) grows by
+    ``C - 1``. State-dict keys are unchanged; only the shapes of ``cls_token`` ``(1, C, D)``
+    and ``pos_embed`` change. ``head``, ``global_pool`` and ``norm`` are untouched (use
+    :func:`final_tokens` + :func:`class_scores`, not ``model(x)``, for MCT logits).
+    Build the optimizer afterwards. For MCT checkpoints convert a fresh model, then load.
+
+    Args:
+        model: a timm ``VisionTransformer`` with exactly one class token and no
+            distillation token.
+        num_classes: ``C >= 1``; ``1`` is a no-op.
+
+    Returns:
+        ``model`` itself.
+
+    Example:
+        >>> import timm
+        >>> m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1,
+        ...                       embed_dim=32, num_heads=2)
+        >>> m = add_class_tokens(m, 3)
+        >>> m.cls_token.shape, m.pos_embed.shape, m.num_prefix_tokens
+        (torch.Size([1, 3, 32]), torch.Size([1, 7, 32]), 3)
+    """
+    if isinstance(num_classes, bool) or int(num_classes) != num_classes or num_classes < 1:
+        raise ValueError(f"num_classes: expected an int >= 1, got {num_classes!r}")
+    cls = getattr(model, "cls_token", None)
+    if cls is None:
+        raise ValueError(f"{type(model).__name__} has no class token (cls_token is None)")
+    if cls.shape[1] != 1:
+        raise ValueError(f"model already has {cls.shape[1]} class tokens; expected exactly one")
+    if getattr(model, "dist_token", None) is not None:
+        raise ValueError("models with a distillation token are not supported")
+    c = int(num_classes)
+    if c == 1:
+        return model
+    with torch.no_grad():
+        model.cls_token = nn.Parameter(cls.detach().repeat(1, c, 1), requires_grad=cls.requires_grad)
+        pos = getattr(model, "pos_embed", None)
+        if pos is not None and not getattr(model, "no_embed_class", False):
+            new = torch.cat([pos[:, :1].repeat(1, c, 1), pos[:, 1:]], dim=1)
+            model.pos_embed = nn.Parameter(new.detach(), requires_grad=pos.requires_grad)
+    model.num_prefix_tokens = int(model.num_prefix_tokens) + c - 1
+    drop = getattr(model, "patch_drop", None)
+    if drop is not None and hasattr(drop, "num_prefix_tokens"):
+        drop.num_prefix_tokens = int(drop.num_prefix_tokens) + c - 1
+    return model
+
+
+def _default_class_tokens(model: nn.Module, num_class_tokens: int | None) -> int:
+    p0 = int(getattr(model, "num_prefix_tokens", 0))
+    c = p0 - int(getattr(model, "num_reg_tokens", 0) or 0) if num_class_tokens is None else num_class_tokens
+    if isinstance(c, bool) or not 1 <= int(c) <= p0:
+        raise ValueError(f"num_class_tokens: expected 1 <= C <= num_prefix_tokens={p0}, got {c}")
+    return int(c)
+
+
+def final_tokens(
+    model: nn.Module,
+    x: Tensor,
+    *,
+    num_class_tokens: int | None = None,
+    norm: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Last-block class tokens and patch tokens (registers dropped), via ``forward_intermediates``.
+
+    Args:
+        model: a timm ViT (usually after :func:`add_class_tokens`).
+        x: normalised images.
+        num_class_tokens: ``C``; default ``num_prefix_tokens - num_reg_tokens``.
+        norm: apply the final norm (MCTformer never does: default ``False``).
+
+    Shape:
+        - x: ``(B, 3, H, W)``
+        - output: ``((B, C, D), (B, n, D))``
+
+    Example:
+        >>> import timm
+        >>> m = add_class_tokens(timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1,
+        ...                                          embed_dim=32, num_heads=2), 4)
+        >>> cls, patches = final_tokens(m, torch.randn(2, 3, 32, 32))
+        >>> cls.shape, patches.shape
+        (torch.Size([2, 4, 32]), torch.Size([2, 4, 32]))
+    """
+    check_shape("x", x, ["B", None, "H", "W"], dtype="float")
+    c = _default_class_tokens(model, num_class_tokens)
+    out = model.forward_intermediates(
+        x, indices=1, norm=norm, return_prefix_tokens=True, intermediates_only=True, output_fmt="NLC"
+    )
+    patches, prefix = out[-1]
+    return prefix[:, :c], patches
+
+
+def class_scores(class_tokens: Tensor) -> Tensor:
+    """MCT class logits: the mean of each class token over ``D``.
+
+    Shape:
+        - class_tokens: ``(B, C, D)``
+        - output: ``(B, C)``
+
+    Example:
+        >>> class_scores(torch.tensor([[[1.0, 3.0], [0.0, -2.0]]]))
+        tensor([[ 2., -1.]])
+    """
+    check_shape("class_tokens", class_tokens, ["B", "C", "D"], dtype="float")
+    return class_tokens.mean(dim=-1)
+
+
+@torch.no_grad()
+def attention_cams(
+    model: nn.Module,
+    x: Tensor,
+    last_k: int = 3,
+    *,
+    num_class_tokens: int | None = None,
+    reduction: Literal["sum", "mean"] = "sum",
+    refine: bool = False,
+) -> Tensor:
+    """MCT attention maps: head-mean class-to-patch attention of the last ``last_k`` blocks.
+
+    The model's own post-softmax attention is rebuilt from each block's ``qkv`` output
+    (fused or not; with DOEI patched it is still the model's attention, never DOEI's
+    scores). Maps are summed (V1/V2) or averaged (MCTformer+) over the blocks. With
+    ``refine`` they are multiplied by ``A_pp``, the head-mean patch-to-patch attention summed
+    over all blocks (no row normalisation): ``cam_i <- sum_j A_pp[i, j] cam_j``. Raw values
+    (no label masking, upsampling or normalisation). Runs under ``torch.no_grad()``.
+
+    Args:
+        model: a timm ViT with ``C`` leading class tokens.
+        x: normalised images.
+        last_k: blocks used, in ``[1, L]``.
+        num_class_tokens: ``C``; default ``num_prefix_tokens - num_reg_tokens``.
+        reduction: ``"sum"`` or ``"mean"`` over the ``last_k`` blocks.
+        refine: apply the patch-affinity refinement.
+
+    Shape:
+        - x: ``(B, 3, H, W)``
+        - output: ``(B, C, h, w)``, the model's patch grid
+
+    Example:
+        >>> import timm
+        >>> m = add_class_tokens(timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2,
+        ...                                          embed_dim=32, num_heads=2), 3)
+        >>> attention_cams(m, torch.randn(1, 3, 32, 32), last_k=2).shape
+        torch.Size([1, 3, 2, 2])
+    """
+    dims = check_shape("x", x, ["B", None, "H", "W"], dtype="float")
+    check_option("reduction", reduction, ("sum", "mean"))
+    c = _default_class_tokens(model, num_class_tokens)
+    modules = [m for _, m in find_attention_modules(model)]
+    big_l = len(modules)
+    if isinstance(last_k, bool) or not 1 <= int(last_k) <= big_l:
+        raise ValueError(f"last_k: expected a value in [1, {big_l}], got {last_k}")
+    from wsss_blocks.tokens import patch_grid
+
+    h, w = patch_grid(model, (dims["H"], dims["W"]))
+    p0 = int(model.num_prefix_tokens)
+    first_cam = big_l - int(last_k)
+    acc: dict[str, Tensor] = {}
+
+    def on_qkv(pos: int, attn: nn.Module, qkv: Tensor) -> None:
+        q, k = qk_from_qkv(attn, qkv)
+        with no_autocast(qkv.device.type):
+            s = torch.promote_types(q.dtype, torch.float32)
+            q, k = q.to(s) * attn.scale, k.to(s)
+            if pos >= first_cam:
+                cam = class_row_attention(q, k, c)[..., p0:].mean(1)  # (B, C, n)
+                acc["cam"] = cam if "cam" not in acc else acc["cam"] + cam
+            if refine:
+                app = patch_patch_attention(q, k, p0, 256)
+                acc["app"] = app if "app" not in acc else acc["app"] + app
+
+    targets = modules if refine else modules[first_cam:]
+    offset = 0 if refine else first_cam
+    with QKVTap(targets, lambda pos, attn, qkv: on_qkv(pos + offset, attn, qkv)):
+        model.forward_features(x)
+    cam = acc["cam"]
+    if cam.shape[-1] != h * w:
+        raise ShapeError(f"x: {tuple(x.shape)} gives {cam.shape[-1]} patch tokens, expected grid {h}x{w}")
+    if reduction == "mean":
+        cam = cam / int(last_k)
+    if refine:
+        cam = torch.einsum("bij,bcj->bci", acc["app"], cam)
+    return cam.reshape(cam.shape[0], cam.shape[1], h, w)
