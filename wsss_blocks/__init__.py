@@ -11,7 +11,7 @@ Example:
     True
 """
 
-from wsss_blocks import cam, data, doei, functional, mct, metrics, prototypes, tokens
+from wsss_blocks import cam, cpews, data, doei, functional, mct, metrics, prototypes, tokens
 from wsss_blocks._validate import ShapeError
 from wsss_blocks._version import __version__
 from wsss_blocks.metrics import MeanIoU
@@ -25,6 +25,7 @@ __all__ = [
     "ViTTaps",
     "__version__",
     "cam",
+    "cpews",
     "data",
     "doei",
     "functional",

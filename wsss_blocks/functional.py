@@ -18,6 +18,7 @@ from wsss_blocks.cam import (
     token_pseudo_labels,
     valid_to_grid,
 )
+from wsss_blocks.cpews import ism_loss, pdl_loss, region_embeddings, ssl_loss
 from wsss_blocks.doei import (
     doei_delta,
     hybrid_attention,
@@ -40,16 +41,20 @@ __all__ = [
     "features_as_tokens",
     "grid_to_tokens",
     "hybrid_attention",
+    "ism_loss",
     "iou_from_confusion",
     "kmeans",
     "masked_average_pool",
     "multiscale_cam",
     "normalize_cam",
     "patch_color_affinity",
+    "pdl_loss",
     "progressive_count",
     "pseudo_labels",
+    "region_embeddings",
     "select_top_bottom",
     "split_prefix_tokens",
+    "ssl_loss",
     "token_pseudo_labels",
     "tokens_to_grid",
     "valid_to_grid",

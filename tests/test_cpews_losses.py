@@ -1,0 +1,441 @@
+"""CPEWS PDL, SSL and the combined loss (cpews.md §3.6-3.8, §7.5-6, §7.10-11)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from wsss_blocks._validate import ShapeError
+from wsss_blocks.cpews import (
+    CPEWSHead,
+    CPEWSLoss,
+    ISMLoss,
+    PDLLoss,
+    PrototypePool,
+    SSLLoss,
+    ism_loss,
+    pdl_loss,
+    ssl_loss,
+)
+
+OK2 = torch.ones(1, 2, dtype=torch.bool)
+POS = torch.tensor([[[6.0, 0.0], [0.0, 8.0]]])
+NEG = torch.tensor([[[0.0, 13.0], [26.0, 0.0]]])
+
+
+def _origin_region():
+    """features/cam whose region embedding is A = (0, 0) for the single class."""
+    return torch.zeros(1, 1, 2, requires_grad=True), torch.ones(1, 1, 1, 1)
+
+
+# ----------------------------------------------------------------------------- PDL
+def test_pdl_closed_forms():
+    feats, cam = _origin_region()
+    y = torch.ones(1, 1)
+    l2 = pdl_loss(feats, cam, y, POS, OK2, NEG, OK2)
+    assert l2.item() == pytest.approx(5 / 13 - math.log(1 - math.exp(-1)), abs=1e-6)
+    assert l2.item() == pytest.approx(0.843291, abs=1e-6)
+    rms = pdl_loss(feats, cam, y, POS, OK2, NEG, OK2, distance="rms", offset=0.1)
+    assert rms.item() == pytest.approx(0.962821, abs=1e-6)
+    # invalid prototypes are ignored: an invalid positive far away, an invalid nearer negative
+    pos3 = torch.cat([POS, torch.full((1, 1, 2), 100.0)], 1)
+    neg3 = torch.cat([NEG, torch.zeros(1, 1, 2)], 1)
+    ok3 = torch.tensor([[True, True, False]])
+    assert pdl_loss(feats, cam, y, pos3, ok3, neg3, ok3).item() == pytest.approx(0.843291, abs=1e-6)
+
+
+def test_pdl_negative_at_region():
+    feats, cam = _origin_region()
+    y = torch.ones(1, 1)
+    neg = torch.zeros(1, 2, 2)  # equal to A
+    out = pdl_loss(feats, cam, y, POS, OK2, neg, OK2)
+    # d- = sqrt(1e-8) = 1e-4, so 1 - R- = 1 - exp(-1e-4 / 13) (above eps = 1e-6)
+    assert out.item() == pytest.approx(5 / 13 - math.log(-math.expm1(-1e-4 / 13)), rel=1e-4)
+    big_t = pdl_loss(feats, cam, y, POS, OK2, neg, OK2, temperature=1e6)
+    assert big_t.item() == pytest.approx(-math.log(1e-6), abs=1e-3)  # the eps floor, 13.8155
+    out.backward()
+    assert torch.isfinite(feats.grad).all()
+
+
+def _pdl_oracle(feats, cam, labels, pos, pv, neg, nv, *, temperature=13.0, distance="l2",
+                offset=0.0, mask_threshold=None, valid=None, eps=1e-6):
+    b, k = labels.shape
+    terms = []
+    for i in range(b):
+        for c in range(k):
+            if labels[i, c] == 0 or not pv[c].any() or not nv[c].any():
+                continue
+            m = cam[i, c].flatten().double().clamp_min(0)
+            w = m / (m.max() + 1e-5)
+            if mask_threshold is not None:
+                w = (w > mask_threshold).double()
+            if valid is not None:
+                w = w * valid[i].flatten().double()
+            if w.sum() <= 0:
+                continue
+            a = (w[:, None] * feats[i].double()).sum(0) / (w.sum() + 1e-5)
+
+            def dist(u, v):
+                if distance == "l2":
+                    return torch.sqrt(((u - v) ** 2).sum() + 1e-8)
+                return torch.sqrt(((u - v) ** 2).mean() + 1e-4)
+
+            centre = pos[c][pv[c]].double().mean(0)
+            dp = dist(a, centre)
+            dn = min(dist(a, neg[c, j].double()) for j in range(neg.shape[1]) if nv[c, j])
+            xp, xn = dp / temperature + offset, dn / temperature + offset
+            terms.append(xp - torch.log(torch.clamp(1 - torch.exp(-xn), min=eps)))
+    if not terms:
+        return torch.zeros((), dtype=torch.float64)
+    return torch.stack(terms).mean()
+
+
+def _random_case(seed, b=2, k=3, n=6, d=4, m=3, grid=(2, 3)):
+    gen = torch.Generator().manual_seed(seed)
+    feats = torch.randn(b, n, d, generator=gen)
+    cam = torch.randn(b, k, *grid, generator=gen)
+    cam[0, 1] = -cam[0, 1].abs()  # empty region
+    labels = (torch.rand(b, k, generator=gen) > 0.3).float()
+    labels[0, 1] = 1.0
+    pos = torch.randn(k, m, d, generator=gen)
+    neg = torch.randn(k, m, d, generator=gen)
+    pv = torch.rand(k, m, generator=gen) > 0.3
+    nv = torch.rand(k, m, generator=gen) > 0.3
+    pv[0] = False  # class 0: no positives -> skipped
+    nv[1, 0] = True
+    valid = torch.rand(b, *grid, generator=gen) > 0.2
+    return feats, cam, labels, pos, pv, neg, nv, valid
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [{}, {"distance": "rms", "offset": 0.1, "mask_threshold": 0.1}, {"temperature": 2.0},
+     {"mask_threshold": 0.5, "offset": 0.3}],
+)
+def test_pdl_loop_oracle(kw):
+    for seed in range(3):
+        feats, cam, labels, pos, pv, neg, nv, valid = _random_case(seed)
+        for v in (None, valid):
+            out = pdl_loss(feats, cam, labels, pos, pv, neg, nv, valid=v, **kw)
+            ref = _pdl_oracle(feats, cam, labels, pos, pv, neg, nv, valid=v, **kw)
+            assert out.dtype == torch.float32 and out.shape == ()
+            assert out.item() == pytest.approx(ref.item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("distance", ["l2", "rms"])
+def test_pdl_gradcheck(distance):
+    feats, cam, labels, pos, pv, neg, nv, valid = _random_case(4)
+    f64 = feats.double().requires_grad_()
+    args = (labels, pos.double(), pv, neg.double(), nv)
+    assert torch.autograd.gradcheck(
+        lambda f: pdl_loss(f, cam.double(), *args, distance=distance, offset=0.1, valid=valid),
+        (f64,),
+    )
+
+
+def test_pdl_no_grad_into_classifier_and_no_pairs():
+    torch.manual_seed(0)
+    head = CPEWSHead(4, 2)
+    tokens = torch.randn(2, 6, 4, requires_grad=True)
+    out = head(tokens, tokens, (2, 3))
+    labels = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    pos, neg = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    ok = torch.ones(2, 3, dtype=torch.bool)
+    loss = pdl_loss(tokens, out.cam_final, labels, pos, ok, neg, ok)
+    loss.backward()
+    assert head.classifier_final.weight.grad is None
+    assert tokens.grad.abs().sum() > 0
+    # nothing eligible: graph-attached 0, zero grads, no NaN
+    f = torch.randn(2, 6, 4, requires_grad=True)
+    for lab, pv, nv in ((torch.zeros(2, 2), ok, ok), (labels, ok & False, ok), (labels, ok, ok & False)):
+        z = pdl_loss(f, out.cam_final.detach(), lab, pos, pv, neg, nv)
+        assert z.item() == 0.0 and z.requires_grad
+        (g,) = torch.autograd.grad(z, f)
+        assert torch.equal(g, torch.zeros_like(g))
+
+
+def test_pdl_bf16_module_and_validation():
+    feats, cam, labels, pos, pv, neg, nv, valid = _random_case(5)
+    ref = pdl_loss(feats, cam, labels, pos, pv, neg, nv)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = pdl_loss(feats.bfloat16(), cam.bfloat16(), labels, pos, pv, neg, nv)
+    assert out.dtype == torch.float32 and out.item() == pytest.approx(ref.item(), abs=2e-2)
+    pool = PrototypePool(3, 4, num_prototypes=3)
+    pool.pos.copy_(pos), pool.pos_valid.copy_(pv), pool.neg.copy_(neg), pool.neg_valid.copy_(nv)
+    kw = {"distance": "rms", "offset": 0.1, "mask_threshold": 0.1, "temperature": 5.0}
+    torch.testing.assert_close(
+        PDLLoss(**kw)(feats, cam, labels, pool, valid=valid),
+        pdl_loss(feats, cam, labels, pos, pv, neg, nv, valid=valid, **kw),
+    )
+    with pytest.raises(ShapeError, match="labels"):
+        pdl_loss(feats, cam, labels[:, :2], pos, pv, neg, nv)
+    with pytest.raises(ShapeError, match="pos"):
+        pdl_loss(feats, cam, labels, pos[:2], pv, neg, nv)
+    with pytest.raises(ShapeError, match="pos_valid"):
+        pdl_loss(feats, cam, labels, pos, pv.float(), neg, nv)
+    with pytest.raises(ShapeError, match="neg"):
+        pdl_loss(feats, cam, labels, pos, pv, neg[..., :3], nv)
+    with pytest.raises(ShapeError, match="neg_valid"):
+        pdl_loss(feats, cam, labels, pos, pv, neg, nv[:, :2])
+    with pytest.raises(ShapeError, match="features"):
+        pdl_loss(feats[:, :5], cam, labels, pos, pv, neg, nv)
+    with pytest.raises(ShapeError, match="cam"):
+        pdl_loss(feats, cam[:, :, 0], labels, pos, pv, neg, nv)
+    with pytest.raises(ShapeError, match="valid"):
+        pdl_loss(feats, cam, labels, pos, pv, neg, nv, valid=valid.float())
+    with pytest.raises(ValueError, match="distance"):
+        pdl_loss(feats, cam, labels, pos, pv, neg, nv, distance="l1")
+    with pytest.raises(ValueError, match="temperature"):
+        PDLLoss(temperature=0.0)
+
+
+# ----------------------------------------------------------------------------- SSL
+def _ssl_hand():
+    feats = torch.tensor([[[0.0, 2.0], [2.0, 0.0], [0.0, 3.0]]])
+    cam = torch.tensor([[[[2.0, 1.0, 0.1]]]], requires_grad=True)
+    ok = torch.ones(1, 1, dtype=torch.bool)
+    return feats, cam, torch.ones(1, 1), torch.tensor([[[1.0, 0.0]]]), ok, torch.tensor([[[0.0, 1.0]]]), ok
+
+
+def test_ssl_hand_built():
+    feats, cam, y, pos, pv, neg, nk = _ssl_hand()
+    loss = ssl_loss(feats, cam, y, pos, pv, neg, nk)
+    assert loss.item() == pytest.approx(2.0)
+    loss.backward()
+    assert cam.grad.flatten().tolist() == [1.0, 0.0, 0.0]
+    # without the activation gate token 2 (closer to the negative) joins: (2 + 0.1) / 2
+    assert ssl_loss(feats, cam, y, pos, pv, neg, nk, act_threshold=None).item() == pytest.approx(1.05)
+    # no kept negative / class absent / no positive -> never suppressed, graph-attached 0
+    for args in ((y, pos, pv, neg, nk & False), (y * 0, pos, pv, neg, nk), (y, pos, pv & False, neg, nk)):
+        z = ssl_loss(feats, cam, *args)
+        assert z.item() == 0.0 and z.requires_grad
+    # a tie (equal distances) is not suppressed
+    tie = torch.tensor([[[1.0, 1.0], [2.0, 0.0], [0.0, 3.0]]])
+    assert ssl_loss(tie, cam, y, pos, pv, neg, nk).item() == 0.0
+
+
+def test_ssl_trains_final_classifier_and_tokens():
+    head = CPEWSHead(2, 1)
+    with torch.no_grad():
+        head.classifier_final.weight.copy_(torch.tensor([[1.0, 0.5]]))
+    tokens = torch.tensor([[[0.0, 2.0], [2.0, 0.0], [0.0, 3.0]]], requires_grad=True)
+    out = head(tokens, tokens, (1, 3))
+    _, _, y, pos, pv, neg, nk = _ssl_hand()
+    loss = ssl_loss(tokens, out.cam_final, y, pos, pv, neg, nk)
+    assert loss.item() > 0
+    loss.backward()
+    assert head.classifier_final.weight.grad is not None
+    assert head.classifier_final.weight.grad.abs().sum() > 0
+    assert tokens.grad.abs().sum() > 0
+    assert head.classifier_mid.weight.grad is None
+
+
+def _ssl_oracle(feats, cam, labels, pos, pv, neg, nk, act_threshold, activation, valid):
+    b, k = labels.shape
+    vals = []
+    for i in range(b):
+        for c in range(k):
+            if labels[i, c] == 0 or not pv[c].any():
+                continue
+            m = cam[i, c].flatten().clamp_min(0)
+            w = m / (m.max() + 1e-5)
+            for n in range(feats.shape[1]):
+                if act_threshold is not None and not w[n] > act_threshold:
+                    continue
+                if valid is not None and not valid[i].flatten()[n]:
+                    continue
+                f = feats[i, n].double()
+                dp = min(float(((f - pos[c, j].double()) ** 2).sum()) for j in range(pos.shape[1]) if pv[c, j])
+                dns = [float(((f - neg[c, j].double()) ** 2).sum()) for j in range(neg.shape[1]) if nk[c, j]]
+                if dns and min(dns) < dp:
+                    x = cam[i, c].flatten()[n]
+                    vals.append(x.clamp_min(0) if activation == "relu" else x)
+    return torch.stack(vals).mean() if vals else torch.zeros(())
+
+
+@pytest.mark.parametrize("act_threshold,activation", [(0.1, "relu"), (None, "relu"), (None, "none"), (0.5, "none")])
+def test_ssl_loop_oracle(act_threshold, activation):
+    for seed in range(3):
+        feats, cam, labels, pos, pv, neg, nk, valid = _random_case(10 + seed, n=12, grid=(3, 4), m=4)
+        for v in (None, valid):
+            out = ssl_loss(feats, cam, labels, pos, pv, neg, nk, act_threshold=act_threshold,
+                           cam_activation=activation, valid=v)
+            ref = _ssl_oracle(feats, cam, labels, pos, pv, neg, nk, act_threshold, activation, v)
+            assert out.item() == pytest.approx(float(ref), abs=1e-5)
+
+
+def test_ssl_gradcheck_bf16_module_validation():
+    feats, cam, labels, pos, pv, neg, nk, valid = _random_case(20, n=12, grid=(3, 4), m=4)
+    c64 = cam.double().requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda c: ssl_loss(feats.double(), c, labels, pos.double(), pv, neg.double(), nk,
+                           act_threshold=None, cam_activation="none"),
+        (c64,),
+    )
+    ref = ssl_loss(feats, cam, labels, pos, pv, neg, nk)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ssl_loss(feats.bfloat16(), cam.bfloat16(), labels, pos, pv, neg, nk)
+    assert out.dtype == torch.float32 and torch.isfinite(out)
+    assert out.item() == pytest.approx(ref.item(), abs=5e-2)
+    pool = PrototypePool(3, 4, num_prototypes=4, superclasses={"a": (0, 1), "b": (2,)})
+    pool.pos.copy_(pos), pool.pos_valid.copy_(pv), pool.neg.copy_(neg), pool.neg_valid.copy_(nk)
+    pool.neg_labels[1, :, 0] = True  # class 1's negatives all come from images with class 0
+    for single in (True, False):
+        keep = pool.suppression_mask(single)
+        assert not keep[1].any() and (keep[2].any() == single)
+        torch.testing.assert_close(
+            SSLLoss(suppress_singletons=single, act_threshold=None)(feats, cam, labels, pool),
+            ssl_loss(feats, cam, labels, pos, pv, neg, keep, act_threshold=None),
+        )
+    with pytest.raises(ShapeError, match="neg_keep"):
+        ssl_loss(feats, cam, labels, pos, pv, neg, nk.float())
+    with pytest.raises(ShapeError, match="pos"):
+        ssl_loss(feats, cam, labels, pos[:, :, :2], pv, neg, nk)
+    with pytest.raises(ShapeError, match="features"):
+        ssl_loss(feats[:, :5], cam, labels, pos, pv, neg, nk)
+    with pytest.raises(ShapeError, match="valid"):
+        ssl_loss(feats, cam, labels, pos, pv, neg, nk, valid=valid[:1])
+    with pytest.raises(ValueError, match="cam_activation"):
+        ssl_loss(feats, cam, labels, pos, pv, neg, nk, cam_activation="sigmoid")
+    with pytest.raises(ValueError, match="act_threshold"):
+        SSLLoss(act_threshold=1.5)
+
+
+# ----------------------------------------------------------------------------- CPEWSLoss
+def _loss_inputs(seed=0, b=2, k=3, grid=(2, 3), d=4):
+    gen = torch.Generator().manual_seed(seed)
+    n = grid[0] * grid[1]
+    tokens = torch.randn(b, n, d, generator=gen, requires_grad=True)
+    head = CPEWSHead(d, k)
+    out = head(tokens, tokens, grid)
+    token_labels = torch.randint(0, k + 1, (b, *grid), generator=gen)
+    labels = torch.tensor([[1, 0, 1], [0, 1, 1]])
+    return head, tokens, {
+        "logits_mid": out.logits_mid, "logits_final": out.logits_final, "tokens_final": tokens,
+        "cam_final": out.cam_final, "token_labels": token_labels, "labels": labels,
+    }
+
+
+def _built_pool(seed=1, k=3, d=4, **kw):
+    gen = torch.Generator().manual_seed(seed)
+    pool = PrototypePool(k, d, num_prototypes=2, score="cam_mean", **kw)
+    pool.accumulate(torch.randn(8, 6, d, generator=gen), torch.randn(8, k, 2, 3, generator=gen),
+                    (torch.rand(8, k, generator=gen) > 0.5).float())
+    pool.finalize()
+    return pool
+
+
+def test_cpews_loss_total_is_weighted_sum():
+    pool = _built_pool()
+    head, tokens, inp = _loss_inputs()
+    crit = CPEWSLoss(pool, weights={"ism": 0.5, "pdl": 2.0, "ssl": 3.0})
+    out = crit(**inp)
+    fn = torch.nn.functional.multilabel_soft_margin_loss
+    torch.testing.assert_close(out["cls_mid"], fn(inp["logits_mid"], inp["labels"].float()))
+    torch.testing.assert_close(out["cls_final"], fn(inp["logits_final"], inp["labels"].float()))
+    torch.testing.assert_close(out["ism"], ism_loss(tokens, inp["token_labels"]))
+    torch.testing.assert_close(out["pdl"], pdl_loss(
+        tokens, inp["cam_final"], inp["labels"], pool.pos, pool.pos_valid, pool.neg, pool.neg_valid))
+    torch.testing.assert_close(out["ssl"], ssl_loss(
+        tokens, inp["cam_final"], inp["labels"], pool.pos, pool.pos_valid, pool.neg,
+        pool.suppression_mask()))
+    want = out["cls_mid"] + out["cls_final"] + 0.5 * out["ism"] + 2.0 * out["pdl"] + 3.0 * out["ssl"]
+    torch.testing.assert_close(out["total"], want)
+    out["total"].backward()
+    assert head.classifier_final.weight.grad is not None and tokens.grad is not None
+    assert "pool.pos" in crit.state_dict() and "pool.built" in crit.state_dict()
+
+
+def test_cpews_loss_presets():
+    pool = PrototypePool(3, 4)
+    paper = CPEWSLoss(pool)
+    assert paper.weights == {"ism": 0.12, "pdl": 1.5e-4, "ssl": 0.2}
+    assert paper.pdl.distance == "l2" and paper.pdl.offset == 0.0 and paper.pdl.mask_threshold is None
+    assert paper.ssl.suppress_singletons is True
+    off = CPEWSLoss(pool, weights="official")
+    assert off.weights == {"ism": 0.2, "pdl": 0.12, "ssl": 1.5e-4}
+    assert (off.pdl.distance, off.pdl.offset, off.pdl.mask_threshold) == ("rms", 0.1, 0.1)
+    assert off.ssl.suppress_singletons is False
+    custom = CPEWSLoss(pool, weights="official", pdl=PDLLoss(), ism=ISMLoss(abs_cos=False))
+    assert custom.pdl.distance == "l2" and custom.ism.abs_cos is False
+    with pytest.raises(ValueError, match="weights"):
+        CPEWSLoss(pool, weights="fast")
+    with pytest.raises(ValueError, match="weights"):
+        CPEWSLoss(pool, weights={"ism": 1.0})
+    with pytest.raises(ValueError, match="weights"):
+        CPEWSLoss(pool, weights={"ism": 1.0, "pdl": -1.0, "ssl": 0.0})
+    with pytest.raises(TypeError, match="pool"):
+        CPEWSLoss(None)
+
+
+def test_cpews_loss_unbuilt_pool_and_zero_weights():
+    crit = CPEWSLoss(PrototypePool(3, 4))
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            _, _, inp = _loss_inputs()
+            out = crit(**inp)
+            assert out["pdl"].item() == 0.0 and out["ssl"].item() == 0.0
+            assert out["pdl"].requires_grad and out["ssl"].requires_grad
+            out["total"].backward()
+    assert sum("not built" in str(w.message) for w in rec) == 1
+    pool = _built_pool()
+    crit0 = CPEWSLoss(pool, weights={"ism": 0.0, "pdl": 0.0, "ssl": 1.0})
+    _, _, inp = _loss_inputs()
+    out = crit0(**inp)
+    assert out["ism"].item() == 0.0 and not out["ism"].requires_grad
+    assert out["pdl"].item() == 0.0 and not out["pdl"].requires_grad
+    torch.testing.assert_close(out["total"], out["cls_mid"] + out["cls_final"] + out["ssl"])
+    with pytest.raises(ShapeError, match="pool"):
+        CPEWSLoss(PrototypePool(4, 4))(**inp)
+    with pytest.raises(ShapeError, match="logits_mid"):
+        crit0(**{**inp, "logits_mid": inp["logits_mid"][:, :2]})
+    with pytest.raises(ShapeError, match="labels"):
+        crit0(**{**inp, "labels": inp["labels"] * 2})
+
+
+def test_cpews_loss_bf16_autocast():
+    pool = _built_pool()
+    crit = CPEWSLoss(pool, weights={"ism": 1.0, "pdl": 1.0, "ssl": 1.0})
+    head, tokens, inp = _loss_inputs()
+    ref = crit(**inp)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = head(tokens, tokens, (2, 3))
+        res = crit(**{**inp, "logits_mid": out.logits_mid, "logits_final": out.logits_final,
+                      "cam_final": out.cam_final})
+    for key in ref:
+        assert torch.isfinite(res[key]) and res[key].dtype == torch.float32
+        assert res[key].item() == pytest.approx(ref[key].item(), abs=0.1), key
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_no_host_sync():
+    dev = torch.device("cuda")
+    pool = PrototypePool(3, 4, num_prototypes=2, superclasses={"a": (0, 1), "b": (2,)}, device=dev)
+    gen = torch.Generator().manual_seed(0)
+    feats = torch.randn(4, 6, 4, generator=gen).to(dev)
+    cams = torch.randn(4, 3, 2, 3, generator=gen).to(dev)
+    labels = (torch.rand(4, 3, generator=gen) > 0.5).float().to(dev)
+    probs = torch.rand(4, 3, generator=gen).to(dev)
+    valid = torch.ones(4, 2, 3, dtype=torch.bool, device=dev)
+    head = CPEWSHead(4, 3, device=dev)
+    tokens = feats.clone().requires_grad_()
+    token_labels = torch.randint(0, 4, (4, 2, 3), generator=gen).to(dev)
+    crit = CPEWSLoss(pool)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        pool.accumulate(feats, cams, labels, class_probs=probs, valid=valid)
+        torch.cuda.set_sync_debug_mode(0)
+        pool.finalize()  # one deliberate sync (empty-pool warning check)
+        torch.cuda.set_sync_debug_mode("error")
+        out = head(tokens, tokens, (2, 3))
+        res = crit(logits_mid=out.logits_mid, logits_final=out.logits_final, tokens_final=tokens,
+                   cam_final=out.cam_final, token_labels=token_labels, labels=labels, valid=valid)
+        res["total"].backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(res["total"]).item()

@@ -1,0 +1,49 @@
+"""CPEWS (Contextual Prototype-based End-to-end WSSS, CMC 2025) building blocks.
+
+ToCo without CTC plus:
+
+* **ISM** -- the patch-token contrast of final tokens supervised by pseudo labels from an
+  intermediate-layer CAM (:func:`ism_loss`, ToCo PTC parity by default);
+* **CPM** -- a per-class pool of positive (k-means) and negative (top-scoring absent
+  class regions) prototypes (:class:`PrototypePool`);
+* **PDL** / **SSL** -- the prototype discrimination and superclass suppression losses
+  (:func:`pdl_loss`, :func:`ssl_loss`), SSL differentiable (the official code's is not);
+* the two-branch classifier head (:class:`CPEWSHead`, :func:`cpews_taps`) and the
+  combined loss (:class:`CPEWSLoss`, presets ``"paper"`` and ``"official"``).
+
+Contract: ``shared/specs/cpews.md``.
+"""
+
+from wsss_blocks.cpews.head import CPEWSHead, CPEWSHeadOutput, cpews_taps
+from wsss_blocks.cpews.ism import ISMLoss, ism_loss
+from wsss_blocks.cpews.losses import CPEWSLoss, PDLLoss, SSLLoss, pdl_loss, ssl_loss
+from wsss_blocks.cpews.pool import PrototypePool, region_embeddings
+from wsss_blocks.cpews.tables import (
+    COCO_CLASSES,
+    COCO_SUPERCLASSES,
+    CPEWS_PRESETS,
+    VOC_CLASSES,
+    VOC_SUPERCLASSES,
+    superclass_index,
+)
+
+__all__ = [
+    "VOC_CLASSES",
+    "COCO_CLASSES",
+    "VOC_SUPERCLASSES",
+    "COCO_SUPERCLASSES",
+    "CPEWS_PRESETS",
+    "superclass_index",
+    "cpews_taps",
+    "CPEWSHead",
+    "CPEWSHeadOutput",
+    "ism_loss",
+    "ISMLoss",
+    "region_embeddings",
+    "PrototypePool",
+    "pdl_loss",
+    "PDLLoss",
+    "ssl_loss",
+    "SSLLoss",
+    "CPEWSLoss",
+]

@@ -1,0 +1,147 @@
+"""CPEWS taps and the two-branch classifier head (cpews.md §3.1)."""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from wsss_blocks._validate import ShapeError, check_option, check_size
+from wsss_blocks.tokens import ViTTaps, features_as_tokens, vit_taps
+
+__all__ = ["cpews_taps", "CPEWSHead", "CPEWSHeadOutput"]
+
+
+def cpews_taps(model: nn.Module, images: Tensor, aux_layer: int = -3) -> ViTTaps:
+    """Intermediate (``aux_layer``) and final patch tokens of a timm ViT, with gradients.
+
+    A thin wrapper over :func:`wsss_blocks.tokens.vit_taps`: one forward pass; prefix
+    tokens are split off. ``taps.final`` is after the model's final norm;
+    ``taps.intermediate`` holds exactly one entry, the residual stream at the output of
+    block ``aux_layer`` (absolute index as key, **not** final-normed; ToCo/CPEWS: ``-3``,
+    block 9 of 12).
+
+    Args:
+        model: a timm VisionTransformer-family model.
+        images: the image batch.
+        aux_layer: the intermediate block (negative counts from the end).
+
+    Shape:
+        - images: ``(B, 3, H, W)``
+        - output: :class:`~wsss_blocks.tokens.ViTTaps`, tokens ``(B, N, D)``
+
+    Raises:
+        ValueError: ``aux_layer`` outside ``[-L, L)``.
+
+    Example:
+        >>> import timm
+        >>> vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32,
+        ...                         depth=4)
+        >>> taps = cpews_taps(vit, torch.randn(2, 3, 32, 32))
+        >>> (mid,) = taps.intermediate.values()
+        >>> list(taps.intermediate), mid.shape, taps.final.shape, taps.grid
+        ([1], torch.Size([2, 4, 192]), torch.Size([2, 4, 192]), (2, 2))
+    """
+    return vit_taps(model, images, layers=(int(aux_layer),))
+
+
+class CPEWSHeadOutput(NamedTuple):
+    """Output of :class:`CPEWSHead`: raw logits and raw CAMs, all with gradients.
+
+    Attributes:
+        logits_mid: ``(B, K)`` from the intermediate tokens.
+        logits_final: ``(B, K)`` from the final tokens.
+        cam_mid: ``(B, K, h, w)`` intermediate classifier on intermediate tokens.
+        cam_final: ``(B, K, h, w)`` final classifier on final tokens.
+    """
+
+    logits_mid: Tensor
+    logits_final: Tensor
+    cam_mid: Tensor
+    cam_final: Tensor
+
+
+class CPEWSHead(nn.Module):
+    """Two bias-free linear classifiers (intermediate and final tokens), ToCo/CPEWS style.
+
+    ``CAM_s = einsum("bnd,kd->bkn", x_s, W_s)`` reshaped to the grid. Logits:
+
+    * ``"gmp_feat"`` (default, ToCo/CPEWS code): global max pooling of every feature
+      channel, then the classifier, ``z = W max_n x_n``;
+    * ``"gmp_cam"``: max of the CAM, ``z_k = max_n CAM_k(n)`` (not equal in general).
+
+    Train each branch with ``multilabel_soft_margin_loss(z_s, labels)`` (done by
+    :class:`CPEWSLoss`).
+
+    Args:
+        dim: token dimension ``D``.
+        num_classes: ``K`` foreground classes.
+        pooling: ``"gmp_feat"`` or ``"gmp_cam"``.
+        device: parameter device.
+        dtype: parameter dtype.
+
+    Shape:
+        - tokens_mid, tokens_final: ``(B, N, D)`` or ``(B, D, h, w)``
+        - output: :class:`CPEWSHeadOutput`
+
+    Example:
+        >>> head = CPEWSHead(8, 3)
+        >>> out = head(torch.randn(2, 6, 8), torch.randn(2, 6, 8), (2, 3))
+        >>> out.logits_final.shape, out.cam_mid.shape
+        (torch.Size([2, 3]), torch.Size([2, 3, 2, 3]))
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_classes: int,
+        *,
+        pooling: Literal["gmp_feat", "gmp_cam"] = "gmp_feat",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if int(dim) < 1 or int(num_classes) < 1:
+            raise ValueError(f"dim and num_classes must be >= 1, got {dim}, {num_classes}")
+        self.pooling = check_option("pooling", pooling, ("gmp_feat", "gmp_cam"))
+        kw = {"device": device, "dtype": dtype}
+        self.classifier_mid = nn.Linear(int(dim), int(num_classes), bias=False, **kw)
+        self.classifier_final = nn.Linear(int(dim), int(num_classes), bias=False, **kw)
+
+    def extra_repr(self) -> str:
+        return f"pooling={self.pooling!r}"
+
+    def _branch(self, name: str, tokens: Tensor, weight: Tensor, size: tuple[int, int],
+                dims: dict[str, int]) -> tuple[Tensor, Tensor]:
+        x = features_as_tokens(name, tokens, size, dims)
+        if x.shape[-1] != weight.shape[1]:
+            raise ShapeError(
+                f"{name}: expected D={weight.shape[1]}, got shape {tuple(tokens.shape)}"
+            )
+        cam = torch.einsum("bnd,kd->bkn", x, weight)
+        if self.pooling == "gmp_feat":
+            logits = torch.nn.functional.linear(x.amax(dim=1), weight)
+        else:
+            logits = cam.amax(dim=-1)
+        return logits, cam.unflatten(2, size)
+
+    def forward(
+        self, tokens_mid: Tensor, tokens_final: Tensor, size: tuple[int, int]
+    ) -> CPEWSHeadOutput:
+        """Logits and CAMs of both branches.
+
+        Args:
+            tokens_mid: intermediate tokens (e.g. ``cpews_taps(...).intermediate[i]``).
+            tokens_final: final (normed) tokens.
+            size: the token grid ``(h, w)``.
+        """
+        size = check_size("size", size)
+        dims: dict[str, int] = {}
+        z_mid, cam_mid = self._branch(
+            "tokens_mid", tokens_mid, self.classifier_mid.weight, size, dims
+        )
+        z_fin, cam_fin = self._branch(
+            "tokens_final", tokens_final, self.classifier_final.weight, size, dims
+        )
+        return CPEWSHeadOutput(z_mid, z_fin, cam_mid, cam_fin)

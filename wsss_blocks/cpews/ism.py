@@ -1,0 +1,166 @@
+"""ISM: the intermediate-supervised token contrast (ToCo's PTC; cpews.md §3.3)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from wsss_blocks._validate import ShapeError, check_range, check_shape, check_tensor
+from wsss_blocks.tokens import features_as_tokens
+
+__all__ = ["ism_loss", "ISMLoss"]
+
+
+def _ism_inputs(tokens: Tensor, token_labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Validate; return tokens ``(B, N, D)`` and labels ``(B, N)``."""
+    check_tensor("tokens", tokens, dtype="float")
+    check_tensor("token_labels", token_labels, dtype="int")
+    if token_labels.dim() == 3:
+        dims = check_shape("token_labels", token_labels, ["B", "h", "w"])
+        x = features_as_tokens("tokens", tokens, (dims["h"], dims["w"]), dims)
+        return x, token_labels.flatten(1)
+    if token_labels.dim() == 2:
+        dims = check_shape("token_labels", token_labels, ["B", "N"])
+        if tokens.dim() == 4:
+            check_shape("tokens", tokens, ["B", "D", "h", "w"], dims)
+            if tokens.shape[2] * tokens.shape[3] != dims["N"]:
+                raise ShapeError(
+                    f"tokens: grid {tuple(tokens.shape[2:])} has "
+                    f"{tokens.shape[2] * tokens.shape[3]} cells but token_labels has N={dims['N']}"
+                )
+            return tokens.flatten(2).transpose(1, 2), token_labels
+        check_shape("tokens", tokens, ["B", "N", "D"], dims)
+        return tokens, token_labels
+    raise ShapeError(
+        f"token_labels: expected (B, h, w) or (B, N), got shape {tuple(token_labels.shape)}"
+    )
+
+
+def ism_loss(
+    tokens: Tensor,
+    token_labels: Tensor,
+    *,
+    abs_cos: bool = True,
+    count_offset: float = 1.0,
+    ignore_index: int = 255,
+) -> Tensor:
+    """CPEWS ISM loss = ToCo's patch-token contrast (PTC), batched with bool masks.
+
+    With ``f = F / max(||F||, 1e-8)``, ``S = f f^T`` (one ``bmm``), valid tokens
+    ``v_i = Y_i != ignore_index`` and the pair masks ``P = v_i & v_j & (i != j)``,
+    ``pos = P & (Y_i == Y_j)`` (background-background pairs are positive) and
+    ``neg = P & (Y_i != Y_j)``::
+
+        L = 0.5 * (1 - sum_pos s+ / (N+ + c)) + 0.5 * sum_neg s- / (N- + c)
+
+    with pair counts ``N+-`` over the whole batch and ``c = count_offset`` (``c = 0`` uses
+    ``max(N+-, 1)``). ``abs_cos=True`` (ToCo parity): ``s+ = s- = |S|``; ``abs_cos=False``
+    (the paper's intent, eq. 5 without its typo): ``s+ = S`` and ``s- = relu(S)``.
+    Computed in fp32 with autocast off; gradients flow into ``tokens`` only. With no
+    valid pair the value is 0.5 with zero gradient.
+
+    Memory: the loss equals ``0.5 + sum_ij W_ij S_ij`` with a weight ``W`` that is
+    piecewise constant in ``S`` (the pair coefficients times ``sign(S)`` or ``[S > 0]``,
+    the same sub-gradients autograd would use), so it is evaluated as
+    ``sum_i f_i . (W f)_i`` and no ``(B, N, N)`` tensor is kept for the backward pass:
+    one float ``(B, N, N)`` buffer (``S``, overwritten by ``W``) and bool masks at the
+    peak, where ToCo builds int64 ``(B, N, N)`` affinities.
+
+    Args:
+        tokens: final-layer tokens (ToCo/CPEWS: after the final norm, no projection).
+        token_labels: pseudo labels from the intermediate CAM, e.g.
+            :func:`wsss_blocks.cam.token_pseudo_labels`; 0 = background,
+            ``ignore_index`` = ignored.
+        abs_cos: absolute cosine in both terms (ToCo) or ``S`` / ``relu(S)``.
+        count_offset: ``c >= 0`` added to both pair counts (ToCo: 1).
+        ignore_index: label value of ignored tokens.
+
+    Shape:
+        - tokens: ``(B, N, D)`` or ``(B, D, h, w)``
+        - token_labels: ``(B, h, w)`` or ``(B, N)`` integer
+        - output: scalar, fp32
+
+    Example:
+        >>> tokens = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]])
+        >>> round(ism_loss(tokens, torch.tensor([[1, 1, 2]])).item(), 6)   # 0.5 * (1 - 2/3)
+        0.166667
+    """
+    x, y = _ism_inputs(tokens, token_labels)
+    c = float(check_range("count_offset", count_offset, 0.0))
+    n = x.shape[1]
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        f = F.normalize(x.to(dtype), dim=-1, eps=1e-8)  # (B, N, D), with grad
+        fd = f.detach()
+        with torch.no_grad():
+            # the loss is 0.5 + sum_ij W_ij S_ij with W piecewise constant in S:
+            # W = -0.5/(N+ + c) on pos, +0.5/(N- + c) on neg, times sign(S) (|S|) or [S > 0]
+            # (relu(S) on negatives); those are exactly the sub-gradients autograd uses.
+            valid = y != ignore_index
+            off_diag = ~torch.eye(n, dtype=torch.bool, device=x.device)
+            pair = valid[:, :, None] & valid[:, None, :] & off_diag  # (B, N, N) bool
+            same = y[:, :, None] == y[:, None, :]
+            n_pos = (pair & same).sum().to(dtype)
+            n_neg = pair.sum().to(dtype) - n_pos
+            if c > 0:
+                den_pos, den_neg = n_pos + c, n_neg + c
+            else:
+                den_pos, den_neg = n_pos.clamp_min(1.0), n_neg.clamp_min(1.0)
+            coef = torch.where(same, -0.5 / den_pos, 0.5 / den_neg)
+            coef.mul_(pair)
+            del pair
+            sim = torch.bmm(fd, fd.transpose(1, 2))  # (B, N, N): the one similarity bmm
+            if abs_cos:
+                weight = sim.sign_().mul_(coef)
+            else:
+                weight = (sim.gt_(0) + same).clamp_(max=1).mul_(coef)
+            del coef, same
+            pulled = torch.bmm(weight, fd)  # (B, N, D) = sum_j W_ij f_j
+        # W is symmetric, so d/df sum_ij W_ij f_i.f_j = 2 W f; the value is sum_i f_i.(W f)_i
+        inner = (fd * pulled).sum()
+        return 0.5 + 2.0 * (f * pulled).sum() - inner
+
+
+class ISMLoss(nn.Module):
+    """Module form of :func:`ism_loss` (stores the keyword arguments).
+
+    Args:
+        abs_cos: see :func:`ism_loss`.
+        count_offset: see :func:`ism_loss`.
+        ignore_index: see :func:`ism_loss`.
+
+    Shape:
+        - tokens: ``(B, N, D)`` or ``(B, D, h, w)``; token_labels: ``(B, h, w)`` or ``(B, N)``
+        - output: scalar
+
+    Example:
+        >>> loss = ISMLoss(abs_cos=False)
+        >>> tokens = torch.tensor([[[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]]])
+        >>> round(loss(tokens, torch.tensor([[1, 1, 2]])).item(), 6)   # 0.5 * (1 + 2/3)
+        0.833333
+    """
+
+    def __init__(
+        self, *, abs_cos: bool = True, count_offset: float = 1.0, ignore_index: int = 255
+    ) -> None:
+        super().__init__()
+        self.abs_cos = bool(abs_cos)
+        self.count_offset = float(check_range("count_offset", count_offset, 0.0))
+        self.ignore_index = int(ignore_index)
+
+    def extra_repr(self) -> str:
+        return (
+            f"abs_cos={self.abs_cos}, count_offset={self.count_offset}, "
+            f"ignore_index={self.ignore_index}"
+        )
+
+    def forward(self, tokens: Tensor, token_labels: Tensor) -> Tensor:
+        """See :func:`ism_loss`."""
+        return ism_loss(
+            tokens,
+            token_labels,
+            abs_cos=self.abs_cos,
+            count_offset=self.count_offset,
+            ignore_index=self.ignore_index,
+        )

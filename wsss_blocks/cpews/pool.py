@@ -1,0 +1,450 @@
+"""CPEWS region embeddings and the class-wise prototype pool (CPM; cpews.md §3.4-3.5)."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from wsss_blocks._validate import (
+    ShapeError,
+    check_labels,
+    check_option,
+    check_range,
+    check_shape,
+)
+from wsss_blocks.cam import masked_average_pool, normalize_cam, valid_to_grid
+from wsss_blocks.cpews.tables import superclass_index
+from wsss_blocks.prototypes import all_gather_rows, kmeans
+
+__all__ = ["region_embeddings", "PrototypePool"]
+
+
+def region_embeddings(
+    features: Tensor,
+    cam: Tensor,
+    *,
+    mask_threshold: float | None = None,
+    valid: Tensor | None = None,
+    eps: float = 1e-5,
+) -> tuple[Tensor, Tensor]:
+    """CAM-weighted mean feature of every (image, class) region (CPEWS eq. 6).
+
+    ``w = relu(cam) / (max relu(cam) + 1e-5)`` from the **detached** CAM; with
+    ``mask_threshold=t`` the weights become the mask ``w > t`` (official code: 0.1);
+    ``valid`` zeroes padded tokens. ``A = bmm(w, F) / (sum_n w + eps)``, one ``bmm`` via
+    :func:`wsss_blocks.cam.masked_average_pool`. Gradients flow into ``features`` only.
+
+    Args:
+        features: token features on the CAM's grid.
+        cam: raw CAM logits.
+        mask_threshold: optional binarisation threshold in ``[0, 1)``.
+        valid: padding mask at any resolution (a token needs >= 50 % valid area).
+        eps: added to the denominator.
+
+    Shape:
+        - features: ``(B, N, D)`` or ``(B, D, h, w)``; cam: ``(B, K, h, w)``
+        - output: ``A (B, K, D)`` fp32, ``nonempty (B, K)`` bool
+
+    Example:
+        >>> feats = torch.tensor([[[2.0, 0.0], [0.0, 4.0]]])      # (1, N=2, D=2)
+        >>> cam = torch.tensor([[[[1.0, -1.0]], [[-1.0, -2.0]]]])   # (1, K=2, 1, 2)
+        >>> a, nonempty = region_embeddings(feats, cam, eps=0.0)
+        >>> a[0, 0].tolist(), nonempty.tolist()
+        ([2.0, 0.0], [[True, False]])
+    """
+    check_shape("cam", cam, ["B", "K", "h", "w"], dtype="float")
+    if mask_threshold is not None:
+        check_range("mask_threshold", mask_threshold, 0.0, 1.0, high_inclusive=False)
+    weights = normalize_cam(cam.detach(), mode="max")
+    return masked_average_pool(features, weights, threshold=mask_threshold, valid=valid, eps=eps)
+
+
+def _dist_world() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+class PrototypePool(nn.Module):
+    """Per-class positive and negative prototypes (CPEWS Contextual Prototype Module).
+
+    Built in a pass over training data, streaming: :meth:`accumulate` every batch, then
+    :meth:`finalize` (or :meth:`build` for the whole loop); refresh by calling
+    :meth:`build` again. The losses read ``pos``, ``pos_valid``, ``neg``, ``neg_valid``
+    and :meth:`suppression_mask`; they see the previous prototypes until ``finalize``.
+
+    * **Positives**: the region embedding ``A_bc`` (:func:`region_embeddings`) of every
+      present class with a non-empty region goes into a per-class store of ``capacity``
+      entries, a uniform sample without replacement of all seen (random keys from the
+      pool's seeded generator; keeps all when ``capacity`` is large enough).
+      ``finalize`` clusters each class's store with seeded k-means++
+      (:func:`wsss_blocks.prototypes.kmeans`, ``kmeans_iters`` Lloyd steps) into
+      ``num_prototypes`` centres; a class with ``n < M`` entries gets ``n`` valid ones.
+    * **Negatives**: for an absent class with a non-empty region, ``A_bc`` competes for
+      the class's top-``M`` by score: ``"prob"`` (paper: the predicted probability,
+      ``class_probs``, e.g. ``sigmoid(logits_final)``) or ``"cam_mean"`` (official: the
+      mean raw CAM over valid tokens). The streamed top-``M`` is exact; no re-forward.
+      The multi-hot label of each negative's source image is kept (``neg_labels``) for
+      the superclass filter.
+
+    State: persistent buffers ``pos``/``neg`` ``(K, M, D)``, ``pos_valid``/``neg_valid``/
+    ``neg_scores`` ``(K, M)``, ``neg_labels`` ``(K, M, K)`` bool, ``superclass_of``
+    ``(K,)`` (-1 without a table) and ``built``; the accumulation stores are
+    non-persistent. Everything is fp32 and no-grad. Under ``torch.distributed`` every
+    rank all-gathers the batch before updating and ``finalize`` broadcasts rank 0's
+    result, so all ranks hold the same pool. Store memory is ``K * capacity * D * 4``
+    bytes (126 MB for VOC at 2048 x 768).
+
+    Args:
+        num_classes: ``K``.
+        dim: feature dimension ``D``.
+        num_prototypes: ``M`` positive (and negative) prototypes per class.
+        capacity: positive-store size per class.
+        superclasses: ``"voc"``, ``"coco"``, a partition ``name -> classes`` or ``None``
+            (no superclass filter).
+        score: negative ranking, ``"prob"`` or ``"cam_mean"``.
+        mask_threshold: binarise the region weights (official: 0.1); ``None`` = soft.
+        kmeans_iters: Lloyd steps.
+        seed: seed of the store keys and of k-means.
+        device: buffer device.
+
+    Example:
+        >>> pool = PrototypePool(2, 4, num_prototypes=1, capacity=8)
+        >>> cams = torch.tensor([[[[1.0, 0.0]], [[0.0, 1.0]]]])     # (1, 2, 1, 2)
+        >>> feats = torch.tensor([[[1.0, 0, 0, 0], [0, 1.0, 0, 0]]])
+        >>> probs = torch.tensor([[0.9, 0.4]])
+        >>> pool.accumulate(feats, cams, torch.tensor([[1, 0]]), class_probs=probs)
+        >>> pool.finalize()
+        >>> pool.is_built, pool.pos_valid.tolist(), pool.neg_valid.tolist()
+        (True, [[True], [False]], [[False], [True]])
+    """
+
+    pos: Tensor
+    neg: Tensor
+    pos_valid: Tensor
+    neg_valid: Tensor
+    neg_scores: Tensor
+    neg_labels: Tensor
+    superclass_of: Tensor
+    built: Tensor
+
+    def __init__(
+        self,
+        num_classes: int,
+        dim: int,
+        num_prototypes: int = 10,
+        capacity: int = 2048,
+        *,
+        superclasses: Literal["voc", "coco"] | Mapping[str, Sequence[int]] | None = None,
+        score: Literal["prob", "cam_mean"] = "prob",
+        mask_threshold: float | None = None,
+        kmeans_iters: int = 10,
+        seed: int = 0,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        for name, v in (("num_classes", num_classes), ("dim", dim),
+                        ("num_prototypes", num_prototypes), ("capacity", capacity)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
+        if isinstance(kmeans_iters, bool) or not isinstance(kmeans_iters, int) or kmeans_iters < 0:
+            raise ValueError(f"kmeans_iters: expected an int >= 0, got {kmeans_iters!r}")
+        if mask_threshold is not None:
+            check_range("mask_threshold", mask_threshold, 0.0, 1.0, high_inclusive=False)
+        self.num_classes = k = num_classes
+        self.dim = d = dim
+        self.num_prototypes = m = num_prototypes
+        self.capacity = c = capacity
+        self.score = check_option("score", score, ("prob", "cam_mean"))
+        self.mask_threshold = mask_threshold
+        self.kmeans_iters = kmeans_iters
+        self.seed = int(seed)
+        f32 = {"device": device, "dtype": torch.float32}
+        b8 = {"device": device, "dtype": torch.bool}
+        self.register_buffer("pos", torch.zeros(k, m, d, **f32))
+        self.register_buffer("pos_valid", torch.zeros(k, m, **b8))
+        self.register_buffer("neg", torch.zeros(k, m, d, **f32))
+        self.register_buffer("neg_valid", torch.zeros(k, m, **b8))
+        self.register_buffer("neg_scores", torch.full((k, m), float("-inf"), **f32))
+        self.register_buffer("neg_labels", torch.zeros(k, m, k, **b8))
+        self.register_buffer("superclass_of", superclass_index(superclasses, k, device=device))
+        self.register_buffer("built", torch.zeros((), **b8))
+        # accumulation state (non-persistent); the store has one scratch row at index C
+        self.register_buffer("_store", torch.zeros(k, c + 1, d, **f32), persistent=False)
+        self.register_buffer(
+            "_store_keys", torch.full((k, c + 1), float("-inf"), **f32), persistent=False
+        )
+        self.register_buffer(
+            "_seen", torch.zeros(k, device=device, dtype=torch.long), persistent=False
+        )
+        self.register_buffer("_stage", torch.zeros(k, m, d, **f32), persistent=False)
+        self.register_buffer(
+            "_stage_scores", torch.full((k, m), float("-inf"), **f32), persistent=False
+        )
+        self.register_buffer("_stage_labels", torch.zeros(k, m, k, **b8), persistent=False)
+        self._is_built = False
+        self._generator: torch.Generator | None = None
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, dim={self.dim}, num_prototypes={self.num_prototypes},"
+            f" capacity={self.capacity}, score={self.score!r}, mask_threshold={self.mask_threshold}"
+        )
+
+    # ------------------------------------------------------------------ state
+    @property
+    def is_built(self) -> bool:
+        """Whether :meth:`finalize` has run (also true after loading a built pool)."""
+        return self._is_built
+
+    @property
+    def store(self) -> Tensor:
+        """The positive store ``(K, capacity, D)`` (a view; see :attr:`store_valid`)."""
+        return self._store[:, : self.capacity]
+
+    @property
+    def store_valid(self) -> Tensor:
+        """Which store entries are filled, ``(K, capacity)`` bool."""
+        return self._store_keys[:, : self.capacity] > float("-inf")
+
+    @property
+    def seen(self) -> Tensor:
+        """Positive candidates seen per class since the last reset, ``(K,)`` int64."""
+        return self._seen
+
+    def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        self._is_built = bool(self.built)  # sync-ok: load time
+
+    def _get_generator(self) -> torch.Generator:
+        device = self._store.device
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device)
+            self._generator.manual_seed(self.seed)
+        return self._generator
+
+    def reset(self) -> None:
+        """Clear the accumulation stores (not the prototypes) and re-seed the generator.
+
+        Example:
+            >>> pool = PrototypePool(2, 4)
+            >>> pool.reset(); int(pool.store_valid.sum())
+            0
+        """
+        self._store.zero_()
+        self._store_keys.fill_(float("-inf"))
+        self._seen.zero_()
+        self._stage.zero_()
+        self._stage_scores.fill_(float("-inf"))
+        self._stage_labels.zero_()
+        self._generator = None
+
+    # ------------------------------------------------------------------ update
+    @torch.no_grad()
+    def accumulate(
+        self,
+        features: Tensor,
+        cams: Tensor,
+        labels: Tensor,
+        class_probs: Tensor | None = None,
+        valid: Tensor | None = None,
+    ) -> None:
+        """Add one batch to the stores (no gradient, no host sync outside DDP).
+
+        Args:
+            features: tokens on the CAM's grid (the final tokens in CPEWS).
+            cams: raw CAM logits of the final classifier.
+            labels: multi-hot image labels.
+            class_probs: per-class scores for ``score="prob"`` (required there), e.g.
+                ``sigmoid(logits_final)``.
+            valid: padding mask at any resolution.
+
+        Shape:
+            - features: ``(B, N, D)`` or ``(B, D, h, w)``; cams: ``(B, K, h, w)``
+            - labels, class_probs: ``(B, K)``; valid: ``(B, H', W')`` bool
+
+        Example:
+            >>> pool = PrototypePool(2, 3, score="cam_mean")
+            >>> pool.accumulate(torch.randn(2, 4, 3), torch.ones(2, 2, 2, 2),
+            ...                 torch.tensor([[1, 0], [1, 1]]))
+            >>> pool.seen.tolist()
+            [2, 1]
+        """
+        dims: dict[str, int] = {"K": self.num_classes}
+        check_shape("cams", cams, ["B", "K", "h", "w"], dims, dtype="float")
+        check_labels("labels", labels, dims)
+        if self.score == "prob":
+            if class_probs is None:
+                raise ValueError("class_probs: required when score='prob' (e.g. sigmoid(logits))")
+            check_shape("class_probs", class_probs, ["B", "K"], dims, dtype="float")
+        dev = self._store.device
+        region, nonempty = region_embeddings(
+            features, cams, mask_threshold=self.mask_threshold, valid=valid
+        )
+        if region.shape[-1] != self.dim:
+            raise ShapeError(f"features: expected D={self.dim}, got shape {tuple(features.shape)}")
+        if self.score == "prob":
+            assert class_probs is not None
+            score = class_probs.detach().float()
+        else:
+            raw = cams.detach().float().flatten(2)
+            if valid is None:
+                score = raw.mean(-1)
+            else:
+                keep = valid_to_grid(valid, (dims["h"], dims["w"])).flatten(1).float()
+                score = (raw * keep[:, None]).sum(-1) / keep.sum(-1).clamp_min(1.0)[:, None]
+        region = region.detach().float().to(dev)
+        y = (labels != 0).to(dev)
+        nonempty = nonempty.to(dev)
+        score = score.to(dev)
+        if _dist_world() > 1:
+            region, nonempty, y, score, real = all_gather_rows(region, nonempty, y, score)
+            # drop the padding rows so every rank applies exactly the single-process update
+            # of the union batch (sync-ok: the collective has synchronised already)
+            region, nonempty, y, score = region[real], nonempty[real], y[real], score[real]
+        bsz = region.shape[0]
+        if bsz == 0:
+            return
+        self._add_positives(region, y & nonempty)
+        self._add_negatives(region, score, y, ~y & nonempty)
+
+    def _add_positives(self, region: Tensor, take: Tensor) -> None:
+        """Reservoir update of the per-class store: keep the top-C random keys."""
+        k, c, d = self.num_classes, self.capacity, self.dim
+        bsz = region.shape[0]
+        u = torch.rand((bsz, k), generator=self._get_generator(), device=region.device)
+        new_keys = torch.where(take, u, torch.full_like(u, float("-inf"))).t()  # (K, B)
+        all_keys = torch.cat([self._store_keys[:, :c], new_keys], dim=1)  # (K, C+B)
+        drop = all_keys.topk(bsz, dim=1, largest=False).indices  # the B smallest go
+        dropped = torch.zeros_like(all_keys, dtype=torch.bool).scatter_(1, drop, True)
+        old_dropped, new_kept = dropped[:, :c], ~dropped[:, c:]
+        # freed slots in ascending order; the r-th kept newcomer fills the r-th freed slot
+        order = torch.sort((~old_dropped).to(torch.uint8), dim=1, stable=True).indices
+        nfree = min(c, bsz)
+        rank = (new_kept.long().cumsum(1) - 1).clamp(0, nfree - 1)
+        dest = torch.where(new_kept, order[:, :nfree].gather(1, rank), torch.full_like(rank, c))
+        self._store.scatter_(1, dest[:, :, None].expand(k, bsz, d), region.transpose(0, 1))
+        self._store_keys.scatter_(1, dest, new_keys)
+        self._seen += take.sum(0)
+
+    def _add_negatives(self, region: Tensor, score: Tensor, y: Tensor, take: Tensor) -> None:
+        """Exact streamed top-M per class by score (embedding, score, source labels)."""
+        k, m = self.num_classes, self.num_prototypes
+        bsz = region.shape[0]
+        new_scores = torch.where(take, score, torch.full_like(score, float("-inf"))).t()
+        all_scores = torch.cat([self._stage_scores, new_scores], dim=1)  # (K, M+B)
+        all_feats = torch.cat([self._stage, region.transpose(0, 1)], dim=1)
+        all_labels = torch.cat([self._stage_labels, y[None].expand(k, bsz, k)], dim=1)
+        top, idx = all_scores.topk(m, dim=1)
+        self._stage_scores.copy_(top)
+        self._stage.copy_(all_feats.gather(1, idx[:, :, None].expand(k, m, self.dim)))
+        self._stage_labels.copy_(all_labels.gather(1, idx[:, :, None].expand(k, m, k)))
+
+    @torch.no_grad()
+    def finalize(self) -> None:
+        """Turn the stores into the prototype buffers, mark the pool built, then reset.
+
+        Positives: seeded k-means of each class's store. Negatives: the streamed top-M.
+        Under ``torch.distributed`` rank 0's result is broadcast. Warns when nothing was
+        accumulated (the pool is then built but all-invalid).
+
+        Example:
+            >>> pool = PrototypePool(2, 3)
+            >>> import warnings
+            >>> with warnings.catch_warnings():
+            ...     warnings.simplefilter("ignore")
+            ...     pool.finalize()
+            >>> pool.is_built, bool(pool.pos_valid.any())
+            (True, False)
+        """
+        centres, centre_valid = kmeans(
+            self.store,
+            self.num_prototypes,
+            valid=self.store_valid,
+            iters=self.kmeans_iters,
+            seed=self.seed,
+        )
+        neg_valid = self._stage_scores > float("-inf")
+        self.pos.copy_(centres)
+        self.pos_valid.copy_(centre_valid)
+        self.neg.copy_(self._stage.where(neg_valid[:, :, None], 0.0))
+        self.neg_valid.copy_(neg_valid)
+        self.neg_scores.copy_(self._stage_scores)
+        self.neg_labels.copy_(self._stage_labels & neg_valid[:, :, None])
+        self.built.fill_(True)
+        if _dist_world() > 1:
+            for buf in (self.pos, self.pos_valid, self.neg, self.neg_valid, self.neg_scores,
+                        self.neg_labels):
+                if buf.dtype == torch.bool:
+                    tmp = buf.to(torch.uint8)
+                    dist.broadcast(tmp, src=0)
+                    buf.copy_(tmp.bool())
+                else:
+                    dist.broadcast(buf, src=0)
+        self._is_built = True
+        if not bool(self.pos_valid.any() | self.neg_valid.any()):  # sync-ok: once per build
+            warnings.warn(
+                "PrototypePool.finalize: nothing was accumulated; all prototypes are invalid",
+                stacklevel=2,
+            )
+        self.reset()
+
+    @torch.no_grad()
+    def build(self, model_fn: Callable[[Any], Mapping[str, Tensor]], loader: Iterable[Any]) -> None:
+        """Reset, :meth:`accumulate` ``model_fn(batch)`` for every batch, :meth:`finalize`.
+
+        Runs under ``torch.no_grad()`` and never changes the model's train/eval mode (put
+        it in the mode you want). ``model_fn(batch)`` returns :meth:`accumulate`'s keyword
+        arguments (``features``, ``cams``, ``labels`` and optionally ``class_probs``,
+        ``valid``); multi-scale features are its business.
+
+        Example:
+            >>> pool = PrototypePool(2, 3, score="cam_mean", num_prototypes=1)
+            >>> batches = [(torch.randn(1, 4, 3), torch.tensor([[1, 0]]))] * 2
+            >>> fn = lambda b: {"features": b[0], "cams": torch.ones(1, 2, 2, 2), "labels": b[1]}
+            >>> pool.build(fn, batches)
+            >>> pool.pos_valid.tolist(), pool.neg_valid.tolist()
+            ([[True], [False]], [[False], [True]])
+        """
+        self.reset()
+        for batch in loader:
+            self.accumulate(**model_fn(batch))
+        self.finalize()
+
+    # ------------------------------------------------------------------ use
+    def suppression_mask(self, suppress_singletons: bool = True) -> Tensor:
+        """Negatives that SSL may use for each class after the superclass filter.
+
+        A negative of class ``c`` is dropped when its source image contains a class of
+        ``c``'s superclass (e.g. a bus negative cut from an image with a train).
+        ``suppress_singletons=False`` (official) also drops every negative of a class
+        that is alone in its superclass (person is then never suppressed). Without a
+        table (``superclasses=None``) all valid negatives are kept.
+
+        Args:
+            suppress_singletons: keep the negatives of singleton superclasses (paper).
+
+        Shape:
+            - output: ``(K, M)`` bool
+
+        Example:
+            >>> pool = PrototypePool(3, 2, num_prototypes=1, superclasses={"a": (0, 1), "b": (2,)})
+            >>> _ = pool.neg_valid.fill_(True)
+            >>> pool.neg_labels[0, 0] = torch.tensor([False, True, False])   # source had class 1
+            >>> pool.suppression_mask().tolist(), pool.suppression_mask(False).tolist()
+            ([[False], [True], [True]], [[False], [True], [False]])
+        """
+        g = self.superclass_of
+        grouped = g >= 0
+        same = (g[:, None] == g[None, :]) & grouped[:, None]  # (K, K): j in c's group
+        shared = (self.neg_labels & same[:, None, :]).any(dim=-1)  # (K, M)
+        keep = self.neg_valid & ~shared
+        if not suppress_singletons:
+            singleton = grouped & (same.sum(dim=1) == 1)
+            keep = keep & ~singleton[:, None]
+        return keep
