@@ -16,6 +16,7 @@ from torch import Tensor
 
 from wsss_blocks._attention_capture import no_autocast
 from wsss_blocks._validate import ShapeError, check_labels, check_range, check_shape, check_tensor
+from wsss_blocks.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "IMAGENET_DEFAULT_MEAN",
@@ -27,8 +28,8 @@ __all__ = [
     "doei_delta",
 ]
 
-IMAGENET_DEFAULT_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_DEFAULT_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+IMAGENET_DEFAULT_MEAN: tuple[float, float, float] = IMAGENET_MEAN
+IMAGENET_DEFAULT_STD: tuple[float, float, float] = IMAGENET_STD
 
 
 def progressive_count(num_candidates: int, block_index: int, num_blocks: int, st: float) -> int:
