@@ -112,7 +112,8 @@ def check_tensor(name: str, x: Any, *, dtype: str | None = None) -> Tensor:
     if dtype not in ok:
         raise ValueError(f"dtype kind must be one of {sorted(ok)}, got {dtype!r}")
     if not ok[dtype]:
-        raise ShapeError(f"{name}: expected a {dtype} tensor, got dtype {x.dtype}")
+        article = "an" if dtype == "int" else "a"
+        raise ShapeError(f"{name}: expected {article} {dtype} tensor, got dtype {x.dtype}")
     return x
 
 
