@@ -1,0 +1,74 @@
+"""Checkpoints of the reference trainer: exact resume of model, optimiser, schedule and RNG.
+
+One concept. A checkpoint holds the training module's ``state_dict`` (backbone + recipe, so
+banks and prototype pools travel in their registered buffers), the optimiser, the LR
+scheduler, the AMP grad scaler, the number of completed steps and every RNG state. Data
+order needs no state (see ``_data.StepBatchSampler``). Files are written atomically
+(temporary file + rename) by rank 0.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["rng_state", "set_rng_state", "save_checkpoint", "load_checkpoint"]
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: str, *, net: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, scaler: Any, step: int, config: dict[str, Any],
+                    history: list[dict[str, Any]]) -> None:
+    """Write everything needed to continue after ``step`` completed optimiser steps."""
+    payload = {
+        "format": 1,
+        "step": int(step),
+        "model": net.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng": rng_state(),
+        "config": config,
+        "history": history,
+    }
+    tmp = f"{path}.tmp"
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str, *, net: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, scaler: Any, map_location: Any = "cpu") -> dict[str, Any]:
+    """Restore a checkpoint in place; returns the payload (``step``, ``history``, ``config``)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--resume: checkpoint {path!r} not found")
+    payload = torch.load(path, map_location=map_location, weights_only=False)
+    net.load_state_dict(payload["model"])
+    optimizer.load_state_dict(payload["optimizer"])
+    scheduler.load_state_dict(payload["scheduler"])
+    if scaler is not None and payload.get("scaler") is not None:
+        scaler.load_state_dict(payload["scaler"])
+    set_rng_state(payload["rng"])
+    return payload

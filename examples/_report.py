@@ -1,0 +1,94 @@
+"""Reporting of the reference trainer: metrics.jsonl, the curve plot and the comparison table.
+
+One concept: turning a run's numbers into files and text a person reads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+__all__ = ["JsonlWriter", "plot_curves", "format_table", "TABLE_COLUMNS"]
+
+TABLE_COLUMNS = (
+    ("cam_miou", "CAM mIoU"),
+    ("cam_miou_best", "best CAM mIoU"),
+    ("best_threshold", "(bg thr)"),
+    ("pseudo_miou", "pseudo mIoU"),
+    ("pseudo_coverage", "coverage"),
+)
+
+
+class JsonlWriter:
+    """Append one JSON object per line (rank 0 only; pass ``path=None`` elsewhere)."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.path is None:
+            return
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+    if not os.path.isfile(path):
+        return []
+    with open(path) as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def plot_curves(metrics_path: str, out_path: str, title: str = "") -> str | None:
+    """Loss terms (left) and mIoU (right) against the step, from ``metrics.jsonl``."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # matplotlib is in the [train] extra
+        return None
+    records = read_jsonl(metrics_path)
+    train = [r for r in records if r.get("kind") == "train"]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    terms = sorted({k[5:] for r in train for k in r if k.startswith("loss/")})
+    for term in terms:
+        pts = [(r["step"], r[f"loss/{term}"]) for r in train if f"loss/{term}" in r]
+        if pts and any(math.isfinite(v) and v != 0 for _, v in pts):
+            ax1.plot(*zip(*pts), label=term, lw=1.2)
+    ax1.set_xlabel("step")
+    ax1.set_ylabel("loss (unweighted terms)")
+    ax1.set_yscale("symlog", linthresh=1e-3)
+    ax1.legend(fontsize=7)
+    for key, label in (("cam_miou", "CAM mIoU"), ("cam_miou_best", "best CAM mIoU"),
+                       ("pseudo_miou", "pseudo mIoU")):
+        pts = [(r["step"], r[key]) for r in evals if key in r]
+        if pts:
+            ax2.plot(*zip(*pts), marker="o", label=label)
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("mIoU")
+    ax2.set_ylim(0, 1)
+    ax2.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return out_path
+
+
+def format_table(rows: list[tuple[str, dict[str, float], float]]) -> str:
+    """A markdown table: one row per ``(recipe, final metrics, seconds)``."""
+    head = "| recipe | " + " | ".join(label for _, label in TABLE_COLUMNS) + " | time (s) |"
+    sep = "|" + "---|" * (len(TABLE_COLUMNS) + 2)
+    lines = [head, sep]
+    for name, m, secs in rows:
+        cells = []
+        for key, _ in TABLE_COLUMNS:
+            v = m.get(key, float("nan"))
+            cells.append(f"{v:.2f}" if key == "best_threshold" else f"{100 * v:.1f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {secs:.0f} |")
+    return "\n".join(lines)

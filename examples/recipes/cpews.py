@@ -1,0 +1,141 @@
+"""``cpews``: CPEWS = ToCo's two-branch classifier + ISM + prototype pool (PDL, SSL).
+
+* Taps: intermediate block ``aux_layer`` and final tokens (:func:`wsss_blocks.cpews.cpews_taps`);
+  :class:`~wsss_blocks.cpews.CPEWSHead` gives both branches' logits and CAMs.
+* ISM labels: the cheap recipe of cpews.md §5.3 -- the detached intermediate CAM,
+  ``"max"``-normalised, through :func:`wsss_blocks.cam.token_pseudo_labels` (``--low``/``--high``).
+* Pool: built once at step ``pool_step`` (D6: after the warm-up, never from an untrained
+  classifier) from ``pool_images`` training images without augmentation, in eval mode, and
+  optionally rebuilt every ``pool_refresh`` steps. PDL and SSL are 0 before the build.
+* Loss: :class:`~wsss_blocks.cpews.CPEWSLoss` with the ``"paper"`` or ``"official"`` preset;
+  superclasses from the dataset (VOC / COCO tables, the synthetic scenes' groups).
+* Evaluation CAM: the final classifier on the final tokens.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from recipes import register
+from recipes.base import LoopServices, LossTerm, Recipe
+from wsss_blocks.cam import normalize_cam, token_pseudo_labels
+from wsss_blocks.cpews import CPEWS_PRESETS, CPEWSHead, CPEWSLoss, PrototypePool, cpews_taps
+from wsss_blocks.tokens import resolve_block_index
+
+
+@register
+class CPEWSRecipe(Recipe):
+    """ISM + PDL + SSL on ToCo's two-branch classifier (cpews.md)."""
+
+    name = "cpews"
+
+    @dataclass
+    class Options:
+        preset: str = "paper"  # "paper" | "official": loss weights and sub-loss settings
+        aux_layer: int = -3
+        pool_step: int = 0  # 0: round(pool_fraction * iterations)
+        pool_fraction: float = 0.3
+        pool_refresh: int = 0  # rebuild every N steps after the first build; 0 = once
+        pool_images: int = 1024
+        num_prototypes: int = 10
+        capacity: int = 2048
+        ism_weight: float = -1.0  # < 0: the preset's weights
+        pdl_weight: float = -1.0
+        ssl_weight: float = -1.0
+
+    def __init__(self, backbone: nn.Module, num_classes: int, config: Any, options: Any,
+                 data_info: dict[str, Any] | None = None) -> None:
+        super().__init__(backbone, num_classes, config, options, data_info)
+        o = options
+        if o.preset not in CPEWS_PRESETS:
+            raise ValueError(f"--opt preset: expected one of {sorted(CPEWS_PRESETS)}, got {o.preset!r}")
+        self.aux_index = resolve_block_index(backbone, o.aux_layer)
+        preset = CPEWS_PRESETS[o.preset]
+        weights = dict(preset["loss"])
+        for key in ("ism", "pdl", "ssl"):
+            value = getattr(o, f"{key}_weight")
+            if value >= 0:
+                weights[key] = float(value)
+        data = self.data_info.get("data")
+        superclasses: Any = {"voc": "voc", "coco": "coco"}.get(str(data), self.data_info.get("superclasses"))
+        dim = int(backbone.embed_dim)
+        self.head = CPEWSHead(dim, num_classes)
+        pool = PrototypePool(num_classes, dim, num_prototypes=o.num_prototypes, capacity=o.capacity,
+                             superclasses=superclasses, seed=int(config.seed), **preset["pool"])
+        self.loss = CPEWSLoss(pool, weights=weights if weights != preset["loss"] else o.preset)
+        if weights != preset["loss"]:  # explicit weights: keep the preset's sub-loss settings
+            from wsss_blocks.cpews import PDLLoss, SSLLoss
+
+            self.loss = CPEWSLoss(pool, weights=weights, pdl=PDLLoss(**preset["pdl"]),
+                                  ssl=SSLLoss(**preset["ssl"]))
+        self.pool_step = o.pool_step or max(1, round(o.pool_fraction * int(config.iterations)))
+
+    @property
+    def pool(self) -> PrototypePool:
+        return self.loss.pool
+
+    def _heads(self, backbone: nn.Module, images: Tensor) -> tuple[Any, Any]:
+        taps = cpews_taps(backbone, images, aux_layer=self.aux_index)
+        out = self.head(taps.intermediate[self.aux_index], taps.final, taps.grid)
+        return taps, out
+
+    def forward(self, backbone: nn.Module, batch: dict[str, Any], step: int) -> dict[str, LossTerm]:
+        labels, valid = batch["labels"], batch["valid"]
+        taps, out = self._heads(backbone, batch["image"])
+        token_labels = token_pseudo_labels(
+            normalize_cam(out.cam_mid.detach().float()), labels, taps.grid,
+            low=self.config.low, high=self.config.high, valid=valid)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="CPEWSLoss: the prototype pool is not built")
+            terms = self.loss(logits_mid=out.logits_mid, logits_final=out.logits_final,
+                              tokens_final=taps.final, cam_final=out.cam_final,
+                              token_labels=token_labels, labels=labels, valid=valid)
+        w = self.loss.weights
+        return {
+            "cls_mid": LossTerm(1.0, terms["cls_mid"]),
+            "cls_final": LossTerm(1.0, terms["cls_final"]),
+            "ism": LossTerm(w["ism"], terms["ism"]),
+            "pdl": LossTerm(w["pdl"], terms["pdl"]),
+            "ssl": LossTerm(w["ssl"], terms["ssl"]),
+        }
+
+    @torch.no_grad()
+    def cam(self, backbone: nn.Module, images: Tensor, labels: Tensor) -> Tensor:
+        return self._heads(backbone, images)[1].cam_final.float().relu()
+
+    def _due(self, step: int) -> bool:
+        if step == self.pool_step:
+            return True
+        r = self.options.pool_refresh
+        return r > 0 and step > self.pool_step and (step - self.pool_step) % r == 0
+
+    def after_step(self, step: int, services: LoopServices) -> dict[str, float] | None:
+        if not self._due(step):
+            return None
+        backbone = services.backbone
+        modes = (backbone.training, self.training)
+        backbone.eval()
+        self.eval()
+
+        def model_fn(batch: dict[str, Any]) -> dict[str, Tensor]:
+            with services.autocast():
+                taps, out = self._heads(backbone, batch["image"])
+            return {"features": taps.final.float(), "cams": out.cam_final.float(),
+                    "labels": batch["labels"], "class_probs": out.logits_final.float().sigmoid(),
+                    "valid": batch["valid"]}
+
+        try:
+            self.pool.build(model_fn, services.train_eval_loader(self.options.pool_images))
+        finally:
+            backbone.train(modes[0])
+            self.train(modes[1])
+        pos = self.pool.pos_valid.float().sum(1).mean()
+        neg = self.pool.neg_valid.float().sum(1).mean()
+        services.log(f"[cpews] step {step}: prototype pool built "
+                     f"({float(pos):.1f} positive / {float(neg):.1f} negative per class)")  # sync-ok
+        return {"pool/positives_per_class": float(pos), "pool/negatives_per_class": float(neg)}  # sync-ok

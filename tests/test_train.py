@@ -1,0 +1,254 @@
+"""Fast tests of the reference trainer (examples/train.py) and its recipes, on CPU."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+if str(EXAMPLES) not in sys.path:
+    sys.path.insert(0, str(EXAMPLES))
+
+import train  # noqa: E402
+from _config import ConfigError, parse_config  # noqa: E402
+from _data import StepBatchSampler  # noqa: E402
+from _optim import build_optimizer, build_scheduler, poly_warmup_factor  # noqa: E402
+from recipes import RECIPES  # noqa: E402
+
+TINY = [
+    "--iterations", "3", "--img-size", "32", "--patch-size", "8", "--depth", "3",
+    "--embed-dim", "48", "--num-heads", "3", "--batch-size", "4", "--train-length", "32",
+    "--eval-every", "3", "--eval-images", "4", "--eval-batch-size", "4", "--vis-images", "2",
+    "--warmup", "1", "--log-every", "1", "--no-progress", "--quiet", "--baseline", "off",
+]
+RECIPE_OPTS = {
+    "baseline": [],
+    "cpews": ["--opt", "pool_step=1", "--opt", "pool_images=8", "--opt", "num_prototypes=2",
+              "--opt", "capacity=16"],
+    "mct": [],
+    "doei": [],
+}
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _losses(out: Path) -> dict[int, float]:
+    return {r["step"]: r["loss/total"] for r in _records(out) if r["kind"] == "train"}
+
+
+@pytest.mark.parametrize("name", sorted(RECIPE_OPTS))
+def test_recipe_trains_three_steps(tmp_path: Path, name: str) -> None:
+    out = tmp_path / name
+    summary = train.main([*TINY, "--recipe", name, *RECIPE_OPTS[name], "--output", str(out),
+                          "--no-plots"])
+    assert summary["recipe"] == name and summary["steps"] == 3 and summary["finished"]
+    final = summary["final"]
+    for key in ("cam_miou", "cam_miou_best", "pseudo_miou", "pseudo_coverage"):
+        assert 0.0 <= final[key] <= 1.0, (key, final[key])
+    losses = _losses(out)
+    assert sorted(losses) == [1, 2, 3]
+    assert all(math.isfinite(v) for v in losses.values())
+    for f in ("metrics.jsonl", "summary.json", "config.json", "last.pt"):
+        assert (out / f).is_file(), f
+    if name == "cpews":
+        recs = [r for r in _records(out) if r["kind"] == "train"]
+        assert recs[0]["pool/positives_per_class"] > 0  # built after step 1
+        assert any(r["loss/pdl"] > 0 for r in recs[1:])  # PDL active once the pool exists
+
+
+def test_every_registered_recipe_is_tested() -> None:
+    assert set(RECIPES) == set(RECIPE_OPTS)
+
+
+def test_pictures_curves_and_comparison(tmp_path: Path) -> None:
+    args = [a for a in TINY if a not in ("--baseline", "off")]
+    i = args.index("--quiet")
+    del args[i]
+    summary = train.main([*args, "--recipe", "mct", "--baseline", "on", "--output", str(tmp_path)])
+    assert set(summary["comparison"]) == {"baseline", "mct"}
+    assert (tmp_path / "comparison.md").read_text().count("|") > 10
+    for p in summary["pictures"]:
+        assert Path(p).is_file() and Path(p).stat().st_size > 0
+    assert len(summary["pictures"]) == 2
+    assert Path(summary["curves"]).is_file()
+    assert (tmp_path / "baseline" / "summary.json").is_file()
+
+
+def test_resume_is_exact(tmp_path: Path) -> None:
+    args = [*TINY, "--recipe", "cpews", "--iterations", "6", "--eval-every", "6", "--ckpt-every", "3",
+            "--opt", "pool_step=2", "--opt", "pool_images=8", "--opt", "num_prototypes=2",
+            "--opt", "capacity=16", "--no-plots"]
+    full = train.main([*args, "--output", str(tmp_path / "full")])
+    part = train.main([*args, "--output", str(tmp_path / "split"), "--stop-after", "3"])
+    assert not part["finished"] and part["steps"] == 3
+    resumed = train.main([*args, "--output", str(tmp_path / "split"), "--resume", "auto"])
+    assert resumed["start_step"] == 3 and resumed["finished"]
+    a, b = _losses(tmp_path / "full"), _losses(tmp_path / "split")
+    assert sorted(b) == [1, 2, 3, 4, 5, 6]
+    for step in range(1, 7):
+        assert a[step] == b[step], (step, a[step], b[step])
+    assert full["final"] == resumed["final"]
+
+
+def test_step_sampler_is_a_function_of_step() -> None:
+    whole = list(StepBatchSampler(10, 3, seed=1, start_step=0, steps=8))
+    tail = list(StepBatchSampler(10, 3, seed=1, start_step=5, steps=8))
+    assert tail == whole[5:]
+    idx = [i for b in whole[:3] for i, _ in b]  # first 9 of epoch 0: distinct
+    assert len(set(idx)) == 9
+    r0 = list(StepBatchSampler(10, 2, seed=1, start_step=0, steps=2, rank=0, world=2))
+    r1 = list(StepBatchSampler(10, 2, seed=1, start_step=0, steps=2, rank=1, world=2))
+    assert not {i for b in r0 for i, _ in b} & {i for b in r1 for i, _ in b}
+
+
+def test_poly_warmup_schedule_and_head_lr() -> None:
+    backbone = torch.nn.ModuleDict({"fc": torch.nn.Linear(3, 3), "norm": torch.nn.LayerNorm(3)})
+    heads = torch.nn.Linear(3, 2)
+    opt = build_optimizer(backbone, heads, lr=0.1, head_lr_mult=10.0, weight_decay=0.01)
+    names = [g["name"] for g in opt.param_groups]
+    assert names == ["backbone", "backbone_norm", "heads"]
+    assert [g["lr"] for g in opt.param_groups] == [0.1, 0.1, 1.0]
+    sched = build_scheduler(opt, warmup=4, max_steps=20, warmup_ratio=1e-6, power=0.9)
+    seen = []
+    for t in range(22):
+        seen.append(opt.param_groups[2]["lr"])
+        opt.step()
+        sched.step()
+    for t, lr in enumerate(seen):
+        if t < 4:
+            expect = 1.0 * (1 - (1 - t / 4) * (1 - 1e-6))
+        elif t < 20:
+            expect = (1 - t / 20) ** 0.9
+        else:
+            expect = 0.0
+        assert lr == pytest.approx(expect, rel=1e-12, abs=1e-15), t
+    assert seen[0] == pytest.approx(1e-6)
+    assert poly_warmup_factor(4, warmup=4, max_steps=20) == pytest.approx(0.8 ** 0.9)  # ToCo's jump
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["--lr", "-1"], "--lr"),
+        (["--low", "0.8", "--high", "0.7"], "--low/--high"),
+        (["--data", "voc"], "--data-root"),
+        (["--data", "voc", "--data-root", ".", "--eval-batch-size", "4"], "different sizes"),
+        (["--pretrained", "/nonexistent/weights.pth"], "never downloads"),
+        (["--opt", "novalue"], "KEY=VALUE"),
+        (["--iterations", "0"], "--iterations"),
+        (["--embed-dim", "50", "--num-heads", "3"], "--embed-dim"),
+        (["--eval-scales", "1.0,0.5", "--no-dynamic-size"], "--eval-scales"),
+        (["--data", "imagenet"], "invalid choice"),
+    ],
+)
+def test_config_errors(argv: list[str], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        parse_config(argv)
+
+
+def test_runtime_config_errors(tmp_path: Path) -> None:
+    base = [*TINY, "--output", str(tmp_path), "--no-plots"]
+    with pytest.raises(ValueError, match="unknown recipe 'nope'"):
+        train.main([*base, "--recipe", "nope"])
+    with pytest.raises(ConfigError, match="unknown option"):
+        train.main([*base, "--recipe", "cpews", "--opt", "pool_stepz=3"])
+    with pytest.raises(ConfigError, match="expected int"):
+        train.main([*base, "--recipe", "cpews", "--opt", "pool_step=soon"])
+    with pytest.raises(ConfigError, match="--model"):
+        train.main([*base, "--recipe", "baseline", "--model", "no_such_model_xyz"])
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="fp16 needs CUDA"):
+            train.main([*base, "--recipe", "baseline", "--amp", "fp16"])
+
+
+def test_defaults_are_the_cpu_main_job() -> None:
+    cfg = parse_config([])
+    assert (cfg.data, cfg.recipe, cfg.baseline, cfg.device) == ("synthetic", "cpews", "auto", "auto")
+    assert (cfg.model, cfg.img_size, cfg.depth, cfg.patch_size) == ("vit_tiny_patch16_224", 64, 4, 8)
+    assert cfg.output.startswith("runs" + os.sep)
+    mct = parse_config(["--recipe", "mct", "--opt", "last_k=2"])
+    assert mct.opts == {"last_k": "2", "refine": "false"}  # dataset default, --opt wins
+    assert parse_config(["--recipe", "mct", "--data", "voc", "--data-root", "."]).opts == {}
+    voc = parse_config(["--data", "coco", "--data-root", "."])
+    assert (voc.iterations, voc.img_size, voc.high, voc.lr, voc.warmup) == (80000, 448, 0.65, 6e-5, 1500)
+
+
+def _fake_voc(root: Path) -> Path:
+    """A six-image VOC tree with images of different sizes (PIL)."""
+    import numpy as np
+    from PIL import Image
+
+    base = root / "VOCdevkit" / "VOC2012"
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (base / sub).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    names = [f"2007_00000{i}" for i in range(6)]
+    for i, name in enumerate(names):
+        h, w = 40 + 4 * i, 52 - 4 * i
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(
+            base / "JPEGImages" / f"{name}.jpg")
+        mask = np.zeros((h, w), np.uint8)
+        mask[5:25, 8:30] = 1 + (3 * i) % 20
+        mask[30:, :10] = 255
+        Image.fromarray(mask, mode="L").save(base / "SegmentationClass" / f"{name}.png")
+    seg = base / "ImageSets" / "Segmentation"
+    (seg / "train_aug.txt").write_text("\n".join(names[:4]) + "\n")
+    (seg / "val.txt").write_text("\n".join(names[4:]) + "\n")
+    return root
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPE_OPTS))
+def test_voc_layout_variable_sizes(tmp_path: Path, recipe: str) -> None:
+    root = _fake_voc(tmp_path / "voc")
+    args = [a for a in TINY]
+    summary = train.main([*args, "--data", "voc", "--data-root", str(root), "--model",
+                          "vit_tiny_patch16_224", "--recipe", recipe, *RECIPE_OPTS[recipe],
+                          "--workers", "0", "--eval-scales", "1.0,0.75", "--eval-flip",
+                          "--eval-batch-size", "1",
+                          "--output", str(tmp_path / "run")])
+    assert summary["config"]["num_classes"] == 20 and summary["config"]["eval_batch_size"] == 1
+    assert summary["finished"] and len(summary["pictures"]) == 2
+    assert 0.0 <= summary["final"]["cam_miou"] <= 1.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_process_gloo_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+           str(EXAMPLES / "train.py"), *TINY, "--recipe", "cpews", "--device", "cpu",
+           "--opt", "pool_step=1", "--opt", "pool_images=8", "--opt", "num_prototypes=2",
+           "--opt", "capacity=16", "--no-plots", "--output", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 3
+    assert summary["ddp_state_in_sync"] is True  # parameters and the prototype pool agree
+    assert summary["final"]["cam_miou"] >= 0.0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", sorted(RECIPE_OPTS))
+def test_gpu_bf16_run(tmp_path: Path, name: str) -> None:
+    summary = train.main([*TINY, "--recipe", name, *RECIPE_OPTS[name], "--device", "cuda",
+                          "--amp", "bf16", "--output", str(tmp_path), "--no-plots"])
+    assert summary["device"].startswith("cuda") and summary["amp"] == "bf16"
+    assert all(math.isfinite(v) for v in _losses(tmp_path).values())
