@@ -69,7 +69,9 @@ def add_class_tokens(model: nn.Module, num_classes: int) -> nn.Module:
         model.cls_token = nn.Parameter(cls.detach().repeat(1, c, 1), requires_grad=cls.requires_grad)
         pos = getattr(model, "pos_embed", None)
         if pos is not None and not getattr(model, "no_embed_class", False):
-            new = torch.cat([pos[:, :1].repeat(1, c, 1), pos[:, 1:]], dim=1)
+            # the single class-token slot (checked above) comes first; registers and patches follow
+            cls_pos, other_pos = pos.split([1, pos.shape[1] - 1], dim=1)
+            new = torch.cat([cls_pos.repeat(1, c, 1), other_pos], dim=1)
             model.pos_embed = nn.Parameter(new.detach(), requires_grad=pos.requires_grad)
     model.num_prefix_tokens = int(model.num_prefix_tokens) + c - 1
     drop = getattr(model, "patch_drop", None)
