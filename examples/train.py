@@ -394,7 +394,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     returned summary has a ``comparison`` entry.
     """
     cfg = parse_config(argv)
-    get_recipe(cfg.recipe)  # unknown names fail before anything starts
+    try:
+        get_recipe(cfg.recipe)  # unknown names fail before anything starts
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     compare = cfg.recipe != "baseline" and (
         cfg.baseline == "on" or (cfg.baseline == "auto" and cfg.data == "synthetic"))
     if compare and cfg.resume not in (None, "auto"):

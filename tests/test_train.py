@@ -159,7 +159,7 @@ def test_config_errors(argv: list[str], match: str) -> None:
 
 def test_runtime_config_errors(tmp_path: Path) -> None:
     base = [*TINY, "--output", str(tmp_path), "--no-plots"]
-    with pytest.raises(ValueError, match="unknown recipe 'nope'"):
+    with pytest.raises(ConfigError, match="unknown recipe 'nope'"):
         train.main([*base, "--recipe", "nope"])
     with pytest.raises(ConfigError, match="unknown option"):
         train.main([*base, "--recipe", "cpews", "--opt", "pool_stepz=3"])
