@@ -53,3 +53,27 @@ def test_doei_sweep(tmp_path: Path) -> None:
     for name, runs in per.items():
         for r in runs:
             assert r["steps"] == 300 and 0.0 < r["cam_miou_best"] <= 1.0, (name, r)
+
+
+CONFIRM_SEEDS = tuple(range(2, 2 + int(os.environ.get("WSSS_CONFIRM_SEEDS", "4"))))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(10800)
+def test_doei_af_confirmation(tmp_path: Path) -> None:
+    """More seeds (disjoint from the sweep's) for the sweep's best (af=0.5) vs the defaults."""
+    contenders = {DEFAULT: CONFIGS[DEFAULT], "af=0.5": CONFIGS["af=0.5"]}
+    per = {name: [run(tmp_path / f"{i}_{s}", recipe, s, opts) for s in CONFIRM_SEEDS]
+           for i, (name, (recipe, opts)) in enumerate(contenders.items())}
+    rows = {name: aggregate(v) for name, v in per.items()}
+    diffs = [a["cam_miou_best"] - d["cam_miou_best"] for a, d in zip(per["af=0.5"], per[DEFAULT])]
+    table = markdown(rows, len(CONFIRM_SEEDS))
+    write("doei_af_confirm_cpu.json", {
+        "what": "confirmation of the sweep's best setting (af=0.5) against the spec defaults on "
+                "seeds disjoint from the sweep's; paired differences of best CAM mIoU",
+        "seeds": list(CONFIRM_SEEDS), "per_seed": per, "summary": rows,
+        "paired_diff_cam_miou_best": diffs, "table_markdown": table})
+    print("\n" + table + f"\npaired af=0.5 - default (best CAM mIoU): {diffs}")
+    for runs in per.values():
+        for r in runs:
+            assert r["steps"] == 300 and 0.0 < r["cam_miou_best"] <= 1.0
