@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from functools import partial
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from wsss_blocks.cpews import (
     ssl_loss,
 )
 
+PATHS = pytest.mark.parametrize("compact", [False, True], ids=["dense", "compact"])
 OK2 = torch.ones(1, 2, dtype=torch.bool)
 POS = torch.tensor([[[6.0, 0.0], [0.0, 8.0]]])
 NEG = torch.tensor([[[0.0, 13.0], [26.0, 0.0]]])
@@ -32,29 +34,33 @@ def _origin_region():
 
 
 # ----------------------------------------------------------------------------- PDL
-def test_pdl_closed_forms():
+@PATHS
+def test_pdl_closed_forms(compact):
+    pdl = partial(pdl_loss, compact=compact)
     feats, cam = _origin_region()
     y = torch.ones(1, 1)
-    l2 = pdl_loss(feats, cam, y, POS, OK2, NEG, OK2)
+    l2 = pdl(feats, cam, y, POS, OK2, NEG, OK2)
     assert l2.item() == pytest.approx(5 / 13 - math.log(1 - math.exp(-1)), abs=1e-6)
     assert l2.item() == pytest.approx(0.843291, abs=1e-6)
-    rms = pdl_loss(feats, cam, y, POS, OK2, NEG, OK2, distance="rms", offset=0.1)
+    rms = pdl(feats, cam, y, POS, OK2, NEG, OK2, distance="rms", offset=0.1)
     assert rms.item() == pytest.approx(0.962821, abs=1e-6)
     # invalid prototypes are ignored: an invalid positive far away, an invalid nearer negative
     pos3 = torch.cat([POS, torch.full((1, 1, 2), 100.0)], 1)
     neg3 = torch.cat([NEG, torch.zeros(1, 1, 2)], 1)
     ok3 = torch.tensor([[True, True, False]])
-    assert pdl_loss(feats, cam, y, pos3, ok3, neg3, ok3).item() == pytest.approx(0.843291, abs=1e-6)
+    assert pdl(feats, cam, y, pos3, ok3, neg3, ok3).item() == pytest.approx(0.843291, abs=1e-6)
 
 
-def test_pdl_negative_at_region():
+@PATHS
+def test_pdl_negative_at_region(compact):
+    pdl = partial(pdl_loss, compact=compact)
     feats, cam = _origin_region()
     y = torch.ones(1, 1)
     neg = torch.zeros(1, 2, 2)  # equal to A
-    out = pdl_loss(feats, cam, y, POS, OK2, neg, OK2)
+    out = pdl(feats, cam, y, POS, OK2, neg, OK2)
     # d- = sqrt(1e-8) = 1e-4, so 1 - R- = 1 - exp(-1e-4 / 13) (above eps = 1e-6)
     assert out.item() == pytest.approx(5 / 13 - math.log(-math.expm1(-1e-4 / 13)), rel=1e-4)
-    big_t = pdl_loss(feats, cam, y, POS, OK2, neg, OK2, temperature=1e6)
+    big_t = pdl(feats, cam, y, POS, OK2, neg, OK2, temperature=1e6)
     assert big_t.item() == pytest.approx(-math.log(1e-6), abs=1e-3)  # the eps floor, 13.8155
     out.backward()
     assert torch.isfinite(feats.grad).all()
@@ -115,28 +121,34 @@ def _random_case(seed, b=2, k=3, n=6, d=4, m=3, grid=(2, 3)):
     [{}, {"distance": "rms", "offset": 0.1, "mask_threshold": 0.1}, {"temperature": 2.0},
      {"mask_threshold": 0.5, "offset": 0.3}],
 )
-def test_pdl_loop_oracle(kw):
+@PATHS
+def test_pdl_loop_oracle(kw, compact):
+    pdl = partial(pdl_loss, compact=compact)
     for seed in range(3):
         feats, cam, labels, pos, pv, neg, nv, valid = _random_case(seed)
         for v in (None, valid):
-            out = pdl_loss(feats, cam, labels, pos, pv, neg, nv, valid=v, **kw)
+            out = pdl(feats, cam, labels, pos, pv, neg, nv, valid=v, **kw)
             ref = _pdl_oracle(feats, cam, labels, pos, pv, neg, nv, valid=v, **kw)
             assert out.dtype == torch.float32 and out.shape == ()
             assert out.item() == pytest.approx(ref.item(), abs=1e-5)
 
 
+@PATHS
 @pytest.mark.parametrize("distance", ["l2", "rms"])
-def test_pdl_gradcheck(distance):
+def test_pdl_gradcheck(distance, compact):
+    pdl = partial(pdl_loss, compact=compact)
     feats, cam, labels, pos, pv, neg, nv, valid = _random_case(4)
     f64 = feats.double().requires_grad_()
     args = (labels, pos.double(), pv, neg.double(), nv)
     assert torch.autograd.gradcheck(
-        lambda f: pdl_loss(f, cam.double(), *args, distance=distance, offset=0.1, valid=valid),
+        lambda f: pdl(f, cam.double(), *args, distance=distance, offset=0.1, valid=valid),
         (f64,),
     )
 
 
-def test_pdl_no_grad_into_classifier_and_no_pairs():
+@PATHS
+def test_pdl_no_grad_into_classifier_and_no_pairs(compact):
+    pdl = partial(pdl_loss, compact=compact)
     torch.manual_seed(0)
     head = CPEWSHead(4, 2)
     tokens = torch.randn(2, 6, 4, requires_grad=True)
@@ -144,14 +156,14 @@ def test_pdl_no_grad_into_classifier_and_no_pairs():
     labels = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
     pos, neg = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
     ok = torch.ones(2, 3, dtype=torch.bool)
-    loss = pdl_loss(tokens, out.cam_final, labels, pos, ok, neg, ok)
+    loss = pdl(tokens, out.cam_final, labels, pos, ok, neg, ok)
     loss.backward()
     assert head.classifier_final.weight.grad is None
     assert tokens.grad.abs().sum() > 0
     # nothing eligible: graph-attached 0, zero grads, no NaN
     f = torch.randn(2, 6, 4, requires_grad=True)
     for lab, pv, nv in ((torch.zeros(2, 2), ok, ok), (labels, ok & False, ok), (labels, ok, ok & False)):
-        z = pdl_loss(f, out.cam_final.detach(), lab, pos, pv, neg, nv)
+        z = pdl(f, out.cam_final.detach(), lab, pos, pv, neg, nv)
         assert z.item() == 0.0 and z.requires_grad
         (g,) = torch.autograd.grad(z, f)
         assert torch.equal(g, torch.zeros_like(g))
@@ -200,31 +212,35 @@ def _ssl_hand():
     return feats, cam, torch.ones(1, 1), torch.tensor([[[1.0, 0.0]]]), ok, torch.tensor([[[0.0, 1.0]]]), ok
 
 
-def test_ssl_hand_built():
+@PATHS
+def test_ssl_hand_built(compact):
+    ssl = partial(ssl_loss, compact=compact)
     feats, cam, y, pos, pv, neg, nk = _ssl_hand()
-    loss = ssl_loss(feats, cam, y, pos, pv, neg, nk)
+    loss = ssl(feats, cam, y, pos, pv, neg, nk)
     assert loss.item() == pytest.approx(2.0)
     loss.backward()
     assert cam.grad.flatten().tolist() == [1.0, 0.0, 0.0]
     # without the activation gate token 2 (closer to the negative) joins: (2 + 0.1) / 2
-    assert ssl_loss(feats, cam, y, pos, pv, neg, nk, act_threshold=None).item() == pytest.approx(1.05)
+    assert ssl(feats, cam, y, pos, pv, neg, nk, act_threshold=None).item() == pytest.approx(1.05)
     # no kept negative / class absent / no positive -> never suppressed, graph-attached 0
     for args in ((y, pos, pv, neg, nk & False), (y * 0, pos, pv, neg, nk), (y, pos, pv & False, neg, nk)):
-        z = ssl_loss(feats, cam, *args)
+        z = ssl(feats, cam, *args)
         assert z.item() == 0.0 and z.requires_grad
     # a tie (equal distances) is not suppressed
     tie = torch.tensor([[[1.0, 1.0], [2.0, 0.0], [0.0, 3.0]]])
-    assert ssl_loss(tie, cam, y, pos, pv, neg, nk).item() == 0.0
+    assert ssl(tie, cam, y, pos, pv, neg, nk).item() == 0.0
 
 
-def test_ssl_trains_final_classifier_and_tokens():
+@PATHS
+def test_ssl_trains_final_classifier_and_tokens(compact):
+    ssl = partial(ssl_loss, compact=compact)
     head = CPEWSHead(2, 1)
     with torch.no_grad():
         head.classifier_final.weight.copy_(torch.tensor([[1.0, 0.5]]))
     tokens = torch.tensor([[[0.0, 2.0], [2.0, 0.0], [0.0, 3.0]]], requires_grad=True)
     out = head(tokens, tokens, (1, 3))
     _, _, y, pos, pv, neg, nk = _ssl_hand()
-    loss = ssl_loss(tokens, out.cam_final, y, pos, pv, neg, nk)
+    loss = ssl(tokens, out.cam_final, y, pos, pv, neg, nk)
     assert loss.item() > 0
     loss.backward()
     assert head.classifier_final.weight.grad is not None
@@ -256,28 +272,32 @@ def _ssl_oracle(feats, cam, labels, pos, pv, neg, nk, act_threshold, activation,
     return torch.stack(vals).mean() if vals else torch.zeros(())
 
 
+@PATHS
 @pytest.mark.parametrize("act_threshold,activation", [(0.1, "relu"), (None, "relu"), (None, "none"), (0.5, "none")])
-def test_ssl_loop_oracle(act_threshold, activation):
+def test_ssl_loop_oracle(act_threshold, activation, compact):
+    ssl = partial(ssl_loss, compact=compact)
     for seed in range(3):
         feats, cam, labels, pos, pv, neg, nk, valid = _random_case(10 + seed, n=12, grid=(3, 4), m=4)
         for v in (None, valid):
-            out = ssl_loss(feats, cam, labels, pos, pv, neg, nk, act_threshold=act_threshold,
-                           cam_activation=activation, valid=v)
+            out = ssl(feats, cam, labels, pos, pv, neg, nk, act_threshold=act_threshold,
+                      cam_activation=activation, valid=v)
             ref = _ssl_oracle(feats, cam, labels, pos, pv, neg, nk, act_threshold, activation, v)
             assert out.item() == pytest.approx(float(ref), abs=1e-5)
 
 
-def test_ssl_gradcheck_bf16_module_validation():
+@PATHS
+def test_ssl_gradcheck_bf16_module_validation(compact):
+    ssl = partial(ssl_loss, compact=compact)
     feats, cam, labels, pos, pv, neg, nk, valid = _random_case(20, n=12, grid=(3, 4), m=4)
     c64 = cam.double().requires_grad_()
     assert torch.autograd.gradcheck(
-        lambda c: ssl_loss(feats.double(), c, labels, pos.double(), pv, neg.double(), nk,
-                           act_threshold=None, cam_activation="none"),
+        lambda c: ssl(feats.double(), c, labels, pos.double(), pv, neg.double(), nk,
+                      act_threshold=None, cam_activation="none"),
         (c64,),
     )
-    ref = ssl_loss(feats, cam, labels, pos, pv, neg, nk)
+    ref = ssl(feats, cam, labels, pos, pv, neg, nk)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = ssl_loss(feats.bfloat16(), cam.bfloat16(), labels, pos, pv, neg, nk)
+        out = ssl(feats.bfloat16(), cam.bfloat16(), labels, pos, pv, neg, nk)
     assert out.dtype == torch.float32 and torch.isfinite(out)
     assert out.item() == pytest.approx(ref.item(), abs=5e-2)
     pool = PrototypePool(3, 4, num_prototypes=4, superclasses={"a": (0, 1), "b": (2,)})
@@ -287,21 +307,122 @@ def test_ssl_gradcheck_bf16_module_validation():
         keep = pool.suppression_mask(single)
         assert not keep[1].any() and (keep[2].any() == single)
         torch.testing.assert_close(
-            SSLLoss(suppress_singletons=single, act_threshold=None)(feats, cam, labels, pool),
-            ssl_loss(feats, cam, labels, pos, pv, neg, keep, act_threshold=None),
+            SSLLoss(suppress_singletons=single, act_threshold=None, compact=compact)(
+                feats, cam, labels, pool),
+            ssl(feats, cam, labels, pos, pv, neg, keep, act_threshold=None),
         )
     with pytest.raises(ShapeError, match="neg_keep"):
-        ssl_loss(feats, cam, labels, pos, pv, neg, nk.float())
+        ssl(feats, cam, labels, pos, pv, neg, nk.float())
     with pytest.raises(ShapeError, match="pos"):
-        ssl_loss(feats, cam, labels, pos[:, :, :2], pv, neg, nk)
+        ssl(feats, cam, labels, pos[:, :, :2], pv, neg, nk)
     with pytest.raises(ShapeError, match="features"):
-        ssl_loss(feats[:, :5], cam, labels, pos, pv, neg, nk)
+        ssl(feats[:, :5], cam, labels, pos, pv, neg, nk)
     with pytest.raises(ShapeError, match="valid"):
-        ssl_loss(feats, cam, labels, pos, pv, neg, nk, valid=valid[:1])
+        ssl(feats, cam, labels, pos, pv, neg, nk, valid=valid[:1])
     with pytest.raises(ValueError, match="cam_activation"):
-        ssl_loss(feats, cam, labels, pos, pv, neg, nk, cam_activation="sigmoid")
+        ssl(feats, cam, labels, pos, pv, neg, nk, cam_activation="sigmoid")
     with pytest.raises(ValueError, match="act_threshold"):
         SSLLoss(act_threshold=1.5)
+
+
+# ----------------------------------------------------------------------------- dense == compact
+def _edge_cases():
+    """(name, case) pairs: random inputs and the edge cases of the compact path."""
+    feats, cam, labels, pos, pv, neg, nv, valid = _random_case(34, b=3, k=5, n=12, grid=(3, 4), m=4)
+    labels[:, 2] = 1.0
+    cases = [("random", (feats, cam, labels, pos, pv, neg, nv, valid))]
+    for b, ks in ((1, slice(None)), (3, slice(2, 3)), (1, slice(2, 3))):  # B=1, K=1, both
+        name = f"b{b}_k{len(range(5)[ks])}"
+        cases.append((name, (feats[:b], cam[:b, ks], labels[:b, ks], pos[ks], pv[ks], neg[ks],
+                             nv[ks], valid[:b])))
+    cases.append(("no_present_class", (feats, cam, labels * 0, pos, pv, neg, nv, valid)))
+    cases.append(("all_invalid", (feats, cam, labels, pos, pv, neg, nv, valid & False)))
+    nv_none = nv.clone()
+    nv_none[2:] = False  # classes 2..4 keep no negative
+    cases.append(("no_kept_negatives", (feats, cam, labels, pos, pv, neg, nv_none, valid)))
+    one = labels * 0
+    one[1, 3] = 1.0  # a single present pair; other images have none (S = 1, padded slots)
+    cases.append(("one_pair", (feats, cam, one, pos, pv, neg, nv, valid)))
+    return cases
+
+
+EDGE_CASES = _edge_cases()
+
+
+@pytest.mark.parametrize("name,case", EDGE_CASES, ids=[n for n, _ in EDGE_CASES])
+def test_dense_equals_compact(name, case):
+    feats, cam, labels, pos, pv, neg, nv, valid = case
+    results = {}
+    for compact in (False, True):
+        f = feats.clone().requires_grad_()
+        c = (cam * 2.0).detach().requires_grad_()  # more tokens above the activation gate
+        for v in (None, valid):
+            pdl = pdl_loss(f, c, labels, pos, pv, neg, nv, valid=v, mask_threshold=0.2,
+                           compact=compact)
+            ssl = ssl_loss(f, c, labels, pos, pv, neg, nv, valid=v, compact=compact)
+            ssl_all = ssl_loss(f, c, labels, pos, pv, neg, nv, valid=v, act_threshold=None,
+                               cam_activation="none", compact=compact)
+            total = pdl + ssl + ssl_all
+            gf, gc = torch.autograd.grad(total, (f, c), allow_unused=True)
+            results.setdefault(compact, []).append((pdl, ssl, ssl_all, gf, gc))
+            assert total.requires_grad and torch.isfinite(total)
+    for dense, comp in zip(results[False], results[True]):
+        for a, b in zip(dense, comp):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    if name in ("no_present_class", "all_invalid"):
+        pdl, ssl, ssl_all, gf, gc = results[True][1]
+        assert ssl.item() == 0.0 and ssl_all.item() == 0.0
+        assert torch.equal(gc, torch.zeros_like(gc))
+    else:
+        assert any(r[1].item() > 0 for r in results[True])  # SSL is not trivially 0 here
+
+
+def test_dense_equals_compact_through_head():
+    torch.manual_seed(3)
+    grads = []
+    for compact in (False, True):
+        torch.manual_seed(3)
+        head = CPEWSHead(8, 6)
+        tokens = torch.randn(3, 20, 8, requires_grad=True)
+        out = head(tokens, tokens, (4, 5))
+        labels = torch.tensor([[1, 0, 0, 1, 0, 0], [0, 0, 0, 0, 0, 1], [0, 0, 0, 0, 0, 0]])
+        gen = torch.Generator().manual_seed(0)
+        pos, neg = torch.randn(6, 3, 8, generator=gen), torch.randn(6, 3, 8, generator=gen)
+        ok = torch.ones(6, 3, dtype=torch.bool)
+        loss = (pdl_loss(tokens, out.cam_final, labels, pos, ok, neg, ok, compact=compact)
+                + ssl_loss(tokens, out.cam_final, labels, pos, ok, neg, ok, act_threshold=None,
+                           compact=compact))
+        loss.backward()
+        grads.append((loss.detach(), tokens.grad, head.classifier_final.weight.grad))
+    assert grads[0][2].abs().sum() > 0
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_compact_selection():
+    from wsss_blocks.cpews.losses import _class_slots
+
+    labels = torch.tensor([[1, 0, 1, 0], [0, 0, 0, 1]])
+    slots = _class_slots(labels, None)  # CPU tensors -> compact
+    assert slots.shape == (2, 2)
+    assert set(slots[0].tolist()) == {0, 2} and slots[1, 0].item() == 3
+    assert _class_slots(labels, False) is None
+    assert _class_slots(labels.to("meta"), None) is None  # not CPU -> dense, no host read
+    assert _class_slots(labels * 0, True).shape == (2, 0)
+    assert "compact=True" in repr(SSLLoss(compact=True)) and "compact=None" in repr(PDLLoss())
+    feats, cam, labels, pos, pv, neg, nv, valid = _random_case(40)
+    pool = PrototypePool(3, 4, num_prototypes=3)
+    pool.pos.copy_(pos), pool.pos_valid.copy_(pv), pool.neg.copy_(neg), pool.neg_valid.copy_(nv)
+    for compact in (None, False, True):
+        torch.testing.assert_close(
+            PDLLoss(compact=compact)(feats, cam, labels, pool),
+            pdl_loss(feats, cam, labels, pos, pv, neg, nv, compact=not compact),
+        )
+        torch.testing.assert_close(
+            SSLLoss(compact=compact, act_threshold=None)(feats, cam, labels, pool),
+            ssl_loss(feats, cam, labels, pos, pv, neg, pool.suppression_mask(),
+                     act_threshold=None, compact=not compact),
+        )
 
 
 # ----------------------------------------------------------------------------- CPEWSLoss
