@@ -54,6 +54,12 @@ class CPEWSHeadOutput(NamedTuple):
         logits_final: ``(B, K)`` from the final tokens.
         cam_mid: ``(B, K, h, w)`` intermediate classifier on intermediate tokens.
         cam_final: ``(B, K, h, w)`` final classifier on final tokens.
+
+    Example:
+        >>> head = CPEWSHead(8, 3)
+        >>> out = head(torch.randn(2, 6, 8), torch.randn(2, 6, 8), (2, 3))
+        >>> out.logits_final.shape, out.cam_mid.shape
+        (torch.Size([2, 3]), torch.Size([2, 3, 2, 3]))
     """
 
     logits_mid: Tensor
