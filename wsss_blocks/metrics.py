@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from wsss_blocks._validate import ShapeError, check_tensor
+from wsss_blocks.prototypes import world_size
 
 __all__ = ["confusion_matrix", "iou_from_confusion", "MeanIoU"]
 
@@ -136,11 +137,6 @@ def iou_from_confusion(conf: Tensor) -> tuple[Tensor, float]:
         miou = math.nan
     return iou, miou
 
-
-def _dist_world() -> int:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
 
 
 class MeanIoU(nn.Module):
@@ -256,7 +252,7 @@ class MeanIoU(nn.Module):
             (tensor([0.5000, 0.5000], dtype=torch.float64), 0.6667)
         """
         conf = self.confusion.clone()
-        if _dist_world() > 1:
+        if world_size() > 1:
             dist.all_reduce(conf, op=dist.ReduceOp.SUM)
         per_class, miou = iou_from_confusion(conf)
         confd = conf.double()

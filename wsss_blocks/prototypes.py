@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from wsss_blocks._validate import ShapeError, check_shape
 
-__all__ = ["kmeans", "ClassBank", "all_gather_rows"]
+__all__ = ["kmeans", "ClassBank", "all_gather_rows", "world_size"]
 
 
 def _check_int(name: str, value: object, low: int) -> int:
@@ -176,7 +176,13 @@ def kmeans(
     return out, out_valid
 
 
-def _dist_world() -> int:
+def world_size() -> int:
+    """Number of ranks of the initialised ``torch.distributed`` group, else 1.
+
+    Example:
+        >>> world_size()
+        1
+    """
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
     return 1
@@ -210,7 +216,7 @@ def all_gather_rows(*tensors: Tensor) -> tuple[Tensor, ...]:
         if t.shape[0] != batch:
             raise ShapeError(f"tensors[{i}]: expected first dim {batch}, got shape {tuple(t.shape)}")
     real = torch.ones(batch, dtype=torch.bool, device=tensors[0].device)
-    world = _dist_world()
+    world = world_size()
     if world == 1:
         return (*tensors, real)
     size = torch.tensor([batch], dtype=torch.long, device=real.device)
@@ -361,7 +367,7 @@ class ClassBank(nn.Module):
         check_shape("valid", valid, ["B", "C"], dims, dtype="bool")
         items = items.detach().to(device=self.memory.device, dtype=self.memory.dtype)
         valid = valid.to(self.memory.device)
-        if distributed and _dist_world() > 1:
+        if distributed and world_size() > 1:
             items, valid, real = all_gather_rows(items, valid)
             valid = valid & real[:, None]
         if items.shape[0] == 0:

@@ -19,7 +19,7 @@ from wsss_blocks._validate import (
 )
 from wsss_blocks.cam import masked_average_pool, normalize_cam, valid_to_grid
 from wsss_blocks.cpews.tables import superclass_index
-from wsss_blocks.prototypes import all_gather_rows, kmeans
+from wsss_blocks.prototypes import all_gather_rows, kmeans, world_size
 
 __all__ = ["region_embeddings", "PrototypePool"]
 
@@ -63,11 +63,6 @@ def region_embeddings(
     weights = normalize_cam(cam.detach(), mode="max")
     return masked_average_pool(features, weights, threshold=mask_threshold, valid=valid, eps=eps)
 
-
-def _dist_world() -> int:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
 
 
 class PrototypePool(nn.Module):
@@ -302,7 +297,7 @@ class PrototypePool(nn.Module):
         y = (labels != 0).to(dev)
         nonempty = nonempty.to(dev)
         score = score.to(dev)
-        if _dist_world() > 1:
+        if world_size() > 1:
             region, nonempty, y, score, real = all_gather_rows(region, nonempty, y, score)
             # drop the padding rows so every rank applies exactly the single-process update
             # of the union batch (sync-ok: the collective has synchronised already)
@@ -377,7 +372,7 @@ class PrototypePool(nn.Module):
         self.neg_scores.copy_(self._stage_scores)
         self.neg_labels.copy_(self._stage_labels & neg_valid[:, :, None])
         self.built.fill_(True)
-        if _dist_world() > 1:
+        if world_size() > 1:
             for buf in (self.pos, self.pos_valid, self.neg, self.neg_valid, self.neg_scores,
                         self.neg_labels):
                 if buf.dtype == torch.bool:
