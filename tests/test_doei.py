@@ -23,13 +23,7 @@ from wsss_blocks.doei import (
     select_top_bottom,
 )
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest single-threaded on the shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # Config that makes both branches active on tiny models (n ~ 16, C = 5, L = 3).

@@ -12,13 +12,7 @@ from wsss_blocks import doei, mct
 from wsss_blocks._validate import ShapeError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest single-threaded on the shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny(seed: int = 0, **kw) -> nn.Module:
