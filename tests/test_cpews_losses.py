@@ -529,7 +529,7 @@ def test_cpews_loss_bf16_autocast():
                       "cam_final": out.cam_final})
     for key in ref:
         assert torch.isfinite(res[key]) and res[key].dtype == torch.float32
-        assert res[key].item() == pytest.approx(ref[key].item(), abs=0.1), key
+        assert res[key].item() == pytest.approx(ref[key].item(), rel=0.03, abs=0.01), key
 
 
 @pytest.mark.gpu

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from wsss_blocks._validate import ShapeError
-from wsss_blocks.cpews import VOC_CLASSES, PrototypePool, pdl_loss, region_embeddings
+from wsss_blocks.cpews import CPEWS_PRESETS, VOC_CLASSES, PrototypePool, pdl_loss, region_embeddings
 
 
 # ----------------------------------------------------------------------------- region embeddings
@@ -187,6 +187,24 @@ def test_pool_cam_mean_score_with_valid():
     assert pool.neg_scores[0, 0].item() == pytest.approx(float(cams[2, 0].flatten()[:5].mean()))
 
 
+def test_pool_official_preset_uses_binary_region_mask():
+    # official preset: region = mean of tokens whose max-normalised CAM > 0.1 (not CAM-weighted)
+    pool = PrototypePool(2, 2, num_prototypes=1, **CPEWS_PRESETS["official"]["pool"])
+    assert pool.mask_threshold == 0.1 and pool.score == "cam_mean"
+    feats = torch.tensor([[[1.0, 0.0], [0.0, 8.0], [3.0, 2.0], [5.0, 5.0]]])
+    cams = torch.zeros(1, 2, 2, 2)
+    cams[0, 0] = 1.0
+    cams[0, 1] = torch.tensor([[1.0, 0.05], [0.5, 0.0]])  # class 1 absent -> negative candidate
+    pool.accumulate(feats, cams, torch.tensor([[1.0, 0.0]]))
+    pool.finalize()
+    assert pool.neg_valid[1, 0]
+    torch.testing.assert_close(pool.neg[1, 0], torch.tensor([2.0, 1.0]))  # (f0 + f2) / 2
+    soft = PrototypePool(2, 2, num_prototypes=1, score="cam_mean")
+    soft.accumulate(feats, cams, torch.tensor([[1.0, 0.0]]))
+    soft.finalize()
+    assert not torch.allclose(soft.neg[1, 0], pool.neg[1, 0])  # the CAM-weighted mean differs
+
+
 def test_pool_state_dict_and_old_prototypes_until_finalize():
     gen = torch.Generator().manual_seed(4)
     pts = torch.randn(12, 3, generator=gen)
@@ -286,6 +304,12 @@ def test_pool_validation():
         PrototypePool(2, 3, score="max")
     with pytest.raises(ValueError, match="capacity"):
         PrototypePool(2, 3, capacity=0)
+    with pytest.raises(ValueError, match="num_prototypes"):
+        PrototypePool(2, 3, num_prototypes=0)
+    with pytest.raises(ValueError, match="kmeans_iters"):
+        PrototypePool(2, 3, kmeans_iters=-1)
+    with pytest.raises(ValueError, match="mask_threshold"):
+        PrototypePool(2, 3, mask_threshold=1.0)
     with pytest.raises(ShapeError, match="num_classes=20"):
         PrototypePool(2, 3, superclasses="voc")
 

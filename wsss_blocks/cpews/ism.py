@@ -63,9 +63,10 @@ def ism_loss(
     Memory: the loss equals ``0.5 + sum_ij W_ij S_ij`` with a weight ``W`` that is
     piecewise constant in ``S`` (the pair coefficients times ``sign(S)`` or ``[S > 0]``,
     the same sub-gradients autograd would use), so it is evaluated as
-    ``sum_i f_i . (W f)_i`` and no ``(B, N, N)`` tensor is kept for the backward pass:
-    one float ``(B, N, N)`` buffer (``S``, overwritten by ``W``) and bool masks at the
-    peak, where ToCo builds int64 ``(B, N, N)`` affinities.
+    ``sum_i f_i . (W f)_i`` and no ``(B, N, N)`` tensor is kept for the backward pass.
+    At the peak it holds two float ``(B, N, N)`` buffers (the pair coefficients, and ``S``
+    overwritten in place by ``W``) and bool masks, where ToCo builds int64 ``(B, N, N)``
+    affinities.
 
     Args:
         tokens: final-layer tokens (ToCo/CPEWS: after the final norm, no projection).
@@ -114,7 +115,7 @@ def ism_loss(
             if abs_cos:
                 weight = sim.sign_().mul_(coef)
             else:
-                weight = (sim.gt_(0) + same).clamp_(max=1).mul_(coef)
+                weight = sim.gt_(0).masked_fill_(same, 1).mul_(coef)  # S on pos, relu on neg
             del coef, same
             pulled = torch.bmm(weight, fd)  # (B, N, D) = sum_j W_ij f_j
         # W is symmetric, so d/df sum_ij W_ij f_i.f_j = 2 W f; the value is sum_i f_i.(W f)_i

@@ -356,7 +356,7 @@ class PDLLoss(nn.Module):
         if mask_threshold is not None:
             check_range("mask_threshold", mask_threshold, 0.0, 1.0, high_inclusive=False)
         self.mask_threshold = mask_threshold
-        self.eps = float(eps)
+        self.eps = float(check_range("eps", eps, 0.0, 1.0, low_inclusive=False, high_inclusive=False))
         self.compact = compact
 
     def extra_repr(self) -> str:
