@@ -22,14 +22,8 @@ def _ism_inputs(tokens: Tensor, token_labels: Tensor) -> tuple[Tensor, Tensor]:
         return x, token_labels.flatten(1)
     if token_labels.dim() == 2:
         dims = check_shape("token_labels", token_labels, ["B", "N"])
-        if tokens.dim() == 4:
-            check_shape("tokens", tokens, ["B", "D", "h", "w"], dims)
-            if tokens.shape[2] * tokens.shape[3] != dims["N"]:
-                raise ShapeError(
-                    f"tokens: grid {tuple(tokens.shape[2:])} has "
-                    f"{tokens.shape[2] * tokens.shape[3]} cells but token_labels has N={dims['N']}"
-                )
-            return tokens.flatten(2).transpose(1, 2), token_labels
+        if tokens.dim() == 4:  # a map: flatten its own grid, then N must match the labels
+            tokens = features_as_tokens("tokens", tokens, (tokens.shape[2], tokens.shape[3]))
         check_shape("tokens", tokens, ["B", "N", "D"], dims)
         return tokens, token_labels
     raise ShapeError(

@@ -48,7 +48,7 @@ def region_embeddings(
 
     Shape:
         - features: ``(B, N, D)`` or ``(B, D, h, w)``; cam: ``(B, K, h, w)``
-        - output: ``A (B, K, D)`` fp32, ``nonempty (B, K)`` bool
+        - output: ``A (B, K, D)`` fp32 (fp64 for fp64 input), ``nonempty (B, K)`` bool
 
     Example:
         >>> feats = torch.tensor([[[2.0, 0.0], [0.0, 4.0]]])      # (1, N=2, D=2)
