@@ -9,6 +9,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from _timm_helpers import set_fused
 from torch import Tensor, nn
 from torch.autograd.graph import saved_tensors_hooks
 
@@ -28,12 +29,6 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 # Config that makes both branches active on tiny models (n ~ 16, C = 5, L = 3).
 ACTIVE = dict(st_p2c=0.1, st_c2c=0.25, af_p2c=1.5, sf_p2c=0.7, af_c2c=1.3, sf_c2c=0.6)
-
-
-def set_fused(model: nn.Module, fused: bool) -> None:
-    for m in model.modules():
-        if hasattr(m, "fused_attn"):
-            m.fused_attn = fused
 
 
 def tiny_vit(*, c: int = 1, reg: int = 0, dynamic: bool = False, pad: bool = False, depth: int = 3,
@@ -111,6 +106,9 @@ def test_progressive_count_errors():
         progressive_count(-1, 0, 12, 0.02)
     with pytest.raises(ValueError, match="st"):
         progressive_count(10, 0, 12, 1.5)
+    for bad in (0, -3):
+        with pytest.raises(ValueError, match="num_blocks"):
+            progressive_count(10, 0, bad, 0.02)
 
 
 # --------------------------------------------------------------------------- T2
@@ -140,7 +138,8 @@ def test_select_top_bottom_oracle(exclude):
     scores.requires_grad_(True)
     t = 3 if exclude else 2
     top, bottom = select_top_bottom(scores, t, exclude_diagonal=exclude)
-    assert top.dtype == torch.bool and not top.requires_grad
+    assert top.dtype == torch.bool and bottom.dtype == torch.bool
+    assert torch.all(top.sum(-1) == t) and torch.all(bottom.sum(-1) == t)
     assert not (top & bottom).any()
     flat = scores.detach().reshape(-1, 7, 7)
     for b in range(flat.shape[0]):
@@ -278,6 +277,7 @@ def test_doei_delta_label_all_zero_is_zero():
 def test_patch_color_affinity_black_white():
     img = torch.zeros(1, 3, 4, 4)
     img[..., 2:] = 1.0
+    img.requires_grad_(True)
     r = patch_color_affinity(img, 2, mean=(0, 0, 0), std=(1, 1, 1))
     same = torch.tensor([[1, 0, 1, 0], [0, 1, 0, 1], [1, 0, 1, 0], [0, 1, 0, 1]], dtype=torch.bool)
     torch.testing.assert_close(r[0][same], torch.ones(8))
@@ -321,6 +321,9 @@ def test_patch_color_affinity_errors():
         patch_color_affinity(torch.zeros(1, 3, 8, 8, dtype=torch.int64), 2)
     with pytest.raises(ValueError, match="sigma"):
         patch_color_affinity(torch.zeros(1, 3, 8, 8), 2, sigma=0.0)
+    for bad in (0, -2, (2, 0), (0, 2)):
+        with pytest.raises(ValueError, match="patch_size"):
+            patch_color_affinity(torch.zeros(1, 3, 8, 8), bad)
 
 
 # --------------------------------------------------------------------------- T5
@@ -379,6 +382,9 @@ def test_hybrid_attention_errors():
         hybrid_attention(a[:, :4, :4], t, torch.ones(1, 4, 4), num_prefix_tokens=1)
     with pytest.raises(ValueError, match="alpha"):
         hybrid_attention(a, t, torch.ones(1, 4, 4), num_prefix_tokens=1, alpha=1.5)
+    for bad in (-1, 6):
+        with pytest.raises(ValueError, match="num_prefix_tokens"):
+            hybrid_attention(a, t, torch.ones(1, 4, 4), num_prefix_tokens=bad)
 
 
 # --------------------------------------------------------------------------- config
@@ -407,6 +413,10 @@ T6_CASES = {
     "per_head": dict(model=dict(c=5, reg=1), img=(32, 32), cfg=dict(head_mean=False, chunk_rows=3), c=5),
     "no_hfa_ppdo_only": dict(model=dict(c=5), img=(32, 32), cfg=dict(use_hfa=False, use_cpdo=False), c=5),
     "cpdo_only_mean": dict(model=dict(c=5), img=(32, 32), cfg=dict(use_ppdo=False, image_mean=(0.4, 0.4, 0.4)), c=5),
+    # n = 36 patches > D = 32: with PPDO (all N rows) HFA takes the X^(X^T R) form in both paths;
+    # CPDO only (C rows) takes (X^X^T)R in the patched path and X^(X^T R) in the dense reference.
+    "n_gt_d": dict(model=dict(c=5, img=48), img=(48, 48), cfg={}, c=5),
+    "n_gt_d_cpdo_only": dict(model=dict(c=5, img=48), img=(48, 48), cfg=dict(use_ppdo=False), c=5),
 }
 
 
@@ -417,40 +427,32 @@ def _run_t6(case: str, fused: bool, dtype: torch.dtype):
     torch.manual_seed(11)
     img = torch.randn(2, 3, *spec["img"], dtype=dtype, requires_grad=True)
     weight = model.blocks[0].attn.qkv.weight
+    with torch.no_grad():
+        unpatched = model.forward_features(img)
     with doei.patch(model, config=cfg, layers=spec.get("layers")):
         got = model.forward_features(img)
         g_img, g_w = torch.autograd.grad(got.square().sum(), (img, weight))
     want = reference_features(model, img, cfg, spec["c"], spec.get("layers"))
     w_img, w_w = torch.autograd.grad(want.square().sum(), (img, weight))
-    return got, want, (g_img, g_w), (w_img, w_w)
+    return got, want, (g_img, g_w), (w_img, w_w), unpatched
 
 
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("case", list(T6_CASES))
 def test_patched_equals_dense_reference_fp32(case, fused):
-    got, want, g, w = _run_t6(case, fused, torch.float32)
-    assert (got - reference_unpatched_cache(case, fused)).abs().max() > 1e-4  # DOEI is actually active
+    got, want, g, w, unpatched = _run_t6(case, fused, torch.float32)
+    assert (got - unpatched).abs().max() > 1e-4  # DOEI is actually active
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     for a, b in zip(g, w):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-
-
-_UNPATCHED: dict = {}
-
-
-def reference_unpatched_cache(case: str, fused: bool) -> Tensor:
-    spec = T6_CASES[case]
-    model = tiny_vit(fused=fused, **spec["model"])
-    torch.manual_seed(11)
-    img = torch.randn(2, 3, *spec["img"])
-    with torch.no_grad():
-        return model.forward_features(img)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("fused", [True, False])
-@pytest.mark.parametrize("case", ["c5", "reg2", "per_head", "dyn_nonsquare_chunk7"])
+@pytest.mark.parametrize(
+    "case", ["c1", "c5", "reg2", "per_head", "dyn_nonsquare_chunk7", "dyn_pad", "layers1", "n_gt_d_cpdo_only"]
+)
 def test_patched_equals_dense_reference_fp64(case, fused):
-    got, want, g, w = _run_t6(case, fused, torch.float64)
+    got, want, g, w, _ = _run_t6(case, fused, torch.float64)
     torch.testing.assert_close(got, want, atol=1e-9, rtol=1e-9)
     for a, b in zip(g, w):
         torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
@@ -610,6 +612,11 @@ def test_patch_argument_errors():
         doei.patch(model, num_class_tokens=0)
     with pytest.raises(ValueError, match="num_class_tokens"):
         doei.patch(model, num_class_tokens=5)
+    for bad in (2.5, True):
+        with pytest.raises(ValueError, match="num_class_tokens"):
+            doei.patch(model, num_class_tokens=bad)
+    with pytest.raises(ValueError, match="layers"):
+        doei.patch(model, layers=[1.5])
     with pytest.raises(ValueError, match="layers"):
         doei.patch(model, layers=[0, -3])
     with pytest.raises(ValueError, match="layers"):
@@ -724,6 +731,35 @@ def test_grad_checkpointing_matches():
         grads.append((out.detach(), g))
     torch.testing.assert_close(grads[0][0], grads[1][0])
     torch.testing.assert_close(grads[0][1], grads[1][1])
+
+
+@pytest.mark.parametrize("use_hfa", [True, False])
+def test_patch_dropout_in_training(use_hfa):
+    model = tiny_vit(c=3, patch_drop_rate=0.25).train()
+    img = torch.randn(2, 3, 32, 32)
+    with doei.patch(model, config=DOEIConfig(**ACTIVE, use_hfa=use_hfa)):
+        if use_hfa:
+            with pytest.raises(NotImplementedError, match="patch dropout drops patch tokens.*use_hfa=False"):
+                model(img)
+        else:
+            assert torch.isfinite(model(img)).all()  # PPDO / CPDO alone work on the kept tokens
+        model.eval()  # PatchDropout is off in eval: HFA works
+        assert torch.isfinite(model(img)).all()
+
+
+def test_deepcopy_of_patched_model_fails_loudly():
+    model = tiny_vit(c=3)
+    img = torch.randn(2, 3, 32, 32)
+    cfg = DOEIConfig(**ACTIVE)
+    with doei.patch(model, config=cfg):
+        want = model(img)
+        dup = copy.deepcopy(model)
+        with pytest.raises(RuntimeError, match=r"copy of a DOEI-patched model.*doei\.patch\(copy\)"):
+            dup(img)
+        torch.testing.assert_close(model(img), want, atol=0, rtol=0)  # the original is unaffected
+    doei.unpatch(dup)  # the advertised way out: unpatch the copy, then patch it separately
+    with doei.patch(dup, config=cfg):
+        torch.testing.assert_close(dup(img), want, atol=0, rtol=0)
 
 
 def test_deepcopy_keeps_state_dict_loadable():

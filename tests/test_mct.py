@@ -6,6 +6,7 @@ import pytest
 import timm
 import torch
 from timm.layers import PatchDropout
+from _timm_helpers import set_fused
 from torch import nn
 
 from wsss_blocks import doei, mct
@@ -20,12 +21,6 @@ def tiny(seed: int = 0, **kw) -> nn.Module:
     args = dict(pretrained=False, img_size=32, patch_size=8, embed_dim=32, num_heads=2, depth=3)
     args.update(kw)
     return timm.create_model("vit_tiny_patch16_224", **args).eval()
-
-
-def set_fused(model: nn.Module, fused: bool) -> None:
-    for m in model.modules():
-        if hasattr(m, "fused_attn"):
-            m.fused_attn = fused
 
 
 def perturb(model: nn.Module) -> None:
@@ -114,8 +109,13 @@ def test_final_tokens_norm_and_registers():
     torch.testing.assert_close(cls_n, full[:, :3])
     with pytest.raises(ShapeError, match="x"):
         mct.final_tokens(model, torch.randn(3, 32, 32))
+    with pytest.raises(ShapeError, match="x"):
+        mct.final_tokens(model, torch.randn(2, 4, 32, 32))
     with pytest.raises(ValueError, match="num_class_tokens"):
         mct.final_tokens(model, x, num_class_tokens=5)
+    for bad in (2.5, True):
+        with pytest.raises(ValueError, match="num_class_tokens"):
+            mct.final_tokens(model, x, num_class_tokens=bad)
 
 
 def test_class_scores_hand_case():
@@ -162,7 +162,10 @@ def _cams_oracle(model, x, c, last_k, reduction, refine):
 
 
 @pytest.mark.parametrize("fused", [True, False])
-@pytest.mark.parametrize("last_k, reduction, refine", [(3, "sum", False), (2, "mean", False), (1, "sum", True)])
+@pytest.mark.parametrize(
+    "last_k, reduction, refine",
+    [(3, "sum", False), (2, "mean", False), (1, "sum", True), (2, "mean", True), (3, "sum", True)],
+)
 def test_attention_cams_oracle(fused, last_k, reduction, refine):
     model = mct.add_class_tokens(tiny(reg_tokens=1, qk_norm=True), 4)
     perturb(model)
@@ -196,6 +199,13 @@ def test_attention_cams_errors_and_no_hooks_left():
         mct.attention_cams(model, x, 0)
     with pytest.raises(ValueError, match="last_k"):
         mct.attention_cams(model, x, 4)
+    for bad in (2.5, True):
+        with pytest.raises(ValueError, match="last_k"):
+            mct.attention_cams(model, x, bad)
+    with pytest.raises(ValueError, match="num_class_tokens"):
+        mct.attention_cams(model, x, num_class_tokens=1.5)
+    with pytest.raises(ShapeError, match="x"):
+        mct.attention_cams(model, torch.randn(1, 1, 32, 32))
     with pytest.raises(ValueError, match="reduction"):
         mct.attention_cams(model, x, reduction="max")
     with pytest.raises(ShapeError, match="x"):

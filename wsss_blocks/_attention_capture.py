@@ -7,12 +7,14 @@ Everything here reads the model's own attention without changing how timm comput
   (with the module's ``q_norm`` / ``k_norm``), so the fused (SDPA) path needs no change;
 * :func:`class_row_attention`, :func:`row_logsumexp` and :func:`patch_patch_attention` build
   the few attention rows a method needs without keeping a ``(B, heads, N, N)`` tensor alive;
-* :class:`QKVTap` hooks ``attn.qkv`` of chosen modules and hands their output to a callback.
+* :class:`QKVTap` hooks ``attn.qkv`` of chosen modules and hands their output to a callback;
+* :func:`check_int` and :func:`default_class_tokens` validate the shared arguments.
 """
 
 from __future__ import annotations
 
 import contextlib
+import operator
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -28,7 +30,35 @@ __all__ = [
     "patch_patch_attention",
     "no_autocast",
     "QKVTap",
+    "check_int",
+    "default_class_tokens",
 ]
+
+
+def check_int(name: str, value: Any) -> int:
+    """``value`` as an ``int``; ``ValueError`` naming ``name`` for bools and non-integers (no truncation)."""
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise ValueError(f"{name}: expected an int, got {value!r}")
+
+
+def default_class_tokens(model: nn.Module, num_class_tokens: int | None) -> int:
+    """Validated ``C``: ``num_class_tokens``, or by default ``num_prefix_tokens - num_reg_tokens``.
+
+    Raises:
+        ValueError: ``C`` is not an int in ``[1, num_prefix_tokens]``.
+    """
+    p0 = int(getattr(model, "num_prefix_tokens", 0))
+    if num_class_tokens is None:
+        c = p0 - int(getattr(model, "num_reg_tokens", 0) or 0)
+    else:
+        c = check_int("num_class_tokens", num_class_tokens)
+    if not 1 <= c <= p0:
+        raise ValueError(f"num_class_tokens: expected 1 <= C <= num_prefix_tokens={p0}, got {c}")
+    return c
 
 
 def supported_attention_classes() -> tuple[type, ...]:

@@ -16,13 +16,16 @@ from torch import Tensor, nn
 
 from wsss_blocks._attention_capture import (
     QKVTap,
+    check_int,
     class_row_attention,
+    default_class_tokens,
     find_attention_modules,
     no_autocast,
     patch_patch_attention,
     qk_from_qkv,
 )
 from wsss_blocks._validate import ShapeError, check_option, check_shape
+from wsss_blocks.tokens import patch_grid
 
 __all__ = ["add_class_tokens", "final_tokens", "class_scores", "attention_cams"]
 
@@ -80,14 +83,6 @@ def add_class_tokens(model: nn.Module, num_classes: int) -> nn.Module:
     return model
 
 
-def _default_class_tokens(model: nn.Module, num_class_tokens: int | None) -> int:
-    p0 = int(getattr(model, "num_prefix_tokens", 0))
-    c = p0 - int(getattr(model, "num_reg_tokens", 0) or 0) if num_class_tokens is None else num_class_tokens
-    if isinstance(c, bool) or not 1 <= int(c) <= p0:
-        raise ValueError(f"num_class_tokens: expected 1 <= C <= num_prefix_tokens={p0}, got {c}")
-    return int(c)
-
-
 def final_tokens(
     model: nn.Module,
     x: Tensor,
@@ -115,8 +110,8 @@ def final_tokens(
         >>> cls.shape, patches.shape
         (torch.Size([2, 4, 32]), torch.Size([2, 4, 32]))
     """
-    check_shape("x", x, ["B", None, "H", "W"], dtype="float")
-    c = _default_class_tokens(model, num_class_tokens)
+    check_shape("x", x, ["B", 3, "H", "W"], dtype="float")
+    c = default_class_tokens(model, num_class_tokens)
     out = model.forward_intermediates(
         x, indices=1, norm=norm, return_prefix_tokens=True, intermediates_only=True, output_fmt="NLC"
     )
@@ -177,18 +172,17 @@ def attention_cams(
         >>> attention_cams(m, torch.randn(1, 3, 32, 32), last_k=2).shape
         torch.Size([1, 3, 2, 2])
     """
-    dims = check_shape("x", x, ["B", None, "H", "W"], dtype="float")
+    dims = check_shape("x", x, ["B", 3, "H", "W"], dtype="float")
     check_option("reduction", reduction, ("sum", "mean"))
-    c = _default_class_tokens(model, num_class_tokens)
+    c = default_class_tokens(model, num_class_tokens)
     modules = [m for _, m in find_attention_modules(model)]
     big_l = len(modules)
-    if isinstance(last_k, bool) or not 1 <= int(last_k) <= big_l:
+    last_k = check_int("last_k", last_k)
+    if not 1 <= last_k <= big_l:
         raise ValueError(f"last_k: expected a value in [1, {big_l}], got {last_k}")
-    from wsss_blocks.tokens import patch_grid
-
     h, w = patch_grid(model, (dims["H"], dims["W"]))
     p0 = int(model.num_prefix_tokens)
-    first_cam = big_l - int(last_k)
+    first_cam = big_l - last_k
     acc: dict[str, Tensor] = {}
 
     def on_qkv(pos: int, attn: nn.Module, qkv: Tensor) -> None:
@@ -211,7 +205,7 @@ def attention_cams(
     if cam.shape[-1] != h * w:
         raise ShapeError(f"x: {tuple(x.shape)} gives {cam.shape[-1]} patch tokens, expected grid {h}x{w}")
     if reduction == "mean":
-        cam = cam / int(last_k)
+        cam = cam / last_k
     if refine:
         cam = torch.einsum("bij,bcj->bci", acc["app"], cam)
     return cam.reshape(cam.shape[0], cam.shape[1], h, w)

@@ -173,7 +173,7 @@ def _emb_affinity_rows(
     """relu(d_emb E) for query ``rows``, split into prefix and patch columns, + row sums.
 
     ``d_emb = X^ X^T`` (cosine), ``E = blockdiag(I_P0, R)``; the patch block uses the cheaper
-    of ``(X^ X^T) R`` and ``X^ (X^T R)``.
+    of ``(X^ X^T) R`` and ``X^ (X^T R)`` for the number of rows actually needed.
     """
     p0 = num_prefix_tokens
     xh = tokens / tokens.norm(dim=-1, keepdim=True).clamp_min(1e-6)
@@ -181,8 +181,9 @@ def _emb_affinity_rows(
     xp = xh[:, p0:]
     r = color_affinity.to(xh.dtype)
     g_pre = torch.relu(xr @ xh[:, :p0].transpose(1, 2))  # (B, R, P0)
-    n, d = xp.shape[1], xp.shape[2]
-    if n > d:
+    num_rows, n, d = xr.shape[1], xp.shape[1], xp.shape[2]
+    # multiply-adds per image: (R x d)(d x n) then (R x n)(n x n), or (d x n)(n x n) then (R x d)(d x n)
+    if d * n * n + num_rows * d * n < num_rows * d * n + num_rows * n * n:
         g_pat = torch.relu(xr @ (xp.transpose(1, 2) @ r))  # (B, R, n)
     else:
         g_pat = torch.relu((xr @ xp.transpose(1, 2)) @ r)

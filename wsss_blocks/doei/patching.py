@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import types
 from collections.abc import Sequence
 from typing import Any
 
@@ -9,6 +10,9 @@ import torch
 from torch import Tensor, nn
 
 from wsss_blocks._attention_capture import (
+    check_int,
+    class_row_attention,
+    default_class_tokens,
     find_attention_modules,
     no_autocast,
     qk_from_qkv,
@@ -25,6 +29,7 @@ from wsss_blocks.doei.functional import (
     patch_color_affinity,
     progressive_count,
 )
+from wsss_blocks.tokens import patch_grid
 
 __all__ = ["DOEIHandle", "patch", "unpatch"]
 
@@ -32,8 +37,7 @@ __all__ = ["DOEIHandle", "patch", "unpatch"]
 class _BlockState:
     """Per-module capture state (cleared after every call)."""
 
-    def __init__(self, index: int) -> None:
-        self.index = index
+    def __init__(self) -> None:
         self.active = False
         self.qkv: Tensor | None = None
         self.attn: Tensor | None = None
@@ -199,7 +203,7 @@ class DOEIHandle:
             raise RuntimeError("this attention module is already patched by DOEI")
         self._saved_forward[index] = existing
         orig = attn.forward  # instance forward if any, else the bound class forward
-        state = _BlockState(index)
+        state = _BlockState()
 
         def qkv_hook(_m: nn.Module, _args: Any, out: Tensor) -> None:
             if state.active:
@@ -225,7 +229,13 @@ class DOEIHandle:
 
             self._hooks.append(attn.norm.register_forward_pre_hook(norm_pre_hook))
 
-        def forward(x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        def forward(module: nn.Module, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+            if module is not attn:
+                raise RuntimeError(
+                    "this attention module belongs to a copy of a DOEI-patched model (copy.deepcopy "
+                    "copies the patch, which still points at the original model); copy the model "
+                    "before patching, or call doei.unpatch(copy) and then doei.patch(copy)"
+                )
             if attn_mask is not None or is_causal:
                 raise NotImplementedError("DOEI-patched attention does not support attn_mask / is_causal")
             plan = self._plan(index, x.shape[1])
@@ -241,7 +251,8 @@ class DOEIHandle:
             return y
 
         forward._doei_wrapper = True  # type: ignore[attr-defined]
-        attn.forward = forward
+        # bound to ``attn``: a deep copy rebinds it to the copied module, which the check above catches
+        attn.forward = types.MethodType(forward, attn)
 
     def _plan(self, index: int, n_tokens: int) -> tuple[int, int, bool, bool] | None:
         cfg = self._config
@@ -264,6 +275,13 @@ class DOEIHandle:
         pcfg = getattr(model, "pretrained_cfg", None) or {}
         mean = cfg.image_mean or tuple(pcfg.get("mean", IMAGENET_DEFAULT_MEAN))
         std = cfg.image_std or tuple(pcfg.get("std", IMAGENET_DEFAULT_STD))
+        drop = getattr(model, "patch_drop", None)
+        if drop is not None and drop.training and float(getattr(drop, "prob", 0.0)) > 0:
+            raise NotImplementedError(
+                "HFA with PatchDropout in training: patch dropout drops patch tokens, so the colour "
+                "affinity of the image's patches cannot be aligned with the remaining tokens; set "
+                "DOEIConfig(use_hfa=False) or build the model with patch_drop_rate=0"
+            )
         key = (id(image), cfg.rgb_sigma, mean, std)
         if self._affinity_cache is not None and self._affinity_cache[0] == key:
             return self._affinity_cache[1]
@@ -271,18 +289,19 @@ class DOEIHandle:
         if embed is None:
             raise RuntimeError("HFA needs model.patch_embed for the patch size; set use_hfa=False")
         dims = check_shape("image", image, ["B", 3, "H", "W"], {"B": batch}, dtype="float")
-        from wsss_blocks.tokens import patch_grid
-
         gh, gw = patch_grid(model, (dims["H"], dims["W"]))
-        ph, pw = embed.patch_size
-        pad = bool(getattr(embed, "dynamic_img_pad", False))
-        own = (-(-dims["H"] // ph), -(-dims["W"] // pw)) if pad else (dims["H"] // ph, dims["W"] // pw)
-        if gh * gw != n or own != (gh, gw):
+        if gh * gw != n:
             raise ShapeError(
-                f"image: shape {tuple(image.shape)} gives a {own[0]}x{own[1]} patch grid, "
-                f"but the tokens have n={n} patches (model grid {gh}x{gw})"
+                f"image: shape {tuple(image.shape)} gives a {gh}x{gw} patch grid, "
+                f"but the tokens have n={n} patches"
             )
-        r = patch_color_affinity(image, (ph, pw), sigma=cfg.rgb_sigma, mean=mean, std=std, pad=pad)
+        pad = bool(getattr(embed, "dynamic_img_pad", False))
+        r = patch_color_affinity(image, embed.patch_size, sigma=cfg.rgb_sigma, mean=mean, std=std, pad=pad)
+        if r.shape[-1] != n:  # e.g. a fixed-size model given another image size via set_image
+            raise ShapeError(
+                f"image: shape {tuple(image.shape)} has {r.shape[-1]} patches of size "
+                f"{tuple(embed.patch_size)}, but the tokens have n={n} (model grid {gh}x{gw})"
+            )
         self._affinity_cache = (key, r)
         return r
 
@@ -322,7 +341,7 @@ class DOEIHandle:
             else:
                 q = qk[0].to(s) * attn.scale
                 k = qk[1].to(s)
-                w_c = torch.softmax(q[:, :, :c] @ k.transpose(-1, -2), dim=-1)
+                w_c = class_row_attention(q, k, c)
                 w_pc = None
                 if act_p:
                     lse = row_logsumexp(q[:, :, p0:], k, cfg.chunk_rows)
@@ -364,6 +383,10 @@ def patch(
     wrapper and adds capture hooks. Never calls ``.eval()`` / ``.to()``; parameters and
     ``state_dict`` keys are unchanged. Works in timm's fused and non-fused modes.
 
+    Do not ``copy.deepcopy`` a patched model: the copy's attention modules would still run
+    the original's patch, so calling them raises ``RuntimeError``. Copy the model before
+    patching (or ``doei.unpatch(copy)``) and patch the copy separately with ``doei.patch(copy)``.
+
     Args:
         model: a timm ViT with ``C >= 1`` leading class tokens.
         num_class_tokens: ``C``; default ``num_prefix_tokens - num_reg_tokens``.
@@ -392,25 +415,22 @@ def patch(
         raise TypeError(f"config: expected a DOEIConfig, got {type(config).__name__}")
     modules = [m for _, m in find_attention_modules(model)]
     big_l = len(modules)
-    p0 = int(getattr(model, "num_prefix_tokens", 0))
-    if num_class_tokens is None:
-        num_class_tokens = p0 - int(getattr(model, "num_reg_tokens", 0) or 0)
-    if isinstance(num_class_tokens, bool) or not 1 <= int(num_class_tokens) <= p0:
-        raise ValueError(
-            f"num_class_tokens: expected 1 <= C <= num_prefix_tokens={p0}, got {num_class_tokens}"
-        )
+    c = default_class_tokens(model, num_class_tokens)
     if layers is None:
         idx = list(range(big_l))
     else:
-        idx = []
-        for v in layers:
-            if not -big_l <= int(v) < big_l:
-                raise ValueError(f"layers: index {v} is out of range for {big_l} attention modules")
-            idx.append(int(v) % big_l)
+        idx = sorted(_layer_index(v, big_l) for v in layers)
         if len(set(idx)) != len(idx):
             raise ValueError(f"layers: duplicate indices in {list(layers)}")
-        idx.sort()
-    return DOEIHandle(model, modules, int(num_class_tokens), config, idx)
+    return DOEIHandle(model, modules, c, config, idx)
+
+
+def _layer_index(index: int, num_modules: int) -> int:
+    """An index into the ``num_modules`` attention modules (negative counts from the end)."""
+    i = check_int("layers", index)
+    if not -num_modules <= i < num_modules:
+        raise ValueError(f"layers: index {index} is out of range for {num_modules} attention modules")
+    return i % num_modules
 
 
 def unpatch(model: nn.Module) -> None:
