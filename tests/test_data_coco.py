@@ -169,6 +169,18 @@ def test_split_file_and_label_file(tmp_path: Path) -> None:
     assert ds[0]["labels"].nonzero().flatten().tolist() == [5]
 
 
+def test_label_file_only_with_auto_source(tmp_path: Path) -> None:
+    root = make_coco(tmp_path, json_ann=False)  # images only: no masks, no JSON
+    lab = tmp_path / "labels.json"
+    lab.write_text(json.dumps({n: [k] for k, n in enumerate(ANNS)}))
+    ds = COCO(root, "train", label_file=lab)
+    assert ds.source == "masks" and ds.mask_dir is None and ds.names == sorted(ANNS)
+    it = ds[2]
+    assert it["labels"].nonzero().flatten().tolist() == [2]
+    assert bool((it["mask"] == 255).all()) and it["mask"].shape == (H, W)
+    assert repr(ds).startswith("COCO(root=") and "source='masks', n=4" in repr(ds)
+
+
 def test_errors(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="does not exist"):
         COCO(tmp_path / "nothing")
@@ -193,7 +205,7 @@ def test_errors(tmp_path: Path) -> None:
 
 
 def test_category_table() -> None:
-    assert len(COCO_CATEGORY_IDS) == 80 and len(set(COCO_CATEGORY_IDS)) == 80
+    assert len(COCO_CATEGORY_IDS) == 80 and len(set(COCO_CATEGORY_IDS)) == 80 == len(COCO_CLASSES)
     assert COCO_CATEGORY_IDS[0] == 1 and COCO_CATEGORY_IDS[-1] == 90
     assert [COCO_CATEGORY_TO_INDEX[c] for c in (1, 13, 27, 67, 90)] == [0, 11, 24, 60, 79]
     assert COCO_CLASSES[COCO_CATEGORY_TO_INDEX[67]] == "dining table"

@@ -226,6 +226,8 @@ def test_shape_metric_known_points() -> None:
         ({"length": -1}, "length"),
         ({"seed": -1}, "seed"),
         ({"std": (1.0, 0.0, 1.0)}, "std"),
+        ({"min_visible": 0.0}, "min_visible"),
+        ({"min_visible": 1.5}, "min_visible"),
     ],
 )
 def test_invalid_arguments(kwargs: dict, match: str) -> None:

@@ -111,6 +111,7 @@ def test_mask_folder_choice(tmp_path: Path) -> None:
     root = make_voc(tmp_path)
     assert VOC(root, "train_aug").mask_dir.name == "SegmentationClassAug"
     assert VOC(root, "val").mask_dir.name == "SegmentationClass"
+    assert repr(VOC(root, "val")).startswith("VOC(root=") and "split='val', n=1" in repr(VOC(root, "val"))
     # fallback: no SegmentationClass -> val reads the Aug folder
     root2 = make_voc(tmp_path / "b", seg=False)
     ds = VOC(root2, "val")
@@ -176,6 +177,10 @@ def test_errors(tmp_path: Path) -> None:
         VOC(root, "val")
     with pytest.raises(ValueError, match="split"):
         VOC(root, "test")
+    # train_aug falls back to SegmentationClass; a missing mask there names the Aug folder
+    root = make_voc(tmp_path / "noaug", aug=False)  # SegmentationClass holds train + val only
+    with pytest.raises(FileNotFoundError, match="SegmentationClassAug is missing"):
+        VOC(root, "train_aug")
 
 
 def test_missing_image_and_bad_mask(voc_root: Path) -> None:
@@ -259,6 +264,22 @@ def test_flip_and_scale() -> None:
     msk = torch.tensor([[0, 1, 2], [3, 4, 5]])
     out = TrainTransform((2, 3), scale_range=(1, 1), hflip=1.0)(img, msk)
     assert torch.equal(out["mask"], msk.flip(-1))
+    torch.testing.assert_close(out["image"], normalize(img).flip(-1))
+    # image, mask and valid move together (pixel value encodes the class), on a padded canvas
+    coded = (msk * 40).to(torch.uint8)[None].repeat(3, 1, 1)
+    outs = [TrainTransform((4, 5), scale_range=(1, 1), hflip=p,
+                           generator=torch.Generator().manual_seed(3))(coded, msk) for p in (0.0, 1.0)]
+    for o in outs:
+        assert torch.equal(o["valid"], o["mask"] != 255) and int(o["valid"].sum()) == 6
+        expect = normalize((o["mask"].clamp(max=5) * 40).to(torch.uint8)[None].repeat(3, 1, 1))
+        torch.testing.assert_close(o["image"][:, o["valid"]], expect[:, o["valid"]])
+        assert bool((o["image"][:, ~o["valid"]] == 0).all())  # padding = mean colour
+    plain, flipped = outs
+    assert torch.equal(plain["valid"], flipped["valid"])  # same draws, same placement
+    ys, xs = plain["valid"].nonzero(as_tuple=True)
+    box = (slice(int(ys.min()), int(ys.max()) + 1), slice(int(xs.min()), int(xs.max()) + 1))
+    assert torch.equal(plain["mask"][box], msk) and torch.equal(flipped["mask"][box], msk.flip(-1))
+    torch.testing.assert_close(flipped["image"][(slice(None), *box)], normalize(coded).flip(-1))
     # rescale x2: mask nearest keeps the label set; long_side fixes the long side
     m = torch.zeros(10, 20, dtype=torch.long)
     m[:, 10:] = 7

@@ -89,12 +89,21 @@ def read_label_file(path: str | os.PathLike[str], num_classes: int) -> dict[str,
     return out
 
 
+def check_root(kind: str, root: str | os.PathLike[str]) -> Path:
+    """``root`` as a ``Path``; ``FileNotFoundError`` (``"<kind> root ... does not exist"``) if absent."""
+    root = Path(root)
+    if not root.exists():
+        raise FileNotFoundError(f"{kind} root {root} does not exist")
+    return root
+
+
 class SegmentationFolder(Dataset):
     """Base of file datasets: subclasses set names, paths and the class table.
 
-    Subclasses implement ``_image_path(i)`` and ``_load_mask(i)`` (or ``None`` when there
-    is no mask: the mask is then all ``ignore_index``) and set ``names``,
-    ``num_classes``, ``class_names``, ``palette``.
+    Subclasses set ``root``, ``split``, ``names``, ``image_dir`` (``<name>.jpg``),
+    ``mask_dir`` (``<name>.png``, ``None`` when there is none), ``num_classes``,
+    ``class_names``, ``palette``, and implement ``_load_mask(i)`` (``None``: the mask is
+    all ``ignore_index``).
     """
 
     ignore_index: int = 255
@@ -102,6 +111,11 @@ class SegmentationFolder(Dataset):
     class_names: tuple[str, ...]
     palette: np.ndarray
     names: list[str]
+    root: Path
+    split: str
+    image_dir: Path
+    mask_dir: Path | None = None
+    _repr_attrs: tuple[str, ...] = ("split",)  # shown in ``repr`` after ``root``
 
     def __init__(self, transform: Transform | None, label_file: str | os.PathLike[str] | None) -> None:
         self.transform: Transform = EvalTransform() if transform is None else transform
@@ -113,14 +127,29 @@ class SegmentationFolder(Dataset):
                     f"label_file: no labels for {len(missing)} images, e.g. {missing[:3]}"
                 )
 
+    def _check_files(self, mask_note: str = "") -> None:
+        """Every listed name has an image and, when there is a mask folder, a mask.
+
+        ``mask_note`` is added to the missing-mask message (e.g. which folder was missing).
+        """
+        kind = f"{type(self).__name__} {self.split!r}"
+        check_files(f"{kind} images", self.image_dir, self.names, ".jpg")
+        if self.mask_dir is not None:
+            check_files(f"{kind} masks{mask_note}", self.mask_dir, self.names, ".png")
+
     def _image_path(self, index: int) -> Path:
-        raise NotImplementedError
+        return self.image_dir / f"{self.names[index]}.jpg"
 
     def _load_mask(self, index: int, size: tuple[int, int]) -> Tensor | None:
         raise NotImplementedError
 
     def __len__(self) -> int:
         return len(self.names)
+
+    def __repr__(self) -> str:
+        extra = "".join(f", {a}={getattr(self, a)!r}" for a in self._repr_attrs)
+        return (f"{type(self).__name__}(root={str(self.root)!r}{extra}, n={len(self)}, "
+                f"transform={self.transform!r})")
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not -len(self) <= index < len(self):

@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 
 from wsss_blocks._validate import check_option
-from wsss_blocks.data._folder import SegmentationFolder, Transform, check_files, read_mask, read_names
-from wsss_blocks.data.classes import COCO_CATEGORY_IDS, COCO_CATEGORY_TO_INDEX, COCO_CLASSES, COCO_PALETTE
+from wsss_blocks.data._folder import SegmentationFolder, Transform, check_root, read_mask, read_names
+from wsss_blocks.data.classes import COCO_CATEGORY_TO_INDEX, COCO_CLASSES, COCO_PALETTE
 
 __all__ = ["COCO"]
 
@@ -37,7 +37,8 @@ class COCO(SegmentationFolder):
     are rendered from ``instances_<split>2014.json`` with pycocotools (``source="json"``,
     extra ``coco``): annotations are painted largest area first, so smaller objects stay on
     top; crowd regions get their class. ``source="auto"`` uses the mask folder when present,
-    else the JSON. Class index ``k`` is ``COCO_CLASSES[k]``, i.e. annotation
+    else the JSON; with neither, a ``label_file`` gives label-only items whose masks are all
+    ``ignore_index`` (as :class:`~wsss_blocks.data.voc.VOC`; no CAM evaluation then). Class index ``k`` is ``COCO_CLASSES[k]``, i.e. annotation
     ``category_id`` ``COCO_CATEGORY_IDS[k]``; masks hold ``k + 1`` (0 background, 255
     ignore). Pre-rendered PNGs that store raw category ids are read with
     ``mask_values="category_id"``. Image labels are the classes present in the mask, or
@@ -81,6 +82,7 @@ class COCO(SegmentationFolder):
     num_classes = len(COCO_CLASSES)
     class_names = COCO_CLASSES
     palette = COCO_PALETTE
+    _repr_attrs = ("split", "source")
 
     def __init__(
         self,
@@ -99,9 +101,7 @@ class COCO(SegmentationFolder):
         check_option("split", split, ("train", "val"))
         check_option("source", source, ("auto", "masks", "json"))
         check_option("mask_values", mask_values, ("index", "category_id"))
-        root = Path(root)
-        if not root.exists():
-            raise FileNotFoundError(f"COCO root {root} does not exist")
+        root = check_root("COCO", root)
         self.root, self.split, self.mask_values = root, split, mask_values
         sub = f"{split}2014"
         img_candidates = [root / sub, root / "images" / sub, root / "JPEGImages" / sub]
@@ -120,7 +120,8 @@ class COCO(SegmentationFolder):
         if mask_dir is not None:
             source = "masks"
         if source == "auto":
-            source = "masks" if found_masks is not None else "json"
+            # label-file-only mode (no masks, no JSON) reads like "masks" without a folder
+            source = "json" if found_masks is None and ann_path.is_file() else "masks"
             if found_masks is None and not ann_path.is_file() and label_file is None:
                 raise FileNotFoundError(
                     f"COCO root {root}: found neither a mask folder "
@@ -128,7 +129,7 @@ class COCO(SegmentationFolder):
                     f"{ann_path}"
                 )
         self.source = source
-        self.mask_dir: Path | None = None
+        self.mask_dir = None
         self._coco: Any = None
         self._ids: dict[str, int] = {}
         if source == "masks":
@@ -152,10 +153,8 @@ class COCO(SegmentationFolder):
             self.names = sorted(p.stem for p in self.mask_dir.glob("*.png"))
         else:
             self.names = sorted(p.stem for p in self.image_dir.glob("*.jpg"))
-        check_files(f"COCO {split!r} images", self.image_dir, self.names, ".jpg")
-        if self.mask_dir is not None:
-            check_files(f"COCO {split!r} masks", self.mask_dir, self.names, ".png")
-        elif self.source == "json":
+        self._check_files()
+        if self.source == "json":
             unknown = [n for n in self.names if n not in self._ids]
             if unknown:
                 raise ValueError(f"COCO {split!r}: {len(unknown)} names are not in {ann_path}, e.g. {unknown[:3]}")
@@ -186,9 +185,6 @@ class COCO(SegmentationFolder):
                 lut[cid] = k + 1
         return lut
 
-    def _image_path(self, index: int) -> Path:
-        return self.image_dir / f"{self.names[index]}.jpg"
-
     def _render(self, image_id: int, size: tuple[int, int]) -> Tensor:
         anns = self._coco.loadAnns(self._coco.getAnnIds(imgIds=[image_id]))
         mask = np.zeros(size, dtype=np.int64)
@@ -214,10 +210,3 @@ class COCO(SegmentationFolder):
         if self.mask_values == "index":
             return raw
         return torch.from_numpy(self._lut[np.clip(raw.numpy(), 0, 255)])
-
-    def __repr__(self) -> str:
-        return (f"COCO(root={str(self.root)!r}, split={self.split!r}, source={self.source!r}, "
-                f"n={len(self)}, transform={self.transform!r})")
-
-
-assert len(COCO_CATEGORY_IDS) == len(COCO_CLASSES)

@@ -116,7 +116,8 @@ class SyntheticScenes(Dataset):
         noise: std of the additive Gaussian pixel noise, in [0, 1] units.
         group_size: number of classes sharing one body appearance (a superclass); the last
             group is smaller when ``group_size`` does not divide ``K``. 1 disables sharing.
-        min_visible: visible fraction an object (and its part) needs to be kept.
+        min_visible: visible fraction in ``(0, 1]`` an object (and its part) needs to be
+            kept (0 would keep fully hidden objects labelled).
         mean: per-channel normalisation mean (ImageNet by default).
         std: per-channel normalisation std (ImageNet by default).
 
@@ -191,7 +192,7 @@ class SyntheticScenes(Dataset):
                     high_inclusive=False)
         check_range("part_hidden", part_hidden, 0.0, 1.0)
         check_range("noise", noise, 0.0)
-        check_range("min_visible", min_visible, 0.0, 1.0)
+        check_range("min_visible", min_visible, 0.0, 1.0, low_inclusive=False)  # > 0: labels == mask
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
             raise ValueError(f"mean/std: expected 3 values each, std > 0; got {mean}, {std}")
 

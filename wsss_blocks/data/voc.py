@@ -9,7 +9,7 @@ from typing import Literal
 from torch import Tensor
 
 from wsss_blocks._validate import check_option
-from wsss_blocks.data._folder import SegmentationFolder, Transform, check_files, read_mask, read_names
+from wsss_blocks.data._folder import SegmentationFolder, Transform, check_root, read_mask, read_names
 from wsss_blocks.data.classes import VOC_CLASSES, VOC_PALETTE
 
 __all__ = ["VOC"]
@@ -18,8 +18,7 @@ _SPLITS = ("train", "train_aug", "val")
 
 
 def _find_voc2012(root: Path) -> Path:
-    if not root.exists():
-        raise FileNotFoundError(f"VOC root {root} does not exist")
+    root = check_root("VOC", root)
     candidates = [root, root / "VOC2012", root / "VOCdevkit" / "VOC2012"]
     for c in candidates:
         if (c / "JPEGImages").is_dir():
@@ -111,7 +110,7 @@ class VOC(SegmentationFolder):
             prefer.reverse()
         found = [self.root / d for d in prefer if (self.root / d).is_dir()]
         if found:
-            self.mask_dir: Path | None = found[0]
+            self.mask_dir = found[0]
         elif label_file is not None:
             self.mask_dir = None
         else:
@@ -119,18 +118,12 @@ class VOC(SegmentationFolder):
                 f"VOC {split!r}: missing mask folder {self.root / prefer[0]} "
                 f"(nor {prefer[1]}); pass label_file= to train without masks"
             )
-        check_files(f"VOC {split!r} images", self.image_dir, self.names, ".jpg")
-        if self.mask_dir is not None:
-            check_files(f"VOC {split!r} masks", self.mask_dir, self.names, ".png")
+        fallback = self.mask_dir is not None and self.mask_dir.name != prefer[0]
+        self._check_files(f" (mask folder {self.root / prefer[0]} is missing, so read "
+                          f"{prefer[1]})" if fallback else "")
         super().__init__(transform, label_file)
-
-    def _image_path(self, index: int) -> Path:
-        return self.image_dir / f"{self.names[index]}.jpg"
 
     def _load_mask(self, index: int, size: tuple[int, int]) -> Tensor | None:
         if self.mask_dir is None:
             return None
         return read_mask(self.mask_dir / f"{self.names[index]}.png")
-
-    def __repr__(self) -> str:
-        return f"VOC(root={str(self.root)!r}, split={self.split!r}, n={len(self)}, transform={self.transform!r})"
