@@ -32,11 +32,12 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore :func:`rng_state`; the torch states may come back on any device (``map_location``)."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].cpu())  # RNG states must be CPU ByteTensors
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def save_checkpoint(path: str, *, net: nn.Module, optimizer: torch.optim.Optimizer,
@@ -61,7 +62,12 @@ def save_checkpoint(path: str, *, net: nn.Module, optimizer: torch.optim.Optimiz
 
 def load_checkpoint(path: str, *, net: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: Any, scaler: Any, map_location: Any = "cpu") -> dict[str, Any]:
-    """Restore a checkpoint in place; returns the payload (``step``, ``history``, ``config``)."""
+    """Restore model, optimiser, scheduler and scaler in place; returns the payload.
+
+    The RNG states are *not* restored here: the caller passes ``payload["rng"]`` to
+    :func:`set_rng_state` right before the first resumed step, after everything that may
+    draw from the global generators (data-loader iterators, evaluation) has been set up.
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--resume: checkpoint {path!r} not found")
     payload = torch.load(path, map_location=map_location, weights_only=False)
@@ -70,5 +76,4 @@ def load_checkpoint(path: str, *, net: nn.Module, optimizer: torch.optim.Optimiz
     scheduler.load_state_dict(payload["scheduler"])
     if scaler is not None and payload.get("scaler") is not None:
         scaler.load_state_dict(payload["scaler"])
-    set_rng_state(payload["rng"])
     return payload

@@ -41,6 +41,7 @@ class TrainConfig:
     embed_dim: int | None = None
     num_heads: int | None = None
     dynamic_size: bool = True
+    drop_path: float = 0.0  # stochastic depth rate (timm drop_path_rate)
     # schedule
     iterations: int | None = None
     batch_size: int | None = None  # per process
@@ -142,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--num-heads", type=int, default=None)
     a("--no-dynamic-size", dest="dynamic_size", action="store_false",
       help="fixed input size (multi-scale evaluation and VOC/COCO validation need dynamic size)")
+    a("--drop-path", type=float, default=0.0, help="stochastic depth rate of the backbone")
     a("--iterations", type=int, default=None)
     a("--batch-size", type=int, default=None, help="per process")
     a("--lr", type=float, default=None, help="backbone learning rate (heads get x head-lr-mult)")
@@ -207,6 +209,7 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.head_lr_mult > 0, "--head-lr-mult", f"expected > 0, got {cfg.head_lr_mult}")
     need(cfg.weight_decay >= 0, "--weight-decay", f"expected >= 0, got {cfg.weight_decay}")
     need(0 < cfg.warmup_ratio <= 1, "--warmup-ratio", f"expected in (0, 1], got {cfg.warmup_ratio}")
+    need(0 <= cfg.drop_path < 1, "--drop-path", f"expected in [0, 1), got {cfg.drop_path}")
     need(cfg.clip_grad is None or cfg.clip_grad > 0, "--clip-grad", f"expected > 0, got {cfg.clip_grad}")
     need(0 <= cfg.low < cfg.high <= 1, "--low/--high",
          f"expected 0 <= low < high <= 1, got low={cfg.low}, high={cfg.high}")

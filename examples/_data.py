@@ -129,8 +129,11 @@ def train_loader(ds: Dataset, cfg: Any, *, start_step: int, end_step: int, rank:
     """Batches of steps ``start_step + 1 .. end_step`` for this rank."""
     sampler = StepBatchSampler(len(ds), cfg.batch_size, seed=cfg.seed, start_step=start_step,  # type: ignore[arg-type]
                                steps=end_step, rank=rank, world=world)
+    # an own generator: creating the iterator must not draw from the global torch RNG
+    # (that would shift dropout / drop-path draws after an exact resume)
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rank)
     return DataLoader(ds, batch_sampler=sampler, num_workers=cfg.workers, collate_fn=collate,
-                      persistent_workers=False, pin_memory=False)
+                      persistent_workers=False, pin_memory=False, generator=gen)
 
 
 def eval_loader(ds: Dataset, num_images: int, batch_size: int, *, rank: int, world: int,
@@ -139,7 +142,8 @@ def eval_loader(ds: Dataset, num_images: int, batch_size: int, *, rank: int, wor
     n = min(num_images, len(ds))  # type: ignore[arg-type]
     indices = list(range(rank, n, world))
     return DataLoader(torch.utils.data.Subset(ds, indices), batch_size=batch_size, shuffle=False,
-                      num_workers=workers, collate_fn=collate)
+                      num_workers=workers, collate_fn=collate,
+                      generator=torch.Generator().manual_seed(rank))  # leaves the global RNG alone
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

@@ -20,6 +20,7 @@ import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -155,13 +156,8 @@ def save_panels(path: str, net: nn.Module, batch: dict[str, Any], *, cfg: Any, d
     pl = pseudo_labels(cam, labels, low=cfg.low, high=cfg.high)
     first = labels.float().argmax(dim=1)
     cam_first = cam[torch.arange(cam.shape[0], device=cam.device), first]
-    pal = None
-    if palette is not None:
-        import numpy as np
-
-        pal = np.zeros((256, 3), dtype=np.uint8)
-        pal[: len(palette)] = np.asarray(palette)[:256]
-        pal[255] = 255
+    # colorize_mask paints 255 (ignore) and values outside the palette white
+    pal = None if palette is None else np.asarray(palette, dtype=np.uint8)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     ncols = min(4, images.shape[0])
     p1, p2 = f"{path}_cam.png", f"{path}_pseudo.png"

@@ -33,10 +33,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from _checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from _checkpoint import load_checkpoint, save_checkpoint, set_rng_state  # noqa: E402
 from _config import DATASET_DEFAULTS, ConfigError, TrainConfig, parse_config  # noqa: E402
 from _data import build_datasets, eval_loader, to_device, train_loader  # noqa: E402
-from _evaluate import evaluate, save_panels
+from _evaluate import evaluate, save_panels  # noqa: E402
 from _evaluate import vis_batch as make_vis_batch  # noqa: E402
 from _optim import build_optimizer, build_scheduler  # noqa: E402
 from _report import JsonlWriter, format_table, plot_curves, read_jsonl  # noqa: E402
@@ -133,6 +133,8 @@ def build_backbone(cfg: TrainConfig) -> nn.Module:
     for name in ("patch_size", "depth", "embed_dim", "num_heads"):
         if getattr(cfg, name) is not None:
             kw[name] = getattr(cfg, name)
+    if cfg.drop_path > 0:
+        kw["drop_path_rate"] = cfg.drop_path
     if cfg.pretrained is not None:
         kw.update(pretrained=True, pretrained_cfg_overlay={"file": os.path.abspath(cfg.pretrained)})
     try:
@@ -199,7 +201,10 @@ def _train_one(cfg: TrainConfig, out_dir: str, dist: _Dist) -> dict[str, Any]:
         options = parse_options(recipe_cls, cfg.opts)
     except ValueError as err:
         raise ConfigError(str(err)) from err
-    recipe = recipe_cls(backbone, k, cfg, options, dict(info, data=cfg.data))
+    try:
+        recipe = recipe_cls(backbone, k, cfg, options, dict(info, data=cfg.data))
+    except (ValueError, TypeError) as err:  # option checks against the model / data
+        raise ConfigError(f"--recipe {cfg.recipe}: {err}") from err
     net = TrainNet(backbone, recipe).to(device)
     optimizer = build_optimizer(net.backbone, net.recipe, lr=cfg.lr, head_lr_mult=cfg.head_lr_mult,
                                 weight_decay=cfg.weight_decay)
@@ -212,7 +217,7 @@ def _train_one(cfg: TrainConfig, out_dir: str, dist: _Dist) -> dict[str, Any]:
                                 "num_classes": k, "output": out_dir}
     ckpt_path = os.path.join(out_dir, "last.pt")
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
-    start_step, history = 0, []
+    start_step, history, rng = 0, [], None
     resume = cfg.resume
     if resume == "auto":
         resume = ckpt_path if os.path.isfile(ckpt_path) else None
@@ -220,11 +225,11 @@ def _train_one(cfg: TrainConfig, out_dir: str, dist: _Dist) -> dict[str, Any]:
         payload = load_checkpoint(resume, net=net, optimizer=optimizer, scheduler=scheduler,
                                   scaler=scaler, map_location=device)
         start_step, history = int(payload["step"]), list(payload["history"])
+        rng = payload["rng"]  # restored right before the first resumed step
         say(f"[{cfg.recipe}] resumed from {resume} at step {start_step}")
     if dist.is_main:
-        save_config_json = dict(resolved)
         with open(os.path.join(out_dir, "config.json"), "w") as fh:
-            json.dump(save_config_json, fh, indent=2)
+            json.dump(resolved, fh, indent=2)
         # keep the log consistent with the checkpoint: drop records after start_step
         kept = [r for r in read_jsonl(metrics_path) if r.get("step", 0) <= start_step]
         with open(metrics_path, "w") as fh:
@@ -279,6 +284,7 @@ def _train_one(cfg: TrainConfig, out_dir: str, dist: _Dist) -> dict[str, Any]:
                     leave=False)
     sums: dict[str, torch.Tensor] = {}
     count = 0
+    extra: dict[str, float] = {}  # recipe values (pool statistics) for the next log line
     t_train = time.time()
     eval_time = 0.0
     net.train()
@@ -289,7 +295,10 @@ def _train_one(cfg: TrainConfig, out_dir: str, dist: _Dist) -> dict[str, Any]:
                           world=dist.world)
     step = start_step
     ckpt_every = cfg.ckpt_every or cfg.eval_every
-    for step, batch in enumerate(loader, start=start_step + 1):
+    batches = iter(loader)
+    if rng is not None:
+        set_rng_state(rng)  # after everything above that may draw from the global RNGs
+    for step, batch in enumerate(batches, start=start_step + 1):
         batch = to_device(batch, device)
         with autocast():
             terms = model(batch, step)
@@ -310,12 +319,12 @@ def _train_one(cfg: TrainConfig, out_dir: str, dist: _Dist) -> dict[str, Any]:
             optimizer.step()
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
-        extra = recipe.after_step(step, services) or {}
+        extra.update(recipe.after_step(step, services) or {})
         for name, term in terms.items():
             sums[name] = sums.get(name, 0) + term.value.detach().float()
         sums["total"] = sums.get("total", 0) + total.detach()
         count += 1
-        if step % cfg.log_every == 0 or step == cfg.iterations:
+        if step % cfg.log_every == 0 or step == end_step:  # end_step: also a --stop-after stop
             means = _all_mean({n: v / count for n, v in sums.items()}, dist)
             record = {"kind": "train", "step": step, "lr": lr,
                       **{f"loss/{n}": v for n, v in means.items()}, **extra,
@@ -323,13 +332,12 @@ def _train_one(cfg: TrainConfig, out_dir: str, dist: _Dist) -> dict[str, Any]:
             writer.write(record)
             if pbar is not None:
                 pbar.set_postfix({n: f"{v:.3g}" for n, v in means.items()}, refresh=False)
-            sums, count = {}, 0
+            sums, count, extra = {}, 0, {}
         if pbar is not None:
             pbar.update(1)
-        if step % cfg.eval_every == 0 or step == cfg.iterations:
+        if step % cfg.eval_every == 0 and step != cfg.iterations:  # the final one runs below
             t = time.time()
-            if step != cfg.iterations:
-                run_eval(step)
+            run_eval(step)
             eval_time += time.time() - t
         if (step % ckpt_every == 0 or step == end_step) and dist.is_main:
             save_checkpoint(ckpt_path, net=net, optimizer=optimizer, scheduler=scheduler,

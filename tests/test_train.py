@@ -86,9 +86,12 @@ def test_pictures_curves_and_comparison(tmp_path: Path) -> None:
 
 
 def test_resume_is_exact(tmp_path: Path) -> None:
-    args = [*TINY, "--recipe", "cpews", "--iterations", "6", "--eval-every", "6", "--ckpt-every", "3",
-            "--opt", "pool_step=2", "--opt", "pool_images=8", "--opt", "num_prototypes=2",
-            "--opt", "capacity=16", "--no-plots"]
+    # drop-path makes every step draw from the global torch RNG, so a resume that loses or
+    # shifts the RNG state changes the losses after the stop; the stop (step 3) is not a
+    # checkpoint step (--ckpt-every 4), and the pool is built before it (step 2)
+    args = [*TINY, "--recipe", "cpews", "--iterations", "6", "--eval-every", "6", "--ckpt-every", "4",
+            "--drop-path", "0.5", "--opt", "pool_step=2", "--opt", "pool_images=8",
+            "--opt", "num_prototypes=2", "--opt", "capacity=16", "--no-plots"]
     full = train.main([*args, "--output", str(tmp_path / "full")])
     part = train.main([*args, "--output", str(tmp_path / "split"), "--stop-after", "3"])
     assert not part["finished"] and part["steps"] == 3
@@ -99,6 +102,31 @@ def test_resume_is_exact(tmp_path: Path) -> None:
     for step in range(1, 7):
         assert a[step] == b[step], (step, a[step], b[step])
     assert full["final"] == resumed["final"]
+
+
+def test_resume_without_rng_restore_differs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The resume test above can fail: skipping the RNG restore changes the resumed losses."""
+    args = [*TINY, "--recipe", "baseline", "--iterations", "4", "--eval-every", "4",
+            "--drop-path", "0.5", "--no-plots"]
+    train.main([*args, "--output", str(tmp_path / "full")])
+    train.main([*args, "--output", str(tmp_path / "split"), "--stop-after", "2"])
+    monkeypatch.setattr(train, "set_rng_state", lambda state: None)
+    train.main([*args, "--output", str(tmp_path / "split"), "--resume", "auto"])
+    a, b = _losses(tmp_path / "full"), _losses(tmp_path / "split")
+    assert [a[s] == b[s] for s in (1, 2)] == [True, True]
+    assert a[3] != b[3]
+
+
+def test_log_keeps_recipe_values_and_flushes_at_stop(tmp_path: Path) -> None:
+    # pool statistics come at step 1, which is not a logging step (--log-every 2); the stop
+    # after step 3 is mid-interval: its partial loss mean must still be written
+    train.main([*TINY, "--recipe", "cpews", "--iterations", "6", "--log-every", "2", "--stop-after", "3",
+                "--opt", "pool_step=1", "--opt", "pool_images=8", "--opt", "num_prototypes=2",
+                "--opt", "capacity=16", "--no-plots", "--output", str(tmp_path)])
+    recs = [r for r in _records(tmp_path) if r["kind"] == "train"]
+    assert [r["step"] for r in recs] == [2, 3]
+    assert recs[0]["pool/positives_per_class"] > 0 and "pool/positives_per_class" not in recs[1]
+    assert math.isfinite(recs[1]["loss/total"])
 
 
 def test_step_sampler_is_a_function_of_step() -> None:
@@ -137,6 +165,106 @@ def test_poly_warmup_schedule_and_head_lr() -> None:
     assert poly_warmup_factor(4, warmup=4, max_steps=20) == pytest.approx(0.8 ** 0.9)  # ToCo's jump
 
 
+def _real_optimizer(name: str) -> tuple[torch.nn.Module, torch.nn.Module, torch.optim.Optimizer]:
+    from _data import build_datasets
+    from recipes import parse_options
+
+    cfg = parse_config([*TINY, "--recipe", name, *RECIPE_OPTS[name]])
+    backbone = train.build_backbone(cfg)
+    _, _, info = build_datasets(cfg)
+    recipe_cls = RECIPES[name]
+    recipe = recipe_cls(backbone, info["num_classes"], cfg, parse_options(recipe_cls, cfg.opts),
+                        dict(info, data=cfg.data))
+    opt = build_optimizer(backbone, recipe, lr=cfg.lr, head_lr_mult=cfg.head_lr_mult,
+                          weight_decay=cfg.weight_decay)
+    return backbone, recipe, opt
+
+
+@pytest.mark.parametrize("name", sorted(RECIPE_OPTS))
+def test_real_recipe_parameter_groups(name: str) -> None:
+    backbone, recipe, opt = _real_optimizer(name)
+    groups = {g["name"]: g for g in opt.param_groups}
+    lr = groups["backbone"]["lr"]
+    n_opt = sum(p.numel() for g in opt.param_groups for p in g["params"])
+    assert n_opt == sum(p.numel() for p in [*backbone.parameters(), *recipe.parameters()])
+    if name in ("baseline", "cpews"):  # new classifier heads at 10x
+        heads = {id(p) for p in groups["heads"]["params"]}
+        assert heads and heads == {id(p) for p in recipe.parameters()}
+        assert groups["heads"]["lr"] == pytest.approx(10 * lr)
+    else:  # mct / doei: the K class tokens live in the backbone and train at 1x (MCTformer)
+        assert "heads" not in groups and not list(recipe.parameters())
+        assert backbone.cls_token.shape[1] == recipe.num_classes
+        assert any(p is backbone.cls_token for p in groups["backbone"]["params"])
+
+
+def test_clip_grad_is_applied(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = []
+    original = torch.nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm, *args, **kwargs):  # noqa: ANN001, ANN202 - test double
+        params = list(params)
+        before = original(params, max_norm, *args, **kwargs)
+        after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+        seen.append((max_norm, float(before), float(after)))
+        return before
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    train.main([*TINY, "--recipe", "baseline", "--iterations", "2", "--clip-grad", "1e-3",
+                "--no-plots", "--output", str(tmp_path)])
+    assert len(seen) == 2
+    for max_norm, before, after in seen:
+        assert max_norm == 1e-3 and before > 1e-3 and after <= 1e-3 * (1 + 1e-4)
+
+
+class _EncodedCAM(torch.nn.Module):
+    """Evaluation stand-in: the 'CAM' of an image is its first K channels (patch size 1)."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.backbone = torch.nn.Identity()  # no patch_embed: CAM at pixel resolution
+        self.recipe = torch.nn.Module()
+        self.recipe.cam = lambda backbone, images, labels: images[:, :k]
+
+
+def _eval_cfg(**kw: float) -> object:
+    import types
+
+    base = dict(eval_scales=(1.0,), eval_flip=False, cam_threshold=0.4, low=0.25, high=0.7)
+    return types.SimpleNamespace(**(base | kw))
+
+
+def test_evaluate_perfect_cam_scores_one() -> None:
+    from _evaluate import evaluate
+
+    k = 3
+    mask = torch.randint(0, k + 1, (2, 8, 8), generator=torch.Generator().manual_seed(0))
+    mask[:, 0, 0] = 3
+    mask[:, -1, :] = 255  # ignored pixels are not counted
+    onehot = torch.nn.functional.one_hot(mask.clamp(max=k), k + 2).permute(0, 3, 1, 2).float()
+    images = onehot[:, 1:k + 1]  # class c + 1 -> channel c
+    labels = images.amax(dim=(2, 3))
+    batch = {"image": images, "labels": labels, "mask": mask}
+    out = evaluate(_EncodedCAM(k), [batch], num_classes=k, cfg=_eval_cfg(), device=torch.device("cpu"))
+    assert out["cam_miou"] == 1.0 and out["cam_miou_best"] == 1.0
+    assert out["pseudo_miou"] == 1.0 and out["pseudo_coverage"] == 1.0
+
+
+def test_evaluate_known_answer() -> None:
+    """One class, GT row [bg, bg, fg, fg], CAM row [0, 0.5, 1, 1] (hand-computed metrics)."""
+    from _evaluate import evaluate
+
+    cam = torch.tensor([0.0, 0.5, 1.0, 1.0]).view(1, 1, 1, 4)
+    batch = {"image": cam.repeat(1, 3, 1, 1), "labels": torch.ones(1, 1),
+             "mask": torch.tensor([[[0, 0, 1, 1]]])}
+    out = evaluate(_EncodedCAM(1), [batch], num_classes=1, cfg=_eval_cfg(), device=torch.device("cpu"))
+    # threshold 0.4: prediction [bg, fg, fg, fg]: IoU bg 1/2, fg 2/3
+    assert out["cam_miou"] == pytest.approx((1 / 2 + 2 / 3) / 2)
+    # thresholds >= 0.5 put the 0.5 pixel in the background: perfect, first at 0.5
+    assert out["cam_miou_best"] == 1.0 and out["best_threshold"] == 0.5
+    # pseudo labels (low 0.25, high 0.7): [bg, ignore, fg, fg] -> exact on 3 of 4 pixels
+    assert out["pseudo_miou"] == 1.0 and out["pseudo_coverage"] == pytest.approx(0.75)
+
+
 @pytest.mark.parametrize(
     ("argv", "match"),
     [
@@ -167,6 +295,11 @@ def test_runtime_config_errors(tmp_path: Path) -> None:
         train.main([*base, "--recipe", "cpews", "--opt", "pool_step=soon"])
     with pytest.raises(ConfigError, match="--model"):
         train.main([*base, "--recipe", "baseline", "--model", "no_such_model_xyz"])
+    # recipe constructor checks against the model become ConfigErrors too (clean CLI exit)
+    with pytest.raises(ConfigError, match="--recipe cpews: block index -3 is out of range"):
+        train.main([*base, "--recipe", "cpews", "--depth", "2"])  # default aux_layer=-3
+    with pytest.raises(ConfigError, match="--recipe mct: --opt last_k: expected >= 1"):
+        train.main([*base, "--recipe", "mct", "--opt", "last_k=0"])
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="fp16 needs CUDA"):
             train.main([*base, "--recipe", "baseline", "--amp", "fp16"])

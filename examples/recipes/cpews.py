@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from recipes import register
 from recipes.base import LoopServices, LossTerm, Recipe
 from wsss_blocks.cam import normalize_cam, token_pseudo_labels
-from wsss_blocks.cpews import CPEWS_PRESETS, CPEWSHead, CPEWSLoss, PrototypePool, cpews_taps
+from wsss_blocks.cpews import CPEWS_PRESETS, CPEWSHead, CPEWSLoss, PDLLoss, PrototypePool, SSLLoss, cpews_taps
 from wsss_blocks.tokens import resolve_block_index
 
 
@@ -67,10 +67,9 @@ class CPEWSRecipe(Recipe):
         self.head = CPEWSHead(dim, num_classes)
         pool = PrototypePool(num_classes, dim, num_prototypes=o.num_prototypes, capacity=o.capacity,
                              superclasses=superclasses, seed=int(config.seed), **preset["pool"])
-        self.loss = CPEWSLoss(pool, weights=weights if weights != preset["loss"] else o.preset)
-        if weights != preset["loss"]:  # explicit weights: keep the preset's sub-loss settings
-            from wsss_blocks.cpews import PDLLoss, SSLLoss
-
+        if weights == preset["loss"]:
+            self.loss = CPEWSLoss(pool, weights=o.preset)
+        else:  # explicit weights: keep the preset's sub-loss settings
             self.loss = CPEWSLoss(pool, weights=weights, pdl=PDLLoss(**preset["pdl"]),
                                   ssl=SSLLoss(**preset["ssl"]))
         self.pool_step = o.pool_step or max(1, round(o.pool_fraction * int(config.iterations)))
