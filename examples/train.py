@@ -31,8 +31,6 @@ if _HERE not in sys.path:
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
 from _checkpoint import load_checkpoint, save_checkpoint, set_rng_state  # noqa: E402
 from _config import DATASET_DEFAULTS, ConfigError, TrainConfig, parse_config  # noqa: E402
 from _data import build_datasets, eval_loader, to_device, train_loader  # noqa: E402
@@ -41,6 +39,7 @@ from _evaluate import vis_batch as make_vis_batch  # noqa: E402
 from _optim import build_optimizer, build_scheduler  # noqa: E402
 from _report import JsonlWriter, format_table, plot_curves, read_jsonl  # noqa: E402
 from recipes import LoopServices, Recipe, get_recipe, parse_options  # noqa: E402
+from torch import nn  # noqa: E402
 
 __all__ = ["main", "TrainNet", "build_backbone"]
 

@@ -139,7 +139,7 @@ def test_pseudo_labels_edge_cases_and_errors():
     assert torch.all(pseudo_labels(cam, torch.zeros(2, 3)) == 0)  # no present class
     all_invalid = torch.zeros(2, 4, 4, dtype=torch.bool)
     assert torch.all(pseudo_labels(cam, torch.ones(2, 3), valid=all_invalid) == 255)
-    with pytest.raises(ShapeError, match="low=0.7 must be smaller than high=0.25"):
+    with pytest.raises(ValueError, match="low=0.7 must be smaller than high=0.25"):
         pseudo_labels(cam, torch.ones(2, 3), low=0.7, high=0.25)
     with pytest.raises(ShapeError, match="valid: expected shape \\(B=2"):
         pseudo_labels(cam, torch.ones(2, 3), valid=torch.ones(1, 4, 4, dtype=torch.bool))

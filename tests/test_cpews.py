@@ -8,11 +8,10 @@ import pytest
 import torch
 
 from wsss_blocks._validate import ShapeError
+from wsss_blocks.constants import COCO_CLASSES, VOC_CLASSES
 from wsss_blocks.cpews import (
-    COCO_CLASSES,
     COCO_SUPERCLASSES,
     CPEWS_PRESETS,
-    VOC_CLASSES,
     VOC_SUPERCLASSES,
     CPEWSHead,
     ISMLoss,

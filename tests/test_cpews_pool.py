@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from wsss_blocks._validate import ShapeError
-from wsss_blocks.cpews import CPEWS_PRESETS, VOC_CLASSES, PrototypePool, pdl_loss, region_embeddings
+from wsss_blocks.constants import VOC_CLASSES
+from wsss_blocks.cpews import CPEWS_PRESETS, PrototypePool, pdl_loss, region_embeddings
 
 
 # ----------------------------------------------------------------------------- region embeddings

@@ -12,11 +12,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from wsss_blocks.constants import COCO_CATEGORY_IDS, COCO_CATEGORY_TO_INDEX, COCO_CLASSES
 from wsss_blocks.data import (
     COCO,
-    COCO_CATEGORY_IDS,
-    COCO_CATEGORY_TO_INDEX,
-    COCO_CLASSES,
     TrainTransform,
     collate,
 )

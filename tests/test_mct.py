@@ -5,13 +5,12 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from timm.layers import PatchDropout
 from _timm_helpers import set_fused
+from timm.layers import PatchDropout
 from torch import nn
 
 from wsss_blocks import doei, mct
 from wsss_blocks._validate import ShapeError
-
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -1,8 +1,10 @@
+import numpy as np
 import pytest
 import torch
 
+from wsss_blocks import ShapeError
 from wsss_blocks._validate import (
-    ShapeError,
+    check_int,
     check_labels,
     check_option,
     check_range,
@@ -76,9 +78,9 @@ def test_option_threshold_range_size():
     with pytest.raises(ValueError, match=r"^mode: expected one of \['a', 'b'\], got 'c'$"):
         check_option("mode", "c", ("a", "b"))
     check_thresholds("low", 0.1, "high", 0.2)
-    with pytest.raises(ShapeError, match="^low=0.2 must be smaller than high=0.2$"):
+    with pytest.raises(ValueError, match="^low=0.2 must be smaller than high=0.2$"):
         check_thresholds("low", 0.2, "high", 0.2)
-    with pytest.raises(ShapeError, match="high: expected a finite threshold"):
+    with pytest.raises(ValueError, match="high: expected a finite threshold"):
         check_thresholds("low", 0.2, "high", float("nan"))
     assert check_range("a", 1.0, 0.0, 1.0) == 1.0
     with pytest.raises(ValueError, match=r"^a: expected a value in \[0.0, 1.0\), got 1.0$"):
@@ -86,6 +88,39 @@ def test_option_threshold_range_size():
     with pytest.raises(ValueError, match="got nan"):
         check_range("a", float("nan"))
     assert check_size("size", (3, 4)) == (3, 4)
-    for bad in ((3,), (0, 4), "ab", None):
+    for bad in ((3,), (0, 4), None):
         with pytest.raises(ValueError, match="^size: expected"):
             check_size("size", bad)
+    for bad in ((2.7, 3.2), (2.0, 3), ("a", "b")):  # never truncated
+        with pytest.raises(ValueError, match=r"^size\[0\]: expected an int"):
+            check_size("size", bad)
+
+
+def test_check_int_is_the_one_integer_validator():
+    assert check_int("n", 3) == 3
+    assert check_int("n", np.int64(4), low=0) == 4
+    assert check_int("n", torch.tensor(5)) == 5
+    assert type(check_int("n", np.int64(4))) is int
+    for bad in (2.7, 2.0, True, "3", None, torch.tensor(1.0)):
+        with pytest.raises(ValueError, match=r"^n: expected an int, got "):
+            check_int("n", bad)
+    with pytest.raises(ValueError, match=r"^n: expected an int >= 1, got 0$"):
+        check_int("n", 0, low=1)
+    with pytest.raises(ValueError, match=r"^n: expected an int <= 2, got 3$"):
+        check_int("n", 3, high=2)
+    with pytest.raises(ValueError, match=r"^n: expected an int in \[0, 2\], got -1$"):
+        check_int("n", -1, low=0, high=2)
+
+
+def test_integer_arguments_are_not_truncated():
+    import timm
+
+    from wsss_blocks.prototypes import kmeans
+    from wsss_blocks.tokens import resolve_block_index
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2)
+    assert resolve_block_index(model, -1) == 1
+    with pytest.raises(ValueError, match="index: expected an int, got 1.9"):
+        resolve_block_index(model, 1.9)
+    with pytest.raises(ValueError, match="num_clusters: expected an int, got 2.5"):
+        kmeans(torch.randn(1, 4, 2), 2.5)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from wsss_blocks.data import VOC_PALETTE, SyntheticScenes, normalize
+from wsss_blocks.constants import VOC_PALETTE
+from wsss_blocks.data import SyntheticScenes, normalize
 from wsss_blocks.viz import colorize_mask, denormalize, overlay, save_grid
 
 pytest.importorskip("matplotlib")

@@ -8,18 +8,18 @@ Everything here reads the model's own attention without changing how timm comput
 * :func:`class_row_attention`, :func:`row_logsumexp` and :func:`patch_patch_attention` build
   the few attention rows a method needs without keeping a ``(B, heads, N, N)`` tensor alive;
 * :class:`QKVTap` hooks ``attn.qkv`` of chosen modules and hands their output to a callback;
-* :func:`check_int` and :func:`default_class_tokens` validate the shared arguments.
+* :func:`default_class_tokens` validates the shared class-token count.
 """
 
 from __future__ import annotations
 
-import contextlib
-import operator
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from wsss_blocks._validate import check_int
 
 __all__ = [
     "supported_attention_classes",
@@ -28,21 +28,9 @@ __all__ = [
     "class_row_attention",
     "row_logsumexp",
     "patch_patch_attention",
-    "no_autocast",
     "QKVTap",
-    "check_int",
     "default_class_tokens",
 ]
-
-
-def check_int(name: str, value: Any) -> int:
-    """``value`` as an ``int``; ``ValueError`` naming ``name`` for bools and non-integers (no truncation)."""
-    if not isinstance(value, bool):
-        try:
-            return operator.index(value)
-        except TypeError:
-            pass
-    raise ValueError(f"{name}: expected an int, got {value!r}")
 
 
 def default_class_tokens(model: nn.Module, num_class_tokens: int | None) -> int:
@@ -120,13 +108,6 @@ def qk_from_qkv(attn: nn.Module, qkv: Tensor) -> tuple[Tensor, Tensor]:
     if k_norm is not None:
         k = k_norm(k)
     return q, k
-
-
-def no_autocast(device_type: str) -> contextlib.AbstractContextManager[Any]:
-    """A context that disables autocast on ``device_type`` (no-op for unknown types)."""
-    if device_type in ("cpu", "cuda", "xpu", "mps", "hpu"):
-        return torch.autocast(device_type=device_type, enabled=False)
-    return contextlib.nullcontext()
 
 
 def class_row_attention(q: Tensor, k: Tensor, num_rows: int) -> Tensor:

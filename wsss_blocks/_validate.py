@@ -20,6 +20,7 @@ environment variable ``WSSS_BLOCKS_CHECKS=0`` turns off every check.
 from __future__ import annotations
 
 import math
+import operator
 import os
 from collections.abc import Collection, MutableMapping, Sequence
 from typing import Any
@@ -36,6 +37,7 @@ __all__ = [
     "check_thresholds",
     "check_range",
     "check_size",
+    "check_int",
     "checks_enabled",
 ]
 
@@ -243,7 +245,7 @@ def check_thresholds(low_name: str, low: float, high_name: str, high: float) -> 
     """Check that two thresholds are finite and strictly ordered, ``low < high``.
 
     Raises:
-        ShapeError: when ``low >= high`` or either is not finite.
+        ValueError: when ``low >= high`` or either is not finite.
 
     Example:
         >>> check_thresholds("low", 0.25, "high", 0.7)
@@ -255,9 +257,9 @@ def check_thresholds(low_name: str, low: float, high_name: str, high: float) -> 
     """
     for n, v in ((low_name, low), (high_name, high)):
         if not math.isfinite(float(v)):
-            raise ShapeError(f"{n}: expected a finite threshold, got {v}")
+            raise ValueError(f"{n}: expected a finite threshold, got {v}")
     if not low < high:
-        raise ShapeError(f"{low_name}={low} must be smaller than {high_name}={high}")
+        raise ValueError(f"{low_name}={low} must be smaller than {high_name}={high}")
 
 
 def check_range(
@@ -294,17 +296,67 @@ def check_range(
     return value
 
 
+def check_int(name: str, value: Any, *, low: int | None = None, high: int | None = None) -> int:
+    """``value`` as an ``int`` inside ``[low, high]`` (``None`` bounds are open).
+
+    The one integer validator of the package: it accepts Python ints and integer-like
+    objects (``operator.index``: numpy / 0-dim integer tensors) and never truncates, so
+    ``2.7`` and ``2.0`` are errors, not 2. Bools are rejected.
+
+    Raises:
+        ValueError: naming ``name`` and showing the value and the allowed range.
+
+    Example:
+        >>> check_int("iters", 10, low=0)
+        10
+        >>> try:
+        ...     check_int("num_clusters", 2.7, low=1)
+        ... except ValueError as err:
+        ...     print(err)
+        num_clusters: expected an int, got 2.7
+        >>> try:
+        ...     check_int("num_clusters", 0, low=1)
+        ... except ValueError as err:
+        ...     print(err)
+        num_clusters: expected an int >= 1, got 0
+    """
+    out: int | None = None
+    if not isinstance(value, bool):
+        try:
+            out = operator.index(value)
+        except TypeError:
+            out = None
+    if out is None:
+        raise ValueError(f"{name}: expected an int, got {value!r}")
+    if low is not None and high is not None and not low <= out <= high:
+        raise ValueError(f"{name}: expected an int in [{low}, {high}], got {out}")
+    if low is not None and out < low:
+        raise ValueError(f"{name}: expected an int >= {low}, got {out}")
+    if high is not None and out > high:
+        raise ValueError(f"{name}: expected an int <= {high}, got {out}")
+    return out
+
+
 def check_size(name: str, size: Any) -> tuple[int, int]:
     """Check a spatial size given as ``(h, w)`` positive ints; return it as a tuple.
+
+    Entries go through :func:`check_int`: ``(2.7, 3.2)`` is an error, not ``(2, 3)``.
 
     Example:
         >>> check_size("size", [28, 14])
         (28, 14)
+        >>> try:
+        ...     check_size("size", [2.7, 3.2])
+        ... except ValueError as err:
+        ...     print(err)
+        size[0]: expected an int, got 2.7
     """
     try:
-        h, w = (int(s) for s in size)
+        h, w = size
     except (TypeError, ValueError):
         raise ValueError(f"{name}: expected a pair (h, w) of ints, got {size!r}") from None
+    h = check_int(f"{name}[0]", h)
+    w = check_int(f"{name}[1]", w)
     if h <= 0 or w <= 0:
         raise ValueError(f"{name}: expected positive sizes, got {size!r}")
     return h, w

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from wsss_blocks._utils import no_autocast
 from wsss_blocks._validate import (
     ShapeError,
     check_labels,
@@ -336,7 +337,7 @@ def masked_average_pool(
     size = (dims["h"], dims["w"])
     tokens = features_as_tokens("features", features, size, dims)
     dtype = torch.promote_types(torch.promote_types(tokens.dtype, weights.dtype), torch.float32)
-    with torch.autocast(device_type=tokens.device.type, enabled=False):
+    with no_autocast(tokens.device.type):
         w = weights.to(dtype)
         if threshold is not None:
             w = (w > threshold).to(dtype)

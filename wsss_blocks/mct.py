@@ -16,15 +16,14 @@ from torch import Tensor, nn
 
 from wsss_blocks._attention_capture import (
     QKVTap,
-    check_int,
     class_row_attention,
     default_class_tokens,
     find_attention_modules,
-    no_autocast,
     patch_patch_attention,
     qk_from_qkv,
 )
-from wsss_blocks._validate import ShapeError, check_option, check_shape
+from wsss_blocks._utils import no_autocast
+from wsss_blocks._validate import ShapeError, check_int, check_option, check_shape
 from wsss_blocks.tokens import patch_grid
 
 __all__ = ["add_class_tokens", "final_tokens", "class_scores", "attention_cams"]
@@ -56,8 +55,7 @@ def add_class_tokens(model: nn.Module, num_classes: int) -> nn.Module:
         >>> m.cls_token.shape, m.pos_embed.shape, m.num_prefix_tokens
         (torch.Size([1, 3, 32]), torch.Size([1, 7, 32]), 3)
     """
-    if isinstance(num_classes, bool) or int(num_classes) != num_classes or num_classes < 1:
-        raise ValueError(f"num_classes: expected an int >= 1, got {num_classes!r}")
+    c = check_int("num_classes", num_classes, low=1)
     cls = getattr(model, "cls_token", None)
     if cls is None:
         raise ValueError(f"{type(model).__name__} has no class token (cls_token is None)")
@@ -65,7 +63,6 @@ def add_class_tokens(model: nn.Module, num_classes: int) -> nn.Module:
         raise ValueError(f"model already has {cls.shape[1]} class tokens; expected exactly one")
     if getattr(model, "dist_token", None) is not None:
         raise ValueError("models with a distillation token are not supported")
-    c = int(num_classes)
     if c == 1:
         return model
     with torch.no_grad():

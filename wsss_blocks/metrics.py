@@ -25,16 +25,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from wsss_blocks._validate import ShapeError, check_tensor
-from wsss_blocks.prototypes import world_size
+from wsss_blocks._distributed import world_size
+from wsss_blocks._validate import ShapeError, check_int, check_tensor
 
 __all__ = ["confusion_matrix", "iou_from_confusion", "MeanIoU"]
-
-
-def _check_num_classes(num_classes: object) -> int:
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes: expected an int >= 1, got {num_classes!r}")
-    return num_classes
 
 
 def _check_values(name: str, x: Tensor, num_classes: int, ignore_index: int) -> None:
@@ -82,7 +76,7 @@ def confusion_matrix(
         tensor([[1, 1],
                 [0, 1]])
     """
-    c = _check_num_classes(num_classes)
+    c = check_int("num_classes", num_classes, low=1)
     check_tensor("pred", pred, dtype="int")
     check_tensor("target", target, dtype="int")
     if pred.shape != target.shape:
@@ -177,8 +171,8 @@ class MeanIoU(nn.Module):
         class_names: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
-        self.num_classes = _check_num_classes(num_classes)
-        self.ignore_index = int(ignore_index)
+        self.num_classes = check_int("num_classes", num_classes, low=1)
+        self.ignore_index = check_int("ignore_index", ignore_index)
         if class_names is not None:
             class_names = list(class_names)
             if len(class_names) != num_classes:

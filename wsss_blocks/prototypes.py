@@ -15,20 +15,13 @@ collective that synchronises anyway.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
-from wsss_blocks._validate import ShapeError, check_shape
+from wsss_blocks._distributed import all_gather_rows, world_size
+from wsss_blocks._utils import no_autocast
+from wsss_blocks._validate import check_int, check_shape
 
-__all__ = ["kmeans", "ClassBank", "all_gather_rows", "world_size"]
-
-
-def _check_int(name: str, value: object, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name}: expected an int, got {value!r}")
-    if value < low:
-        raise ValueError(f"{name}: expected an int >= {low}, got {value}")
-    return value
+__all__ = ["kmeans", "ClassBank"]
 
 
 def _kmeans_pp_init(
@@ -129,15 +122,15 @@ def kmeans(
     dims = check_shape("x", x, ["G", "N", "D"], dtype="float")
     if valid is not None:
         check_shape("valid", valid, ["G", "N"], dims, dtype="bool")
-    k = _check_int("num_clusters", num_clusters, 1)
-    _check_int("iters", iters, 0)
+    k = check_int("num_clusters", num_clusters, low=1)
+    check_int("iters", iters, low=0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed: expected an int, got {seed!r}")
 
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     g, n, d = x.shape
     device = x.device
-    with torch.autocast(device_type=device.type, enabled=False):
+    with no_autocast(device.type):
         x = x.to(dtype)
         if valid is None:
             valid = torch.ones((g, n), dtype=torch.bool, device=device)
@@ -174,65 +167,6 @@ def kmeans(
         out = torch.where(use_small[:, :, None], small, centres)
         out_valid = torch.where(use_small, small_valid, torch.ones_like(small_valid))
     return out, out_valid
-
-
-def world_size() -> int:
-    """Number of ranks of the initialised ``torch.distributed`` group, else 1.
-
-    Example:
-        >>> world_size()
-        1
-    """
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
-
-
-def all_gather_rows(*tensors: Tensor) -> tuple[Tensor, ...]:
-    """All-gather batch-first tensors from every rank, in rank order; ranks may differ in B.
-
-    Each rank's rows are padded with zeros to the largest batch, gathered, and
-    concatenated in rank order. The last returned tensor marks the real (non-padding)
-    rows. Bool tensors are sent as uint8 and come back as bool. Outside an initialised
-    ``torch.distributed`` run (or with one rank) the inputs come back as they are. One
-    host read of the largest batch size is needed to pad (after a collective).
-
-    Args:
-        tensors: tensors sharing their first dimension ``B`` (on the process group's device).
-
-    Shape:
-        - tensors: ``(B, ...)`` each
-        - output: ``(B_total, ...)`` each, then ``real (B_total,)`` bool
-
-    Example:
-        >>> x, real = all_gather_rows(torch.ones(3, 2))   # single process: unchanged
-        >>> x.shape, real.tolist()
-        (torch.Size([3, 2]), [True, True, True])
-    """
-    if not tensors:
-        raise ValueError("all_gather_rows: expected at least one tensor")
-    batch = tensors[0].shape[0]
-    for i, t in enumerate(tensors):
-        if t.shape[0] != batch:
-            raise ShapeError(f"tensors[{i}]: expected first dim {batch}, got shape {tuple(t.shape)}")
-    real = torch.ones(batch, dtype=torch.bool, device=tensors[0].device)
-    world = world_size()
-    if world == 1:
-        return (*tensors, real)
-    size = torch.tensor([batch], dtype=torch.long, device=real.device)
-    sizes = [torch.zeros_like(size) for _ in range(world)]
-    dist.all_gather(sizes, size)
-    bmax = int(torch.cat(sizes).max())  # sync-ok: after a collective, needed to pad
-    out = []
-    for t in (*tensors, real):
-        send = t.to(torch.uint8) if t.dtype == torch.bool else t
-        if bmax > batch:
-            send = torch.cat([send, send.new_zeros((bmax - batch, *send.shape[1:]))])
-        parts = [torch.empty_like(send) for _ in range(world)]
-        dist.all_gather(parts, send.contiguous())
-        joined = torch.cat(parts)
-        out.append(joined.bool() if t.dtype == torch.bool else joined)
-    return tuple(out)
 
 
 class ClassBank(nn.Module):
@@ -292,9 +226,9 @@ class ClassBank(nn.Module):
         dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
-        self.num_classes = _check_int("num_classes", num_classes, 1)
-        self.capacity = _check_int("capacity", capacity, 1)
-        self.dim = _check_int("dim", dim, 1)
+        self.num_classes = check_int("num_classes", num_classes, low=1)
+        self.capacity = check_int("capacity", capacity, low=1)
+        self.dim = check_int("dim", dim, low=1)
         if not dtype.is_floating_point:
             raise ValueError(f"dtype: expected a floating dtype, got {dtype}")
         self.register_buffer(

@@ -10,10 +10,9 @@ from __future__ import annotations
 from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 
-from wsss_blocks._validate import ShapeError, check_shape, check_size
+from wsss_blocks._validate import ShapeError, check_int, check_shape, check_size
 
 __all__ = [
     "ViTTaps",
@@ -156,9 +155,10 @@ def resolve_block_index(model: nn.Module, index: int) -> int:
         9
     """
     depth = num_blocks(model)
-    if not -depth <= int(index) < depth:
+    i = check_int("index", index)
+    if not -depth <= i < depth:
         raise ValueError(f"block index {index} is out of range for a model with {depth} blocks")
-    return int(index) % depth
+    return i % depth
 
 
 def patch_grid(model: nn.Module, image_size: tuple[int, int]) -> tuple[int, int]:

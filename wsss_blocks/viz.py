@@ -14,8 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from wsss_blocks.data.classes import VOC_PALETTE
-from wsss_blocks.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from wsss_blocks.constants import IMAGENET_MEAN, IMAGENET_STD, VOC_PALETTE
 
 __all__ = ["colorize_mask", "denormalize", "overlay", "save_grid"]
 

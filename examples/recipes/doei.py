@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from recipes import register
 from recipes.mct import MCTRecipe
-from wsss_blocks.data import IMAGENET_MEAN, IMAGENET_STD
+from wsss_blocks.constants import IMAGENET_MEAN, IMAGENET_STD
 from wsss_blocks.doei import DOEIConfig, patch
 
 

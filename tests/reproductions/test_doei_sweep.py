@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from _synthetic_runs import aggregate, markdown, run, write
 
 SEEDS = tuple(range(int(os.environ.get("WSSS_SWEEP_SEEDS", "2"))))

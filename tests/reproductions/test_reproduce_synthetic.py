@@ -11,7 +11,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from _synthetic_runs import aggregate, chance_levels, markdown, run, write
 
 RECIPES = ("baseline", "cpews", "mct", "doei")

@@ -19,17 +19,13 @@ from wsss_blocks.cpews.ism import ISMLoss, ism_loss
 from wsss_blocks.cpews.losses import CPEWSLoss, PDLLoss, SSLLoss, pdl_loss, ssl_loss
 from wsss_blocks.cpews.pool import PrototypePool, region_embeddings
 from wsss_blocks.cpews.tables import (
-    COCO_CLASSES,
     COCO_SUPERCLASSES,
     CPEWS_PRESETS,
-    VOC_CLASSES,
     VOC_SUPERCLASSES,
     superclass_index,
 )
 
 __all__ = [
-    "VOC_CLASSES",
-    "COCO_CLASSES",
     "VOC_SUPERCLASSES",
     "COCO_SUPERCLASSES",
     "CPEWS_PRESETS",

@@ -7,7 +7,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from wsss_blocks._validate import ShapeError, check_option, check_size
+from wsss_blocks._validate import ShapeError, check_int, check_option, check_size
 from wsss_blocks.tokens import ViTTaps, features_as_tokens, vit_taps
 
 __all__ = ["cpews_taps", "CPEWSHead", "CPEWSHeadOutput"]
@@ -43,7 +43,7 @@ def cpews_taps(model: nn.Module, images: Tensor, aux_layer: int = -3) -> ViTTaps
         >>> list(taps.intermediate), mid.shape, taps.final.shape, taps.grid
         ([1], torch.Size([2, 4, 192]), torch.Size([2, 4, 192]), (2, 2))
     """
-    return vit_taps(model, images, layers=(int(aux_layer),))
+    return vit_taps(model, images, layers=(check_int("aux_layer", aux_layer),))
 
 
 class CPEWSHeadOutput(NamedTuple):
@@ -108,12 +108,12 @@ class CPEWSHead(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if int(dim) < 1 or int(num_classes) < 1:
-            raise ValueError(f"dim and num_classes must be >= 1, got {dim}, {num_classes}")
+        dim = check_int("dim", dim, low=1)
+        num_classes = check_int("num_classes", num_classes, low=1)
         self.pooling = check_option("pooling", pooling, ("gmp_feat", "gmp_cam"))
         kw = {"device": device, "dtype": dtype}
-        self.classifier_mid = nn.Linear(int(dim), int(num_classes), bias=False, **kw)
-        self.classifier_final = nn.Linear(int(dim), int(num_classes), bias=False, **kw)
+        self.classifier_mid = nn.Linear(dim, num_classes, bias=False, **kw)
+        self.classifier_final = nn.Linear(dim, num_classes, bias=False, **kw)
 
     def extra_repr(self) -> str:
         return f"pooling={self.pooling!r}"

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from wsss_blocks._utils import no_autocast
 from wsss_blocks._validate import ShapeError, check_range, check_shape, check_tensor
 from wsss_blocks.tokens import features_as_tokens
 
@@ -85,7 +86,7 @@ def ism_loss(
     c = float(check_range("count_offset", count_offset, 0.0))
     n = x.shape[1]
     dtype = torch.promote_types(x.dtype, torch.float32)
-    with torch.autocast(device_type=x.device.type, enabled=False):
+    with no_autocast(x.device.type):
         f = F.normalize(x.to(dtype), dim=-1, eps=1e-8)  # (B, N, D), with grad
         fd = f.detach()
         with torch.no_grad():

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from wsss_blocks._utils import no_autocast
 from wsss_blocks._validate import (
     ShapeError,
     check_labels,
@@ -157,7 +158,7 @@ def pdl_loss(
     )  # (B, S, D); S = K on the dense path
     present = _take_slots(labels, slots) != 0
     dtype = region.dtype
-    with torch.autocast(device_type=region.device.type, enabled=False):
+    with no_autocast(region.device.type):
         zero = torch.zeros((), dtype=dtype, device=region.device)
         posf = torch.where(pos_valid[:, :, None], pos.to(dtype), zero)  # invalid rows: junk
         centre = posf.sum(1) / pos_valid.sum(1).clamp_min(1)[:, None].to(dtype)  # (K, D)
@@ -216,7 +217,7 @@ def _suppression_set(
     """``Phi (B, S, N)`` bool of SSL (no grad) for the slots' CAMs ``(B, S, h, w)``."""
     protos = torch.cat([_per_slot(pos, slots), _per_slot(neg, slots)], -2)  # (K | B S, M+M', D)
     ok = torch.cat([_per_slot(pos_valid, slots), _per_slot(neg_keep, slots)], -1)
-    with torch.autocast(device_type=tokens.device.type, enabled=False):
+    with no_autocast(tokens.device.type):
         phi = _closer_to_negative(tokens, protos, ok, pos_valid.shape[1])
         phi = phi & (present & _per_slot(pos_valid.any(1), slots))[..., None]
         if act_threshold is not None:
@@ -305,7 +306,7 @@ def ssl_loss(
     phi = _suppression_set(
         tokens, cam, present, slots, pos, pos_valid, neg, neg_keep, act_threshold, valid
     )
-    with torch.autocast(device_type=cam.device.type, enabled=False):
+    with no_autocast(cam.device.type):
         g = cam.flatten(2).to(torch.promote_types(cam.dtype, torch.float32))
         if cam_activation == "relu":
             g = g.relu()

@@ -10,8 +10,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from wsss_blocks._distributed import all_gather_rows, world_size
 from wsss_blocks._validate import (
     ShapeError,
+    check_int,
     check_labels,
     check_option,
     check_range,
@@ -19,7 +21,7 @@ from wsss_blocks._validate import (
 )
 from wsss_blocks.cam import masked_average_pool, normalize_cam, valid_to_grid
 from wsss_blocks.cpews.tables import superclass_index
-from wsss_blocks.prototypes import all_gather_rows, kmeans, world_size
+from wsss_blocks.prototypes import kmeans
 
 __all__ = ["region_embeddings", "PrototypePool"]
 
@@ -143,12 +145,11 @@ class PrototypePool(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        for name, v in (("num_classes", num_classes), ("dim", dim),
-                        ("num_prototypes", num_prototypes), ("capacity", capacity)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
-        if isinstance(kmeans_iters, bool) or not isinstance(kmeans_iters, int) or kmeans_iters < 0:
-            raise ValueError(f"kmeans_iters: expected an int >= 0, got {kmeans_iters!r}")
+        num_classes = check_int("num_classes", num_classes, low=1)
+        dim = check_int("dim", dim, low=1)
+        num_prototypes = check_int("num_prototypes", num_prototypes, low=1)
+        capacity = check_int("capacity", capacity, low=1)
+        kmeans_iters = check_int("kmeans_iters", kmeans_iters, low=0)
         if mask_threshold is not None:
             check_range("mask_threshold", mask_threshold, 0.0, 1.0, high_inclusive=False)
         self.num_classes = k = num_classes
@@ -158,7 +159,7 @@ class PrototypePool(nn.Module):
         self.score = check_option("score", score, ("prob", "cam_mean"))
         self.mask_threshold = mask_threshold
         self.kmeans_iters = kmeans_iters
-        self.seed = int(seed)
+        self.seed = check_int("seed", seed)
         f32 = {"device": device, "dtype": torch.float32}
         b8 = {"device": device, "dtype": torch.bool}
         self.register_buffer("pos", torch.zeros(k, m, d, **f32))

@@ -9,11 +9,8 @@ import torch
 from torch import Tensor
 
 from wsss_blocks._validate import ShapeError
-from wsss_blocks.data.classes import COCO_CLASSES, VOC_CLASSES
 
 __all__ = [
-    "VOC_CLASSES",
-    "COCO_CLASSES",
     "VOC_SUPERCLASSES",
     "COCO_SUPERCLASSES",
     "CPEWS_PRESETS",

@@ -5,6 +5,7 @@ Every dataset returns dicts with ``image`` ``(3, H, W)`` float32 (ImageNet-norma
 ``k + 1`` = class ``k``, 255 = ignore), ``valid`` ``(H, W)`` bool (False on padding),
 ``index`` and ``name``; :func:`collate` batches them. Importing this package does not
 import Pillow, pycocotools or matplotlib: VOC / COCO import them when they read files.
+Class names, palettes and ImageNet statistics live in :mod:`wsss_blocks.constants`.
 
 Example:
     >>> from torch.utils.data import DataLoader
@@ -15,19 +16,9 @@ Example:
     (torch.Size([2, 3, 32, 32]), torch.Size([2, 6]), torch.Size([2, 32, 32]), torch.bool)
 """
 
-from wsss_blocks.data.classes import (
-    COCO_CATEGORY_IDS,
-    COCO_CATEGORY_TO_INDEX,
-    COCO_CLASSES,
-    COCO_PALETTE,
-    VOC_CLASSES,
-    VOC_PALETTE,
-)
 from wsss_blocks.data.coco import COCO
 from wsss_blocks.data.synthetic import SyntheticScenes
 from wsss_blocks.data.transforms import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     EvalTransform,
     TrainTransform,
     collate,
@@ -45,12 +36,4 @@ __all__ = [
     "collate",
     "normalize",
     "labels_from_mask",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "VOC_CLASSES",
-    "VOC_PALETTE",
-    "COCO_CLASSES",
-    "COCO_PALETTE",
-    "COCO_CATEGORY_IDS",
-    "COCO_CATEGORY_TO_INDEX",
 ]

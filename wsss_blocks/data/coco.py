@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 
 from wsss_blocks._validate import check_option
+from wsss_blocks.constants import COCO_CATEGORY_TO_INDEX, COCO_CLASSES, COCO_PALETTE
 from wsss_blocks.data._folder import SegmentationFolder, Transform, check_root, read_mask, read_names
-from wsss_blocks.data.classes import COCO_CATEGORY_TO_INDEX, COCO_CLASSES, COCO_PALETTE
 
 __all__ = ["COCO"]
 
@@ -55,14 +55,14 @@ class COCO(SegmentationFolder):
         mask_dir: explicit pre-rendered mask folder (implies ``source="masks"``).
         annotation_file: explicit instances JSON (for ``source="json"``).
         mask_values: ``"index"`` (PNG holds ``k + 1``) or ``"category_id"`` (PNG holds COCO
-            category ids, mapped with :data:`~wsss_blocks.data.classes.COCO_CATEGORY_TO_INDEX`).
+            category ids, mapped with :data:`~wsss_blocks.constants.COCO_CATEGORY_TO_INDEX`).
         label_file: optional image-level label file.
         split_file: optional list of image names.
         skip_empty: with the JSON, drop images without annotations (the WSSS lists do).
 
     Attributes:
         num_classes: 80.
-        class_names: :data:`~wsss_blocks.data.classes.COCO_CLASSES`.
+        class_names: :data:`~wsss_blocks.constants.COCO_CLASSES`.
         palette: ``(256, 3)`` uint8 colour map.
         ignore_index: 255.
         names: image names of the split.

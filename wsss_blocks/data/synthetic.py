@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from wsss_blocks._validate import check_option, check_range
-from wsss_blocks.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from wsss_blocks._validate import check_int, check_option, check_range, check_size
+from wsss_blocks.constants import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["SyntheticScenes"]
 
@@ -175,17 +175,16 @@ class SyntheticScenes(Dataset):
         check_option("split", split, tuple(_SPLITS))
         if isinstance(image_size, int):
             image_size = (image_size, image_size)
-        h, w = (int(s) for s in image_size)
-        if len(tuple(image_size)) != 2 or min(h, w) < 16:
+        h, w = check_size("image_size", image_size)
+        if min(h, w) < 16:
             raise ValueError(f"image_size: expected an int or (H, W) >= 16, got {image_size!r}")
-        for name, val, lo in (("num_classes", num_classes, 1), ("max_objects", max_objects, 1),
-                              ("group_size", group_size, 1), ("seed", seed, 0)):
-            if int(val) != val or val < lo:
-                raise ValueError(f"{name}: expected an integer >= {lo}, got {val!r}")
+        num_classes = check_int("num_classes", num_classes, low=1)
+        max_objects = check_int("max_objects", max_objects, low=1)
+        group_size = check_int("group_size", group_size, low=1)
+        seed = check_int("seed", seed, low=0)
         if length is None:
             length = _DEFAULT_LENGTH[split]
-        if int(length) != length or length < 0:
-            raise ValueError(f"length: expected a non-negative integer, got {length!r}")
+        length = check_int("length", length, low=0)
         check_range("co_occurrence", co_occurrence, 0.0, 1.0)
         check_range("context_alone", context_alone, 0.0, 1.0)
         check_range("part_fraction", part_fraction, 0.0, 1.0, low_inclusive=False,

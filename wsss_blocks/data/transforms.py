@@ -17,11 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from wsss_blocks._validate import ShapeError, check_shape, check_size
+from wsss_blocks._validate import ShapeError, check_int, check_shape, check_size
+from wsss_blocks.constants import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
     "normalize",
     "labels_from_mask",
     "TrainTransform",
@@ -29,8 +28,6 @@ __all__ = [
     "collate",
 ]
 
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 
 def _to_float01(image: Tensor) -> Tensor:
@@ -167,7 +164,7 @@ class TrainTransform:
             raise ValueError(f"scale_range: expected 0 < low <= high, got {tuple(scale_range)}")
         self.scale_range = (lo, hi)
         if long_side is not None:
-            ls = tuple(int(v) for v in long_side)
+            ls = tuple(check_int(f"long_side[{i}]", v) for i, v in enumerate(long_side))
             if len(ls) != 2 or not 0 < ls[0] <= ls[1]:
                 raise ValueError(f"long_side: expected 0 < low <= high, got {long_side!r}")
             long_side = ls
@@ -177,7 +174,7 @@ class TrainTransform:
         self.hflip = float(hflip)
         self.mean, self.std = tuple(mean), tuple(std)
         self.pad_value = float(pad_value)
-        self.ignore_index = int(ignore_index)
+        self.ignore_index = check_int("ignore_index", ignore_index)
         self.generator = generator
 
     def _uniform(self, lo: float, hi: float) -> float:

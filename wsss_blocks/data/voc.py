@@ -9,8 +9,8 @@ from typing import Literal
 from torch import Tensor
 
 from wsss_blocks._validate import check_option
+from wsss_blocks.constants import VOC_CLASSES, VOC_PALETTE
 from wsss_blocks.data._folder import SegmentationFolder, Transform, check_root, read_mask, read_names
-from wsss_blocks.data.classes import VOC_CLASSES, VOC_PALETTE
 
 __all__ = ["VOC"]
 
@@ -60,7 +60,7 @@ class VOC(SegmentationFolder):
 
     Attributes:
         num_classes: 20.
-        class_names: :data:`~wsss_blocks.data.classes.VOC_CLASSES`.
+        class_names: :data:`~wsss_blocks.constants.VOC_CLASSES`.
         palette: ``(256, 3)`` uint8 VOC colour map.
         ignore_index: 255.
         names: image names of the split.

@@ -16,8 +16,6 @@ what a patched block computes.
 
 from wsss_blocks.doei.config import DOEIConfig
 from wsss_blocks.doei.functional import (
-    IMAGENET_DEFAULT_MEAN,
-    IMAGENET_DEFAULT_STD,
     doei_delta,
     hybrid_attention,
     patch_color_affinity,
@@ -27,8 +25,6 @@ from wsss_blocks.doei.functional import (
 from wsss_blocks.doei.patching import DOEIHandle, patch, unpatch
 
 __all__ = [
-    "IMAGENET_DEFAULT_MEAN",
-    "IMAGENET_DEFAULT_STD",
     "DOEIConfig",
     "DOEIHandle",
     "patch",

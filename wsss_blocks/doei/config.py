@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from wsss_blocks._validate import check_range
+from wsss_blocks._validate import check_int, check_range
 
 __all__ = ["DOEIConfig"]
 
@@ -81,6 +81,5 @@ class DOEIConfig:
             if name == "image_std" and not all(float(c) > 0 for c in v):
                 raise ValueError(f"{name}: expected positive values, got {v!r}")
             object.__setattr__(self, name, tuple(float(c) for c in v))
-        if isinstance(self.chunk_rows, bool) or not isinstance(self.chunk_rows, int) or self.chunk_rows < 1:
-            raise ValueError(f"chunk_rows: expected an int >= 1, got {self.chunk_rows!r}")
+        check_int("chunk_rows", self.chunk_rows, low=1)
 

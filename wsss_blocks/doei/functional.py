@@ -14,23 +14,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from wsss_blocks._attention_capture import no_autocast
+from wsss_blocks._utils import no_autocast
 from wsss_blocks._validate import ShapeError, check_labels, check_range, check_shape, check_tensor
-from wsss_blocks.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from wsss_blocks.constants import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
-    "IMAGENET_DEFAULT_MEAN",
-    "IMAGENET_DEFAULT_STD",
     "progressive_count",
     "patch_color_affinity",
     "hybrid_attention",
     "select_top_bottom",
     "doei_delta",
 ]
-
-IMAGENET_DEFAULT_MEAN: tuple[float, float, float] = IMAGENET_MEAN
-IMAGENET_DEFAULT_STD: tuple[float, float, float] = IMAGENET_STD
-
 
 def progressive_count(num_candidates: int, block_index: int, num_blocks: int, st: float) -> int:
     """Number of top (and of bottom) candidates a block modulates.
@@ -115,8 +109,8 @@ def patch_color_affinity(
     patch_size: int | tuple[int, int],
     *,
     sigma: float = 0.1,
-    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
-    std: Sequence[float] = IMAGENET_DEFAULT_STD,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
     pad: bool = False,
 ) -> Tensor:
     """Gaussian affinity of the patches' mean colours (HFA's RGB term). No gradient.

@@ -10,19 +10,17 @@ import torch
 from torch import Tensor, nn
 
 from wsss_blocks._attention_capture import (
-    check_int,
     class_row_attention,
     default_class_tokens,
     find_attention_modules,
-    no_autocast,
     qk_from_qkv,
     row_logsumexp,
 )
-from wsss_blocks._validate import ShapeError, check_labels, check_shape
+from wsss_blocks._utils import no_autocast
+from wsss_blocks._validate import ShapeError, check_int, check_labels, check_shape
+from wsss_blocks.constants import IMAGENET_MEAN, IMAGENET_STD
 from wsss_blocks.doei.config import DOEIConfig
 from wsss_blocks.doei.functional import (
-    IMAGENET_DEFAULT_MEAN,
-    IMAGENET_DEFAULT_STD,
     _assemble,
     _delta_from_scores,
     _emb_affinity_rows,
@@ -273,8 +271,8 @@ class DOEIHandle:
         cfg = self._config
         model = self._model
         pcfg = getattr(model, "pretrained_cfg", None) or {}
-        mean = cfg.image_mean or tuple(pcfg.get("mean", IMAGENET_DEFAULT_MEAN))
-        std = cfg.image_std or tuple(pcfg.get("std", IMAGENET_DEFAULT_STD))
+        mean = cfg.image_mean or tuple(pcfg.get("mean", IMAGENET_MEAN))
+        std = cfg.image_std or tuple(pcfg.get("std", IMAGENET_STD))
         drop = getattr(model, "patch_drop", None)
         if drop is not None and drop.training and float(getattr(drop, "prob", 0.0)) > 0:
             raise NotImplementedError(

@@ -1,12 +1,11 @@
-"""Dataset-side tables: PASCAL VOC 2012 and COCO 2014 class names, palettes and COCO ids.
+"""Constants shared by every layer: ImageNet statistics, VOC / COCO class names, palettes.
 
-These are the single source of the class tables used by the datasets (and imported by
-method modules that need names, e.g. the CPEWS superclass tables). Class index ``k`` in a
-``(B, K, ...)`` tensor is name ``CLASSES[k]``; in a mask it is value ``k + 1`` (0 is
-background, 255 is ignore).
+This core module is the one home of these tables: ``data/``, ``viz`` and the methods import
+them from here (the core imports no dataset). Class index ``k`` in a ``(B, K, ...)`` tensor
+is name ``CLASSES[k]``; in a mask it is value ``k + 1`` (0 is background, 255 is ignore).
 
 Example:
-    >>> from wsss_blocks.data.classes import VOC_CLASSES, COCO_CLASSES, COCO_CATEGORY_TO_INDEX
+    >>> from wsss_blocks.constants import VOC_CLASSES, COCO_CLASSES, COCO_CATEGORY_TO_INDEX
     >>> len(VOC_CLASSES), len(COCO_CLASSES), VOC_CLASSES[14]
     (20, 80, 'person')
     >>> COCO_CATEGORY_TO_INDEX[90], COCO_CLASSES[79]
@@ -18,6 +17,8 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
     "VOC_CLASSES",
     "COCO_CLASSES",
     "COCO_CATEGORY_IDS",
@@ -26,6 +27,12 @@ __all__ = [
     "COCO_PALETTE",
     "pascal_palette",
 ]
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+"""Per-channel mean of ImageNet RGB in [0, 1]; every dataset here normalises with it."""
+
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+"""Per-channel standard deviation of ImageNet RGB in [0, 1]."""
 
 VOC_CLASSES: tuple[str, ...] = (
     "aeroplane", "bicycle", "bird", "boat", "bottle",
