@@ -39,6 +39,7 @@ def tokens_to_grid(tokens: Tensor, size: tuple[int, int]) -> Tensor:
         - output: ``(B, D, h, w)``
 
     Example:
+        >>> import torch
         >>> tokens_to_grid(torch.zeros(2, 6, 8), (2, 3)).shape
         torch.Size([2, 8, 2, 3])
     """
@@ -55,6 +56,7 @@ def grid_to_tokens(grid: Tensor) -> Tensor:
         - output: ``(B, h*w, D)``
 
     Example:
+        >>> import torch
         >>> x = torch.randn(2, 8, 2, 3)
         >>> torch.equal(tokens_to_grid(grid_to_tokens(x), (2, 3)), x)
         True
@@ -84,6 +86,7 @@ def features_as_tokens(
         - output: ``(B, h*w, D)``
 
     Example:
+        >>> import torch
         >>> features_as_tokens("features", torch.zeros(2, 5, 3, 4), (3, 4)).shape
         torch.Size([2, 12, 5])
         >>> features_as_tokens("features", torch.zeros(2, 12, 5), (3, 4)).shape
@@ -115,6 +118,7 @@ def split_prefix_tokens(tokens: Tensor, num_prefix_tokens: int) -> tuple[Tensor,
         - output: ``((B, P, D), (B, N, D))``
 
     Example:
+        >>> import torch
         >>> prefix, patches = split_prefix_tokens(torch.zeros(2, 1 + 16, 8), 1)
         >>> prefix.shape, patches.shape
         (torch.Size([2, 1, 8]), torch.Size([2, 16, 8]))
@@ -200,6 +204,7 @@ class ViTTaps:
         grid: the token grid ``(h, w)``, ``h * w == N``.
 
     Example:
+        >>> import torch
         >>> taps = ViTTaps(torch.zeros(1, 4, 8), {0: torch.zeros(1, 4, 8)},
         ...                torch.zeros(1, 1, 8), (2, 2))
         >>> taps.grid
@@ -232,6 +237,7 @@ def vit_taps(model: nn.Module, images: Tensor, layers: Sequence[int] = (-3, -1))
           ``(B, N, D)``, ``prefix`` ``(B, P, D)``.
 
     Example:
+        >>> import torch
         >>> import timm
         >>> m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32,
         ...                       depth=4, reg_tokens=2)
