@@ -400,7 +400,7 @@ def test_dense_equals_compact_through_head():
 
 
 def test_compact_selection():
-    from wsss_blocks.cpews.losses import _class_slots
+    from wsss_blocks.cpews._slots import class_slots as _class_slots
 
     labels = torch.tensor([[1, 0, 1, 0], [0, 0, 0, 1]])
     slots = _class_slots(labels, None)  # CPU tensors -> compact
@@ -476,24 +476,64 @@ def test_cpews_loss_presets():
     assert paper.weights == {"ism": 0.12, "pdl": 1.5e-4, "ssl": 0.2}
     assert paper.pdl.distance == "l2" and paper.pdl.offset == 0.0 and paper.pdl.mask_threshold is None
     assert paper.ssl.suppress_singletons is True
-    off = CPEWSLoss(pool, weights="official")
+    off = CPEWSLoss(pool, preset="official")
     assert off.weights == {"ism": 0.2, "pdl": 0.12, "ssl": 1.5e-4}
     assert (off.pdl.distance, off.pdl.offset, off.pdl.mask_threshold) == ("rms", 0.1, 0.1)
     assert off.ssl.suppress_singletons is False
-    custom = CPEWSLoss(pool, weights="official", pdl=PDLLoss(), ism=ISMLoss(abs_cos=False))
+    custom = CPEWSLoss(pool, preset="official", pdl=PDLLoss(), ism=ISMLoss(abs_cos=False))
     assert custom.pdl.distance == "l2" and custom.ism.abs_cos is False
-    with pytest.raises(ValueError, match="weights"):
-        CPEWSLoss(pool, weights="fast")
-    with pytest.raises(ValueError, match="weights"):
-        CPEWSLoss(pool, weights={"ism": 1.0})
+    with pytest.raises(ValueError, match="preset"):
+        CPEWSLoss(pool, preset="fast")
+    with pytest.raises(ValueError, match="weights: expected None or a mapping"):
+        CPEWSLoss(pool, weights="official")
+    with pytest.raises(ValueError, match=r"weights: unknown keys \['cls'\]"):
+        CPEWSLoss(pool, weights={"cls": 1.0})
     with pytest.raises(ValueError, match="weights"):
         CPEWSLoss(pool, weights={"ism": 1.0, "pdl": -1.0, "ssl": 0.0})
     with pytest.raises(TypeError, match="pool"):
         CPEWSLoss(None)
 
 
+def test_cpews_loss_weights_override_only_the_weights():
+    pool = PrototypePool(3, 4)
+    crit = CPEWSLoss(pool, preset="official", weights={"ssl": 0.5})
+    assert crit.weights == {"ism": 0.2, "pdl": 0.12, "ssl": 0.5}
+    # the preset's sub-loss settings survive a weight override (they used to be dropped)
+    assert (crit.pdl.distance, crit.pdl.offset, crit.pdl.mask_threshold) == ("rms", 0.1, 0.1)
+    assert crit.ssl.suppress_singletons is False
+    weights = {k: w for k, (w, _) in crit.weighted_terms(
+        {k: torch.tensor(0.0) for k in ("cls_mid", "cls_final", "ism", "pdl", "ssl")}).items()}
+    assert weights == {"cls_mid": 1.0, "cls_final": 1.0, "ism": 0.2, "pdl": 0.12, "ssl": 0.5}
+
+
+def test_cpews_loss_from_preset_builds_pool_and_losses():
+    crit = CPEWSLoss.from_preset(3, 4, preset="official", weights={"ism": 0.3},
+                                 superclasses={"a": (0, 1), "b": (2,)},
+                                 pool={"num_prototypes": 2, "capacity": 16},
+                                 pdl={"temperature": 5.0}, warn_unbuilt=False)
+    assert crit.weights == {"ism": 0.3, "pdl": 0.12, "ssl": 1.5e-4}
+    assert (crit.pool.num_prototypes, crit.pool.capacity) == (2, 16)
+    assert (crit.pool.score, crit.pool.mask_threshold) == ("cam_mean", 0.1)  # official pool
+    assert (crit.pdl.temperature, crit.pdl.distance, crit.pdl.offset) == (5.0, "rms", 0.1)
+    assert crit.pool.superclass_of.tolist() == [0, 0, 1]
+    assert crit.warn_unbuilt is False
+    with pytest.raises(TypeError):
+        CPEWSLoss.from_preset(3, 4, pool={"no_such_option": 1})
+
+
+def test_cpews_loss_follows_fp64_inputs():
+    pool = _built_pool()
+    head, tokens, inp = _loss_inputs()
+    inp64 = {k: (v.double() if v.is_floating_point() else v) for k, v in inp.items()}
+    inp64["tokens_final"] = tokens.detach().double().requires_grad_()
+    out = CPEWSLoss(pool)(**inp64)
+    for key in ("cls_mid", "cls_final", "ism", "total"):
+        assert out[key].dtype == torch.float64, key
+
+
 def test_cpews_loss_unbuilt_pool_and_zero_weights():
     crit = CPEWSLoss(PrototypePool(3, 4))
+    quiet = CPEWSLoss(PrototypePool(3, 4), warn_unbuilt=False)
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         for _ in range(2):
@@ -502,6 +542,7 @@ def test_cpews_loss_unbuilt_pool_and_zero_weights():
             assert out["pdl"].item() == 0.0 and out["ssl"].item() == 0.0
             assert out["pdl"].requires_grad and out["ssl"].requires_grad
             out["total"].backward()
+            quiet(**_loss_inputs()[2])
     assert sum("not built" in str(w.message) for w in rec) == 1
     pool = _built_pool()
     crit0 = CPEWSLoss(pool, weights={"ism": 0.0, "pdl": 0.0, "ssl": 1.0})

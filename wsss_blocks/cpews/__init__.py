@@ -16,8 +16,10 @@ Contract: ``shared/specs/cpews.md``.
 
 from wsss_blocks.cpews.head import CPEWSHead, CPEWSHeadOutput, cpews_taps
 from wsss_blocks.cpews.ism import ISMLoss, ism_loss
-from wsss_blocks.cpews.losses import CPEWSLoss, PDLLoss, SSLLoss, pdl_loss, ssl_loss
+from wsss_blocks.cpews.loss import CPEWSLoss
+from wsss_blocks.cpews.pdl import PDLLoss, pdl_loss
 from wsss_blocks.cpews.pool import PrototypePool, region_embeddings
+from wsss_blocks.cpews.ssl import SSLLoss, ssl_loss
 from wsss_blocks.cpews.tables import (
     COCO_SUPERCLASSES,
     CPEWS_PRESETS,

@@ -1,0 +1,213 @@
+"""CPEWS Superclass Suppression Loss (SSL, paper eq. 10-12): function and module."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from wsss_blocks._utils import no_autocast
+from wsss_blocks._validate import check_labels, check_option, check_range, check_shape
+from wsss_blocks.cam import normalize_cam, valid_to_grid
+from wsss_blocks.cpews._slots import check_prototypes, class_slots, per_slot, take_slots
+from wsss_blocks.cpews.pool import PrototypePool
+from wsss_blocks.tokens import features_as_tokens
+
+__all__ = ["ssl_loss", "SSLLoss"]
+
+
+def _closer_to_negative(tokens: Tensor, protos: Tensor, ok: Tensor, num_pos: int) -> Tensor:
+    """``D- < D+`` of every token against ``S`` groups of ``Q`` prototypes (no grad).
+
+    A group holds ``num_pos`` positives, then negatives; ``ok`` marks the usable ones
+    (none usable -> distance +inf, so "no kept negative" and ties give False). The groups
+    are shared by all images, ``protos (S, Q, D)`` -> one matmul ``(B*N, D) x (D, S*Q)``,
+    or per image, ``protos (B, S, Q, D)`` -> one ``bmm``. Squared distances
+    ``||f||^2 + ||p||^2 - 2 f.p`` clamped at 0, in fp32 (fp64 for fp64 tokens).
+
+    Shape:
+        - tokens: ``(B, N, D)``; protos: ``(S, Q, D)`` or ``(B, S, Q, D)``; ok: ``(S, Q)`` or
+          ``(B, S, Q)``
+        - output: ``(B, S, N)`` bool
+    """
+    b, n, _ = tokens.shape
+    s, q = ok.shape[-2:]
+    dtype = torch.promote_types(tokens.dtype, torch.float32)
+    f = tokens.detach().to(dtype)
+    p = protos.detach().to(dtype).flatten(-3, -2)  # (S*Q, D) or (B, S*Q, D)
+    sq = torch.matmul(f, p.mT).mul_(-2.0).add_(p.pow(2).sum(-1).unsqueeze(-2))
+    f_sq = torch.linalg.vector_norm(f, dim=-1, keepdim=True).square()  # no (B, N, D) temporary
+    sq = sq.add_(f_sq).clamp_min_(0.0).view(b, n, s, q)
+    ok = ok.unsqueeze(-3)  # broadcast over tokens
+    inf = torch.full((), float("inf"), dtype=dtype, device=f.device)
+    d_pos = torch.where(ok[..., :num_pos], sq[..., :num_pos], inf).amin(-1)
+    d_neg = torch.where(ok[..., num_pos:], sq[..., num_pos:], inf).amin(-1)
+    return (d_neg < d_pos).transpose(1, 2)
+
+
+@torch.no_grad()
+def _suppression_set(
+    tokens: Tensor, cam: Tensor, present: Tensor, slots: Tensor | None, pos: Tensor,
+    pos_valid: Tensor, neg: Tensor, neg_keep: Tensor, act_threshold: float | None,
+    valid: Tensor | None,
+) -> Tensor:
+    """``Phi (B, S, N)`` bool of SSL (no grad) for the slots' CAMs ``(B, S, h, w)``."""
+    protos = torch.cat([per_slot(pos, slots), per_slot(neg, slots)], -2)  # (K | B S, M+M', D)
+    ok = torch.cat([per_slot(pos_valid, slots), per_slot(neg_keep, slots)], -1)
+    with no_autocast(tokens.device.type):
+        phi = _closer_to_negative(tokens, protos, ok, pos_valid.shape[1])
+        phi = phi & (present & per_slot(pos_valid.any(1), slots))[..., None]
+        if act_threshold is not None:
+            phi = phi & (normalize_cam(cam.detach(), mode="max").flatten(2) > act_threshold)
+        if valid is not None:
+            phi = phi & valid_to_grid(valid, tuple(cam.shape[-2:])).flatten(1)[:, None]
+    return phi
+
+
+def ssl_loss(
+    features: Tensor,
+    cam: Tensor,
+    labels: Tensor,
+    pos: Tensor,
+    pos_valid: Tensor,
+    neg: Tensor,
+    neg_keep: Tensor,
+    *,
+    act_threshold: float | None = 0.1,
+    cam_activation: Literal["relu", "none"] = "relu",
+    valid: Tensor | None = None,
+    compact: bool | None = None,
+) -> Tensor:
+    """Superclass Suppression Loss (CPEWS eq. 10-12), differentiable into the CAM.
+
+    Under ``no_grad``: squared distances of every token to the prototypes
+    (``||f||^2 + ||p||^2 - 2 f.p``, fp32); ``D+`` = min over the class's valid positives,
+    ``D-`` = min over its kept negatives (``neg_keep``, e.g.
+    :meth:`PrototypePool.suppression_mask`; none kept -> never suppressed). The set
+    ``Phi = present & activated & valid & (D- < D+)``, with "activated" =
+    ``relu(cam)/max > act_threshold`` (``None``: every token) and classes without a
+    valid positive prototype left out. Then ``L = sum_Phi g(cam) / max(|Phi|, 1)``,
+    ``g = relu`` or identity. Unlike the official code (which detaches the CAM, so its
+    SSL trains nothing) the gradient reaches the classifier that made ``cam`` and the
+    tokens. Note: the paper's weight 0.2 on raw CAM logits is ~1300x the official 1.5e-4.
+
+    Two paths, same values and gradients (up to float rounding): **dense** measures every
+    token against the prototypes of all ``K`` classes with one matmul
+    ``(B*N, D) x (D, K*(M+M'))`` and never syncs the host (right on accelerators);
+    **compact** reads the largest number ``S`` of present classes per image on the host
+    (one sync: free on CPU) and measures each image's tokens against the prototypes of
+    its present classes only, one ``bmm`` ``(B, N, D) x (B, D, S*(M+M'))``: ``K/S`` times
+    fewer FLOPs (~10x VOC, ~40x COCO). ``compact=None`` picks compact for CPU tensors.
+
+    Args:
+        features: final tokens on the CAM's grid (only used, detached, for ``Phi``).
+        cam: the live final CAM (raw logits, with grad).
+        labels: multi-hot image labels.
+        pos: positive prototypes.
+        pos_valid: valid positives.
+        neg: negative prototypes.
+        neg_keep: negatives used for suppression.
+        act_threshold: activation threshold on the max-normalised CAM (official 0.1).
+        cam_activation: ``"relu"`` or ``"none"`` (equal unless ``act_threshold=None``).
+        valid: padding mask at any resolution.
+        compact: ``True`` / ``False`` force the compact / dense path; ``None`` (default)
+            picks compact for CPU tensors and dense otherwise.
+
+    Shape:
+        - features: ``(B, N, D)`` or ``(B, D, h, w)``; cam: ``(B, K, h, w)``; labels ``(B, K)``
+        - pos: ``(K, M, D)``; pos_valid: ``(K, M)``; neg: ``(K, M', D)``; neg_keep: ``(K, M')``
+        - output: scalar fp32
+
+    Example:
+        >>> feats = torch.tensor([[[0.0, 2.0], [2.0, 0.0], [0.0, 3.0]]])
+        >>> cam = torch.tensor([[[[2.0, 1.0, 0.1]]]], requires_grad=True)
+        >>> ok = torch.ones(1, 1, dtype=torch.bool)
+        >>> loss = ssl_loss(feats, cam, torch.ones(1, 1), torch.tensor([[[1.0, 0.0]]]), ok,
+        ...                 torch.tensor([[[0.0, 1.0]]]), ok)
+        >>> loss.backward(); loss.item(), cam.grad.flatten().tolist()
+        (2.0, [1.0, 0.0, 0.0])
+    """
+    dims = check_shape("cam", cam, ["B", "K", "h", "w"], dtype="float")
+    check_labels("labels", labels, dims)
+    size = (dims["h"], dims["w"])
+    tokens = features_as_tokens("features", features, size, dims)
+    check_prototypes(dims, pos, pos_valid, neg, neg_keep, "neg_keep")
+    check_option("cam_activation", cam_activation, ("relu", "none"))
+    if act_threshold is not None:
+        check_range("act_threshold", act_threshold, 0.0, 1.0, high_inclusive=False)
+    if valid is not None:
+        check_shape("valid", valid, ["B", "H_valid", "W_valid"], dims, dtype="bool")
+    slots = class_slots(labels, compact)
+    cam = take_slots(cam, slots)  # (B, S, h, w), live
+    present = take_slots(labels, slots) != 0
+    phi = _suppression_set(
+        tokens, cam, present, slots, pos, pos_valid, neg, neg_keep, act_threshold, valid
+    )
+    with no_autocast(cam.device.type):
+        g = cam.flatten(2).to(torch.promote_types(cam.dtype, torch.float32))
+        if cam_activation == "relu":
+            g = g.relu()
+        phif = phi.to(g.dtype)
+        return (phif * g).sum() / phif.sum().clamp_min(1.0)
+
+
+class SSLLoss(nn.Module):
+    """Module form of :func:`ssl_loss` with the pool's superclass filter.
+
+    Args:
+        suppress_singletons: passed to :meth:`PrototypePool.suppression_mask` (paper:
+            ``True``; official: ``False``, person never suppressed).
+        act_threshold: see :func:`ssl_loss`.
+        cam_activation: see :func:`ssl_loss`.
+        compact: see :func:`ssl_loss` (``None``: compact on CPU, dense elsewhere).
+
+    Shape:
+        - features: ``(B, N, D)`` or ``(B, D, h, w)``; cam: ``(B, K, h, w)``; labels ``(B, K)``
+        - output: scalar
+
+    Example:
+        >>> pool = PrototypePool(1, 2, num_prototypes=1)
+        >>> _ = pool.pos.copy_(torch.tensor([[[1.0, 0.0]]])), pool.pos_valid.fill_(True)
+        >>> _ = pool.neg.copy_(torch.tensor([[[0.0, 1.0]]])), pool.neg_valid.fill_(True)
+        >>> feats = torch.tensor([[[0.0, 2.0], [2.0, 0.0], [0.0, 3.0]]])
+        >>> cam = torch.tensor([[[[2.0, 1.0, 0.1]]]])
+        >>> SSLLoss()(feats, cam, torch.ones(1, 1), pool).item()
+        2.0
+    """
+
+    def __init__(
+        self,
+        *,
+        suppress_singletons: bool = True,
+        act_threshold: float | None = 0.1,
+        cam_activation: Literal["relu", "none"] = "relu",
+        compact: bool | None = None,
+    ) -> None:
+        super().__init__()
+        self.suppress_singletons = bool(suppress_singletons)
+        self.compact = compact
+        if act_threshold is not None:
+            check_range("act_threshold", act_threshold, 0.0, 1.0, high_inclusive=False)
+        self.act_threshold = act_threshold
+        self.cam_activation = check_option("cam_activation", cam_activation, ("relu", "none"))
+
+    def extra_repr(self) -> str:
+        return (
+            f"suppress_singletons={self.suppress_singletons}, act_threshold={self.act_threshold},"
+            f" cam_activation={self.cam_activation!r}, compact={self.compact}"
+        )
+
+    def forward(
+        self, features: Tensor, cam: Tensor, labels: Tensor, pool: PrototypePool,
+        valid: Tensor | None = None,
+    ) -> Tensor:
+        """See :func:`ssl_loss`."""
+        return ssl_loss(
+            features, cam, labels, pool.pos, pool.pos_valid, pool.neg,
+            pool.suppression_mask(self.suppress_singletons),
+            act_threshold=self.act_threshold,
+            cam_activation=self.cam_activation,  # type: ignore[arg-type]
+            valid=valid,
+            compact=self.compact,
+        )
