@@ -417,3 +417,23 @@ def test_pool_ddp_two_ranks_equal_single_process_union():
         assert torch.equal(states[0][key], states[1][key]), key
         assert torch.equal(states[0][key], val), key
     assert bool(states[0]["built"]) and states[0]["pos_valid"].any()
+
+
+@pytest.mark.parametrize("cast,state", [(torch.float64, torch.float64), (torch.bfloat16, torch.float32),
+                                        (torch.float16, torch.float32)])
+def test_pool_after_module_cast(cast, state):
+    """Casting the pool (or a model holding it) must not break accumulate (scatter dtypes)."""
+    gen = torch.Generator().manual_seed(0)
+    feats, cams = torch.randn(4, 6, 3, generator=gen), torch.randn(4, 2, 2, 3, generator=gen)
+    labels = torch.tensor([[1, 0], [0, 1], [1, 1], [0, 1]])
+    ref = PrototypePool(2, 3, num_prototypes=2, capacity=8, score="cam_mean")
+    ref.accumulate(feats, cams, labels)
+    ref.finalize()
+    pool = PrototypePool(2, 3, num_prototypes=2, capacity=8, score="cam_mean").to(cast)
+    assert pool.pos.dtype == state and pool.neg_scores.dtype == state
+    pool.accumulate(feats.to(cast), cams.to(cast), labels)
+    pool.finalize()
+    assert pool.pos.dtype == state and pool.pos_valid.dtype == torch.bool
+    assert torch.equal(pool.pos_valid, ref.pos_valid) and torch.equal(pool.neg_valid, ref.neg_valid)
+    tol = 1e-2 if cast != torch.float64 else 1e-5
+    torch.testing.assert_close(pool.pos.float(), ref.pos, atol=tol, rtol=tol)

@@ -92,7 +92,9 @@ class PrototypePool(nn.Module):
     State: persistent buffers ``pos``/``neg`` ``(K, M, D)``, ``pos_valid``/``neg_valid``/
     ``neg_scores`` ``(K, M)``, ``neg_labels`` ``(K, M, K)`` bool, ``superclass_of``
     ``(K,)`` (-1 without a table) and ``built``; the accumulation stores are
-    non-persistent. Everything is fp32 and no-grad. Under ``torch.distributed`` every
+    non-persistent. Everything is fp32 and no-grad; ``.double()`` makes the state fp64,
+    while ``.half()`` / ``.to(torch.bfloat16)`` (e.g. of a model holding the pool) leave it
+    fp32. Inputs of any float dtype are cast to the state's dtype. Under ``torch.distributed`` every
     rank all-gathers the batch before updating and ``finalize`` broadcasts rank 0's
     result, so all ranks hold the same pool. Store memory is ``K * capacity * D * 4``
     bytes (126 MB for VOC at 2048 x 768).
@@ -294,10 +296,10 @@ class PrototypePool(nn.Module):
             else:
                 keep = valid_to_grid(valid, (dims["h"], dims["w"])).flatten(1).float()
                 score = (raw * keep[:, None]).sum(-1) / keep.sum(-1).clamp_min(1.0)[:, None]
-        region = region.detach().float().to(dev)
+        region = region.detach().to(dev, self._store.dtype)
         y = (labels != 0).to(dev)
         nonempty = nonempty.to(dev)
-        score = score.to(dev)
+        score = score.to(dev, self._stage_scores.dtype)
         if world_size() > 1:
             region, nonempty, y, score, real = all_gather_rows(region, nonempty, y, score)
             # drop the padding rows so every rank applies exactly the single-process update
@@ -314,6 +316,7 @@ class PrototypePool(nn.Module):
         k, c, d = self.num_classes, self.capacity, self.dim
         bsz = region.shape[0]
         u = torch.rand((bsz, k), generator=self._get_generator(), device=region.device)
+        u = u.to(self._store_keys.dtype)
         new_keys = torch.where(take, u, torch.full_like(u, float("-inf"))).t()  # (K, B)
         all_keys = torch.cat([self._store_keys[:, :c], new_keys], dim=1)  # (K, C+B)
         drop = all_keys.topk(bsz, dim=1, largest=False).indices  # the B smallest go
@@ -340,6 +343,15 @@ class PrototypePool(nn.Module):
         self._stage_scores.copy_(top)
         self._stage.copy_(all_feats.gather(1, idx[:, :, None].expand(k, m, self.dim)))
         self._stage_labels.copy_(all_labels.gather(1, idx[:, :, None].expand(k, m, k)))
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> PrototypePool:
+        # Casts follow nn.Module, except that half / bf16 casts leave the state fp32: the
+        # stores, the k-means and the streamed top-M scores need the precision.
+        super()._apply(fn, recurse)
+        for name, buf in self._buffers.items():
+            if buf is not None and buf.dtype in (torch.float16, torch.bfloat16):
+                self._buffers[name] = buf.float()
+        return self
 
     @torch.no_grad()
     def finalize(self) -> None:
