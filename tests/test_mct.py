@@ -213,12 +213,13 @@ def test_attention_cams_errors_and_no_hooks_left():
     assert all(not m._forward_hooks for m in model.modules())
 
 
-def test_attention_cams_bf16_autocast():
+@pytest.mark.parametrize("refine", [False, True])
+def test_attention_cams_bf16_autocast(refine):
     model = mct.add_class_tokens(tiny(), 3)
     perturb(model)
     x = torch.randn(1, 3, 32, 32)
-    ref = mct.attention_cams(model, x)
+    ref = mct.attention_cams(model, x, refine=refine)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = mct.attention_cams(model, x)
+        out = mct.attention_cams(model, x, refine=refine)
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     torch.testing.assert_close(out, ref, atol=0.05, rtol=0.05)

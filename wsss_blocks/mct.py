@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from einops import rearrange
 from torch import Tensor, nn
 
 from wsss_blocks._attention_capture import (
@@ -204,5 +205,6 @@ def attention_cams(
     if reduction == "mean":
         cam = cam / last_k
     if refine:
-        cam = torch.einsum("bij,bcj->bci", acc["app"], cam)
-    return cam.reshape(cam.shape[0], cam.shape[1], h, w)
+        with no_autocast(cam.device.type):  # fp32 like the unrefined maps, also under autocast
+            cam = torch.einsum("bij,bcj->bci", acc["app"], cam)
+    return rearrange(cam, "b c (h w) -> b c h w", h=h, w=w)
