@@ -641,6 +641,21 @@ def test_set_image_overrides_input():
     assert not torch.allclose(a, b)
 
 
+def test_set_image_override_updated_in_place_is_not_stale():
+    model = tiny_vit(c=3)
+    img, other = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    with doei.patch(model, config=DOEIConfig(**ACTIVE)) as h:
+        buffer = img.clone()
+        h.set_image(buffer)
+        a = model(img)
+        buffer.copy_(other)  # the caller refills the same tensor between forwards
+        b = model(img)
+        h.set_image(other)
+        want = model(img)
+    assert not torch.allclose(a, b)
+    torch.testing.assert_close(b, want)
+
+
 # --------------------------------------------------------------------------- T9
 
 

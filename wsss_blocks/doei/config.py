@@ -30,9 +30,13 @@ class DOEIConfig:
             :meth:`DOEIHandle.set_labels`).
         head_mean: score on the head-mean attention and add to the attention output;
             ``False`` scores every head and adds to the per-head outputs.
-        image_mean: colour mean used to de-normalise the image; ``None`` takes the
-            model's ``pretrained_cfg``, else ImageNet.
-        image_std: colour std, as ``image_mean``.
+        image_mean: colour mean used to de-normalise the image for HFA's colour affinity.
+            ``None`` takes the model's ``pretrained_cfg`` mean, else ImageNet's. Warning:
+            for timm ``vit_*`` models ``pretrained_cfg`` says ``(0.5, 0.5, 0.5)``, while
+            every dataset of this library normalises with ImageNet statistics: pass the
+            statistics your images were normalised with, e.g.
+            ``image_mean=wsss_blocks.constants.IMAGENET_MEAN``.
+        image_std: colour std, as ``image_mean`` (same warning).
         chunk_rows: query rows per chunk of the fused-mode softmax normaliser, ``>= 1``.
 
     Example:

@@ -222,7 +222,7 @@ class DOEIHandle:
                 b, n_all, _ = o.shape
                 heads = attn.num_heads
                 o4 = o.reshape(b, n_all, heads, -1).transpose(1, 2)
-                o4 = self._apply(attn, state, o4, per_head=True)
+                o4 = self._add_delta(attn, state, o4, per_head=True)
                 return (o4.transpose(1, 2).reshape(o.shape),) + tuple(args[1:])
 
             self._hooks.append(attn.norm.register_forward_pre_hook(norm_pre_hook))
@@ -243,7 +243,7 @@ class DOEIHandle:
             try:
                 y = orig(x)
                 if self._config.head_mean:
-                    y = self._apply(attn, state, y, per_head=False)
+                    y = self._add_delta(attn, state, y, per_head=False)
             finally:
                 state.clear()
             return y
@@ -280,7 +280,9 @@ class DOEIHandle:
                 "affinity of the image's patches cannot be aligned with the remaining tokens; set "
                 "DOEIConfig(use_hfa=False) or build the model with patch_drop_rate=0"
             )
-        key = (id(image), cfg.rgb_sigma, mean, std)
+        # ``_version`` changes with every in-place update, so an override tensor that the
+        # caller refills between forwards is never served a stale affinity
+        key = (id(image), image._version, cfg.rgb_sigma, mean, std)
         if self._affinity_cache is not None and self._affinity_cache[0] == key:
             return self._affinity_cache[1]
         embed = getattr(model, "patch_embed", None)
@@ -313,7 +315,7 @@ class DOEIHandle:
         mask = (labels != 0)[:, :, None]
         return mask[:, None] if per_head else mask
 
-    def _apply(self, attn: nn.Module, state: _BlockState, y: Tensor, *, per_head: bool) -> Tensor:
+    def _add_delta(self, attn: nn.Module, state: _BlockState, y: Tensor, *, per_head: bool) -> Tensor:
         """Steps 4-8 for one block: ``y`` (B, N, D) or per-head (B, H, N, d) -> y + delta."""
         assert state.plan is not None and state.x is not None
         t_p, t_c, act_p, act_c = state.plan
