@@ -468,3 +468,18 @@ def test_classbank_distributed_gloo_two_ranks():
         assert torch.equal(sd0[k], sd1[k])
         assert torch.equal(sd0[k], getattr(ref, k))
     assert int(ref.count.sum()) > 0
+
+
+def test_kmeans_keeps_precision_under_a_large_shared_offset():
+    """Two clusters 0.05 apart around 1000 stay apart in fp32 (matmul form cancellation)."""
+    gen = torch.Generator().manual_seed(0)
+    a = 1000.0 + 0.002 * torch.randn(1, 20, 3, generator=gen)
+    b = a.clone()
+    b[..., 0] += 0.05
+    x = torch.cat([a, b], dim=1)
+    centres, ok = kmeans(x, 2, iters=10)
+    assert ok.all()
+    gap = (centres[0, 0] - centres[0, 1]).abs()[0]
+    assert gap.item() == pytest.approx(0.05, abs=0.005)
+    ref, _ = kmeans(x.double(), 2, iters=10)
+    torch.testing.assert_close(centres[0].sort(0).values.double(), ref[0].sort(0).values, atol=1e-3, rtol=0)

@@ -84,6 +84,11 @@ def kmeans(
        rest; ``n = 0`` gives all-invalid zeros. (With ``n == num_clusters`` k-means would
        return the same points, just in another order.)
 
+    Note:
+        Each group is clustered around its valid mean (subtracted before, added back
+        after), so points that share a large offset (e.g. clusters 0.05 apart around
+        1000) keep their fp32 precision in the matmul distance form.
+
     The computation runs in fp32 (fp64 when ``x`` is fp64) with autocast disabled. Same
     inputs, ``seed`` and device give identical output. It never raises on data values,
     only on bad shapes/arguments.
@@ -146,12 +151,16 @@ def kmeans(
         small = small[:, :k]
         small_valid = torch.arange(k, device=device)[None, :] < num[:, None]
 
-        # --- k-means path ---
+        # --- k-means path, on points centred at their group's valid mean: the matmul
+        # distance form cancels catastrophically when points share a large offset ---
+        validf = valid.to(dtype)
+        offset = (x * validf[:, :, None]).sum(1, keepdim=True) / num.clamp_min(1)[:, None, None].to(dtype)
+        points, x = x, x - offset
         generator = torch.Generator(device=device)
         generator.manual_seed(seed)
         picks = _kmeans_pp_init(x, valid, k, generator)
-        centres = x.gather(1, picks[:, :, None].expand(g, k, d))  # (G,k,D)
-        validf = valid.to(dtype)
+        initial = points.gather(1, picks[:, :, None].expand(g, k, d))  # (G,k,D), exact picks
+        centres = initial - offset
         xx = x.pow(2).sum(-1, keepdim=True)  # (G,N,1)
         for _ in range(iters):
             cc = centres.pow(2).sum(-1)[:, None, :]  # (G,1,k)
@@ -164,6 +173,7 @@ def kmeans(
             centres = torch.where(counts[:, :, None] > 0, means, centres)
 
         use_small = (num <= k)[:, None]
+        centres = centres + offset if iters else initial
         out = torch.where(use_small[:, :, None], small, centres)
         out_valid = torch.where(use_small, small_valid, torch.ones_like(small_valid))
     return out, out_valid
