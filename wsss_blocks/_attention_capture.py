@@ -98,7 +98,7 @@ def qk_from_qkv(attn: nn.Module, qkv: Tensor) -> tuple[Tensor, Tensor]:
     Applies the module's ``q_norm`` / ``k_norm`` exactly as timm does; ``q`` is not scaled.
     """
     b, n, _ = qkv.shape
-    heads, head_dim = attn.num_heads, attn.head_dim
+    heads, head_dim = int(getattr(attn, "num_heads")), int(getattr(attn, "head_dim"))
     qkv = qkv.reshape(b, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
     q, k, _ = qkv.unbind(0)
     q_norm = getattr(attn, "q_norm", None)
@@ -127,7 +127,7 @@ class _RowLogSumExp(torch.autograd.Function):
     """lse_r = logsumexp_j (q_r · k_j), built and differentiated in row chunks."""
 
     @staticmethod
-    def forward(ctx: Any, q: Tensor, k: Tensor, chunk_rows: int) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, q: Tensor, k: Tensor, chunk_rows: int) -> Tensor:
         out = q.new_empty(q.shape[:-1])
         kt = k.transpose(-1, -2)
         for r0, r1 in _chunks(q.shape[-2], chunk_rows):
@@ -138,7 +138,7 @@ class _RowLogSumExp(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
         q, k, lse = ctx.saved_tensors
         need_q, need_k = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         gq = torch.empty_like(q) if need_q else None
@@ -202,7 +202,8 @@ class QKVTap:
             def hook(_m: nn.Module, _args: Any, out: Tensor, pos: int = pos, attn: nn.Module = attn) -> None:
                 callback(pos, attn, out)
 
-            self._handles.append(attn.qkv.register_forward_hook(hook))
+            qkv: nn.Module = getattr(attn, "qkv")
+            self._handles.append(qkv.register_forward_hook(hook))
 
     def remove(self) -> None:
         """Remove every hook (idempotent)."""

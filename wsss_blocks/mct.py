@@ -9,7 +9,7 @@ refined by the patch-to-patch attention, following MCTformer's released code.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from einops import rearrange
@@ -74,7 +74,8 @@ def add_class_tokens(model: nn.Module, num_classes: int) -> nn.Module:
             cls_pos, other_pos = pos.split([1, pos.shape[1] - 1], dim=1)
             new = torch.cat([cls_pos.repeat(1, c, 1), other_pos], dim=1)
             model.pos_embed = nn.Parameter(new.detach(), requires_grad=pos.requires_grad)
-    model.num_prefix_tokens = int(model.num_prefix_tokens) + c - 1
+    vit: Any = model  # a timm ViT: attributes beyond nn.Module
+    vit.num_prefix_tokens = int(vit.num_prefix_tokens) + c - 1
     drop = getattr(model, "patch_drop", None)
     if drop is not None and hasattr(drop, "num_prefix_tokens"):
         drop.num_prefix_tokens = int(drop.num_prefix_tokens) + c - 1
@@ -110,7 +111,8 @@ def final_tokens(
     """
     check_shape("x", x, ["B", 3, "H", "W"], dtype="float")
     c = default_class_tokens(model, num_class_tokens)
-    out = model.forward_intermediates(
+    vit: Any = model
+    out = vit.forward_intermediates(
         x, indices=1, norm=norm, return_prefix_tokens=True, intermediates_only=True, output_fmt="NLC"
     )
     patches, prefix = out[-1]
@@ -179,7 +181,8 @@ def attention_cams(
     if not 1 <= last_k <= big_l:
         raise ValueError(f"last_k: expected a value in [1, {big_l}], got {last_k}")
     h, w = patch_grid(model, (dims["H"], dims["W"]))
-    p0 = int(model.num_prefix_tokens)
+    vit: Any = model
+    p0 = int(vit.num_prefix_tokens)
     first_cam = big_l - last_k
     acc: dict[str, Tensor] = {}
 
@@ -187,7 +190,7 @@ def attention_cams(
         q, k = qk_from_qkv(attn, qkv)
         with no_autocast(qkv.device.type):
             s = torch.promote_types(q.dtype, torch.float32)
-            q, k = q.to(s) * attn.scale, k.to(s)
+            q, k = q.to(s) * float(getattr(attn, "scale")), k.to(s)
             if pos >= first_cam:
                 cam = class_row_attention(q, k, c)[..., p0:].mean(1)  # (B, C, n)
                 acc["cam"] = cam if "cam" not in acc else acc["cam"] + cam
@@ -198,7 +201,7 @@ def attention_cams(
     targets = modules if refine else modules[first_cam:]
     offset = 0 if refine else first_cam
     with QKVTap(targets, lambda pos, attn, qkv: on_qkv(pos + offset, attn, qkv)):
-        model.forward_features(x)
+        vit.forward_features(x)
     cam = acc["cam"]
     if cam.shape[-1] != h * w:
         raise ShapeError(f"x: {tuple(x.shape)} gives {cam.shape[-1]} patch tokens, expected grid {h}x{w}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -252,10 +253,11 @@ def vit_taps(model: nn.Module, images: Tensor, layers: Sequence[int] = (-3, -1))
         )
     wanted = sorted({resolve_block_index(model, i) for i in layers})
     indices = wanted if wanted else [num_blocks(model) - 1]
-    final, inter = model.forward_intermediates(
+    vit: Any = model  # a timm ViT: attributes beyond nn.Module
+    final, inter = vit.forward_intermediates(
         images, indices=indices, return_prefix_tokens=True, norm=False, output_fmt="NCHW"
     )
-    prefix, patches = split_prefix_tokens(final, int(model.num_prefix_tokens))
+    prefix, patches = split_prefix_tokens(final, int(vit.num_prefix_tokens))
     maps = [m for m, _ in inter]
     grid = (int(maps[0].shape[-2]), int(maps[0].shape[-1]))
     intermediate = {i: grid_to_tokens(m) for i, m in zip(indices, maps) if i in wanted}

@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +23,7 @@ from torch import Tensor, nn
 from recipes import register
 from recipes.base import LoopServices, LossTerm, Recipe
 from wsss_blocks.cam import normalize_cam, token_pseudo_labels
-from wsss_blocks.cpews import CPEWS_PRESETS, CPEWSHead, CPEWSLoss, PDLLoss, PrototypePool, SSLLoss, cpews_taps
+from wsss_blocks.cpews import CPEWSHead, CPEWSLoss, PrototypePool, cpews_taps
 from wsss_blocks.tokens import resolve_block_index
 
 
@@ -52,26 +51,17 @@ class CPEWSRecipe(Recipe):
                  data_info: dict[str, Any] | None = None) -> None:
         super().__init__(backbone, num_classes, config, options, data_info)
         o = options
-        if o.preset not in CPEWS_PRESETS:
-            raise ValueError(f"--opt preset: expected one of {sorted(CPEWS_PRESETS)}, got {o.preset!r}")
         self.aux_index = resolve_block_index(backbone, o.aux_layer)
-        preset = CPEWS_PRESETS[o.preset]
-        weights = dict(preset["loss"])
-        for key in ("ism", "pdl", "ssl"):
-            value = getattr(o, f"{key}_weight")
-            if value >= 0:
-                weights[key] = float(value)
         data = self.data_info.get("data")
         superclasses: Any = {"voc": "voc", "coco": "coco"}.get(str(data), self.data_info.get("superclasses"))
         dim = int(backbone.embed_dim)
         self.head = CPEWSHead(dim, num_classes)
-        pool = PrototypePool(num_classes, dim, num_prototypes=o.num_prototypes, capacity=o.capacity,
-                             superclasses=superclasses, seed=int(config.seed), **preset["pool"])
-        if weights == preset["loss"]:
-            self.loss = CPEWSLoss(pool, weights=o.preset)
-        else:  # explicit weights: keep the preset's sub-loss settings
-            self.loss = CPEWSLoss(pool, weights=weights, pdl=PDLLoss(**preset["pdl"]),
-                                  ssl=SSLLoss(**preset["ssl"]))
+        weights = {k: w for k in ("ism", "pdl", "ssl") if (w := getattr(o, f"{k}_weight")) >= 0}
+        # the pool is built after the warm-up on purpose: no "pool not built" warning
+        self.loss = CPEWSLoss.from_preset(
+            num_classes, dim, preset=o.preset, weights=weights, superclasses=superclasses,
+            pool={"num_prototypes": o.num_prototypes, "capacity": o.capacity, "seed": int(config.seed)},
+            warn_unbuilt=False)
         self.pool_step = o.pool_step or max(1, round(o.pool_fraction * int(config.iterations)))
 
     @property
@@ -89,19 +79,10 @@ class CPEWSRecipe(Recipe):
         token_labels = token_pseudo_labels(
             normalize_cam(out.cam_mid.detach().float()), labels, taps.grid,
             low=self.config.low, high=self.config.high, valid=valid)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="CPEWSLoss: the prototype pool is not built")
-            terms = self.loss(logits_mid=out.logits_mid, logits_final=out.logits_final,
-                              tokens_final=taps.final, cam_final=out.cam_final,
-                              token_labels=token_labels, labels=labels, valid=valid)
-        w = self.loss.weights
-        return {
-            "cls_mid": LossTerm(1.0, terms["cls_mid"]),
-            "cls_final": LossTerm(1.0, terms["cls_final"]),
-            "ism": LossTerm(w["ism"], terms["ism"]),
-            "pdl": LossTerm(w["pdl"], terms["pdl"]),
-            "ssl": LossTerm(w["ssl"], terms["ssl"]),
-        }
+        terms = self.loss(logits_mid=out.logits_mid, logits_final=out.logits_final,
+                          tokens_final=taps.final, cam_final=out.cam_final,
+                          token_labels=token_labels, labels=labels, valid=valid)
+        return {k: LossTerm(w, v) for k, (w, v) in self.loss.weighted_terms(terms).items()}
 
     @torch.no_grad()
     def cam(self, backbone: nn.Module, images: Tensor, labels: Tensor) -> Tensor:

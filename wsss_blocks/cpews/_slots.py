@@ -7,6 +7,8 @@ present classes (``S`` = the largest present-class count, read on the host).
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
+
 import torch
 from torch import Tensor
 
@@ -16,7 +18,7 @@ __all__ = ["check_prototypes", "class_slots", "take_slots", "per_slot"]
 
 
 def check_prototypes(
-    dims: dict[str, int], pos: Tensor, pos_valid: Tensor, neg: Tensor, neg_mask: Tensor,
+    dims: MutableMapping[str, int], pos: Tensor, pos_valid: Tensor, neg: Tensor, neg_mask: Tensor,
     neg_mask_name: str,
 ) -> None:
     check_shape("pos", pos, ["K", "M", "D"], dims, dtype="float")

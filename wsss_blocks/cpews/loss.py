@@ -223,7 +223,7 @@ class CPEWSLoss(nn.Module):
                     stacklevel=2,
                 )
                 self._warned = True
-            graph_zero = (cam_final.to(dtype).sum() + tokens_final.to(dtype).sum()) * 0.0
+            graph_zero = (cam_final.to(dtype).sum() + tokens_final.to(dtype).sum()) * 0.0 + 0.0  # no -0.0
             out["pdl"] = graph_zero if w["pdl"] else detached_zero
             out["ssl"] = graph_zero if w["ssl"] else detached_zero
         out["total"] = sum(

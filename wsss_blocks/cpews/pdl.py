@@ -185,7 +185,7 @@ class PDLLoss(nn.Module):
         """See :func:`pdl_loss`."""
         return pdl_loss(
             features, cam, labels, pool.pos, pool.pos_valid, pool.neg, pool.neg_valid,
-            temperature=self.temperature, distance=self.distance,  # type: ignore[arg-type]
+            temperature=self.temperature, distance=self.distance,
             offset=self.offset, mask_threshold=self.mask_threshold, valid=valid, eps=self.eps,
             compact=self.compact,
         )

@@ -131,6 +131,12 @@ class PrototypePool(nn.Module):
     neg_labels: Tensor
     superclass_of: Tensor
     built: Tensor
+    _store: Tensor
+    _store_keys: Tensor
+    _seen: Tensor
+    _stage: Tensor
+    _stage_scores: Tensor
+    _stage_labels: Tensor
 
     def __init__(
         self,
@@ -162,8 +168,8 @@ class PrototypePool(nn.Module):
         self.mask_threshold = mask_threshold
         self.kmeans_iters = kmeans_iters
         self.seed = check_int("seed", seed)
-        f32 = {"device": device, "dtype": torch.float32}
-        b8 = {"device": device, "dtype": torch.bool}
+        f32: dict[str, Any] = {"device": device, "dtype": torch.float32}
+        b8: dict[str, Any] = {"device": device, "dtype": torch.bool}
         self.register_buffer("pos", torch.zeros(k, m, d, **f32))
         self.register_buffer("pos_valid", torch.zeros(k, m, **b8))
         self.register_buffer("neg", torch.zeros(k, m, d, **f32))

@@ -61,7 +61,7 @@ def _suppression_set(
         if act_threshold is not None:
             phi = phi & (normalize_cam(cam.detach(), mode="max").flatten(2) > act_threshold)
         if valid is not None:
-            phi = phi & valid_to_grid(valid, tuple(cam.shape[-2:])).flatten(1)[:, None]
+            phi = phi & valid_to_grid(valid, (cam.shape[-2], cam.shape[-1])).flatten(1)[:, None]
     return phi
 
 
@@ -207,7 +207,7 @@ class SSLLoss(nn.Module):
             features, cam, labels, pool.pos, pool.pos_valid, pool.neg,
             pool.suppression_mask(self.suppress_singletons),
             act_threshold=self.act_threshold,
-            cam_activation=self.cam_activation,  # type: ignore[arg-type]
+            cam_activation=self.cam_activation,
             valid=valid,
             compact=self.compact,
         )

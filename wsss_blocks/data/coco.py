@@ -147,8 +147,9 @@ class COCO(SegmentationFolder):
                 raise FileNotFoundError(f"split_file: {split_file} does not exist")
             self.names = read_names(Path(split_file))
         elif self.source == "json":
+            coco: Any = self._coco  # set by _load_json
             self.names = sorted(n for n, i in self._ids.items()
-                                if not skip_empty or self._coco.getAnnIds(imgIds=[i]))
+                                if not skip_empty or coco.getAnnIds(imgIds=[i]))
         elif self.mask_dir is not None:
             self.names = sorted(p.stem for p in self.mask_dir.glob("*.png"))
         else:

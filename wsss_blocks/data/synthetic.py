@@ -377,10 +377,10 @@ class SyntheticScenes(Dataset):
         present = labels > 0
         u = rng.random(k)
         contexts = np.where(present, u < self.co_occurrence, u < self.context_alone)
-        regions = list(self._context_layer0 + np.flatnonzero(contexts))
-        if not regions or rng.random() < 0.25:
-            regions.append(0)
-        regions = np.asarray(regions, dtype=np.int64)[rng.permutation(len(regions))]
+        region_list = [int(r) for r in self._context_layer0 + np.flatnonzero(contexts)]
+        if not region_list or rng.random() < 0.25:
+            region_list.append(0)
+        regions = np.asarray(region_list, dtype=np.int64)[rng.permutation(len(region_list))]
         m = len(regions)
         horizontal = rng.random() < 0.5
         along, across = (self._ys / h, self._xs / w) if horizontal else (self._xs / w, self._ys / h)
@@ -417,7 +417,7 @@ class SyntheticScenes(Dataset):
             # than standard_normal)
             z = np.take(self._gauss, np.frombuffer(rng.bytes(3 * hw), dtype=np.uint8))
             image += z.reshape(3, hw) * self._noise_scale
-        out = dict(image=image.reshape(3, h, w), labels=labels, mask=np.take(mask_lut, code))
+        out: dict[str, Any] = dict(image=image.reshape(3, h, w), labels=labels, mask=np.take(mask_lut, code))
         if details:
             ctx_lut = np.zeros(nb + m, dtype=np.int64)
             ctx_lut[nb:] = np.where(regions > 0, regions - self._context_layer0 + 1, 0)

@@ -82,7 +82,7 @@ class DOEIHandle:
         self._model = model
         self._modules = modules
         self.num_class_tokens = num_class_tokens
-        self.num_prefix_tokens = int(model.num_prefix_tokens)
+        self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens"))
         self.num_blocks = len(modules)
         self.patched_blocks = tuple(layers)
         self._config = config
@@ -103,7 +103,7 @@ class DOEIHandle:
         except BaseException:
             self.remove()
             raise
-        model._doei_handle = self
+        setattr(model, "_doei_handle", self)
 
     # -- public -------------------------------------------------------------------------
 
@@ -211,9 +211,12 @@ class DOEIHandle:
             if state.active:
                 state.attn = args[0]
 
-        self._hooks.append(attn.qkv.register_forward_hook(qkv_hook))
-        self._hooks.append(attn.attn_drop.register_forward_pre_hook(drop_pre_hook))
-        if hasattr(attn, "norm"):
+        qkv: nn.Module = getattr(attn, "qkv")
+        attn_drop: nn.Module = getattr(attn, "attn_drop")
+        self._hooks.append(qkv.register_forward_hook(qkv_hook))
+        self._hooks.append(attn_drop.register_forward_pre_hook(drop_pre_hook))
+        norm: nn.Module | None = getattr(attn, "norm", None)
+        if norm is not None:
 
             def norm_pre_hook(_m: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
                 if not (state.active and not self._config.head_mean):
@@ -225,7 +228,7 @@ class DOEIHandle:
                 o4 = self._add_delta(attn, state, o4, per_head=True)
                 return (o4.transpose(1, 2).reshape(o.shape),) + tuple(args[1:])
 
-            self._hooks.append(attn.norm.register_forward_pre_hook(norm_pre_hook))
+            self._hooks.append(norm.register_forward_pre_hook(norm_pre_hook))
 
         def forward(module: nn.Module, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
             if module is not attn:
@@ -336,10 +339,11 @@ class DOEIHandle:
         with no_autocast(x.device.type):
             if qk is None:
                 a = state.attn
+                assert a is not None
                 w_c = a[:, :, :c, :].to(s)
                 w_pc = a[:, :, p0:, :c].to(s) if act_p else None
             else:
-                q = qk[0].to(s) * attn.scale
+                q = qk[0].to(s) * float(getattr(attn, "scale"))
                 k = qk[1].to(s)
                 w_c = class_row_attention(q, k, c)
                 w_pc = None
@@ -360,7 +364,7 @@ class DOEIHandle:
                 if w_pc is not None:
                     g_pc = g_pre[:, p0:, :c] / row_sum[:, p0:, None]
                     w_pc = (1.0 - alpha) * w_pc + alpha * (g_pc[:, None] if per_head else g_pc)
-            p_scores = w_c[..., p0:] + w_pc.transpose(-1, -2) if act_p else None
+            p_scores = w_c[..., p0:] + w_pc.transpose(-1, -2) if w_pc is not None else None
             s_scores = w_c[..., :c] + w_c[..., :c].transpose(-1, -2) if act_c else None
             d_cls, d_patch = _delta_from_scores(
                 p_scores, s_scores, y[..., :c, :].to(s), t_p, t_c,
