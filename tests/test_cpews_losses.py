@@ -366,8 +366,8 @@ def test_dense_equals_compact(name, case):
             gf, gc = torch.autograd.grad(total, (f, c), allow_unused=True)
             results.setdefault(compact, []).append((pdl, ssl, ssl_all, gf, gc))
             assert total.requires_grad and torch.isfinite(total)
-    for dense, comp in zip(results[False], results[True]):
-        for a, b in zip(dense, comp):
+    for dense, comp in zip(results[False], results[True], strict=True):
+        for a, b in zip(dense, comp, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     if name in ("no_present_class", "all_invalid"):
         pdl, ssl, ssl_all, gf, gc = results[True][1]
@@ -395,7 +395,7 @@ def test_dense_equals_compact_through_head():
         loss.backward()
         grads.append((loss.detach(), tokens.grad, head.classifier_final.weight.grad))
     assert grads[0][2].abs().sum() > 0
-    for a, b in zip(*grads):
+    for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b)
 
 

@@ -410,7 +410,7 @@ def test_pool_ddp_two_ranks_equal_single_process_union():
         states = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in (0, 1)]
     data = _ddp_data()
     single = PrototypePool(3, 6, num_prototypes=2, capacity=4, superclasses={"a": (0, 1), "b": (2,)})
-    for b0, b1 in zip(data[0], data[1]):  # union, in rank order, step by step
+    for b0, b1 in zip(data[0], data[1], strict=True):  # union, in rank order, step by step
         single.accumulate(**{k: torch.cat([b0[k], b1[k]]) for k in b0})
     single.finalize()
     for key, val in single.state_dict().items():

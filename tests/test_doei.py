@@ -443,7 +443,7 @@ def test_patched_equals_dense_reference_fp32(case, fused):
     got, want, g, w, unpatched = _run_t6(case, fused, torch.float32)
     assert (got - unpatched).abs().max() > 1e-4  # DOEI is actually active
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    for a, b in zip(g, w):
+    for a, b in zip(g, w, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
@@ -454,7 +454,7 @@ def test_patched_equals_dense_reference_fp32(case, fused):
 def test_patched_equals_dense_reference_fp64(case, fused):
     got, want, g, w, _ = _run_t6(case, fused, torch.float64)
     torch.testing.assert_close(got, want, atol=1e-9, rtol=1e-9)
-    for a, b in zip(g, w):
+    for a, b in zip(g, w, strict=True):
         torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
 
 

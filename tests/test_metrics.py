@@ -16,7 +16,7 @@ from wsss_blocks.metrics import MeanIoU, confusion_matrix, iou_from_confusion
 
 def conf_oracle(pred, target, c, ignore):
     conf = [[0] * c for _ in range(c)]
-    for p, t in zip(pred.flatten().tolist(), target.flatten().tolist()):
+    for p, t in zip(pred.flatten().tolist(), target.flatten().tolist(), strict=True):
         if t == ignore or p == ignore:
             continue
         conf[t][p] += 1
@@ -104,9 +104,9 @@ def test_all_ignored_gives_nan():
 
 
 def test_streaming_equals_one_shot():
-    preds, targets = zip(*(random_maps(s, b=1 + s % 3) for s in range(5)))
+    preds, targets = zip(*(random_maps(s, b=1 + s % 3) for s in range(5)), strict=True)
     m = MeanIoU(4)
-    for p, t in zip(preds, targets):
+    for p, t in zip(preds, targets, strict=True):
         m.update(p, t)
     one = confusion_matrix(
         torch.cat([p.flatten() for p in preds]), torch.cat([t.flatten() for t in targets]), 4

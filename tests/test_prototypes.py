@@ -462,7 +462,7 @@ def test_classbank_distributed_gloo_two_ranks():
         sd1 = torch.load(os.path.join(outdir, "bank1.pt"))
     ref = ClassBank(3, 4, 2)
     b0, b1 = _batches(0), _batches(1)
-    for (i0, v0), (i1, v1) in zip(b0, b1):
+    for (i0, v0), (i1, v1) in zip(b0, b1, strict=True):
         ref.update(torch.cat([i0, i1]), torch.cat([v0, v1]))
     for k in ("memory", "ptr", "count"):
         assert torch.equal(sd0[k], sd1[k])

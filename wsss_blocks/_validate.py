@@ -166,7 +166,7 @@ def check_shape(
             f"{name}: expected {len(pattern)} dims ({names}), got shape {shape}"
         )
     expected = _fmt_pattern(pattern, dims)
-    for size, p in zip(shape, pattern):
+    for size, p in zip(shape, pattern, strict=True):
         if p is None or p == "*":
             continue
         if isinstance(p, str):

@@ -270,7 +270,7 @@ class MeanIoU(nn.Module):
         }
         if self.class_names is not None:
             out["per_class_named"] = {
-                n: float(v) for n, v in zip(self.class_names, per_class.tolist())  # sync-ok
+                n: float(v) for n, v in zip(self.class_names, per_class.tolist(), strict=True)  # sync-ok
             }
         return out
 

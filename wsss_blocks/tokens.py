@@ -260,5 +260,5 @@ def vit_taps(model: nn.Module, images: Tensor, layers: Sequence[int] = (-3, -1))
     prefix, patches = split_prefix_tokens(final, int(vit.num_prefix_tokens))
     maps = [m for m, _ in inter]
     grid = (int(maps[0].shape[-2]), int(maps[0].shape[-1]))
-    intermediate = {i: grid_to_tokens(m) for i, m in zip(indices, maps) if i in wanted}
+    intermediate = {i: grid_to_tokens(m) for i, m in zip(indices, maps, strict=True) if i in wanted}
     return ViTTaps(final=patches, intermediate=intermediate, prefix=prefix, grid=grid)

@@ -23,7 +23,8 @@ ArrayLike = Any  # Tensor | np.ndarray
 
 def _np(x: ArrayLike) -> np.ndarray:
     if isinstance(x, Tensor):
-        return x.detach().float().cpu().numpy() if x.is_floating_point() else x.detach().cpu().numpy()  # sync-ok: visualisation
+        x = x.detach().float() if x.is_floating_point() else x.detach()
+        return x.cpu().numpy()  # sync-ok: visualisation
     return np.asarray(x)
 
 
@@ -184,7 +185,8 @@ def save_grid(
     Example:
         >>> import tempfile, pathlib
         >>> d = tempfile.mkdtemp()
-        >>> g = save_grid(pathlib.Path(d) / "g.png", torch.zeros(3, 3, 8, 8), torch.zeros(3, 8, 8, dtype=torch.long), ncols=2, scale=1)
+        >>> images, masks = torch.zeros(3, 3, 8, 8), torch.zeros(3, 8, 8, dtype=torch.long)
+        >>> g = save_grid(pathlib.Path(d) / "g.png", images, masks, ncols=2, scale=1)
         >>> g.shape
         (22, 42, 3)
     """

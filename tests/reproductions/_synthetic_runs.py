@@ -67,7 +67,7 @@ def markdown(rows: dict[str, dict[str, Any]], n_seeds: int) -> str:
             "|---|---|---|---|---|---|")
     lines = [head]
     for name, agg in rows.items():
-        def fmt(m: str) -> str:
+        def fmt(m: str, agg: dict[str, Any] = agg) -> str:
             return f"{100 * agg[m]['mean']:.1f} ± {100 * agg[m]['std']:.1f}"
         lines.append(f"| {name} | {fmt('cam_miou')} | {fmt('cam_miou_best')} | {fmt('pseudo_miou')} "
                      f"| {fmt('pseudo_coverage')} | {agg['cpu_s']['mean']:.0f} |")

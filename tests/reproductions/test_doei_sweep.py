@@ -65,7 +65,7 @@ def test_doei_af_confirmation(tmp_path: Path) -> None:
     per = {name: [run(tmp_path / f"{i}_{s}", recipe, s, opts) for s in CONFIRM_SEEDS]
            for i, (name, (recipe, opts)) in enumerate(contenders.items())}
     rows = {name: aggregate(v) for name, v in per.items()}
-    diffs = [a["cam_miou_best"] - d["cam_miou_best"] for a, d in zip(per["af=0.5"], per[DEFAULT])]
+    diffs = [a["cam_miou_best"] - d["cam_miou_best"] for a, d in zip(per["af=0.5"], per[DEFAULT], strict=True)]
     table = markdown(rows, len(CONFIRM_SEEDS))
     write("doei_af_confirm_cpu.json", {
         "what": "confirmation of the sweep's best setting (af=0.5) against the spec defaults on "

@@ -38,7 +38,8 @@ class COCO(SegmentationFolder):
     extra ``coco``): annotations are painted largest area first, so smaller objects stay on
     top; crowd regions get their class. ``source="auto"`` uses the mask folder when present,
     else the JSON; with neither, a ``label_file`` gives label-only items whose masks are all
-    ``ignore_index`` (as :class:`~wsss_blocks.data.voc.VOC`; no CAM evaluation then). Class index ``k`` is ``COCO_CLASSES[k]``, i.e. annotation
+    ``ignore_index`` (as :class:`~wsss_blocks.data.voc.VOC`; no CAM evaluation then). Class
+    index ``k`` is ``COCO_CLASSES[k]``, i.e. annotation
     ``category_id`` ``COCO_CATEGORY_IDS[k]``; masks hold ``k + 1`` (0 background, 255
     ignore). Pre-rendered PNGs that store raw category ids are read with
     ``mask_values="category_id"``. Image labels are the classes present in the mask, or

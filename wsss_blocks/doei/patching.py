@@ -373,11 +373,14 @@ class DOEIHandle:
             return _assemble(y, d_cls, d_patch, c, p0)
 
 
+_DEFAULT_CONFIG = DOEIConfig()  # frozen: one shared default is safe
+
+
 def patch(
     model: nn.Module,
     *,
     num_class_tokens: int | None = None,
-    config: DOEIConfig = DOEIConfig(),
+    config: DOEIConfig = _DEFAULT_CONFIG,
     layers: Sequence[int] | None = None,
 ) -> DOEIHandle:
     """Patch every supported attention module of a timm ViT with DOEI (undoable).
