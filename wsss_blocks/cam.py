@@ -1,6 +1,6 @@
 """Class activation maps: from features, normalised, with background, to pseudo labels.
 
-The shared CAM vocabulary of every method (conventions.md §2):
+The shared CAM vocabulary of every method:
 
 * a CAM is ``(B, K, h, w)``, foreground only; ``*_with_bg`` maps are ``(B, K+1, h, w)``
   with background at channel 0;
@@ -265,7 +265,7 @@ def token_pseudo_labels(
     valid: Tensor | None = None,
     ignore_index: int = 255,
 ) -> Tensor:
-    """Pseudo labels on the token grid from a CAM at any resolution (CPEWS §3.2), no grad.
+    """Pseudo labels on the token grid from a CAM at any resolution (ToCo / CPEWS ISM labels), no grad.
 
     The CAM is resized bilinearly (``align_corners=False``, no antialias) to ``size`` unless
     it is already there, then :func:`pseudo_labels` applies. ``valid`` may be given at any

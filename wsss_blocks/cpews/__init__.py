@@ -9,9 +9,11 @@ ToCo without CTC plus:
 * **PDL** / **SSL** -- the prototype discrimination and superclass suppression losses
   (:func:`pdl_loss`, :func:`ssl_loss`), SSL differentiable (the official code's is not);
 * the two-branch classifier head (:class:`CPEWSHead`, :func:`cpews_taps`) and the
-  combined loss (:class:`CPEWSLoss`, presets ``"paper"`` and ``"official"``).
+  combined loss (:class:`CPEWSLoss`, presets ``"paper"`` and ``"official"``; build pool and
+  losses together with :meth:`CPEWSLoss.from_preset`).
 
-Contract: ``shared/specs/cpews.md``.
+Where the paper and the released code differ, the ``"paper"`` preset follows the paper and
+``"official"`` the code; the README lists every difference.
 """
 
 from wsss_blocks.cpews.head import CPEWSHead, CPEWSHeadOutput, cpews_taps

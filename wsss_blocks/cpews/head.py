@@ -1,4 +1,4 @@
-"""CPEWS taps and the two-branch classifier head (cpews.md §3.1)."""
+"""CPEWS taps and the two-branch classifier head (ToCo's intermediate + final classifiers)."""
 
 from __future__ import annotations
 

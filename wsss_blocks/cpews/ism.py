@@ -1,4 +1,4 @@
-"""ISM: the intermediate-supervised token contrast (ToCo's PTC; cpews.md §3.3)."""
+"""ISM: the intermediate-supervised token contrast (CPEWS eq. 3; ToCo's patch token contrast)."""
 
 from __future__ import annotations
 
@@ -55,14 +55,6 @@ def ism_loss(
     Computed in fp32 with autocast off; gradients flow into ``tokens`` only. With no
     valid pair the value is 0.5 with zero gradient.
 
-    Memory: the loss equals ``0.5 + sum_ij W_ij S_ij`` with a weight ``W`` that is
-    piecewise constant in ``S`` (the pair coefficients times ``sign(S)`` or ``[S > 0]``,
-    the same sub-gradients autograd would use), so it is evaluated as
-    ``sum_i f_i . (W f)_i`` and no ``(B, N, N)`` tensor is kept for the backward pass.
-    At the peak it holds two float ``(B, N, N)`` buffers (the pair coefficients, and ``S``
-    overwritten in place by ``W``) and bool masks, where ToCo builds int64 ``(B, N, N)``
-    affinities.
-
     Args:
         tokens: final-layer tokens (ToCo/CPEWS: after the final norm, no projection).
         token_labels: pseudo labels from the intermediate CAM, e.g.
@@ -76,6 +68,15 @@ def ism_loss(
         - tokens: ``(B, N, D)`` or ``(B, D, h, w)``
         - token_labels: ``(B, h, w)`` or ``(B, N)`` integer
         - output: scalar, fp32
+
+    Note:
+        Memory: the loss equals ``0.5 + sum_ij W_ij S_ij`` with a weight ``W`` that is
+        piecewise constant in ``S`` (the pair coefficients times ``sign(S)`` or ``[S > 0]``,
+        the same sub-gradients autograd would use), so it is evaluated as
+        ``sum_i f_i . (W f)_i`` and no ``(B, N, N)`` tensor is kept for the backward pass.
+        At the peak it holds two float ``(B, N, N)`` buffers (the pair coefficients, and ``S``
+        overwritten in place by ``W``) and bool masks, where ToCo builds int64 ``(B, N, N)``
+        affinities.
 
     Example:
         >>> tokens = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]])

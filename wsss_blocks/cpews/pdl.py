@@ -53,13 +53,7 @@ def pdl_loss(
     ``sqrt(mean (a-b)^2 + 1e-4)`` (``"rms"``, official code, used with ``offset=0.1``).
     The loss averages ``l`` over the eligible (b, c): present, non-empty region, at
     least one valid positive and one valid negative (official skip rule); with none it is
-    a graph-attached 0. Gradients reach ``features`` only. fp32. The nearest negative is
-    picked without grad by ``||n||^2 - 2 a.n`` (no ``(B, K, M', D)`` difference), then its
-    distance is computed in the exact form above.
-
-    ``compact`` (see :func:`ssl_loss`): ``True`` computes the region embeddings and
-    distances only for each image's present classes (one host sync; default on CPU),
-    ``False`` for all ``K`` classes (no sync; default elsewhere). Same values.
+    a graph-attached 0. Gradients reach ``features`` only. fp32.
 
     Args:
         features: final tokens on the CAM's grid.
@@ -82,6 +76,13 @@ def pdl_loss(
         - features: ``(B, N, D)`` or ``(B, D, h, w)``; cam: ``(B, K, h, w)``; labels ``(B, K)``
         - pos: ``(K, M, D)``; pos_valid: ``(K, M)``; neg: ``(K, M', D)``; neg_valid ``(K, M')``
         - output: scalar fp32
+
+    Note:
+        The nearest negative is picked without grad by ``||n||^2 - 2 a.n`` (no
+        ``(B, K, M', D)`` difference), then its distance is computed in the exact form
+        above. ``compact`` (see :func:`ssl_loss`): ``True`` computes the region embeddings
+        and distances only for each image's present classes (one host sync; default on
+        CPU), ``False`` for all ``K`` classes (no sync; default elsewhere). Same values.
 
     Example:
         >>> feats, cam = torch.zeros(1, 1, 2), torch.ones(1, 1, 1, 1)    # A = (0, 0)

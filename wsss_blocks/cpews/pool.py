@@ -1,4 +1,4 @@
-"""CPEWS region embeddings and the class-wise prototype pool (CPM; cpews.md §3.4-3.5)."""
+"""CPEWS region embeddings and the class-wise prototype pool (Contextual Prototype Module, paper eq. 4-6)."""
 
 from __future__ import annotations
 

@@ -92,14 +92,6 @@ def ssl_loss(
     SSL trains nothing) the gradient reaches the classifier that made ``cam`` and the
     tokens. Note: the paper's weight 0.2 on raw CAM logits is ~1300x the official 1.5e-4.
 
-    Two paths, same values and gradients (up to float rounding): **dense** measures every
-    token against the prototypes of all ``K`` classes with one matmul
-    ``(B*N, D) x (D, K*(M+M'))`` and never syncs the host (right on accelerators);
-    **compact** reads the largest number ``S`` of present classes per image on the host
-    (one sync: free on CPU) and measures each image's tokens against the prototypes of
-    its present classes only, one ``bmm`` ``(B, N, D) x (B, D, S*(M+M'))``: ``K/S`` times
-    fewer FLOPs (~10x VOC, ~40x COCO). ``compact=None`` picks compact for CPU tensors.
-
     Args:
         features: final tokens on the CAM's grid (only used, detached, for ``Phi``).
         cam: the live final CAM (raw logits, with grad).
@@ -118,6 +110,15 @@ def ssl_loss(
         - features: ``(B, N, D)`` or ``(B, D, h, w)``; cam: ``(B, K, h, w)``; labels ``(B, K)``
         - pos: ``(K, M, D)``; pos_valid: ``(K, M)``; neg: ``(K, M', D)``; neg_keep: ``(K, M')``
         - output: scalar fp32
+
+    Note:
+        Two paths, same values and gradients (up to float rounding): **dense** measures every
+        token against the prototypes of all ``K`` classes with one matmul
+        ``(B*N, D) x (D, K*(M+M'))`` and never syncs the host (right on accelerators);
+        **compact** reads the largest number ``S`` of present classes per image on the host
+        (one sync: free on CPU) and measures each image's tokens against the prototypes of
+        its present classes only, one ``bmm`` ``(B, N, D) x (B, D, S*(M+M'))``: ``K/S`` times
+        fewer FLOPs (~10x VOC, ~40x COCO). ``compact=None`` picks compact for CPU tensors.
 
     Example:
         >>> feats = torch.tensor([[[0.0, 2.0], [2.0, 0.0], [0.0, 3.0]]])

@@ -1,4 +1,4 @@
-"""CPEWS class names, superclass tables and hyperparameter presets (cpews.md §4, §5.12)."""
+"""CPEWS superclass tables and the two hyperparameter presets (paper and released code)."""
 
 from __future__ import annotations
 
@@ -42,7 +42,8 @@ COCO_SUPERCLASSES: dict[str, tuple[int, ...]] = {
     "indoor": tuple(range(73, 80)),
 }
 
-#: Per-component keyword arguments of the two CPEWS configurations (cpews.md §4).
+#: Per-component keyword arguments of the two CPEWS configurations: ``"paper"`` (the
+#: paper's weights and formulas) and ``"official"`` (the released code's).
 #: ``"loss"`` -> :class:`CPEWSLoss` weights, ``"pdl"`` -> :class:`PDLLoss`,
 #: ``"ssl"`` -> :class:`SSLLoss`, ``"pool"`` -> :class:`PrototypePool`.
 CPEWS_PRESETS: dict[str, dict[str, dict[str, Any]]] = {

@@ -5,8 +5,8 @@ bottom-t class<->patch (PPDO) and class<->class (CPDO) interactions of the atten
 output, with scores taken from the attention mixed with an RGB / embedding affinity (HFA).
 
 **No official code exists** (the authors' repositories hold only a README). Every choice
-below that the paper leaves open is ours and is listed in ``shared/specs/doei.md`` §4-5;
-the defaults of ``st``, ``af``, ``sf`` and ``rgb_sigma`` are our own.
+the paper leaves open is ours and is listed in the README's DOEI section; the defaults of
+``st``, ``af``, ``sf`` and ``rgb_sigma`` are our own.
 
 Entry points: :func:`patch` (undoable, context manager) and the pure functions
 :func:`progressive_count`, :func:`patch_color_affinity`, :func:`hybrid_attention`,
