@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
+from einops import rearrange
 from torch import Tensor, nn
 
 from wsss_blocks._validate import check_int
@@ -97,10 +98,8 @@ def qk_from_qkv(attn: nn.Module, qkv: Tensor) -> tuple[Tensor, Tensor]:
 
     Applies the module's ``q_norm`` / ``k_norm`` exactly as timm does; ``q`` is not scaled.
     """
-    b, n, _ = qkv.shape
-    heads, head_dim = int(getattr(attn, "num_heads")), int(getattr(attn, "head_dim"))
-    qkv = qkv.reshape(b, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
-    q, k, _ = qkv.unbind(0)
+    heads = int(getattr(attn, "num_heads"))
+    q, k, _ = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=heads).unbind(0)
     q_norm = getattr(attn, "q_norm", None)
     k_norm = getattr(attn, "k_norm", None)
     if q_norm is not None:

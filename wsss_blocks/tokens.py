@@ -11,6 +11,7 @@ from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from einops import rearrange
 from torch import Tensor, nn
 
 from wsss_blocks._validate import ShapeError, check_int, check_shape, check_size
@@ -46,7 +47,7 @@ def tokens_to_grid(tokens: Tensor, size: tuple[int, int]) -> Tensor:
     """
     h, w = check_size("size", size)
     check_shape("tokens", tokens, ["B", h * w, "D"])
-    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
+    return rearrange(tokens, "b (h w) d -> b d h w", h=h, w=w)
 
 
 def grid_to_tokens(grid: Tensor) -> Tensor:
@@ -63,7 +64,7 @@ def grid_to_tokens(grid: Tensor) -> Tensor:
         True
     """
     check_shape("grid", grid, ["B", "D", "h", "w"])
-    return grid.flatten(2).transpose(1, 2)
+    return rearrange(grid, "b d h w -> b (h w) d")
 
 
 def features_as_tokens(

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from einops import rearrange
 from torch import Tensor, nn
 
 from wsss_blocks._attention_capture import (
@@ -221,12 +222,10 @@ class DOEIHandle:
             def norm_pre_hook(_m: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
                 if not (state.active and not self._config.head_mean):
                     return None
-                o = args[0]
-                b, n_all, _ = o.shape
-                heads = attn.num_heads
-                o4 = o.reshape(b, n_all, heads, -1).transpose(1, 2)
-                o4 = self._add_delta(attn, state, o4, per_head=True)
-                return (o4.transpose(1, 2).reshape(o.shape),) + tuple(args[1:])
+                heads = int(getattr(attn, "num_heads"))
+                per_head = rearrange(args[0], "b n (h d) -> b h n d", h=heads)
+                per_head = self._add_delta(attn, state, per_head, per_head=True)
+                return (rearrange(per_head, "b h n d -> b n (h d)"),) + tuple(args[1:])
 
             self._hooks.append(norm.register_forward_pre_hook(norm_pre_hook))
 
