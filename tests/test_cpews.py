@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from wsss_blocks._validate import ShapeError
+from wsss_blocks import ShapeError
 from wsss_blocks.constants import COCO_CLASSES, VOC_CLASSES
 from wsss_blocks.cpews import (
     COCO_SUPERCLASSES,

@@ -9,7 +9,7 @@ from functools import partial
 import pytest
 import torch
 
-from wsss_blocks._validate import ShapeError
+from wsss_blocks import ShapeError
 from wsss_blocks.cpews import (
     CPEWSHead,
     CPEWSLoss,

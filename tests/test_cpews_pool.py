@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 
-from wsss_blocks._validate import ShapeError
+from wsss_blocks import ShapeError
 from wsss_blocks.constants import VOC_CLASSES
 from wsss_blocks.cpews import CPEWS_PRESETS, PrototypePool, pdl_loss, region_embeddings
 

@@ -56,7 +56,8 @@ def make_coco(tmp: Path, *, json_ann: bool = True, masks: str | None = None) -> 
             })
     if json_ann:
         (tmp / "annotations").mkdir()
-        cats = [{"id": cid, "name": n, "supercategory": "x"} for cid, n in zip(COCO_CATEGORY_IDS, COCO_CLASSES, strict=True)]
+        cats = [{"id": cid, "name": n, "supercategory": "x"}
+                for cid, n in zip(COCO_CATEGORY_IDS, COCO_CLASSES, strict=True)]
         (tmp / "annotations" / "instances_train2014.json").write_text(
             json.dumps({"images": images, "annotations": annotations, "categories": cats}))
     if masks is not None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from wsss_blocks._validate import ShapeError
+from wsss_blocks import ShapeError
 from wsss_blocks.constants import IMAGENET_MEAN, IMAGENET_STD, VOC_CLASSES, VOC_PALETTE
 from wsss_blocks.data import (
     VOC,

@@ -13,8 +13,7 @@ from _timm_helpers import set_fused
 from torch import Tensor, nn
 from torch.autograd.graph import saved_tensors_hooks
 
-from wsss_blocks import doei, mct
-from wsss_blocks._validate import ShapeError
+from wsss_blocks import ShapeError, doei, mct
 from wsss_blocks.doei import (
     DOEIConfig,
     doei_delta,

@@ -9,8 +9,7 @@ from _timm_helpers import set_fused
 from timm.layers import PatchDropout
 from torch import nn
 
-from wsss_blocks import doei, mct
-from wsss_blocks._validate import ShapeError
+from wsss_blocks import ShapeError, doei, mct
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

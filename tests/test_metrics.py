@@ -10,7 +10,7 @@ import tempfile
 import pytest
 import torch
 
-from wsss_blocks._validate import ShapeError
+from wsss_blocks import ShapeError
 from wsss_blocks.metrics import MeanIoU, confusion_matrix, iou_from_confusion
 
 

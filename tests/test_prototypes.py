@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from wsss_blocks._validate import ShapeError
+from wsss_blocks import ShapeError
 from wsss_blocks.prototypes import ClassBank, kmeans
 
 # ----------------------------------------------------------------------------- helpers

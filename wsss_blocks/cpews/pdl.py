@@ -130,6 +130,10 @@ def pdl_loss(
 class PDLLoss(nn.Module):
     """Module form of :func:`pdl_loss`; reads the prototypes from a :class:`PrototypePool`.
 
+    ``forward`` takes the pool instead of the four prototype tensors of :func:`pdl_loss`:
+    the pool is trained state that changes at every rebuild, so it is passed per call (the
+    module stores only hyperparameters), and it cannot drift out of sync with them.
+
     Args:
         temperature: see :func:`pdl_loss`.
         distance: see :func:`pdl_loss`.

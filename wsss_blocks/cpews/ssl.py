@@ -156,6 +156,10 @@ def ssl_loss(
 class SSLLoss(nn.Module):
     """Module form of :func:`ssl_loss` with the pool's superclass filter.
 
+    ``forward`` takes the pool instead of the prototype tensors of :func:`ssl_loss`: it reads
+    the prototypes and builds ``neg_keep`` with :meth:`PrototypePool.suppression_mask`
+    (which needs the pool's negative labels and superclass table) at every call.
+
     Args:
         suppress_singletons: passed to :meth:`PrototypePool.suppression_mask` (paper:
             ``True``; official: ``False``, person never suppressed).

@@ -197,6 +197,15 @@ class DOEIHandle:
         self._affinity_cache = None
 
     def _wrap(self, index: int, attn: nn.Module) -> None:
+        # Hook flow of one patched block, per forward:
+        #   1. the instance ``forward`` below runs timm's own forward (``orig``) with
+        #      ``state.active`` set, so the hooks record what DOEI needs:
+        #   2. ``qkv_hook`` keeps the ``attn.qkv`` output (fused SDPA path: q, k rebuilt later);
+        #   3. ``drop_pre_hook`` keeps the post-softmax attention (non-fused path only);
+        #   4. with ``head_mean=False``, ``norm_pre_hook`` adds the per-head delta to the
+        #      attention output before timm's ``attn.norm`` and projection;
+        #   5. with ``head_mean=True`` (default) the delta is added to the block's output
+        #      after ``orig`` returns. ``state.clear()`` drops every captured tensor.
         existing = attn.__dict__.get("forward")
         if getattr(existing, "_doei_wrapper", False):
             raise RuntimeError("this attention module is already patched by DOEI")
