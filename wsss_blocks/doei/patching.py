@@ -204,8 +204,8 @@ class DOEIHandle:
         #   3. ``drop_pre_hook`` keeps the post-softmax attention (non-fused path only);
         #   4. with ``head_mean=False``, ``norm_pre_hook`` adds the per-head delta to the
         #      attention output before timm's ``attn.norm`` and projection;
-        #   5. with ``head_mean=True`` (default) the delta is added to the block's output
-        #      after ``orig`` returns. ``state.clear()`` drops every captured tensor.
+        #   5. with ``head_mean=True`` (default) the delta is added to the (projected)
+        #      attention output after ``orig`` returns. ``state.clear()`` drops the captures.
         existing = attn.__dict__.get("forward")
         if getattr(existing, "_doei_wrapper", False):
             raise RuntimeError("this attention module is already patched by DOEI")
