@@ -41,6 +41,8 @@ def _kmeans_pp_init(
     picks = x.new_zeros((g, k), dtype=torch.long)
     mind = torch.full((g, n), float("inf"), dtype=x.dtype, device=x.device)
     weight = validf
+    xx = x.pow(2).sum(-1)  # (G,N)
+    tiny = 8.0 * torch.finfo(x.dtype).eps
     for j in range(k):
         e = torch.empty((g, n), dtype=x.dtype, device=x.device).exponential_(
             generator=generator
@@ -49,9 +51,12 @@ def _kmeans_pp_init(
         idx = key.argmin(dim=1)  # (G,)
         picks[:, j] = idx
         centre = x.gather(1, idx[:, None, None].expand(g, 1, x.shape[2]))  # (G,1,D)
-        # exact difference form (not the matmul form): a pick and its duplicates get
-        # weight exactly 0, so they are never drawn again while other points remain
-        d = torch.linalg.vector_norm(x - centre, dim=-1).square()  # (G,N)
+        # matmul form ||x||^2 + ||c||^2 - 2 x.c (one matvec, no (G,N,D) temporary); values
+        # within rounding of 0 are set to 0, so a pick and its duplicates get weight exactly
+        # 0 and are never drawn again while other points remain
+        cc = xx.gather(1, idx[:, None])  # (G,1)
+        d = torch.baddbmm((xx + cc)[:, :, None], x, centre.transpose(1, 2), alpha=-2.0).squeeze(-1)
+        d = torch.where(d > tiny * (xx + cc), d, torch.zeros_like(d))
         mind = torch.minimum(mind, d)
         w = torch.where(valid, mind, torch.zeros_like(mind))
         has_mass = w.sum(1, keepdim=True) > 0
