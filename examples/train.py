@@ -401,8 +401,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     returned summary has a ``comparison`` entry.
     """
     cfg = parse_config(argv)
-    try:
-        get_recipe(cfg.recipe)  # unknown names fail before anything starts
+    try:  # unknown recipes and bad --opt values fail before anything starts
+        parse_options(get_recipe(cfg.recipe), cfg.opts)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     compare = cfg.recipe != "baseline" and (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -9,6 +10,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Literal, Optional
 
 import pytest
 import torch
@@ -385,3 +387,119 @@ def test_gpu_bf16_run(tmp_path: Path, name: str) -> None:
                           "--amp", "bf16", "--output", str(tmp_path), "--no-plots"])
     assert summary["device"].startswith("cuda") and summary["amp"] == "bf16"
     assert all(math.isfinite(v) for v in _losses(tmp_path).values())
+
+
+# ----------------------------------------------------------------------------- recipe options
+@dataclasses.dataclass
+class _Options:
+    mode: Literal["point", "box"] = "point"
+    level: Literal[1, 2] = 1
+    weight: float | None = None
+    steps: Optional[int] = None  # noqa: UP045 - the typing.Optional spelling is one of the cases
+    ratio: float = 0.5
+    count: int = 3
+    flag: bool = False
+    name: str = "x"
+
+
+@pytest.mark.parametrize(
+    ("key", "text", "value"),
+    [
+        ("mode", "box", "box"),  # a Literal of strings is not parsed as int ("point" contains "int")
+        ("mode", " point ", "point"),
+        ("level", "2", 2),
+        ("weight", "none", None),
+        ("weight", "None", None),
+        ("weight", "0.25", 0.25),
+        ("steps", "none", None),
+        ("steps", "7", 7),
+        ("ratio", "1e-3", 1e-3),
+        ("count", "-2", -2),
+        ("flag", "true", True),
+        ("flag", "Off", False),
+        ("flag", "1", True),
+        ("name", "none", "none"),  # a plain str keeps the text
+    ],
+)
+def test_parse_option_from_type_hints(key: str, text: str, value: object) -> None:
+    from recipes.base import option_types, parse_option
+
+    hints = option_types(_Options)
+    got = parse_option(key, text, hints[key])
+    assert got == value and type(got) is type(value)
+
+
+@pytest.mark.parametrize(
+    ("key", "text", "match"),
+    [
+        ("mode", "circle", r"--opt mode: expected one of 'point', 'box', got 'circle'"),
+        ("mode", "1", r"--opt mode: expected one of 'point', 'box'"),
+        ("level", "3", r"--opt level: expected one of 1, 2, got '3'"),
+        ("weight", "heavy", r"--opt weight: expected float or none, got 'heavy'"),
+        ("steps", "1.5", r"--opt steps: expected int or none, got '1.5'"),
+        ("count", "2.0", r"--opt count: expected int, got '2.0'"),
+        ("count", "none", r"--opt count: expected int, got 'none'"),
+        ("ratio", "half", r"--opt ratio: expected float, got 'half'"),
+        ("flag", "maybe", r"--opt flag: expected true/false, got 'maybe'"),
+    ],
+)
+def test_parse_option_errors_name_option_and_allowed(key: str, text: str, match: str) -> None:
+    from recipes.base import OptionError, option_types, parse_option
+
+    with pytest.raises(OptionError, match=match):
+        parse_option(key, text, option_types(_Options)[key])
+
+
+def test_unsupported_option_type_is_refused_at_registration() -> None:
+    import dataclasses
+
+    from recipes import Recipe, register
+
+    @dataclasses.dataclass
+    class Options:
+        sizes: list[int] = dataclasses.field(default_factory=list)
+
+    class Bad(Recipe):
+        name = "bad_option_type"
+
+    Bad.Options = Options  # type: ignore[misc]
+    with pytest.raises(TypeError, match="option 'sizes': unsupported type"):
+        register(Bad)
+    assert "bad_option_type" not in RECIPES
+
+
+@pytest.mark.parametrize("name", sorted(RECIPE_OPTS))
+def test_registered_recipe_options_round_trip(name: str) -> None:
+    """Every option of every recipe parses back from the text of its default."""
+    import dataclasses
+
+    from recipes import option_types, parse_options
+
+    cls = RECIPES[name]
+    defaults = cls.Options()
+    raw = {f.name: ("none" if (v := getattr(defaults, f.name)) is None else str(v).lower() if isinstance(v, bool)
+                    else str(v)) for f in dataclasses.fields(defaults)}
+    assert parse_options(cls, raw) == defaults
+    assert set(option_types(cls.Options)) == set(raw)
+
+
+def test_recipe_none_options_replace_sentinels() -> None:
+    from recipes import parse_options
+
+    cpews = parse_options(RECIPES["cpews"], {"ism_weight": "none", "pdl_weight": "0.5", "preset": "official"})
+    assert (cpews.ism_weight, cpews.pdl_weight, cpews.preset) == (None, 0.5, "official")
+    assert parse_options(RECIPES["doei"], {"st_c2c": "none"}).st_c2c is None
+    with pytest.raises(ValueError, match=r"--opt preset: expected one of 'paper', 'official', got 'papr'"):
+        parse_options(RECIPES["cpews"], {"preset": "papr"})
+    with pytest.raises(ValueError, match=r"--opt reduction: expected one of 'sum', 'mean'"):
+        parse_options(RECIPES["mct"], {"reduction": "max"})
+
+
+def test_bad_opt_value_is_a_cli_error_exit_2(tmp_path: Path) -> None:
+    cmd = [sys.executable, str(EXAMPLES / "train.py"), "--recipe", "cpews", "--opt", "preset=papr",
+           "--output", str(tmp_path)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "--opt preset: expected one of 'paper', 'official', got 'papr'" in res.stderr
+    assert "Traceback" not in res.stderr
