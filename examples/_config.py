@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-__all__ = ["TrainConfig", "ConfigError", "DATASET_DEFAULTS", "parse_config", "parse_recipe_options"]
+__all__ = ["TrainConfig", "ConfigError", "DATASET_DEFAULTS", "is_swin_name", "parse_config", "parse_recipe_options"]
 
 
 class ConfigError(ValueError):
@@ -37,9 +37,11 @@ class TrainConfig:
     pretrained: str | None = None  # local weights file (.pth/.bin/.safetensors/.npz); never downloads
     img_size: int | None = None  # training crop / input size
     patch_size: int | None = None
-    depth: int | None = None
+    depth: int | None = None  # ViT blocks
+    depths: tuple[int, ...] | None = None  # Swin: blocks per stage
     embed_dim: int | None = None
-    num_heads: int | None = None
+    num_heads: tuple[int, ...] | None = None  # ViT: one value; Swin: one per stage
+    window_size: int | None = None  # Swin attention window
     dynamic_size: bool = True
     drop_path: float = 0.0  # stochastic depth rate (timm drop_path_rate)
     # schedule
@@ -90,7 +92,7 @@ class TrainConfig:
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "synthetic": dict(
         model="vit_tiny_patch16_224", img_size=64, patch_size=8, depth=4, embed_dim=96,
-        num_heads=3, iterations=300, batch_size=16, lr=1e-3, warmup=30, low=0.25, high=0.7,
+        num_heads=(3,), iterations=300, batch_size=16, lr=1e-3, warmup=30, low=0.25, high=0.7,
         cam_threshold=0.3, eval_every=150, eval_images=128, eval_batch_size=32, workers=0,
         train_length=2000,
         # per-dataset recipe option defaults (--opt overrides them): the attention CAMs of a
@@ -110,6 +112,22 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
         eval_batch_size=1, workers=4,
     ),
 }
+
+
+SWIN_PREFIXES = ("swin_", "swinv2_")  # timm SwinTransformer / SwinTransformerV2 names
+_OTHER_SWIN = ("swinv2_cr_", "swin_s3_")  # different architectures under similar names
+
+
+def is_swin_name(model: str | None) -> bool:
+    """Whether ``--model`` names a timm SwinTransformer / SwinTransformerV2."""
+    return model is not None and model.startswith(SWIN_PREFIXES) and not model.startswith(_OTHER_SWIN)
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from err
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -134,13 +152,15 @@ def build_parser() -> argparse.ArgumentParser:
     a("--data", default="synthetic", choices=sorted(DATASET_DEFAULTS))
     a("--data-root", default=None, help="dataset root for voc / coco")
     a("--train-length", type=int, default=None, help="synthetic: training items per epoch")
-    a("--model", default=None, help="any timm ViT name")
+    a("--model", default=None, help="any timm ViT name, or a Swin (swin_*, swinv2_*)")
     a("--pretrained", default=None, metavar="FILE", help="local weights file (no downloads)")
     a("--img-size", type=int, default=None)
     a("--patch-size", type=int, default=None)
-    a("--depth", type=int, default=None)
+    a("--depth", type=int, default=None, help="ViT: number of blocks")
+    a("--depths", type=_ints, default=None, help="Swin: blocks per stage, e.g. 1,1")
     a("--embed-dim", type=int, default=None)
-    a("--num-heads", type=int, default=None)
+    a("--num-heads", type=_ints, default=None, help="ViT: one value; Swin: one per stage, e.g. 2,4")
+    a("--window-size", type=int, default=None, help="Swin: attention window (fit it to the small image)")
     a("--no-dynamic-size", dest="dynamic_size", action="store_false",
       help="fixed input size (multi-scale evaluation and VOC/COCO validation need dynamic size)")
     a("--drop-path", type=float, default=0.0, help="stochastic depth rate of the backbone")
@@ -239,12 +259,31 @@ def validate(cfg: TrainConfig) -> None:
              f"weights file {cfg.pretrained!r} not found. This trainer never downloads weights: "
              "download them once elsewhere (e.g. the timm model's .safetensors/.npz) and pass the "
              "local file path")
-    for name in ("patch_size", "depth", "embed_dim", "num_heads"):
+    for name in ("patch_size", "depth", "embed_dim", "window_size"):
         v = getattr(cfg, name)
         need(v is None or v >= 1, "--" + name.replace("_", "-"), f"expected >= 1, got {v}")
-    if cfg.embed_dim is not None and cfg.num_heads is not None:
-        need(cfg.embed_dim % cfg.num_heads == 0, "--embed-dim",
-             f"{cfg.embed_dim} is not divisible by --num-heads {cfg.num_heads}")
+    for name in ("depths", "num_heads"):
+        v = getattr(cfg, name)
+        need(v is None or (len(v) > 0 and min(v) >= 1), "--" + name.replace("_", "-"),
+             f"expected integers >= 1, got {v}")
+    if is_swin_name(cfg.model):
+        need(cfg.depth is None, "--depth", "a Swin model takes per-stage --depths (e.g. --depths 1,1)")
+        if cfg.depths is not None and cfg.num_heads is not None:
+            need(len(cfg.num_heads) == len(cfg.depths), "--num-heads",
+                 f"expected one value per stage ({len(cfg.depths)}), got {len(cfg.num_heads)}")
+        if cfg.embed_dim is not None and cfg.num_heads is not None:
+            for i, h in enumerate(cfg.num_heads):
+                need((cfg.embed_dim << i) % h == 0, "--num-heads",
+                     f"stage {i} width {cfg.embed_dim << i} (--embed-dim {cfg.embed_dim} x 2^{i}) is not "
+                     f"divisible by {h} heads")
+    else:
+        for flag, value in (("--depths", cfg.depths), ("--window-size", cfg.window_size)):
+            need(value is None, flag, f"only for Swin models (--model swin_...), got --model {cfg.model}")
+        if cfg.num_heads is not None:
+            need(len(cfg.num_heads) == 1, "--num-heads", f"a ViT takes one value, got {cfg.num_heads}")
+            if cfg.embed_dim is not None:
+                need(cfg.embed_dim % cfg.num_heads[0] == 0, "--embed-dim",
+                     f"{cfg.embed_dim} is not divisible by --num-heads {cfg.num_heads[0]}")
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
@@ -260,7 +299,8 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     for f in fields(cfg):
         if getattr(cfg, f.name) is None and f.name in defaults:
             # tiny-architecture overrides apply only to the dataset's default model
-            if custom_model and f.name in ("patch_size", "depth", "embed_dim", "num_heads"):
+            if custom_model and f.name in ("patch_size", "depth", "embed_dim", "num_heads", "depths",
+                                           "window_size"):
                 continue
             setattr(cfg, f.name, defaults[f.name])
     for key, value in defaults.get("recipe_opts", {}).get(cfg.recipe, {}).items():
@@ -268,6 +308,9 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     if cfg.output is None:
         cfg.output = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     cfg.eval_scales = tuple(cfg.eval_scales)
+    for name in ("depths", "num_heads"):
+        if getattr(cfg, name) is not None:
+            setattr(cfg, name, tuple(getattr(cfg, name)))
     validate(cfg)
     return cfg
 

@@ -503,3 +503,64 @@ def test_bad_opt_value_is_a_cli_error_exit_2(tmp_path: Path) -> None:
     assert res.returncode == 2, res.stderr[-2000:]
     assert "--opt preset: expected one of 'paper', 'official', got 'papr'" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+# ----------------------------------------------------------------------------- Swin backbones
+SWIN = ["--model", "swin_tiny_patch4_window7_224", "--depths", "1,1", "--embed-dim", "32",
+        "--num-heads", "2,4", "--window-size", "4"]
+SWIN_TINY = [a for i, a in enumerate(TINY) if not ({a, TINY[i - 1]} & {"--patch-size", "--depth", "--embed-dim",
+                                                                     "--num-heads"})]
+
+
+def _tiny_swin() -> torch.nn.Module:
+    cfg = parse_config([*SWIN_TINY, *SWIN])
+    return train.build_backbone(cfg)
+
+
+def test_swin_final_feature_map_is_nchw_on_a_non_square_grid() -> None:
+    from _backbone import backbone_kind, feature_dim, feature_stride, final_feature_map, final_tokens
+
+    torch.manual_seed(0)
+    m = _tiny_swin().eval()
+    assert backbone_kind(m) == "swin" and feature_dim(m) == 64 and feature_stride(m) == (8, 8)
+    x = torch.randn(2, 3, 32, 48)
+    fmap = final_feature_map(m, x)
+    assert fmap.shape == (2, 64, 4, 6)  # (B, C, h, w): never a sqrt(N) guess
+    # independent oracle: timm's NCHW intermediates with the final norm
+    ref = m.forward_intermediates(x, indices=[1], norm=True, output_fmt="NCHW", intermediates_only=True)[-1]
+    torch.testing.assert_close(fmap, ref)
+    tokens, grid = final_tokens(m, x)
+    assert grid == (4, 6) and torch.equal(tokens[:, 7], fmap[:, :, 1, 1])  # row-major: 1 * 6 + 1
+    # a size that is not a multiple of the stride is padded bottom/right to whole cells
+    assert final_feature_map(m, torch.randn(1, 3, 36, 44)).shape == (1, 64, 5, 6)
+
+
+def test_swin_baseline_trains_and_evaluates(tmp_path: Path) -> None:
+    summary = train.main([*SWIN_TINY, *SWIN, "--recipe", "baseline", "--eval-scales", "1.0,0.75",
+                          "--eval-flip", "--output", str(tmp_path)])
+    assert summary["finished"] and summary["steps"] == 3 and len(summary["pictures"]) == 2
+    assert summary["config"]["depths"] == (1, 1) and summary["config"]["num_heads"] == (2, 4)
+    assert all(math.isfinite(v) for v in _losses(tmp_path).values())
+    assert 0.0 <= summary["final"]["cam_miou"] <= 1.0
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        ([*SWIN, "--depth", "2"], "--depth: a Swin model takes per-stage --depths"),
+        ([*SWIN[:-4], "--num-heads", "2,4,8", "--window-size", "4"], "--num-heads: expected one value per stage"),
+        ([*SWIN[:-4], "--num-heads", "3,4", "--window-size", "4"], "stage 0 width 32 .* not divisible by 3"),
+        (["--depths", "1,1"], "--depths: only for Swin"),
+        (["--window-size", "4"], "--window-size: only for Swin"),
+        (["--num-heads", "3,3"], "--num-heads: a ViT takes one value"),
+        (["--depths", "1,x"], "comma-separated integers"),
+    ],
+)
+def test_swin_config_errors(argv: list[str], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        parse_config(argv)
+
+
+def test_vit_only_recipe_refuses_swin(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="--recipe cpews: supports vit backbones, --model swin_tiny.* is a swin"):
+        train.main([*SWIN_TINY, *SWIN, "--recipe", "cpews", "--output", str(tmp_path)])

@@ -54,12 +54,15 @@ class Recipe(nn.Module):
 
     Subclasses set ``name`` and ``Options`` (a dataclass of recipe options, set with
     ``--opt key=value`` and typed by the fields' annotations: ``bool``, ``int``, ``float``,
-    ``str``, ``Literal[...]``, ``X | None``, where ``none`` gives ``None``) and implement :meth:`forward` and :meth:`cam`. Parameters created
-    in ``__init__`` are the "new heads" (``--head-lr-mult`` times the base rate); the
-    backbone is passed to every call and is never a submodule of the recipe.
+    ``str``, ``Literal[...]``, ``X | None``, where ``none`` gives ``None``) and implement
+    :meth:`forward` and :meth:`cam`; ``backbones`` lists the backbone families it supports
+    (default ViT only). Parameters created in ``__init__`` are the "new heads"
+    (``--head-lr-mult`` times the base rate); the backbone is passed to every call and is
+    never a submodule of the recipe.
 
     Args:
-        backbone: the timm ViT; ``__init__`` may adapt it in place (e.g. add class tokens,
+        backbone: the timm ViT (or Swin, for recipes whose ``backbones`` include ``"swin"``);
+            ``__init__`` may adapt it in place (e.g. add class tokens,
             patch attention) before the optimiser is built.
         num_classes: ``K`` foreground classes.
         config: the resolved training configuration.
@@ -69,6 +72,8 @@ class Recipe(nn.Module):
     """
 
     name: ClassVar[str] = "base"
+    #: backbone families the recipe works with (``"vit"``, ``"swin"``); the trainer refuses others
+    backbones: ClassVar[frozenset[str]] = frozenset({"vit"})
 
     @dataclass
     class Options:
