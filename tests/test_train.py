@@ -564,3 +564,47 @@ def test_swin_config_errors(argv: list[str], match: str) -> None:
 def test_vit_only_recipe_refuses_swin(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="--recipe cpews: supports vit backbones, --model swin_tiny.* is a swin"):
         train.main([*SWIN_TINY, *SWIN, "--recipe", "cpews", "--output", str(tmp_path)])
+
+
+# ----------------------------------------------------------------------------- one config source
+def test_parser_is_built_from_the_config_fields() -> None:
+    from _config import DATASET_DEFAULTS, TrainConfig, build_parser
+
+    parser = build_parser()
+    dests = {a.dest for a in parser._actions if a.dest != "help"}
+    assert dests == {f.name for f in dataclasses.fields(TrainConfig)}
+    # the parser states no default of its own: unset flags give the dataclass defaults
+    # (dataset defaults fill only the None fields)
+    cfg, plain = parse_config(["--output", "x"]), TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        if f.name not in DATASET_DEFAULTS["synthetic"] and f.name not in ("output", "opts"):
+            assert getattr(cfg, f.name) == getattr(plain, f.name), f.name
+    choices = {a.dest: a.choices for a in parser._actions if a.choices}
+    assert choices == {"baseline": ["auto", "on", "off"], "data": ["synthetic", "voc", "coco"],
+                       "amp": ["auto", "bf16", "fp16", "off"]}
+
+
+def test_every_existing_flag_still_parses() -> None:
+    cfg = parse_config([
+        "--recipe", "mct", "--baseline", "on", "--opt", "last_k=2", "--data", "synthetic", "--train-length", "8",
+        "--model", "vit_tiny_patch16_224", "--img-size", "32", "--patch-size", "8", "--depth", "2",
+        "--embed-dim", "48", "--num-heads", "3", "--no-dynamic-size", "--drop-path", "0.1",
+        "--iterations", "5", "--batch-size", "2", "--lr", "0.01", "--head-lr-mult", "5", "--warmup", "0",
+        "--warmup-ratio", "0.5", "--power", "1.0", "--weight-decay", "0", "--clip-grad", "2",
+        "--low", "0.2", "--high", "0.8", "--cam-threshold", "0.4", "--eval-every", "5", "--eval-images", "4",
+        "--eval-batch-size", "2", "--eval-scales", "1.0", "--eval-flip", "--vis-images", "0",
+        "--device", "cpu", "--amp", "off", "--compile", "--seed", "3", "--deterministic", "--workers", "0",
+        "--threads", "1", "--output", "o", "--resume", "auto", "--ckpt-every", "2", "--stop-after", "1",
+        "--log-every", "2", "--no-progress", "--no-plots", "--quiet",
+    ])
+    assert (cfg.recipe, cfg.baseline, cfg.opts, cfg.num_heads, cfg.dynamic_size, cfg.eval_flip) == (
+        "mct", "on", {"last_k": "2", "refine": "false"}, (3,), False, True)
+    assert (cfg.compile, cfg.deterministic, cfg.progress, cfg.plots, cfg.quiet) == (True, True, False, False, True)
+    assert (cfg.clip_grad, cfg.stop_after, cfg.eval_scales, cfg.head_lr_mult) == (2.0, 1, (1.0,), 5.0)
+
+
+def test_argparse_errors_are_config_errors_not_exits() -> None:
+    for argv, match in ((["--amp", "fp8"], "invalid choice"), (["--iterations", "x"], "invalid int"),
+                        (["--nope"], "unrecognized arguments")):
+        with pytest.raises(ConfigError, match=match):
+            parse_config(argv)
