@@ -52,8 +52,8 @@ def _grads_equal(fn, *leaves):
 # WSSS_BLOCKS_CHECKS=0), but these callers read the bound sizes from it: KeyError while tracing.
 DIMS_UNBOUND = pytest.mark.xfail(
     raises=KeyError, strict=True,
-    reason="wsss_blocks._validate.check_shape binds no dims when checks are disabled (compiling); "
-           "callers index the returned dims (ism_loss/pdl_loss: dims['h'], CPEWSLoss: dims['K'], DOEI patch: dims['H'])",
+    reason="wsss_blocks._validate.check_shape binds no dims when checks are disabled (compiling); callers "
+           "index the returned dims (ism_loss/pdl_loss: dims['h'], CPEWSLoss: dims['K'], DOEI patch: dims['H'])",
 )
 
 
