@@ -48,15 +48,8 @@ def _grads_equal(fn, *leaves):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
-# check_shape returns an empty dims mapping when checks are off (torch.compiler.is_compiling(), or
-# WSSS_BLOCKS_CHECKS=0), but these callers read the bound sizes from it: KeyError while tracing.
-DIMS_UNBOUND = pytest.mark.xfail(
-    raises=KeyError, strict=True,
-    reason="wsss_blocks._validate.check_shape binds no dims when checks are disabled (compiling); callers "
-           "index the returned dims (ism_loss/pdl_loss: dims['h'], CPEWSLoss: dims['K'], DOEI patch: dims['H'])",
-)
-
-
+# While compiling, checks are off (torch.compiler.is_compiling()); check_shape must still bind
+# the sizes these callers read from it (it returned an empty mapping before: KeyError).
 def _case(seed=0, b=2, k=3, grid=(3, 4), d=8, m=3):
     gen = torch.Generator().manual_seed(seed)
     n = grid[0] * grid[1]
@@ -71,13 +64,11 @@ def _case(seed=0, b=2, k=3, grid=(3, 4), d=8, m=3):
     return tokens, cam, labels, pos, pv, neg, nv, token_labels
 
 
-@DIMS_UNBOUND
 def test_ism_loss_compiles():
     tokens, *_, token_labels = _case()
     _grads_equal(lambda t: ism_loss(t, token_labels), tokens)
 
 
-@DIMS_UNBOUND
 @pytest.mark.parametrize("compact", [True, False])
 def test_pdl_and_ssl_losses_compile(compact):
     tokens, cam, labels, pos, pv, neg, nv, _ = _case(1)
@@ -85,7 +76,6 @@ def test_pdl_and_ssl_losses_compile(compact):
     _grads_equal(lambda t, c: ssl_loss(t, c, labels, pos, pv, neg, nv, compact=compact), tokens, cam)
 
 
-@DIMS_UNBOUND
 def test_cpews_loss_module_compiles():
     gen = torch.Generator().manual_seed(2)
     k, d, grid = 3, 8, (3, 4)
@@ -140,7 +130,6 @@ def _tiny_vit(c: int) -> torch.nn.Module:
     return m.eval()
 
 
-@DIMS_UNBOUND
 def test_doei_patched_vit_forward_compiles():
     c = 4  # class tokens (MCT) exercise both DOEI branches
     model = _tiny_vit(c)
