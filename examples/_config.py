@@ -28,7 +28,7 @@ class ConfigError(ValueError):
     """A command-line / configuration error; the message names the flag."""
 
 
-def _arg(default: Any = None, help: str = "", **cli: Any) -> Any:  # noqa: A002 - argparse's word
+def _arg(default: Any = None, help: str = "", **cli: Any) -> Any:
     """A :class:`TrainConfig` field: ``default`` plus the command-line metadata (``help``, and
     ``flag`` / ``metavar`` / ``append`` overrides). For a ``bool`` defaulting to ``True`` the help
     describes the ``--no-...`` flag."""

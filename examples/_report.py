@@ -58,7 +58,8 @@ def plot_curves(metrics_path: str, out_path: str, title: str = "") -> str | None
     for term in terms:
         pts = [(r["step"], r[f"loss/{term}"]) for r in train if f"loss/{term}" in r]
         if pts and any(math.isfinite(v) and v != 0 for _, v in pts):
-            ax1.plot(*zip(*pts), label=term, lw=1.2)
+            steps, values = zip(*pts, strict=True)  # unzip (step, value) pairs
+            ax1.plot(steps, values, label=term, lw=1.2)
     ax1.set_xlabel("step")
     ax1.set_ylabel("loss (unweighted terms)")
     ax1.set_yscale("symlog", linthresh=1e-3)
@@ -67,7 +68,8 @@ def plot_curves(metrics_path: str, out_path: str, title: str = "") -> str | None
                        ("pseudo_miou", "pseudo mIoU")):
         pts = [(r["step"], r[key]) for r in evals if key in r]
         if pts:
-            ax2.plot(*zip(*pts), marker="o", label=label)
+            steps, values = zip(*pts, strict=True)
+            ax2.plot(steps, values, marker="o", label=label)
     ax2.set_xlabel("step")
     ax2.set_ylabel("mIoU")
     ax2.set_ylim(0, 1)

@@ -23,6 +23,7 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -149,24 +150,54 @@ def _all_mean(values: dict[str, torch.Tensor], dist: _Dist) -> dict[str, float]:
     if dist.world > 1:
         torch.distributed.all_reduce(vec)
         vec = vec / dist.world
-    return dict(zip(keys, vec.cpu().tolist()))  # sync-ok: logging interval only
+    return dict(zip(keys, vec.cpu().tolist(), strict=True))  # sync-ok: logging interval only
 
 
 # ----------------------------------------------------------------------------- one run
-def _train_one(cfg: TrainConfig, out_dir: str, dist: _Dist) -> dict[str, Any]:
-    t_start = time.time()
-    say = (lambda msg: print(msg, flush=True)) if dist.is_main and not cfg.quiet else (lambda msg: None)
-    device = _resolve_device(cfg.device, dist)
-    autocast, amp = _autocast_factory(cfg.amp, device)
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    _seed_everything(cfg.seed, cfg.deterministic)
-    if dist.is_main:
-        os.makedirs(out_dir, exist_ok=True)
-    dist.barrier()
+@dataclasses.dataclass
+class _Run:
+    """Everything one training run holds: built by :func:`_setup`, advanced by :func:`_resume`
+    and :func:`_train_loop`, read by :func:`_summarize`."""
 
-    train_ds, val_ds, info = build_datasets(cfg)
-    k = info["num_classes"]
+    cfg: TrainConfig
+    out_dir: str
+    dist: _Dist
+    device: torch.device
+    amp: str
+    autocast: Callable[[], Any]
+    say: Callable[[str], None]
+    info: dict[str, Any]
+    train_ds: Any
+    val_ds: Any
+    net: TrainNet
+    options: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler  # disabled (a pass-through) unless --amp fp16
+    resolved: dict[str, Any]
+    writer: JsonlWriter  # metrics.jsonl on rank 0 (appends; _resume cuts it back first)
+    start_step: int = 0
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    rng: Any = None  # RNG states of a resumed checkpoint, restored right before its first step
+    vis_batch: dict[str, Any] | None = None
+    pictures: list[str] = dataclasses.field(default_factory=list)
+    eval_time: float = 0.0
+
+    @property
+    def ckpt_path(self) -> str:
+        return os.path.join(self.out_dir, "last.pt")
+
+    @property
+    def metrics_path(self) -> str:
+        return os.path.join(self.out_dir, "metrics.jsonl")
+
+    @property
+    def checkpoint_scaler(self) -> torch.amp.GradScaler | None:
+        return self.scaler if self.scaler.is_enabled() else None
+
+
+def _build_net(cfg: TrainConfig, info: dict[str, Any]) -> tuple[TrainNet, Any]:
+    """Backbone + recipe (with its parsed options); option and model mismatches are ConfigErrors."""
     backbone = build_backbone(cfg)
     recipe_cls = get_recipe(cfg.recipe)
     kind = backbone_kind(backbone)
@@ -178,194 +209,263 @@ def _train_one(cfg: TrainConfig, out_dir: str, dist: _Dist) -> dict[str, Any]:
     except ValueError as err:
         raise ConfigError(str(err)) from err
     try:
-        recipe = recipe_cls(backbone, k, cfg, options, dict(info, data=cfg.data))
+        recipe = recipe_cls(backbone, info["num_classes"], cfg, options, dict(info, data=cfg.data))
     except (ValueError, TypeError) as err:  # option checks against the model / data
         raise ConfigError(f"--recipe {cfg.recipe}: {err}") from err
-    net = TrainNet(backbone, recipe).to(device)
+    return TrainNet(backbone, recipe), options
+
+
+def _setup(cfg: TrainConfig, out_dir: str, dist: _Dist) -> _Run:
+    """Runtime (device, precision, threads, seeds), data, model, optimiser and schedule."""
+    say = (lambda msg: print(msg, flush=True)) if dist.is_main and not cfg.quiet else (lambda msg: None)
+    device = _resolve_device(cfg.device, dist)
+    autocast, amp = _autocast_factory(cfg.amp, device)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    _seed_everything(cfg.seed, cfg.deterministic)
+    if dist.is_main:
+        os.makedirs(out_dir, exist_ok=True)
+    dist.barrier()
+
+    train_ds, val_ds, info = build_datasets(cfg)
+    net, options = _build_net(cfg, info)
+    net = net.to(device)
     optimizer = build_optimizer(net.backbone, net.recipe, lr=cfg.lr, head_lr_mult=cfg.head_lr_mult,
                                 weight_decay=cfg.weight_decay)
     scheduler = build_scheduler(optimizer, warmup=cfg.warmup, max_steps=cfg.iterations,
                                 warmup_ratio=cfg.warmup_ratio, power=cfg.power)
-    scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
-
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     resolved = cfg.to_json() | {"recipe_options": dataclasses.asdict(options), "amp": amp,
                                 "device": str(device), "world_size": dist.world,
-                                "num_classes": k, "output": out_dir}
-    ckpt_path = os.path.join(out_dir, "last.pt")
-    metrics_path = os.path.join(out_dir, "metrics.jsonl")
-    start_step, history, rng = 0, [], None
+                                "num_classes": info["num_classes"], "output": out_dir}
+    return _Run(cfg=cfg, out_dir=out_dir, dist=dist, device=device, amp=amp, autocast=autocast, say=say,
+                info=info, train_ds=train_ds, val_ds=val_ds, net=net, options=options, optimizer=optimizer,
+                scheduler=scheduler, scaler=scaler, resolved=resolved,
+                writer=JsonlWriter(os.path.join(out_dir, "metrics.jsonl") if dist.is_main else None))
+
+
+def _resume(run: _Run) -> None:
+    """Load the checkpoint (``--resume``), write ``config.json`` and cut the metrics log back to
+    the checkpoint's step."""
+    cfg, dist = run.cfg, run.dist
     resume = cfg.resume
     if resume == "auto":
-        resume = ckpt_path if os.path.isfile(ckpt_path) else None
+        resume = run.ckpt_path if os.path.isfile(run.ckpt_path) else None
     if resume is not None:
-        payload = load_checkpoint(resume, net=net, optimizer=optimizer, scheduler=scheduler,
-                                  scaler=scaler, map_location=device)
-        start_step, history = int(payload["step"]), list(payload["history"])
-        rng = payload["rng"]  # restored right before the first resumed step
-        say(f"[{cfg.recipe}] resumed from {resume} at step {start_step}")
+        payload = load_checkpoint(resume, net=run.net, optimizer=run.optimizer, scheduler=run.scheduler,
+                                  scaler=run.checkpoint_scaler, map_location=run.device)
+        run.start_step, run.history = int(payload["step"]), list(payload["history"])
+        run.rng = payload["rng"]
+        run.say(f"[{cfg.recipe}] resumed from {resume} at step {run.start_step}")
     if dist.is_main:
-        with open(os.path.join(out_dir, "config.json"), "w") as fh:
-            json.dump(resolved, fh, indent=2)
-        # keep the log consistent with the checkpoint: drop records after start_step
-        kept = [r for r in read_jsonl(metrics_path) if r.get("step", 0) <= start_step]
-        with open(metrics_path, "w") as fh:
+        with open(os.path.join(run.out_dir, "config.json"), "w") as fh:
+            json.dump(run.resolved, fh, indent=2)
+        kept = [r for r in read_jsonl(run.metrics_path) if r.get("step", 0) <= run.start_step]
+        with open(run.metrics_path, "w") as fh:
             fh.writelines(json.dumps(r, sort_keys=True) + "\n" for r in kept)
-    say(f"[{cfg.recipe}] config: " + json.dumps({k_: v for k_, v in resolved.items()
-                                                 if v not in (None, {}, [])}, default=str))
-    writer = JsonlWriter(metrics_path if dist.is_main else None)
+    run.say(f"[{cfg.recipe}] config: " + json.dumps({k: v for k, v in run.resolved.items()
+                                                     if v not in (None, {}, [])}, default=str))
 
-    model: nn.Module = net
-    if dist.world > 1:
+
+def _wrap(run: _Run) -> nn.Module:
+    """The module the loop calls: DDP over ranks, then ``torch.compile`` when asked."""
+    model: nn.Module = run.net
+    if run.dist.world > 1:
         model = nn.parallel.DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None,
+            run.net, device_ids=[run.device.index] if run.device.type == "cuda" else None,
             find_unused_parameters=True, broadcast_buffers=False)
-    if cfg.compile:
+    if run.cfg.compile:
         model = torch.compile(model)
+    return model
 
-    def plain_loader(n: int):
+
+def _services(run: _Run) -> LoopServices:
+    """What :meth:`Recipe.after_step` may use (un-augmented training batches, autocast, log)."""
+    dist, plain = run.dist, run.info["train_plain"]
+
+    def plain_loader(n: int) -> Iterator[dict[str, Any]]:
         # equal item (hence batch) counts on every rank: pool updates all-gather per batch
-        n = min(n, len(info["train_plain"]))
+        n = min(n, len(plain))
         n -= n % dist.world
-        bs = cfg.eval_batch_size
-        for b in eval_loader(info["train_plain"], n, bs, rank=dist.rank, world=dist.world):
-            yield to_device(b, device)
+        for b in eval_loader(plain, n, run.cfg.eval_batch_size, rank=dist.rank, world=dist.world):
+            yield to_device(b, run.device)
 
-    services = LoopServices(backbone=net.backbone, config=cfg, device=device,
-                            train_eval_loader=plain_loader, autocast=autocast, log=say)
-    vis_batch = None
-    if dist.is_main and cfg.plots and cfg.vis_images > 0:
-        vis_batch = make_vis_batch(val_ds, cfg.vis_images, cfg.img_size)
-    pictures: list[str] = []
+    return LoopServices(backbone=run.net.backbone, config=run.cfg, device=run.device,
+                        train_eval_loader=plain_loader, autocast=run.autocast, log=run.say)
 
-    def run_eval(step: int) -> dict[str, float]:
-        nonlocal pictures
-        t = time.time()
-        loader = eval_loader(val_ds, cfg.eval_images, cfg.eval_batch_size, rank=dist.rank,
-                             world=dist.world, workers=min(cfg.workers, 2))
-        metrics = evaluate(net, loader, num_classes=k, cfg=cfg, device=device, autocast=autocast)
-        record = {"kind": "eval", "step": step, **metrics, "eval_time_s": time.time() - t}
-        writer.write(record)
-        history.append(record)
-        if vis_batch is not None:
-            pictures = save_panels(os.path.join(out_dir, "vis", f"step{step:06d}"), net, vis_batch,
-                                   cfg=cfg, device=device, palette=info["palette"], autocast=autocast)
-        say(f"[{cfg.recipe}] step {step}: " + ", ".join(f"{k_} {v:.3f}" for k_, v in metrics.items()))
-        return metrics
 
+def _run_eval(run: _Run, step: int) -> dict[str, float]:
+    """Evaluate, log, append to the history and draw the panels; the time counts as evaluation."""
+    cfg, dist = run.cfg, run.dist
+    t = time.time()
+    loader = eval_loader(run.val_ds, cfg.eval_images, cfg.eval_batch_size, rank=dist.rank, world=dist.world,
+                         workers=min(cfg.workers, 2))
+    metrics = evaluate(run.net, loader, num_classes=run.info["num_classes"], cfg=cfg, device=run.device,
+                       autocast=run.autocast)
+    record = {"kind": "eval", "step": step, **metrics, "eval_time_s": time.time() - t}
+    run.writer.write(record)
+    run.history.append(record)
+    if run.vis_batch is not None:
+        run.pictures = save_panels(os.path.join(run.out_dir, "vis", f"step{step:06d}"), run.net, run.vis_batch,
+                                   cfg=cfg, device=run.device, palette=run.info["palette"],
+                                   autocast=run.autocast)
+    run.say(f"[{cfg.recipe}] step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+    run.eval_time += time.time() - t
+    return metrics
+
+
+def _optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                    params: Iterable[nn.Parameter], clip_grad: float | None) -> None:
+    """Backward, optional gradient clipping and the optimiser step, for every AMP mode.
+
+    ``scaler`` is a disabled (pass-through) ``GradScaler`` except under fp16, so the same calls
+    serve off / bf16 / fp16; gradients are unscaled before they are clipped.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if clip_grad is not None:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
+
+
+class _LossLog:
+    """Running means of the loss terms between log lines, plus the recipe's latest values."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+        self.extra: dict[str, float] = {}
+
+    def add(self, terms: dict[str, Any], total: torch.Tensor, extra: dict[str, float] | None) -> None:
+        for name, term in terms.items():
+            self.sums[name] = self.sums.get(name, 0) + term.value.detach().float()
+        self.sums["total"] = self.sums.get("total", 0) + total.detach()
+        self.count += 1
+        self.extra.update(extra or {})
+
+    def flush(self, dist: _Dist) -> tuple[dict[str, float], dict[str, float]]:
+        """``(loss means over the ranks, recipe values)`` since the last flush; resets."""
+        means = _all_mean({n: v / self.count for n, v in self.sums.items()}, dist)
+        extra = self.extra
+        self.sums, self.count, self.extra = {}, 0, {}
+        return means, extra
+
+
+def _train_loop(run: _Run, model: nn.Module, services: LoopServices) -> tuple[int, float]:
+    """Steps ``start_step + 1 .. end_step``: forward, optimiser step, recipe update, log, periodic
+    evaluation and checkpoint. Returns ``(last step, training seconds without evaluation)``."""
+    cfg, dist, net = run.cfg, run.dist, run.net
     pbar = None
     if dist.is_main and cfg.progress and not cfg.quiet:
         from tqdm.auto import tqdm
 
-        pbar = tqdm(total=cfg.iterations, initial=start_step, desc=cfg.recipe, dynamic_ncols=True,
+        pbar = tqdm(total=cfg.iterations, initial=run.start_step, desc=cfg.recipe, dynamic_ncols=True,
                     leave=False)
-    sums: dict[str, torch.Tensor] = {}
-    count = 0
-    extra: dict[str, float] = {}  # recipe values (pool statistics) for the next log line
-    t_train = time.time()
-    eval_time = 0.0
+    log = _LossLog()
+    t_train, eval_before = time.time(), run.eval_time
     net.train()
     end_step = cfg.iterations
     if cfg.stop_after is not None:
-        end_step = min(end_step, start_step + cfg.stop_after)
-    loader = train_loader(train_ds, cfg, start_step=start_step, end_step=end_step, rank=dist.rank,
+        end_step = min(end_step, run.start_step + cfg.stop_after)
+    loader = train_loader(run.train_ds, cfg, start_step=run.start_step, end_step=end_step, rank=dist.rank,
                           world=dist.world)
-    step = start_step
     ckpt_every = cfg.ckpt_every or cfg.eval_every
     batches = iter(loader)
-    if rng is not None:
-        set_rng_state(rng)  # after everything above that may draw from the global RNGs
-    for step, batch in enumerate(batches, start=start_step + 1):
-        batch = to_device(batch, device)
-        with autocast():
-            terms = model(batch, step)
+    if run.rng is not None:
+        set_rng_state(run.rng)  # after everything above that may draw from the global RNGs
+    step = run.start_step
+    for step, batch in enumerate(batches, start=run.start_step + 1):
+        with run.autocast():
+            terms = model(to_device(batch, run.device), step)
         total = sum(t.weight * t.value.float() for t in terms.values() if t.weight != 0)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(total).backward()
-        else:
-            total.backward()
-        if cfg.clip_grad is not None:
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.clip_grad)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        lr = optimizer.param_groups[0]["lr"]
-        scheduler.step()
-        extra.update(recipe.after_step(step, services) or {})
-        for name, term in terms.items():
-            sums[name] = sums.get(name, 0) + term.value.detach().float()
-        sums["total"] = sums.get("total", 0) + total.detach()
-        count += 1
+        _optimizer_step(total, run.optimizer, run.scaler, net.parameters(), cfg.clip_grad)
+        lr = run.optimizer.param_groups[0]["lr"]
+        run.scheduler.step()
+        log.add(terms, total, net.recipe.after_step(step, services))
         if step % cfg.log_every == 0 or step == end_step:  # end_step: also a --stop-after stop
-            means = _all_mean({n: v / count for n, v in sums.items()}, dist)
-            record = {"kind": "train", "step": step, "lr": lr,
-                      **{f"loss/{n}": v for n, v in means.items()}, **extra,
-                      "time_s": time.time() - t_train}
-            writer.write(record)
+            means, extra = log.flush(dist)
+            run.writer.write({"kind": "train", "step": step, "lr": lr, **{f"loss/{n}": v for n, v in means.items()},
+                              **extra, "time_s": time.time() - t_train})
             if pbar is not None:
                 pbar.set_postfix({n: f"{v:.3g}" for n, v in means.items()}, refresh=False)
-            sums, count, extra = {}, 0, {}
         if pbar is not None:
             pbar.update(1)
-        if step % cfg.eval_every == 0 and step != cfg.iterations:  # the final one runs below
-            t = time.time()
-            run_eval(step)
-            eval_time += time.time() - t
+        if step % cfg.eval_every == 0 and step != cfg.iterations:  # the final one runs in _summarize
+            _run_eval(run, step)
         if (step % ckpt_every == 0 or step == end_step) and dist.is_main:
-            save_checkpoint(ckpt_path, net=net, optimizer=optimizer, scheduler=scheduler,
-                            scaler=scaler, step=step, config=resolved, history=history)
+            save_checkpoint(run.ckpt_path, net=net, optimizer=run.optimizer, scheduler=run.scheduler,
+                            scaler=run.checkpoint_scaler, step=step, config=run.resolved, history=run.history)
     if pbar is not None:
         pbar.close()
-    train_time = time.time() - t_train - eval_time
-    t = time.time()
-    finished = step >= cfg.iterations
-    if not finished:
-        final = dict(history[-1]) if history else {}
-        say(f"[{cfg.recipe}] stopped after step {step} of {cfg.iterations}; "
-            f"continue with --resume auto --output {cfg.output}")
-    elif not history or history[-1]["step"] != step:
-        final = run_eval(step)
-    else:
-        final = {m: history[-1][m] for m in ("cam_miou", "cam_miou_best", "best_threshold",
-                                              "pseudo_miou", "pseudo_coverage")}
-    eval_time += time.time() - t
-    in_sync = _states_in_sync(net, dist, device)
+    return step, time.time() - t_train - (run.eval_time - eval_before)
+
+
+def _final_metrics(run: _Run, step: int) -> dict[str, Any]:
+    """The last evaluation: run it unless this step was just evaluated; a stopped run reports the
+    latest one it has."""
+    cfg = run.cfg
+    if step < cfg.iterations:
+        run.say(f"[{cfg.recipe}] stopped after step {step} of {cfg.iterations}; "
+                f"continue with --resume auto --output {cfg.output}")
+        return dict(run.history[-1]) if run.history else {}
+    if not run.history or run.history[-1]["step"] != step:
+        return _run_eval(run, step)
+    return {m: run.history[-1][m] for m in ("cam_miou", "cam_miou_best", "best_threshold", "pseudo_miou",
+                                            "pseudo_coverage")}
+
+
+def _summarize(run: _Run, step: int, train_time: float, t_start: float) -> dict[str, Any]:
+    """Final evaluation, DDP state check, curves and ``summary.json``."""
+    cfg, dist = run.cfg, run.dist
+    final = _final_metrics(run, step)
+    in_sync = _states_in_sync(run.net, dist, run.device)
     curves = None
     if dist.is_main and cfg.plots:
-        curves = plot_curves(metrics_path, os.path.join(out_dir, "curves.png"),
+        curves = plot_curves(run.metrics_path, os.path.join(run.out_dir, "curves.png"),
                              title=f"{cfg.recipe} on {cfg.data}")
     summary = {
         "recipe": cfg.recipe,
-        "recipe_options": dataclasses.asdict(options),
+        "recipe_options": dataclasses.asdict(run.options),
         "data": cfg.data,
         "model": cfg.model,
         "steps": step,
-        "start_step": start_step,
-        "finished": finished,
+        "start_step": run.start_step,
+        "finished": step >= cfg.iterations,
         "final": final,
-        "history": history,
+        "history": run.history,
         "train_time_s": train_time,
-        "eval_time_s": eval_time,
+        "eval_time_s": run.eval_time,
         "total_time_s": time.time() - t_start,
-        "device": str(device),
-        "amp": amp,
+        "device": str(run.device),
+        "amp": run.amp,
         "world_size": dist.world,
         "ddp_state_in_sync": in_sync,
-        "output": out_dir,
-        "checkpoint": ckpt_path,
-        "pictures": pictures,
+        "output": run.out_dir,
+        "checkpoint": run.ckpt_path,
+        "pictures": run.pictures,
         "curves": curves,
-        "config": resolved,
+        "config": run.resolved,
     }
     if dist.is_main:
-        with open(os.path.join(out_dir, "summary.json"), "w") as fh:
+        with open(os.path.join(run.out_dir, "summary.json"), "w") as fh:
             json.dump(summary, fh, indent=2, default=str)
     dist.barrier()
     return summary
+
+
+def _train_one(cfg: TrainConfig, out_dir: str, dist: _Dist) -> dict[str, Any]:
+    """Train one recipe into ``out_dir`` and return its summary."""
+    t_start = time.time()
+    run = _setup(cfg, out_dir, dist)
+    _resume(run)
+    model = _wrap(run)
+    services = _services(run)
+    if dist.is_main and cfg.plots and cfg.vis_images > 0:
+        run.vis_batch = make_vis_batch(run.val_ds, cfg.vis_images, cfg.img_size)
+    step, train_time = _train_loop(run, model, services)
+    return _summarize(run, step, train_time, t_start)
 
 
 # ----------------------------------------------------------------------------- entry point

@@ -151,7 +151,7 @@ def test_poly_warmup_schedule_and_head_lr() -> None:
     assert [g["lr"] for g in opt.param_groups] == [0.1, 0.1, 1.0]
     sched = build_scheduler(opt, warmup=4, max_steps=20, warmup_ratio=1e-6, power=0.9)
     seen = []
-    for t in range(22):
+    for _ in range(22):
         seen.append(opt.param_groups[2]["lr"])
         opt.step()
         sched.step()
@@ -608,3 +608,30 @@ def test_argparse_errors_are_config_errors_not_exits() -> None:
                         (["--nope"], "unrecognized arguments")):
         with pytest.raises(ConfigError, match=match):
             parse_config(argv)
+
+
+def _step_once(scaler: torch.amp.GradScaler, clip: float | None) -> torch.Tensor:
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 3)
+    opt = torch.optim.SGD(lin.parameters(), lr=0.1)
+    loss = lin(torch.randn(5, 4)).pow(2).sum() * 100
+    train._optimizer_step(loss, opt, scaler, lin.parameters(), clip)
+    return torch.cat([p.detach().flatten() for p in lin.parameters()])
+
+
+@pytest.mark.parametrize("clip", [None, 1e-2])
+def test_optimizer_step_is_the_same_for_every_amp_mode(clip: float | None) -> None:
+    """A disabled scaler (off / bf16) is plain backward/clip/step; an active one (fp16) scales the
+    loss and unscales before clipping, so the update is the same (the scale is a power of 2)."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 3)
+    opt = torch.optim.SGD(lin.parameters(), lr=0.1)
+    (lin(torch.randn(5, 4)).pow(2).sum() * 100).backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(lin.parameters(), clip)
+    opt.step()
+    plain = torch.cat([p.detach().flatten() for p in lin.parameters()])
+    off = _step_once(torch.amp.GradScaler("cpu", enabled=False), clip)
+    scaled = _step_once(torch.amp.GradScaler("cpu", init_scale=2.0 ** 10), clip)
+    assert torch.equal(off, plain)
+    torch.testing.assert_close(scaled, plain, rtol=1e-6, atol=1e-7)

@@ -65,7 +65,9 @@ class Recipe(nn.Module):
             ``__init__`` may adapt it in place (e.g. add class tokens,
             patch attention) before the optimiser is built.
         num_classes: ``K`` foreground classes.
-        config: the resolved training configuration.
+        config: the resolved training configuration; read the values the recipe uses here
+            (e.g. ``config.low``, ``config.iterations``) into attributes rather than keeping
+            the whole object around.
         options: an instance of ``Options``.
         data_info: dataset facts (``num_classes``, ``class_names`` with background first,
             ``superclasses`` partition or ``None``, ``data`` name).

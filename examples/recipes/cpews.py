@@ -63,6 +63,7 @@ class CPEWSRecipe(Recipe):
             pool={"num_prototypes": o.num_prototypes, "capacity": o.capacity, "seed": int(config.seed)},
             warn_unbuilt=False)
         self.pool_step = o.pool_step or max(1, round(o.pool_fraction * int(config.iterations)))
+        self.low, self.high = float(config.low), float(config.high)  # ISM token labels (--low/--high)
 
     @property
     def pool(self) -> PrototypePool:
@@ -78,7 +79,7 @@ class CPEWSRecipe(Recipe):
         taps, out = self._heads(backbone, batch["image"])
         token_labels = token_pseudo_labels(
             normalize_cam(out.cam_mid.detach().float()), labels, taps.grid,
-            low=self.config.low, high=self.config.high, valid=valid)
+            low=self.low, high=self.high, valid=valid)
         terms = self.loss(logits_mid=out.logits_mid, logits_final=out.logits_final,
                           tokens_final=taps.final, cam_final=out.cam_final,
                           token_labels=token_labels, labels=labels, valid=valid)
