@@ -30,8 +30,9 @@ def _softmax(values, keep):
     return [e / s for e in ex]
 
 
-def par_pixel_loop(image, cam, valid=None, *, dilations=(1, 2, 4, 8, 12, 24), num_iter=10,
-                   temperature=0.3, pos_weight=0.01, eps=1e-8):
+def par_pixel_loop(
+    image, cam, valid=None, *, dilations=(1, 2, 4, 8, 12, 24), num_iter=10, temperature=0.3, pos_weight=0.01, eps=1e-8
+):
     """PAR of one image ``(C, H, W)`` on maps ``(K, H, W)`` (same size), pixel by pixel."""
     img = image.double().tolist()
     c_n, h, w = image.shape
@@ -90,16 +91,17 @@ def _neighbours(x, dilations):
     return torch.stack(out, dim=2)
 
 
-def par_per_image(images, cams, *, dilations=(1, 2, 4, 8, 12, 24), num_iter=10,
-                  temperature=0.3, pos_weight=0.01, eps=1e-8):
+def par_per_image(
+    images, cams, *, dilations=(1, 2, 4, 8, 12, 24), num_iter=10, temperature=0.3, pos_weight=0.01, eps=1e-8
+):
     """ToCo's form, one image at a time (no ``valid``): materialised neighbour stacks."""
     outs = []
-    dist = torch.tensor([math.hypot(dy, dx) for dy, dx in _offsets(dilations)],
-                        dtype=images.dtype, device=images.device)
+    dist = torch.tensor(
+        [math.hypot(dy, dx) for dy, dx in _offsets(dilations)], dtype=images.dtype, device=images.device
+    )
     for i in range(images.shape[0]):
         img = images[i : i + 1]
-        m = F.interpolate(cams[i : i + 1], size=img.shape[-2:], mode="bilinear",
-                          align_corners=True)
+        m = F.interpolate(cams[i : i + 1], size=img.shape[-2:], mode="bilinear", align_corners=True)
         nb = _neighbours(img, dilations)  # (1, C, J, H, W)
         diff = (nb - img[:, :, None]).abs()
         std = nb.std(dim=2, keepdim=True)

@@ -153,12 +153,7 @@ def par_affinity(
         scale = (sq / denom).sqrt() + eps  # (B, C, H, W)
         centre = _shift(img, pad, 0, 0, h, w)
         kappa = torch.stack(
-            [
-                -((_shift(img, pad, dy, dx, h, w) - centre).abs() / scale / t)
-                .square()
-                .mean(dim=1)
-                for dy, dx in offsets
-            ],
+            [-((_shift(img, pad, dy, dx, h, w) - centre).abs() / scale / t).square().mean(dim=1) for dy, dx in offsets],
             dim=1,
         )  # (B, J, H, W)
         dist = dist.to(device=images.device, dtype=dtype)
@@ -313,4 +308,3 @@ class PAR(nn.Module):
             pos_weight=self.pos_weight,
             eps=self.eps,
         )
-
