@@ -8,10 +8,20 @@ import sys
 
 import pytest
 import torch
-from oracles.refine import par_per_image, par_pixel_loop
+from oracles.refine import par_per_image, par_pixel_loop, par_pseudo_labels_per_image
 
 from wsss_blocks import ShapeError
-from wsss_blocks.refine import PAR, DenseCRF, SegLoss, crf_available, dense_crf, par, par_affinity, seg_loss
+from wsss_blocks.refine import (
+    PAR,
+    DenseCRF,
+    SegLoss,
+    crf_available,
+    dense_crf,
+    par,
+    par_affinity,
+    par_pseudo_labels,
+    seg_loss,
+)
 
 needs_crf = pytest.mark.skipif(not crf_available(), reason="the crf extra (pydensecrf2) is not installed")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -345,3 +355,48 @@ def test_dense_crf_batch_equals_per_image_and_workers_and_module():
     std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
     normed = (images.float() / 255.0 - mean) / std
     torch.testing.assert_close(dense_crf(normed, probs, num_iter=3), out)
+
+
+# ----------------------------------------------------------------------------- PAR pseudo labels
+def _label_inputs(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.rand(3, 3, 12, 10, generator=gen)
+    cams = torch.rand(3, 4, 6, 5, generator=gen)
+    labels = torch.tensor([[1, 0, 1, 0], [0, 0, 0, 1], [1, 1, 1, 1]])
+    return images, cams, labels
+
+
+def test_par_pseudo_labels_matches_per_image_toco_form():
+    images, cams, labels = _label_inputs()
+    out = par_pseudo_labels(images, cams, labels, size=(24, 20), num_iter=4)
+    ref = par_pseudo_labels_per_image(images, cams, labels, size=(24, 20), num_iter=4)
+    assert out.shape == (3, 24, 20) and out.dtype == torch.long
+    assert torch.equal(out, ref)
+    assert {0, 255} <= set(out.unique().tolist())  # the inputs exercise all three cases
+
+
+def test_par_pseudo_labels_absent_classes_and_padding():
+    images, cams, labels = _label_inputs(1)
+    cams[:, 1] = 5.0  # an absent class with a huge CAM must never win
+    valid = torch.ones(3, 24, 20, dtype=torch.bool)
+    valid[:, 18:] = False
+    out = par_pseudo_labels(images, cams, labels, valid=valid, size=(24, 20))
+    assert (out[:, 18:] == 255).all()
+    for i in range(3):
+        allowed = {0, 255} | {k + 1 for k in range(4) if labels[i, k]}
+        assert set(out[i].unique().tolist()) <= allowed
+    assert not out.requires_grad
+
+
+def test_par_pseudo_labels_thresholds_order_and_errors():
+    images, cams, labels = _label_inputs()
+    lo = par_pseudo_labels(images, torch.zeros_like(cams), labels)  # empty CAMs: all background
+    assert (lo == 0).all()
+    with pytest.raises(ValueError, match="low"):
+        par_pseudo_labels(images, cams, labels, low=0.7, high=0.25)
+    with pytest.raises(ShapeError, match="labels"):
+        par_pseudo_labels(images, cams, labels[:, :3])
+    with pytest.raises(ShapeError, match="valid"):
+        par_pseudo_labels(images, cams, labels, valid=torch.ones(3, 4, 4))
+    with pytest.raises(ValueError, match="size"):
+        par_pseudo_labels(images, cams, labels, size=(0, 4))

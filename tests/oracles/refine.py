@@ -112,3 +112,25 @@ def par_per_image(
             m = (_neighbours(m, dilations) * aff[:, None]).sum(dim=2)
         outs.append(m)
     return torch.cat(outs)
+
+
+def par_pseudo_labels_per_image(images, cams, labels, *, low=0.25, high=0.7, size=None, ignore_index=255, **kw):
+    """ToCo's ``refine_cams_with_bkg_v2`` form: per image, keep bg + present classes, PAR each level."""
+    size = tuple(images.shape[-2:]) if size is None else tuple(size)
+    outs = []
+    for i in range(images.shape[0]):
+        ids = [k for k in range(labels.shape[1]) if labels[i, k]]
+        fg = F.interpolate(cams[i : i + 1], size=images.shape[-2:], mode="bilinear", align_corners=False)[:, ids]
+        ys = []
+        for level in (high, low):
+            maps = torch.cat([torch.full_like(fg[:, :1], level), fg], dim=1).softmax(dim=1)
+            ref = par_per_image(images[i : i + 1], maps, **kw)
+            ref = F.interpolate(ref, size=size, mode="bilinear", align_corners=False)
+            index = ref.argmax(dim=1)[0]
+            lut = torch.tensor([0] + [k + 1 for k in ids])
+            ys.append(lut[index])
+        y_high, y_low = ys
+        out = y_high.clone()
+        out[(y_high == 0) & (y_low > 0)] = ignore_index
+        outs.append(out)
+    return torch.stack(outs)

@@ -152,15 +152,20 @@ def par_affinity(
         denom = (count - 1.0).clamp_min(1.0) if isinstance(count, Tensor) else max(count - 1, 1)
         scale = (sq / denom).sqrt() + eps  # (B, C, H, W)
         centre = _shift(img, pad, 0, 0, h, w)
-        kappa = torch.stack(
-            [-((_shift(img, pad, dy, dx, h, w) - centre).abs() / scale / t).square().mean(dim=1) for dy, dx in offsets],
-            dim=1,
-        )  # (B, J, H, W)
+        inv = 1.0 / (scale * t)
+        kappa = img.new_empty((b, len(offsets), h, w))  # filled per offset: no list + stack copy
+        for j, (dy, dx) in enumerate(offsets):
+            kappa[:, j] = ((_shift(img, pad, dy, dx, h, w) - centre) * inv).square().mean(dim=1).neg()
         dist = dist.to(device=images.device, dtype=dtype)
         pi = -(dist / (dist.std() + eps) / t).square()  # (J,)
-        mask = None if nb_valid is None else torch.cat(nb_valid, dim=1)  # (B, J, H, W)
-        pos = _masked_softmax(pi[None, :, None, None].expand_as(kappa), mask)
-        return _masked_softmax(kappa, mask) + w_pos * pos
+        if nb_valid is None:
+            aff = kappa.softmax(dim=1)
+            del kappa
+            return aff + w_pos * pi.softmax(dim=0)[None, :, None, None]
+        mask = torch.cat(nb_valid, dim=1)  # (B, J, H, W)
+        aff = _masked_softmax(kappa, mask)
+        del kappa
+        return aff + w_pos * _masked_softmax(pi[None, :, None, None].expand_as(aff), mask)
 
 
 def par(
