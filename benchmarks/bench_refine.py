@@ -157,6 +157,7 @@ def main() -> None:
         "python": platform.python_version(),
         "machine": platform.machine(),
         "threads": args.threads,
+        "load_average_at_start": list(os.getloadavg()),
         "no_grad": True,
         "memory_method_cpu": "peak RSS growth (VmHWM reset via /proc/self/clear_refs) of a fresh subprocess "
         "running one call, MALLOC_MMAP_THRESHOLD_=65536",
@@ -174,6 +175,7 @@ def main() -> None:
         if device == "cuda":
             result["gpu"] = torch.cuda.get_device_name()
         r = run(device, args.repeats, args.threads)
+        r["load_average_at_end"] = list(os.getloadavg())
         result["results"][device] = r
         print(json.dumps(r, indent=1), flush=True)
         out = args.out or ROOT / "benchmarks" / "results" / f"refine_{device}.json"
