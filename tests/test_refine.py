@@ -400,3 +400,21 @@ def test_par_pseudo_labels_thresholds_order_and_errors():
         par_pseudo_labels(images, cams, labels, valid=torch.ones(3, 4, 4))
     with pytest.raises(ValueError, match="size"):
         par_pseudo_labels(images, cams, labels, size=(0, 4))
+
+
+def test_runs_with_checks_disabled(monkeypatch):
+    monkeypatch.setenv("WSSS_BLOCKS_CHECKS", "0")
+    images, cams, labels = _label_inputs()
+    assert par(images, cams, **SMALL).shape == (3, 4, 12, 10)
+    assert par_pseudo_labels(images, cams, labels, num_iter=2).shape == (3, 12, 10)
+    assert torch.isfinite(seg_loss(torch.randn(3, 5, 6, 5), torch.randint(0, 5, (3, 12, 10))))
+
+
+@needs_cuda
+def test_seg_loss_and_pseudo_labels_cuda():
+    images, cams, labels = _label_inputs()
+    out = par_pseudo_labels(images.cuda(), cams.cuda(), labels.cuda(), num_iter=4)
+    assert out.device.type == "cuda"
+    assert torch.equal(out.cpu(), par_pseudo_labels(images, cams, labels, num_iter=4))
+    logits, target = torch.randn(2, 3, 4, 4), torch.randint(0, 3, (2, 8, 8))
+    torch.testing.assert_close(seg_loss(logits.cuda(), target.cuda()).cpu(), seg_loss(logits, target))

@@ -82,7 +82,7 @@ def par_pseudo_labels(
     check_labels("labels", labels, dims)
     check_thresholds("low", low, "high", high)
     ignore = check_int("ignore_index", ignore_index)
-    h, w = dims["H"], dims["W"]
+    h, w = images.shape[-2:]
     out_size = (h, w) if size is None else check_size("size", size)
     grid_valid = None
     if valid is not None:

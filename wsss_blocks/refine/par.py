@@ -122,8 +122,8 @@ def par_affinity(
         >>> aff.shape, torch.allclose(aff.sum(1), torch.full((1, 5, 6), 1.01))
         (torch.Size([1, 16, 5, 6]), True)
     """
-    dims = check_shape("images", images, ["B", "C", "H", "W"], dtype="float")
-    b, h, w = dims["B"], dims["H"], dims["W"]
+    check_shape("images", images, ["B", "C", "H", "W"], dtype="float")
+    b, h, w = images.shape[0], images.shape[-2], images.shape[-1]
     valid = _check_valid(valid, b, h, w)
     offsets, dist = par_stencil(dilations)
     t = float(check_range("temperature", temperature, 0.0, low_inclusive=False))
@@ -227,7 +227,7 @@ def par(
     dims = check_shape("images", images, ["B", "C", "H", "W"], dtype="float")
     check_shape("cams", cams, ["B", "K", "h", "w"], dims, dtype="float")
     n_iter = check_int("num_iter", num_iter, low=0)
-    b, h, w = dims["B"], dims["H"], dims["W"]
+    b, h, w = images.shape[0], images.shape[-2], images.shape[-1]
     valid = _check_valid(valid, b, h, w)
     aff = par_affinity(
         images,

@@ -48,7 +48,7 @@ def seg_loss(logits: Tensor, target: Tensor, *, ignore_index: int = 255) -> Tens
     dims = check_shape("logits", logits, ["B", "C", "h", "w"], dtype="float")
     check_shape("target", target, ["B", "H", "W"], dims, dtype="int")
     ignore = check_int("ignore_index", ignore_index)
-    n_cls = dims["C"]
+    n_cls = logits.shape[1]
     if checks_enabled() and target.device.type == "cpu":  # CPU tensor: no device sync
         bad = (target != ignore) & ((target < 0) | (target >= n_cls))
         if bool(bad.any()):
