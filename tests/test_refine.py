@@ -143,8 +143,10 @@ def test_par_bf16_autocast_finite_and_close():
 def test_par_gradcheck():
     images, cams = _inputs(b=1, k=2, h=4, w=5, dtype=torch.float64)
     cams.requires_grad_(True)
-    images.requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda i, c: par(i, c, **SMALL), (images, cams))
+    assert torch.autograd.gradcheck(lambda c: par(images, c, **SMALL), (cams,))
+    flat = torch.zeros(1, 3, 4, 5, requires_grad=True)  # no gradient (and no NaN) into images
+    par(flat, cams.float().detach().requires_grad_(), **SMALL).sum().backward()
+    assert flat.grad is None
 
 
 def test_par_module_equals_function():
@@ -180,6 +182,8 @@ def test_par_errors():
         par(images, cams, temperature=0.0)
     with pytest.raises(ValueError, match="pos_weight"):
         PAR(pos_weight=-1.0)
+    with pytest.raises(ValueError, match="eps"):
+        par(images, cams, eps=0.0)
 
 
 @needs_cuda

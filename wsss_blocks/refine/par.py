@@ -111,11 +111,11 @@ def par_affinity(
         temperature: ``T`` (ToCo's ``w1 = 0.3``), divides both the colour and the
             position term.
         pos_weight: ``w_pos`` (ToCo's ``w2 = 0.01``).
-        eps: added to the standard deviations.
+        eps: added to the standard deviations, ``> 0``.
 
     Shape:
         - images: ``(B, C, H, W)`` float; valid: ``(B, H, W)`` bool
-        - output: ``(B, 8 * len(dilations), H, W)``, fp32 (fp64 for fp64 images)
+        - output: ``(B, 8 * len(dilations), H, W)`` (no gradient to ``images``), fp32 (fp64 for fp64 images)
 
     Example:
         >>> aff = par_affinity(torch.rand(1, 3, 5, 6), dilations=(1, 2))
@@ -128,11 +128,13 @@ def par_affinity(
     offsets, dist = par_stencil(dilations)
     t = float(check_range("temperature", temperature, 0.0, low_inclusive=False))
     w_pos = float(check_range("pos_weight", pos_weight, 0.0))
-    eps = float(check_range("eps", eps, 0.0))
+    eps = float(check_range("eps", eps, 0.0, low_inclusive=False))
     dtype = torch.promote_types(images.dtype, torch.float32)
     pad = max(max(abs(dy), abs(dx)) for dy, dx in offsets)
     with no_autocast(images.device.type):
-        img = F.pad(images.to(dtype), [pad] * 4, mode="replicate")
+        # the affinities are a fixed function of the image: no gradient into ``images``
+        # (the std is 0 on flat patches, where sqrt has no derivative)
+        img = F.pad(images.detach().to(dtype), [pad] * 4, mode="replicate")
         nb_valid: list[Tensor] | None = None
         count: Tensor | float = float(len(offsets))
         if valid is not None:
@@ -192,8 +194,8 @@ def par(
     for every neighbour and they keep their input values. A valid pixel with no valid
     neighbour keeps its value too.
 
-    Differentiable in ``cams`` (and ``images``); for pseudo labels call it under
-    ``torch.no_grad()`` as ToCo does.
+    Differentiable in ``cams`` (the affinities are built from ``images.detach()``); for
+    pseudo labels call it under ``torch.no_grad()`` as ToCo does.
 
     Args:
         images: ``(B, C, H, W)`` image (per-channel affine normalisation does not matter).
@@ -293,7 +295,7 @@ class PAR(nn.Module):
         self.num_iter = check_int("num_iter", num_iter, low=0)
         self.temperature = float(check_range("temperature", temperature, 0.0, low_inclusive=False))
         self.pos_weight = float(check_range("pos_weight", pos_weight, 0.0))
-        self.eps = float(check_range("eps", eps, 0.0))
+        self.eps = float(check_range("eps", eps, 0.0, low_inclusive=False))
 
     def extra_repr(self) -> str:
         return (
