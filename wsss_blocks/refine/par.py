@@ -214,7 +214,7 @@ def par(
     Note:
         Memory: the affinities are one ``(B, 8 * len(dilations), H, W)`` tensor; each step
         pads the maps once (replicate, by the largest dilation) and accumulates the 48
-        shifted views with ``addcmul``, so no ``(B, K, 48, H, W)`` neighbour stack (ToCo's
+        shifted views in place (``addcmul_``), so no ``(B, K, 48, H, W)`` neighbour stack (ToCo's
         form) is ever built. The only Python loop is over the fixed stencil offsets.
 
     Example:
@@ -252,9 +252,11 @@ def par(
             take = (valid & (aff.sum(dim=1) > 0))[:, None]  # (B, 1, H, W)
         for _ in range(n_iter):
             padded = F.pad(m, [pad] * 4, mode="replicate")
-            out = torch.zeros_like(m)
-            for j, (dy, dx) in enumerate(offsets):
-                out = out.addcmul(aff[:, j : j + 1], _shift(padded, pad, dy, dx, h, w))
+            dy, dx = offsets[0]
+            out = aff[:, :1] * _shift(padded, pad, dy, dx, h, w)
+            for j in range(1, len(offsets)):  # in place: no new (B, K, H, W) per offset
+                dy, dx = offsets[j]
+                out.addcmul_(aff[:, j : j + 1], _shift(padded, pad, dy, dx, h, w))
             m = out if take is None else torch.where(take, out, m)
     return m.to(cams.dtype)
 
