@@ -10,11 +10,13 @@ and K=21 maps (background + 20 VOC classes) at 224x224; dilations 1, 2, 4, 8, 12
   it per image in ``refine_cams_with_bkg_v2``): for every step a ``(1, K, 48, H, W)``
   neighbour stack is built and reduced (``tests/oracles/refine.py:par_per_image``).
 
+Times are medians from the shared ``benchmarks/_timing.py`` (``paired_median_ms``: ours and the
+reference in alternating rounds, so load drift on a shared machine hits both alike).
 Peak memory on CPU is the growth of the peak resident set size (``VmHWM``, reset through
 ``/proc/self/clear_refs``) of a fresh subprocess running one call, with
 ``MALLOC_MMAP_THRESHOLD_=65536`` so freed tensors return to the OS; the analytic size of the
 largest intermediate of each form is reported too. On CUDA (GPU half, only with a GPU) the
-peak is ``torch.cuda.max_memory_allocated`` growth.
+peak is ``torch.cuda.max_memory_allocated`` growth (``cuda_peak_extra_bytes``).
 
 Run: ``python benchmarks/bench_refine.py`` (writes ``benchmarks/results/refine_<device>.json``).
 """
@@ -24,10 +26,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -35,7 +35,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from _timing import cuda_peak_extra_bytes, environment, paired_median_ms  # noqa: E402
 from oracles.refine import par_per_image  # noqa: E402
 
 from wsss_blocks.refine import par  # noqa: E402
@@ -51,19 +53,6 @@ def make_inputs(device: str = "cpu", seed: int = 0) -> tuple[torch.Tensor, torch
     images = torch.nn.functional.interpolate(crops, scale_factor=0.5, mode="bilinear", align_corners=False)
     cams = torch.rand(B, K, H, W, generator=gen).softmax(dim=1)
     return images.to(device), cams.to(device)
-
-
-def _time(fn, device: str, repeats: int) -> list[float]:
-    out = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        out.append(time.perf_counter() - t0)
-    return out
 
 
 def _forms(images, cams):
@@ -110,7 +99,7 @@ def measure_cpu_peaks(threads: int) -> dict:
     return out
 
 
-def run(device: str, repeats: int, threads: int) -> dict:
+def run(device: str, rounds: int, min_run_time: float, threads: int) -> dict:
     images, cams = make_inputs(device)
     forms = _forms(images, cams)
     result: dict = {"device": device}
@@ -118,29 +107,27 @@ def run(device: str, repeats: int, threads: int) -> dict:
         ours = forms["ours"]()
         ref = forms["per_image"]()
         result["max_abs_diff_vs_per_image"] = float((ours - ref).abs().max())  # sync-ok: benchmark
-        for name, fn in forms.items():
-            times = _time(fn, device, repeats)
-            result[f"{name}_s"] = {"min": min(times), "all": times}
+        del ours, ref
+        ours_ms, ref_ms = paired_median_ms(
+            forms["ours"], forms["per_image"], min_run_time=min_run_time, rounds=rounds, device=device
+        )
+        result["ours_ms"], result["per_image_ms"] = ours_ms, ref_ms
         if device == "cuda":
             for name, fn in forms.items():
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-                fn()
-                torch.cuda.synchronize()
-                result[f"{name}_peak_bytes"] = torch.cuda.max_memory_allocated() - base
+                result[f"{name}_peak_bytes"] = cuda_peak_extra_bytes(fn, device)
     if device == "cpu":
         peaks = measure_cpu_peaks(threads)
         result["ours_peak_bytes"] = peaks["ours"]
         result["per_image_peak_bytes"] = peaks["per_image"]
-    result["speedup"] = result["per_image_s"]["min"] / result["ours_s"]["min"]
+    result["speedup"] = result["per_image_ms"] / result["ours_ms"]
     result["memory_ratio"] = result["per_image_peak_bytes"] / max(result["ours_peak_bytes"], 1)
     return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--min-run-time", type=float, default=3.0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--peak-child", default=None, help=argparse.SUPPRESS)
@@ -153,10 +140,7 @@ def main() -> None:
     result = {
         "benchmark": "PAR (ToCo) at half resolution: batched wsss_blocks.refine.par vs per-image ToCo form",
         "shape": {"B": B, "K": K, "crop": CROP, "par_size": [H, W], "neighbours": J, "num_iter": 10},
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "threads": args.threads,
+        "environment": environment("cpu"),
         "load_average_at_start": list(os.getloadavg()),
         "no_grad": True,
         "memory_method_cpu": "peak RSS growth (VmHWM reset via /proc/self/clear_refs) of a fresh subprocess "
@@ -174,7 +158,8 @@ def main() -> None:
     for device in devices:
         if device == "cuda":
             result["gpu"] = torch.cuda.get_device_name()
-        r = run(device, args.repeats, args.threads)
+        r = run(device, args.rounds, args.min_run_time, args.threads)
+        r["environment"] = environment(device)
         r["load_average_at_end"] = list(os.getloadavg())
         result["results"][device] = r
         print(json.dumps(r, indent=1), flush=True)
