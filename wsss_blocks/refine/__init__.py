@@ -1,0 +1,23 @@
+"""Segmentation-stage blocks: PAR refinement, PAR pseudo labels, the balanced seg loss, the dense CRF.
+
+``par`` / ``PAR`` and ``seg_loss`` / ``SegLoss`` are pure torch. ``dense_crf`` / ``DenseCRF``
+use the optional ``crf`` extra (``pydensecrf2``), imported only when a CRF runs.
+"""
+
+from wsss_blocks.refine.crf import DenseCRF, crf_available, dense_crf
+from wsss_blocks.refine.labels import par_pseudo_labels
+from wsss_blocks.refine.par import PAR, par, par_affinity, par_stencil
+from wsss_blocks.refine.seg_loss import SegLoss, seg_loss
+
+__all__ = [
+    "PAR",
+    "par",
+    "par_affinity",
+    "par_stencil",
+    "par_pseudo_labels",
+    "SegLoss",
+    "seg_loss",
+    "DenseCRF",
+    "dense_crf",
+    "crf_available",
+]

@@ -1,0 +1,120 @@
+"""PAR-refined two-level pseudo labels for a segmentation head (ToCo's ``refine_cams_with_bkg_v2``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from wsss_blocks._utils import no_autocast
+from wsss_blocks._validate import check_int, check_labels, check_shape, check_size, check_thresholds
+from wsss_blocks.cam import valid_to_grid
+from wsss_blocks.refine.par import _TOCO_DILATIONS, par
+
+__all__ = ["par_pseudo_labels"]
+
+
+@torch.no_grad()
+def par_pseudo_labels(
+    images: Tensor,
+    cams: Tensor,
+    labels: Tensor,
+    *,
+    low: float = 0.25,
+    high: float = 0.7,
+    valid: Tensor | None = None,
+    size: tuple[int, int] | None = None,
+    ignore_index: int = 255,
+    dilations: Sequence[int] = _TOCO_DILATIONS,
+    num_iter: int = 10,
+    temperature: float = 0.3,
+    pos_weight: float = 0.01,
+) -> Tensor:
+    """Segmentation pseudo labels from CAMs refined by :func:`par`, two background levels (ToCo).
+
+    For each background level ``b`` in (``high``, ``low``): the maps
+    ``[b, M_1, ..., M_K]`` (a constant background channel before the normalised CAMs),
+    a softmax over the background and the *present* classes (absent classes get
+    probability 0), PAR on ``images``, bilinear upsampling to ``size`` and an argmax give
+    ``y_b`` (0 = background, ``k + 1`` = class ``k``). Then, as ToCo::
+
+        y = y_high   where y_high > 0          (confident foreground)
+        y = 0        where y_high = y_low = 0  (confident background)
+        y = ignore   where y_high = 0 < y_low  (unsure)
+        y = ignore   outside ``valid``
+
+    All images and both levels run in one batched PAR call, the levels as channels, so the
+    affinities are built once (ToCo calls PAR per image and level). Runs under ``torch.no_grad()``.
+
+    Args:
+        images: the image at the resolution PAR runs at (ToCo: the crop downsampled by 2).
+        cams: normalised foreground CAMs in ``[0, 1]`` (resized to the images' size).
+        labels: multi-hot image labels; absent classes are never predicted.
+        low: background level of the generous copy (ToCo: 0.25).
+        high: background level of the conservative copy (ToCo: 0.7), ``low < high``.
+        valid: padding mask at any resolution (True on real pixels); PAR ignores padding
+            (see :func:`par`) and the output is ``ignore_index`` there.
+        size: output size (ToCo: the crop size); default the images' size.
+        ignore_index: value of unsure and padded pixels.
+        dilations: see :func:`par`.
+        num_iter: see :func:`par`.
+        temperature: see :func:`par`.
+        pos_weight: see :func:`par`.
+
+    Shape:
+        - images: ``(B, C, H, W)``; cams: ``(B, K, h, w)``; labels: ``(B, K)``;
+          valid: ``(B, H', W')`` bool
+        - output: ``(B, *size)`` int64
+
+    Example:
+        >>> images = torch.zeros(1, 3, 8, 8)
+        >>> images[..., 4:] = 1.0                       # object on the right half
+        >>> cams = torch.zeros(1, 2, 8, 8)
+        >>> cams[0, 1, :, 5:] = 1.0                     # CAM misses column 4
+        >>> y = par_pseudo_labels(images, cams, torch.tensor([[0, 1]]), dilations=(1, 2))
+        >>> y[0, 0].tolist()                            # PAR fills it up to the edge
+        [0, 0, 0, 0, 2, 2, 2, 2]
+    """
+    dims = check_shape("images", images, ["B", "C", "H", "W"], dtype="float")
+    check_shape("cams", cams, ["B", "K", "h", "w"], dims, dtype="float")
+    check_labels("labels", labels, dims)
+    check_thresholds("low", low, "high", high)
+    ignore = check_int("ignore_index", ignore_index)
+    h, w = images.shape[-2:]
+    out_size = (h, w) if size is None else check_size("size", size)
+    grid_valid = None
+    if valid is not None:
+        check_shape("valid", valid, ["B", "H_valid", "W_valid"], dims, dtype="bool")
+        grid_valid = valid_to_grid(valid, (h, w))
+    dtype = torch.promote_types(cams.dtype, torch.float32)
+    with no_autocast(cams.device.type):
+        fg = cams.to(dtype)
+        if fg.shape[-2:] != (h, w):
+            fg = F.interpolate(fg, size=(h, w), mode="bilinear", align_corners=False)
+        present = labels.to(torch.bool)[:, :, None, None]  # (B, K, 1, 1)
+        fg = fg.masked_fill(~present, float("-inf"))
+        levels = torch.tensor([high, low], dtype=dtype, device=cams.device)
+        bg = levels[None, :, None, None, None].expand(fg.shape[0], 2, 1, h, w)
+        maps = torch.cat([bg, fg[:, None].expand(-1, 2, -1, -1, -1)], dim=2).softmax(dim=2)
+        b, k1 = maps.shape[0], maps.shape[2]
+        refined = par(  # both levels as channels of one call: the affinities are built once
+            images,
+            maps.reshape(b, 2 * k1, h, w),
+            valid=grid_valid,
+            dilations=dilations,
+            num_iter=num_iter,
+            temperature=temperature,
+            pos_weight=pos_weight,
+        )
+        if out_size != (h, w):
+            refined = F.interpolate(refined, size=out_size, mode="bilinear", align_corners=False)
+        y = refined.reshape(b, 2, k1, *out_size).argmax(dim=2)  # (B, 2, *size)
+    y_high, y_low = y[:, 0], y[:, 1]
+    out = torch.where(y_high > 0, y_high, torch.zeros_like(y_high))
+    out = torch.where((y_high == 0) & (y_low > 0), torch.full_like(out, ignore), out)
+    if valid is not None:
+        keep = valid_to_grid(valid, out_size)
+        out = torch.where(keep, out, torch.full_like(out, ignore))
+    return out
