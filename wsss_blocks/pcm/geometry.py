@@ -71,17 +71,21 @@ def _check_codes(x: Tensor, codes: Tensor) -> None:
             "draw with random_dihedral_codes(square=False)")
 
 
-def _dihedral_gather(x: Tensor, codes: Tensor) -> Tensor:
-    b, c, h, w = x.shape
+def _dihedral_source(codes: Tensor, h: int, w: int) -> tuple[Tensor, Tensor]:
+    """Row and column ``(B, h, w)`` of the source pixel that each output pixel of the code reads."""
     dev = codes.device
     i = torch.arange(h, device=dev)[None, :, None]
     j = torch.arange(w, device=dev)[None, None, :]
-    code = codes.to(dev).long()[:, None, None]
-    lr, ud, tr = code & 1, (code >> 1) & 1, (code >> 2) & 1
-    a = torch.where(tr.bool(), j, i)  # position in the flipped map (square when tr is set)
-    bb = torch.where(tr.bool(), i, j)
-    a = torch.where(ud.bool(), h - 1 - a, a)
-    bb = torch.where(lr.bool(), w - 1 - bb, bb)
+    code = codes.long()[:, None, None]
+    lr, ud, tr = (code & 1).bool(), ((code >> 1) & 1).bool(), ((code >> 2) & 1).bool()
+    a = torch.where(tr, j, i)  # position in the flipped map (square when tr is set)
+    bb = torch.where(tr, i, j)
+    return torch.where(ud, h - 1 - a, a), torch.where(lr, w - 1 - bb, bb)
+
+
+def _dihedral_gather(x: Tensor, codes: Tensor) -> Tensor:
+    b, c, h, w = x.shape
+    a, bb = _dihedral_source(codes, h, w)
     index = (a * w + bb).reshape(b, 1, h * w).to(x.device).expand(b, c, h * w)
     return torch.gather(x.reshape(b, c, h * w), 2, index).reshape(b, c, h, w)
 
@@ -155,11 +159,13 @@ class MosaicRecord(NamedTuple):
     align_corners: bool
 
 
-def _resample_boxes(x: Tensor, boxes: Tensor, size: tuple[int, int], align_corners: bool) -> Tensor:
-    """``F.interpolate(x[b, :, y0:y1, x0:x1], size, "bilinear", align_corners)`` for every ``b`` at once.
+def _resample_boxes(x: Tensor, boxes: Tensor, size: tuple[int, int], align_corners: bool,
+                    codes: Tensor | None = None) -> Tensor:
+    """``T_code(F.interpolate(x[b, :, y0:y1, x0:x1], size, "bilinear", align_corners))`` for every ``b`` at once.
 
     One ``grid_sample`` on the pixel coordinates that ``F.interpolate`` would read inside each
-    box, clamped to the box (so the result equals crop-then-interpolate, no anti-aliasing).
+    box, clamped to the box (so the result equals crop-then-interpolate, no anti-aliasing);
+    a dihedral code only permutes the sampling grid (no extra pass over the output).
     """
     b, _, hh, ww = x.shape
     oh, ow = size
@@ -175,11 +181,14 @@ def _resample_boxes(x: Tensor, boxes: Tensor, size: tuple[int, int], align_corne
             src = ((t + 0.5) * length / n - 0.5).clamp_min(0.0)
         return start[:, None] + torch.minimum(src, length - 1)
 
-    ys = axis(bx[:, 0], bx[:, 2] - bx[:, 0], oh)  # (B, oh) pixel rows
-    xs = axis(bx[:, 1], bx[:, 3] - bx[:, 1], ow)
-    gy = ys / max(hh - 1, 1) * 2 - 1
-    gx = xs / max(ww - 1, 1) * 2 - 1
-    grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)
+    gy = axis(bx[:, 0], bx[:, 2] - bx[:, 0], oh) / max(hh - 1, 1) * 2 - 1  # (B, oh)
+    gx = axis(bx[:, 1], bx[:, 3] - bx[:, 1], ow) / max(ww - 1, 1) * 2 - 1  # (B, ow)
+    if codes is None:
+        grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)
+    else:
+        rows, cols = _dihedral_source(codes.to(x.device), oh, ow)  # (B, oh, ow)
+        grid = torch.stack([torch.gather(gx, 1, cols.flatten(1)), torch.gather(gy, 1, rows.flatten(1))], -1)
+        grid = grid.view(b, oh, ow, 2)
     out = F.grid_sample(x.to(dt), grid, mode="bilinear", padding_mode="border", align_corners=True)
     return out.to(x.dtype)
 
@@ -248,9 +257,10 @@ def mosaic(images: Tensor, *, crop_prob: float = 0.3, crop: int | tuple[int, int
         - output: ``((B/4, C, 2·th, 2·tw), MosaicRecord)``
 
     Note:
-        The per-sample crop + resize runs as one ``grid_sample`` on the pixel grid that
-        ``F.interpolate`` reads inside each box (clamped to the box), which equals the
-        crop-then-interpolate loop; the tiling is one einops ``rearrange``. No host sync
+        The per-sample crop + resize + dihedral code runs as one ``grid_sample`` on the pixel
+        grid that ``F.interpolate`` reads inside each box (clamped to the box, permuted by the
+        code), which equals the crop-then-interpolate-then-flip loop; the tiling is one
+        einops ``rearrange``. No host sync
         with sampled boxes and codes.
 
     Example:
@@ -287,8 +297,8 @@ def mosaic(images: Tensor, *, crop_prob: float = 0.3, crop: int | tuple[int, int
     else:
         check_shape("codes", codes, [b], dtype="int")
         codes = codes.to(device=dev, dtype=torch.int64)
-    tiles = _resample_boxes(images, boxes, (th, tw), align_corners)
-    tiles = dihedral_transform(tiles, codes)
+    _check_codes(images.new_empty(b, 0, th, tw), codes)
+    tiles = _resample_boxes(images, boxes, (th, tw), align_corners, codes)
     out = rearrange(tiles, "(m r c) ch h w -> m ch (r h) (c w)", r=2, c=2)
     return out, MosaicRecord(boxes, codes, (h, w), (th, tw), p, bool(align_corners))
 
@@ -343,6 +353,6 @@ def teacher_to_tiles(teacher_probs: Tensor, record: MosaicRecord, teacher_codes:
     if teacher_codes is not None:
         check_shape("teacher_codes", teacher_codes, [dims["B"]], dtype="int")
         t = dihedral_inverse(t, teacher_codes)
-    t = _resample_boxes(t, torch.div(record.boxes, p, rounding_mode="floor"), (th // p, tw // p),
-                        record.align_corners)
-    return dihedral_transform(t, record.codes)
+    _check_codes(t.new_empty(dims["B"], 0, th // p, tw // p), record.codes)
+    return _resample_boxes(t, torch.div(record.boxes, p, rounding_mode="floor"), (th // p, tw // p),
+                           record.align_corners, record.codes)

@@ -18,7 +18,7 @@ from wsss_blocks._validate import (
     check_shape,
     check_size,
 )
-from wsss_blocks.pcm.geometry import MosaicRecord, _resample_boxes, dihedral_inverse, dihedral_transform
+from wsss_blocks.pcm.geometry import MosaicRecord, _check_codes, _resample_boxes, dihedral_inverse
 
 __all__ = [
     "Background",
@@ -178,8 +178,7 @@ def _et_target(teacher_probs: Tensor, y: Tensor, record: MosaicRecord, teacher_c
     if target_norm == "image":
         t = _mask_max(t, y)
     t = _resample_boxes(t, torch.div(record.boxes, p, rounding_mode="floor"), (th // p, tw // p),
-                        record.align_corners)
-    t = dihedral_transform(t, record.codes)
+                        record.align_corners, record.codes)
     if target_norm == "tile":
         t = _mask_max(t, y)
     return _class_renorm(t)
@@ -231,6 +230,7 @@ def et_loss(student_probs: Tensor, teacher_probs: Tensor, labels: Tensor, record
     check_shape("teacher_probs", teacher_probs, ["B", "C", hh // p, ww // p], dims, dtype="float")
     check_shape("record.boxes", record.boxes, ["B", 4], dims, dtype="int")
     check_shape("record.codes", record.codes, ["B"], dims, dtype="int")
+    _check_codes(student_probs, record.codes)
     if teacher_codes is not None:
         check_shape("teacher_codes", teacher_codes, ["B"], dims, dtype="int")
     check_option("target_norm", target_norm, ("tile", "image"))
