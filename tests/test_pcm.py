@@ -418,3 +418,14 @@ def test_cuda_no_sync_square_path():
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert loss.device.type == "cuda" and m.device.type == "cuda"
+
+
+def test_equivariance_identity_non_square():
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(8, 3, 64, 96, dtype=torch.float64, generator=g)
+    c1 = random_dihedral_codes(8, square=False, generator=g)
+    m, rec = mosaic(x, crop_prob=0.0, scale=0.5, patch_size=16, generator=g)
+    assert int(rec.codes.max()) < 4 and m.shape == (2, 3, 64, 96)
+    teacher = F.avg_pool2d(dihedral_transform(x, c1), 16)
+    torch.testing.assert_close(teacher_to_tiles(teacher, rec, c1), unmosaic(F.avg_pool2d(m, 16)),
+                               atol=1e-10, rtol=0)

@@ -186,3 +186,13 @@ def test_vitpcm_loss_falls():
         opt.step()
         losses.append(out["loss"].item())
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+
+
+def test_vitpcm_state_dict_round_trip():
+    a = ViTPCM(16, 2).eval()
+    torch.manual_seed(5)
+    b = ViTPCM(16, 2).eval()
+    x = torch.randn(1, 16, 3, 3)
+    assert not torch.allclose(a(x).probs, b(x).probs)
+    b.load_state_dict(a.state_dict())
+    torch.testing.assert_close(a(x).probs, b(x).probs)
