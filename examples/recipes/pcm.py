@@ -59,6 +59,7 @@ class PCMRecipe(Recipe):
     class Options:
         hv_lstm: bool = True
         et: bool = True
+        et_start: int = 1  # first step with the ET term (official: 1; > 1 = ET after an MCE warm-up)
         background: Literal["always_one", "ignore"] = "always_one"
         crop_prob: float = 0.3
         crop: int = 0  # pixels; 0: img_size / 3 on the patch grid (official 128 of 384)
@@ -95,18 +96,21 @@ class PCMRecipe(Recipe):
         codes = random_dihedral_codes(b, square=h == w, device=images.device)
         x1 = dihedral_transform(images, codes)
         terms: dict[str, LossTerm] = {}
-        if o.et:
+        use_et = bool(o.et) and step >= int(o.et_start)
+        if use_et:
             with eval_mode(backbone, self), torch.no_grad():
                 teacher = self._probs(backbone, x1)
         taps = vit_taps(backbone, x1, layers=())
         out = self.pcm(tokens_to_grid(taps.final, taps.grid))
         terms["mce"] = LossTerm(1.0, mce_loss(out.pooled, labels, o.background))
-        if o.et:
+        if use_et:
             tiles, record = mosaic(images, crop_prob=o.crop_prob, crop=self.crop, scale=o.scale,
                                    patch_size=self.patch)
             student = unmosaic(self._probs(backbone, tiles))
             terms["et"] = LossTerm(1.0, et_loss(student, teacher, labels, record, codes,
                                                 background=o.background, target_norm=o.target_norm))
+        elif o.et:  # before et_start: logged as 0 so every step has the same terms
+            terms["et"] = LossTerm(1.0, out.pooled.sum() * 0.0)
         terms["l2"] = LossTerm(1.0, self.pcm.l2_penalty())
         return terms
 
