@@ -38,6 +38,7 @@ RECIPE_OPTS = {
               "--opt", "capacity=16"],
     "mct": [],
     "doei": [],
+    "pcm": [],
 }
 
 
@@ -189,7 +190,7 @@ def test_real_recipe_parameter_groups(name: str) -> None:
     lr = groups["backbone"]["lr"]
     n_opt = sum(p.numel() for g in opt.param_groups for p in g["params"])
     assert n_opt == sum(p.numel() for p in [*backbone.parameters(), *recipe.parameters()])
-    if name in ("baseline", "cpews"):  # new classifier heads at 10x
+    if name in ("baseline", "cpews", "pcm"):  # new classifier heads at 10x
         heads = {id(p) for p in groups["heads"]["params"]}
         assert heads and heads == {id(p) for p in recipe.parameters()}
         assert groups["heads"]["lr"] == pytest.approx(10 * lr)

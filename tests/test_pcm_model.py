@@ -1,0 +1,198 @@
+"""ViT-PCM modules: PatchClassifier, HVBiLSTM and the ViTPCM model on a tiny timm ViT."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from oracles.pcm import hv_bilstm_loop
+
+from wsss_blocks import ShapeError
+from wsss_blocks.pcm import HVBiLSTM, PatchClassifier, ViTPCM, eval_mode, patch_class_probs
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+# ------------------------------------------------------------------------------ PatchClassifier
+
+def test_patch_classifier_shapes_values_and_l2():
+    torch.manual_seed(0)
+    head = PatchClassifier(64, 20)
+    assert head.weight.shape == (21, 64) and head.linear.bias is None
+    assert abs(head.weight.std().item() - 0.05) < 0.005
+    assert head.l2_penalty().item() == pytest.approx(0.01 * head.weight.pow(2).sum().item(), rel=1e-6)
+    head.eval()
+    x = torch.randn(2, 64, 3, 5)
+    out = head(x)
+    assert out.logits.shape == out.probs.shape == (2, 21, 3, 5) and out.pooled.shape == (2, 21)
+    ref = torch.einsum("bdhw,cd->bchw", x, head.weight)
+    torch.testing.assert_close(out.logits, ref)
+    torch.testing.assert_close(out.probs.sum(1), torch.ones(2, 3, 5))
+    torch.testing.assert_close(out.pooled, out.probs.amax((-2, -1)))
+    nobg = PatchClassifier(64, 20, background=False, bias=True, init_std=None)
+    assert nobg(x).probs.shape == (2, 20, 3, 5) and nobg.linear.bias is not None
+
+
+def test_patch_classifier_errors_dropout_bf16():
+    head = PatchClassifier(8, 3)
+    with pytest.raises(ShapeError, match="x"):
+        head(torch.zeros(2, 7, 3, 3))
+    with pytest.raises(ValueError, match="dropout"):
+        PatchClassifier(8, 3, dropout=1.5)
+    with pytest.raises(ValueError, match="num_classes"):
+        PatchClassifier(8, 2.5)  # type: ignore[arg-type]
+    with pytest.raises(ShapeError, match="logits"):
+        patch_class_probs(torch.zeros(2, 3, 4))
+    x = torch.randn(2, 8, 4, 4)
+    head.train()
+    assert not torch.equal(head(x).logits, head.eval()(x).logits)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = head(x)
+    assert out.probs.dtype == torch.float32 and torch.isfinite(out.probs).all()
+    torch.testing.assert_close(out.probs, head(x).probs, atol=2e-2, rtol=0)
+
+
+# ------------------------------------------------------------------------------------ HVBiLSTM
+
+def test_hv_bilstm_vs_loop_non_square():
+    torch.manual_seed(1)
+    hv = HVBiLSTM(16, 3).eval()
+    x = torch.randn(2, 16, 3, 5)
+    out = hv(x)
+    assert out.shape == (2, 12, 3, 5) and hv.out_dim == 12
+    torch.testing.assert_close(out, hv_bilstm_loop(hv, x), atol=1e-5, rtol=0)
+
+
+def test_hv_bilstm_dropout_one_is_zero_input():
+    torch.manual_seed(2)
+    hv = HVBiLSTM(8, dropout=1.0).train()
+    x = torch.randn(2, 8, 4, 3)
+    torch.testing.assert_close(hv(x), hv.eval()(torch.zeros_like(x)))
+
+
+def test_hv_bilstm_keras_init_and_errors():
+    torch.manual_seed(3)
+    hv = HVBiLSTM(32)
+    h = hv.hidden
+    assert h == 8 and hv.out_dim == 32
+    limit = math.sqrt(6 / (32 + 4 * h))
+    for lstm in (hv.lstm_h, hv.lstm_v):
+        for sfx in ("", "_reverse"):
+            w_ih = getattr(lstm, f"weight_ih_l0{sfx}")
+            w_hh = getattr(lstm, f"weight_hh_l0{sfx}")
+            b_ih = getattr(lstm, f"bias_ih_l0{sfx}")
+            assert w_ih.abs().max() <= limit and w_ih.abs().max() > 0.8 * limit
+            torch.testing.assert_close(w_hh.T @ w_hh, torch.eye(h), atol=1e-5, rtol=0)
+            expected = torch.zeros(4 * h)
+            expected[h:2 * h] = 1
+            assert torch.equal(b_ih, expected)
+            assert torch.equal(getattr(lstm, f"bias_hh_l0{sfx}"), torch.zeros(4 * h))
+    with pytest.raises(ValueError, match="divisible by 4"):
+        HVBiLSTM(30)
+    with pytest.raises(ShapeError, match="x"):
+        hv(torch.zeros(1, 16, 3, 3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = hv.eval()(torch.randn(1, 32, 3, 4))
+    assert torch.isfinite(out).all()
+
+
+# --------------------------------------------------------------------------------------- ViTPCM
+
+def _model(**kw):
+    torch.manual_seed(0)
+    return ViTPCM.from_timm("vit_tiny_patch16_224", 3, img_size=64, timm_kwargs={"depth": 2}, **kw)
+
+
+def test_vitpcm_shapes_non_square():
+    m = _model().eval()
+    assert m(torch.randn(2, 3, 64, 64)).probs.shape == (2, 4, 4, 4)
+    assert m(torch.randn(2, 3, 96, 64)).probs.shape == (2, 4, 6, 4)
+    assert m.features(torch.randn(1, 3, 96, 64)).shape == (1, 192, 6, 4)
+    feats_only = ViTPCM(192, 3, hv_lstm=False).eval()
+    assert feats_only(torch.randn(1, 192, 2, 3)).pooled.shape == (1, 4)
+    with pytest.raises(ValueError, match="backbone"):
+        feats_only.features(torch.randn(1, 3, 32, 32))
+    with pytest.raises(ShapeError, match="images"):
+        m.features(torch.randn(1, 4, 32, 32))
+
+
+def test_vitpcm_teacher_restores_flags_and_has_no_grad():
+    m = _model().train()
+    m.backbone.blocks[0].eval()
+    before = [x.training for x in m.modules()]
+    x = torch.randn(2, 3, 64, 64)
+    out = m.teacher(x)
+    assert [x.training for x in m.modules()] == before
+    assert out.probs.requires_grad is False
+    torch.testing.assert_close(out.probs, m.teacher(x).probs)  # no dropout: deterministic
+    m.eval()
+    torch.testing.assert_close(out.probs, m(x).probs)
+    with pytest.raises(RuntimeError), eval_mode(m.train()):
+        raise RuntimeError
+    assert m.training
+
+
+def test_vitpcm_set_backbone_trainable():
+    m = _model()
+    params = m.set_backbone_trainable(1)
+    names = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert all(n.startswith(("backbone.blocks.1.", "backbone.norm.", "hv.", "classifier.")) for n in names)
+    assert any(n.startswith("backbone.blocks.1.") for n in names) and "backbone.norm.weight" in names
+    assert len(params) == len(names)
+    frozen = m.set_backbone_trainable(0)
+    assert not any(p.requires_grad for p in m.backbone.parameters())
+    assert len(frozen) == len(list(m.hv.parameters())) + len(list(m.classifier.parameters()))
+    m.set_backbone_trainable(-1)
+    assert all(p.requires_grad for p in m.parameters())
+    with pytest.raises(ValueError, match="num_blocks"):
+        m.set_backbone_trainable(3)
+
+
+def test_vitpcm_training_losses():
+    m = _model()
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(4, 3, 64, 64, generator=g)
+    labels = torch.tensor([[1, 0, 0], [0, 1, 1], [0, 0, 0], [1, 1, 1]])
+    out = m.training_losses(images, labels, crop=32, generator=g)
+    assert set(out) == {"mce", "et", "l2", "loss"}
+    assert all(torch.isfinite(v) for v in out.values())
+    torch.testing.assert_close(out["loss"], out["mce"] + out["et"] + out["l2"])
+    out["loss"].backward()
+    assert m.classifier.weight.grad is not None and m.classifier.weight.grad.abs().sum() > 0
+    assert m.hv.lstm_h.weight_ih_l0.grad.abs().sum() > 0
+    no_et = m.training_losses(images[:3], labels[:3], use_et=False)
+    assert no_et["et"].item() == 0.0
+    with pytest.raises(ShapeError, match="divisible by 4"):
+        m.training_losses(images[:3], labels[:3])
+    with pytest.raises(ShapeError, match="images_et"):
+        m.training_losses(images, labels, images_et=images[:, :, :32])
+
+
+@pytest.mark.slow
+def test_vitpcm_loss_falls():
+    torch.manual_seed(0)
+    m = ViTPCM.from_timm("vit_tiny_patch16_224", 2, img_size=32, timm_kwargs={"depth": 1})
+    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(8, 3, 32, 32, generator=g)
+    images[:4, 0] += 2.0
+    labels = torch.tensor([[1, 0]] * 4 + [[0, 1]] * 4)
+    losses = []
+    for _ in range(30):
+        out = m.training_losses(images, labels, crop=16, generator=g)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        losses.append(out["loss"].item())
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+
+
+def test_vitpcm_state_dict_round_trip():
+    a = ViTPCM(16, 2).eval()
+    torch.manual_seed(5)
+    b = ViTPCM(16, 2).eval()
+    x = torch.randn(1, 16, 3, 3)
+    assert not torch.allclose(a(x).probs, b(x).probs)
+    b.load_state_dict(a.state_dict())
+    torch.testing.assert_close(a(x).probs, b(x).probs)
