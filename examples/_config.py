@@ -1,9 +1,12 @@
 """Command line and configuration of the reference trainer: parse, fill per-dataset defaults, validate.
 
-One concept: :class:`TrainConfig`. Every field can be set on the command line; fields left
-unset (``None``) are filled from :data:`DATASET_DEFAULTS` for the chosen ``--data`` (values
-from ToCo / CPEWS for VOC and COCO, tuned for a 2-core CPU for the synthetic scenes), then
-:func:`validate` raises :class:`ConfigError` (a ``ValueError``) naming the bad flag.
+One concept: :class:`TrainConfig`, the one source of every flag: each field's type, default
+and ``metadata`` (help text, flag name, metavar) build the command line in :func:`build_parser`
+(``--field-name``; a ``bool`` that defaults to ``True`` is switched off with ``--no-field-name``,
+one that defaults to ``False`` on with ``--field-name``; a ``Literal`` type gives the choices).
+Fields left unset (``None``) are filled from :data:`DATASET_DEFAULTS` for the chosen ``--data``
+(values from ToCo / CPEWS for VOC and COCO, tuned for a 2-core CPU for the synthetic scenes),
+then :func:`validate` raises :class:`ConfigError` (a ``ValueError``) naming the bad flag.
 """
 
 from __future__ import annotations
@@ -12,73 +15,91 @@ import argparse
 import dataclasses
 import os
 import time
+import types
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Literal, NoReturn, Union, get_args, get_origin, get_type_hints
 
-__all__ = ["TrainConfig", "ConfigError", "DATASET_DEFAULTS", "parse_config", "parse_recipe_options"]
+__all__ = ["TrainConfig", "ConfigError", "DATASET_DEFAULTS", "build_parser", "is_swin_name", "parse_config",
+           "parse_recipe_options", "validate"]
 
 
 class ConfigError(ValueError):
     """A command-line / configuration error; the message names the flag."""
 
 
+def _arg(default: Any = None, help: str = "", **cli: Any) -> Any:  # noqa: A002 - argparse's word
+    """A :class:`TrainConfig` field: ``default`` plus the command-line metadata (``help``, and
+    ``flag`` / ``metavar`` / ``append`` overrides). For a ``bool`` defaulting to ``True`` the help
+    describes the ``--no-...`` flag."""
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **cli})
+    return field(default=default, metadata={"help": help, **cli})
+
+
 @dataclass
 class TrainConfig:
     """The resolved configuration of one run (saved as ``config.json``)."""
 
-    recipe: str = "cpews"
-    baseline: str = "auto"  # auto | on | off: also train the baseline recipe and compare
-    opts: dict[str, str] = field(default_factory=dict)  # recipe options, --opt key=value
-    data: str = "synthetic"
-    data_root: str | None = None
-    train_length: int | None = None  # synthetic only: items per epoch
+    recipe: str = _arg("cpews", "recipe name (see examples/README.md)")
+    baseline: Literal["auto", "on", "off"] = _arg(
+        "auto", "also train the baseline recipe and print a comparison (auto: synthetic data only)")
+    opts: dict[str, str] = _arg({}, "recipe option, repeatable", flag="--opt", metavar="KEY=VALUE", append=True)
+    data: Literal["synthetic", "voc", "coco"] = _arg("synthetic")
+    data_root: str | None = _arg(None, "dataset root for voc / coco")
+    train_length: int | None = _arg(None, "synthetic: training items per epoch")
     # backbone
-    model: str | None = None
-    pretrained: str | None = None  # local weights file (.pth/.bin/.safetensors/.npz); never downloads
-    img_size: int | None = None  # training crop / input size
-    patch_size: int | None = None
-    depth: int | None = None
-    embed_dim: int | None = None
-    num_heads: int | None = None
-    dynamic_size: bool = True
-    drop_path: float = 0.0  # stochastic depth rate (timm drop_path_rate)
+    model: str | None = _arg(None, "any timm ViT name, or a Swin (swin_*, swinv2_*)")
+    pretrained: str | None = _arg(None, "local weights file (.pth/.bin/.safetensors/.npz); never downloads",
+                                  metavar="FILE")
+    img_size: int | None = _arg(None, "training crop / input size")
+    patch_size: int | None = _arg()
+    depth: int | None = _arg(None, "ViT: number of blocks")
+    depths: tuple[int, ...] | None = _arg(None, "Swin: blocks per stage, e.g. 1,1")
+    embed_dim: int | None = _arg()
+    num_heads: tuple[int, ...] | None = _arg(None, "ViT: one value; Swin: one per stage, e.g. 2,4")
+    window_size: int | None = _arg(None, "Swin: attention window (fit it to the small image)")
+    dynamic_size: bool = _arg(True, "off: fixed input size (multi-scale evaluation and VOC/COCO validation "
+                              "need dynamic size)")
+    drop_path: float = _arg(0.0, "stochastic depth rate of the backbone (timm drop_path_rate)")
     # schedule
-    iterations: int | None = None
-    batch_size: int | None = None  # per process
-    lr: float | None = None
-    head_lr_mult: float = 10.0
-    warmup: int | None = None
-    warmup_ratio: float = 1e-6
-    power: float = 0.9
-    weight_decay: float = 0.01
-    clip_grad: float | None = None
+    iterations: int | None = _arg()
+    batch_size: int | None = _arg(None, "per process")
+    lr: float | None = _arg(None, "backbone learning rate (heads get x head-lr-mult)")
+    head_lr_mult: float = _arg(10.0)
+    warmup: int | None = _arg()
+    warmup_ratio: float = _arg(1e-6)
+    power: float = _arg(0.9)
+    weight_decay: float = _arg(0.01)
+    clip_grad: float | None = _arg(None, "max gradient norm (off by default)")
     # pseudo labels / CAM evaluation
-    low: float | None = None
-    high: float | None = None
-    cam_threshold: float | None = None
+    low: float | None = _arg(None, "pseudo-label background threshold")
+    high: float | None = _arg(None, "pseudo-label foreground threshold")
+    cam_threshold: float | None = _arg(None, "background score for CAM mIoU")
     # evaluation
-    eval_every: int | None = None
-    eval_images: int | None = None
-    eval_batch_size: int | None = None
-    eval_scales: tuple[float, ...] = (1.0,)
-    eval_flip: bool = False
-    vis_images: int = 8
+    eval_every: int | None = _arg()
+    eval_images: int | None = _arg()
+    eval_batch_size: int | None = _arg()
+    eval_scales: tuple[float, ...] = _arg((1.0,), "e.g. 1.0,0.5,1.5")
+    eval_flip: bool = _arg(False)
+    vis_images: int = _arg(8)
     # runtime
-    device: str = "auto"
-    amp: str = "auto"  # auto | bf16 | fp16 | off
-    compile: bool = False
-    seed: int = 0
-    deterministic: bool = False
-    workers: int | None = None
-    threads: int | None = None
-    output: str | None = None
-    resume: str | None = None
-    ckpt_every: int | None = None
-    stop_after: int | None = None  # stop after this many steps of this invocation (resume later)
-    log_every: int = 10
-    progress: bool = True
-    plots: bool = True
-    quiet: bool = False
+    device: str = _arg("auto", "auto | cpu | cuda | cuda:N")
+    amp: Literal["auto", "bf16", "fp16", "off"] = _arg("auto", "auto: bf16 on CUDA, off on CPU")
+    compile: bool = _arg(False, "torch.compile the training module")
+    seed: int = _arg(0)
+    deterministic: bool = _arg(False)
+    workers: int | None = _arg(None, "data-loader workers")
+    threads: int | None = _arg(None, "torch CPU threads")
+    output: str | None = _arg(None, "run folder (default runs/<timestamp>)")
+    resume: str | None = _arg(None, "checkpoint file, or 'auto' (OUTPUT/last.pt)", metavar="CKPT")
+    ckpt_every: int | None = _arg(None, "checkpoint period (default: eval period)")
+    stop_after: int | None = _arg(None, "stop after N steps of this invocation (checkpoint saved; continue "
+                                  "with --resume auto)", metavar="N")
+    log_every: int = _arg(10)
+    progress: bool = _arg(True, "off: no tqdm progress bar")
+    plots: bool = _arg(True, "off: skip PNG overlays and curves")
+    quiet: bool = _arg(False, "print only the final table")
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -90,7 +111,7 @@ class TrainConfig:
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "synthetic": dict(
         model="vit_tiny_patch16_224", img_size=64, patch_size=8, depth=4, embed_dim=96,
-        num_heads=3, iterations=300, batch_size=16, lr=1e-3, warmup=30, low=0.25, high=0.7,
+        num_heads=(3,), iterations=300, batch_size=16, lr=1e-3, warmup=30, low=0.25, high=0.7,
         cam_threshold=0.3, eval_every=150, eval_images=128, eval_batch_size=32, workers=0,
         train_length=2000,
         # per-dataset recipe option defaults (--opt overrides them): the attention CAMs of a
@@ -112,6 +133,22 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+SWIN_PREFIXES = ("swin_", "swinv2_")  # timm SwinTransformer / SwinTransformerV2 names
+_OTHER_SWIN = ("swinv2_cr_", "swin_s3_")  # different architectures under similar names
+
+
+def is_swin_name(model: str | None) -> bool:
+    """Whether ``--model`` names a timm SwinTransformer / SwinTransformerV2."""
+    return model is not None and model.startswith(SWIN_PREFIXES) and not model.startswith(_OTHER_SWIN)
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from err
+
+
 def _floats(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(v) for v in text.split(",") if v.strip())
@@ -119,67 +156,55 @@ def _floats(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from err
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises :class:`ConfigError` instead of exiting (``train.py`` exits 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(message)
+
+
+_SCALARS: dict[Any, Callable[[str], Any]] = {int: int, float: float, str: str}
+_SEQUENCES: dict[Any, Callable[[str], Any]] = {int: _ints, float: _floats}
+
+
+def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, hint: Any) -> None:
+    meta = dict(f.metadata)
+    flag = meta.get("flag", "--" + f.name.replace("_", "-"))
+    kw: dict[str, Any] = {"dest": f.name, "help": meta.get("help") or "default: %(default)s"}
+    if "metavar" in meta:
+        kw["metavar"] = meta["metavar"]
+    args = get_args(hint)
+    if get_origin(hint) in (Union, types.UnionType):  # X | None: the flag takes an X
+        hint = next(a for a in args if a is not type(None))
+        args = get_args(hint)
+    if meta.get("append"):
+        parser.add_argument(flag, action="append", default=[], **kw)
+    elif hint is bool:
+        on = f.default is not True
+        parser.add_argument(flag if on else "--no-" + flag[2:], action="store_true" if on else "store_false",
+                            default=f.default, **kw)
+    elif get_origin(hint) is Literal:
+        parser.add_argument(flag, choices=list(args), default=f.default, **kw)
+    elif get_origin(hint) is tuple:
+        parser.add_argument(flag, type=_SEQUENCES[args[0]], default=f.default, **kw)
+    else:
+        parser.add_argument(flag, type=_SCALARS[hint], default=f.default, **kw)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The ``examples/train.py`` command line."""
-    p = argparse.ArgumentParser(
+    """The ``examples/train.py`` command line, built from the :class:`TrainConfig` fields.
+
+    Errors raise :class:`ConfigError` (no ``SystemExit``), so in-process callers can catch them.
+    """
+    parser = _Parser(
         prog="train.py",
         description="Reference trainer for wsss_blocks recipes (CAM / pseudo-mask quality).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    a = p.add_argument
-    a("--recipe", default="cpews", help="recipe name (see examples/README.md)")
-    a("--baseline", default="auto", choices=["auto", "on", "off"],
-      help="also train the baseline recipe and print a comparison (auto: synthetic data only)")
-    a("--opt", action="append", default=[], metavar="KEY=VALUE", help="recipe option, repeatable")
-    a("--data", default="synthetic", choices=sorted(DATASET_DEFAULTS))
-    a("--data-root", default=None, help="dataset root for voc / coco")
-    a("--train-length", type=int, default=None, help="synthetic: training items per epoch")
-    a("--model", default=None, help="any timm ViT name")
-    a("--pretrained", default=None, metavar="FILE", help="local weights file (no downloads)")
-    a("--img-size", type=int, default=None)
-    a("--patch-size", type=int, default=None)
-    a("--depth", type=int, default=None)
-    a("--embed-dim", type=int, default=None)
-    a("--num-heads", type=int, default=None)
-    a("--no-dynamic-size", dest="dynamic_size", action="store_false",
-      help="fixed input size (multi-scale evaluation and VOC/COCO validation need dynamic size)")
-    a("--drop-path", type=float, default=0.0, help="stochastic depth rate of the backbone")
-    a("--iterations", type=int, default=None)
-    a("--batch-size", type=int, default=None, help="per process")
-    a("--lr", type=float, default=None, help="backbone learning rate (heads get x head-lr-mult)")
-    a("--head-lr-mult", type=float, default=10.0)
-    a("--warmup", type=int, default=None)
-    a("--warmup-ratio", type=float, default=1e-6)
-    a("--power", type=float, default=0.9)
-    a("--weight-decay", type=float, default=0.01)
-    a("--clip-grad", type=float, default=None, help="max gradient norm (off by default)")
-    a("--low", type=float, default=None, help="pseudo-label background threshold")
-    a("--high", type=float, default=None, help="pseudo-label foreground threshold")
-    a("--cam-threshold", type=float, default=None, help="background score for CAM mIoU")
-    a("--eval-every", type=int, default=None)
-    a("--eval-images", type=int, default=None)
-    a("--eval-batch-size", type=int, default=None)
-    a("--eval-scales", type=_floats, default=(1.0,), help="e.g. 1.0,0.5,1.5")
-    a("--eval-flip", action="store_true")
-    a("--vis-images", type=int, default=8)
-    a("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    a("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
-      help="auto: bf16 on CUDA, off on CPU")
-    a("--compile", action="store_true", help="torch.compile the training module")
-    a("--seed", type=int, default=0)
-    a("--deterministic", action="store_true")
-    a("--workers", type=int, default=None, help="data-loader workers")
-    a("--threads", type=int, default=None, help="torch CPU threads")
-    a("--output", default=None, help="run folder (default runs/<timestamp>)")
-    a("--resume", default=None, metavar="CKPT", help="checkpoint file, or 'auto' (OUTPUT/last.pt)")
-    a("--ckpt-every", type=int, default=None, help="checkpoint period (default: eval period)")
-    a("--stop-after", type=int, default=None, metavar="N",
-      help="stop after N steps of this invocation (checkpoint saved; continue with --resume auto)")
-    a("--log-every", type=int, default=10)
-    a("--no-progress", dest="progress", action="store_false")
-    a("--no-plots", dest="plots", action="store_false", help="skip PNG overlays and curves")
-    a("--quiet", action="store_true", help="print only the final table")
-    return p
+    hints = get_type_hints(TrainConfig)
+    for f in fields(TrainConfig):
+        _add_field(parser, f, hints[f.name])
+    return parser
 
 
 def parse_recipe_options(items: list[str]) -> dict[str, str]:
@@ -239,28 +264,45 @@ def validate(cfg: TrainConfig) -> None:
              f"weights file {cfg.pretrained!r} not found. This trainer never downloads weights: "
              "download them once elsewhere (e.g. the timm model's .safetensors/.npz) and pass the "
              "local file path")
-    for name in ("patch_size", "depth", "embed_dim", "num_heads"):
+    for name in ("patch_size", "depth", "embed_dim", "window_size"):
         v = getattr(cfg, name)
         need(v is None or v >= 1, "--" + name.replace("_", "-"), f"expected >= 1, got {v}")
-    if cfg.embed_dim is not None and cfg.num_heads is not None:
-        need(cfg.embed_dim % cfg.num_heads == 0, "--embed-dim",
-             f"{cfg.embed_dim} is not divisible by --num-heads {cfg.num_heads}")
+    for name in ("depths", "num_heads"):
+        v = getattr(cfg, name)
+        need(v is None or (len(v) > 0 and min(v) >= 1), "--" + name.replace("_", "-"),
+             f"expected integers >= 1, got {v}")
+    if is_swin_name(cfg.model):
+        need(cfg.depth is None, "--depth", "a Swin model takes per-stage --depths (e.g. --depths 1,1)")
+        if cfg.depths is not None and cfg.num_heads is not None:
+            need(len(cfg.num_heads) == len(cfg.depths), "--num-heads",
+                 f"expected one value per stage ({len(cfg.depths)}), got {len(cfg.num_heads)}")
+        if cfg.embed_dim is not None and cfg.num_heads is not None:
+            for i, h in enumerate(cfg.num_heads):
+                need((cfg.embed_dim << i) % h == 0, "--num-heads",
+                     f"stage {i} width {cfg.embed_dim << i} (--embed-dim {cfg.embed_dim} x 2^{i}) is not "
+                     f"divisible by {h} heads")
+    else:
+        for flag, value in (("--depths", cfg.depths), ("--window-size", cfg.window_size)):
+            need(value is None, flag, f"only for Swin models (--model swin_...), got --model {cfg.model}")
+        if cfg.num_heads is not None:
+            need(len(cfg.num_heads) == 1, "--num-heads", f"a ViT takes one value, got {cfg.num_heads}")
+            if cfg.embed_dim is not None:
+                need(cfg.embed_dim % cfg.num_heads[0] == 0, "--embed-dim",
+                     f"{cfg.embed_dim} is not divisible by --num-heads {cfg.num_heads[0]}")
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
     """Parse ``argv``, fill dataset defaults, validate. Errors raise :class:`ConfigError`."""
-    parser = build_parser()
-    # argparse exits on errors; turn that into an exception for in-process callers
-    parser.error = lambda message: (_ for _ in ()).throw(ConfigError(message))  # type: ignore[method-assign]
-    ns = vars(parser.parse_args(argv))
-    ns["opts"] = parse_recipe_options(ns.pop("opt"))
+    ns = vars(build_parser().parse_args(argv))
+    ns["opts"] = parse_recipe_options(ns["opts"])
     cfg = TrainConfig(**ns)
     defaults = DATASET_DEFAULTS[cfg.data]
     custom_model = cfg.model is not None and cfg.model != defaults["model"]
     for f in fields(cfg):
         if getattr(cfg, f.name) is None and f.name in defaults:
             # tiny-architecture overrides apply only to the dataset's default model
-            if custom_model and f.name in ("patch_size", "depth", "embed_dim", "num_heads"):
+            if custom_model and f.name in ("patch_size", "depth", "embed_dim", "num_heads", "depths",
+                                           "window_size"):
                 continue
             setattr(cfg, f.name, defaults[f.name])
     for key, value in defaults.get("recipe_opts", {}).get(cfg.recipe, {}).items():
@@ -268,6 +310,9 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     if cfg.output is None:
         cfg.output = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     cfg.eval_scales = tuple(cfg.eval_scales)
+    for name in ("depths", "num_heads"):
+        if getattr(cfg, name) is not None:
+            setattr(cfg, name, tuple(getattr(cfg, name)))
     validate(cfg)
     return cfg
 

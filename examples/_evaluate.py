@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _backbone import feature_stride
 from torch import Tensor, nn
 
 from wsss_blocks.cam import multiscale_cam, normalize_cam, pseudo_labels
@@ -38,13 +39,13 @@ def cam_maps(net: nn.Module, images: Tensor, labels: Tensor, *, scales: Iterable
              flip: bool = False) -> Tensor:
     """Normalised CAMs ``(B, K, H, W)`` in ``[0, 1]`` at image resolution, absent classes zeroed."""
     batch = images.shape[0]
-    ph, pw = _patch_size(net.backbone)
+    ph, pw = feature_stride(net.backbone)
 
     def fn(x: Tensor) -> Tensor:
         reps = x.shape[0] // batch
         cam = net.recipe.cam(net.backbone, x, labels.repeat(reps, 1)).float()
-        # a dynamic_img_pad model pads the input bottom/right to whole patches: map the CAM
-        # to the padded pixels, then crop the image back out
+        # a dynamic_img_pad ViT (and a Swin, see _backbone) pads the input bottom/right to whole
+        # feature cells: map the CAM to the padded pixels, then crop the image back out
         h, w = x.shape[-2:]
         gh, gw = cam.shape[-2:]
         if (gh * ph, gw * pw) != (h, w):
@@ -55,11 +56,6 @@ def cam_maps(net: nn.Module, images: Tensor, labels: Tensor, *, scales: Iterable
     cam = multiscale_cam(fn, images, scales=tuple(scales), flip=flip, fuse="sum")
     cam = normalize_cam(cam, mode="max")
     return cam * labels.to(cam.dtype)[:, :, None, None]
-
-
-def _patch_size(model: nn.Module) -> tuple[int, int]:
-    p = getattr(getattr(model, "patch_embed", None), "patch_size", (1, 1))
-    return (int(p), int(p)) if isinstance(p, int) else (int(p[0]), int(p[1]))
 
 
 def _cam_prediction(cam: Tensor, threshold: float) -> Tensor:
@@ -91,7 +87,7 @@ def evaluate(net: nn.Module, loader: Iterable[dict[str, Any]], *, num_classes: i
             with autocast():
                 cam = cam_maps(net, images, labels, scales=cfg.eval_scales, flip=cfg.eval_flip)
             fixed.update(_cam_prediction(cam, cfg.cam_threshold), mask)
-            for thr, metric in zip(THRESHOLDS, grid):
+            for thr, metric in zip(THRESHOLDS, grid, strict=True):
                 metric.update(_cam_prediction(cam, thr), mask)
             pl = pseudo_labels(cam, labels, low=cfg.low, high=cfg.high)
             pseudo.update(pl, mask)

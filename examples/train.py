@@ -31,6 +31,7 @@ if _HERE not in sys.path:
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from _backbone import backbone_kind, build_backbone  # noqa: E402
 from _checkpoint import load_checkpoint, save_checkpoint, set_rng_state  # noqa: E402
 from _config import DATASET_DEFAULTS, ConfigError, TrainConfig, parse_config  # noqa: E402
 from _data import build_datasets, eval_loader, to_device, train_loader  # noqa: E402
@@ -122,34 +123,6 @@ def _seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def build_backbone(cfg: TrainConfig) -> nn.Module:
-    """A timm ViT from ``cfg`` (``num_classes=0``); weights only from a local file."""
-    import timm
-
-    kw: dict[str, Any] = {"num_classes": 0, "img_size": cfg.img_size,
-                          "dynamic_img_size": cfg.dynamic_size,
-                          "dynamic_img_pad": cfg.dynamic_size}  # any size: pad to the patch
-    for name in ("patch_size", "depth", "embed_dim", "num_heads"):
-        if getattr(cfg, name) is not None:
-            kw[name] = getattr(cfg, name)
-    if cfg.drop_path > 0:
-        kw["drop_path_rate"] = cfg.drop_path
-    if cfg.pretrained is not None:
-        kw.update(pretrained=True, pretrained_cfg_overlay={"file": os.path.abspath(cfg.pretrained)})
-    try:
-        model = timm.create_model(cfg.model, **kw)
-    except RuntimeError as err:
-        if "Unknown model" in str(err):
-            raise ConfigError(f"--model: unknown timm model {cfg.model!r}") from err
-        raise
-    except TypeError as err:
-        raise ConfigError(f"--model: {cfg.model!r} does not accept these settings: {err}") from err
-    for attr in ("blocks", "patch_embed", "forward_intermediates"):
-        if not hasattr(model, attr):
-            raise ConfigError(f"--model: {cfg.model!r} is not a timm ViT-family model (no .{attr})")
-    return model
-
-
 def _state_checksum(net: nn.Module, device: torch.device) -> torch.Tensor:
     vals = [t.detach().double().sum() for t in net.state_dict().values()
             if isinstance(t, torch.Tensor) and t.is_floating_point()]
@@ -196,6 +169,10 @@ def _train_one(cfg: TrainConfig, out_dir: str, dist: _Dist) -> dict[str, Any]:
     k = info["num_classes"]
     backbone = build_backbone(cfg)
     recipe_cls = get_recipe(cfg.recipe)
+    kind = backbone_kind(backbone)
+    if kind not in recipe_cls.backbones:
+        raise ConfigError(f"--recipe {cfg.recipe}: supports {'/'.join(sorted(recipe_cls.backbones))} "
+                          f"backbones, --model {cfg.model} is a {kind}")
     try:
         options = parse_options(recipe_cls, cfg.opts)
     except ValueError as err:
@@ -401,8 +378,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     returned summary has a ``comparison`` entry.
     """
     cfg = parse_config(argv)
-    try:
-        get_recipe(cfg.recipe)  # unknown names fail before anything starts
+    try:  # unknown recipes and bad --opt values fail before anything starts
+        parse_options(get_recipe(cfg.recipe), cfg.opts)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     compare = cfg.recipe != "baseline" and (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -9,6 +10,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Literal, Optional
 
 import pytest
 import torch
@@ -385,3 +387,224 @@ def test_gpu_bf16_run(tmp_path: Path, name: str) -> None:
                           "--amp", "bf16", "--output", str(tmp_path), "--no-plots"])
     assert summary["device"].startswith("cuda") and summary["amp"] == "bf16"
     assert all(math.isfinite(v) for v in _losses(tmp_path).values())
+
+
+# ----------------------------------------------------------------------------- recipe options
+@dataclasses.dataclass
+class _Options:
+    mode: Literal["point", "box"] = "point"
+    level: Literal[1, 2] = 1
+    weight: float | None = None
+    steps: Optional[int] = None  # noqa: UP045 - the typing.Optional spelling is one of the cases
+    ratio: float = 0.5
+    count: int = 3
+    flag: bool = False
+    name: str = "x"
+
+
+@pytest.mark.parametrize(
+    ("key", "text", "value"),
+    [
+        ("mode", "box", "box"),  # a Literal of strings is not parsed as int ("point" contains "int")
+        ("mode", " point ", "point"),
+        ("level", "2", 2),
+        ("weight", "none", None),
+        ("weight", "None", None),
+        ("weight", "0.25", 0.25),
+        ("steps", "none", None),
+        ("steps", "7", 7),
+        ("ratio", "1e-3", 1e-3),
+        ("count", "-2", -2),
+        ("flag", "true", True),
+        ("flag", "Off", False),
+        ("flag", "1", True),
+        ("name", "none", "none"),  # a plain str keeps the text
+    ],
+)
+def test_parse_option_from_type_hints(key: str, text: str, value: object) -> None:
+    from recipes.base import option_types, parse_option
+
+    hints = option_types(_Options)
+    got = parse_option(key, text, hints[key])
+    assert got == value and type(got) is type(value)
+
+
+@pytest.mark.parametrize(
+    ("key", "text", "match"),
+    [
+        ("mode", "circle", r"--opt mode: expected one of 'point', 'box', got 'circle'"),
+        ("mode", "1", r"--opt mode: expected one of 'point', 'box'"),
+        ("level", "3", r"--opt level: expected one of 1, 2, got '3'"),
+        ("weight", "heavy", r"--opt weight: expected float or none, got 'heavy'"),
+        ("steps", "1.5", r"--opt steps: expected int or none, got '1.5'"),
+        ("count", "2.0", r"--opt count: expected int, got '2.0'"),
+        ("count", "none", r"--opt count: expected int, got 'none'"),
+        ("ratio", "half", r"--opt ratio: expected float, got 'half'"),
+        ("flag", "maybe", r"--opt flag: expected true/false, got 'maybe'"),
+    ],
+)
+def test_parse_option_errors_name_option_and_allowed(key: str, text: str, match: str) -> None:
+    from recipes.base import OptionError, option_types, parse_option
+
+    with pytest.raises(OptionError, match=match):
+        parse_option(key, text, option_types(_Options)[key])
+
+
+def test_unsupported_option_type_is_refused_at_registration() -> None:
+    import dataclasses
+
+    from recipes import Recipe, register
+
+    @dataclasses.dataclass
+    class Options:
+        sizes: list[int] = dataclasses.field(default_factory=list)
+
+    class Bad(Recipe):
+        name = "bad_option_type"
+
+    Bad.Options = Options  # type: ignore[misc]
+    with pytest.raises(TypeError, match="option 'sizes': unsupported type"):
+        register(Bad)
+    assert "bad_option_type" not in RECIPES
+
+
+@pytest.mark.parametrize("name", sorted(RECIPE_OPTS))
+def test_registered_recipe_options_round_trip(name: str) -> None:
+    """Every option of every recipe parses back from the text of its default."""
+    import dataclasses
+
+    from recipes import option_types, parse_options
+
+    cls = RECIPES[name]
+    defaults = cls.Options()
+    raw = {f.name: ("none" if (v := getattr(defaults, f.name)) is None else str(v).lower() if isinstance(v, bool)
+                    else str(v)) for f in dataclasses.fields(defaults)}
+    assert parse_options(cls, raw) == defaults
+    assert set(option_types(cls.Options)) == set(raw)
+
+
+def test_recipe_none_options_replace_sentinels() -> None:
+    from recipes import parse_options
+
+    cpews = parse_options(RECIPES["cpews"], {"ism_weight": "none", "pdl_weight": "0.5", "preset": "official"})
+    assert (cpews.ism_weight, cpews.pdl_weight, cpews.preset) == (None, 0.5, "official")
+    assert parse_options(RECIPES["doei"], {"st_c2c": "none"}).st_c2c is None
+    with pytest.raises(ValueError, match=r"--opt preset: expected one of 'paper', 'official', got 'papr'"):
+        parse_options(RECIPES["cpews"], {"preset": "papr"})
+    with pytest.raises(ValueError, match=r"--opt reduction: expected one of 'sum', 'mean'"):
+        parse_options(RECIPES["mct"], {"reduction": "max"})
+
+
+def test_bad_opt_value_is_a_cli_error_exit_2(tmp_path: Path) -> None:
+    cmd = [sys.executable, str(EXAMPLES / "train.py"), "--recipe", "cpews", "--opt", "preset=papr",
+           "--output", str(tmp_path)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "--opt preset: expected one of 'paper', 'official', got 'papr'" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+# ----------------------------------------------------------------------------- Swin backbones
+SWIN = ["--model", "swin_tiny_patch4_window7_224", "--depths", "1,1", "--embed-dim", "32",
+        "--num-heads", "2,4", "--window-size", "4"]
+SWIN_TINY = [a for i, a in enumerate(TINY) if not ({a, TINY[i - 1]} & {"--patch-size", "--depth", "--embed-dim",
+                                                                     "--num-heads"})]
+
+
+def _tiny_swin() -> torch.nn.Module:
+    cfg = parse_config([*SWIN_TINY, *SWIN])
+    return train.build_backbone(cfg)
+
+
+def test_swin_final_feature_map_is_nchw_on_a_non_square_grid() -> None:
+    from _backbone import backbone_kind, feature_dim, feature_stride, final_feature_map, final_tokens
+
+    torch.manual_seed(0)
+    m = _tiny_swin().eval()
+    assert backbone_kind(m) == "swin" and feature_dim(m) == 64 and feature_stride(m) == (8, 8)
+    x = torch.randn(2, 3, 32, 48)
+    fmap = final_feature_map(m, x)
+    assert fmap.shape == (2, 64, 4, 6)  # (B, C, h, w): never a sqrt(N) guess
+    # independent oracle: timm's NCHW intermediates with the final norm
+    ref = m.forward_intermediates(x, indices=[1], norm=True, output_fmt="NCHW", intermediates_only=True)[-1]
+    torch.testing.assert_close(fmap, ref)
+    tokens, grid = final_tokens(m, x)
+    assert grid == (4, 6) and torch.equal(tokens[:, 7], fmap[:, :, 1, 1])  # row-major: 1 * 6 + 1
+    # a size that is not a multiple of the stride is padded bottom/right to whole cells
+    assert final_feature_map(m, torch.randn(1, 3, 36, 44)).shape == (1, 64, 5, 6)
+
+
+def test_swin_baseline_trains_and_evaluates(tmp_path: Path) -> None:
+    summary = train.main([*SWIN_TINY, *SWIN, "--recipe", "baseline", "--eval-scales", "1.0,0.75",
+                          "--eval-flip", "--output", str(tmp_path)])
+    assert summary["finished"] and summary["steps"] == 3 and len(summary["pictures"]) == 2
+    assert summary["config"]["depths"] == (1, 1) and summary["config"]["num_heads"] == (2, 4)
+    assert all(math.isfinite(v) for v in _losses(tmp_path).values())
+    assert 0.0 <= summary["final"]["cam_miou"] <= 1.0
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        ([*SWIN, "--depth", "2"], "--depth: a Swin model takes per-stage --depths"),
+        ([*SWIN[:-4], "--num-heads", "2,4,8", "--window-size", "4"], "--num-heads: expected one value per stage"),
+        ([*SWIN[:-4], "--num-heads", "3,4", "--window-size", "4"], "stage 0 width 32 .* not divisible by 3"),
+        (["--depths", "1,1"], "--depths: only for Swin"),
+        (["--window-size", "4"], "--window-size: only for Swin"),
+        (["--num-heads", "3,3"], "--num-heads: a ViT takes one value"),
+        (["--depths", "1,x"], "comma-separated integers"),
+    ],
+)
+def test_swin_config_errors(argv: list[str], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        parse_config(argv)
+
+
+def test_vit_only_recipe_refuses_swin(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="--recipe cpews: supports vit backbones, --model swin_tiny.* is a swin"):
+        train.main([*SWIN_TINY, *SWIN, "--recipe", "cpews", "--output", str(tmp_path)])
+
+
+# ----------------------------------------------------------------------------- one config source
+def test_parser_is_built_from_the_config_fields() -> None:
+    from _config import DATASET_DEFAULTS, TrainConfig, build_parser
+
+    parser = build_parser()
+    dests = {a.dest for a in parser._actions if a.dest != "help"}
+    assert dests == {f.name for f in dataclasses.fields(TrainConfig)}
+    # the parser states no default of its own: unset flags give the dataclass defaults
+    # (dataset defaults fill only the None fields)
+    cfg, plain = parse_config(["--output", "x"]), TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        if f.name not in DATASET_DEFAULTS["synthetic"] and f.name not in ("output", "opts"):
+            assert getattr(cfg, f.name) == getattr(plain, f.name), f.name
+    choices = {a.dest: a.choices for a in parser._actions if a.choices}
+    assert choices == {"baseline": ["auto", "on", "off"], "data": ["synthetic", "voc", "coco"],
+                       "amp": ["auto", "bf16", "fp16", "off"]}
+
+
+def test_every_existing_flag_still_parses() -> None:
+    cfg = parse_config([
+        "--recipe", "mct", "--baseline", "on", "--opt", "last_k=2", "--data", "synthetic", "--train-length", "8",
+        "--model", "vit_tiny_patch16_224", "--img-size", "32", "--patch-size", "8", "--depth", "2",
+        "--embed-dim", "48", "--num-heads", "3", "--no-dynamic-size", "--drop-path", "0.1",
+        "--iterations", "5", "--batch-size", "2", "--lr", "0.01", "--head-lr-mult", "5", "--warmup", "0",
+        "--warmup-ratio", "0.5", "--power", "1.0", "--weight-decay", "0", "--clip-grad", "2",
+        "--low", "0.2", "--high", "0.8", "--cam-threshold", "0.4", "--eval-every", "5", "--eval-images", "4",
+        "--eval-batch-size", "2", "--eval-scales", "1.0", "--eval-flip", "--vis-images", "0",
+        "--device", "cpu", "--amp", "off", "--compile", "--seed", "3", "--deterministic", "--workers", "0",
+        "--threads", "1", "--output", "o", "--resume", "auto", "--ckpt-every", "2", "--stop-after", "1",
+        "--log-every", "2", "--no-progress", "--no-plots", "--quiet",
+    ])
+    assert (cfg.recipe, cfg.baseline, cfg.opts, cfg.num_heads, cfg.dynamic_size, cfg.eval_flip) == (
+        "mct", "on", {"last_k": "2", "refine": "false"}, (3,), False, True)
+    assert (cfg.compile, cfg.deterministic, cfg.progress, cfg.plots, cfg.quiet) == (True, True, False, False, True)
+    assert (cfg.clip_grad, cfg.stop_after, cfg.eval_scales, cfg.head_lr_mult) == (2.0, 1, (1.0,), 5.0)
+
+
+def test_argparse_errors_are_config_errors_not_exits() -> None:
+    for argv, match in ((["--amp", "fp8"], "invalid choice"), (["--iterations", "x"], "invalid int"),
+                        (["--nope"], "unrecognized arguments")):
+        with pytest.raises(ConfigError, match=match):
+            parse_config(argv)

@@ -6,15 +6,20 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from recipes.base import LoopServices, LossTerm, Recipe, parse_options
+from recipes.base import LoopServices, LossTerm, OptionError, Recipe, option_types, parse_options
 
-__all__ = ["RECIPES", "register", "get_recipe", "Recipe", "LossTerm", "LoopServices", "parse_options"]
+__all__ = ["RECIPES", "register", "get_recipe", "Recipe", "LossTerm", "LoopServices", "OptionError",
+           "option_types", "parse_options"]
 
 RECIPES: dict[str, type[Recipe]] = {}
 
 
 def register(cls: type[Recipe]) -> type[Recipe]:
-    """Class decorator: make a recipe available as ``--recipe <cls.name>``."""
+    """Class decorator: make a recipe available as ``--recipe <cls.name>``.
+
+    The ``Options`` field types are checked here (``TypeError`` for a type ``--opt`` cannot parse).
+    """
+    option_types(cls.Options)
     if cls.name in RECIPES and RECIPES[cls.name] is not cls:
         raise ValueError(f"recipe name {cls.name!r} is registered twice")
     RECIPES[cls.name] = cls

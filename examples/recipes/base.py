@@ -8,14 +8,15 @@ A recipe is one training method: an ``nn.Module`` holding the method's new heads
 from __future__ import annotations
 
 import dataclasses
+import types
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple, Union, get_args, get_origin, get_type_hints
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Recipe", "LossTerm", "LoopServices", "parse_options"]
+__all__ = ["Recipe", "LossTerm", "LoopServices", "OptionError", "option_types", "parse_option", "parse_options"]
 
 
 class LossTerm(NamedTuple):
@@ -52,12 +53,16 @@ class Recipe(nn.Module):
     """Base class of all recipes.
 
     Subclasses set ``name`` and ``Options`` (a dataclass of recipe options, set with
-    ``--opt key=value``) and implement :meth:`forward` and :meth:`cam`. Parameters created
-    in ``__init__`` are the "new heads" (``--head-lr-mult`` times the base rate); the
-    backbone is passed to every call and is never a submodule of the recipe.
+    ``--opt key=value`` and typed by the fields' annotations: ``bool``, ``int``, ``float``,
+    ``str``, ``Literal[...]``, ``X | None``, where ``none`` gives ``None``) and implement
+    :meth:`forward` and :meth:`cam`; ``backbones`` lists the backbone families it supports
+    (default ViT only). Parameters created in ``__init__`` are the "new heads"
+    (``--head-lr-mult`` times the base rate); the backbone is passed to every call and is
+    never a submodule of the recipe.
 
     Args:
-        backbone: the timm ViT; ``__init__`` may adapt it in place (e.g. add class tokens,
+        backbone: the timm ViT (or Swin, for recipes whose ``backbones`` include ``"swin"``);
+            ``__init__`` may adapt it in place (e.g. add class tokens,
             patch attention) before the optimiser is built.
         num_classes: ``K`` foreground classes.
         config: the resolved training configuration.
@@ -67,6 +72,8 @@ class Recipe(nn.Module):
     """
 
     name: ClassVar[str] = "base"
+    #: backbone families the recipe works with (``"vit"``, ``"swin"``); the trainer refuses others
+    backbones: ClassVar[frozenset[str]] = frozenset({"vit"})
 
     @dataclass
     class Options:
@@ -105,39 +112,137 @@ class Recipe(nn.Module):
         return None
 
 
-def _convert(name: str, text: str, kind: Any) -> Any:
-    kind_name = kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
-    if "bool" in kind_name:
-        low = text.lower()
-        if low in ("1", "true", "yes", "on"):
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+_NONE_TYPE = type(None)
+
+
+class OptionError(ValueError):
+    """A ``--opt`` value that does not fit the option's type; the message names both."""
+
+
+def _describe(hint: Any) -> str:
+    """How an option type reads in an error message (``int``, ``one of 'point', 'box'``, ...)."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) if isinstance(a, str) else str(a).lower() for a in args)
+    if origin in (Union, types.UnionType):
+        members = [_describe(a) for a in args if a is not _NONE_TYPE]
+        return " or ".join(members + (["none"] if _NONE_TYPE in args else []))
+    if hint is bool:
+        return "true/false"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _check_supported(name: str, hint: Any) -> None:
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is Literal:
+        if all(isinstance(a, (bool, int, float, str)) for a in args):
+            return
+    elif origin in (Union, types.UnionType):
+        for a in args:
+            if a is not _NONE_TYPE:
+                _check_supported(name, a)
+        return
+    elif hint in (bool, int, float, str):
+        return
+    raise TypeError(f"option {name!r}: unsupported type {hint!r} (use bool, int, float, str, "
+                    "Literal[...] or X | None)")
+
+
+def _parse(text: str, hint: Any) -> Any:
+    """``text`` as a value of type ``hint``; ``ValueError`` when it does not fit."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, types.UnionType):
+        if _NONE_TYPE in args and text.lower() == "none":
+            return None
+        for member in args:
+            if member is _NONE_TYPE:
+                continue
+            try:
+                return _parse(text, member)
+            except ValueError:
+                continue
+        raise ValueError(text)
+    if origin is Literal:
+        for choice in args:
+            try:
+                if _parse(text, type(choice)) == choice:
+                    return choice
+            except ValueError:
+                continue
+        raise ValueError(text)
+    if hint is bool:
+        if text.lower() in _TRUE:
             return True
-        if low in ("0", "false", "no", "off"):
+        if text.lower() in _FALSE:
             return False
-        raise ValueError(f"--opt {name}: expected true/false, got {text!r}")
+        raise ValueError(text)
+    if hint is int:
+        return int(text)
+    if hint is float:
+        return float(text)
+    if hint is str:
+        return text
+    raise TypeError(f"unsupported option type {hint!r}")
+
+
+def option_types(options_cls: type) -> dict[str, Any]:
+    """The resolved type hint of every field of an ``Options`` dataclass.
+
+    ``TypeError`` for a type ``--opt`` cannot parse (supported: ``bool``, ``int``, ``float``,
+    ``str``, ``Literal[...]`` of those, and ``X | None`` / ``Optional[X]`` of any of them).
+
+    Example:
+        >>> from recipes.baseline import BaselineRecipe
+        >>> option_types(BaselineRecipe.Options)["pooling"]
+        typing.Literal['gmp_feat', 'gmp_cam']
+    """
+    hints = get_type_hints(options_cls)
+    out = {f.name: hints[f.name] for f in dataclasses.fields(options_cls)}
+    for name, hint in out.items():
+        _check_supported(name, hint)
+    return out
+
+
+def parse_option(name: str, text: str, hint: Any) -> Any:
+    """One ``--opt name=text`` value typed by ``hint``; :class:`OptionError` names the option and
+    what it accepts.
+
+    Example:
+        >>> from typing import Literal
+        >>> parse_option("mode", "box", Literal["point", "box"])
+        'box'
+        >>> parse_option("weight", "none", float | None) is None
+        True
+        >>> parse_option("mode", "circle", Literal["point", "box"])
+        Traceback (most recent call last):
+        ...
+        recipes.base.OptionError: --opt mode: expected one of 'point', 'box', got 'circle'
+    """
+    text = text.strip()
     try:
-        if "int" in kind_name and "float" not in kind_name:
-            return int(text)
-        if "float" in kind_name:
-            return None if text.lower() == "none" and "None" in kind_name else float(text)
-    except ValueError as err:
-        raise ValueError(f"--opt {name}: expected {kind_name}, got {text!r}") from err
-    return text
+        return _parse(text, hint)
+    except ValueError:
+        raise OptionError(f"--opt {name}: expected {_describe(hint)}, got {text!r}") from None
 
 
 def parse_options(recipe_cls: type[Recipe], raw: dict[str, str]) -> Any:
-    """Build ``recipe_cls.Options`` from ``--opt`` strings; unknown keys raise ``ValueError``.
+    """Build ``recipe_cls.Options`` from ``--opt`` strings, typed by the fields' type hints.
+
+    Unknown keys and values that do not fit raise :class:`OptionError` (a ``ValueError``).
 
     Example:
         >>> from recipes.baseline import BaselineRecipe
         >>> parse_options(BaselineRecipe, {"pooling": "gmp_cam"}).pooling
         'gmp_cam'
     """
-    known = {f.name: f for f in dataclasses.fields(recipe_cls.Options)}
-    unknown = sorted(set(raw) - set(known))
+    hints = option_types(recipe_cls.Options)
+    unknown = sorted(set(raw) - set(hints))
     if unknown:
-        raise ValueError(
+        raise OptionError(
             f"--opt: unknown option(s) {unknown} for recipe {recipe_cls.name!r}; "
-            f"allowed: {sorted(known)}"
+            f"allowed: {sorted(hints)}"
         )
-    values = {k: _convert(k, v, known[k].type) for k, v in raw.items()}
+    values = {k: parse_option(k, v, hints[k]) for k, v in raw.items()}
     return recipe_cls.Options(**values)

@@ -1,5 +1,8 @@
 """``baseline``: a plain CAM classifier on the final patch tokens (ToCo's classification branch).
 
+Works on a ViT (final patch tokens) and on a Swin (final-stage feature map, see
+``examples/_backbone.py``).
+
 Logits are the classifier applied to the global-max-pooled tokens (``gmp_feat``, ToCo) or the
 max of each CAM (``gmp_cam``); loss: multilabel soft margin. CAM = classifier on every token.
 """
@@ -11,12 +14,12 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from _backbone import feature_dim, final_tokens
 from torch import Tensor, nn
 
 from recipes import register
 from recipes.base import LossTerm, Recipe
 from wsss_blocks.cam import cam_from_features
-from wsss_blocks.tokens import vit_taps
 
 
 @register
@@ -24,6 +27,7 @@ class BaselineRecipe(Recipe):
     """GMP classifier CAM trained with the multilabel soft-margin loss."""
 
     name = "baseline"
+    backbones = frozenset({"vit", "swin"})
 
     @dataclass
     class Options:
@@ -34,13 +38,13 @@ class BaselineRecipe(Recipe):
         super().__init__(backbone, num_classes, config, options, data_info)
         if options.pooling not in ("gmp_feat", "gmp_cam"):
             raise ValueError(f"--opt pooling: expected gmp_feat or gmp_cam, got {options.pooling!r}")
-        self.classifier = nn.Linear(int(backbone.embed_dim), num_classes, bias=False)
+        self.classifier = nn.Linear(feature_dim(backbone), num_classes, bias=False)
 
     def _logits_cam(self, backbone: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
-        taps = vit_taps(backbone, images, layers=())
-        cam = cam_from_features(taps.final, self.classifier.weight, size=taps.grid)
+        tokens, grid = final_tokens(backbone, images)
+        cam = cam_from_features(tokens, self.classifier.weight, size=grid)
         if self.options.pooling == "gmp_feat":
-            logits = F.linear(taps.final.amax(dim=1), self.classifier.weight)
+            logits = F.linear(tokens.amax(dim=1), self.classifier.weight)
         else:
             logits = cam.flatten(2).amax(dim=-1)
         return logits, cam

@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -35,7 +35,7 @@ class CPEWSRecipe(Recipe):
 
     @dataclass
     class Options:
-        preset: str = "paper"  # "paper" | "official": loss weights and sub-loss settings
+        preset: Literal["paper", "official"] = "paper"  # loss weights and sub-loss settings
         aux_layer: int = -3
         pool_step: int = 0  # 0: round(pool_fraction * iterations)
         pool_fraction: float = 0.3
@@ -43,9 +43,9 @@ class CPEWSRecipe(Recipe):
         pool_images: int = 1024
         num_prototypes: int = 10
         capacity: int = 2048
-        ism_weight: float = -1.0  # < 0: the preset's weights
-        pdl_weight: float = -1.0
-        ssl_weight: float = -1.0
+        ism_weight: float | None = None  # None: the preset's weight
+        pdl_weight: float | None = None
+        ssl_weight: float | None = None
 
     def __init__(self, backbone: nn.Module, num_classes: int, config: Any, options: Any,
                  data_info: dict[str, Any] | None = None) -> None:
@@ -56,7 +56,7 @@ class CPEWSRecipe(Recipe):
         superclasses: Any = {"voc": "voc", "coco": "coco"}.get(str(data), self.data_info.get("superclasses"))
         dim = int(backbone.embed_dim)
         self.head = CPEWSHead(dim, num_classes)
-        weights = {k: w for k in ("ism", "pdl", "ssl") if (w := getattr(o, f"{k}_weight")) >= 0}
+        weights = {k: w for k in ("ism", "pdl", "ssl") if (w := getattr(o, f"{k}_weight")) is not None}
         # the pool is built after the warm-up on purpose: no "pool not built" warning
         self.loss = CPEWSLoss.from_preset(
             num_classes, dim, preset=o.preset, weights=weights, superclasses=superclasses,

@@ -27,8 +27,8 @@ class DOEIRecipe(MCTRecipe):
 
     @dataclass
     class Options(MCTRecipe.Options):
-        st: float = 0.02  # st_p2c (and st_c2c unless st_c2c >= 0)
-        st_c2c: float = -1.0
+        st: float = 0.02  # st_p2c (and st_c2c unless st_c2c is set)
+        st_c2c: float | None = None
         af: float = 1.0  # af_p2c = af_c2c
         sf: float = 1.0  # sf_p2c = sf_c2c
         alpha: float = 0.35
@@ -44,8 +44,8 @@ class DOEIRecipe(MCTRecipe):
         o = options
         self.doei_config = DOEIConfig(
             alpha=o.alpha, rgb_sigma=o.rgb_sigma, st_p2c=o.st, af_p2c=o.af, sf_p2c=o.sf,
-            st_c2c=o.st if o.st_c2c < 0 else o.st_c2c, af_c2c=o.af, sf_c2c=o.sf, use_ppdo=o.use_ppdo, use_cpdo=o.use_cpdo,
-            use_hfa=o.use_hfa, restrict_to_labels=o.restrict_to_labels,
+            st_c2c=o.st if o.st_c2c is None else o.st_c2c, af_c2c=o.af, sf_c2c=o.sf, use_ppdo=o.use_ppdo,
+            use_cpdo=o.use_cpdo, use_hfa=o.use_hfa, restrict_to_labels=o.restrict_to_labels,
             image_mean=tuple(IMAGENET_MEAN), image_std=tuple(IMAGENET_STD))
         self.handle = patch(backbone, num_class_tokens=num_classes, config=self.doei_config)
 

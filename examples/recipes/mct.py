@@ -10,7 +10,7 @@ patch-to-patch attention when ``refine`` (:func:`~wsss_blocks.mct.attention_cams
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,7 @@ class MCTRecipe(Recipe):
     class Options:
         last_k: int = 3
         refine: bool = True
-        reduction: str = "sum"
+        reduction: Literal["sum", "mean"] = "sum"
 
     def __init__(self, backbone: nn.Module, num_classes: int, config: Any, options: Any,
                  data_info: dict[str, Any] | None = None) -> None:
