@@ -14,7 +14,7 @@ The seed/prototype/GSC parts follow SIPE's official code (chenqi1126/SIPE) in ma
 from wsss_blocks.swtformer.head import SwinCAMHead, cams_with_background, swin_cam
 from wsss_blocks.swtformer.hff import HFF
 from wsss_blocks.swtformer.losses import CCLLoss, GSCLoss, ccl_loss, gsc_loss
-from wsss_blocks.swtformer.model import SWTformer
+from wsss_blocks.swtformer.model import SWTformer, SWTformerHead
 from wsss_blocks.swtformer.prototypes import PrototypeRefiner, rcam_pseudo_mask, refine_cams, seed_prototypes
 from wsss_blocks.swtformer.seeds import Affinity, SeedLocator, locate_seeds, structure_affinity
 
@@ -35,5 +35,6 @@ __all__ = [
     "ccl_loss",
     "CCLLoss",
     "HFF",
+    "SWTformerHead",
     "SWTformer",
 ]
