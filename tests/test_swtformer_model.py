@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from wsss_blocks import ShapeError
-from wsss_blocks.swtformer import HFF, SWTformer, rcam_pseudo_mask
+from wsss_blocks.swtformer import HFF, SWTformer, SWTformerHead, rcam_pseudo_mask
+from wsss_blocks.tokens import stage_taps
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -213,3 +214,21 @@ def test_model_cuda_follows_device():
     out = model(torch.randn(2, 3, 64, 64, device="cuda"), torch.tensor([[1, 0, 1], [0, 1, 0]], device="cuda"))
     assert out["rcam"].is_cuda and torch.isfinite(out["loss"])
     out["loss"].backward()
+
+
+def test_head_module_on_stage_taps_equals_model():
+    swin = _swin()
+    model = SWTformer(swin, 3)
+    heads = SWTformerHead(model.heads.stage_channels, 3)
+    heads.load_state_dict(model.heads.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    y = torch.tensor([[1, 0, 1], [0, 1, 0]])
+    a = model(x, y)
+    b = heads(stage_taps(swin, x, norm=True), y)
+    assert set(a) == set(b)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k])
+    with pytest.raises(ShapeError, match="4 stage maps"):
+        heads(stage_taps(swin, x)[:3])
+    with pytest.raises(ValueError, match="stage_channels"):
+        SWTformerHead((8, 16, 32), 3)

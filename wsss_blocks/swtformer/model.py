@@ -140,8 +140,9 @@ class SWTformer(nn.Module):
 
     The layers after the backbone are :class:`SWTformerHead` (``self.heads``; ``self.head`` and
     ``self.hff`` are its CAM head and HFF). The backbone is registered as a submodule (so
-    ``parameters()`` and ``state_dict()`` include it) but is never moved, cast or switched to eval here. Stage channels come from
-    its ``feature_info``; it must have four stages, each half the size of the previous.
+    ``parameters()`` and ``state_dict()`` include it) but is never moved, cast or switched to
+    eval here. Stage channels come from its ``feature_info``; it must have four stages, each
+    half the size of the previous.
 
     Args:
         backbone: a timm Swin (any timm model whose ``forward_intermediates`` gives four
