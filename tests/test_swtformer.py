@@ -227,7 +227,9 @@ def test_rcam_loop_oracle_resize_and_gradients():
     rcam.sum().backward()
     assert feats.grad is not None and feats.grad.abs().sum() > 0
     assert torch.isfinite(feats.grad).all()
-    assert PrototypeRefiner()(feats, seeds).shape == rcam.shape
+    mod_rcam, mod_protos = PrototypeRefiner(eps=1e-3)(feats, seeds, return_prototypes=True)
+    ref_rcam, ref_protos = refine_cams(feats, seeds, eps=1e-3, return_prototypes=True)
+    assert torch.equal(mod_rcam, ref_rcam) and torch.equal(mod_protos, ref_protos)
     f64 = torch.randn(1, 3, 3, 2, dtype=torch.float64, requires_grad=True)
     s64 = torch.tensor([[[[1, 0], [0, 1], [0, 0]], [[0, 1], [1, 0], [1, 1]]]]).bool()
     assert torch.autograd.gradcheck(lambda x: refine_cams(x, s64, eps=1e-3), (f64,))
