@@ -27,18 +27,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch.utils import benchmark
+from _timing import environment, paired_median_ms
 
 from wsss_blocks.cpews import PrototypePool, ism_loss, pdl_loss, ssl_loss
-from wsss_blocks.cpews.losses import _class_slots
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from oracles.cpews import toco_ptc  # noqa: E402
 
 # ----------------------------------------------------------------------------- inputs
 
@@ -80,19 +81,8 @@ def _leaves(x):
 
 
 def ism_toco(tokens, token_labels, ignore=255):
-    """ToCo's construction (get_masked_ptc_loss + label_to_aff_mask form)."""
-    b, n = token_labels.shape
-    rep = token_labels[:, None, :].repeat(1, n, 1)  # int64 (B, N, N)
-    aff = (rep == rep.transpose(1, 2)).long()
-    for i in range(b):  # ignore rows / columns / diagonal
-        aff[i, :, token_labels[i] == ignore] = ignore
-        aff[i, token_labels[i] == ignore, :] = ignore
-        aff[i].fill_diagonal_(ignore)
-    f = F.normalize(tokens, dim=-1)
-    sim = torch.bmm(f, f.transpose(1, 2)).abs()
-    pos = aff == 1
-    neg = aff == 0
-    return 0.5 * (1 - (pos * sim).sum() / (pos.sum() + 1)) + 0.5 * (neg * sim).sum() / (neg.sum() + 1)
+    """ToCo's construction (get_masked_ptc_loss + label_to_aff_mask form): the tested oracle."""
+    return toco_ptc(tokens, token_labels, ignore)
 
 
 def pdl_loop(tokens, cam, labels, pos, pv, neg, nv, temperature=13.0):
@@ -158,17 +148,7 @@ def accumulate_loop(store, tokens, cams, labels, probs):
 
 def _paired_ms(ours, ref, min_run_time, rounds=3):
     """Medians of both, measured in alternating rounds so that load drift hits both alike."""
-    ours()
-    ref()
-    times = {"ours": [], "ref": []}
-    for _ in range(rounds):
-        for name, fn in (("ours", ours), ("ref", ref)):
-            m = benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(
-                min_run_time=min_run_time / rounds
-            )
-            times[name].extend(m.times)
-    med = {k: sorted(v)[len(v) // 2] * 1e3 for k, v in times.items()}
-    return med["ours"], med["ref"]
+    return paired_median_ms(ours, ref, min_run_time=min_run_time, rounds=rounds)
 
 
 def time_all(k, min_run_time):
@@ -235,7 +215,8 @@ def time_all(k, min_run_time):
         "ssl": (ssl_loss(t, cam, x["labels"], x["pos"], x["pv"], x["neg"], keep),
                 ssl_loop(t, cam, x["labels"], x["pos"], x["pv"], x["neg"], keep)),
     }
-    res["pdl_ssl_path"] = "dense" if _class_slots(x["labels"], None) is None else "compact"
+    # documented default (compact=None): the present-classes path on CPU tensors, dense elsewhere
+    res["pdl_ssl_path"] = "compact" if x["labels"].device.type == "cpu" else "dense"
     res["values"] = {
         n: {"ours": round(a.item(), 6), "reference": round(b.item(), 6)}
         for n, (a, b) in checks.items()
@@ -271,8 +252,13 @@ def time_all(k, min_run_time):
     res["accumulate"] = {"ours_ms": round(o, 3), "reference_ms": round(r, 3), "speedup": round(r / o, 2)}
 
     # finalize at full store (K x 2048 x 768, 10 Lloyd steps)
-    pool._store.normal_()
-    pool._store_keys[:, : pool.capacity].uniform_()
+    # filled to capacity through the public accumulate: every class present in every image
+    gen = torch.Generator().manual_seed(1)
+    d, chunk = x["tokens"].shape[-1], 256
+    for _ in range(-(-pool.capacity // chunk)):
+        pool.accumulate(torch.randn(chunk, 4, d, generator=gen), torch.rand(chunk, k, 2, 2, generator=gen) + 0.1,
+                        torch.ones(chunk, k), class_probs=torch.rand(chunk, k, generator=gen))
+    assert bool(pool.store_valid.all())
     t0 = time.perf_counter()
     pool.finalize()
     res["finalize"] = {"ours_ms": round((time.perf_counter() - t0) * 1e3, 1),
@@ -336,11 +322,13 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = "cpu"
+    env = environment(device)
     result = {
         "device": device,
-        "cpu": platform.processor() or platform.machine(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        "cpu": env["device_name"],
+        "torch": env["torch"],
+        "python": env["python"],
+        "threads": env["threads"],
         "shapes": {"B": 4, "N": 784, "grid": [28, 28], "D": 768, "M": 10,
                    "present_classes_per_image": 2},
         "what": "median ms of forward+backward (accumulate/finalize: no grad), "

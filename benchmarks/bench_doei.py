@@ -20,19 +20,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import _timing
 import timm
 import torch
+from _timing import saved_bytes
 from torch import Tensor, nn
-from torch.autograd.graph import saved_tensors_hooks
-from torch.utils import benchmark
 
 from wsss_blocks import doei, mct
-from wsss_blocks.doei import DOEIConfig, doei_delta, hybrid_attention, patch_color_affinity, progressive_count
+from wsss_blocks.doei import DOEIConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from oracles.doei import reference_features  # noqa: E402
 
 
 def build(name: str, img: int, c: int, fused: bool, device: str) -> nn.Module:
@@ -47,91 +50,65 @@ def build(name: str, img: int, c: int, fused: bool, device: str) -> nn.Module:
 
 
 def naive_forward(model: nn.Module, img: Tensor, cfg: DOEIConfig, c: int) -> Tensor:
-    """Straightforward DOEI: explicit (B, H, N, N) attention and the dense functions."""
-    p0 = model.num_prefix_tokens
-    big_l = len(model.blocks)
-    pe = model.patch_embed
-    r = patch_color_affinity(img, pe.patch_size, sigma=cfg.rgb_sigma, mean=model.pretrained_cfg["mean"],
-                             std=model.pretrained_cfg["std"])
-    x = model.norm_pre(model.patch_drop(model._pos_embed(pe(img))))
-    for i, blk in enumerate(model.blocks):
-        a = blk.attn
-        xn = blk.norm1(x)
-        b, n_all, _ = xn.shape
-        qkv = a.qkv(xn).reshape(b, n_all, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        attn = torch.softmax((a.q_norm(q) * a.scale) @ a.k_norm(k).transpose(-1, -2), dim=-1)
-        y = a.proj((attn @ v).transpose(1, 2).reshape(b, n_all, -1))
-        w = hybrid_attention(attn.mean(1), xn, r, num_prefix_tokens=p0, alpha=cfg.alpha)
-        n = n_all - p0
-        y = y + doei_delta(
-            y, w, num_class_tokens=c, num_prefix_tokens=p0,
-            t_p2c=progressive_count(n, i, big_l, cfg.st_p2c), t_c2c=progressive_count(c - 1, i, big_l, cfg.st_c2c),
-            af_p2c=cfg.af_p2c, sf_p2c=cfg.sf_p2c, af_c2c=cfg.af_c2c, sf_c2c=cfg.sf_c2c,
-        )
-        x = x + blk.ls1(y)
-        x = x + blk.ls2(blk.mlp(blk.norm2(x)))
-    return model.norm(x)
+    """Straightforward DOEI: explicit (B, H, N, N) attention and the dense functions (the tested oracle)."""
+    return reference_features(model, img, cfg, c)
 
 
 def median_s(fn: Callable[[], object], min_run_time: float) -> float:
-    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn})
-    return timer.blocked_autorange(min_run_time=min_run_time).median
+    return _timing.median_s(fn, min_run_time=min_run_time)
 
 
-def saved_bytes(fn: Callable[[], Tensor]) -> int:
-    total = 0
+def bench_cpu_classes(c: int, img: Tensor, cfg: DOEIConfig, min_run_time: float) -> dict:
+    """One row of the CPU table: ViT-S/16 with ``c`` class tokens."""
+    model = build("vit_small_patch16_224", img.shape[-1], c, fused=False, device="cpu")
+    res: dict = {"C": c}
 
-    def pack(t: Tensor) -> Tensor:
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
+    def plain() -> Tensor:
+        return model.forward_features(img)
 
-    with saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    del out
-    return total
+    def naive() -> Tensor:
+        return naive_forward(model, img, cfg, c)
+
+    def step(fn: Callable[[], Tensor]) -> Callable[[], None]:
+        def run() -> None:
+            model.zero_grad(set_to_none=True)
+            fn().float().square().mean().backward()
+        return run
+
+    model.eval()
+    with torch.no_grad():
+        res["eval_forward_s"] = {"unpatched": median_s(plain, min_run_time)}
+        with doei.patch(model, config=cfg):
+            res["eval_forward_s"]["patched"] = median_s(plain, min_run_time)
+        res["eval_forward_s"]["naive"] = median_s(naive, min_run_time)
+    model.train()
+    res["train_fwd_bwd_s"] = {"unpatched": median_s(step(plain), min_run_time)}
+    res["saved_for_backward_MB"] = {"unpatched": saved_bytes(plain) / 2**20}
+    with doei.patch(model, config=cfg):
+        res["train_fwd_bwd_s"]["patched"] = median_s(step(plain), min_run_time)
+        res["saved_for_backward_MB"]["patched"] = saved_bytes(plain) / 2**20
+    res["train_fwd_bwd_s"]["naive"] = median_s(step(naive), min_run_time)
+    res["saved_for_backward_MB"]["naive"] = saved_bytes(naive) / 2**20
+    res["eval_forward_ratio_patched_over_unpatched"] = (
+        res["eval_forward_s"]["patched"] / res["eval_forward_s"]["unpatched"]
+    )
+    res["train_ratio_patched_over_unpatched"] = (
+        res["train_fwd_bwd_s"]["patched"] / res["train_fwd_bwd_s"]["unpatched"]
+    )
+    return res
 
 
 def bench_cpu(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads or torch.get_num_threads())
     cfg = DOEIConfig()
-    img = torch.randn(args.batch, 3, 224, 224)
+    img = torch.randn(args.batch, 3, args.img, args.img)
     rows = []
     for c in (1, 20):
-        model = build("vit_small_patch16_224", 224, c, fused=False, device="cpu")
-        res: dict = {"C": c}
-        model.eval()
-        with torch.no_grad():
-            res["eval_forward_s"] = {"unpatched": median_s(lambda: model.forward_features(img), args.min_run_time)}
-            with doei.patch(model, config=cfg):
-                res["eval_forward_s"]["patched"] = median_s(lambda: model.forward_features(img), args.min_run_time)
-            res["eval_forward_s"]["naive"] = median_s(lambda: naive_forward(model, img, cfg, c), args.min_run_time)
-        model.train()
-
-        def step(fn: Callable[[], Tensor]) -> Callable[[], None]:
-            def run() -> None:
-                model.zero_grad(set_to_none=True)
-                fn().float().square().mean().backward()
-            return run
-
-        res["train_fwd_bwd_s"] = {"unpatched": median_s(step(lambda: model.forward_features(img)), args.min_run_time)}
-        res["saved_for_backward_MB"] = {"unpatched": saved_bytes(lambda: model.forward_features(img)) / 2**20}
-        with doei.patch(model, config=cfg):
-            res["train_fwd_bwd_s"]["patched"] = median_s(step(lambda: model.forward_features(img)), args.min_run_time)
-            res["saved_for_backward_MB"]["patched"] = saved_bytes(lambda: model.forward_features(img)) / 2**20
-        res["train_fwd_bwd_s"]["naive"] = median_s(step(lambda: naive_forward(model, img, cfg, c)), args.min_run_time)
-        res["saved_for_backward_MB"]["naive"] = saved_bytes(lambda: naive_forward(model, img, cfg, c)) / 2**20
-        res["eval_forward_ratio_patched_over_unpatched"] = (
-            res["eval_forward_s"]["patched"] / res["eval_forward_s"]["unpatched"]
-        )
-        res["train_ratio_patched_over_unpatched"] = (
-            res["train_fwd_bwd_s"]["patched"] / res["train_fwd_bwd_s"]["unpatched"]
-        )
+        res = bench_cpu_classes(c, img, cfg, args.min_run_time)
         rows.append(res)
         print(json.dumps(res, indent=1), flush=True)
     return {
-        "setting": "ViT-S/16 224, B=%d, fused_attn=False in all models, default DOEIConfig" % args.batch,
+        "setting": f"ViT-S/16 {args.img}, B={args.batch}, fused_attn=False in all models, default DOEIConfig",
         "target": "eval forward patched <= 1.3x unpatched",
         "threads": torch.get_num_threads(),
         "note": "saved_for_backward_MB sums every tensor autograd saves (views of one buffer counted "
@@ -157,15 +134,8 @@ def bench_cuda(args: argparse.Namespace) -> dict:
         return go
 
     def measure(fn: Callable[[], None]) -> tuple[float, float]:
-        fn()
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-        t = median_s(lambda: (fn(), torch.cuda.synchronize()), args.min_run_time)
+        peak = _timing.cuda_peak_extra_bytes(fn, device) / 2**20
+        t = _timing.median_s(fn, min_run_time=args.min_run_time, device=device)
         return t, peak
 
     res: dict = {}
@@ -192,18 +162,21 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--img", type=int, default=224, help="CPU image size (smaller for a smoke run)")
     parser.add_argument("--min-run-time", type=float, default=3.0)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("CUDA is not available")
     body = bench_cpu(args) if args.device == "cpu" else bench_cuda(args)
+    env = _timing.environment(args.device)
     result = {
         "benchmark": "doei",
         "device": args.device,
-        "device_name": platform.processor() or platform.machine() if args.device == "cpu" else body.get("gpu"),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
+        "device_name": env["device_name"],
+        "cpu_count": env["cpu_count"],
+        "torch": env["torch"],
+        "python": env["python"],
         "timm": timm.__version__,
         **body,
     }

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
+from pathlib import Path
 
 import torch
-from torch.utils.benchmark import Timer
+from _timing import environment, median_ms
 
 from wsss_blocks.prototypes import ClassBank, kmeans
 
@@ -50,13 +49,6 @@ def bank_update_loop(bank: ClassBank, items: torch.Tensor, valid: torch.Tensor) 
                 bank.count[c] = min(int(bank.count[c]) + 1, bank.capacity)
 
 
-def median_ms(stmt: str, glob: dict, device: str) -> float:
-    setup = "torch.cuda.synchronize()" if device == "cuda" else ""
-    t = Timer(stmt=stmt + ("; torch.cuda.synchronize()" if device == "cuda" else ""),
-              setup=setup, globals={**glob, "torch": torch})
-    return t.blocked_autorange(min_run_time=1.0).median * 1e3
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -67,6 +59,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--quick", action="store_true", help="small shapes (smoke run)")
+    ap.add_argument("--min-run-time", type=float, default=1.0)
+    ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     if args.quick:
         args.classes, args.capacity, args.dim, args.clusters, args.iters = 4, 100, 32, 8, 5
@@ -76,29 +70,32 @@ def main() -> None:
     items = torch.randn(args.batch, args.classes, args.dim, generator=gen).to(dev)
     valid = (torch.rand(args.batch, args.classes, generator=gen) > 0.5).to(dev)
     bank = ClassBank(args.classes, args.capacity, args.dim, device=dev)
-    glob = dict(kmeans=kmeans, kmeans_loop=kmeans_loop, x=x, k=args.clusters, it=args.iters,
-                bank=bank, items=items, valid=valid, bank_update_loop=bank_update_loop)
     if dev == "cuda":
         torch.cuda.reset_peak_memory_stats()
+
+    def ms(fn) -> float:
+        return median_ms(fn, min_run_time=args.min_run_time, device=dev)
+
+    env = environment(dev)
     res = {
-        "device": torch.cuda.get_device_name() if dev == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "shapes": vars(args),
-        "kmeans_batched_ms": median_ms("kmeans(x, k, iters=it)", glob, dev),
-        "kmeans_loop_ms": median_ms("kmeans_loop(x, k, it, 0)", glob, dev),
-        "bank_update_batched_ms": median_ms("bank.update(items, valid)", glob, dev),
-        "bank_update_loop_ms": median_ms("bank_update_loop(bank, items, valid)", glob, dev),
+        "device": env["device_name"],
+        "torch": env["torch"],
+        "python": env["python"],
+        "threads": env["threads"],
+        "shapes": {k: v for k, v in vars(args).items() if k not in ("min_run_time", "out")},
+        "kmeans_batched_ms": ms(lambda: kmeans(x, args.clusters, iters=args.iters)),
+        "kmeans_loop_ms": ms(lambda: kmeans_loop(x, args.clusters, args.iters, 0)),
+        "bank_update_batched_ms": ms(lambda: bank.update(items, valid)),
+        "bank_update_loop_ms": ms(lambda: bank_update_loop(bank, items, valid)),
     }
     if dev == "cuda":
         res["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
     res["kmeans_speedup"] = res["kmeans_loop_ms"] / res["kmeans_batched_ms"]
     res["bank_speedup"] = res["bank_update_loop_ms"] / res["bank_update_batched_ms"]
-    os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
     name = "prototypes_quick" if args.quick else "prototypes"
-    path = os.path.join(os.path.dirname(__file__), "results", f"{name}_{dev}.json")
-    with open(path, "w") as f:
-        json.dump(res, f, indent=2)
+    path = args.out or Path(__file__).parent / "results" / f"{name}_{dev}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(res, indent=2))
     print(json.dumps(res, indent=2))
 
 

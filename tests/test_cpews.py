@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from oracles.cpews import toco_ptc
 
 from wsss_blocks import ShapeError
 from wsss_blocks.constants import COCO_CLASSES, VOC_CLASSES
@@ -90,21 +91,6 @@ def test_ism_hand_built_known_answers():
     assert _ism([E1, E1, E2], [1, 1, 2], count_offset=0.0) == pytest.approx(0.0, abs=1e-6)
 
 
-def _toco_ptc_oracle(tokens, labels, ignore=255):
-    """ToCo's construction: int64 0/1/255 affinity per image, batch-level sums, |cos|."""
-    b, n, _ = tokens.shape
-    f = torch.nn.functional.normalize(tokens.double(), dim=-1, eps=1e-8)
-    sim = torch.bmm(f, f.transpose(1, 2)).abs()
-    aff = (labels[:, :, None] == labels[:, None, :]).long()  # repeat-and-compare
-    for i in range(b):
-        aff[i, labels[i] == ignore, :] = ignore
-        aff[i, :, labels[i] == ignore] = ignore
-        aff[i].fill_diagonal_(ignore)
-    pos = (aff == 1).double()
-    neg = (aff == 0).double()
-    return 0.5 * (1 - (pos * sim).sum() / (pos.sum() + 1)) + 0.5 * (neg * sim).sum() / (neg.sum() + 1)
-
-
 def _loop_oracle(tokens, labels, abs_cos, c, ignore=255):
     """Pairs enumerated one by one."""
     f = torch.nn.functional.normalize(tokens.double(), dim=-1, eps=1e-8)
@@ -140,7 +126,7 @@ def test_ism_equals_toco_construction():
     labels = _random_token_labels(gen, 3, 37)
     out = ism_loss(tokens, labels)
     assert out.dtype == torch.float32 and out.shape == ()
-    assert out.item() == pytest.approx(_toco_ptc_oracle(tokens, labels).item(), abs=1e-5)
+    assert out.item() == pytest.approx(toco_ptc(tokens.double(), labels).item(), abs=1e-5)
 
 
 @pytest.mark.parametrize("abs_cos", [True, False])

@@ -10,6 +10,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from _timm_helpers import set_fused
+from oracles.doei import reference_features
 from torch import Tensor, nn
 from torch.autograd.graph import saved_tensors_hooks
 
@@ -47,43 +48,6 @@ def tiny_vit(*, c: int = 1, reg: int = 0, dynamic: bool = False, pad: bool = Fal
             m.reg_token.add_(torch.randn_like(m.reg_token))
     set_fused(m, fused)
     return m.to(dtype).eval()
-
-
-def reference_features(model: nn.Module, img: Tensor, cfg: DOEIConfig, c: int, layers=None) -> Tensor:
-    """Slow dense block loop: explicit softmax -> hybrid_attention -> doei_delta."""
-    p0 = model.num_prefix_tokens
-    big_l = len(model.blocks)
-    layers = range(big_l) if layers is None else layers
-    mean = cfg.image_mean or model.pretrained_cfg["mean"]
-    std = cfg.image_std or model.pretrained_cfg["std"]
-    pe = model.patch_embed
-    r = patch_color_affinity(img, pe.patch_size, sigma=cfg.rgb_sigma, mean=mean, std=std, pad=pe.dynamic_img_pad)
-    x = model.norm_pre(model.patch_drop(model._pos_embed(pe(img))))
-    for i, blk in enumerate(model.blocks):
-        a = blk.attn
-        xn = blk.norm1(x)
-        b, n_all, _ = xn.shape
-        qkv = a.qkv(xn).reshape(b, n_all, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = a.q_norm(q), a.k_norm(k)
-        attn = torch.softmax((q * a.scale) @ k.transpose(-1, -2), dim=-1)
-        o = attn @ v
-        n = n_all - p0
-        kw = dict(
-            num_class_tokens=c, num_prefix_tokens=p0,
-            t_p2c=progressive_count(n, i, big_l, cfg.st_p2c) if cfg.use_ppdo else 0,
-            t_c2c=progressive_count(c - 1, i, big_l, cfg.st_c2c) if cfg.use_cpdo else 0,
-            af_p2c=cfg.af_p2c, sf_p2c=cfg.sf_p2c, af_c2c=cfg.af_c2c, sf_c2c=cfg.sf_c2c,
-        )
-        alpha = cfg.alpha if cfg.use_hfa else 0.0
-        if i in layers and not cfg.head_mean:
-            o = o + doei_delta(o, hybrid_attention(attn, xn, r, num_prefix_tokens=p0, alpha=alpha), **kw)
-        y = a.proj(a.norm(o.transpose(1, 2).reshape(b, n_all, -1)))
-        if i in layers and cfg.head_mean:
-            y = y + doei_delta(y, hybrid_attention(attn.mean(1), xn, r, num_prefix_tokens=p0, alpha=alpha), **kw)
-        x = x + blk.ls1(y)
-        x = x + blk.ls2(blk.mlp(blk.norm2(x)))
-    return model.norm(x)
 
 
 # --------------------------------------------------------------------------- T1

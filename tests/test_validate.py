@@ -69,6 +69,12 @@ def test_checks_can_be_disabled(monkeypatch):
     assert not checks_enabled()
     check_shape("x", torch.zeros(2), ["B", "K"])  # no error when disabled
     check_labels("labels", torch.full((1, 2), 3))
+    # sizes are still bound (callers read them), without raising on disagreement
+    assert check_shape("cam", torch.zeros(2, 3, 4, 5), ["B", "K", "h", "w"]) == {"B": 2, "K": 3, "h": 4, "w": 5}
+    assert check_shape("labels", torch.zeros(2, 4), ["B", "K"], {"K": 3}) == {"K": 3, "B": 2}
+    from wsss_blocks.cpews import ism_loss
+
+    ism_loss(torch.randn(2, 12, 8), torch.randint(0, 3, (2, 3, 4)))  # was a KeyError
     monkeypatch.setenv("WSSS_BLOCKS_CHECKS", "1")
     assert checks_enabled()
 
