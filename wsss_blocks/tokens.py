@@ -3,13 +3,17 @@
 Everything here takes the grid ``(h, w)`` from the model or from an explicit argument,
 never from ``sqrt(N)``, and splits prefix (class, register, distillation) tokens off
 with the model's own ``num_prefix_tokens``.
+
+Hierarchical models (Swin and others with ``forward_intermediates`` and ``feature_info``)
+are served by :func:`stage_info` and :func:`stage_taps`: per-stage NCHW maps whatever the
+model's internal layout, strides and channels read from the model.
 """
 
 from __future__ import annotations
 
 from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from einops import rearrange
 from torch import Tensor, nn
@@ -26,6 +30,10 @@ __all__ = [
     "resolve_block_index",
     "patch_grid",
     "vit_taps",
+    "StageInfo",
+    "stage_info",
+    "check_stage_input",
+    "stage_taps",
 ]
 
 
@@ -263,3 +271,189 @@ def vit_taps(model: nn.Module, images: Tensor, layers: Sequence[int] = (-3, -1))
     grid = (int(maps[0].shape[-2]), int(maps[0].shape[-1]))
     intermediate = {i: grid_to_tokens(m) for i, m in zip(indices, maps, strict=True) if i in wanted}
     return ViTTaps(final=patches, intermediate=intermediate, prefix=prefix, grid=grid)
+
+
+
+class StageInfo(NamedTuple):
+    """One stage of a hierarchical timm model, read from its ``feature_info``.
+
+    Attributes:
+        channels: the stage's output channels (``num_chs``).
+        stride: its reduction relative to the input image (``reduction``).
+        module: the stage module's name (``module``), e.g. ``"layers.2"``.
+
+    Example:
+        >>> StageInfo(96, 4, "layers.0").stride
+        4
+    """
+
+    channels: int
+    stride: int
+    module: str
+
+
+def stage_info(model: nn.Module) -> tuple[StageInfo, ...]:
+    """Channels, strides and module names of every stage of a hierarchical timm model.
+
+    Read from the model's ``feature_info`` (a list of dicts, or timm's ``FeatureInfo`` of a
+    ``features_only`` model), never from a name or a table.
+
+    Raises:
+        TypeError: the model has no ``feature_info``.
+
+    Example:
+        >>> import timm
+        >>> m = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, embed_dim=16,
+        ...                       depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), window_size=2,
+        ...                       img_size=64)
+        >>> [(s.channels, s.stride) for s in stage_info(m)]
+        [(16, 4), (32, 8), (64, 16), (128, 32)]
+    """
+    info: Any = getattr(model, "feature_info", None)
+    if info is None:
+        raise TypeError(
+            f"{type(model).__name__} has no feature_info; expected a hierarchical timm model "
+            "(Swin, ConvNeXt, ...)"
+        )
+    entries = getattr(info, "info", info)  # timm FeatureInfo wraps the list in .info
+    out = tuple(
+        StageInfo(int(e["num_chs"]), int(e["reduction"]), str(e.get("module", ""))) for e in entries
+    )
+    if not out:
+        raise TypeError(f"{type(model).__name__}.feature_info is empty")
+    return out
+
+
+def _pair(value: Any) -> tuple[int, int]:
+    if isinstance(value, int):
+        return value, value
+    a, b = value
+    return int(a), int(b)
+
+
+def check_stage_input(model: nn.Module, image_size: tuple[int, int]) -> tuple[int, int]:
+    """Check that a hierarchical timm model accepts images of ``image_size``; return it.
+
+    Two rules, both read from the model:
+
+    * a fixed-size model (``patch_embed.strict_img_size``, timm's default unless
+      ``dynamic_img_size=True``) takes exactly its ``img_size``;
+    * otherwise height and width must be multiples of the patch size. Swin pads its
+      windows and merges with padding (``h_{i+1} = ceil(h_i / 2)``), so any such size
+      tiles.
+
+    Raises:
+        ValueError: naming the size and the sizes that would work.
+
+    Example:
+        >>> import timm
+        >>> m = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, embed_dim=16,
+        ...                       depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), window_size=2,
+        ...                       img_size=64, dynamic_img_size=True)
+        >>> check_stage_input(m, (200, 136))
+        (200, 136)
+        >>> try:
+        ...     check_stage_input(m, (62, 64))
+        ... except ValueError as err:
+        ...     print(err)
+        image size (62, 64): height 62 is not a multiple of the patch size 4 (try 60 or 64)
+    """
+    h, w = check_size("image_size", image_size)
+    embed: Any = getattr(model, "patch_embed", None)
+    if embed is None:
+        return h, w  # a model without a patch embedding: nothing known to check
+    if getattr(embed, "strict_img_size", False) and getattr(embed, "img_size", None) is not None:
+        fixed = _pair(embed.img_size)
+        if (h, w) != fixed:
+            raise ValueError(
+                f"image size ({h}, {w}): {type(model).__name__} was built for img_size {fixed} "
+                f"and accepts only that size; pass {fixed} or build it with dynamic_img_size=True"
+            )
+        return h, w
+    patch = _pair(getattr(embed, "patch_size", 1))
+    if getattr(embed, "dynamic_img_pad", False):
+        return h, w  # timm pads the input up to the patch grid itself
+    for name, n, p in (("height", h, patch[0]), ("width", w, patch[1])):
+        if n % p:
+            low, high = (n // p) * p, (n // p + 1) * p
+            options = f"{low} or {high}" if low > 0 else f"{high}"
+            raise ValueError(
+                f"image size ({h}, {w}): {name} {n} is not a multiple of the patch size {p} "
+                f"(try {options})"
+            )
+    return h, w
+
+
+def stage_taps(
+    model: nn.Module,
+    images: Tensor,
+    stages: Sequence[int] | None = None,
+    *,
+    norm: bool = False,
+) -> list[Tensor]:
+    """Per-stage feature maps of a hierarchical timm model (Swin, ...) as NCHW, with gradients.
+
+    One forward pass through timm's public ``forward_intermediates``. Maps come back as
+    ``(B, C_i, h_i, w_i)`` whatever the model keeps internally (timm's Swin is NHWC); the
+    channels are checked against :func:`stage_info`. The model's train/eval mode is left as
+    it is and it is never moved.
+
+    Args:
+        model: a timm model with ``forward_intermediates`` and ``feature_info``.
+        images: the image batch; its size is checked by :func:`check_stage_input`.
+        stages: stage indices to return (negative counts from the end), in the order given.
+            ``None``: all stages.
+        norm: apply the model's final norm to the last stage (timm's ``norm=True``; Swin's
+            ``forward_features`` output). Earlier stages are the raw residual streams.
+
+    Shape:
+        - images: ``(B, 3, H, W)``
+        - output: list of ``(B, C_i, h_i, w_i)``, ``C_i`` and ``h_i ~ H / stride_i`` per stage
+
+    Raises:
+        TypeError: not a hierarchical timm model.
+        ValueError: a stage index out of range, or an image size the model cannot take.
+
+    Example:
+        >>> import torch
+        >>> import timm
+        >>> m = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, embed_dim=16,
+        ...                       depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), window_size=2,
+        ...                       img_size=64, dynamic_img_size=True)
+        >>> [tuple(f.shape) for f in stage_taps(m, torch.randn(1, 3, 64, 48))]
+        [(1, 16, 16, 12), (1, 32, 8, 6), (1, 64, 4, 3), (1, 128, 2, 2)]
+    """
+    check_shape("images", images, ["B", 3, "H", "W"], dtype="float")
+    if not hasattr(model, "forward_intermediates"):
+        raise TypeError(
+            f"{type(model).__name__} has no forward_intermediates; expected a timm model (timm>=1.0.9)"
+        )
+    info = stage_info(model)
+    n = len(info)
+    wanted = list(range(n)) if stages is None else list(stages)
+    resolved = []
+    for i in wanted:
+        i = check_int("stage", i)
+        if not -n <= i < n:
+            raise ValueError(f"stage index {i} is out of range for a model with {n} stages")
+        resolved.append(i % n)
+    if not resolved:
+        raise ValueError("stages: expected at least one stage index, got none")
+    check_stage_input(model, (int(images.shape[-2]), int(images.shape[-1])))
+    indices = sorted(set(resolved))
+    net: Any = model  # a timm model: attributes beyond nn.Module
+    maps = net.forward_intermediates(
+        images, indices=indices, norm=norm, stop_early=True, intermediates_only=True
+    )
+    by_index: dict[int, Tensor] = {}
+    for i, m in zip(indices, maps, strict=True):
+        c = info[i].channels
+        if m.dim() == 4 and m.shape[1] != c and m.shape[-1] == c:
+            m = rearrange(m, "b h w c -> b c h w")  # NHWC output of a model that ignores output_fmt
+        if m.dim() != 4 or m.shape[1] != c:
+            raise ShapeError(
+                f"stage {i}: expected a (B, {c}, h, w) map from forward_intermediates, "
+                f"got shape {tuple(m.shape)}"
+            )
+        by_index[i] = m
+    return [by_index[i] for i in resolved]

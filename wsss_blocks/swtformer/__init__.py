@@ -1,0 +1,40 @@
+"""SWTformer (Ahmadi & Kasaei, MVIP 2024) building blocks: Swin CAMs, HFF, SIPE-style refinement.
+
+* **V1** -- a CAM head on a Swin's last-stage patch tokens (:class:`SwinCAMHead`,
+  :func:`swin_cam`), trained with the multilabel soft-margin loss;
+* **V2** -- adds the background map (:func:`cams_with_background`), structure-aware seeds
+  with the absolute-cosine affinity (:func:`locate_seeds`), Hierarchical Feature Fusion
+  (:class:`HFF`, our wiring: no code was released), background-aware prototypes and R-CAM
+  (:func:`refine_cams`, SIPE's IS-CAM) and the GSC / CCL losses (:func:`gsc_loss`,
+  :func:`ccl_loss`); :class:`SWTformer` wires everything on a timm Swin.
+
+The seed/prototype/GSC parts follow SIPE's official code (chenqi1126/SIPE) in matmul form.
+"""
+
+from wsss_blocks.swtformer.head import SwinCAMHead, cams_with_background, swin_cam
+from wsss_blocks.swtformer.hff import HFF
+from wsss_blocks.swtformer.losses import CCLLoss, GSCLoss, ccl_loss, gsc_loss
+from wsss_blocks.swtformer.model import SWTformer, SWTformerHead
+from wsss_blocks.swtformer.prototypes import PrototypeRefiner, rcam_pseudo_mask, refine_cams, seed_prototypes
+from wsss_blocks.swtformer.seeds import Affinity, SeedLocator, locate_seeds, structure_affinity
+
+__all__ = [
+    "swin_cam",
+    "SwinCAMHead",
+    "cams_with_background",
+    "Affinity",
+    "structure_affinity",
+    "locate_seeds",
+    "SeedLocator",
+    "seed_prototypes",
+    "refine_cams",
+    "PrototypeRefiner",
+    "rcam_pseudo_mask",
+    "gsc_loss",
+    "GSCLoss",
+    "ccl_loss",
+    "CCLLoss",
+    "HFF",
+    "SWTformerHead",
+    "SWTformer",
+]

@@ -1,0 +1,164 @@
+"""Background-aware prototypes and the refined CAM (R-CAM) on ``F_hie`` (SIPE's IS-CAM, matmul form)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from wsss_blocks._utils import no_autocast
+from wsss_blocks._validate import check_int, check_range, check_shape, check_size
+from wsss_blocks.swtformer._common import allowed_channels, compute_dtype, valid_on_grid
+
+__all__ = ["seed_prototypes", "refine_cams", "PrototypeRefiner", "rcam_pseudo_mask"]
+
+
+def _seeds_on(seeds: Tensor, size: tuple[int, int], dtype: torch.dtype) -> Tensor:
+    """Seeds as float weights on ``size`` (nearest, SIPE), flattened to ``(B, K+1, hf*wf)``."""
+    r = seeds.to(dtype)
+    if tuple(r.shape[-2:]) != size:
+        r = F.interpolate(r, size=size, mode="nearest")
+    return r.flatten(2)
+
+
+def seed_prototypes(features: Tensor, seeds: Tensor) -> Tensor:
+    """Image-specific prototypes: the mean of ``features`` over each class's seed (background included).
+
+    ``R = nearest(seeds -> hf x wf)``, ``p_c = sum_i R_ci F_i / max(sum_i R_ci, 1)`` (one
+    ``bmm``). An empty seed gives ``p_c = 0``. SIPE takes the global average
+    ``sum_i R_ci F_i / (hf wf)``, which differs by a positive factor per class and so gives
+    the same cosine R-CAM. The gradient reaches ``features``; seeds are constants.
+    Computed in ``promote_types(dtype, float32)`` with autocast off.
+
+    Args:
+        features: the hierarchical feature ``F_hie``.
+        seeds: hard (bool) or soft seeds on any grid, resized by nearest.
+
+    Shape:
+        - features: ``(B, D, hf, wf)``; seeds: ``(B, K+1, h, w)``
+        - output: ``(B, K+1, D)``
+
+    Example:
+        >>> feats = torch.tensor([[1.0, 1.0, 0.0, 1.0], [0.0, 0.0, 1.0, 1.0]])[None, :, None]
+        >>> seeds = torch.tensor([[0, 0, 1, 0], [1, 1, 0, 0], [0, 0, 0, 0]]).bool()[None, :, None]
+        >>> seed_prototypes(feats, seeds)[0].tolist()
+        [[0.0, 1.0], [1.0, 0.0], [0.0, 0.0]]
+    """
+    dims = check_shape("features", features, ["B", "D", "hf", "wf"], dtype="float")
+    check_shape("seeds", seeds, ["B", "K1", "h", "w"], dims)
+    dtype = compute_dtype(features)
+    with no_autocast(features.device.type):
+        r = _seeds_on(seeds.detach(), (dims["hf"], dims["wf"]), dtype)
+        f = features.to(dtype).flatten(2)  # (B, D, N)
+        return torch.bmm(r, f.transpose(1, 2)) / r.sum(dim=-1, keepdim=True).clamp_min(1.0)
+
+
+def refine_cams(
+    features: Tensor, seeds: Tensor, *, eps: float = 1e-5, return_prototypes: bool = False
+) -> Tensor | tuple[Tensor, Tensor]:
+    """R-CAM: ``relu(cos(F_i, p_c))`` normalised by its spatial max (SIPE's IS-CAM).
+
+    ``r = relu(p^ F^)`` (one ``bmm``) with ``x^ = x / max(||x||, 1e-8)`` (torch's cosine
+    eps), ``R-CAM = r / (amax_hw r + eps)``. An empty seed (zero prototype) gives an all-zero
+    R-CAM, never NaN. Differentiable in ``features`` (through the prototypes too).
+
+    Args:
+        features: ``F_hie``.
+        seeds: seeds on any grid (:func:`locate_seeds`).
+        eps: added to the spatial max.
+        return_prototypes: also return the prototypes of :func:`seed_prototypes`.
+
+    Shape:
+        - features: ``(B, D, hf, wf)``; seeds: ``(B, K+1, h, w)``
+        - output: ``(B, K+1, hf, wf)`` in ``[0, 1]`` (+ prototypes ``(B, K+1, D)``)
+
+    Example:
+        >>> feats = torch.tensor([[1.0, 1.0, 0.0, 1.0], [0.0, 0.0, 1.0, 1.0]])[None, :, None]
+        >>> seeds = torch.tensor([[0, 0, 1, 0], [1, 1, 0, 0], [0, 0, 0, 0]]).bool()[None, :, None]
+        >>> refine_cams(feats, seeds)[0, :, 0].double().round(decimals=4).tolist()
+        [[0.0, 0.0, 1.0, 0.7071], [1.0, 1.0, 0.0, 0.7071], [0.0, 0.0, 0.0, 0.0]]
+    """
+    check_range("eps", eps, 0.0, low_inclusive=False)
+    protos = seed_prototypes(features, seeds)
+    with no_autocast(features.device.type):
+        f = features.to(protos.dtype).flatten(2)  # (B, D, N)
+        f_hat = f / f.norm(dim=1, keepdim=True).clamp_min(1e-8)
+        p_hat = protos / protos.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        r = torch.bmm(p_hat, f_hat).relu()
+        r = r / (r.amax(dim=-1, keepdim=True) + eps)
+    rcam = r.unflatten(2, tuple(features.shape[-2:]))
+    return (rcam, protos) if return_prototypes else rcam
+
+
+class PrototypeRefiner(nn.Module):
+    """Module form of :func:`refine_cams` (stores ``eps``; no parameters).
+
+    Shape:
+        - same as :func:`refine_cams`
+
+    Example:
+        >>> feats = torch.randn(2, 8, 6, 4)
+        >>> seeds = torch.zeros(2, 3, 3, 2, dtype=torch.bool)
+        >>> seeds[:, 0] = True
+        >>> PrototypeRefiner()(feats, seeds).shape
+        torch.Size([2, 3, 6, 4])
+    """
+
+    def __init__(self, *, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = check_range("eps", eps, 0.0, low_inclusive=False)
+
+    def forward(
+        self, features: Tensor, seeds: Tensor, *, return_prototypes: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        return refine_cams(features, seeds, eps=self.eps, return_prototypes=return_prototypes)
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}"
+
+
+@torch.no_grad()
+def rcam_pseudo_mask(
+    rcams: Tensor,
+    labels: Tensor | None = None,
+    *,
+    size: tuple[int, int] | None = None,
+    valid: Tensor | None = None,
+    ignore_index: int = 255,
+) -> Tensor:
+    """The seed mask of the paper (§4-3: seed map = R-CAM): argmax over background + present classes, no grad.
+
+    R-CAM -> bilinear (``align_corners=False``) to ``size`` -> absent classes excluded -> argmax over the
+    K+1 channels (value = channel: 0 background, ``k + 1`` class ``k``; ties go to the
+    first channel, i.e. background) -> ``ignore_index`` outside ``valid``. No threshold.
+
+    Args:
+        rcams: R-CAMs (:func:`refine_cams`), or any background-augmented score map.
+        labels: multi-hot image labels; ``None`` allows every class.
+        size: output size (the image's); ``None`` keeps the grid.
+        valid: padding mask at any resolution (``valid_to_grid`` rule at ``size``).
+        ignore_index: value of invalid pixels.
+
+    Shape:
+        - rcams: ``(B, K+1, h, w)``; labels: ``(B, K)``
+        - output: ``(B, *size)`` int64
+
+    Example:
+        >>> r = torch.tensor([[0.2, 0.5], [0.9, 0.5], [1.0, 0.1]])[None, :, None]  # (1, 3, 1, 2)
+        >>> rcam_pseudo_mask(r, torch.tensor([[1, 0]])).tolist()
+        [[[1, 0]]]
+    """
+    dims = check_shape("rcams", rcams, ["B", "K1", "h", "w"], dtype="float")
+    ignore_index = check_int("ignore_index", ignore_index)
+    out_size = (dims["h"], dims["w"]) if size is None else check_size("size", size)
+    allowed = allowed_channels(labels, dims, rcams)
+    keep = valid_on_grid(valid, dims, out_size)
+    with no_autocast(rcams.device.type):
+        r = rcams.to(compute_dtype(rcams))
+        if tuple(r.shape[-2:]) != out_size:
+            r = F.interpolate(r, size=out_size, mode="bilinear", align_corners=False)
+        r = r.masked_fill(~allowed[:, :, None, None], float("-inf"))  # absent classes never win
+    out = r.argmax(dim=1)
+    if keep is not None:
+        out = torch.where(keep, out, torch.full_like(out, ignore_index))
+    return out
