@@ -11,20 +11,36 @@ Example:
     True
 """
 
-from wsss_blocks import cam, cpews, data, doei, functional, mct, metrics, prototypes, tokens
+from wsss_blocks import (
+    cam,
+    constants,
+    cpews,
+    data,
+    doei,
+    functional,
+    mct,
+    metrics,
+    pcm,
+    prototypes,
+    refine,
+    swtformer,
+    tokens,
+)
 from wsss_blocks._validate import ShapeError
 from wsss_blocks._version import __version__
 from wsss_blocks.metrics import MeanIoU
 from wsss_blocks.prototypes import ClassBank, kmeans
-from wsss_blocks.tokens import ViTTaps, vit_taps
+from wsss_blocks.tokens import StageInfo, ViTTaps, stage_taps, vit_taps
 
 __all__ = [
     "ClassBank",
     "MeanIoU",
     "ShapeError",
+    "StageInfo",
     "ViTTaps",
     "__version__",
     "cam",
+    "constants",
     "cpews",
     "data",
     "doei",
@@ -32,7 +48,11 @@ __all__ = [
     "kmeans",
     "mct",
     "metrics",
+    "pcm",
     "prototypes",
+    "refine",
+    "stage_taps",
+    "swtformer",
     "tokens",
     "vit_taps",
 ]
