@@ -2,9 +2,9 @@
 
 * Taps: intermediate block ``aux_layer`` and final tokens (:func:`wsss_blocks.cpews.cpews_taps`);
   :class:`~wsss_blocks.cpews.CPEWSHead` gives both branches' logits and CAMs.
-* ISM labels: the cheap recipe of cpews.md §5.3 -- the detached intermediate CAM,
+* ISM labels: the cheap form of the paper's intermediate-CAM labels -- the detached intermediate CAM,
   ``"max"``-normalised, through :func:`wsss_blocks.cam.token_pseudo_labels` (``--low``/``--high``).
-* Pool: built once at step ``pool_step`` (D6: after the warm-up, never from an untrained
+* Pool: built once at step ``pool_step`` (after the warm-up, never from an untrained
   classifier) from ``pool_images`` training images without augmentation, in eval mode, and
   optionally rebuilt every ``pool_refresh`` steps. PDL and SSL are 0 before the build.
 * Loss: :class:`~wsss_blocks.cpews.CPEWSLoss` with the ``"paper"`` or ``"official"`` preset;
@@ -29,7 +29,7 @@ from wsss_blocks.tokens import resolve_block_index
 
 @register
 class CPEWSRecipe(Recipe):
-    """ISM + PDL + SSL on ToCo's two-branch classifier (cpews.md)."""
+    """ISM + PDL + SSL on ToCo's two-branch classifier (CPEWS)."""
 
     name = "cpews"
 
