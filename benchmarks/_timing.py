@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -92,6 +93,19 @@ def paired_median_ms(
         for name, fn in (("ours", ours), ("ref", ref)):
             times[name].extend(block_times_s(fn, min_run_time=min_run_time / rounds, device=device))
     return _median(times["ours"]) * 1e3, _median(times["ref"]) * 1e3
+
+
+def repeat_ms(fn: Callable[[], object], *, repeats: int, device: str | torch.device | None = None) -> dict[str, Any]:
+    """Median and min ms of ``repeats`` timed calls after one warm-up: for calls too slow for
+    ``blocked_autorange`` (seconds each on CPU)."""
+    run = _synced(fn, device)
+    run()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return {"median_ms": 1e3 * _median(times), "min_ms": 1e3 * min(times), "repeats": repeats}
 
 
 def _median(values: list[float]) -> float:

@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -39,6 +38,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+from _timing import cuda_peak_extra_bytes, repeat_ms  # noqa: E402
 from oracles.swtformer import naive_v2_block  # noqa: E402
 
 from wsss_blocks.swtformer import (  # noqa: E402
@@ -85,23 +85,6 @@ def naive_block(head, hff, maps, labels):
 
 
 BLOCKS = {"ours": ours_block, "sipe_broadcast": naive_block}
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_fn(fn, device: str, repeats: int) -> dict:
-    fn()  # warm-up
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return {"median_ms": 1000 * statistics.median(times), "min_ms": 1000 * min(times), "repeats": repeats}
 
 
 def _swin(img: int, device: str):
@@ -163,16 +146,6 @@ def cpu_peak(which: str, img: int, b: int) -> int:
     return int(proc.stdout.strip().splitlines()[-1])
 
 
-def gpu_peak(fn) -> int:
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
-
-
 # ----------------------------------------------------------------------------- runs
 def bench_block(img: int, b: int, device: str, repeats: int) -> dict:
     maps, labels, head, hff = make_inputs(img, b, device=device)
@@ -189,9 +162,9 @@ def bench_block(img: int, b: int, device: str, repeats: int) -> dict:
             return loss
 
         losses[name] = float(fn().detach())  # sync-ok: benchmark
-        out[f"{name}_time"] = time_fn(fn, device, repeats)
+        out[f"{name}_time"] = repeat_ms(fn, repeats=repeats, device=device)
         if device == "cuda":
-            out[f"{name}_peak_bytes"] = gpu_peak(fn)
+            out[f"{name}_peak_bytes"] = cuda_peak_extra_bytes(fn, device)
         else:
             out[f"{name}_peak_bytes"] = cpu_peak(name, img, b)
     out["loss_ours"], out["loss_sipe_broadcast"] = losses["ours"], losses["sipe_broadcast"]
@@ -210,8 +183,9 @@ def bench_step(img: int, b: int, device: str, repeats: int) -> dict:
     out: dict = {"img": img, "B": b, "K": 20}
     for version in ("v1", "v2"):
         fn = _step_fn(version, img, b, device)
-        out[f"{version}_time"] = time_fn(fn, device, repeats)
-        out[f"{version}_peak_bytes"] = gpu_peak(fn) if device == "cuda" else cpu_peak(f"step_{version}", img, b)
+        out[f"{version}_time"] = repeat_ms(fn, repeats=repeats, device=device)
+        out[f"{version}_peak_bytes"] = (cuda_peak_extra_bytes(fn, device) if device == "cuda"
+                                        else cpu_peak(f"step_{version}", img, b))
     out["v2_over_v1_time"] = out["v2_time"]["median_ms"] / out["v1_time"]["median_ms"]
     return out
 
