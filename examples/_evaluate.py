@@ -45,11 +45,12 @@ def cam_maps(net: nn.Module, images: Tensor, labels: Tensor, *, scales: Iterable
         reps = x.shape[0] // batch
         cam = net.recipe.cam(net.backbone, x, labels.repeat(reps, 1)).float()
         # a dynamic_img_pad ViT (and a Swin, see _backbone) pads the input bottom/right to whole
-        # feature cells: map the CAM to the padded pixels, then crop the image back out
+        # feature cells: map the CAM (at the final grid or finer) to the padded pixels, then
+        # crop the image back out
         h, w = x.shape[-2:]
-        gh, gw = cam.shape[-2:]
-        if (gh * ph, gw * pw) != (h, w):
-            cam = F.interpolate(cam, size=(gh * ph, gw * pw), mode="bilinear", align_corners=False)
+        padded = (-(-h // ph) * ph, -(-w // pw) * pw)
+        if tuple(cam.shape[-2:]) != (h, w):
+            cam = F.interpolate(cam, size=padded, mode="bilinear", align_corners=False)
             cam = cam[..., :h, :w]
         return cam
 
