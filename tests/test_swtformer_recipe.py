@@ -48,6 +48,6 @@ def test_swtformer_recipe_pads_odd_sizes_and_refuses_vit(tmp_path: Path) -> None
     cls = get_recipe("swtformer")
     recipe = cls(backbone, 3, cfg, parse_options(cls, {}), {})
     cam = recipe.cam(backbone.eval(), torch.randn(1, 3, 37, 50), torch.tensor([[1, 0, 1]]))
-    assert cam.shape == (1, 3, 3, 4)  # padded to 48 x 64, final stride 16
+    assert cam.shape == (1, 3, 6, 8)  # padded to 48 x 64 (final stride 16); R-CAM at stride 8
     with pytest.raises(ConfigError, match="swtformer"):
         train.main(["--iterations", "1", "--recipe", "swtformer", "--output", str(tmp_path / "vit")])

@@ -9,8 +9,8 @@
   gives the paper's Table 3 rows CLS, CLS+GSC, CLS+GSC+CCL).
 * Evaluation CAM (``eval_map``): V1 the CAM head; V2 the foreground channels of the R-CAM
   (the paper's seed map), with seeds from the evaluation labels. ``eval_map=cam`` evaluates
-  the V2 CAM head instead. The trainer's evaluation reads a CAM on the final-stride grid, so
-  the R-CAM (stride 16 or 8 of the image) is area-pooled to that grid for evaluation only.
+  the V2 CAM head instead. The R-CAM is evaluated at its own grid (stride 16, or 8 with
+  ``hff_target=stage2``); the trainer maps any grid that covers the padded input.
 * Input: padded bottom/right to a multiple of the final stride (as ``_backbone`` does for
   the baseline; ``valid`` is False there), so every stage grid is exactly the padded size
   over its stride.
@@ -94,6 +94,6 @@ class SWTformerRecipe(Recipe):
     def cam(self, backbone: nn.Module, images: Tensor, labels: Tensor) -> Tensor:
         out = self._run(backbone, images, labels)
         cam = out["f_out"].float().relu()
-        if self.eval_rcam:  # the loop expects the final-stride grid (see the module docstring)
-            return F.adaptive_avg_pool2d(out["rcam"][:, 1:].float(), tuple(cam.shape[-2:]))
+        if self.eval_rcam:  # foreground R-CAM at its own (finer) grid
+            return out["rcam"][:, 1:].float()
         return cam
