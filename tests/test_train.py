@@ -676,3 +676,12 @@ def test_seg_table_column_only_with_seg() -> None:
 
     assert "seg mIoU" not in format_table([("a", {"cam_miou": 0.5}, 1.0)])
     assert "| 25.0 |" in format_table([("a", {"cam_miou": 0.5, "seg_miou": 0.25}, 1.0)])
+
+
+def test_seg_on_swin_and_warmup_error(tmp_path: Path) -> None:
+    summary = train.main([*SWIN_TINY, *SWIN, "--recipe", "baseline", "--seg", "--seg-warmup", "0",
+                          "--output", str(tmp_path), "--no-plots"])
+    assert all("loss/seg" in r for r in _records(tmp_path) if r["kind"] == "train")
+    assert 0.0 <= summary["final"]["seg_miou"] <= 1.0
+    with pytest.raises(ConfigError, match="--seg-warmup"):
+        parse_config(["--seg", "--seg-warmup", "1.0"])
