@@ -76,6 +76,9 @@ class TrainConfig:
     low: float | None = _arg(None, "pseudo-label background threshold")
     high: float | None = _arg(None, "pseudo-label foreground threshold")
     cam_threshold: float | None = _arg(None, "background score for CAM mIoU")
+    # end-to-end segmentation
+    seg: bool = _arg(False, "also train a LargeFOV decoder on PAR-refined CAM pseudo labels (seg_loss)")
+    seg_warmup: float = _arg(0.5, "fraction of the schedule before the seg loss starts")
     # evaluation
     eval_every: int | None = _arg()
     eval_images: int | None = _arg()
@@ -238,6 +241,7 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.clip_grad is None or cfg.clip_grad > 0, "--clip-grad", f"expected > 0, got {cfg.clip_grad}")
     need(0 <= cfg.low < cfg.high <= 1, "--low/--high",
          f"expected 0 <= low < high <= 1, got low={cfg.low}, high={cfg.high}")
+    need(0 <= cfg.seg_warmup < 1, "--seg-warmup", f"expected in [0, 1), got {cfg.seg_warmup}")
     need(0 <= cfg.cam_threshold <= 1, "--cam-threshold", f"expected in [0, 1], got {cfg.cam_threshold}")
     need(len(cfg.eval_scales) > 0 and all(s > 0 for s in cfg.eval_scales), "--eval-scales",
          f"expected positive factors, got {cfg.eval_scales}")

@@ -11,6 +11,8 @@ CAM / pseudo-label quality).
 * Pseudo masks: the two-threshold rule (:func:`wsss_blocks.cam.pseudo_labels`, ``low`` /
   ``high``); ``pseudo_miou`` is measured on the confident pixels and ``pseudo_coverage`` is
   the fraction of pixels that are confident (not ignored).
+* Segmentation (``--seg``, when ``net.decoder`` is set): ``seg_miou`` of the decoder's argmax,
+  its logits upsampled (bilinear) to the image, single scale.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from _backbone import feature_stride
+from _backbone import feature_stride, final_feature_map
 from torch import Tensor, nn
 
 from wsss_blocks.cam import multiscale_cam, normalize_cam, pseudo_labels
@@ -59,6 +61,17 @@ def cam_maps(net: nn.Module, images: Tensor, labels: Tensor, *, scales: Iterable
     return cam * labels.to(cam.dtype)[:, :, None, None]
 
 
+@torch.no_grad()
+def seg_prediction(net: nn.Module, images: Tensor) -> Tensor:
+    """The decoder's class map ``(B, H, W)`` (0 = background) at image resolution."""
+    logits = net.decoder(final_feature_map(net.backbone, images)).float()
+    ph, pw = feature_stride(net.backbone)
+    h, w = images.shape[-2:]
+    padded = (-(-h // ph) * ph, -(-w // pw) * pw)
+    logits = F.interpolate(logits, size=padded, mode="bilinear", align_corners=False)[..., :h, :w]
+    return logits.argmax(dim=1)
+
+
 def _cam_prediction(cam: Tensor, threshold: float) -> Tensor:
     bg = torch.full_like(cam[:, :1], threshold)
     return torch.cat([bg, cam], dim=1).argmax(dim=1)
@@ -78,6 +91,8 @@ def evaluate(net: nn.Module, loader: Iterable[dict[str, Any]], *, num_classes: i
     fixed = MeanIoU(k1).to(device)
     grid = [MeanIoU(k1).to(device) for _ in THRESHOLDS]
     pseudo = MeanIoU(k1).to(device)
+    decoder = getattr(net, "decoder", None)
+    seg = MeanIoU(k1).to(device) if decoder is not None else None
     confident = torch.zeros((), dtype=torch.float64, device=device)
     total = torch.zeros((), dtype=torch.float64, device=device)
     try:
@@ -92,6 +107,9 @@ def evaluate(net: nn.Module, loader: Iterable[dict[str, Any]], *, num_classes: i
                 metric.update(_cam_prediction(cam, thr), mask)
             pl = pseudo_labels(cam, labels, low=cfg.low, high=cfg.high)
             pseudo.update(pl, mask)
+            if seg is not None:
+                with autocast():
+                    seg.update(seg_prediction(net, images), mask)
             counted = mask != 255
             confident += ((pl != 255) & counted).sum()
             total += counted.sum()
@@ -110,6 +128,8 @@ def evaluate(net: nn.Module, loader: Iterable[dict[str, Any]], *, num_classes: i
         "pseudo_miou": pseudo.compute()["miou"],
         "pseudo_coverage": float(confident / total.clamp_min(1)),  # sync-ok: evaluation
     }
+    if seg is not None:
+        out["seg_miou"] = seg.compute()["miou"]
     return {k: float(v) for k, v in out.items()}
 
 

@@ -18,6 +18,7 @@ TABLE_COLUMNS = (
     ("best_threshold", "(bg thr)"),
     ("pseudo_miou", "pseudo mIoU"),
     ("pseudo_coverage", "coverage"),
+    ("seg_miou", "seg mIoU"),  # only with --seg: shown when a row has it
 )
 
 
@@ -84,12 +85,13 @@ def plot_curves(metrics_path: str, out_path: str, title: str = "") -> str | None
 
 def format_table(rows: list[tuple[str, dict[str, float], float]]) -> str:
     """A markdown table: one row per ``(recipe, final metrics, seconds)``."""
-    head = "| recipe | " + " | ".join(label for _, label in TABLE_COLUMNS) + " | time (s) |"
-    sep = "|" + "---|" * (len(TABLE_COLUMNS) + 2)
+    columns = [(k, lab) for k, lab in TABLE_COLUMNS if k != "seg_miou" or any(k in m for _, m, _ in rows)]
+    head = "| recipe | " + " | ".join(label for _, label in columns) + " | time (s) |"
+    sep = "|" + "---|" * (len(columns) + 2)
     lines = [head, sep]
     for name, m, secs in rows:
         cells = []
-        for key, _ in TABLE_COLUMNS:
+        for key, _ in columns:
             v = m.get(key, float("nan"))
             cells.append(f"{v:.2f}" if key == "best_threshold" else f"{100 * v:.1f}")
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {secs:.0f} |")

@@ -32,30 +32,56 @@ if _HERE not in sys.path:
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from _backbone import backbone_kind, build_backbone  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from _backbone import backbone_kind, build_backbone, feature_dim, final_feature_map  # noqa: E402
 from _checkpoint import load_checkpoint, save_checkpoint, set_rng_state  # noqa: E402
 from _config import DATASET_DEFAULTS, ConfigError, TrainConfig, parse_config  # noqa: E402
 from _data import build_datasets, eval_loader, to_device, train_loader  # noqa: E402
+from _decoder import LargeFOV  # noqa: E402
 from _evaluate import evaluate, save_panels  # noqa: E402
 from _evaluate import vis_batch as make_vis_batch  # noqa: E402
 from _optim import build_optimizer, build_scheduler  # noqa: E402
 from _report import JsonlWriter, format_table, plot_curves, read_jsonl  # noqa: E402
 from recipes import LoopServices, Recipe, get_recipe, parse_options  # noqa: E402
+from recipes.base import LossTerm  # noqa: E402
 from torch import nn  # noqa: E402
+
+from wsss_blocks.cam import normalize_cam  # noqa: E402
+from wsss_blocks.refine import par_pseudo_labels, seg_loss  # noqa: E402
 
 __all__ = ["main", "TrainNet", "build_backbone"]
 
 
 class TrainNet(nn.Module):
-    """Backbone + recipe in one module (what DDP / ``torch.compile`` wrap and checkpoints hold)."""
+    """Backbone + recipe (+ the ``--seg`` decoder) in one module (what DDP / ``torch.compile``
+    wrap and checkpoints hold)."""
 
-    def __init__(self, backbone: nn.Module, recipe: Recipe) -> None:
+    def __init__(self, backbone: nn.Module, recipe: Recipe, decoder: nn.Module | None = None, *,
+                 seg_start: int = 0, low: float = 0.25, high: float = 0.7) -> None:
         super().__init__()
         self.backbone = backbone
         self.recipe = recipe
+        self.decoder = decoder
+        self.seg_start, self.low, self.high = seg_start, low, high
 
     def forward(self, batch: dict[str, Any], step: int) -> dict[str, Any]:
-        return self.recipe(self.backbone, batch, step)
+        terms = self.recipe(self.backbone, batch, step)
+        if self.decoder is not None and step > self.seg_start:
+            terms["seg"] = self.seg_step(batch)
+        return terms
+
+    def seg_step(self, batch: dict[str, Any]) -> LossTerm:
+        """``--seg``: the decoder on the final feature map, ``seg_loss`` on PAR pseudo labels made
+        (without gradient) from the recipe's CAM, PAR at half resolution as ToCo."""
+        images, labels = batch["image"], batch["labels"]
+        with torch.no_grad():
+            cam = normalize_cam(self.recipe.cam(self.backbone, images, labels).float(), mode="max")
+            half = F.interpolate(images.float(), scale_factor=0.5, mode="bilinear", align_corners=False)
+            target = par_pseudo_labels(half, cam, labels, low=self.low, high=self.high,
+                                       valid=batch.get("valid"), size=tuple(images.shape[-2:]))
+        assert self.decoder is not None
+        logits = self.decoder(final_feature_map(self.backbone, images))
+        return LossTerm(1.0, seg_loss(logits.float(), target))
 
 
 # ----------------------------------------------------------------------------- runtime
@@ -212,7 +238,9 @@ def _build_net(cfg: TrainConfig, info: dict[str, Any]) -> tuple[TrainNet, Any]:
         recipe = recipe_cls(backbone, info["num_classes"], cfg, options, dict(info, data=cfg.data))
     except (ValueError, TypeError) as err:  # option checks against the model / data
         raise ConfigError(f"--recipe {cfg.recipe}: {err}") from err
-    return TrainNet(backbone, recipe), options
+    decoder = LargeFOV(feature_dim(backbone), info["num_classes"]) if cfg.seg else None
+    return TrainNet(backbone, recipe, decoder, seg_start=int(cfg.seg_warmup * cfg.iterations),
+                    low=cfg.low, high=cfg.high), options
 
 
 def _setup(cfg: TrainConfig, out_dir: str, dist: _Dist) -> _Run:
@@ -230,7 +258,8 @@ def _setup(cfg: TrainConfig, out_dir: str, dist: _Dist) -> _Run:
     train_ds, val_ds, info = build_datasets(cfg)
     net, options = _build_net(cfg, info)
     net = net.to(device)
-    optimizer = build_optimizer(net.backbone, net.recipe, lr=cfg.lr, head_lr_mult=cfg.head_lr_mult,
+    heads = net.recipe if net.decoder is None else nn.ModuleList([net.recipe, net.decoder])
+    optimizer = build_optimizer(net.backbone, heads, lr=cfg.lr, head_lr_mult=cfg.head_lr_mult,
                                 weight_decay=cfg.weight_decay)
     scheduler = build_scheduler(optimizer, warmup=cfg.warmup, max_steps=cfg.iterations,
                                 warmup_ratio=cfg.warmup_ratio, power=cfg.power)
@@ -413,7 +442,7 @@ def _final_metrics(run: _Run, step: int) -> dict[str, Any]:
     if not run.history or run.history[-1]["step"] != step:
         return _run_eval(run, step)
     return {m: run.history[-1][m] for m in ("cam_miou", "cam_miou_best", "best_threshold", "pseudo_miou",
-                                            "pseudo_coverage")}
+                                            "pseudo_coverage", "seg_miou") if m in run.history[-1]}
 
 
 def _summarize(run: _Run, step: int, train_time: float, t_start: float) -> dict[str, Any]:

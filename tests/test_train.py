@@ -639,3 +639,49 @@ def test_optimizer_step_is_the_same_for_every_amp_mode(clip: float | None) -> No
     scaled = _step_once(torch.amp.GradScaler("cpu", init_scale=2.0 ** 10), clip)
     assert torch.equal(off, plain)
     torch.testing.assert_close(scaled, plain, rtol=1e-6, atol=1e-7)
+
+
+def test_seg_trains_evaluates_checkpoints_and_resumes(tmp_path: Path) -> None:
+    """--seg: the decoder's loss starts after the warm-up, seg_miou is reported, the decoder is in
+    the checkpoint and a stopped run resumes to the same result as an uninterrupted one."""
+    args = [*TINY, "--recipe", "baseline", "--seg", "--seg-warmup", "0.25", "--iterations", "4",
+            "--eval-every", "4", "--ckpt-every", "4", "--no-plots"]
+    full = train.main([*args, "--output", str(tmp_path / "full")])
+    assert 0.0 <= full["final"]["seg_miou"] <= 1.0
+    recs = [r for r in _records(tmp_path / "full") if r["kind"] == "train"]
+    assert [("loss/seg" in r) for r in recs] == [False, True, True, True]  # seg_start = 1
+    assert all(math.isfinite(r["loss/seg"]) for r in recs[1:])
+    state = torch.load(tmp_path / "full" / "last.pt", map_location="cpu", weights_only=False)
+    flat = json.dumps(sorted(str(k) for k in _flatten_keys(state)))
+    assert "decoder.classifier.weight" in flat
+    part = train.main([*args, "--output", str(tmp_path / "split"), "--stop-after", "2"])
+    assert not part["finished"]
+    resumed = train.main([*args, "--output", str(tmp_path / "split"), "--resume", "auto"])
+    assert resumed["start_step"] == 2 and resumed["finished"]
+    a, b = _losses(tmp_path / "full"), _losses(tmp_path / "split")
+    assert all(a[s] == b[s] for s in range(1, 5)), (a, b)
+    assert full["final"] == resumed["final"]
+    table = train.main([*TINY, "--recipe", "baseline", "--output", str(tmp_path / "plain"), "--no-plots"])
+    assert "seg_miou" not in table["final"]
+
+
+def _flatten_keys(obj: object) -> list[str]:
+    if isinstance(obj, dict):
+        return [str(k) for k in obj] + [k for v in obj.values() for k in _flatten_keys(v)]
+    return []
+
+
+def test_seg_table_column_only_with_seg() -> None:
+    from _report import format_table
+
+    assert "seg mIoU" not in format_table([("a", {"cam_miou": 0.5}, 1.0)])
+    assert "| 25.0 |" in format_table([("a", {"cam_miou": 0.5, "seg_miou": 0.25}, 1.0)])
+
+
+def test_seg_on_swin_and_warmup_error(tmp_path: Path) -> None:
+    summary = train.main([*SWIN_TINY, *SWIN, "--recipe", "baseline", "--seg", "--seg-warmup", "0",
+                          "--output", str(tmp_path), "--no-plots"])
+    assert all("loss/seg" in r for r in _records(tmp_path) if r["kind"] == "train")
+    assert 0.0 <= summary["final"]["seg_miou"] <= 1.0
+    with pytest.raises(ConfigError, match="--seg-warmup"):
+        parse_config(["--seg", "--seg-warmup", "1.0"])
