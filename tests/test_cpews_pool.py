@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import warnings
 
 import pytest
 import torch
+from _runtime_helpers import free_port
 
 from wsss_blocks import ShapeError
 from wsss_blocks.constants import VOC_CLASSES
@@ -366,12 +366,6 @@ def test_superclass_filter_voc():
 
 
 # ----------------------------------------------------------------------------- DDP (gloo, 2 ranks)
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_data():
     gen = torch.Generator().manual_seed(7)
     sizes = {0: [3, 1, 4], 1: [2, 5, 0]}  # unequal (and an empty) per-rank batches
@@ -406,7 +400,7 @@ def test_pool_ddp_two_ranks_equal_single_process_union():
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_ddp_worker, args=(_free_port(), tmp), nprocs=2, join=True)
+        mp.spawn(_ddp_worker, args=(free_port(), tmp), nprocs=2, join=True)
         states = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in (0, 1)]
     data = _ddp_data()
     single = PrototypePool(3, 6, num_prototypes=2, capacity=4, superclasses={"a": (0, 1), "b": (2,)})

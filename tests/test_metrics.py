@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import tempfile
 
 import pytest
 import torch
+from _runtime_helpers import free_port
 
 from wsss_blocks import ShapeError
 from wsss_blocks.metrics import MeanIoU, confusion_matrix, iou_from_confusion
@@ -165,12 +165,6 @@ def test_validation():
 # ----------------------------------------------------------------------------- distributed
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, world: int, port: int, outdir: str) -> None:
     import torch.distributed as dist
 
@@ -192,7 +186,7 @@ def test_meaniou_all_reduce_gloo():
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as outdir:
-        mp.spawn(_worker, args=(2, _free_port(), outdir), nprocs=2, join=True)
+        mp.spawn(_worker, args=(2, free_port(), outdir), nprocs=2, join=True)
         r0 = torch.load(os.path.join(outdir, "m0.pt"))
         r1 = torch.load(os.path.join(outdir, "m1.pt"))
     c0 = confusion_matrix(*random_maps(0), 4)

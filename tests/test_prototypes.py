@@ -3,39 +3,17 @@
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 from collections import deque
-from contextlib import contextmanager
 
 import pytest
 import torch
+from _runtime_helpers import free_port, no_host_sync
 
 from wsss_blocks import ShapeError
 from wsss_blocks.prototypes import ClassBank, kmeans
 
 # ----------------------------------------------------------------------------- helpers
-
-
-@contextmanager
-def no_host_sync():
-    """Make the usual host-sync entry points raise while the block runs."""
-    names = ["item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "nonzero"]
-    saved = {n: getattr(torch.Tensor, n) for n in names}
-    saved_nonzero = torch.nonzero
-
-    def boom(*args, **kwargs):
-        raise AssertionError("host sync on the training path")
-
-    try:
-        for n in names:
-            setattr(torch.Tensor, n, boom)
-        torch.nonzero = boom
-        yield
-    finally:
-        for n, f in saved.items():
-            setattr(torch.Tensor, n, f)
-        torch.nonzero = saved_nonzero
 
 
 def blobs(g: int, k: int, per: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -420,12 +398,6 @@ def test_classbank_validation():
 # ----------------------------------------------------------------------------- distributed
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _batches(rank: int):
     """Deterministic per-rank batches with unequal B (rank 0: 2,4; rank 1: 5,1)."""
     sizes = {0: [2, 4], 1: [5, 1]}[rank]
@@ -457,7 +429,7 @@ def test_classbank_distributed_gloo_two_ranks():
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as outdir:
-        mp.spawn(_dist_worker, args=(2, _free_port(), outdir), nprocs=2, join=True)
+        mp.spawn(_dist_worker, args=(2, free_port(), outdir), nprocs=2, join=True)
         sd0 = torch.load(os.path.join(outdir, "bank0.pt"))
         sd1 = torch.load(os.path.join(outdir, "bank1.pt"))
     ref = ClassBank(3, 4, 2)

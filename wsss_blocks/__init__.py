@@ -14,6 +14,7 @@ Example:
 from wsss_blocks import (
     cam,
     constants,
+    cpal,
     cpews,
     data,
     doei,
@@ -41,6 +42,7 @@ __all__ = [
     "__version__",
     "cam",
     "constants",
+    "cpal",
     "cpews",
     "data",
     "doei",

@@ -1,7 +1,7 @@
 """torch.distributed plumbing shared by the stateful parts (private).
 
-:func:`world_size` and :func:`all_gather_rows` let a bank, a prototype pool or a metric hold
-the same state on every rank; outside an initialised process group they are no-ops.
+:func:`world_size`, :func:`all_gather_rows` and :func:`broadcast_from_rank0` let a bank, a
+prototype pool or a metric hold the same state on every rank; outside an initialised process group they are no-ops.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from torch import Tensor
 
 from wsss_blocks._validate import ShapeError
 
-__all__ = ["world_size", "all_gather_rows"]
+__all__ = ["world_size", "all_gather_rows", "broadcast_from_rank0"]
 
 
 def world_size() -> int:
@@ -72,3 +72,27 @@ def all_gather_rows(*tensors: Tensor) -> tuple[Tensor, ...]:
         joined = torch.cat(parts)
         out.append(joined.bool() if t.dtype == torch.bool else joined)
     return tuple(out)
+
+
+def broadcast_from_rank0(*buffers: Tensor) -> None:
+    """Overwrite ``buffers`` in place with rank 0's values (bool tensors travel as uint8).
+
+    A no-op outside an initialised multi-process ``torch.distributed`` run. Used after a
+    computation that may drift in floating point between ranks (k-means), so every rank
+    keeps bit-identical state.
+
+    Example:
+        >>> x = torch.ones(2)
+        >>> broadcast_from_rank0(x)      # single process: unchanged
+        >>> x.tolist()
+        [1.0, 1.0]
+    """
+    if world_size() == 1:
+        return
+    for buf in buffers:
+        if buf.dtype == torch.bool:
+            tmp = buf.to(torch.uint8)
+            dist.broadcast(tmp, src=0)
+            buf.copy_(tmp.bool())
+        else:
+            dist.broadcast(buf, src=0)

@@ -7,10 +7,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
-from wsss_blocks._distributed import all_gather_rows, world_size
+from wsss_blocks._distributed import all_gather_rows, broadcast_from_rank0, world_size
 from wsss_blocks._validate import (
     ShapeError,
     check_int,
@@ -391,15 +390,8 @@ class PrototypePool(nn.Module):
         self.neg_scores.copy_(self._stage_scores)
         self.neg_labels.copy_(self._stage_labels & neg_valid[:, :, None])
         self.built.fill_(True)
-        if world_size() > 1:
-            for buf in (self.pos, self.pos_valid, self.neg, self.neg_valid, self.neg_scores,
-                        self.neg_labels):
-                if buf.dtype == torch.bool:
-                    tmp = buf.to(torch.uint8)
-                    dist.broadcast(tmp, src=0)
-                    buf.copy_(tmp.bool())
-                else:
-                    dist.broadcast(buf, src=0)
+        broadcast_from_rank0(self.pos, self.pos_valid, self.neg, self.neg_valid, self.neg_scores,
+                             self.neg_labels)
         self._is_built = True
         if not bool(self.pos_valid.any() | self.neg_valid.any()):  # sync-ok: once per build
             warnings.warn(

@@ -1,0 +1,290 @@
+"""The :class:`CPAL` module: projection head, prototype bank, recluster schedule, context buffers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from wsss_blocks._distributed import broadcast_from_rank0
+from wsss_blocks._validate import check_int, check_option, check_range, check_shape
+from wsss_blocks.cpal.functional import (
+    SCORES,
+    WEIGHTINGS,
+    Score,
+    Weighting,
+    context_prototypes,
+    cpal_forward,
+)
+from wsss_blocks.prototypes import ClassBank
+
+__all__ = ["CPAL"]
+
+
+class CPAL(nn.Module):
+    """Context Prototype-Aware Learning (Tang et al., CVPR 2024) as a plug-in training branch.
+
+    Projects the backbone features (``1x1 D->H, ReLU, 1x1 H->P``), pools per-image class
+    prototypes from the CAM, banks them per class (a :class:`~wsss_blocks.prototypes.ClassBank`
+    of ``capacity`` per class), clusters the bank into ``num_prototypes`` context prototypes
+    per class on a schedule, and returns the prototype-aware CAM with the L1 self-supervised
+    loss ``loss_self`` (unweighted; the paper's total is ``BCE + loss_self``).
+
+    **Schedule.** In training mode each :meth:`forward` writes the batch's prototypes to the
+    bank *after* computing the loss and counts a step ``s``. :meth:`recluster` runs when
+    ``recluster_every`` divides ``s`` (use the epoch length: the paper reclusters once per
+    epoch) and, with ``warmup_reclusters``, also at ``s = 1, 2, 4, 8, ...`` below
+    ``recluster_every`` (any power of two when it is ``None``), so the loss starts after the
+    first step instead of after the first epoch. With ``recluster_every=None`` and no warm-up
+    the caller calls :meth:`recluster` itself. Counters live in buffers (``num_steps``,
+    ``num_reclusters``) so a ``state_dict`` resume reproduces the run; the decision itself reads
+    Python mirrors and never waits on the device. In eval mode ``forward`` has no side effect.
+
+    **Distributed.** Under an initialised ``torch.distributed`` with world size > 1 the bank
+    update all-gathers the batch (rank order) and :meth:`recluster` broadcasts rank 0's
+    context, so every rank holds identical state. Use equal per-rank batch sizes
+    (``drop_last=True``).
+
+    **Decisions where the paper is silent** (spec section 5): gamma is a temperature inside the
+    positiveness softmax (``None``: ``sqrt(proj_dim)``); the neighbour weights are the
+    positiveness renormalised over the top-T (``weighting="uniform"`` is literal eq. 13);
+    gradient reaches the backbone through ``z`` unless ``detach_features``; a present channel
+    without prototype or context adds 0 to the loss.
+
+    Args:
+        in_dim: ``D``, channels of the features.
+        num_classes: ``K`` foreground classes (the module works on ``C = K + 1`` channels).
+        projection: use the projection head (``False``: ``z = features``, ``P = D``).
+        hidden_dim: ``H`` (``None``: ``D``).
+        proj_dim: ``P``.
+        detach_features: project ``features.detach()`` (the loss does not train the backbone).
+        tau, bg_tau: CAM thresholds of the instance prototypes (``bg_tau=None``: ``tau``).
+        capacity: ``L``, bank slots per class.
+        num_prototypes: ``M``, context prototypes per class.
+        top_k: ``T``, soft neighbours per anchor; ``1 <= T <= M <= L``.
+        gamma: positiveness temperature (``None``: ``sqrt(P)``).
+        score: ``"dot" | "cosine" | "l2" | "l1"``.
+        weighting: ``"positiveness" | "uniform"``.
+        align: feature-distribution alignment of the anchors.
+        normalize_pacam: max-normalise the PACAM.
+        detach_pacam: stop the gradient through the PACAM.
+        recluster_every: recluster period in steps (``None``: only warm-up / manual).
+        warmup_reclusters: also recluster at powers of two below the period.
+        kmeans_iters: Lloyd steps per recluster.
+        seed: k-means seed; recluster ``r`` uses ``seed + r``.
+        device, dtype: of the head's parameters and the state (``float64`` gives an fp64
+            bank and context; anything else an fp32 one).
+
+    Shape:
+        - features: ``(B, D, h, w)`` (a CNN map, or ViT tokens via
+          :func:`wsss_blocks.tokens.tokens_to_grid`); cams: ``(B, K, h, w)`` in ``[0, 1]``;
+          labels: ``(B, K)``
+        - output ``pacam``, ``cams_with_bg``: ``(B, K+1, h, w)``; ``loss_self``: ``()``
+
+    Example:
+        >>> cpal = CPAL(32, 3, proj_dim=16, capacity=8, num_prototypes=4, top_k=2, recluster_every=5)
+        >>> feats = torch.randn(2, 32, 4, 6)                       # e.g. a CNN feature map
+        >>> cams = torch.rand(2, 3, 4, 6)
+        >>> labels = torch.tensor([[1, 0, 1], [0, 1, 0]])
+        >>> out = cpal(feats, cams, labels)                        # step 1: bank written, reclustered
+        >>> out["loss_self"].item()                                # no context before that step
+        0.0
+        >>> out = cpal(feats, cams, labels)
+        >>> out["loss_self"].backward()
+        >>> int(cpal.num_steps), int(cpal.num_reclusters)
+        (2, 2)
+
+        A timm ViT's patch tokens go through the token grid first:
+
+        >>> import timm
+        >>> from wsss_blocks.tokens import tokens_to_grid
+        >>> vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=1)
+        >>> tokens = vit.forward_features(torch.randn(2, 3, 64, 64))[:, vit.num_prefix_tokens:]
+        >>> cpal = CPAL(vit.embed_dim, 3, proj_dim=16, capacity=8, num_prototypes=4, top_k=2)
+        >>> cpal(tokens_to_grid(tokens, (4, 4)), torch.rand(2, 3, 4, 4), labels)["pacam"].shape
+        torch.Size([2, 4, 4, 4])
+    """
+
+    context: Tensor
+    context_valid: Tensor
+    num_steps: Tensor
+    num_reclusters: Tensor
+
+    def __init__(
+        self,
+        in_dim: int,
+        num_classes: int,
+        *,
+        projection: bool = True,
+        hidden_dim: int | None = None,
+        proj_dim: int = 256,
+        detach_features: bool = False,
+        tau: float = 0.1,
+        bg_tau: float | None = None,
+        capacity: int = 1000,
+        num_prototypes: int = 50,
+        top_k: int = 20,
+        gamma: float | None = None,
+        score: Score = "dot",
+        weighting: Weighting = "positiveness",
+        align: bool = True,
+        normalize_pacam: bool = False,
+        detach_pacam: bool = False,
+        recluster_every: int | None = None,
+        warmup_reclusters: bool = True,
+        kmeans_iters: int = 20,
+        seed: int = 0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_dim = check_int("in_dim", in_dim, low=1)
+        self.num_classes = check_int("num_classes", num_classes, low=1)
+        self.capacity = check_int("capacity", capacity, low=1)
+        self.num_prototypes = check_int("num_prototypes", num_prototypes, low=1, high=self.capacity)
+        self.top_k = check_int("top_k", top_k, low=1, high=self.num_prototypes)
+        self.tau = float(check_range("tau", tau, 0.0, 1.0, low_inclusive=False, high_inclusive=False))
+        self.bg_tau = None if bg_tau is None else float(
+            check_range("bg_tau", bg_tau, 0.0, 1.0, low_inclusive=False, high_inclusive=False))
+        self.gamma = None if gamma is None else float(check_range("gamma", gamma, 0.0, low_inclusive=False))
+        self.score = check_option("score", score, SCORES)
+        self.weighting = check_option("weighting", weighting, WEIGHTINGS)
+        self.recluster_every = None if recluster_every is None else check_int(
+            "recluster_every", recluster_every, low=1)
+        self.kmeans_iters = check_int("kmeans_iters", kmeans_iters, low=0)
+        self.seed = check_int("seed", seed)
+        self.warmup_reclusters = bool(warmup_reclusters)
+        self.detach_features = bool(detach_features)
+        self.align = bool(align)
+        self.normalize_pacam = bool(normalize_pacam)
+        self.detach_pacam = bool(detach_pacam)
+
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        if projection:
+            hidden = self.in_dim if hidden_dim is None else check_int("hidden_dim", hidden_dim, low=1)
+            self.proj_dim = check_int("proj_dim", proj_dim, low=1)
+            self.head: nn.Module = nn.Sequential(
+                nn.Conv2d(self.in_dim, hidden, 1, **factory),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(hidden, self.proj_dim, 1, **factory),
+            )
+        else:
+            self.proj_dim = self.in_dim
+            self.head = nn.Identity()
+        state = torch.float64 if dtype == torch.float64 else torch.float32
+        channels = self.num_classes + 1
+        self.bank = ClassBank(channels, self.capacity, self.proj_dim, device=device, dtype=state)
+        self.register_buffer("context", torch.zeros(channels, self.num_prototypes, self.proj_dim,
+                                                    device=device, dtype=state))
+        self.register_buffer("context_valid", torch.zeros(channels, self.num_prototypes, dtype=torch.bool,
+                                                          device=device))
+        self.register_buffer("num_steps", torch.zeros((), dtype=torch.long, device=device))
+        self.register_buffer("num_reclusters", torch.zeros((), dtype=torch.long, device=device))
+        self._steps = 0  # Python mirrors of the counters: no device read per step
+        self._reclusters = 0
+        self.register_load_state_dict_post_hook(_refresh_counters)
+
+    def extra_repr(self) -> str:
+        return (f"in_dim={self.in_dim}, num_classes={self.num_classes}, proj_dim={self.proj_dim}, "
+                f"capacity={self.capacity}, num_prototypes={self.num_prototypes}, top_k={self.top_k}, "
+                f"score={self.score!r}, weighting={self.weighting!r}, recluster_every={self.recluster_every}")
+
+    def project(self, features: Tensor) -> Tensor:
+        """The projected features ``z`` (of ``features.detach()`` when ``detach_features``).
+
+        Shape:
+            - features: ``(B, D, h, w)``; output: ``(B, P, h, w)``
+
+        Example:
+            >>> CPAL(8, 2, proj_dim=4, capacity=4, num_prototypes=2, top_k=1).project(
+            ...     torch.randn(1, 8, 3, 5)).shape
+            torch.Size([1, 4, 3, 5])
+        """
+        check_shape("features", features, ["B", self.in_dim, "h", "w"], dtype="float")
+        return self.head(features.detach() if self.detach_features else features)
+
+    def forward(self, features: Tensor, cams: Tensor, labels: Tensor, *,
+                update: bool | None = None) -> dict[str, Tensor]:
+        """Project, compute the PACAM and ``loss_self``, then (``update``) bank the prototypes.
+
+        Args:
+            features: backbone features on the CAM grid.
+            cams: foreground CAMs in ``[0, 1]`` (not range-checked: that would sync).
+            labels: multi-hot image labels.
+            update: write the bank and count a step (``None``: ``self.training``). Pass
+                ``False`` for extra forwards of the same step (multi-crop, accumulation).
+
+        Returns:
+            the keys of :func:`~wsss_blocks.cpal.cpal_forward`.
+
+        Shape:
+            see the class docstring.
+        """
+        dims = check_shape("features", features, ["B", self.in_dim, "h", "w"], dtype="float")
+        check_shape("cams", cams, ["B", self.num_classes, "h", "w"], dims, dtype="float")
+        out = cpal_forward(
+            self.project(features), cams, labels, self.context, self.context_valid,
+            tau=self.tau, bg_tau=self.bg_tau, top_k=self.top_k, gamma=self.gamma,
+            score=self.score, weighting=self.weighting, align=self.align,
+            normalize_pacam=self.normalize_pacam, detach_pacam=self.detach_pacam,
+        )
+        if self.training if update is None else update:
+            self.update_bank(out["prototypes"], out["prototype_valid"])
+        return out
+
+    def _due(self, step: int) -> bool:
+        every = self.recluster_every
+        if every is not None and step % every == 0:
+            return True
+        power_of_two = step & (step - 1) == 0
+        return self.warmup_reclusters and power_of_two and (every is None or step < every)
+
+    @torch.no_grad()
+    def update_bank(self, prototypes: Tensor, valid: Tensor) -> None:
+        """Append valid prototypes to the bank, count a step, recluster when due (no gradient).
+
+        No host sync except under multi-process ``torch.distributed`` (the gather) and on
+        recluster steps.
+
+        Shape:
+            - prototypes: ``(B, K+1, P)``; valid: ``(B, K+1)`` bool
+
+        Example:
+            >>> cpal = CPAL(4, 1, projection=False, capacity=4, num_prototypes=2, top_k=1)
+            >>> cpal.update_bank(torch.randn(3, 2, 4), torch.tensor([[True, False]] * 3))
+            >>> cpal.bank.count.tolist(), cpal.context_valid.tolist()
+            ([3, 0], [[True, True], [False, False]])
+        """
+        self.bank.update(prototypes.detach(), valid)
+        self.num_steps.add_(1)
+        self._steps += 1
+        if self._due(self._steps):
+            self.recluster()
+
+    @torch.no_grad()
+    def recluster(self) -> None:
+        """Rebuild the context prototypes from the bank (k-means, seed ``seed + num_reclusters``).
+
+        Under multi-process ``torch.distributed`` rank 0's result is broadcast.
+
+        Example:
+            >>> cpal = CPAL(4, 1, projection=False, capacity=4, num_prototypes=2, top_k=1)
+            >>> cpal.recluster()                   # empty bank: every context prototype invalid
+            >>> cpal.context_valid.any().item(), int(cpal.num_reclusters)
+            (False, 1)
+        """
+        context, valid = context_prototypes(self.bank.memory, self.bank.count, self.num_prototypes,
+                                            iters=self.kmeans_iters, seed=self.seed + self._reclusters)
+        self.context.copy_(context)
+        self.context_valid.copy_(valid)
+        broadcast_from_rank0(self.context, self.context_valid)
+        self.num_reclusters.add_(1)
+        self._reclusters += 1
+
+
+def _refresh_counters(module: nn.Module, incompatible_keys: Any) -> None:
+    """load_state_dict post hook: re-read the Python mirrors of the counters (one read at load)."""
+    if isinstance(module, CPAL):
+        module._steps = int(module.num_steps)  # sync-ok: once per load
+        module._reclusters = int(module.num_reclusters)  # sync-ok: once per load
