@@ -59,3 +59,17 @@ def test_cpal_recipe_explicit_period_swin_and_bad_options(tmp_path: Path) -> Non
         train.main([*TINY, *VIT, "--opt", "recluster_every=-1", "--output", str(tmp_path / "bad")])
     with pytest.raises(ConfigError, match="weighting"):
         train.main([*TINY, *VIT, "--opt", "weighting=soft", "--output", str(tmp_path / "bad2")])
+
+
+def test_cpal_recipe_resume_is_exact(tmp_path: Path) -> None:
+    """Bank, context and recluster counters come back from the checkpoint: the resumed run reclusters
+    at the same steps with the same seeds and reproduces every loss."""
+    args = [*TINY, *VIT, "--ckpt-every", "4"]
+    train.main([*args, "--output", str(tmp_path / "full")])
+    part = train.main([*args, "--output", str(tmp_path / "split"), "--stop-after", "3"])
+    assert not part["finished"]
+    train.main([*args, "--output", str(tmp_path / "split"), "--resume", "auto"])
+    full, split = _train_lines(tmp_path / "full"), _train_lines(tmp_path / "split")
+    assert [r["step"] for r in split] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(full, split, strict=True):
+        assert (a["loss/total"], a["reclusters"]) == (b["loss/total"], b["reclusters"]), a["step"]

@@ -34,6 +34,7 @@ TINY = [
 ]
 RECIPE_OPTS = {
     "baseline": [],
+    "cpal": ["--opt", "proj_dim=8", "--opt", "capacity=16", "--opt", "num_prototypes=4", "--opt", "top_k=2"],
     "cpews": ["--opt", "pool_step=1", "--opt", "pool_images=8", "--opt", "num_prototypes=2",
               "--opt", "capacity=16"],
     "mct": [],
@@ -193,7 +194,7 @@ def test_real_recipe_parameter_groups(name: str) -> None:
     lr = groups["backbone"]["lr"]
     n_opt = sum(p.numel() for g in opt.param_groups for p in g["params"])
     assert n_opt == sum(p.numel() for p in [*backbone.parameters(), *recipe.parameters()])
-    if name in ("baseline", "cpews", "pcm"):  # new classifier heads at 10x
+    if name in ("baseline", "cpal", "cpews", "pcm"):  # new classifier heads at 10x
         heads = {id(p) for p in groups["heads"]["params"]}
         assert heads and heads == {id(p) for p in recipe.parameters()}
         assert groups["heads"]["lr"] == pytest.approx(10 * lr)
