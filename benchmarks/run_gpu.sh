@@ -20,6 +20,7 @@ step 240 python -m pytest -q -rs -p no:cacheprovider
 step 120 python benchmarks/bench_doei.py --device cuda
 step 60 python benchmarks/bench_prototypes.py --device cuda
 step 90 python benchmarks/bench_pcm.py --device cuda
+step 90 python benchmarks/bench_cpal.py --device cuda
 step 90 python benchmarks/bench_refine.py           # CPU and CUDA halves
 step 180 python benchmarks/bench_swtformer.py         # CPU and CUDA halves
 exit $status
