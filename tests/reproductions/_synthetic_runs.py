@@ -37,6 +37,20 @@ def run(out: Path, recipe: str, seed: int, opts: dict[str, Any] | None = None,
             "steps": summary["steps"], "options": summary["recipe_options"]}
 
 
+def run_rows(out: Path, rows: dict[str, tuple[str, dict[str, Any]]], seeds: tuple[int, ...],
+             extra: list[str] | None = None) -> tuple[dict[str, list[dict[str, Any]]], dict[str, dict[str, Any]]]:
+    """Every row ``label -> (recipe, opts)`` for every seed: ``(per_seed, summary)`` (see :func:`aggregate`)."""
+    per = {label: [run(out / f"{recipe}_{i}_{s}", recipe, s, opts, extra=extra) for s in seeds]
+           for i, (label, (recipe, opts)) in enumerate(rows.items())}
+    return per, {label: aggregate(v) for label, v in per.items()}
+
+
+def mean_deltas(summary: dict[str, dict[str, Any]], pairs: list[tuple[str, str]],
+                metrics: tuple[str, ...] = ("cam_miou", "cam_miou_best", "pseudo_miou")) -> dict[str, dict[str, float]]:
+    """``"before -> after"``: the difference of the seed means of ``metrics`` for each pair."""
+    return {f"{b} -> {a}": {m: summary[a][m]["mean"] - summary[b][m]["mean"] for m in metrics} for b, a in pairs}
+
+
 def chance_levels(num_images: int = 128) -> dict[str, float]:
     """mIoU of two trivial predictors on the evaluation images (GT labels known)."""
     from wsss_blocks.data import SyntheticScenes

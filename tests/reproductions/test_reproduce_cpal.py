@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 import pytest
-from _synthetic_runs import aggregate, chance_levels, markdown, run, write
+from _synthetic_runs import chance_levels, markdown, mean_deltas, run_rows, write
 
 ROWS = {
     "baseline": ("baseline", {}),
@@ -34,15 +34,10 @@ SEEDS = tuple(range(int(os.environ.get("WSSS_REPRO_SEEDS", "3"))))
 @pytest.mark.timeout(7200)
 def test_reproduce_cpal(tmp_path: Path) -> None:
     chance = chance_levels()
-    per: dict[str, list[dict]] = {}
-    for i, (label, (recipe, opts)) in enumerate(ROWS.items()):
-        per[label] = [run(tmp_path / f"{recipe}_{i}_{s}", recipe, s, opts) for s in SEEDS]
-    rows = {r: aggregate(v) for r, v in per.items()}
+    per, rows = run_rows(tmp_path, ROWS, SEEDS)
     table = markdown(rows, len(SEEDS))
     names = list(ROWS)
-    steps = {f"{b} -> {a}": {m: rows[a][m]["mean"] - rows[b][m]["mean"]
-                             for m in ("cam_miou", "cam_miou_best", "pseudo_miou")}
-             for b, a in zip(names[:3], names[1:4], strict=True)}
+    steps = mean_deltas(rows, list(zip(names[:3], names[1:4], strict=True)))
     paired = {label: [r["cam_miou_best"] - b["cam_miou_best"] for r, b in zip(per[label], per["baseline"],
                                                                               strict=True)]
               for label in names[1:]}

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 import pytest
-from _synthetic_runs import aggregate, chance_levels, markdown, run, write
+from _synthetic_runs import chance_levels, markdown, mean_deltas, run_rows, write
 
 ROWS = {
     "baseline": ("baseline", {}),
@@ -30,16 +30,10 @@ SEEDS = tuple(range(int(os.environ.get("WSSS_REPRO_SEEDS", "3"))))
 @pytest.mark.timeout(7200)
 def test_reproduce_pcm(tmp_path: Path) -> None:
     chance = chance_levels()
-    per: dict[str, list[dict]] = {}
-    for label, (recipe, opts) in ROWS.items():
-        per[label] = [run(tmp_path / f"{recipe}_{i}_{s}", recipe, s, opts)
-                      for i, s in ((len(per), s) for s in SEEDS)]
-    rows = {r: aggregate(v) for r, v in per.items()}
+    per, rows = run_rows(tmp_path, ROWS, SEEDS)
     table = markdown(rows, len(SEEDS))
     names = list(ROWS)
-    steps = {f"{b} -> {a}": {m: rows[a][m]["mean"] - rows[b][m]["mean"]
-                             for m in ("cam_miou", "cam_miou_best", "pseudo_miou")}
-             for b, a in zip(names[1:3], names[2:4], strict=True)}
+    steps = mean_deltas(rows, list(zip(names[1:3], names[2:4], strict=True)))
     write("reproduce_pcm_cpu.json", {
         "what": "ViT-PCM Table 1 ablation direction on the synthetic scenes: default "
                 "`python examples/train.py` configuration (tiny random-init ViT, 64 px, patch 8, "
