@@ -1,10 +1,13 @@
-"""Test helpers shared across test modules: host-sync guard and a free TCP port for gloo."""
+"""Test helpers shared across test modules: host-sync guard and two-process gloo runs."""
 
 from __future__ import annotations
 
+import os
 import socket
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 
@@ -35,3 +38,23 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _gloo_entry(rank: int, world: int, port: int, body: Callable[[int], Any], out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.save(body(rank), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_gloo(body: Callable[[int], Any], world: int = 2) -> list[Any]:
+    """Run ``body(rank)`` in ``world`` spawned CPU processes of one gloo group; return each rank's
+    result (``torch.save``-able; ``body`` must be a module-level function)."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_gloo_entry, args=(world, free_port(), body, tmp), nprocs=world, join=True)
+        return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(world)]

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections import deque
 
 import pytest
 import torch
-from _runtime_helpers import free_port, no_host_sync
+from _runtime_helpers import no_host_sync, run_gloo
 from oracles.cpal import cpal_loop
 
 from wsss_blocks import ShapeError
@@ -631,26 +629,16 @@ def _ddp_batches(rank: int):
     return [_batch(int(torch.randint(0, 1000, (1,), generator=gen)), b=3) for _ in range(4)]
 
 
-def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        cpal = _module(recluster_every=2)
-        for feats, cams, labels in _ddp_batches(rank):
-            cpal(feats, cams, labels)
-        torch.save(cpal.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _ddp_rank(rank: int) -> dict:
+    cpal = _module(recluster_every=2)
+    for feats, cams, labels in _ddp_batches(rank):
+        cpal(feats, cams, labels)
+    return cpal.state_dict()
 
 
 @pytest.mark.slow
 def test_ddp_two_ranks_equal_single_process_concatenation():
-    import torch.multiprocessing as mp
-
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_ddp_worker, args=(free_port(), tmp), nprocs=2, join=True)
-        states = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in (0, 1)]
+    states = run_gloo(_ddp_rank)
     single = _module(recluster_every=2)
     for b0, b1 in zip(_ddp_batches(0), _ddp_batches(1), strict=True):
         feats = torch.cat([b0[0], b1[0]])

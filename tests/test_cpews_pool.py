@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 import warnings
 
 import pytest
 import torch
-from _runtime_helpers import free_port
+from _runtime_helpers import run_gloo
 
 from wsss_blocks import ShapeError
 from wsss_blocks.constants import VOC_CLASSES
@@ -381,27 +379,17 @@ def _ddp_data():
     return data
 
 
-def _ddp_worker(rank, port, out_dir):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        pool = PrototypePool(3, 6, num_prototypes=2, capacity=4, superclasses={"a": (0, 1), "b": (2,)})
-        for batch in _ddp_data()[rank]:
-            pool.accumulate(**batch)
-        pool.finalize()
-        torch.save(pool.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _ddp_rank(rank: int) -> dict:
+    pool = PrototypePool(3, 6, num_prototypes=2, capacity=4, superclasses={"a": (0, 1), "b": (2,)})
+    for batch in _ddp_data()[rank]:
+        pool.accumulate(**batch)
+    pool.finalize()
+    return pool.state_dict()
 
 
 @pytest.mark.slow
 def test_pool_ddp_two_ranks_equal_single_process_union():
-    import torch.multiprocessing as mp
-
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_ddp_worker, args=(free_port(), tmp), nprocs=2, join=True)
-        states = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in (0, 1)]
+    states = run_gloo(_ddp_rank)
     data = _ddp_data()
     single = PrototypePool(3, 6, num_prototypes=2, capacity=4, superclasses={"a": (0, 1), "b": (2,)})
     for b0, b1 in zip(data[0], data[1], strict=True):  # union, in rank order, step by step

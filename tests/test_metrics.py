@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 
 import pytest
 import torch
-from _runtime_helpers import free_port
+from _runtime_helpers import run_gloo
 
 from wsss_blocks import ShapeError
 from wsss_blocks.metrics import MeanIoU, confusion_matrix, iou_from_confusion
@@ -165,30 +163,15 @@ def test_validation():
 # ----------------------------------------------------------------------------- distributed
 
 
-def _worker(rank: int, world: int, port: int, outdir: str) -> None:
-    import torch.distributed as dist
-
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-    )
-    try:
-        m = MeanIoU(4)
-        m.update(*random_maps(rank))
-        out = m.compute()
-        path = os.path.join(outdir, f"m{rank}.pt")
-        torch.save({"confusion": out["confusion"], "local": m.confusion}, path)
-    finally:
-        dist.destroy_process_group()
+def _rank_confusions(rank: int) -> dict:
+    m = MeanIoU(4)
+    m.update(*random_maps(rank))
+    return {"confusion": m.compute()["confusion"], "local": m.confusion}
 
 
 @pytest.mark.slow
 def test_meaniou_all_reduce_gloo():
-    import torch.multiprocessing as mp
-
-    with tempfile.TemporaryDirectory() as outdir:
-        mp.spawn(_worker, args=(2, free_port(), outdir), nprocs=2, join=True)
-        r0 = torch.load(os.path.join(outdir, "m0.pt"))
-        r1 = torch.load(os.path.join(outdir, "m1.pt"))
+    r0, r1 = run_gloo(_rank_confusions)
     c0 = confusion_matrix(*random_maps(0), 4)
     c1 = confusion_matrix(*random_maps(1), 4)
     assert torch.equal(r0["confusion"], c0 + c1) and torch.equal(r1["confusion"], c0 + c1)

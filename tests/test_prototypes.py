@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections import deque
 
 import pytest
 import torch
-from _runtime_helpers import free_port, no_host_sync
+from _runtime_helpers import no_host_sync, run_gloo
 
 from wsss_blocks import ShapeError
 from wsss_blocks.prototypes import ClassBank, kmeans
@@ -410,28 +408,15 @@ def _batches(rank: int):
     return out
 
 
-def _dist_worker(rank: int, world: int, port: int, outdir: str) -> None:
-    import torch.distributed as dist
-
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-    )
-    try:
-        bank = ClassBank(3, 4, 2)
-        for items, valid in _batches(rank):
-            bank.update(items, valid)
-        torch.save(bank.state_dict(), os.path.join(outdir, f"bank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _rank_bank(rank: int) -> dict:
+    bank = ClassBank(3, 4, 2)
+    for items, valid in _batches(rank):
+        bank.update(items, valid)
+    return bank.state_dict()
 
 
 def test_classbank_distributed_gloo_two_ranks():
-    import torch.multiprocessing as mp
-
-    with tempfile.TemporaryDirectory() as outdir:
-        mp.spawn(_dist_worker, args=(2, free_port(), outdir), nprocs=2, join=True)
-        sd0 = torch.load(os.path.join(outdir, "bank0.pt"))
-        sd1 = torch.load(os.path.join(outdir, "bank1.pt"))
+    sd0, sd1 = run_gloo(_rank_bank)
     ref = ClassBank(3, 4, 2)
     b0, b1 = _batches(0), _batches(1)
     for (i0, v0), (i1, v1) in zip(b0, b1, strict=True):
