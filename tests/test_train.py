@@ -368,19 +368,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ddp_two_process_gloo_smoke(tmp_path: Path) -> None:
+DDP_OPTS = {name: RECIPE_OPTS[name] for name in ("cpews", "cpal")}  # recipes with banks or pools
+
+
+@pytest.mark.parametrize("name", sorted(DDP_OPTS))
+def test_ddp_two_process_gloo_smoke(tmp_path: Path, name: str) -> None:
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-           str(EXAMPLES / "train.py"), *TINY, "--recipe", "cpews", "--device", "cpu",
-           "--opt", "pool_step=1", "--opt", "pool_images=8", "--opt", "num_prototypes=2",
-           "--opt", "capacity=16", "--no-plots", "--output", str(out)]
+           str(EXAMPLES / "train.py"), *TINY, "--recipe", name, "--device", "cpu",
+           *DDP_OPTS[name], "--no-plots", "--output", str(out)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 3
-    assert summary["ddp_state_in_sync"] is True  # parameters and the prototype pool agree
+    assert summary["ddp_state_in_sync"] is True  # parameters and the prototype pool / bank agree
     assert summary["final"]["cam_miou"] >= 0.0
 
 
