@@ -183,51 +183,76 @@ def _average_precision(scores: Tensor, targets: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def _features(backbone: nn.Module, images: Tensor, batch: int = 128) -> Tensor:
+def _tokens(backbone: nn.Module, images: Tensor, batch: int = 128) -> Tensor:
     prefix = int(getattr(backbone, "num_prefix_tokens", 0))
-    return torch.cat([backbone.forward_features(images[i:i + batch])[:, prefix:].mean(1)
+    return torch.cat([backbone.forward_features(images[i:i + batch])[:, prefix:]
                       for i in range(0, len(images), batch)])
 
 
-def linear_probe(backbone: nn.Module, *, train_images: int = 512, val_images: int = 256, steps: int = 300,
-                 seed: int = 0) -> float:
-    """Validation mAP of a multi-label logistic regression on frozen features of the synthetic scenes.
+def linear_probe(backbone: nn.Module, *, level: str = "patch", train_images: int = 256, val_images: int = 128,
+                 steps: int = 300, seed: int = 0) -> float:
+    """How much the frozen features say about the synthetic scenes: a linear probe's validation score.
 
-    Features: the mean of the final patch tokens (standardised with the training statistics);
-    labels: the scenes' image labels; Adam, full batch, ``steps`` steps. A quick measure of how
-    much the backbone's features already say about the classes (random init vs pretrained).
+    * ``level="patch"``: every final patch token predicts the ground-truth label at its patch
+      centre (background + K classes; softmax regression); the score is the mIoU on the patch
+      grid. This is what WSSS needs from a backbone: local features that separate classes.
+    * ``level="image"``: the mean of the patch tokens predicts the image labels (multi-label
+      logistic regression); the score is the mean average precision.
+
+    Features are standardised with the training statistics; Adam, full batch, ``steps`` steps.
 
     Example:
         >>> import timm
         >>> vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, patch_size=8, depth=1)
-        >>> 0.0 <= linear_probe(vit, train_images=32, val_images=16, steps=5) <= 1.0
+        >>> 0.0 <= linear_probe(vit, train_images=8, val_images=8, steps=5) <= 1.0
         True
     """
     from wsss_blocks.data import SyntheticScenes
+    from wsss_blocks.metrics import MeanIoU
 
+    if level not in ("patch", "image"):
+        raise ValueError(f"level: expected 'patch' or 'image', got {level!r}")
     was_training = backbone.training
     backbone.eval()
     size = int(getattr(getattr(backbone, "patch_embed", None), "img_size", (64, 64))[0])
+    patch = int(getattr(getattr(backbone, "patch_embed", None), "patch_size", (8, 8))[0])
     data = {}
     for split, n in (("train", train_images), ("val", val_images)):
         ds = SyntheticScenes(split=split, length=n, image_size=size, seed=seed)
         items = [ds[i] for i in range(n)]
-        data[split] = (_features(backbone, torch.stack([it["image"] for it in items])),
-                       torch.stack([it["labels"] for it in items]).float())
+        tokens = _tokens(backbone, torch.stack([it["image"] for it in items]))
+        if level == "image":
+            data[split] = (tokens.mean(1), torch.stack([it["labels"] for it in items]).float())
+        else:
+            centre = torch.stack([it["mask"] for it in items])[:, patch // 2::patch, patch // 2::patch]
+            data[split] = (tokens.flatten(0, 1), centre.flatten())
     backbone.train(was_training)
     (xtr, ytr), (xva, yva) = data["train"], data["val"]
+    num_classes = ds.num_classes
+    if level == "patch":
+        keep = ytr != 255
+        xtr, ytr = xtr[keep], ytr[keep]
     mean, std = xtr.mean(0), xtr.std(0).clamp_min(1e-6)
     xtr, xva = (xtr - mean) / std, (xva - mean) / std
+    outputs = num_classes if level == "image" else num_classes + 1
     gen = torch.Generator().manual_seed(seed)
-    weight = (0.01 * torch.randn(xtr.shape[1], ytr.shape[1], generator=gen)).requires_grad_(True)
-    bias = torch.zeros(ytr.shape[1], requires_grad=True)
+    weight = (0.01 * torch.randn(xtr.shape[1], outputs, generator=gen)).requires_grad_(True)
+    bias = torch.zeros(outputs, requires_grad=True)
     opt = torch.optim.Adam([weight, bias], lr=0.01, weight_decay=1e-3)
     with torch.enable_grad():
         for _ in range(steps):
             opt.zero_grad()
-            F.binary_cross_entropy_with_logits(xtr @ weight + bias, ytr).backward()
+            logits = xtr @ weight + bias
+            loss = (F.binary_cross_entropy_with_logits(logits, ytr) if level == "image"
+                    else F.cross_entropy(logits, ytr))
+            loss.backward()
             opt.step()
-    return float(_average_precision((xva @ weight + bias).detach(), yva))
+    scores = (xva @ weight + bias).detach()
+    if level == "image":
+        return float(_average_precision(scores, yva))
+    miou = MeanIoU(num_classes + 1)
+    miou.update(scores.argmax(1)[None], yva[None])
+    return float(miou.compute()["miou"])
 
 
 # ----------------------------------------------------------------------------- model

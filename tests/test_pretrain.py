@@ -19,7 +19,7 @@ import train  # noqa: E402
 from _config import parse_config  # noqa: E402
 
 WEIGHTS = EXAMPLES / "weights" / "vit_tiny_p8_64_fractal.pth"
-PROBE_MARGIN = 0.0
+PROBE_MARGIN = 0.03  # measured: patch-probe mIoU 0.570 vs 0.516 (random init, seed 0)
 TINY = ["--img-size", "32", "--depth", "1", "--embed-dim", "16", "--num-heads", "2", "--classes", "5",
         "--points", "64", "--batch-size", "4", "--iterations", "4", "--warmup", "1", "--log-every", "1",
         "--ckpt-every", "2", "--device", "cpu", "--no-progress"]
@@ -82,5 +82,4 @@ def test_committed_checkpoint_loads_and_beats_random_init_on_a_linear_probe():
     assert all(torch.equal(v, saved[k]) for k, v in pretrained.state_dict().items())
     torch.manual_seed(0)
     random_init = train.build_backbone(parse_config([]))
-    kw = {"train_images": 128, "val_images": 256, "steps": 200}
-    assert pretrain.linear_probe(pretrained, **kw) > pretrain.linear_probe(random_init, **kw) + PROBE_MARGIN
+    assert pretrain.linear_probe(pretrained) > pretrain.linear_probe(random_init) + PROBE_MARGIN
