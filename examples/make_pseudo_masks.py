@@ -408,6 +408,6 @@ def _export(args: argparse.Namespace, out: Path, device: torch.device, rank: int
 if __name__ == "__main__":
     try:
         main()
-    except (ConfigError, MaskError) as err:
+    except (ConfigError, MaskError, ImportError) as err:
         print(f"make_pseudo_masks.py: error: {err}", file=sys.stderr)
         sys.exit(2)
