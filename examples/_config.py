@@ -79,6 +79,8 @@ class TrainConfig:
     # end-to-end segmentation
     seg: bool = _arg(False, "also train a LargeFOV decoder on PAR-refined CAM pseudo labels (seg_loss)")
     seg_warmup: float = _arg(0.5, "fraction of the schedule before the seg loss starts")
+    seg_crf: bool = _arg(False, "--seg: also report seg_crf_miou, the decoder's probabilities refined by a "
+                         "dense CRF (needs the crf extra: pip install wsss_blocks[crf])")
     # evaluation
     eval_every: int | None = _arg()
     eval_images: int | None = _arg()
@@ -242,6 +244,12 @@ def validate(cfg: TrainConfig) -> None:
     need(0 <= cfg.low < cfg.high <= 1, "--low/--high",
          f"expected 0 <= low < high <= 1, got low={cfg.low}, high={cfg.high}")
     need(0 <= cfg.seg_warmup < 1, "--seg-warmup", f"expected in [0, 1), got {cfg.seg_warmup}")
+    need(cfg.seg or not cfg.seg_crf, "--seg-crf", "evaluates the --seg decoder; add --seg")
+    if cfg.seg_crf:
+        from wsss_blocks.refine import crf_available
+
+        need(crf_available(), "--seg-crf", "needs the optional crf extra (module pydensecrf): "
+             "pip install 'wsss_blocks[crf]' (or pip install pydensecrf2)")
     need(0 <= cfg.cam_threshold <= 1, "--cam-threshold", f"expected in [0, 1], got {cfg.cam_threshold}")
     need(len(cfg.eval_scales) > 0 and all(s > 0 for s in cfg.eval_scales), "--eval-scales",
          f"expected positive factors, got {cfg.eval_scales}")

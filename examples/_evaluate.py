@@ -11,8 +11,10 @@ CAM / pseudo-label quality).
 * Pseudo masks: the two-threshold rule (:func:`wsss_blocks.cam.pseudo_labels`, ``low`` /
   ``high``); ``pseudo_miou`` is measured on the confident pixels and ``pseudo_coverage`` is
   the fraction of pixels that are confident (not ignored).
-* Segmentation (``--seg``, when ``net.decoder`` is set): ``seg_miou`` of the decoder's argmax,
-  its logits upsampled (bilinear) to the image, single scale.
+* Segmentation (``--seg``, when ``net.decoder`` is set): ``seg_miou`` of the decoder's argmax
+  (:func:`seg_probs`: softmax of the logits upsampled to the image, with the CAM's
+  ``--eval-scales`` / ``--eval-flip``); with ``--seg-crf`` also ``seg_crf_miou``, the same
+  probabilities refined by the dense CRF (``crf`` extra) first. No image labels are used.
 """
 
 from __future__ import annotations
@@ -31,9 +33,22 @@ from torch import Tensor, nn
 from wsss_blocks.cam import multiscale_cam, normalize_cam, pseudo_labels
 from wsss_blocks.metrics import MeanIoU
 
-__all__ = ["THRESHOLDS", "cam_maps", "evaluate", "save_panels", "vis_batch"]
+__all__ = ["THRESHOLDS", "cam_maps", "evaluate", "save_panels", "seg_prediction", "seg_probs", "vis_batch"]
 
 THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))
+
+
+def _crop_to_input(maps: Tensor, x: Tensor, stride: tuple[int, int]) -> Tensor:
+    """Maps at the final feature grid (or finer) of input ``x`` -> ``x``'s pixels.
+
+    A dynamic_img_pad ViT (and a Swin, see _backbone) pads the input bottom/right to whole
+    feature cells: the maps are resized to the padded pixels, then the image is cropped back out.
+    """
+    h, w = x.shape[-2:]
+    if tuple(maps.shape[-2:]) == (h, w):
+        return maps
+    padded = (-(-h // stride[0]) * stride[0], -(-w // stride[1]) * stride[1])
+    return F.interpolate(maps, size=padded, mode="bilinear", align_corners=False)[..., :h, :w]
 
 
 @torch.no_grad()
@@ -41,20 +56,11 @@ def cam_maps(net: nn.Module, images: Tensor, labels: Tensor, *, scales: Iterable
              flip: bool = False) -> Tensor:
     """Normalised CAMs ``(B, K, H, W)`` in ``[0, 1]`` at image resolution, absent classes zeroed."""
     batch = images.shape[0]
-    ph, pw = feature_stride(net.backbone)
+    stride = feature_stride(net.backbone)
 
     def fn(x: Tensor) -> Tensor:
         reps = x.shape[0] // batch
-        cam = net.recipe.cam(net.backbone, x, labels.repeat(reps, 1)).float()
-        # a dynamic_img_pad ViT (and a Swin, see _backbone) pads the input bottom/right to whole
-        # feature cells: map the CAM (at the final grid or finer) to the padded pixels, then
-        # crop the image back out
-        h, w = x.shape[-2:]
-        padded = (-(-h // ph) * ph, -(-w // pw) * pw)
-        if tuple(cam.shape[-2:]) != (h, w):
-            cam = F.interpolate(cam, size=padded, mode="bilinear", align_corners=False)
-            cam = cam[..., :h, :w]
-        return cam
+        return _crop_to_input(net.recipe.cam(net.backbone, x, labels.repeat(reps, 1)).float(), x, stride)
 
     cam = multiscale_cam(fn, images, scales=tuple(scales), flip=flip, fuse="sum")
     cam = normalize_cam(cam, mode="max")
@@ -62,14 +68,37 @@ def cam_maps(net: nn.Module, images: Tensor, labels: Tensor, *, scales: Iterable
 
 
 @torch.no_grad()
-def seg_prediction(net: nn.Module, images: Tensor) -> Tensor:
-    """The decoder's class map ``(B, H, W)`` (0 = background) at image resolution."""
-    logits = net.decoder(final_feature_map(net.backbone, images)).float()
-    ph, pw = feature_stride(net.backbone)
-    h, w = images.shape[-2:]
-    padded = (-(-h // ph) * ph, -(-w // pw) * pw)
-    logits = F.interpolate(logits, size=padded, mode="bilinear", align_corners=False)[..., :h, :w]
-    return logits.argmax(dim=1)
+def seg_probs(net: nn.Module, images: Tensor, *, scales: Iterable[float] = (1.0,),
+              flip: bool = False) -> Tensor:
+    """The decoder's class probabilities ``(B, K + 1, H, W)`` (background first) at image resolution.
+
+    Per scale (and flipped copy) the logits are upsampled (bilinear) to the input and turned
+    into a softmax; a flipped copy is fused with the other by element-wise max
+    (:func:`wsss_blocks.cam.multiscale_cam`), the scales by their mean, and each pixel is
+    renormalised to sum 1. At one scale without flip its argmax is the argmax of the logits.
+    """
+    stride = feature_stride(net.backbone)
+
+    def fn(x: Tensor) -> Tensor:
+        logits = net.decoder(final_feature_map(net.backbone, x)).float()
+        return _crop_to_input(logits, x, stride).softmax(dim=1)
+
+    probs = multiscale_cam(fn, images, scales=tuple(scales), flip=flip, fuse="mean")
+    return probs / probs.sum(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+@torch.no_grad()
+def seg_prediction(net: nn.Module, images: Tensor, *, scales: Iterable[float] = (1.0,), flip: bool = False,
+                   crf: bool = False) -> Tensor:
+    """The decoder's class map ``(B, H, W)`` (0 = background) at image resolution; with ``crf``
+    its probabilities are refined by :func:`wsss_blocks.refine.dense_crf` (the crf extra;
+    ``images`` ImageNet-normalised, as every dataset here) first."""
+    probs = seg_probs(net, images, scales=scales, flip=flip)
+    if crf:
+        from wsss_blocks.refine import dense_crf
+
+        probs = dense_crf(images.float(), probs)
+    return probs.argmax(dim=1)
 
 
 def _cam_prediction(cam: Tensor, threshold: float) -> Tensor:
@@ -93,6 +122,7 @@ def evaluate(net: nn.Module, loader: Iterable[dict[str, Any]], *, num_classes: i
     pseudo = MeanIoU(k1).to(device)
     decoder = getattr(net, "decoder", None)
     seg = MeanIoU(k1).to(device) if decoder is not None else None
+    seg_crf = MeanIoU(k1).to(device) if decoder is not None and getattr(cfg, "seg_crf", False) else None
     confident = torch.zeros((), dtype=torch.float64, device=device)
     total = torch.zeros((), dtype=torch.float64, device=device)
     try:
@@ -109,7 +139,12 @@ def evaluate(net: nn.Module, loader: Iterable[dict[str, Any]], *, num_classes: i
             pseudo.update(pl, mask)
             if seg is not None:
                 with autocast():
-                    seg.update(seg_prediction(net, images), mask)
+                    probs = seg_probs(net, images, scales=cfg.eval_scales, flip=cfg.eval_flip)
+                seg.update(probs.argmax(dim=1), mask)
+                if seg_crf is not None:
+                    from wsss_blocks.refine import dense_crf
+
+                    seg_crf.update(dense_crf(images.float(), probs.float()).argmax(dim=1), mask)
             counted = mask != 255
             confident += ((pl != 255) & counted).sum()
             total += counted.sum()
@@ -130,6 +165,8 @@ def evaluate(net: nn.Module, loader: Iterable[dict[str, Any]], *, num_classes: i
     }
     if seg is not None:
         out["seg_miou"] = seg.compute()["miou"]
+    if seg_crf is not None:
+        out["seg_crf_miou"] = seg_crf.compute()["miou"]
     return {k: float(v) for k, v in out.items()}
 
 

@@ -19,7 +19,9 @@ TABLE_COLUMNS = (
     ("pseudo_miou", "pseudo mIoU"),
     ("pseudo_coverage", "coverage"),
     ("seg_miou", "seg mIoU"),  # only with --seg: shown when a row has it
+    ("seg_crf_miou", "seg+CRF mIoU"),  # only with --seg-crf
 )
+_OPTIONAL_COLUMNS = ("seg_miou", "seg_crf_miou")
 
 
 class JsonlWriter:
@@ -85,7 +87,7 @@ def plot_curves(metrics_path: str, out_path: str, title: str = "") -> str | None
 
 def format_table(rows: list[tuple[str, dict[str, float], float]]) -> str:
     """A markdown table: one row per ``(recipe, final metrics, seconds)``."""
-    columns = [(k, lab) for k, lab in TABLE_COLUMNS if k != "seg_miou" or any(k in m for _, m, _ in rows)]
+    columns = [(k, lab) for k, lab in TABLE_COLUMNS if k not in _OPTIONAL_COLUMNS or any(k in m for _, m, _ in rows)]
     head = "| recipe | " + " | ".join(label for _, label in columns) + " | time (s) |"
     sep = "|" + "---|" * (len(columns) + 2)
     lines = [head, sep]

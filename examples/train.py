@@ -442,7 +442,8 @@ def _final_metrics(run: _Run, step: int) -> dict[str, Any]:
     if not run.history or run.history[-1]["step"] != step:
         return _run_eval(run, step)
     return {m: run.history[-1][m] for m in ("cam_miou", "cam_miou_best", "best_threshold", "pseudo_miou",
-                                            "pseudo_coverage", "seg_miou") if m in run.history[-1]}
+                                            "pseudo_coverage", "seg_miou", "seg_crf_miou")
+            if m in run.history[-1]}
 
 
 def _summarize(run: _Run, step: int, train_time: float, t_start: float) -> dict[str, Any]:

@@ -115,6 +115,34 @@ def test_mask_folder_choice(tmp_path: Path) -> None:
     assert ds.mask_dir.name == "SegmentationClassAug" and ds[0]["labels"][19] == 1
 
 
+def test_mask_dir_keyword(voc_root: Path, tmp_path: Path) -> None:
+    """mask_dir= reads a SegmentationClassAug-style folder from anywhere (e.g. pseudo masks)."""
+    from PIL import Image
+
+    from wsss_blocks.constants import VOC_PALETTE
+
+    ds = VOC(voc_root, "train_aug")
+    pseudo = tmp_path / "pseudo"
+    pseudo.mkdir()
+    for i, name in enumerate(ds.names):
+        h, w = ds[i]["mask"].shape
+        arr = np.full((h, w), 255, np.uint8)
+        arr[: h // 2] = 3  # class 2 in the top half, ignore below
+        im = Image.fromarray(arr, mode="P")
+        im.putpalette(VOC_PALETTE.tobytes())
+        im.save(pseudo / f"{name}.png")
+    alt = VOC(voc_root, "train_aug", mask_dir=pseudo)
+    assert alt.mask_dir == pseudo and len(alt) == len(ds)
+    item = alt[0]
+    assert set(item["mask"].unique().tolist()) == {3, 255}
+    assert item["labels"].nonzero().flatten().tolist() == [2]
+    (pseudo / f"{ds.names[-1]}.png").unlink()
+    with pytest.raises(FileNotFoundError, match=r"masks \(mask_dir=.*1 of .* missing"):
+        VOC(voc_root, "train_aug", mask_dir=pseudo)
+    with pytest.raises(FileNotFoundError, match="mask_dir .* is not a folder"):
+        VOC(voc_root, "train_aug", mask_dir=tmp_path / "nope")
+
+
 @pytest.mark.parametrize("sub", ["", "VOCdevkit", "VOCdevkit/VOC2012"])
 def test_root_variants(voc_root: Path, sub: str) -> None:
     assert len(VOC(voc_root / sub, "train")) == 2

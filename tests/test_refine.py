@@ -15,6 +15,7 @@ from wsss_blocks.refine import (
     PAR,
     DenseCRF,
     SegLoss,
+    combine_levels,
     crf_available,
     dense_crf,
     par,
@@ -390,6 +391,34 @@ def test_par_pseudo_labels_absent_classes_and_padding():
         allowed = {0, 255} | {k + 1 for k in range(4) if labels[i, k]}
         assert set(out[i].unique().tolist()) <= allowed
     assert not out.requires_grad
+
+
+def test_combine_levels_hand_built_and_errors():
+    y_high = torch.tensor([[3, 0, 0, 0, 255, 0]])
+    y_low = torch.tensor([[1, 0, 2, 255, 0, 0]])
+    assert combine_levels(y_high, y_low).tolist() == [[3, 0, 255, 255, 255, 0]]
+    assert combine_levels(y_high, y_low, ignore_index=9).tolist() == [[3, 0, 9, 9, 255, 0]]
+    with pytest.raises(ShapeError, match="y_low"):
+        combine_levels(y_high, y_low[:, :3])
+
+
+def test_par_pseudo_labels_levels_and_no_propagation():
+    """levels=True gives the maps the default combines; num_iter=0 is the plain threshold rule."""
+    from wsss_blocks.cam import pseudo_labels
+
+    images, cams, labels = _label_inputs()
+    valid = torch.ones(3, 24, 20, dtype=torch.bool)
+    valid[:, :, 15:] = False
+    y = par_pseudo_labels(images, cams, labels, valid=valid, size=(24, 20), num_iter=4, levels=True)
+    assert y.shape == (3, 2, 24, 20)
+    assert (y[..., 15:] == 255).all()
+    out = par_pseudo_labels(images, cams, labels, valid=valid, size=(24, 20), num_iter=4)
+    assert torch.equal(out, combine_levels(y[:, 0], y[:, 1]))
+    assert not torch.equal(y[:, 0], y[:, 1])  # the inputs make the two levels differ
+    big = torch.nn.functional.interpolate(images, size=(24, 20), mode="bilinear", align_corners=False)
+    cam_big = torch.nn.functional.interpolate(cams, size=(24, 20), mode="bilinear", align_corners=False)
+    plain = par_pseudo_labels(big, cam_big, labels, num_iter=0)
+    assert torch.equal(plain, pseudo_labels(cam_big, labels, low=0.25, high=0.7))
 
 
 def test_par_pseudo_labels_thresholds_order_and_errors():

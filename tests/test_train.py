@@ -689,3 +689,58 @@ def test_seg_on_swin_and_warmup_error(tmp_path: Path) -> None:
     assert 0.0 <= summary["final"]["seg_miou"] <= 1.0
     with pytest.raises(ConfigError, match="--seg-warmup"):
         parse_config(["--seg", "--seg-warmup", "1.0"])
+
+
+def test_seg_eval_scales_flip_and_crf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--eval-scales/--eval-flip apply to the decoder too; --seg-crf adds seg_crf_miou."""
+    from _backbone import final_feature_map
+    from _evaluate import seg_prediction, seg_probs
+
+    from wsss_blocks.refine import crf_available
+
+    extra = ["--seg-crf"] if crf_available() else []
+    out = tmp_path / "ms"
+    summary = train.main([*TINY, "--recipe", "baseline", "--seg", "--seg-warmup", "0", "--iterations", "2",
+                          "--eval-every", "2", "--eval-scales", "1.0,0.5", "--eval-flip", "--no-plots",
+                          *extra, "--output", str(out)])
+    assert 0.0 <= summary["final"]["seg_miou"] <= 1.0
+    assert ("seg_crf_miou" in summary["final"]) == bool(extra)
+    if extra:
+        assert 0.0 <= summary["final"]["seg_crf_miou"] <= 1.0
+        assert "seg+CRF mIoU" in train.format_table([("b", summary["final"], 1.0)])
+    # rebuild the trained net and compare seg_probs with the decoder's logits directly
+    cfg = parse_config([*TINY, "--recipe", "baseline", "--seg", "--output", str(out)])
+    info = {"num_classes": 6}
+    net, _ = train._build_net(cfg, info)
+    state = torch.load(out / "last.pt", map_location="cpu", weights_only=False)["model"]
+    net.load_state_dict(state)
+    net.eval()
+    images = torch.randn(2, 3, 32, 40)
+    logits = net.decoder(final_feature_map(net.backbone, images))
+    direct = torch.nn.functional.interpolate(logits, size=(32, 40), mode="bilinear", align_corners=False)
+    single = seg_probs(net, images)
+    torch.testing.assert_close(single, direct.softmax(dim=1), rtol=1e-5, atol=1e-6)
+    assert torch.equal(seg_prediction(net, images), direct.argmax(dim=1))
+    multi = seg_probs(net, images, scales=(1.0, 0.5), flip=True)
+    torch.testing.assert_close(multi.sum(dim=1), torch.ones(2, 32, 40))
+    assert not torch.allclose(multi, single)  # the scales and the flip are used
+    # by hand: mean over scales of the flip-max of the per-scale softmax, renormalised
+    half = torch.nn.functional.interpolate(images, size=(16, 20), mode="bilinear", align_corners=False)
+    parts = []
+    for x in (images, half):
+        both = torch.cat([x, x.flip(-1)])
+        p = seg_probs(net, both)
+        p = torch.nn.functional.interpolate(p, size=(32, 40), mode="bilinear", align_corners=False)
+        parts.append(torch.maximum(p[:2], p[2:].flip(-1)))
+    ref = (parts[0] + parts[1]) / 2
+    torch.testing.assert_close(multi, ref / ref.sum(dim=1, keepdim=True), rtol=1e-5, atol=1e-6)
+
+
+def test_seg_crf_flag_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ConfigError, match="--seg-crf: .*add --seg"):
+        parse_config(["--seg-crf"])
+    import wsss_blocks.refine as refine
+
+    monkeypatch.setattr(refine, "crf_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"--seg-crf: needs the optional crf extra .*wsss_blocks\[crf\]"):
+        parse_config(["--seg", "--seg-crf"])

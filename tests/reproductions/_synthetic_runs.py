@@ -19,6 +19,7 @@ if str(EXAMPLES) not in sys.path:
     sys.path.insert(0, str(EXAMPLES))
 
 METRICS = ("cam_miou", "cam_miou_best", "pseudo_miou", "pseudo_coverage")
+OPTIONAL = ("seg_miou", "seg_crf_miou")  # only in runs that have them (``--seg``, ``--seg-crf``)
 
 
 def run(out: Path, recipe: str, seed: int, opts: dict[str, Any] | None = None,
@@ -32,7 +33,8 @@ def run(out: Path, recipe: str, seed: int, opts: dict[str, Any] | None = None,
         argv += ["--opt", f"{k}={v}"]
     t0, c0 = time.time(), time.process_time()
     summary = train.main(argv)
-    return {**{m: summary["final"][m] for m in METRICS},
+    final = summary["final"]
+    return {**{m: final[m] for m in METRICS}, **{m: final[m] for m in OPTIONAL if m in final},
             "wall_s": time.time() - t0, "cpu_s": time.process_time() - c0,
             "steps": summary["steps"], "options": summary["recipe_options"]}
 
@@ -69,7 +71,9 @@ def chance_levels(num_images: int = 128) -> dict[str, float]:
 
 def aggregate(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for m in (*METRICS, "wall_s", "cpu_s"):
+    for m in (*METRICS, *OPTIONAL, "wall_s", "cpu_s"):
+        if not all(m in r for r in per_seed):
+            continue
         vals = [r[m] for r in per_seed]
         out[m] = {"mean": statistics.fmean(vals),
                   "std": statistics.stdev(vals) if len(vals) > 1 else 0.0}

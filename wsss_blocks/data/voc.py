@@ -43,7 +43,9 @@ class VOC(SegmentationFolder):
 
     ``train_aug`` (10,582 images) reads its masks from ``SegmentationClassAug``; ``train`` and
     ``val`` from ``SegmentationClass``; each falls back to the other folder when its own is
-    absent. List files may hold plain names or DeepLab-style ``image mask`` path pairs.
+    absent. ``mask_dir`` replaces that choice with any folder of ``<name>.png`` label PNGs,
+    e.g. pseudo masks written by ``examples/make_pseudo_masks.py``. List files may hold plain
+    names or DeepLab-style ``image mask`` path pairs.
     Image-level labels are the mask values other than 0 and 255 (class ``v - 1``), or come
     from ``label_file`` (a ``.npy`` dict name -> 20 multi-hot, as ToCo's
     ``cls_labels_onehot.npy``, or a ``.json`` of class-index lists); with a label file and no
@@ -57,6 +59,8 @@ class VOC(SegmentationFolder):
             :class:`~wsss_blocks.data.transforms.TrainTransform` for training crops.
         label_file: optional image-level label file (see above).
         split_file: optional list file replacing ``ImageSets/Segmentation/<split>.txt``.
+        mask_dir: optional folder of ``<name>.png`` masks (palette or grey, values = class
+            index + 1, 0 background, 255 ignore) used instead of ``SegmentationClass[Aug]``.
 
     Attributes:
         num_classes: 20.
@@ -66,7 +70,8 @@ class VOC(SegmentationFolder):
         names: image names of the split.
 
     Raises:
-        FileNotFoundError: naming the missing folder or list file.
+        FileNotFoundError: naming the missing folder or list file (or ``mask_dir``, or the
+            masks missing from it).
 
     Items: ``image`` ``(3, H, W)`` float32, ``labels`` ``(20,)`` float32, ``mask`` ``(H, W)``
     int64 (255 kept), ``valid`` ``(H, W)`` bool, ``index``, ``name``.
@@ -91,6 +96,7 @@ class VOC(SegmentationFolder):
         transform: Transform | None = None,
         label_file: str | os.PathLike[str] | None = None,
         split_file: str | os.PathLike[str] | None = None,
+        mask_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         check_option("split", split, _SPLITS)
         self.root = _find_voc2012(Path(root))
@@ -109,6 +115,13 @@ class VOC(SegmentationFolder):
         if split != "train_aug":
             prefer.reverse()
         found = [self.root / d for d in prefer if (self.root / d).is_dir()]
+        if mask_dir is not None:
+            if not Path(mask_dir).is_dir():
+                raise FileNotFoundError(f"VOC mask_dir {mask_dir} is not a folder")
+            self.mask_dir = Path(mask_dir)
+            self._check_files(f" (mask_dir={mask_dir})")
+            super().__init__(transform, label_file)
+            return
         if found:
             self.mask_dir = found[0]
         elif label_file is not None:

@@ -5,7 +5,7 @@ use the optional ``crf`` extra (``pydensecrf2``), imported only when a CRF runs.
 """
 
 from wsss_blocks.refine.crf import DenseCRF, crf_available, dense_crf
-from wsss_blocks.refine.labels import par_pseudo_labels
+from wsss_blocks.refine.labels import combine_levels, par_pseudo_labels
 from wsss_blocks.refine.par import PAR, par, par_affinity, par_stencil
 from wsss_blocks.refine.seg_loss import SegLoss, seg_loss
 
@@ -15,6 +15,7 @@ __all__ = [
     "par_affinity",
     "par_stencil",
     "par_pseudo_labels",
+    "combine_levels",
     "SegLoss",
     "seg_loss",
     "DenseCRF",

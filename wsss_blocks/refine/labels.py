@@ -9,11 +9,38 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from wsss_blocks._utils import no_autocast
-from wsss_blocks._validate import check_int, check_labels, check_shape, check_size, check_thresholds
+from wsss_blocks._validate import ShapeError, check_int, check_labels, check_shape, check_size, check_thresholds
 from wsss_blocks.cam import valid_to_grid
 from wsss_blocks.refine.par import _TOCO_DILATIONS, par
 
-__all__ = ["par_pseudo_labels"]
+__all__ = ["combine_levels", "par_pseudo_labels"]
+
+
+def combine_levels(y_high: Tensor, y_low: Tensor, *, ignore_index: int = 255) -> Tensor:
+    """ToCo's two-level rule: merge the label maps of a conservative and a generous background level.
+
+    ``y_high`` / ``y_low`` are argmax maps (0 = background) made with a background score of
+    ``high`` and ``low`` (``low < high``)::
+
+        y = y_high   where y_high > 0          (confident foreground)
+        y = 0        where y_high = y_low = 0  (confident background)
+        y = ignore   where y_high = 0 < y_low  (unsure)
+
+    An ``ignore_index`` in ``y_high`` stays ignored; in ``y_low`` (with ``y_high = 0``) too.
+
+    Shape:
+        - y_high, y_low: ``(*)`` integer, same shape
+        - output: same shape and dtype
+
+    Example:
+        >>> combine_levels(torch.tensor([2, 0, 0, 1]), torch.tensor([2, 0, 3, 1])).tolist()
+        [2, 0, 255, 1]
+    """
+    if y_high.shape != y_low.shape:
+        raise ShapeError(f"y_low: expected the shape of y_high {tuple(y_high.shape)}, got {tuple(y_low.shape)}")
+    ignore = check_int("ignore_index", ignore_index)
+    out = torch.where(y_high > 0, y_high, torch.zeros_like(y_high))
+    return torch.where((y_high == 0) & (y_low > 0), torch.full_like(out, ignore), out)
 
 
 @torch.no_grad()
@@ -31,6 +58,7 @@ def par_pseudo_labels(
     num_iter: int = 10,
     temperature: float = 0.3,
     pos_weight: float = 0.01,
+    levels: bool = False,
 ) -> Tensor:
     """Segmentation pseudo labels from CAMs refined by :func:`par`, two background levels (ToCo).
 
@@ -62,11 +90,12 @@ def par_pseudo_labels(
         num_iter: see :func:`par`.
         temperature: see :func:`par`.
         pos_weight: see :func:`par`.
+        levels: return the two level maps instead of their combination.
 
     Shape:
         - images: ``(B, C, H, W)``; cams: ``(B, K, h, w)``; labels: ``(B, K)``;
           valid: ``(B, H', W')`` bool
-        - output: ``(B, *size)`` int64
+        - output: ``(B, *size)`` int64; with ``levels``: ``(B, 2, *size)`` (high, low)
 
     Example:
         >>> images = torch.zeros(1, 3, 8, 8)
@@ -95,8 +124,8 @@ def par_pseudo_labels(
             fg = F.interpolate(fg, size=(h, w), mode="bilinear", align_corners=False)
         present = labels.to(torch.bool)[:, :, None, None]  # (B, K, 1, 1)
         fg = fg.masked_fill(~present, float("-inf"))
-        levels = torch.tensor([high, low], dtype=dtype, device=cams.device)
-        bg = levels[None, :, None, None, None].expand(fg.shape[0], 2, 1, h, w)
+        bg_levels = torch.tensor([high, low], dtype=dtype, device=cams.device)
+        bg = bg_levels[None, :, None, None, None].expand(fg.shape[0], 2, 1, h, w)
         maps = torch.cat([bg, fg[:, None].expand(-1, 2, -1, -1, -1)], dim=2).softmax(dim=2)
         b, k1 = maps.shape[0], maps.shape[2]
         refined = par(  # both levels as channels of one call: the affinities are built once
@@ -111,10 +140,9 @@ def par_pseudo_labels(
         if out_size != (h, w):
             refined = F.interpolate(refined, size=out_size, mode="bilinear", align_corners=False)
         y = refined.reshape(b, 2, k1, *out_size).argmax(dim=2)  # (B, 2, *size)
-    y_high, y_low = y[:, 0], y[:, 1]
-    out = torch.where(y_high > 0, y_high, torch.zeros_like(y_high))
-    out = torch.where((y_high == 0) & (y_low > 0), torch.full_like(out, ignore), out)
     if valid is not None:
         keep = valid_to_grid(valid, out_size)
-        out = torch.where(keep, out, torch.full_like(out, ignore))
-    return out
+        y = torch.where(keep[:, None], y, torch.full_like(y, ignore))
+    if levels:
+        return y
+    return combine_levels(y[:, 0], y[:, 1], ignore_index=ignore)
