@@ -76,6 +76,7 @@ def ssl_loss(
     *,
     act_threshold: float | None = 0.1,
     cam_activation: Literal["relu", "none"] = "relu",
+    cam_scale: Literal["raw", "max"] = "raw",
     valid: Tensor | None = None,
     compact: bool | None = None,
 ) -> Tensor:
@@ -102,6 +103,10 @@ def ssl_loss(
         neg_keep: negatives used for suppression.
         act_threshold: activation threshold on the max-normalised CAM (official 0.1).
         cam_activation: ``"relu"`` or ``"none"`` (equal unless ``act_threshold=None``).
+        cam_scale: ``"raw"`` (spec, eq. 12: the CAM logits) or ``"max"``: ``g(cam)`` divided
+            by the **detached** per-(image, class) maximum of ``relu(cam)`` (+1e-5), so every
+            suppressed value is in ``[0, 1]`` and the gradient no longer grows with the
+            CAM's scale (the same direction, ``1 / max`` times the raw gradient).
         valid: padding mask at any resolution.
         compact: ``True`` / ``False`` force the compact / dense path; ``None`` (default)
             picks compact for CPU tensors and dense otherwise.
@@ -135,6 +140,7 @@ def ssl_loss(
     tokens = features_as_tokens("features", features, size, dims)
     check_prototypes(dims, pos, pos_valid, neg, neg_keep, "neg_keep")
     check_option("cam_activation", cam_activation, ("relu", "none"))
+    check_option("cam_scale", cam_scale, ("raw", "max"))
     if act_threshold is not None:
         check_range("act_threshold", act_threshold, 0.0, 1.0, high_inclusive=False)
     if valid is not None:
@@ -147,8 +153,12 @@ def ssl_loss(
     )
     with no_autocast(cam.device.type):
         g = cam.flatten(2).to(torch.promote_types(cam.dtype, torch.float32))
+        if cam_scale == "max":
+            peak = g.detach().relu().amax(-1, keepdim=True)
         if cam_activation == "relu":
             g = g.relu()
+        if cam_scale == "max":
+            g = g / (peak + 1e-5)
         phif = phi.to(g.dtype)
         return (phif * g).sum() / phif.sum().clamp_min(1.0)
 
@@ -165,6 +175,7 @@ class SSLLoss(nn.Module):
             ``True``; official: ``False``, person never suppressed).
         act_threshold: see :func:`ssl_loss`.
         cam_activation: see :func:`ssl_loss`.
+        cam_scale: see :func:`ssl_loss` (``"raw"``: the spec's form).
         compact: see :func:`ssl_loss` (``None``: compact on CPU, dense elsewhere).
 
     Shape:
@@ -187,6 +198,7 @@ class SSLLoss(nn.Module):
         suppress_singletons: bool = True,
         act_threshold: float | None = 0.1,
         cam_activation: Literal["relu", "none"] = "relu",
+        cam_scale: Literal["raw", "max"] = "raw",
         compact: bool | None = None,
     ) -> None:
         super().__init__()
@@ -196,11 +208,13 @@ class SSLLoss(nn.Module):
             check_range("act_threshold", act_threshold, 0.0, 1.0, high_inclusive=False)
         self.act_threshold = act_threshold
         self.cam_activation = check_option("cam_activation", cam_activation, ("relu", "none"))
+        self.cam_scale = check_option("cam_scale", cam_scale, ("raw", "max"))
 
     def extra_repr(self) -> str:
         return (
             f"suppress_singletons={self.suppress_singletons}, act_threshold={self.act_threshold},"
-            f" cam_activation={self.cam_activation!r}, compact={self.compact}"
+            f" cam_activation={self.cam_activation!r}, cam_scale={self.cam_scale!r},"
+            f" compact={self.compact}"
         )
 
     def forward(
@@ -213,6 +227,7 @@ class SSLLoss(nn.Module):
             pool.suppression_mask(self.suppress_singletons),
             act_threshold=self.act_threshold,
             cam_activation=self.cam_activation,
+            cam_scale=self.cam_scale,
             valid=valid,
             compact=self.compact,
         )
