@@ -103,6 +103,9 @@ class TrainConfig:
     stop_after: int | None = _arg(None, "stop after N steps of this invocation (checkpoint saved; continue "
                                   "with --resume auto)", metavar="N")
     log_every: int = _arg(10)
+    grad_norms: int | None = _arg(None, "every N steps log the gradient norm each weighted loss term sends to "
+                                  "the backbone and to the heads (metrics.jsonl kind 'grad', curves.png); "
+                                  "costs one extra backward per term on those steps only", metavar="N")
     progress: bool = _arg(True, "off: no tqdm progress bar")
     plots: bool = _arg(True, "off: skip PNG overlays and curves")
     quiet: bool = _arg(False, "print only the final table")
@@ -280,6 +283,7 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.threads is None or cfg.threads >= 1, "--threads", f"expected >= 1, got {cfg.threads}")
     need(cfg.stop_after is None or cfg.stop_after >= 1, "--stop-after", f"expected >= 1, got {cfg.stop_after}")
     need(cfg.ckpt_every is None or cfg.ckpt_every >= 1, "--ckpt-every", f"expected >= 1, got {cfg.ckpt_every}")
+    need(cfg.grad_norms is None or cfg.grad_norms >= 1, "--grad-norms", f"expected >= 1, got {cfg.grad_norms}")
     need(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"), "--device",
          f"expected auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     if cfg.data != "synthetic":
