@@ -1,0 +1,92 @@
+"""SSL ``cam_scale`` (issue 15): the spec's raw-logit form and the max-normalised form."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from wsss_blocks.cpews import CPEWSLoss, SSLLoss, ssl_loss
+
+PATHS = pytest.mark.parametrize("compact", [False, True], ids=["dense", "compact"])
+
+
+def _hand(scale: float = 1.0):
+    feats = torch.tensor([[[0.0, 2.0], [2.0, 0.0], [0.0, 3.0]]])
+    cam = (torch.tensor([[[[2.0, 1.0, 0.1]]]]) * scale).requires_grad_()
+    ok = torch.ones(1, 1, dtype=torch.bool)
+    return feats, cam, torch.ones(1, 1), torch.tensor([[[1.0, 0.0]]]), ok, torch.tensor([[[0.0, 1.0]]]), ok
+
+
+@PATHS
+def test_max_scale_hand_built(compact):
+    feats, cam, y, pos, pv, neg, nk = _hand()
+    loss = ssl_loss(feats, cam, y, pos, pv, neg, nk, cam_scale="max", compact=compact)
+    assert loss.item() == pytest.approx(2.0 / (2.0 + 1e-5))  # Phi = {token 0}, the peak itself
+    loss.backward()
+    assert cam.grad.flatten().tolist() == pytest.approx([1.0 / (2.0 + 1e-5), 0.0, 0.0])  # max detached
+    # without the gate token 2 joins: (2 + 0.1) / 2 / max
+    no_gate = ssl_loss(feats, cam, y, pos, pv, neg, nk, cam_scale="max", act_threshold=None, compact=compact)
+    assert no_gate.item() == pytest.approx(2.1 / 2 / (2.0 + 1e-5))
+
+
+@PATHS
+def test_max_scale_is_invariant_to_the_cam_scale_and_raw_is_not(compact):
+    vals = {}
+    for s in (1.0, 10.0):
+        feats, cam, y, pos, pv, neg, nk = _hand(s)
+        for mode in ("raw", "max"):
+            vals[mode, s] = ssl_loss(feats, cam, y, pos, pv, neg, nk, cam_scale=mode, compact=compact).item()
+    assert vals["max", 1.0] == pytest.approx(vals["max", 10.0], rel=1e-4)
+    assert vals["raw", 10.0] == pytest.approx(10 * vals["raw", 1.0])
+
+
+def _oracle(feats, cam, labels, pos, pv, neg, nk):
+    vals = []
+    for i in range(labels.shape[0]):
+        for c in range(labels.shape[1]):
+            if labels[i, c] == 0 or not pv[c].any():
+                continue
+            m = cam[i, c].flatten().clamp_min(0)
+            w = m / (m.max() + 1e-5)
+            for n in range(feats.shape[1]):
+                if not w[n] > 0.1:
+                    continue
+                f = feats[i, n].double()
+                dp = min(float(((f - pos[c, j].double()) ** 2).sum()) for j in range(pos.shape[1]) if pv[c, j])
+                dns = [float(((f - neg[c, j].double()) ** 2).sum()) for j in range(neg.shape[1]) if nk[c, j]]
+                if dns and min(dns) < dp:
+                    vals.append(m[n] / (m.max().detach() + 1e-5))
+    return torch.stack(vals).mean() if vals else torch.zeros(())
+
+
+@PATHS
+def test_max_scale_loop_oracle_values_and_gradients(compact):
+    gen = torch.Generator().manual_seed(3)
+    b, k, n, d, m = 2, 3, 12, 4, 4
+    feats = torch.randn(b, n, d, generator=gen)
+    cam0 = torch.randn(b, k, 3, 4, generator=gen) * 3
+    labels = (torch.rand(b, k, generator=gen) > 0.3).float()
+    labels[:, 0] = 1.0
+    pos, neg = torch.randn(k, m, d, generator=gen), torch.randn(k, m, d, generator=gen)
+    pv, nk = torch.rand(k, m, generator=gen) > 0.2, torch.rand(k, m, generator=gen) > 0.2
+    pv[:, 0] = True
+    nk[:, 0] = True
+    c1, c2 = cam0.clone().requires_grad_(), cam0.clone().requires_grad_()
+    out = ssl_loss(feats, c1, labels, pos, pv, neg, nk, cam_scale="max", compact=compact)
+    ref = _oracle(feats, c2, labels, pos, pv, neg, nk)
+    assert ref.item() > 0
+    assert out.item() == pytest.approx(ref.item(), abs=1e-6)
+    out.backward()
+    ref.backward()
+    torch.testing.assert_close(c1.grad, c2.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_module_and_preset_plumbing():
+    assert SSLLoss().cam_scale == "raw"  # the spec's form stays the module default
+    assert "cam_scale='max'" in repr(SSLLoss(cam_scale="max"))
+    with pytest.raises(ValueError, match="cam_scale"):
+        SSLLoss(cam_scale="sigmoid")
+    with pytest.raises(ValueError, match="cam_scale"):
+        ssl_loss(*_hand(), cam_scale="l2")
+    crit = CPEWSLoss.from_preset(3, 4, ssl={"cam_scale": "max"})
+    assert crit.ssl.cam_scale == "max"
