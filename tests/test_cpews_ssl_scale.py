@@ -1,4 +1,4 @@
-"""SSL ``cam_scale`` (issue 15): the spec's raw-logit form and the max-normalised form."""
+"""SSL ``cam_scale`` / ``reduction`` (issue 15): the spec's form and the alternatives."""
 
 from __future__ import annotations
 
@@ -40,8 +40,8 @@ def test_max_scale_is_invariant_to_the_cam_scale_and_raw_is_not(compact):
     assert vals["raw", 10.0] == pytest.approx(10 * vals["raw", 1.0])
 
 
-def _oracle(feats, cam, labels, pos, pv, neg, nk):
-    vals = []
+def _oracle(feats, cam, labels, pos, pv, neg, nk, scale="max", reduction="phi"):
+    vals, gate = [], 0
     for i in range(labels.shape[0]):
         for c in range(labels.shape[1]):
             if labels[i, c] == 0 or not pv[c].any():
@@ -51,16 +51,20 @@ def _oracle(feats, cam, labels, pos, pv, neg, nk):
             for n in range(feats.shape[1]):
                 if not w[n] > 0.1:
                     continue
+                gate += 1
                 f = feats[i, n].double()
                 dp = min(float(((f - pos[c, j].double()) ** 2).sum()) for j in range(pos.shape[1]) if pv[c, j])
                 dns = [float(((f - neg[c, j].double()) ** 2).sum()) for j in range(neg.shape[1]) if nk[c, j]]
                 if dns and min(dns) < dp:
-                    vals.append(m[n] / (m.max().detach() + 1e-5))
-    return torch.stack(vals).mean() if vals else torch.zeros(())
+                    vals.append(m[n] / (m.max().detach() + 1e-5) if scale == "max" else m[n])
+    if not vals:
+        return torch.zeros(())
+    return torch.stack(vals).sum() / (len(vals) if reduction == "phi" else gate)
 
 
 @PATHS
-def test_max_scale_loop_oracle_values_and_gradients(compact):
+@pytest.mark.parametrize("scale,reduction", [("max", "phi"), ("raw", "gate"), ("max", "gate")])
+def test_loop_oracle_values_and_gradients(compact, scale, reduction):
     gen = torch.Generator().manual_seed(3)
     b, k, n, d, m = 2, 3, 12, 4, 4
     feats = torch.randn(b, n, d, generator=gen)
@@ -72,8 +76,8 @@ def test_max_scale_loop_oracle_values_and_gradients(compact):
     pv[:, 0] = True
     nk[:, 0] = True
     c1, c2 = cam0.clone().requires_grad_(), cam0.clone().requires_grad_()
-    out = ssl_loss(feats, c1, labels, pos, pv, neg, nk, cam_scale="max", compact=compact)
-    ref = _oracle(feats, c2, labels, pos, pv, neg, nk)
+    out = ssl_loss(feats, c1, labels, pos, pv, neg, nk, cam_scale=scale, reduction=reduction, compact=compact)
+    ref = _oracle(feats, c2, labels, pos, pv, neg, nk, scale, reduction)
     assert ref.item() > 0
     assert out.item() == pytest.approx(ref.item(), abs=1e-6)
     out.backward()
@@ -81,8 +85,23 @@ def test_max_scale_loop_oracle_values_and_gradients(compact):
     torch.testing.assert_close(c1.grad, c2.grad, atol=1e-6, rtol=1e-5)
 
 
+@PATHS
+def test_gate_reduction_hand_built(compact):
+    feats, cam, y, pos, pv, neg, nk = _hand()
+    # gate (activated: normalised [1, 0.5, 0.05] > 0.1) = tokens {0, 1}; Phi = {0}
+    loss = ssl_loss(feats, cam, y, pos, pv, neg, nk, reduction="gate", compact=compact)
+    assert loss.item() == pytest.approx(1.0)  # 2 / 2
+    loss.backward()
+    assert cam.grad.flatten().tolist() == pytest.approx([0.5, 0.0, 0.0])
+    # Phi empty -> 0 with either reduction
+    z = ssl_loss(feats, cam, y, pos, pv, neg, nk & False, reduction="gate", compact=compact)
+    assert z.item() == 0.0
+
+
 def test_module_and_preset_plumbing():
-    assert SSLLoss().cam_scale == "raw"  # the spec's form stays the module default
+    assert (SSLLoss().cam_scale, SSLLoss().reduction) == ("raw", "phi")  # the spec's form
+    with pytest.raises(ValueError, match="reduction"):
+        SSLLoss(reduction="sum")
     assert "cam_scale='max'" in repr(SSLLoss(cam_scale="max"))
     with pytest.raises(ValueError, match="cam_scale"):
         SSLLoss(cam_scale="sigmoid")
