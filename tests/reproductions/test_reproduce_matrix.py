@@ -62,6 +62,8 @@ ROWS: dict[str, tuple[str, dict[str, str]]] = {
     "cpews (paper, SSL raw)": ("cpews", {"ssl_cam_scale": "raw"}),
     "cpews (paper, SSL max)": ("cpews", {"ssl_cam_scale": "max"}),
     "cpews (SSL max, w=0.05)": ("cpews", {"ssl_cam_scale": "max", "ssl_weight": "0.05"}),
+    "cpews (SSL gate)": ("cpews", {"ssl_reduction": "gate"}),
+    "cpews (SSL max+gate)": ("cpews", {"ssl_cam_scale": "max", "ssl_reduction": "gate"}),
     "cpews no SSL": ("cpews", {"ssl_weight": NO}),
     "cpews head only": ("cpews", {"ism_weight": NO, "pdl_weight": NO, "ssl_weight": NO}),
     "cpews +ISM": ("cpews", {"pdl_weight": NO, "ssl_weight": NO}),
@@ -79,7 +81,7 @@ ROWS: dict[str, tuple[str, dict[str, str]]] = {
 }
 #: every recipe, the SSL variants and the cpews reference without SSL: run on every configuration
 MAIN_ROWS = ("baseline", "cpews (paper, SSL raw)", "cpews (paper, SSL max)", "cpews (SSL max, w=0.05)",
-             "cpews no SSL", "mct", "doei", "pcm")
+             "cpews (SSL gate)", "cpews (SSL max+gate)", "cpews no SSL", "mct", "doei", "pcm")
 #: rows per configuration (CPU budget: the ablations run on ``default`` and ``crossed``; the
 #: VOC-path configuration, 96 px runs at ~2.5x the cost, adds the refine=true evidence of mct)
 CONFIG_ROWS: dict[str, tuple[str, ...]] = {
@@ -185,7 +187,8 @@ COMPARISONS = (
     ("cpews (paper, SSL raw)", "baseline"), ("cpews (paper, SSL max)", "baseline"),
     ("cpews no SSL", "baseline"), ("cpews (paper, SSL raw)", "cpews no SSL"),
     ("cpews (paper, SSL max)", "cpews no SSL"), ("cpews (SSL max, w=0.05)", "cpews no SSL"),
-    ("cpews (SSL max, w=0.05)", "baseline"), ("cpews +ISM", "cpews head only"),
+    ("cpews (SSL max, w=0.05)", "baseline"), ("cpews (SSL gate)", "cpews no SSL"),
+    ("cpews (SSL max+gate)", "cpews no SSL"), ("cpews +ISM", "cpews head only"),
     ("cpews +PDL", "cpews head only"), ("cpews +PDL w=0.12", "cpews head only"),
     ("cpews +SSL raw", "cpews head only"), ("cpews +SSL max", "cpews head only"),
     ("cpews head only", "baseline"), ("mct", "baseline"), ("mct refine last3", "mct"), ("doei", "mct"),
@@ -241,9 +244,11 @@ def write_summary() -> Path:
     return RESULTS / NAME
 
 
-def run_shard(shard: int, shards: int, tmp: Path) -> None:
+def run_shard(shard: int, shards: int, tmp: Path, rows: tuple[str, ...] | None = None) -> None:
+    """Run this shard's jobs (``rows``: only those rows) that the JSONL does not have yet."""
     done = {(r["config"], r["row"], r["seed"]) for r in read_runs()}
-    for i, job in enumerate(jobs()):
+    todo = [j for j in jobs() if rows is None or j[1] in rows]
+    for i, job in enumerate(todo):
         if i % shards != shard or job in done:
             continue
         t0 = time.time()
@@ -270,9 +275,10 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--shard", default="0/1")
     p.add_argument("--tmp", default=None)
+    p.add_argument("--rows", action="append", default=None, help="only these rows (repeatable)")
     a = p.parse_args()
     i, n = (int(v) for v in a.shard.split("/"))
     RESULTS.mkdir(parents=True, exist_ok=True)
     tmp = Path(a.tmp or tempfile.mkdtemp(prefix="wsss_matrix_"))
     sys.stdout.write(f"tmp {tmp}\n")
-    run_shard(i, n, tmp)
+    run_shard(i, n, tmp, tuple(a.rows) if a.rows else None)
