@@ -222,6 +222,23 @@ def markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def verdict_markdown(summary: dict[str, Any]) -> str:
+    """One line per comparison: the paired delta (points) and the verdict on every configuration."""
+    v = verdicts(summary)
+    cfgs = list(summary)
+    lines = ["| comparison (best CAM mIoU, paired) | " + " | ".join(cfgs) + " |", "|---|" + "---|" * len(cfgs)]
+    for a, b in COMPARISONS:
+        key = f"{a} vs {b}"
+        cells = []
+        for c in cfgs:
+            e = v.get(c, {}).get(key)
+            d = None if e is None else e["delta_best_cam_miou"]
+            cells.append("" if e is None else f"{100 * d['mean']:+.1f} {e['verdict']} (n={len(d['seeds'])})")
+        if any(cells):
+            lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def write_summary() -> Path:
     runs = read_runs()
     summary = summarize(runs)
@@ -235,6 +252,7 @@ def write_summary() -> Path:
         "config_rows": {k: list(v) for k, v in CONFIG_ROWS.items()}, "steps": STEPS, "seeds": list(SEEDS),
         "planned_runs": len(jobs()), "finished_runs": len(runs),
         "summary": summary, "verdicts": verdicts(summary), "table_markdown": markdown(summary),
+        "verdicts_markdown": verdict_markdown(summary),
         "verdict_rule": "paired over seeds: better/worse when |mean delta| > 2 points and every seed agrees",
     }
     tmp = RESULTS / (NAME + ".tmp")
@@ -276,7 +294,12 @@ if __name__ == "__main__":
     p.add_argument("--shard", default="0/1")
     p.add_argument("--tmp", default=None)
     p.add_argument("--rows", action="append", default=None, help="only these rows (repeatable)")
+    p.add_argument("--report", action="store_true", help="rewrite the JSON from the JSONL and print the tables")
     a = p.parse_args()
+    if a.report:
+        payload = json.loads(write_summary().read_text())
+        print(payload["table_markdown"] + "\n\n" + payload["verdicts_markdown"])
+        sys.exit(0)
     i, n = (int(v) for v in a.shard.split("/"))
     RESULTS.mkdir(parents=True, exist_ok=True)
     tmp = Path(a.tmp or tempfile.mkdtemp(prefix="wsss_matrix_"))
