@@ -5,7 +5,8 @@ For the ``default`` synthetic scenes (superclass = body pair) and the ``crossed`
 in different superclasses), train the cpews recipe (paper preset) up to the prototype-pool
 build (step 60 of 200, the matrix's schedule), then on 128 validation scenes:
 
-* classify every token SSL would suppress (``Phi``) by what it really is: the class's own
+* classify every token SSL would suppress (with the superclass table alone, the spec, and
+  with the learned confusions of ``suppression_mask(source_share=0.5)``) (``Phi``) by what it really is: the class's own
   discriminative part, its own body, another object, its own context texture, or other
   background (ground truth from :meth:`SyntheticScenes.scene`);
 * the share of the class's own object tokens that pass the activation gate and land in ``Phi``;
@@ -46,7 +47,9 @@ TINY = ["--model", "vit_tiny_patch16_224", "--patch-size", "8", "--depth", "4", 
         "--threads", "1", "--iterations", "200", "--eval-every", "200", "--stop-after", "60", "--recipe", "cpews",
         "--baseline", "off", "--device", "cpu", "--no-plots", "--no-progress", "--quiet"]
 SCENES = {"default": [], "crossed": ["--scene", "num_classes=8", "--scene", "superclass_layout=crossed",
-                                     "--scene", "context_alone=0.3"]}
+                                     "--scene", "context_alone=0.3"],
+          "k12": ["--scene", "num_classes=12", "--scene", "group_size=3", "--scene", "co_occurrence=0.95",
+                  "--scene", "context_alone=0.2"]}
 CATEGORIES = ("own_part", "own_body", "other_object", "own_context", "other_background")
 VARIANTS = {"spec (raw, mean over Phi)": {}, "cam_scale=max": {"cam_scale": "max"},
             "reduction=gate": {"reduction": "gate"}, "max + gate": {"cam_scale": "max", "reduction": "gate"}}
@@ -70,15 +73,17 @@ def analyse(name: str, extra: list[str], tmp: Path, seed: int) -> dict[str, Any]
     net.eval()
     recipe, backbone, pool = net.recipe, net.backbone, net.recipe.pool
     assert pool.is_built
-    counts = torch.zeros(len(CATEGORIES))
-    own_obj_gate = own_obj_phi = 0.0
+    filters = {"table (spec)": None, "table + learned confusions (source_share=0.5)": 0.5}
+    counts = {f: torch.zeros(len(CATEGORIES)) for f in filters}
+    own_obj_gate = dict.fromkeys(filters, 0.0)
+    own_obj_phi = dict.fromkeys(filters, 0.0)
     k, patch = info["num_classes"], 8
-    for batch in eval_loader(val_ds, 128, 32, rank=0, world=1):
+    for batch, fname in ((b, f) for b in eval_loader(val_ds, 128, 32, rank=0, world=1) for f in filters):
         with torch.no_grad():
             taps, o = recipe._heads(backbone, batch["image"])
         labels = batch["labels"]
         phi, gate = _suppression_set(taps.final, o.cam_final.float(), labels != 0, None, pool.pos, pool.pos_valid,
-                                     pool.neg, pool.suppression_mask(True), 0.1, None)
+                                     pool.neg, pool.suppression_mask(True, filters[fname]), 0.1, None)
         scenes = [val_ds.scene(int(i)) for i in batch["index"]]
         mask = _token_majority(batch["mask"], patch)  # (B, N): 0 bg, c+1
         part = _token_majority(torch.stack([torch.from_numpy(s["part"]).long() for s in scenes]), patch)
@@ -90,9 +95,9 @@ def analyse(name: str, extra: list[str], tmp: Path, seed: int) -> dict[str, Any]
         cat = torch.where((mask[:, None] > 0) & ~own, 2, cat)
         cat = torch.where(own & (part[:, None] == 0), 1, cat)
         cat = torch.where(own & (part[:, None] == 1), 0, cat)
-        counts += torch.bincount(cat[phi], minlength=len(CATEGORIES)).float()
-        own_obj_gate += float((gate & own).sum())
-        own_obj_phi += float((phi & own).sum())
+        counts[fname] += torch.bincount(cat[phi], minlength=len(CATEGORIES)).float()
+        own_obj_gate[fname] += float((gate & own).sum())
+        own_obj_phi[fname] += float((phi & own).sum())
     # gradients on one training batch at the pool step
     train_ds, _, _ = build_datasets(cfg)
     batch = collate([train_ds.base[i] for i in range(16)])
@@ -110,12 +115,18 @@ def analyse(name: str, extra: list[str], tmp: Path, seed: int) -> dict[str, Any]
                          pool.suppression_mask(True), act_threshold=0.1, **kw)
         g = train.grad_norms({**base, "ssl": LossTerm(0.2, value)}, groups)
         grads[vname] = {"ssl_value": float(value), **{key: float(v) for key, v in g.items()}}
-    total = float(counts.sum())
+    per_filter = {}
+    for f in filters:
+        total = float(counts[f].sum())
+        per_filter[f] = {
+            "kept_negatives_per_class": pool.suppression_mask(True, filters[f]).sum(1).tolist(),
+            "phi_tokens": total,
+            "phi_share": {c: float(n) / max(total, 1.0) for c, n in zip(CATEGORIES, counts[f], strict=True)},
+            "own_object_tokens_in_gate": own_obj_gate[f],
+            "own_object_share_suppressed": own_obj_phi[f] / max(own_obj_gate[f], 1.0),
+        }
     return {
-        "phi_tokens": total,
-        "phi_share": {c: float(n) / max(total, 1.0) for c, n in zip(CATEGORIES, counts, strict=True)},
-        "own_object_tokens_in_gate": own_obj_gate,
-        "own_object_share_suppressed": own_obj_phi / max(own_obj_gate, 1.0),
+        "suppression_set": per_filter,
         "grad_norms_at_pool_step (ssl weight 0.2)": grads,
         "superclasses": info["superclasses"],
     }

@@ -109,3 +109,62 @@ def test_module_and_preset_plumbing():
         ssl_loss(*_hand(), cam_scale="l2")
     crit = CPEWSLoss.from_preset(3, 4, ssl={"cam_scale": "max"})
     assert crit.ssl.cam_scale == "max"
+
+
+# ----------------------------------------------------------------------------- learned confusions
+def _pool_with_sources():
+    from wsss_blocks.cpews import PrototypePool
+
+    pool = PrototypePool(3, 2, num_prototypes=2)  # no superclass table
+    pool.neg_valid.fill_(True)
+    pool.neg_valid[1, 1] = False
+    t = torch.tensor
+    pool.neg_labels[0, 0], pool.neg_labels[0, 1] = t([0, 1, 0]).bool(), t([0, 1, 1]).bool()  # both with 1
+    pool.neg_labels[1, 0] = t([0, 0, 1]).bool()  # one valid negative, from 2
+    pool.neg_labels[2, 0], pool.neg_labels[2, 1] = t([1, 0, 0]).bool(), t([0, 1, 0]).bool()  # 0 and 1: 50 % each
+    return pool
+
+
+def test_source_share_hand_built():
+    pool = _pool_with_sources()
+    assert pool.suppression_mask().tolist() == [[True, True], [True, False], [True, True]]
+    # class 0: 1 is in 100 % of its sources -> both dropped (and with them the one that also had 2);
+    # class 1: its only valid negative is from 2 (100 %) -> dropped; class 2: 0 and 1 at 50 % each
+    assert pool.suppression_mask(source_share=0.5).tolist() == [[False, False], [False, False], [False, False]]
+    assert pool.suppression_mask(source_share=0.6).tolist() == [[False, False], [False, False], [True, True]]
+    with pytest.raises(ValueError, match="source_share"):
+        pool.suppression_mask(source_share=0.0)
+
+
+def test_source_share_loop_oracle():
+    from wsss_blocks.cpews import PrototypePool
+
+    gen = torch.Generator().manual_seed(5)
+    k, m = 5, 6
+    pool = PrototypePool(k, 3, num_prototypes=m, superclasses={"a": (0, 1), "b": (2, 3, 4)})
+    pool.neg_valid.copy_(torch.rand(k, m, generator=gen) > 0.3)
+    pool.neg_labels.copy_((torch.rand(k, m, k, generator=gen) > 0.6) & pool.neg_valid[:, :, None])
+    pool.neg_labels[torch.arange(k), :, torch.arange(k)] = False  # a negative never contains its class
+    for s in (0.2, 0.5, 0.9):
+        got = pool.suppression_mask(source_share=s)
+        for c in range(k):
+            n = int(pool.neg_valid[c].sum())
+            conf = {j for j in range(k) if n and sum(bool(pool.neg_labels[c, i, j]) for i in range(m)
+                                                     if pool.neg_valid[c, i]) / n >= s}
+            sup = {j for j in range(k) if pool.superclass_of[j] == pool.superclass_of[c]}
+            for i in range(m):
+                src = {j for j in range(k) if pool.neg_labels[c, i, j]}
+                want = bool(pool.neg_valid[c, i]) and not (src & (conf | sup))
+                assert bool(got[c, i]) == want, (s, c, i)
+
+
+def test_source_share_plumbing():
+    pool = _pool_with_sources()
+    pool.pos_valid.fill_(True)
+    assert SSLLoss().source_share is None
+    assert "source_share=0.5" in repr(SSLLoss(source_share=0.5))
+    with pytest.raises(ValueError, match="source_share"):
+        SSLLoss(source_share=1.5)
+    feats, cam, y = torch.randn(1, 4, 2), torch.randn(1, 3, 2, 2), torch.ones(1, 3)
+    # every negative dropped -> nothing suppressed
+    assert SSLLoss(source_share=0.5, act_threshold=None)(feats, cam, y, pool).item() == 0.0

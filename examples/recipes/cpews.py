@@ -48,6 +48,7 @@ class CPEWSRecipe(Recipe):
         ssl_weight: float | None = None
         ssl_cam_scale: Literal["raw", "max"] = "raw"  # SSL on CAM logits (spec) or max-normalised
         ssl_reduction: Literal["phi", "gate"] = "phi"  # SSL mean over Phi (spec) or over the gate
+        ssl_source_share: float | None = None  # also drop negatives of learned confusions (None: table only)
 
     def __init__(self, backbone: nn.Module, num_classes: int, config: Any, options: Any,
                  data_info: dict[str, Any] | None = None) -> None:
@@ -63,7 +64,8 @@ class CPEWSRecipe(Recipe):
         self.loss = CPEWSLoss.from_preset(
             num_classes, dim, preset=o.preset, weights=weights, superclasses=superclasses,
             pool={"num_prototypes": o.num_prototypes, "capacity": o.capacity, "seed": int(config.seed)},
-            ssl={"cam_scale": o.ssl_cam_scale, "reduction": o.ssl_reduction}, warn_unbuilt=False)
+            ssl={"cam_scale": o.ssl_cam_scale, "reduction": o.ssl_reduction, "source_share": o.ssl_source_share},
+            warn_unbuilt=False)
         self.pool_step = o.pool_step or max(1, round(o.pool_fraction * int(config.iterations)))
         self.low, self.high = float(config.low), float(config.high)  # ISM token labels (--low/--high)
 

@@ -187,6 +187,8 @@ class SSLLoss(nn.Module):
         cam_activation: see :func:`ssl_loss`.
         cam_scale: see :func:`ssl_loss` (``"raw"``: the spec's form).
         reduction: see :func:`ssl_loss` (``"phi"``: the spec's form).
+        source_share: passed to :meth:`PrototypePool.suppression_mask` (``None``: the
+            superclass table only, the spec's form).
         compact: see :func:`ssl_loss` (``None``: compact on CPU, dense elsewhere).
 
     Shape:
@@ -211,6 +213,7 @@ class SSLLoss(nn.Module):
         cam_activation: Literal["relu", "none"] = "relu",
         cam_scale: Literal["raw", "max"] = "raw",
         reduction: Literal["phi", "gate"] = "phi",
+        source_share: float | None = None,
         compact: bool | None = None,
     ) -> None:
         super().__init__()
@@ -222,12 +225,15 @@ class SSLLoss(nn.Module):
         self.cam_activation = check_option("cam_activation", cam_activation, ("relu", "none"))
         self.cam_scale = check_option("cam_scale", cam_scale, ("raw", "max"))
         self.reduction = check_option("reduction", reduction, ("phi", "gate"))
+        if source_share is not None:
+            check_range("source_share", source_share, 0.0, 1.0, low_inclusive=False)
+        self.source_share = source_share
 
     def extra_repr(self) -> str:
         return (
             f"suppress_singletons={self.suppress_singletons}, act_threshold={self.act_threshold},"
             f" cam_activation={self.cam_activation!r}, cam_scale={self.cam_scale!r},"
-            f" reduction={self.reduction!r},"
+            f" reduction={self.reduction!r}, source_share={self.source_share},"
             f" compact={self.compact}"
         )
 
@@ -238,7 +244,7 @@ class SSLLoss(nn.Module):
         """See :func:`ssl_loss`."""
         return ssl_loss(
             features, cam, labels, pool.pos, pool.pos_valid, pool.neg,
-            pool.suppression_mask(self.suppress_singletons),
+            pool.suppression_mask(self.suppress_singletons, self.source_share),
             act_threshold=self.act_threshold,
             cam_activation=self.cam_activation,
             cam_scale=self.cam_scale,
