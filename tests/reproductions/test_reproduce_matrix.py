@@ -64,6 +64,7 @@ ROWS: dict[str, tuple[str, dict[str, str]]] = {
     "cpews (SSL max, w=0.05)": ("cpews", {"ssl_cam_scale": "max", "ssl_weight": "0.05"}),
     "cpews (SSL gate)": ("cpews", {"ssl_reduction": "gate"}),
     "cpews (SSL max+gate)": ("cpews", {"ssl_cam_scale": "max", "ssl_reduction": "gate"}),
+    "cpews (SSL learned+gate)": ("cpews", {"ssl_source_share": "0.5", "ssl_reduction": "gate"}),
     "cpews no SSL": ("cpews", {"ssl_weight": NO}),
     "cpews head only": ("cpews", {"ism_weight": NO, "pdl_weight": NO, "ssl_weight": NO}),
     "cpews +ISM": ("cpews", {"pdl_weight": NO, "ssl_weight": NO}),
@@ -79,29 +80,35 @@ ROWS: dict[str, tuple[str, dict[str, str]]] = {
     "doei CPDO only": ("doei", {"use_ppdo": "false", "use_hfa": "false"}),
     "pcm": ("pcm", {}),
 }
-#: every recipe, the SSL variants and the cpews reference without SSL: run on every configuration
-MAIN_ROWS = ("baseline", "cpews (paper, SSL raw)", "cpews (paper, SSL max)", "cpews (SSL max, w=0.05)",
-             "cpews (SSL gate)", "cpews (SSL max+gate)", "cpews no SSL", "mct", "doei", "pcm")
-#: rows per configuration (CPU budget: the ablations run on ``default`` and ``crossed``; the
-#: VOC-path configuration, 96 px runs at ~2.5x the cost, adds the refine=true evidence of mct)
+#: every recipe (cpews in the paper preset = the spec's SSL, with the chosen SSL, and without SSL):
+#: all seeds on every configuration
+MAIN_ROWS = ("baseline", "cpews (paper, SSL raw)", "cpews (SSL learned+gate)", "cpews no SSL", "mct", "doei", "pcm")
+#: SSL variants that were tried and rejected: seed 0 on every configuration
+VARIANT_ROWS = ("cpews (paper, SSL max)", "cpews (SSL max, w=0.05)", "cpews (SSL gate)", "cpews (SSL max+gate)")
+#: per-term ablations: all seeds, ``crossed`` (the issue's regime) first, then ``default``
+ABLATION_ROWS = ("cpews head only", "cpews +ISM", "cpews +PDL", "cpews +PDL w=0.12", "cpews +SSL raw",
+                 "cpews +SSL max", "doei PPDO only", "doei HFA only", "doei CPDO only")
+#: rows per configuration (for the summary); the run order is :func:`jobs`
 CONFIG_ROWS: dict[str, tuple[str, ...]] = {
-    "default": tuple(r for r in ROWS if r != "mct refine last3"),
-    "crossed": tuple(r for r in ROWS if r != "mct refine last3"),
-    "k12": MAIN_ROWS,
-    "voc_crossed96": (*MAIN_ROWS, "mct refine last3"),
+    "default": (*MAIN_ROWS, *VARIANT_ROWS, *ABLATION_ROWS),
+    "crossed": (*MAIN_ROWS, *VARIANT_ROWS, *ABLATION_ROWS),
+    "k12": (*MAIN_ROWS, *VARIANT_ROWS),
+    "voc_crossed96": (*MAIN_ROWS, *VARIANT_ROWS, "mct refine last3"),
 }
 JSONL = RESULTS / "reproduce_matrix_cpu.jsonl"
 NAME = "reproduce_matrix_cpu.json"
 
 
 def jobs() -> list[tuple[str, str, int]]:
-    """``(config, row, seed)`` in run order: the main rows of every configuration first (seed-major),
-    then the ablation rows (seed-major), so a stopped matrix has whole rows."""
-    out = []
-    for main in (True, False):
-        for seed in SEEDS:
-            for cfg, rows in CONFIG_ROWS.items():
-                out += [(cfg, row, seed) for row in rows if (row in MAIN_ROWS) == main]
+    """``(config, row, seed)`` in priority order (a stopped matrix has the most important rows):
+    the chosen SSL default on every configuration, the other main rows (seed-major), the rejected
+    SSL variants (seed 0) and ``mct refine last3`` (VOC path), then the ablations (``crossed``
+    before ``default``, seed-major)."""
+    cfgs = list(CONFIG_ROWS)
+    out = [(c, "cpews (SSL learned+gate)", s) for s in SEEDS for c in cfgs]
+    out += [(c, r, s) for s in SEEDS for c in cfgs for r in MAIN_ROWS if r != "cpews (SSL learned+gate)"]
+    out += [(c, r, 0) for c in cfgs for r in VARIANT_ROWS] + [("voc_crossed96", "mct refine last3", s) for s in SEEDS]
+    out += [(c, r, s) for c in ("crossed", "default") for s in SEEDS for r in ABLATION_ROWS]
     return out
 
 
@@ -188,7 +195,9 @@ COMPARISONS = (
     ("cpews no SSL", "baseline"), ("cpews (paper, SSL raw)", "cpews no SSL"),
     ("cpews (paper, SSL max)", "cpews no SSL"), ("cpews (SSL max, w=0.05)", "cpews no SSL"),
     ("cpews (SSL max, w=0.05)", "baseline"), ("cpews (SSL gate)", "cpews no SSL"),
-    ("cpews (SSL max+gate)", "cpews no SSL"), ("cpews +ISM", "cpews head only"),
+    ("cpews (SSL max+gate)", "cpews no SSL"), ("cpews (SSL learned+gate)", "cpews no SSL"),
+    ("cpews (SSL learned+gate)", "baseline"), ("cpews (paper, SSL raw)", "cpews (SSL learned+gate)"),
+    ("cpews +ISM", "cpews head only"),
     ("cpews +PDL", "cpews head only"), ("cpews +PDL w=0.12", "cpews head only"),
     ("cpews +SSL raw", "cpews head only"), ("cpews +SSL max", "cpews head only"),
     ("cpews head only", "baseline"), ("mct", "baseline"), ("mct refine last3", "mct"), ("doei", "mct"),
@@ -264,9 +273,9 @@ def write_summary() -> Path:
 
 def run_shard(shard: int, shards: int, tmp: Path, rows: tuple[str, ...] | None = None) -> None:
     """Run this shard's jobs (``rows``: only those rows) that the JSONL does not have yet."""
-    done = {(r["config"], r["row"], r["seed"]) for r in read_runs()}
     todo = [j for j in jobs() if rows is None or j[1] in rows]
     for i, job in enumerate(todo):
+        done = {(r["config"], r["row"], r["seed"]) for r in read_runs()}
         if i % shards != shard or job in done:
             continue
         t0 = time.time()
