@@ -95,6 +95,17 @@ def ssl_loss(
     SSL trains nothing) the gradient reaches the classifier that made ``cam`` and the
     tokens. Note: the paper's weight 0.2 on raw CAM logits is ~1300x the official 1.5e-4.
 
+    The defaults here are the spec's form. Measured failure of that form (issue 15,
+    ``benchmarks/ssl_mechanism.py``): when classes that share appearance sit in different
+    superclasses, the kept negatives of a class are its look-alike partner's body, ``Phi``
+    takes in the class's *own* object (19 % of its activated object tokens, vs 0.3 % when the
+    table follows appearance), and the ``1 / |Phi|`` mean pushes each remaining token harder
+    as ``Phi`` shrinks (SSL's gradient is 2-5x the classification term's at the pool build),
+    so CAMs collapse to the discriminative parts. Scaling (``cam_scale="max"``, a smaller
+    weight) only slows this; ``reduction="gate"`` bounds the push, and
+    :meth:`PrototypePool.suppression_mask` with ``source_share`` (via :class:`SSLLoss`) drops
+    the look-alike negatives. The ``cpews`` trainer recipe uses both by default.
+
     Args:
         features: final tokens on the CAM's grid (only used, detached, for ``Phi``).
         cam: the live final CAM (raw logits, with grad).
