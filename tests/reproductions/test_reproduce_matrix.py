@@ -277,12 +277,24 @@ def write_summary() -> Path:
 
 
 def run_shard(shard: int, shards: int, tmp: Path, rows: tuple[str, ...] | None = None) -> None:
-    """Run this shard's jobs (``rows``: only those rows) that the JSONL does not have yet."""
+    """Run the jobs (``rows``: only those rows) that the JSONL does not have yet, in priority order.
+
+    ``shards > 1``: processes sharing ``tmp`` take the next unclaimed job (a claim file created
+    with ``O_EXCL`` in ``tmp/claims``), so they stay busy until the list is done.
+    """
+    claims = tmp / "claims"
+    claims.mkdir(parents=True, exist_ok=True)
     todo = [j for j in jobs() if rows is None or j[1] in rows]
-    for i, job in enumerate(todo):
+    for job in todo:
         done = {(r["config"], r["row"], r["seed"]) for r in read_runs()}
-        if i % shards != shard or job in done:
+        if job in done:
             continue
+        if shards > 1:
+            name = "".join(ch if ch.isalnum() else "_" for ch in f"{job[0]}_{job[1]}_{job[2]}")
+            try:
+                os.close(os.open(claims / name, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                continue
         t0 = time.time()
         rec = run_job(tmp, *job)
         with open(JSONL, "a") as fh:
