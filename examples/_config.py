@@ -48,6 +48,9 @@ class TrainConfig:
     data: Literal["synthetic", "voc", "coco"] = _arg("synthetic")
     data_root: str | None = _arg(None, "dataset root for voc / coco")
     train_length: int | None = _arg(None, "synthetic: training items per epoch")
+    scene: dict[str, str] = _arg({}, "synthetic: a SyntheticScenes keyword (num_classes, group_size, "
+                                 "superclass_layout, co_occurrence, context_alone, ...), repeatable",
+                                 flag="--scene", metavar="KEY=VALUE", append=True)
     # backbone
     model: str | None = _arg(None, "any timm ViT name, or a Swin (swin_*, swinv2_*)")
     pretrained: str | None = _arg(None, "local weights file (.pth/.bin/.safetensors/.npz); never downloads",
@@ -102,6 +105,9 @@ class TrainConfig:
     stop_after: int | None = _arg(None, "stop after N steps of this invocation (checkpoint saved; continue "
                                   "with --resume auto)", metavar="N")
     log_every: int = _arg(10)
+    grad_norms: int | None = _arg(None, "every N steps log the gradient norm each weighted loss term sends to "
+                                  "the backbone and to the heads (metrics.jsonl kind 'grad', curves.png); "
+                                  "costs one extra backward per term on those steps only", metavar="N")
     progress: bool = _arg(True, "off: no tqdm progress bar")
     plots: bool = _arg(True, "off: skip PNG overlays and curves")
     quiet: bool = _arg(False, "print only the final table")
@@ -119,11 +125,8 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
         num_heads=(3,), iterations=300, batch_size=16, lr=1e-3, warmup=30, low=0.25, high=0.7,
         cam_threshold=0.3, eval_every=150, eval_images=128, eval_batch_size=32, workers=0,
         train_length=2000,
-        # per-dataset recipe option defaults (--opt overrides them): the attention CAMs of a
-        # tiny random-init ViT are diffuse, and MCTformer's patch-affinity refinement
-        # (built for pretrained DeiT) washes them out, so use all blocks, unrefined
-        recipe_opts={"mct": {"refine": "false", "last_k": "4"},
-                     "doei": {"refine": "false", "last_k": "4"}},
+        # no per-dataset recipe options: mct / doei choose refine / last_k by whether
+        # --pretrained weights were given (recipes/mct.py), not by the dataset's name
     ),
     "voc": dict(
         model="vit_base_patch16_224", img_size=448, iterations=20000, batch_size=2, lr=6e-5,
@@ -223,6 +226,34 @@ def parse_recipe_options(items: list[str]) -> dict[str, str]:
     return out
 
 
+#: ``--scene`` keywords of :class:`~wsss_blocks.data.SyntheticScenes` and their types
+SCENE_KEYS: dict[str, Callable[[str], Any]] = {
+    "num_classes": int, "max_objects": int, "group_size": int, "co_occurrence": float,
+    "context_alone": float, "part_fraction": float, "part_hidden": float, "noise": float,
+    "min_visible": float, "superclass_layout": str, "val_length": int,
+}
+
+
+def parse_scene_options(items: list[str]) -> dict[str, Any]:
+    """``["num_classes=8", "superclass_layout=crossed"]`` -> typed SyntheticScenes keywords.
+
+    ``val_length`` sets the validation split's length (default: ``max(eval_images, vis_images)``).
+
+    Example:
+        >>> parse_scene_options(["num_classes=8", "co_occurrence=0.9"])
+        {'num_classes': 8, 'co_occurrence': 0.9}
+    """
+    out: dict[str, Any] = {}
+    for key, value in parse_recipe_options(items).items():
+        if key not in SCENE_KEYS:
+            raise ConfigError(f"--scene: unknown key {key!r}; allowed: {sorted(SCENE_KEYS)}")
+        try:
+            out[key] = SCENE_KEYS[key](value)
+        except ValueError:
+            raise ConfigError(f"--scene {key}: expected {SCENE_KEYS[key].__name__}, got {value!r}") from None
+    return out
+
+
 def validate(cfg: TrainConfig) -> None:
     """Raise :class:`ConfigError` naming the first invalid flag."""
     def need(cond: bool, flag: str, msg: str) -> None:
@@ -260,6 +291,7 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.threads is None or cfg.threads >= 1, "--threads", f"expected >= 1, got {cfg.threads}")
     need(cfg.stop_after is None or cfg.stop_after >= 1, "--stop-after", f"expected >= 1, got {cfg.stop_after}")
     need(cfg.ckpt_every is None or cfg.ckpt_every >= 1, "--ckpt-every", f"expected >= 1, got {cfg.ckpt_every}")
+    need(cfg.grad_norms is None or cfg.grad_norms >= 1, "--grad-norms", f"expected >= 1, got {cfg.grad_norms}")
     need(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"), "--device",
          f"expected auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     if cfg.data != "synthetic":
@@ -268,6 +300,7 @@ def validate(cfg: TrainConfig) -> None:
         need(cfg.eval_batch_size == 1, "--eval-batch-size",
              f"{cfg.data} images have different sizes, so evaluation and pool builds run one "
              f"image at a time; got {cfg.eval_batch_size}")
+        need(not cfg.scene, "--scene", "only for --data synthetic")
     else:
         need(cfg.train_length is not None and cfg.train_length >= 1, "--train-length",
              f"expected >= 1, got {cfg.train_length}")
@@ -307,6 +340,7 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     """Parse ``argv``, fill dataset defaults, validate. Errors raise :class:`ConfigError`."""
     ns = vars(build_parser().parse_args(argv))
     ns["opts"] = parse_recipe_options(ns["opts"])
+    ns["scene"] = parse_scene_options(ns["scene"])
     cfg = TrainConfig(**ns)
     defaults = DATASET_DEFAULTS[cfg.data]
     custom_model = cfg.model is not None and cfg.model != defaults["model"]

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from _config import ConfigError
 from torch.utils.data import DataLoader, Dataset
 
 from wsss_blocks.data import collate
@@ -52,11 +53,15 @@ def build_datasets(cfg: Any) -> tuple[Dataset, Dataset, dict[str, Any]]:
     if cfg.data == "synthetic":
         from wsss_blocks.data import SyntheticScenes
 
-        train = SyntheticScenes(split="train", length=cfg.train_length, image_size=cfg.img_size,
-                                seed=cfg.seed)
+        scene = dict(getattr(cfg, "scene", None) or {})
+        val_length = scene.pop("val_length", max(cfg.eval_images, cfg.vis_images))
+        try:
+            train = SyntheticScenes(split="train", length=cfg.train_length, image_size=cfg.img_size,
+                                    seed=cfg.seed, **scene)
+        except ValueError as err:
+            raise ConfigError(f"--scene: {err}") from err
         plain = train
-        val = SyntheticScenes(split="val", length=max(cfg.eval_images, cfg.vis_images),
-                              image_size=cfg.img_size, seed=cfg.seed)
+        val = SyntheticScenes(split="val", length=val_length, image_size=cfg.img_size, seed=cfg.seed, **scene)
     elif cfg.data in ("voc", "coco"):
         from wsss_blocks.data import COCO, VOC, EvalTransform, TrainTransform
 

@@ -56,7 +56,9 @@ def plot_curves(metrics_path: str, out_path: str, title: str = "") -> str | None
     records = read_jsonl(metrics_path)
     train = [r for r in records if r.get("kind") == "train"]
     evals = [r for r in records if r.get("kind") == "eval"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    grads = [r for r in records if r.get("kind") == "grad"]
+    fig, axes = plt.subplots(1, 3 if grads else 2, figsize=(15 if grads else 10, 3.6))
+    ax1, ax2 = axes[0], axes[1]
     terms = sorted({k[5:] for r in train for k in r if k.startswith("loss/")})
     for term in terms:
         pts = [(r["step"], r[f"loss/{term}"]) for r in train if f"loss/{term}" in r]
@@ -77,6 +79,20 @@ def plot_curves(metrics_path: str, out_path: str, title: str = "") -> str | None
     ax2.set_ylabel("mIoU")
     ax2.set_ylim(0, 1)
     ax2.legend(fontsize=7)
+    if grads:  # --grad-norms: per-term gradient norm, backbone solid, heads dashed
+        ax3 = axes[2]
+        keys = sorted({k for r in grads for k in r if k.startswith("grad/")})
+        for i, key in enumerate(k for k in keys if k.endswith("/backbone")):
+            term = key.split("/")[1]
+            for group, style in (("backbone", "-"), ("heads", "--")):
+                pts = [(r["step"], r[f"grad/{term}/{group}"]) for r in grads if f"grad/{term}/{group}" in r]
+                if pts and any(v > 0 for _, v in pts):
+                    steps, values = zip(*pts, strict=True)
+                    ax3.plot(steps, values, style, color=f"C{i}", lw=1.2, label=f"{term} ({group})")
+        ax3.set_xlabel("step")
+        ax3.set_ylabel("gradient norm (weighted term)")
+        ax3.set_yscale("symlog", linthresh=1e-4)
+        ax3.legend(fontsize=6)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

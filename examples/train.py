@@ -49,7 +49,7 @@ from torch import nn  # noqa: E402
 from wsss_blocks.cam import normalize_cam  # noqa: E402
 from wsss_blocks.refine import par_pseudo_labels, seg_loss  # noqa: E402
 
-__all__ = ["main", "TrainNet", "build_backbone"]
+__all__ = ["main", "TrainNet", "build_backbone", "grad_norms"]
 
 
 class TrainNet(nn.Module):
@@ -359,6 +359,39 @@ def _optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler
     scaler.update()
 
 
+def grad_norms(terms: dict[str, LossTerm], groups: dict[str, list[nn.Parameter]]) -> dict[str, torch.Tensor]:
+    """L2 norm of the gradient each weighted term (and their sum, ``total``) sends to each
+    parameter group: ``{"grad/<term>/<group>": norm}``.
+
+    One ``torch.autograd.grad`` per term with ``retain_graph=True``; ``.grad`` is untouched,
+    so the optimiser step that follows is unchanged. A term with weight 0, or with no graph
+    (e.g. a term reported as a detached 0), gives exactly 0; a group the term does not reach
+    gives 0.
+    """
+    out: dict[str, torch.Tensor] = {}
+    params = [p for ps in groups.values() for p in ps]
+    live = {n: t.weight * t.value.float() for n, t in terms.items() if t.weight != 0 and t.value.requires_grad}
+    if live:
+        live["total"] = sum(live.values())  # type: ignore[assignment]
+    for name in [*terms, "total"]:
+        loss = live.get(name)
+        if loss is None:
+            grads: tuple[torch.Tensor | None, ...] = (None,) * len(params)
+        else:
+            grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        i = 0
+        for group, ps in groups.items():
+            sq = [g.detach().float().pow(2).sum() for g in grads[i:i + len(ps)] if g is not None]
+            out[f"grad/{name}/{group}"] = torch.stack(sq).sum().sqrt() if sq else torch.zeros(())
+            i += len(ps)
+    return out
+
+
+def _grad_groups(net: TrainNet) -> dict[str, list[nn.Parameter]]:
+    heads = [p for m in (net.recipe, net.decoder) if m is not None for p in m.parameters() if p.requires_grad]
+    return {"backbone": [p for p in net.backbone.parameters() if p.requires_grad], "heads": heads}
+
+
 class _LossLog:
     """Running means of the loss terms between log lines, plus the recipe's latest values."""
 
@@ -409,6 +442,10 @@ def _train_loop(run: _Run, model: nn.Module, services: LoopServices) -> tuple[in
         with run.autocast():
             terms = model(to_device(batch, run.device), step)
         total = sum(t.weight * t.value.float() for t in terms.values() if t.weight != 0)
+        if cfg.grad_norms and step % cfg.grad_norms == 0:  # before the backward frees the graph
+            norms = grad_norms(terms, _grad_groups(net))
+            run.writer.write({"kind": "grad", "step": step,
+                              **{k: float(v) for k, v in norms.items()}})  # sync-ok: --grad-norms steps only
         _optimizer_step(total, run.optimizer, run.scaler, net.parameters(), cfg.clip_grad)
         lr = run.optimizer.param_groups[0]["lr"]
         run.scheduler.step()
@@ -518,6 +555,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise ConfigError("--resume: with a baseline comparison use --resume auto "
                           "(or --baseline off to resume one run from a file)")
     dist = _setup_distributed(cfg.device)
+    if cfg.grad_norms and dist.world > 1:
+        raise ConfigError("--grad-norms: single process only (per-term torch.autograd.grad bypasses DDP's "
+                          "gradient reduction)")
     try:
         if not compare:
             summary = _train_one(cfg, cfg.output, dist)

@@ -318,7 +318,7 @@ def test_defaults_are_the_cpu_main_job() -> None:
     assert (cfg.model, cfg.img_size, cfg.depth, cfg.patch_size) == ("vit_tiny_patch16_224", 64, 4, 8)
     assert cfg.output.startswith("runs" + os.sep)
     mct = parse_config(["--recipe", "mct", "--opt", "last_k=2"])
-    assert mct.opts == {"last_k": "2", "refine": "false"}  # dataset default, --opt wins
+    assert mct.opts == {"last_k": "2"}  # no per-dataset recipe options (issue 15)
     assert parse_config(["--recipe", "mct", "--data", "voc", "--data-root", "."]).opts == {}
     voc = parse_config(["--data", "coco", "--data-root", "."])
     assert (voc.iterations, voc.img_size, voc.high, voc.lr, voc.warmup) == (80000, 448, 0.65, 6e-5, 1500)
@@ -606,7 +606,7 @@ def test_every_existing_flag_still_parses() -> None:
         "--log-every", "2", "--no-progress", "--no-plots", "--quiet",
     ])
     assert (cfg.recipe, cfg.baseline, cfg.opts, cfg.num_heads, cfg.dynamic_size, cfg.eval_flip) == (
-        "mct", "on", {"last_k": "2", "refine": "false"}, (3,), False, True)
+        "mct", "on", {"last_k": "2"}, (3,), False, True)
     assert (cfg.compile, cfg.deterministic, cfg.progress, cfg.plots, cfg.quiet) == (True, True, False, False, True)
     assert (cfg.clip_grad, cfg.stop_after, cfg.eval_scales, cfg.head_lr_mult) == (2.0, 1, (1.0,), 5.0)
 

@@ -9,6 +9,19 @@
   optionally rebuilt every ``pool_refresh`` steps. PDL and SSL are 0 before the build.
 * Loss: :class:`~wsss_blocks.cpews.CPEWSLoss` with the ``"paper"`` or ``"official"`` preset;
   superclasses from the dataset (VOC / COCO tables, the synthetic scenes' groups).
+* SSL default (issue 15, evidence in ``benchmarks/results/ssl_mechanism_cpu.json`` and
+  ``reproduce_matrix_cpu.json``): the spec's SSL suppresses every activated token of a present
+  class that is nearer a kept negative prototype than a positive one, and keeps the negatives
+  that the superclass table calls "other superclass". Where classes that look alike sit in
+  different superclasses, those negatives are the look-alike partner's own body, so SSL
+  suppresses the class's own object (19 % of its activated object tokens; 0.3 % when the
+  table follows appearance) and, divided by ``|Phi|``, pushes with 2-5x the classification
+  gradient until no token is left. The recipe therefore defaults to
+  ``ssl_source_share=0.5`` (a class present in half of another class's negative sources is
+  treated as its superclass, :meth:`~wsss_blocks.cpews.PrototypePool.suppression_mask`) and
+  ``ssl_reduction="gate"`` (mean over the activated tokens, not over ``Phi``). The spec's
+  form: ``--opt ssl_source_share=none --opt ssl_reduction=phi`` (``ssl_cam_scale=max`` is a
+  third option).
 * Evaluation CAM: the final classifier on the final tokens.
 """
 
@@ -46,6 +59,9 @@ class CPEWSRecipe(Recipe):
         ism_weight: float | None = None  # None: the preset's weight
         pdl_weight: float | None = None
         ssl_weight: float | None = None
+        ssl_cam_scale: Literal["raw", "max"] = "raw"  # SSL on CAM logits (spec) or max-normalised
+        ssl_reduction: Literal["phi", "gate"] = "gate"  # SSL mean over the gate (spec: phi, over Phi)
+        ssl_source_share: float | None = 0.5  # also drop negatives of learned confusions (spec: none)
 
     def __init__(self, backbone: nn.Module, num_classes: int, config: Any, options: Any,
                  data_info: dict[str, Any] | None = None) -> None:
@@ -61,6 +77,7 @@ class CPEWSRecipe(Recipe):
         self.loss = CPEWSLoss.from_preset(
             num_classes, dim, preset=o.preset, weights=weights, superclasses=superclasses,
             pool={"num_prototypes": o.num_prototypes, "capacity": o.capacity, "seed": int(config.seed)},
+            ssl={"cam_scale": o.ssl_cam_scale, "reduction": o.ssl_reduction, "source_share": o.ssl_source_share},
             warn_unbuilt=False)
         self.pool_step = o.pool_step or max(1, round(o.pool_fraction * int(config.iterations)))
         self.low, self.high = float(config.low), float(config.high)  # ISM token labels (--low/--high)

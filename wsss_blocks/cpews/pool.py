@@ -423,7 +423,7 @@ class PrototypePool(nn.Module):
         self.finalize()
 
     # ------------------------------------------------------------------ use
-    def suppression_mask(self, suppress_singletons: bool = True) -> Tensor:
+    def suppression_mask(self, suppress_singletons: bool = True, source_share: float | None = None) -> Tensor:
         """Negatives that SSL may use for each class after the superclass filter.
 
         A negative of class ``c`` is dropped when its source image contains a class of
@@ -432,8 +432,18 @@ class PrototypePool(nn.Module):
         that is alone in its superclass (person is then never suppressed). Without a
         table (``superclasses=None``) all valid negatives are kept.
 
+        ``source_share=s`` also learns the confusions from the pool itself: a class ``j``
+        present in the source images of at least a share ``s`` of ``c``'s valid negatives is
+        treated as sharing ``c``'s appearance (as if it were in ``c``'s superclass), and
+        every negative of ``c`` whose source contains ``j`` is dropped. The top-``M``
+        negatives of a class are the images that activate it most without it; when most of
+        them contain one other class, ``c``'s CAM fires on that class's objects, i.e. the
+        two look alike, whatever the table says (issue 15: partners whose superclasses
+        differ). ``None`` (spec): the table only.
+
         Args:
             suppress_singletons: keep the negatives of singleton superclasses (paper).
+            source_share: the share in ``(0, 1]`` that marks a learned confusion, or ``None``.
 
         Shape:
             - output: ``(K, M)`` bool
@@ -444,13 +454,21 @@ class PrototypePool(nn.Module):
             >>> pool.neg_labels[0, 0] = torch.tensor([False, True, False])   # source had class 1
             >>> pool.suppression_mask().tolist(), pool.suppression_mask(False).tolist()
             ([[False], [True], [True]], [[False], [True], [False]])
+            >>> pool.neg_labels[2, 0] = torch.tensor([True, False, False])   # class 2's from class 0
+            >>> pool.suppression_mask().tolist(), pool.suppression_mask(source_share=0.5).tolist()
+            ([[False], [True], [True]], [[False], [True], [False]])
         """
         g = self.superclass_of
         grouped = g >= 0
         same = (g[:, None] == g[None, :]) & grouped[:, None]  # (K, K): j in c's group
+        if source_share is not None:
+            check_range("source_share", source_share, 0.0, 1.0, low_inclusive=False)
+            src = self.neg_labels & self.neg_valid[:, :, None]  # (K, M, K)
+            share = src.sum(1).float() / self.neg_valid.sum(1, keepdim=True).clamp_min(1).float()  # (K, K)
+            same = same | (share >= source_share)
         shared = (self.neg_labels & same[:, None, :]).any(dim=-1)  # (K, M)
         keep = self.neg_valid & ~shared
         if not suppress_singletons:
-            singleton = grouped & (same.sum(dim=1) == 1)
+            singleton = grouped & ((g[:, None] == g[None, :]) & grouped[:, None]).sum(dim=1).eq(1)
             keep = keep & ~singleton[:, None]
         return keep

@@ -51,18 +51,19 @@ def _suppression_set(
     tokens: Tensor, cam: Tensor, present: Tensor, slots: Tensor | None, pos: Tensor,
     pos_valid: Tensor, neg: Tensor, neg_keep: Tensor, act_threshold: float | None,
     valid: Tensor | None,
-) -> Tensor:
-    """``Phi (B, S, N)`` bool of SSL (no grad) for the slots' CAMs ``(B, S, h, w)``."""
+) -> tuple[Tensor, Tensor]:
+    """``(Phi, gate)`` ``(B, S, N)`` bool of SSL (no grad) for the slots' CAMs ``(B, S, h, w)``:
+    ``gate`` = present (with a valid positive) & activated & valid, ``Phi`` = ``gate & (D- < D+)``."""
     protos = torch.cat([per_slot(pos, slots), per_slot(neg, slots)], -2)  # (K | B S, M+M', D)
     ok = torch.cat([per_slot(pos_valid, slots), per_slot(neg_keep, slots)], -1)
     with no_autocast(tokens.device.type):
-        phi = _closer_to_negative(tokens, protos, ok, pos_valid.shape[1])
-        phi = phi & (present & per_slot(pos_valid.any(1), slots))[..., None]
+        closer = _closer_to_negative(tokens, protos, ok, pos_valid.shape[1])
+        gate = (present & per_slot(pos_valid.any(1), slots))[..., None].expand_as(closer)
         if act_threshold is not None:
-            phi = phi & (normalize_cam(cam.detach(), mode="max").flatten(2) > act_threshold)
+            gate = gate & (normalize_cam(cam.detach(), mode="max").flatten(2) > act_threshold)
         if valid is not None:
-            phi = phi & valid_to_grid(valid, (cam.shape[-2], cam.shape[-1])).flatten(1)[:, None]
-    return phi
+            gate = gate & valid_to_grid(valid, (cam.shape[-2], cam.shape[-1])).flatten(1)[:, None]
+    return closer & gate, gate
 
 
 def ssl_loss(
@@ -76,6 +77,8 @@ def ssl_loss(
     *,
     act_threshold: float | None = 0.1,
     cam_activation: Literal["relu", "none"] = "relu",
+    cam_scale: Literal["raw", "max"] = "raw",
+    reduction: Literal["phi", "gate"] = "phi",
     valid: Tensor | None = None,
     compact: bool | None = None,
 ) -> Tensor:
@@ -92,6 +95,17 @@ def ssl_loss(
     SSL trains nothing) the gradient reaches the classifier that made ``cam`` and the
     tokens. Note: the paper's weight 0.2 on raw CAM logits is ~1300x the official 1.5e-4.
 
+    The defaults here are the spec's form. Measured failure of that form (issue 15,
+    ``benchmarks/ssl_mechanism.py``): when classes that share appearance sit in different
+    superclasses, the kept negatives of a class are its look-alike partner's body, ``Phi``
+    takes in the class's *own* object (19 % of its activated object tokens, vs 0.3 % when the
+    table follows appearance), and the ``1 / |Phi|`` mean pushes each remaining token harder
+    as ``Phi`` shrinks (SSL's gradient is 2-5x the classification term's at the pool build),
+    so CAMs collapse to the discriminative parts. Scaling (``cam_scale="max"``, a smaller
+    weight) only slows this; ``reduction="gate"`` bounds the push, and
+    :meth:`PrototypePool.suppression_mask` with ``source_share`` (via :class:`SSLLoss`) drops
+    the look-alike negatives. The ``cpews`` trainer recipe uses both by default.
+
     Args:
         features: final tokens on the CAM's grid (only used, detached, for ``Phi``).
         cam: the live final CAM (raw logits, with grad).
@@ -102,6 +116,16 @@ def ssl_loss(
         neg_keep: negatives used for suppression.
         act_threshold: activation threshold on the max-normalised CAM (official 0.1).
         cam_activation: ``"relu"`` or ``"none"`` (equal unless ``act_threshold=None``).
+        cam_scale: ``"raw"`` (spec, eq. 12: the CAM logits) or ``"max"``: ``g(cam)`` divided
+            by the **detached** per-(image, class) maximum of ``relu(cam)`` (+1e-5), so every
+            suppressed value is in ``[0, 1]`` and the gradient no longer grows with the
+            CAM's scale (the same direction, ``1 / max`` times the raw gradient).
+        reduction: the denominator of the mean: ``"phi"`` (spec, eq. 12: ``|Phi|``) or
+            ``"gate"``: the number of tokens that pass every condition but the distance test
+            (present class with a positive, activated, valid). With ``"phi"`` the push on each
+            suppressed token grows as ``Phi`` shrinks (``1 / |Phi|``), so the loss keeps its full
+            strength until no token is left; with ``"gate"`` it is proportional to the share
+            of activated tokens that look like a negative.
         valid: padding mask at any resolution.
         compact: ``True`` / ``False`` force the compact / dense path; ``None`` (default)
             picks compact for CPU tensors and dense otherwise.
@@ -135,6 +159,8 @@ def ssl_loss(
     tokens = features_as_tokens("features", features, size, dims)
     check_prototypes(dims, pos, pos_valid, neg, neg_keep, "neg_keep")
     check_option("cam_activation", cam_activation, ("relu", "none"))
+    check_option("cam_scale", cam_scale, ("raw", "max"))
+    check_option("reduction", reduction, ("phi", "gate"))
     if act_threshold is not None:
         check_range("act_threshold", act_threshold, 0.0, 1.0, high_inclusive=False)
     if valid is not None:
@@ -142,15 +168,20 @@ def ssl_loss(
     slots = class_slots(labels, compact)
     cam = take_slots(cam, slots)  # (B, S, h, w), live
     present = take_slots(labels, slots) != 0
-    phi = _suppression_set(
+    phi, gate = _suppression_set(
         tokens, cam, present, slots, pos, pos_valid, neg, neg_keep, act_threshold, valid
     )
     with no_autocast(cam.device.type):
         g = cam.flatten(2).to(torch.promote_types(cam.dtype, torch.float32))
+        if cam_scale == "max":
+            peak = g.detach().relu().amax(-1, keepdim=True)
         if cam_activation == "relu":
             g = g.relu()
+        if cam_scale == "max":
+            g = g / (peak + 1e-5)
         phif = phi.to(g.dtype)
-        return (phif * g).sum() / phif.sum().clamp_min(1.0)
+        count = phif.sum() if reduction == "phi" else gate.sum().to(g.dtype)
+        return (phif * g).sum() / count.clamp_min(1.0)
 
 
 class SSLLoss(nn.Module):
@@ -165,6 +196,10 @@ class SSLLoss(nn.Module):
             ``True``; official: ``False``, person never suppressed).
         act_threshold: see :func:`ssl_loss`.
         cam_activation: see :func:`ssl_loss`.
+        cam_scale: see :func:`ssl_loss` (``"raw"``: the spec's form).
+        reduction: see :func:`ssl_loss` (``"phi"``: the spec's form).
+        source_share: passed to :meth:`PrototypePool.suppression_mask` (``None``: the
+            superclass table only, the spec's form).
         compact: see :func:`ssl_loss` (``None``: compact on CPU, dense elsewhere).
 
     Shape:
@@ -187,6 +222,9 @@ class SSLLoss(nn.Module):
         suppress_singletons: bool = True,
         act_threshold: float | None = 0.1,
         cam_activation: Literal["relu", "none"] = "relu",
+        cam_scale: Literal["raw", "max"] = "raw",
+        reduction: Literal["phi", "gate"] = "phi",
+        source_share: float | None = None,
         compact: bool | None = None,
     ) -> None:
         super().__init__()
@@ -196,11 +234,18 @@ class SSLLoss(nn.Module):
             check_range("act_threshold", act_threshold, 0.0, 1.0, high_inclusive=False)
         self.act_threshold = act_threshold
         self.cam_activation = check_option("cam_activation", cam_activation, ("relu", "none"))
+        self.cam_scale = check_option("cam_scale", cam_scale, ("raw", "max"))
+        self.reduction = check_option("reduction", reduction, ("phi", "gate"))
+        if source_share is not None:
+            check_range("source_share", source_share, 0.0, 1.0, low_inclusive=False)
+        self.source_share = source_share
 
     def extra_repr(self) -> str:
         return (
             f"suppress_singletons={self.suppress_singletons}, act_threshold={self.act_threshold},"
-            f" cam_activation={self.cam_activation!r}, compact={self.compact}"
+            f" cam_activation={self.cam_activation!r}, cam_scale={self.cam_scale!r},"
+            f" reduction={self.reduction!r}, source_share={self.source_share},"
+            f" compact={self.compact}"
         )
 
     def forward(
@@ -210,9 +255,11 @@ class SSLLoss(nn.Module):
         """See :func:`ssl_loss`."""
         return ssl_loss(
             features, cam, labels, pool.pos, pool.pos_valid, pool.neg,
-            pool.suppression_mask(self.suppress_singletons),
+            pool.suppression_mask(self.suppress_singletons, self.source_share),
             act_threshold=self.act_threshold,
             cam_activation=self.cam_activation,
+            cam_scale=self.cam_scale,
+            reduction=self.reduction,
             valid=valid,
             compact=self.compact,
         )

@@ -73,7 +73,11 @@ class SyntheticScenes(Dataset):
       small *discriminative part*: the front ``part_fraction`` of the object (by area),
       painted a flat, saturated colour unique to the class. Only the part tells partner
       classes apart, so a classifier relies on it and its CAM covers the part and little of
-      the body. ``superclasses`` lists the groups.
+      the body. ``superclasses`` lists the groups (``superclass_layout="body"``), or, with
+      ``"crossed"``, puts the ``m``-th member of every body group into superclass ``m``, so
+      classes that share a body are always in *different* superclasses (as when a
+      dataset's semantic superclasses do not follow appearance, e.g. a VOC animal and a VOC
+      vehicle that look alike). Only the reported table changes, never a pixel.
     * **False activation by co-occurrence.** Class ``c`` has a *context* background texture
       (a checker, dot or grid pattern in a class colour). When ``c`` is in the image its
       context fills a background band with probability ``co_occurrence`` (default 0.8);
@@ -118,6 +122,9 @@ class SyntheticScenes(Dataset):
             group is smaller when ``group_size`` does not divide ``K``. 1 disables sharing.
         min_visible: visible fraction in ``(0, 1]`` an object (and its part) needs to be
             kept (0 would keep fully hidden objects labelled).
+        superclass_layout: ``"body"`` (superclass = body group, the default) or
+            ``"crossed"`` (superclass = member index within the body group, so partner
+            classes sit in different superclasses); changes ``superclasses`` only.
         mean: per-channel normalisation mean (ImageNet by default).
         std: per-channel normalisation std (ImageNet by default).
 
@@ -126,7 +133,8 @@ class SyntheticScenes(Dataset):
         ignore_index: 255 (never produced here, kept for a common interface).
         class_names: ``K`` names ``"g{group}{letter}"``, e.g. ``"g0a"``, ``"g0b"``.
         superclasses: ``{"group{g}": (class indices)}``, the classes sharing a body (same
-            format as the VOC/COCO superclass tables).
+            format as the VOC/COCO superclass tables); with ``superclass_layout="crossed"``
+            ``{"member{letter}": (class indices)}``, one member of each body group.
         palette: ``(K + 1, 3)`` uint8, row 0 black (background), row ``c + 1`` the part
             colour of class ``c``.
         image_size: ``(H, W)``.
@@ -149,6 +157,8 @@ class SyntheticScenes(Dataset):
         True
         >>> ds.superclasses
         {'group0': (0, 1), 'group1': (2, 3), 'group2': (4, 5)}
+        >>> SyntheticScenes(num_classes=8, superclass_layout="crossed").superclasses
+        {'membera': (0, 2, 4, 6), 'memberb': (1, 3, 5, 7)}
     """
 
     ignore_index: int = 255
@@ -169,6 +179,7 @@ class SyntheticScenes(Dataset):
         noise: float = 0.05,
         group_size: int = 2,
         min_visible: float = 0.4,
+        superclass_layout: Literal["body", "crossed"] = "body",
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
     ) -> None:
@@ -192,6 +203,7 @@ class SyntheticScenes(Dataset):
         check_range("part_hidden", part_hidden, 0.0, 1.0)
         check_range("noise", noise, 0.0)
         check_range("min_visible", min_visible, 0.0, 1.0, low_inclusive=False)  # > 0: labels == mask
+        check_option("superclass_layout", superclass_layout, ("body", "crossed"))
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
             raise ValueError(f"mean/std: expected 3 values each, std > 0; got {mean}, {std}")
 
@@ -208,6 +220,7 @@ class SyntheticScenes(Dataset):
         self.noise = float(noise)
         self.group_size = int(group_size)
         self.min_visible = float(min_visible)
+        self.superclass_layout = superclass_layout
 
         k = self.num_classes
         self.num_groups = -(-k // self.group_size)
@@ -216,10 +229,17 @@ class SyntheticScenes(Dataset):
         self.class_names: tuple[str, ...] = tuple(
             f"g{g}{letters[c % self.group_size % 26]}" for c, g in enumerate(self.group_of)
         )
-        self.superclasses: dict[str, tuple[int, ...]] = {
-            f"group{g}": tuple(int(c) for c in np.flatnonzero(self.group_of == g))
-            for g in range(self.num_groups)
-        }
+        if superclass_layout == "body":
+            self.superclasses: dict[str, tuple[int, ...]] = {
+                f"group{g}": tuple(int(c) for c in np.flatnonzero(self.group_of == g))
+                for g in range(self.num_groups)
+            }
+        else:  # member m of every body group in superclass m: partners never share one
+            member = np.arange(k) % self.group_size
+            self.superclasses = {
+                f"member{letters[m % 26]}": tuple(int(c) for c in np.flatnonzero(member == m))
+                for m in range(min(self.group_size, k))
+            }
         self._build_layers(np.asarray(mean, np.float32), np.asarray(std, np.float32))
 
     # ------------------------------------------------------------------ appearance
@@ -449,7 +469,8 @@ class SyntheticScenes(Dataset):
             f"max_objects={self.max_objects}, co_occurrence={self.co_occurrence}, "
             f"context_alone={self.context_alone}, part_fraction={self.part_fraction}, "
             f"part_hidden={self.part_hidden}, "
-            f"noise={self.noise}, group_size={self.group_size})"
+            f"noise={self.noise}, group_size={self.group_size}, "
+            f"superclass_layout={self.superclass_layout!r})"
         )
 
     # convenience for users: stacked tensors of the whole split (small datasets only)
