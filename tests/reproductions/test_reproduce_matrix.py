@@ -82,10 +82,12 @@ ROWS: dict[str, tuple[str, dict[str, str]]] = {
     "doei HFA only": ("doei", {"use_ppdo": "false", "use_cpdo": "false"}),
     "doei CPDO only": ("doei", {"use_ppdo": "false", "use_hfa": "false"}),
     "pcm": ("pcm", {}),
+    "cpal": ("cpal", {}),
 }
 #: every recipe (cpews in the paper preset = the spec's SSL, with the chosen SSL, and without SSL):
 #: all seeds on every configuration
-MAIN_ROWS = ("baseline", "cpews (paper, SSL raw)", "cpews (SSL learned+gate)", "cpews no SSL", "mct", "doei", "pcm")
+MAIN_ROWS = ("baseline", "cpews (paper, SSL raw)", "cpews (SSL learned+gate)", "cpews no SSL", "mct", "doei", "pcm",
+             "cpal")
 #: SSL variants that were tried and rejected: seed 0 on every configuration
 VARIANT_ROWS = ("cpews (paper, SSL max)", "cpews (SSL max, w=0.05)", "cpews (SSL gate)", "cpews (SSL max+gate)")
 #: per-term ablations: all seeds, ``crossed`` (the issue's regime) first, then ``default``
