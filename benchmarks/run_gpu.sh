@@ -23,4 +23,5 @@ step 90 python benchmarks/bench_pcm.py --device cuda
 step 90 python benchmarks/bench_cpal.py --device cuda
 step 90 python benchmarks/bench_refine.py           # CPU and CUDA halves
 step 180 python benchmarks/bench_swtformer.py         # CPU and CUDA halves
+step 150 python benchmarks/bench_step.py --device cuda  # every recipe's training step, ViT-B/16 448, B=4
 exit $status
