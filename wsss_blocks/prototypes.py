@@ -154,10 +154,13 @@ def kmeans(
         rank = valid.long().cumsum(1) - 1  # (G,N)
         num = valid.sum(1)  # (G,)
         slot = torch.where(valid & (rank < k), rank, torch.full_like(rank, k))
-        small = x.new_zeros((g, k + 1, d))
-        small.scatter_(1, slot[:, :, None].expand(g, n, d), x)
-        small = small[:, :k]
+        # index of the point in each slot (only the scratch slot k receives several), then
+        # one gather of k rows instead of scattering all N rows of x
+        source = torch.zeros((g, k + 1), dtype=torch.long, device=device)
+        source.scatter_(1, slot, torch.arange(n, device=device).expand(g, n))
         small_valid = torch.arange(k, device=device)[None, :] < num[:, None]
+        small = x.gather(1, source[:, :k, None].expand(g, k, d))
+        small = torch.where(small_valid[:, :, None], small, torch.zeros_like(small))
 
         # --- k-means path, on points centred at their group's valid mean: the matmul
         # distance form cancels catastrophically when points share a large offset ---
@@ -169,17 +172,18 @@ def kmeans(
         picks = _kmeans_pp_init(x, valid, k, generator)
         initial = points.gather(1, picks[:, :, None].expand(g, k, d))  # (G,k,D), exact picks
         centres = initial - offset
-        arange_k = torch.arange(k, device=device)
+        scratch = torch.full((g, n), k, dtype=torch.long, device=device)
         for _ in range(iters):
             cc = centres.pow(2).sum(-1)[:, None, :]  # (G,1,k)
             # ||x||^2 is the same for every centre of a point: argmin needs ||c||^2 - 2 x.c
             dist2 = torch.baddbmm(cc, x, centres.transpose(1, 2), alpha=-2.0)  # (G,N,k)
-            assign = dist2.argmin(dim=2)  # (G,N)
-            # one-hot bmm: deterministic on every device and well threaded (index_add_ is
+            member = torch.where(valid, dist2.argmin(dim=2), scratch)  # (G,N), invalid -> k
+            # one-hot (G,k,N) written by a scatter (row k, the invalid points, is dropped),
+            # then one bmm: deterministic on every device and well threaded (index_add_ is
             # serial over points on CPU and uses atomics on CUDA)
-            onehot = ((assign[:, :, None] == arange_k) & valid[:, :, None]).to(dtype)  # (G,N,k)
-            sums = torch.bmm(onehot.transpose(1, 2), x)  # (G,k,D)
-            counts = onehot.sum(1)  # (G,k)
+            onehot = x.new_zeros((g, k + 1, n)).scatter_(1, member[:, None, :], 1.0)[:, :k]
+            sums = torch.bmm(onehot, x)  # (G,k,D)
+            counts = onehot.sum(2)  # (G,k)
             means = sums / counts.clamp_min(1.0)[:, :, None]
             centres = torch.where(counts[:, :, None] > 0, means, centres)
 
