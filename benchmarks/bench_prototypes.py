@@ -125,6 +125,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small shapes (smoke run)")
     ap.add_argument("--min-run-time", type=float, default=1.0)
     ap.add_argument("--repeats", type=int, default=7, help="interleaved timed rounds of the k-means variants")
+    ap.add_argument("--skip-loop", action="store_true", help="leave out the per-group torch loop (slow)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -155,8 +156,9 @@ def main() -> None:
         "kmeans_seed": lambda: kmeans(x, k, iters=0),
         "floor_seed": seed_floor(x, k),
         "floor_lloyd": lloyd_floor(x, k, iters),
-        "kmeans_loop": lambda: kmeans_loop(x, k, iters, 0),
     }
+    if not args.skip_loop:
+        variants["kmeans_loop"] = lambda: kmeans_loop(x, k, iters, 0)
     sk = kmeans_sklearn(x, k, iters, 0, torch.get_num_threads())
     if sk is not None:
         variants["sklearn_per_class"] = sk
@@ -202,9 +204,9 @@ def main() -> None:
         "lloyd_vs_floor": (c["kmeans_batched"] - c["kmeans_seed"]) / c["floor_lloyd"],
         "seed_vs_floor": c["kmeans_seed"] / c["floor_seed"],
         "speedup_vs_sklearn": c["sklearn_per_class"] / c["kmeans_batched"] if "sklearn_per_class" in c else None,
-        "speedup_vs_loop": c["kmeans_loop"] / c["kmeans_batched"],
+        "speedup_vs_loop": c["kmeans_loop"] / c["kmeans_batched"] if "kmeans_loop" in c else None,
     }
-    res["kmeans_speedup"] = res["kmeans_loop_ms"] / res["kmeans_batched_ms"]
+    res["kmeans_speedup"] = res["kmeans_loop_ms"] / res["kmeans_batched_ms"] if "kmeans_loop_ms" in res else None
     res["bank_speedup"] = res["bank_update_loop_ms"] / res["bank_update_batched_ms"]
     name = "prototypes_quick" if args.quick else "prototypes"
     if args.threads and not args.quick:

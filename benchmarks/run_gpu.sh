@@ -19,6 +19,7 @@ step() {  # step SECONDS COMMAND...
 step 240 python -m pytest -q -rs -p no:cacheprovider
 step 120 python benchmarks/bench_doei.py --device cuda
 step 60 python benchmarks/bench_prototypes.py --device cuda
+step 60 python benchmarks/bench_prototypes.py --device cuda --dim 768 --skip-loop --out benchmarks/results/prototypes_d768_cuda.json  # target < 50 ms
 step 90 python benchmarks/bench_pcm.py --device cuda
 step 90 python benchmarks/bench_cpal.py --device cuda
 step 90 python benchmarks/bench_refine.py           # CPU and CUDA halves
