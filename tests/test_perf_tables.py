@@ -18,15 +18,16 @@ def test_tables_from_json(tmp_path, monkeypatch):
     step = {"device": "x86_64", "threads": 2, "cpu_count": 2, "loadavg_before": [3.0, 2.0, 1.0],
             "shapes": {"model": "vit_small_patch16_224", "img_size": 224, "batch": 4, "swin": "swin_t"},
             "steps": 5, "warmup": 2, "memory": "rss",
-            "plain_runs": {"vit": [{"step_median_ms": 100.0, "maxrss_delta_mb": 50.0},
-                                   {"step_median_ms": 110.0, "maxrss_delta_mb": 51.0}]},
-            "recipes": [{"recipe": "mct", "step_median_ms": 131.25, "vs_plain": 1.25, "maxrss_delta_mb": 60.0},
+            "plain_runs": {"vit": [{"step_median_ms": 100.0, "step_min_ms": 90.0, "maxrss_delta_mb": 50.0},
+                                   {"step_median_ms": 110.0, "step_min_ms": 95.0, "maxrss_delta_mb": 51.0}]},
+            "recipes": [{"recipe": "mct", "step_median_ms": 131.25, "vs_plain": 1.25, "step_min_ms": 120.0,
+                         "maxrss_delta_mb": 60.0},
                         {"recipe": "bad", "error": "boom"}]}
     (tmp_path / "step_cpu.json").write_text(json.dumps(step))
     table = perf_tables.step_table()
-    assert "| mct | 131 ms | 1.25x | 60 MiB |" in table
-    assert "| plain (`baseline`, vit; first, last run) | 100, 110 ms | 1.00x | 50 MiB |" in table
-    assert "| bad | failed | | |" in table
+    assert "| mct | 131 ms | 1.25x | 120 ms | 60 MiB |" in table
+    assert "| plain (`baseline`, vit; first, last run) | 100, 110 ms | 1.00x | 90, 95 ms | 50 MiB |" in table
+    assert "| bad | failed | | | |" in table
     assert "load average 3.0 on 2 cores" in table
 
 
