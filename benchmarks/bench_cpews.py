@@ -27,13 +27,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
-from _timing import environment, paired_median_ms
+from _timing import block_times_s, environment, paired_median_ms
 
 from wsss_blocks.cpews import PrototypePool, ism_loss, pdl_loss, ssl_loss
 
@@ -151,6 +152,39 @@ def _paired_ms(ours, ref, min_run_time, rounds=3):
     return paired_median_ms(ours, ref, min_run_time=min_run_time, rounds=rounds)
 
 
+def time_ism_floor(min_run_time, rounds=3):
+    """ISM forward+backward against its floor: the bare ``(B, N, N)`` similarity ``bmm`` forward
+    and backward (one ``bmm`` forward, two in backward, with a fixed upstream gradient), the work
+    any ISM must do. Also the ToCo form, in the same alternating rounds."""
+    x = make_inputs(k=20)
+    t = x["tokens"].clone().requires_grad_()
+    f = torch.nn.functional.normalize(x["tokens"], dim=-1).requires_grad_()
+    upstream = torch.randn(f.shape[0], f.shape[1], f.shape[1], generator=torch.Generator().manual_seed(0))
+
+    def ours():
+        t.grad = None
+        ism_loss(t, x["token_labels"]).backward()
+
+    def toco():
+        t.grad = None
+        ism_toco(t, x["token_labels"]).backward()
+
+    def floor():
+        f.grad = None
+        torch.bmm(f, f.transpose(1, 2)).backward(upstream)
+
+    ours(), toco(), floor()
+    times = {"ours": [], "toco": [], "floor": []}
+    for _ in range(rounds):
+        for name, fn in (("ours", ours), ("floor", floor), ("toco", toco)):
+            times[name].extend(block_times_s(fn, min_run_time=min_run_time / rounds))
+    ms = {n: 1e3 * statistics.median(v) for n, v in times.items()}
+    return {"ism_ms": round(ms["ours"], 3), "floor_bmm_fwd_bwd_ms": round(ms["floor"], 3),
+            "toco_ms": round(ms["toco"], 3), "ism_over_floor": round(ms["ours"] / ms["floor"], 3),
+            "toco_over_floor": round(ms["toco"] / ms["floor"], 3),
+            "shape": list(x["tokens"].shape), "rounds": rounds}
+
+
 def time_all(k, min_run_time):
     x = make_inputs(k=k)
     keep = x["nv"]  # SSL uses the kept negatives; same for both implementations
@@ -248,6 +282,8 @@ def time_all(k, min_run_time):
         accumulate_loop({"pos": [[] for _ in range(k)], "neg": [[] for _ in range(k)]},
                         x["tokens"], cams, x["labels"], x["probs"])
 
+    res["ism_floor"] = time_ism_floor(min_run_time)
+
     o, r = _paired_ms(acc_ours, acc_ref, min_run_time)
     res["accumulate"] = {"ours_ms": round(o, 3), "reference_ms": round(r, 3), "speedup": round(r / o, 2)}
 
@@ -314,6 +350,8 @@ def main() -> None:
     parser.add_argument("--min-run-time", type=float, default=1.0)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--ism-floor-only", action="store_true",
+                        help="only ISM vs its bmm floor (writes cpews_ism_floor_<device>.json)")
     parser.add_argument("--_peak", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._peak:
@@ -321,6 +359,17 @@ def main() -> None:
         return
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.ism_floor_only:
+        env = environment("cpu")
+        load = os.getloadavg()
+        res = {"device": "cpu", "cpu": env["device_name"], "torch": env["torch"], "threads": env["threads"],
+               "what": "median ms of forward+backward, blocked_autorange blocks from 3 alternating rounds",
+               "loadavg_before": list(load), **time_ism_floor(args.min_run_time),
+               "loadavg_after": list(os.getloadavg())}
+        path = args.out or ROOT / "benchmarks" / "results" / "cpews_ism_floor_cpu.json"
+        path.write_text(json.dumps(res, indent=2) + "\n")
+        print(json.dumps(res, indent=2))
+        return
     device = "cpu"
     env = environment(device)
     result = {

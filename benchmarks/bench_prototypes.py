@@ -3,13 +3,29 @@
 Shapes default to CPAL's (C=21 classes, bank L=1000, P=256, M=50 prototypes, 20 Lloyd
 steps; batch B=16). Writes ``benchmarks/results/prototypes_<device>.json``.
 
-    python benchmarks/bench_prototypes.py [--device cuda] [--quick]
+k-means is also split into its parts and set against its floor, the matmuls it cannot avoid:
+``kmeans_seed_ms`` (``iters=0``: centring + k-means++), ``kmeans_lloyd_ms`` (total minus
+seeding), ``floor_seed_ms`` (the k seeding matvecs alone), ``floor_lloyd_ms`` (``iters`` x the
+assignment matmul + the one-hot update matmul), ``kmeans_vs_floor`` =
+total / (seed + Lloyd floor). When scikit-learn is importable (bench-only dependency:
+``pip install -e .[bench]``) it also times ``sklearn.cluster.KMeans`` fitted per class
+(lloyd, k-means++, n_init=1, max_iter=iters, tol=0) with its thread pool limited to torch's
+thread count. The k-means variants are timed in ``--repeats`` interleaved rounds (one call of
+each per round after a warm-up round), wall time (``*_ms``) and process CPU time
+(``cpu_time_ms``, the robust one on a loaded machine with one thread; with several threads it
+also counts spinning); medians. The machine load (``os.getloadavg``) is recorded before and
+after.
+
+    python benchmarks/bench_prototypes.py [--device cuda] [--quick] [--threads 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -38,6 +54,54 @@ def kmeans_loop(x: torch.Tensor, k: int, iters: int, seed: int) -> torch.Tensor:
     return torch.stack(out)
 
 
+def kmeans_sklearn(x, k: int, iters: int, seed: int, threads: int):
+    """scikit-learn ``KMeans`` fitted once per group (CPU, numpy), or ``None`` if not installed."""
+    try:
+        from sklearn.cluster import KMeans
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return None
+    pts = x.cpu().numpy()
+
+    def run():
+        with threadpool_limits(limits=threads):
+            return [
+                KMeans(k, init="k-means++", n_init=1, max_iter=iters, tol=0.0, algorithm="lloyd",
+                       random_state=seed).fit(p).cluster_centers_
+                for p in pts
+            ]
+
+    return run
+
+
+def seed_floor(x: torch.Tensor, k: int):
+    """The k matvecs k-means++ seeding cannot avoid (same layout as kmeans: centre times x^T)."""
+    xt = x.transpose(1, 2).contiguous()
+    xx = x.pow(2).sum(-1)[:, None, :]
+    c = x[:, :1]
+
+    def run():
+        for _ in range(k):
+            torch.baddbmm(xx, c, xt, alpha=-2.0)
+
+    return run
+
+
+def lloyd_floor(x: torch.Tensor, k: int, iters: int):
+    """``iters`` x (assignment matmul + one-hot update matmul), the two bmm of a Lloyd step."""
+    c = x[:, :k].contiguous()
+    cc = c.pow(2).sum(-1)[:, None, :]
+    g, n, _ = x.shape
+    onehot_t = torch.zeros(g, n, k, device=x.device).transpose(1, 2)
+
+    def run():
+        for _ in range(iters):
+            torch.baddbmm(cc, x, c.transpose(1, 2), alpha=-2.0)
+            torch.bmm(onehot_t, x)
+
+    return run
+
+
 def bank_update_loop(bank: ClassBank, items: torch.Tensor, valid: torch.Tensor) -> None:
     """Straightforward update: Python loops over batch and classes."""
     for b in range(items.shape[0]):
@@ -60,8 +124,13 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--quick", action="store_true", help="small shapes (smoke run)")
     ap.add_argument("--min-run-time", type=float, default=1.0)
+    ap.add_argument("--repeats", type=int, default=7, help="interleaved timed rounds of the k-means variants")
+    ap.add_argument("--skip-loop", action="store_true", help="leave out the per-group torch loop (slow)")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
         args.classes, args.capacity, args.dim, args.clusters, args.iters = 4, 100, 32, 8, 5
     dev = args.device
@@ -77,22 +146,71 @@ def main() -> None:
         return median_ms(fn, min_run_time=args.min_run_time, device=dev)
 
     env = environment(dev)
+    load_before = os.getloadavg()
+    k, iters = args.clusters, args.iters
+
+    # the k-means variants run in interleaved rounds (one call each per round, after one
+    # warm-up call) so that load drift on a shared machine hits them alike; wall and CPU time
+    variants = {
+        "kmeans_batched": lambda: kmeans(x, k, iters=iters),
+        "kmeans_seed": lambda: kmeans(x, k, iters=0),
+        "floor_seed": seed_floor(x, k),
+        "floor_lloyd": lloyd_floor(x, k, iters),
+    }
+    if not args.skip_loop:
+        variants["kmeans_loop"] = lambda: kmeans_loop(x, k, iters, 0)
+    sk = kmeans_sklearn(x, k, iters, 0, torch.get_num_threads())
+    if sk is not None:
+        variants["sklearn_per_class"] = sk
+    wall: dict[str, list[float]] = {name: [] for name in variants}
+    cpu: dict[str, list[float]] = {name: [] for name in variants}
+    for r in range(args.repeats + 1):
+        for name, fn in variants.items():
+            if dev == "cuda":
+                torch.cuda.synchronize()
+            w0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            if dev == "cuda":
+                torch.cuda.synchronize()
+            if r:  # round 0 is the warm-up
+                wall[name].append(1e3 * (time.perf_counter() - w0))
+                cpu[name].append(1e3 * (time.process_time() - c0))
+
     res = {
         "device": env["device_name"],
         "torch": env["torch"],
         "python": env["python"],
         "threads": env["threads"],
-        "shapes": {k: v for k, v in vars(args).items() if k not in ("min_run_time", "out")},
-        "kmeans_batched_ms": ms(lambda: kmeans(x, args.clusters, iters=args.iters)),
-        "kmeans_loop_ms": ms(lambda: kmeans_loop(x, args.clusters, args.iters, 0)),
+        "shapes": {a: v for a, v in vars(args).items() if a not in ("min_run_time", "out")},
+        **{f"{name}_ms": statistics.median(v) for name, v in wall.items()},
+        "cpu_time_ms": {name: statistics.median(v) for name, v in cpu.items()},
         "bank_update_batched_ms": ms(lambda: bank.update(items, valid)),
         "bank_update_loop_ms": ms(lambda: bank_update_loop(bank, items, valid)),
     }
+    res.setdefault("sklearn_per_class_ms", None)
     if dev == "cuda":
         res["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    res["kmeans_speedup"] = res["kmeans_loop_ms"] / res["kmeans_batched_ms"]
+    res["loadavg_before"] = list(load_before)
+    res["loadavg_after"] = list(os.getloadavg())
+    res["kmeans_lloyd_ms"] = res["kmeans_batched_ms"] - res["kmeans_seed_ms"]
+    res["kmeans_vs_floor"] = res["kmeans_batched_ms"] / (res["floor_seed_ms"] + res["floor_lloyd_ms"])
+    res["lloyd_vs_floor"] = res["kmeans_lloyd_ms"] / res["floor_lloyd_ms"]
+    res["speedup_vs_sklearn"] = (
+        res["sklearn_per_class_ms"] / res["kmeans_batched_ms"] if res["sklearn_per_class_ms"] else None
+    )
+    c = res["cpu_time_ms"]
+    res["cpu_time_ratios"] = {
+        "kmeans_vs_floor": c["kmeans_batched"] / (c["floor_seed"] + c["floor_lloyd"]),
+        "lloyd_vs_floor": (c["kmeans_batched"] - c["kmeans_seed"]) / c["floor_lloyd"],
+        "seed_vs_floor": c["kmeans_seed"] / c["floor_seed"],
+        "speedup_vs_sklearn": c["sklearn_per_class"] / c["kmeans_batched"] if "sklearn_per_class" in c else None,
+        "speedup_vs_loop": c["kmeans_loop"] / c["kmeans_batched"] if "kmeans_loop" in c else None,
+    }
+    res["kmeans_speedup"] = res["kmeans_loop_ms"] / res["kmeans_batched_ms"] if "kmeans_loop_ms" in res else None
     res["bank_speedup"] = res["bank_update_loop_ms"] / res["bank_update_batched_ms"]
     name = "prototypes_quick" if args.quick else "prototypes"
+    if args.threads and not args.quick:
+        name += f"_t{args.threads}"
     path = args.out or Path(__file__).parent / "results" / f"{name}_{dev}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(res, indent=2))

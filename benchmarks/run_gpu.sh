@@ -19,8 +19,10 @@ step() {  # step SECONDS COMMAND...
 step 240 python -m pytest -q -rs -p no:cacheprovider
 step 120 python benchmarks/bench_doei.py --device cuda
 step 60 python benchmarks/bench_prototypes.py --device cuda
+step 60 python benchmarks/bench_prototypes.py --device cuda --dim 768 --skip-loop --out benchmarks/results/prototypes_d768_cuda.json  # target < 50 ms
 step 90 python benchmarks/bench_pcm.py --device cuda
 step 90 python benchmarks/bench_cpal.py --device cuda
 step 90 python benchmarks/bench_refine.py           # CPU and CUDA halves
 step 180 python benchmarks/bench_swtformer.py         # CPU and CUDA halves
+step 150 python benchmarks/bench_step.py --device cuda  # every recipe's training step, ViT-B/16 448, B=4
 exit $status
