@@ -83,11 +83,12 @@ ROWS: dict[str, tuple[str, dict[str, str]]] = {
     "doei CPDO only": ("doei", {"use_ppdo": "false", "use_hfa": "false"}),
     "pcm": ("pcm", {}),
     "cpal": ("cpal", {}),
+    "cpal normalize_pacam": ("cpal", {"normalize_pacam": "true"}),
 }
 #: every recipe (cpews in the paper preset = the spec's SSL, with the chosen SSL, and without SSL):
 #: all seeds on every configuration
 MAIN_ROWS = ("baseline", "cpews (paper, SSL raw)", "cpews (SSL learned+gate)", "cpews no SSL", "mct", "doei", "pcm",
-             "cpal")
+             "cpal", "cpal normalize_pacam")
 #: SSL variants that were tried and rejected: seed 0 on every configuration
 VARIANT_ROWS = ("cpews (paper, SSL max)", "cpews (SSL max, w=0.05)", "cpews (SSL gate)", "cpews (SSL max+gate)")
 #: per-term ablations: all seeds, ``crossed`` (the issue's regime) first, then ``default``
@@ -209,6 +210,7 @@ COMPARISONS = (
     ("cpews +SSL raw", "cpews head only"), ("cpews +SSL max", "cpews head only"),
     ("cpews head only", "baseline"), ("mct", "baseline"), ("mct refine last3", "mct"), ("doei", "mct"),
     ("doei PPDO only", "mct"), ("doei HFA only", "mct"), ("doei CPDO only", "mct"), ("pcm", "baseline"),
+    ("cpal", "baseline"), ("cpal normalize_pacam", "baseline"), ("cpal normalize_pacam", "cpal"),
 )
 
 
