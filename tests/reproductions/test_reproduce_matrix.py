@@ -45,8 +45,11 @@ from _synthetic_runs import METRICS, RESULTS, run, write
 
 SEEDS = tuple(range(int(os.environ.get("WSSS_REPRO_SEEDS", "3"))))
 STEPS = int(os.environ.get("WSSS_MATRIX_STEPS", "200"))
-TINY = ["--model", "vit_tiny_patch16_224", "--patch-size", "8", "--depth", "4", "--embed-dim", "96",
-        "--num-heads", "3", "--batch-size", "16", "--lr", "1e-3", "--warmup", "30", "--low", "0.25",
+VIT = ["--model", "vit_tiny_patch16_224", "--patch-size", "8", "--depth", "4", "--embed-dim", "96", "--num-heads", "3"]
+#: the tiny Swin of ``test_reproduce_swtformer.py`` for the Swin-only recipe and its Swin baseline
+SWIN = ["--model", "swin_tiny_patch4_window7_224", "--patch-size", "2", "--depths", "1,1,1,1",
+        "--embed-dim", "24", "--num-heads", "1,2,3,6", "--window-size", "4"]
+TINY = ["--batch-size", "16", "--lr", "1e-3", "--warmup", "30", "--low", "0.25",
         "--high", "0.7", "--cam-threshold", "0.3", "--eval-images", "128", "--workers", "0", "--threads", "1"]
 CROSSED = {"num_classes": 8, "superclass_layout": "crossed", "context_alone": 0.3}
 CONFIGS: dict[str, dict[str, Any]] = {
@@ -84,11 +87,13 @@ ROWS: dict[str, tuple[str, dict[str, str]]] = {
     "pcm": ("pcm", {}),
     "cpal": ("cpal", {}),
     "cpal normalize_pacam": ("cpal", {"normalize_pacam": "true"}),
+    "baseline (swin)": ("baseline", {}),
+    "swtformer (swin)": ("swtformer", {}),
 }
 #: every recipe (cpews in the paper preset = the spec's SSL, with the chosen SSL, and without SSL):
 #: all seeds on every configuration
 MAIN_ROWS = ("baseline", "cpews (paper, SSL raw)", "cpews (SSL learned+gate)", "cpews no SSL", "mct", "doei", "pcm",
-             "cpal", "cpal normalize_pacam")
+             "cpal", "cpal normalize_pacam", "baseline (swin)", "swtformer (swin)")
 #: SSL variants that were tried and rejected: seed 0 on every configuration
 VARIANT_ROWS = ("cpews (paper, SSL max)", "cpews (SSL max, w=0.05)", "cpews (SSL gate)", "cpews (SSL max+gate)")
 #: per-term ablations: all seeds, ``crossed`` (the issue's regime) first, then ``default``
@@ -134,7 +139,9 @@ def _voc_root(tmp: Path) -> Path:
 def run_job(tmp: Path, cfg_name: str, row: str, seed: int) -> dict[str, Any]:
     cfg = CONFIGS[cfg_name]
     recipe, opts = ROWS[row]
-    extra = [*TINY, "--img-size", str(cfg["img_size"]), "--iterations", str(STEPS), "--eval-every", str(STEPS)]
+    backbone = SWIN if row.endswith("(swin)") else VIT
+    extra = [*backbone, *TINY, "--img-size", str(cfg["img_size"]), "--iterations", str(STEPS),
+             "--eval-every", str(STEPS)]
     if cfg.get("voc"):
         extra += ["--data", "voc", "--data-root", str(_voc_root(tmp)), "--eval-batch-size", "1"]
     else:
@@ -211,6 +218,7 @@ COMPARISONS = (
     ("cpews head only", "baseline"), ("mct", "baseline"), ("mct refine last3", "mct"), ("doei", "mct"),
     ("doei PPDO only", "mct"), ("doei HFA only", "mct"), ("doei CPDO only", "mct"), ("pcm", "baseline"),
     ("cpal", "baseline"), ("cpal normalize_pacam", "baseline"), ("cpal normalize_pacam", "cpal"),
+    ("swtformer (swin)", "baseline (swin)"),
 )
 
 
