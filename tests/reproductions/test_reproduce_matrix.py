@@ -87,6 +87,12 @@ ROWS: dict[str, tuple[str, dict[str, str]]] = {
     "pcm": ("pcm", {}),
     "cpal": ("cpal", {}),
     "cpal normalize_pacam": ("cpal", {"normalize_pacam": "true"}),
+    "baseline [pretrained]": ("baseline", {}),
+    "cpews [pretrained]": ("cpews", {}),
+    "mct [pretrained]": ("mct", {"refine": "false", "last_k": "4"}),
+    "doei [pretrained]": ("doei", {"refine": "false", "last_k": "4"}),
+    "pcm [pretrained]": ("pcm", {}),
+    "cpal [pretrained]": ("cpal", {}),
     "baseline (swin)": ("baseline", {}),
     "swtformer (swin)": ("swtformer", {}),
 }
@@ -99,12 +105,17 @@ VARIANT_ROWS = ("cpews (paper, SSL max)", "cpews (SSL max, w=0.05)", "cpews (SSL
 #: per-term ablations: all seeds, ``crossed`` (the issue's regime) first, then ``default``
 ABLATION_ROWS = ("cpews head only", "cpews +ISM", "cpews +PDL", "cpews +PDL w=0.12", "cpews +SSL raw",
                  "cpews +SSL max", "doei PPDO only", "doei HFA only", "doei CPDO only")
+#: issue 13: the main ViT recipes from the fractal-pretrained checkpoint (mct/doei unrefined, as
+#: their random-init rows; cpews with the recipe default)
+PRETRAINED_ROWS = ("baseline [pretrained]", "cpews [pretrained]", "mct [pretrained]", "doei [pretrained]",
+                   "pcm [pretrained]", "cpal [pretrained]")
+WEIGHTS = Path(__file__).resolve().parents[2] / "examples" / "weights" / "vit_tiny_p8_64_fractal.pth"
 #: rows per configuration (for the summary); the run order is :func:`jobs`
 CONFIG_ROWS: dict[str, tuple[str, ...]] = {
-    "default": (*MAIN_ROWS, *VARIANT_ROWS, *ABLATION_ROWS),
-    "crossed": (*MAIN_ROWS, *VARIANT_ROWS, *ABLATION_ROWS),
-    "k12": (*MAIN_ROWS, *VARIANT_ROWS),
-    "voc_crossed96": (*MAIN_ROWS, *VARIANT_ROWS, "mct refine last3"),
+    "default": (*MAIN_ROWS, *VARIANT_ROWS, *PRETRAINED_ROWS, *ABLATION_ROWS),
+    "crossed": (*MAIN_ROWS, *VARIANT_ROWS, *PRETRAINED_ROWS, *ABLATION_ROWS),
+    "k12": (*MAIN_ROWS, *VARIANT_ROWS, *PRETRAINED_ROWS),
+    "voc_crossed96": (*MAIN_ROWS, *VARIANT_ROWS, *PRETRAINED_ROWS, "mct refine last3"),
 }
 JSONL = RESULTS / "reproduce_matrix_cpu.jsonl"
 NAME = "reproduce_matrix_cpu.json"
@@ -122,6 +133,7 @@ def jobs() -> list[tuple[str, str, int]]:
     out += [(c, r, s) for s in SEEDS for c in ("crossed", "default") for r in ABLATION_ROWS]
     out.insert(len(out) - 2 * len(ABLATION_ROWS) * (len(SEEDS) - 1), ("voc_crossed96", "mct refine last3", 0))
     out += [("voc_crossed96", "mct refine last3", s) for s in SEEDS[1:]]
+    out += [(c, r, s) for s in SEEDS for c in cfgs for r in PRETRAINED_ROWS]
     return out
 
 
@@ -140,6 +152,8 @@ def run_job(tmp: Path, cfg_name: str, row: str, seed: int) -> dict[str, Any]:
     cfg = CONFIGS[cfg_name]
     recipe, opts = ROWS[row]
     backbone = SWIN if row.endswith("(swin)") else VIT
+    if row.endswith("[pretrained]"):
+        backbone = [*backbone, "--pretrained", str(WEIGHTS)]
     extra = [*backbone, *TINY, "--img-size", str(cfg["img_size"]), "--iterations", str(STEPS),
              "--eval-every", str(STEPS)]
     if cfg.get("voc"):
@@ -219,6 +233,10 @@ COMPARISONS = (
     ("doei PPDO only", "mct"), ("doei HFA only", "mct"), ("doei CPDO only", "mct"), ("pcm", "baseline"),
     ("cpal", "baseline"), ("cpal normalize_pacam", "baseline"), ("cpal normalize_pacam", "cpal"),
     ("swtformer (swin)", "baseline (swin)"),
+    ("baseline [pretrained]", "baseline"), ("cpews [pretrained]", "baseline [pretrained]"),
+    ("cpews [pretrained]", "cpews (SSL learned+gate)"), ("mct [pretrained]", "baseline [pretrained]"),
+    ("doei [pretrained]", "mct [pretrained]"), ("pcm [pretrained]", "baseline [pretrained]"),
+    ("cpal [pretrained]", "baseline [pretrained]"),
 )
 
 
