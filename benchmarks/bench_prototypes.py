@@ -5,13 +5,14 @@ steps; batch B=16). Writes ``benchmarks/results/prototypes_<device>.json``.
 
 k-means is also split into its parts and set against its floor, the matmuls it cannot avoid:
 ``kmeans_seed_ms`` (``iters=0``: centring + k-means++), ``kmeans_lloyd_ms`` (total minus
-seeding), ``floor_seed_ms`` (the k seeding matvecs alone), ``floor_lloyd_ms`` (``iters`` x the
+seeding), ``floor_seed_ms`` (the k - 1 seeding matvecs alone), ``floor_lloyd_ms`` (``iters`` x the
 assignment matmul + the one-hot update matmul), ``kmeans_vs_floor`` =
 total / (seed + Lloyd floor). When scikit-learn is importable (bench-only dependency:
 ``pip install -e .[bench]``) it also times ``sklearn.cluster.KMeans`` fitted per class
 (lloyd, k-means++, n_init=1, max_iter=iters, tol=0) with its thread pool limited to torch's
 thread count. The k-means variants are timed in ``--repeats`` interleaved rounds (one call of
-each per round after a warm-up round), wall time (``*_ms``) and process CPU time
+each per round after a warm-up round, each after ``--settle`` seconds of idle so that the
+previous variant's spinning worker threads do not share the cores with it), wall time (``*_ms``) and process CPU time
 (``cpu_time_ms``, the robust one on a loaded machine with one thread; with several threads it
 also counts spinning); medians. The machine load (``os.getloadavg``) is recorded before and
 after.
@@ -75,29 +76,31 @@ def kmeans_sklearn(x, k: int, iters: int, seed: int, threads: int):
 
 
 def seed_floor(x: torch.Tensor, k: int):
-    """The k matvecs k-means++ seeding cannot avoid (same layout as kmeans: centre times x^T)."""
+    """The k - 1 matvecs k-means++ seeding cannot avoid (kmeans' layout: centre times x^T)."""
     xt = x.transpose(1, 2).contiguous()
     xx = x.pow(2).sum(-1)[:, None, :]
     c = x[:, :1]
 
     def run():
-        for _ in range(k):
+        for _ in range(k - 1):
             torch.baddbmm(xx, c, xt, alpha=-2.0)
 
     return run
 
 
 def lloyd_floor(x: torch.Tensor, k: int, iters: int):
-    """``iters`` x (assignment matmul + one-hot update matmul), the two bmm of a Lloyd step."""
-    c = x[:, :k].contiguous()
-    cc = c.pow(2).sum(-1)[:, None, :]
+    """``iters`` x (assignment matmul + one-hot update matmul), the two bmm of a Lloyd step,
+    in kmeans' own layouts (centres times x^T into (G,k,N); one-hot (G,k,N) times x)."""
     g, n, _ = x.shape
-    onehot_t = torch.zeros(g, n, k, device=x.device).transpose(1, 2)
+    xt = x.transpose(1, 2).contiguous()
+    c = x[:, :k].contiguous()
+    cc = (c * c).sum(-1)[:, :, None]
+    onehot = torch.zeros(g, k + 1, n, device=x.device)[:, :k]
 
     def run():
         for _ in range(iters):
-            torch.baddbmm(cc, x, c.transpose(1, 2), alpha=-2.0)
-            torch.bmm(onehot_t, x)
+            torch.baddbmm(cc, c, xt, alpha=-2.0)
+            torch.bmm(onehot, x)
 
     return run
 
@@ -125,6 +128,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small shapes (smoke run)")
     ap.add_argument("--min-run-time", type=float, default=1.0)
     ap.add_argument("--repeats", type=int, default=7, help="interleaved timed rounds of the k-means variants")
+    ap.add_argument("--settle", type=float, default=0.3, help="seconds of idle before each timed call")
     ap.add_argument("--skip-loop", action="store_true", help="leave out the per-group torch loop (slow)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--out", type=Path, default=None)
@@ -168,6 +172,9 @@ def main() -> None:
         for name, fn in variants.items():
             if dev == "cuda":
                 torch.cuda.synchronize()
+            # let the previous variant's worker threads (OpenMP/BLAS spin-wait after a parallel
+            # region) go idle, so that they do not steal the cores from this one
+            time.sleep(args.settle)
             w0, c0 = time.perf_counter(), time.process_time()
             fn()
             if dev == "cuda":

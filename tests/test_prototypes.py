@@ -51,10 +51,15 @@ def lloyd_oracle(x: torch.Tensor, valid: torch.Tensor, init: torch.Tensor, iters
 
 
 def kmeanspp_oracle(x: torch.Tensor, valid: torch.Tensor, k: int, seed: int) -> torch.Tensor:
-    """Loop reference of the seeded k-means++ picks (same random stream as the package)."""
+    """Loop reference of the seeded k-means++ picks (same random stream as the package).
+
+    Pick ``j`` of group ``g`` is the first point whose running weight sum exceeds
+    ``u[j, g] * total`` (weights: 1 for valid points at the first pick or when every weight
+    is 0, else the squared distance to the nearest pick so far, in fp64 by differences).
+    """
     g, n, _ = x.shape
     gen = torch.Generator(device=x.device).manual_seed(seed)
-    draws = [torch.empty((g, n), dtype=x.dtype).exponential_(generator=gen) for _ in range(k)]
+    draws = torch.rand((k, g, 1), dtype=x.dtype, generator=gen)
     picks = torch.zeros(g, k, dtype=torch.long)
     for gi in range(g):
         chosen: list[int] = []
@@ -67,13 +72,17 @@ def kmeanspp_oracle(x: torch.Tensor, valid: torch.Tensor, k: int, seed: int) -> 
                     if not valid[gi, i]:
                         w.append(0.0)
                         continue
-                    w.append(min(float(((x[gi, i] - x[gi, c]) ** 2).sum()) for c in chosen))
+                    w.append(min(float(((x[gi, i].double() - x[gi, c].double()) ** 2).sum()) for c in chosen))
                 if sum(w) == 0:
                     w = [1.0 if valid[gi, i] else 0.0 for i in range(n)]
-            keys = [float(draws[j][gi, i]) / w[i] if w[i] > 0 else float("inf") for i in range(n)]
-            best = min(range(n), key=lambda i: (keys[i], i))
-            chosen.append(best)
-            picks[gi, j] = best
+            target = float(draws[j, gi, 0]) * sum(w)
+            running = 0.0
+            for i in range(n):
+                running += w[i]
+                if w[i] > 0 and running > target:
+                    break
+            chosen.append(i)
+            picks[gi, j] = i
     return picks
 
 

@@ -25,45 +25,48 @@ __all__ = ["kmeans", "ClassBank"]
 
 
 def _kmeans_pp_init(
-    x: Tensor, valid: Tensor, k: int, generator: torch.Generator
+    x: Tensor, xt: Tensor, valid: Tensor, k: int, generator: torch.Generator
 ) -> Tensor:
     """Seeded k-means++ picks, batched over groups. Returns indices ``(G, k)`` into ``N``.
 
-    The first pick is uniform over the valid points; each later pick samples a valid point
-    with probability proportional to its squared distance to the nearest pick so far
-    (exponential race: ``argmin E_i / w_i`` with ``E_i ~ Exp(1)``). When every remaining
-    weight is zero (all points coincide with picks) it falls back to uniform over the valid
-    points. Rows without valid points return index 0 (the caller discards them).
+    Takes the points ``x`` ``(G, N, D)`` and the same points transposed, ``xt`` ``(G, D, N)``:
+    the per-pick matvec as a row vector times ``x^T`` streams memory in order (about 2x faster
+    on CPU than ``x`` times a column vector). The first pick is uniform over the valid points; each later pick samples
+    a valid point with probability proportional to its squared distance to the nearest pick
+    so far, by inverse transform: the first point whose running weight sum exceeds
+    ``u * total`` for ``u ~ U[0, 1)`` (all ``k x G`` uniforms are drawn at once). When every
+    remaining weight is zero (all points coincide with picks) it falls back to uniform over
+    the valid points. Rows without valid points return index ``N - 1`` (the caller discards
+    them).
     """
-    g, n, _ = x.shape
-    validf = valid.to(x.dtype)
-    inf = torch.tensor(float("inf"), dtype=x.dtype, device=x.device)
+    g, n, d = x.shape
+    dtype, device = x.dtype, x.device
+    validf = valid.to(dtype)
+    valid_cdf = validf.cumsum(1)  # (G,N): the uniform fallback's running sum
+    draws = torch.rand((k, g, 1), dtype=dtype, device=device, generator=generator)
     picks = x.new_zeros((g, k), dtype=torch.long)
-    mind = torch.full((g, n), float("inf"), dtype=x.dtype, device=x.device)
-    weight = validf
-    xx = x.pow(2).sum(-1)  # (G,N)
-    # (G,D,N) copy: the per-pick matvec as a row vector times x^T streams memory in order
-    # (about 2x faster on CPU than x times a column vector)
-    xt = x.transpose(1, 2).contiguous()
-    tiny = 8.0 * torch.finfo(x.dtype).eps
+    mind = torch.full((g, n), float("inf"), dtype=dtype, device=device)
+    xx = torch.linalg.vector_norm(x, dim=2).square()  # (G,N), no (G,N,D) temporary
+    tiny = 8.0 * torch.finfo(dtype).eps
+    cdf = valid_cdf
     for j in range(k):
-        e = torch.empty((g, n), dtype=x.dtype, device=x.device).exponential_(
-            generator=generator
-        )
-        key = torch.where(weight > 0, e / weight.clamp_min(torch.finfo(x.dtype).tiny), inf)
-        idx = key.argmin(dim=1)  # (G,)
-        picks[:, j] = idx
-        centre = x.gather(1, idx[:, None, None].expand(g, 1, x.shape[2]))  # (G,1,D)
+        total = cdf[:, -1:]  # (G,1)
+        # u * total, kept strictly below total so that the search lands on a point of
+        # positive weight (a zero-weight point repeats the previous running sum)
+        target = torch.minimum(draws[j] * total, torch.nextafter(total, torch.zeros_like(total)))
+        idx = torch.searchsorted(cdf, target, right=True).clamp_max(n - 1)  # (G,1)
+        picks[:, j : j + 1] = idx
+        if j + 1 == k:  # the last pick needs no distances
+            break
+        centre = x.gather(1, idx[:, :, None].expand(g, 1, d))  # (G,1,D)
         # matmul form ||x||^2 + ||c||^2 - 2 c.x (one matvec, no (G,N,D) temporary); values
         # within rounding of 0 are set to 0, so a pick and its duplicates get weight exactly
         # 0 and are never drawn again while other points remain
-        base = xx + xx.gather(1, idx[:, None])  # (G,N)
-        d = torch.baddbmm(base[:, None, :], centre, xt, alpha=-2.0).squeeze(1)
-        d = torch.where(d > tiny * base, d, torch.zeros_like(d))
-        mind = torch.minimum(mind, d)
-        w = torch.where(valid, mind, torch.zeros_like(mind))
-        has_mass = w.sum(1, keepdim=True) > 0
-        weight = torch.where(has_mass, w, validf)
+        base = xx + xx.gather(1, idx)  # (G,N)
+        dist = torch.baddbmm(base[:, None, :], centre, xt, alpha=-2.0).squeeze(1)
+        mind = torch.minimum(mind, torch.where(dist > tiny * base, dist, torch.zeros_like(dist)))
+        cdf = torch.where(valid, mind, torch.zeros_like(mind)).cumsum(1)
+        cdf = torch.where(cdf[:, -1:] > 0, cdf, valid_cdf)
     return picks
 
 
@@ -165,23 +168,31 @@ def kmeans(
         # --- k-means path, on points centred at their group's valid mean: the matmul
         # distance form cancels catastrophically when points share a large offset ---
         validf = valid.to(dtype)
-        offset = (x * validf[:, :, None]).sum(1, keepdim=True) / num.clamp_min(1)[:, None, None].to(dtype)
-        points, x = x, x - offset
+        offset = torch.bmm(validf[:, None, :], x) / num.clamp_min(1)[:, None, None].to(dtype)
+        points, x = x, x - offset  # (G,N,D)
+        # (G,D,N) layout for the matmuls that run over the points (seeding matvecs,
+        # assignment), written by the centring subtraction itself
+        xt = torch.sub(points.transpose(1, 2), offset.transpose(1, 2), out=x.new_empty((g, d, n)))
         generator = torch.Generator(device=device)
         generator.manual_seed(seed)
-        picks = _kmeans_pp_init(x, valid, k, generator)
+        picks = _kmeans_pp_init(x, xt, valid, k, generator)
         initial = points.gather(1, picks[:, :, None].expand(g, k, d))  # (G,k,D), exact picks
         centres = initial - offset
         scratch = torch.full((g, n), k, dtype=torch.long, device=device)
+        # buffers reused by every step (a fresh multi-MB tensor per step costs page faults)
+        dist2 = x.new_empty((g, k, n))
+        onehot_k1 = x.new_empty((g, k + 1, n))
         for _ in range(iters):
-            cc = centres.pow(2).sum(-1)[:, None, :]  # (G,1,k)
-            # ||x||^2 is the same for every centre of a point: argmin needs ||c||^2 - 2 x.c
-            dist2 = torch.baddbmm(cc, x, centres.transpose(1, 2), alpha=-2.0)  # (G,N,k)
-            member = torch.where(valid, dist2.argmin(dim=2), scratch)  # (G,N), invalid -> k
+            cc = (centres * centres).sum(-1)[:, :, None]  # (G,k,1)
+            # ||x||^2 is the same for every centre of a point: argmin needs ||c||^2 - 2 c.x;
+            # (G,k,N) layout: a faster matmul on CPU and a min over k that runs along N
+            torch.baddbmm(cc, centres, xt, alpha=-2.0, out=dist2)
+            nearest = dist2.min(dim=1).indices  # (G,N), first index on ties
+            member = torch.where(valid, nearest, scratch)  # invalid -> k
             # one-hot (G,k,N) written by a scatter (row k, the invalid points, is dropped),
             # then one bmm: deterministic on every device and well threaded (index_add_ is
             # serial over points on CPU and uses atomics on CUDA)
-            onehot = x.new_zeros((g, k + 1, n)).scatter_(1, member[:, None, :], 1.0)[:, :k]
+            onehot = onehot_k1.zero_().scatter_(1, member[:, None, :], 1.0)[:, :k]
             sums = torch.bmm(onehot, x)  # (G,k,D)
             counts = onehot.sum(2)  # (G,k)
             means = sums / counts.clamp_min(1.0)[:, :, None]
