@@ -89,6 +89,10 @@ def step_table(name: str = "step_cpu.json") -> str:
             continue
         lines.append(f"| {row['recipe']} | {row['step_median_ms']:.0f} ms | {row['vs_plain']:.2f}x | "
                      f"{row['step_min_ms']:.0f} ms | {row[mem_key]:.0f} MiB |")
+    by_name = {row["recipe"]: row for row in r["recipes"] if "error" not in row}
+    if "doei" in by_name and "mct" in by_name:  # the trainer's doei recipe is DOEI on top of MCT
+        ratio = by_name["doei"]["step_median_ms"] / by_name["mct"]["step_median_ms"]
+        lines += ["", f"doei against its own base, the mct step (same class tokens, DOEI patch off): {ratio:.2f}x."]
     return "\n".join(lines) + "\n"
 
 

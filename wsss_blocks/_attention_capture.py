@@ -130,7 +130,11 @@ class _RowLogSumExp(torch.autograd.Function):
         out = q.new_empty(q.shape[:-1])
         kt = k.transpose(-1, -2)
         for r0, r1 in _chunks(q.shape[-2], chunk_rows):
-            out[..., r0:r1] = torch.logsumexp(q[..., r0:r1, :] @ kt, dim=-1)
+            # logsumexp with the (…, R, N) logits updated in place (no temporaries of that size)
+            logits = q[..., r0:r1, :] @ kt
+            top = logits.amax(dim=-1, keepdim=True)
+            top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+            out[..., r0:r1] = logits.sub_(top).exp_().sum(dim=-1).log_() + top.squeeze(-1)
         ctx.save_for_backward(q, k, out)
         ctx.chunk_rows = chunk_rows
         return out
@@ -146,7 +150,7 @@ class _RowLogSumExp(torch.autograd.Function):
         for r0, r1 in _chunks(q.shape[-2], ctx.chunk_rows):
             qc = q[..., r0:r1, :]
             # d lse_r / d logit_rj = softmax_rj; weight it by the incoming gradient.
-            p = torch.exp(qc @ kt - lse[..., r0:r1, None]) * grad[..., r0:r1, None]
+            p = (qc @ kt).sub_(lse[..., r0:r1, None]).exp_().mul_(grad[..., r0:r1, None])
             if gq is not None:
                 gq[..., r0:r1, :] = p @ k
             if gk is not None:

@@ -351,8 +351,10 @@ class DOEIHandle:
                 w_c = a[:, :, :c, :].to(s)
                 w_pc = a[:, :, p0:, :c].to(s) if act_p else None
             else:
-                q = qk[0].to(s) * float(getattr(attn, "scale"))
-                k = qk[1].to(s)
+                # contiguous once: q and k are strided views into qkv, which every matmul
+                # below (and each one rebuilt in backward) would otherwise copy again
+                q = (qk[0].to(s) * float(getattr(attn, "scale"))).contiguous()
+                k = qk[1].to(s).contiguous()
                 w_c = class_row_attention(q, k, c)
                 w_pc = None
                 if act_p:
