@@ -19,7 +19,7 @@ def test_row_logsumexp_matches_torch_in_value_and_gradient(chunk_rows):
     torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
     g_got = torch.autograd.grad((got * weight).sum(), (q, k))
     g_want = torch.autograd.grad((want * weight).sum(), (q, k))
-    for a, b in zip(g_got, g_want):
+    for a, b in zip(g_got, g_want, strict=True):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
     assert torch.autograd.gradcheck(lambda a, b: row_logsumexp(a, b, chunk_rows), (q, k))
 
