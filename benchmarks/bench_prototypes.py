@@ -128,13 +128,16 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small shapes (smoke run)")
     ap.add_argument("--min-run-time", type=float, default=1.0)
     ap.add_argument("--repeats", type=int, default=7, help="interleaved timed rounds of the k-means variants")
-    ap.add_argument("--settle", type=float, default=0.3, help="seconds of idle before each timed call")
+    ap.add_argument("--settle", type=float, default=None,
+                    help="seconds of idle before each timed call (default 0.3 on CPU, 0 on CUDA)")
     ap.add_argument("--skip-loop", action="store_true", help="leave out the per-group torch loop (slow)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.settle is None:
+        args.settle = 0.0 if args.device.startswith("cuda") else 0.3
     if args.quick:
         args.classes, args.capacity, args.dim, args.clusters, args.iters = 4, 100, 32, 8, 5
     dev = args.device

@@ -45,7 +45,9 @@ def _kmeans_pp_init(
     valid_cdf = validf.cumsum(1)  # (G,N): the uniform fallback's running sum
     draws = torch.rand((k, g, 1), dtype=dtype, device=device, generator=generator)
     picks = x.new_zeros((g, k), dtype=torch.long)
-    mind = torch.full((g, n), float("inf"), dtype=dtype, device=device)
+    # squared distance to the nearest pick so far; invalid points hold 0 throughout, so the
+    # running sum over it is the sampling weight of the valid points
+    mind = torch.where(valid, float("inf"), 0.0).to(dtype)
     xx = torch.linalg.vector_norm(x, dim=2).square()  # (G,N), no (G,N,D) temporary
     tiny = 8.0 * torch.finfo(dtype).eps
     cdf = valid_cdf
@@ -64,8 +66,8 @@ def _kmeans_pp_init(
         # 0 and are never drawn again while other points remain
         base = xx + xx.gather(1, idx)  # (G,N)
         dist = torch.baddbmm(base[:, None, :], centre, xt, alpha=-2.0).squeeze(1)
-        mind = torch.minimum(mind, torch.where(dist > tiny * base, dist, torch.zeros_like(dist)))
-        cdf = torch.where(valid, mind, torch.zeros_like(mind)).cumsum(1)
+        mind = torch.minimum(mind, dist.masked_fill_(dist <= tiny * base, 0.0))
+        cdf = mind.cumsum(1)
         cdf = torch.where(cdf[:, -1:] > 0, cdf, valid_cdf)
     return picks
 
@@ -195,7 +197,7 @@ def kmeans(
             onehot = onehot_k1.zero_().scatter_(1, member[:, None, :], 1.0)[:, :k]
             sums = torch.bmm(onehot, x)  # (G,k,D)
             counts = onehot.sum(2)  # (G,k)
-            means = sums / counts.clamp_min(1.0)[:, :, None]
+            means = sums.div_(counts.clamp_min(1.0)[:, :, None])
             centres = torch.where(counts[:, :, None] > 0, means, centres)
 
         use_small = (num <= k)[:, None]
