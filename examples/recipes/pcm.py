@@ -7,6 +7,15 @@
   eval mode without gradient on ``dihedral_transform(x, c1)``; MCE on the same images with
   dropout; ET between the mosaic (``crop_prob`` crops of ``crop`` px, tiles of ``scale``)
   student and the warped teacher; ``l2`` on the classifier. Weights 1.
+* Teacher pass (``--opt teacher=auto|shared|separate``): the teacher and the MCE student see
+  the same images, so when the backbone computes the same in train and eval mode the
+  teacher's backbone pass *is* the student's: ``shared`` runs only the head (eval mode, no
+  gradient) on the student's detached tokens, which gives the same losses and gradients as
+  ``separate`` (its own no-grad backbone pass) and saves one backbone forward per step.
+  ``auto`` (default) shares unless the backbone holds a module whose train mode changes its
+  output: a dropout layer with ``p > 0``, a batch norm, or a module with a positive
+  ``drop_prob`` / ``prob`` (timm's ``DropPath``, ``PatchDropout``). A backbone with other
+  mode-dependent layers needs ``teacher=separate``.
 * Evaluation CAM: the loop wants ``(B, K, h, w)`` foreground maps and finds background with a
   threshold, so the patch probabilities ``Q = masked_renormalize(P, labels)`` (background
   channel included) are passed as ``r_k = (Q_k / (Q_k + Q_0)) ** gamma``: ``r_k`` ranks classes
@@ -68,6 +77,7 @@ class PCMRecipe(Recipe):
         dropout: float = 0.2
         l2: float = 0.01
         cam_gamma: float = 0.0  # 0: log(cam_threshold) / log(0.5), see the module docstring
+        teacher: Literal["auto", "shared", "separate"] = "auto"  # see the module docstring
 
     def __init__(self, backbone: nn.Module, num_classes: int, config: Any, options: Any,
                  data_info: dict[str, Any] | None = None) -> None:
@@ -77,6 +87,8 @@ class PCMRecipe(Recipe):
             raise ValueError(f"--opt background: expected always_one or ignore, got {o.background!r}")
         if o.target_norm not in ("tile", "image"):
             raise ValueError(f"--opt target_norm: expected tile or image, got {o.target_norm!r}")
+        if o.teacher not in ("auto", "shared", "separate"):
+            raise ValueError(f"--opt teacher: expected auto, shared or separate, got {o.teacher!r}")
         dim: Any = backbone.embed_dim
         self.pcm = ViTPCM(int(dim), num_classes, hv_lstm=o.hv_lstm, dropout=o.dropout, l2=o.l2)
         self.patch = _patch_size(backbone)
@@ -84,6 +96,19 @@ class PCMRecipe(Recipe):
         self.crop = int(o.crop) or self.patch * max(1, round(size / 3 / self.patch))
         thr = float(getattr(config, "cam_threshold", None) or 0.5)
         self.cam_gamma = float(o.cam_gamma) or math.log(thr) / math.log(0.5)
+
+    def _shares_teacher(self, backbone: nn.Module) -> bool:
+        mode = self.options.teacher
+        if mode != "auto":
+            return bool(mode == "shared")
+        for m in backbone.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                return False
+            if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
+                return False
+            if any(float(getattr(m, name, 0.0) or 0.0) > 0 for name in ("drop_prob", "prob")):
+                return False
+        return True
 
     def _probs(self, backbone: nn.Module, images: Tensor) -> Tensor:
         taps = vit_taps(backbone, images, layers=())
@@ -97,11 +122,16 @@ class PCMRecipe(Recipe):
         x1 = dihedral_transform(images, codes)
         terms: dict[str, LossTerm] = {}
         use_et = bool(o.et) and step >= int(o.et_start)
-        if use_et:
+        shared = use_et and self._shares_teacher(backbone)
+        if use_et and not shared:
             with eval_mode(backbone, self), torch.no_grad():
                 teacher = self._probs(backbone, x1)
         taps = vit_taps(backbone, x1, layers=())
-        out = self.pcm(tokens_to_grid(taps.final, taps.grid))
+        grid = tokens_to_grid(taps.final, taps.grid)
+        if shared:  # same backbone output as a separate eval pass: only the head runs again
+            with eval_mode(self), torch.no_grad():
+                teacher = self.pcm(grid.detach()).probs
+        out = self.pcm(grid)
         terms["mce"] = LossTerm(1.0, mce_loss(out.pooled, labels, o.background))
         if use_et:
             tiles, record = mosaic(images, crop_prob=o.crop_prob, crop=self.crop, scale=o.scale,
