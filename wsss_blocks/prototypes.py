@@ -31,13 +31,13 @@ def _kmeans_pp_init(
 
     Takes the points ``x`` ``(G, N, D)`` and the same points transposed, ``xt`` ``(G, D, N)``:
     the per-pick matvec as a row vector times ``x^T`` streams memory in order (about 2x faster
-    on CPU than ``x`` times a column vector). The first pick is uniform over the valid points; each later pick samples
-    a valid point with probability proportional to its squared distance to the nearest pick
-    so far, by inverse transform: the first point whose running weight sum exceeds
-    ``u * total`` for ``u ~ U[0, 1)`` (all ``k x G`` uniforms are drawn at once). When every
-    remaining weight is zero (all points coincide with picks) it falls back to uniform over
-    the valid points. Rows without valid points return index ``N - 1`` (the caller discards
-    them).
+    on CPU than ``x`` times a column vector). The first pick is uniform over the valid points;
+    each later pick samples a valid point with probability proportional to its squared distance
+    to the nearest pick so far, by inverse transform: the first point whose running weight sum
+    exceeds ``u * total`` for ``u ~ U[0, 1)`` (all ``k x G`` uniforms are drawn at once). When
+    every remaining weight is zero (all points coincide with picks) it falls back to uniform
+    over the valid points. Rows without valid points return index ``N - 1`` (the caller
+    discards them).
     """
     g, n, d = x.shape
     dtype, device = x.dtype, x.device
