@@ -169,6 +169,33 @@ def test_vitpcm_training_losses():
         m.training_losses(images, labels, images_et=images[:, :, :32])
 
 
+def test_vitpcm_shared_teacher_matches_the_separate_pass():
+    """Backbone without dropout: one backbone pass gives the separate pass's losses and gradients."""
+    m = _model()
+    assert m.hv is not None and m.classifier.dropout.p > 0  # head dropout on: the teacher must be eval
+    images = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    labels = torch.tensor([[1, 0, 0], [0, 1, 1], [0, 0, 1], [1, 1, 1]] * 2)
+    results = []
+    for shared in (False, True):
+        m.zero_grad()
+        torch.manual_seed(4)  # the head's dropout
+        out = m.training_losses(images, labels, crop=32, generator=torch.Generator().manual_seed(5),
+                                shared_teacher=shared)
+        out["loss"].backward()
+        results.append((out, [p.grad.clone() for p in m.parameters() if p.grad is not None]))
+    (sep, g_sep), (sh, g_sh) = results
+    assert float(sep["et"].detach()) > 0
+    for key in sep:
+        torch.testing.assert_close(sh[key], sep[key], atol=1e-6, rtol=1e-5)
+    assert len(g_sep) == len(g_sh)
+    for a, b in zip(g_sep, g_sh, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    assert m.training and m.classifier.training  # modes restored
+    m.zero_grad()
+    no_et = m.training_losses(images, labels, use_et=False, shared_teacher=True)
+    assert no_et["et"].item() == 0.0
+
+
 @pytest.mark.slow
 def test_vitpcm_loss_falls():
     torch.manual_seed(0)
