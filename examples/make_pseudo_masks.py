@@ -299,7 +299,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
         group = True
     try:
-        return _export(args, out, device, rank, world)
+        summary = _export(args, out, device, rank, world)
+        if group:  # nobody tears gloo down while a peer still uses it (an abort at exit otherwise)
+            torch.distributed.barrier()
+        return summary
     finally:
         if group:
             torch.distributed.destroy_process_group()
