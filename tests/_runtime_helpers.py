@@ -46,6 +46,7 @@ def _gloo_entry(rank: int, world: int, port: int, body: Callable[[int], Any], ou
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         torch.save(body(rank), os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears gloo down while its peer still uses it (abort at exit)
     finally:
         dist.destroy_process_group()
 
