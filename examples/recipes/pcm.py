@@ -106,7 +106,8 @@ class PCMRecipe(Recipe):
                 return False
             if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
                 return False
-            if any(float(getattr(m, name, 0.0) or 0.0) > 0 for name in ("drop_prob", "prob")):
+            rates = (getattr(m, name, None) for name in ("drop_prob", "prob"))
+            if any(isinstance(r, (int, float)) and r > 0 for r in rates):
                 return False
         return True
 
