@@ -145,7 +145,7 @@ def main() -> None:
     x = torch.randn(args.classes, args.capacity, args.dim, generator=gen).to(dev)
     items = torch.randn(args.batch, args.classes, args.dim, generator=gen).to(dev)
     valid = (torch.rand(args.batch, args.classes, generator=gen) > 0.5).to(dev)
-    bank = ClassBank(args.classes, args.capacity, args.dim, device=dev)
+    bank = ClassBank(args.dim, args.classes, capacity=args.capacity, device=dev)
     if dev == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
@@ -159,8 +159,8 @@ def main() -> None:
     # the k-means variants run in interleaved rounds (one call each per round, after one
     # warm-up call) so that load drift on a shared machine hits them alike; wall and CPU time
     variants = {
-        "kmeans_batched": lambda: kmeans(x, k, iters=iters),
-        "kmeans_seed": lambda: kmeans(x, k, iters=0),
+        "kmeans_batched": lambda: kmeans(x, k, num_iters=iters),
+        "kmeans_seed": lambda: kmeans(x, k, num_iters=0),
         "floor_seed": seed_floor(x, k),
         "floor_lloyd": lloyd_floor(x, k, iters),
     }

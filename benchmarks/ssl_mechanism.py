@@ -104,7 +104,7 @@ def analyse(name: str, extra: list[str], tmp: Path, seed: int) -> dict[str, Any]
     net.train()
     grads: dict[str, Any] = {}
     taps, o = recipe._heads(backbone, batch["image"])
-    token_labels = token_pseudo_labels(normalize_cam(o.cam_mid.detach().float()), batch["labels"], taps.grid,
+    token_labels = token_pseudo_labels(normalize_cam(o.cam_mid.detach().float()), batch["labels"], taps.size,
                                        low=0.25, high=0.7, valid=batch["valid"])
     terms = recipe.loss(logits_mid=o.logits_mid, logits_final=o.logits_final, tokens_final=taps.final,
                         cam_final=o.cam_final, token_labels=token_labels, labels=batch["labels"], valid=batch["valid"])

@@ -70,7 +70,7 @@ def final_feature_map(model: nn.Module, images: Tensor) -> Tensor:
     """
     if backbone_kind(model) == "vit":
         taps = vit_taps(model, images, layers=())
-        return rearrange(taps.final, "b (h w) c -> b c h w", h=taps.grid[0], w=taps.grid[1])
+        return rearrange(taps.final, "b (h w) c -> b c h w", h=taps.size[0], w=taps.size[1])
     if getattr(model, "output_fmt", None) != "NHWC":  # timm Swin's documented layout
         fmt = getattr(model, "output_fmt", None)
         raise TypeError(f"{type(model).__name__}: expected output_fmt 'NHWC', got {fmt!r}")

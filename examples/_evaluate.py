@@ -215,7 +215,7 @@ def save_panels(path: str, net: nn.Module, batch: dict[str, Any], *, cfg: Any, d
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     ncols = min(4, images.shape[0])
     p1, p2 = f"{path}_cam.png", f"{path}_pseudo.png"
-    save_grid(p1, images.cpu(), batch["mask"].cpu(), cam.amax(dim=1).cpu(), ncols=ncols, palette=pal)
-    save_grid(p2, images.cpu(), pl.cpu(), cam_first.cpu(), ncols=ncols, palette=pal)
+    save_grid(p1, images.cpu(), masks=batch["mask"].cpu(), cams=cam.amax(dim=1).cpu(), ncols=ncols, palette=pal)
+    save_grid(p2, images.cpu(), masks=pl.cpu(), cams=cam_first.cpu(), ncols=ncols, palette=pal)
     return [p1, p2]
 

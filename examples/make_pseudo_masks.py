@@ -18,7 +18,7 @@ levels (``--low`` / ``--high``) with an optional refinement (``--refine``):
 
 * ``none``: the plain two-threshold rule (:func:`wsss_blocks.cam.pseudo_labels`), as the
   trainer's ``pseudo_miou``;
-* ``par``: :func:`wsss_blocks.refine.par_pseudo_labels` (PAR at ``--par-scale`` of the image,
+* ``par``: :func:`wsss_blocks.refine.par_label_levels` (PAR at ``--par-scale`` of the image,
   ToCo's 0.5), as the ``--seg`` training targets;
 * ``crf`` / ``par+crf``: each level's label map (without / with PAR) is refined by the dense
   CRF (:func:`wsss_blocks.refine.dense_crf`, ToCo's settings; the ``crf`` extra) from a unary
@@ -65,7 +65,7 @@ from torch import Tensor, nn  # noqa: E402
 from wsss_blocks.cam import pseudo_labels  # noqa: E402
 from wsss_blocks.constants import VOC_PALETTE  # noqa: E402
 from wsss_blocks.metrics import MeanIoU  # noqa: E402
-from wsss_blocks.refine import combine_levels, crf_available, dense_crf, par_pseudo_labels  # noqa: E402
+from wsss_blocks.refine import combine_levels, crf_available, dense_crf, par_label_levels  # noqa: E402
 
 __all__ = ["main", "load_checkpoint_net", "make_masks", "write_mask", "mask_status", "MaskError"]
 
@@ -164,8 +164,7 @@ def make_masks(net: nn.Module, images: Tensor, labels: Tensor, *, scales: tuple[
     small = images.float()
     if use_par and par_scale != 1.0:
         small = F.interpolate(small, scale_factor=par_scale, mode="bilinear", align_corners=False)
-    y = par_pseudo_labels(small, cam, labels, low=low, high=high, size=size, num_iter=10 if use_par else 0,
-                          levels=True)
+    y = par_label_levels(small, cam, labels, low=low, high=high, size=size, num_iters=10 if use_par else 0)
     if refine.endswith("crf"):
         y = _crf_levels(images, y, labels, crf_gt_prob)
     return combine_levels(y[:, 0], y[:, 1])

@@ -26,14 +26,14 @@ def main() -> None:
     p.add_argument("--split", choices=["train", "val"], default="train")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale", type=int, default=3, help="integer upscaling of each tile")
-    p.add_argument("--alpha", type=float, default=0.6, help="mask opacity")
+    p.add_argument("--opacity", type=float, default=0.6, help="mask opacity")
     args = p.parse_args()
 
     size = args.image_size[0] if len(args.image_size) == 1 else tuple(args.image_size[:2])
     ds = SyntheticScenes(split=args.split, length=args.num, image_size=size, seed=args.seed)
     batch = collate([ds[i] for i in range(args.num)])
-    save_grid(args.out, batch["image"], batch["mask"], ncols=args.ncols, palette=ds.palette,
-              scale=args.scale, alpha=args.alpha)
+    save_grid(args.out, batch["image"], masks=batch["mask"], ncols=args.ncols, palette=ds.palette,
+              scale=args.scale, opacity=args.opacity)
     names = ", ".join(f"{k}: {', '.join(ds.class_names[c] for c in v)}" for k, v in ds.superclasses.items())
     print(f"wrote {args.out} ({args.num} scenes, {ds.num_classes} classes; groups {names})")
     print(f"labels per image: {batch['labels'].sum(1).tolist()}")

@@ -84,9 +84,9 @@ def test_normalize_cam_dtype_grad_and_errors():
     assert torch.autograd.gradcheck(lambda c: normalize_cam(c, mode="minmax"), (x,))
     with pytest.raises(ValueError, match=r"mode: expected one of \['max', 'minmax'\], got 'mean'"):
         normalize_cam(cam, mode="mean")
-    with pytest.raises(ShapeError, match="cam: expected 4 dims"):
+    with pytest.raises(ShapeError, match="cams: expected 4 dims"):
         normalize_cam(cam[0])
-    with pytest.raises(ShapeError, match="cam: expected a float tensor"):
+    with pytest.raises(ShapeError, match="cams: expected a float tensor"):
         normalize_cam(cam.long())
 
 

@@ -115,8 +115,8 @@ def test_kmeans_compiles():
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(3, 40, 5, generator=gen)
     valid = torch.rand(3, 40, generator=gen) > 0.2
-    want = kmeans(x, 4, valid=valid, iters=5, seed=7)
-    got = _compiled(lambda p, v: kmeans(p, 4, valid=v, iters=5, seed=7))(x, valid)
+    want = kmeans(x, 4, point_valid=valid, num_iters=5, seed=7)
+    got = _compiled(lambda p, v: kmeans(p, 4, point_valid=v, num_iters=5, seed=7))(x, valid)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b)
 

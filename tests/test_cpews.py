@@ -285,7 +285,7 @@ def test_cpews_taps_block_index_and_unnormed(vit12):
     taps = cpews_taps(vit12, images)
     assert list(taps.intermediate) == [9]
     mid = taps.intermediate[9]
-    assert mid.shape == taps.final.shape == (2, 4, 192) and taps.grid == (2, 2)
+    assert mid.shape == taps.final.shape == (2, 4, 192) and taps.size == (2, 2)
     with torch.no_grad():  # manual residual stream after block 9, prefix dropped, no norm
         x = vit12.patch_embed(images)
         x = vit12._pos_embed(x)

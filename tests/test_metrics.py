@@ -72,7 +72,7 @@ def test_custom_ignore_index_and_any_shape():
     assert conf.tolist() == [[1, 1], [0, 1]]
     assert torch.equal(conf, conf_oracle(pred, target, 2, -1))
     # 255 is now an ordinary out-of-range value
-    with pytest.raises(ShapeError, match="target"):
+    with pytest.raises(ShapeError, match="masks"):
         confusion_matrix(pred, torch.tensor([0, 1, 255, 1, 0]), 2, ignore_index=-1)
 
 
@@ -144,7 +144,7 @@ def test_validation():
         confusion_matrix(torch.tensor([0, 3]), torch.tensor([0, 1]), 3)
     with pytest.raises(ShapeError, match="pred"):
         confusion_matrix(torch.tensor([0, -2]), torch.tensor([0, 1]), 3)
-    with pytest.raises(ShapeError, match="target"):
+    with pytest.raises(ShapeError, match="masks"):
         confusion_matrix(torch.tensor([0, 1]), torch.tensor([7, 1]), 3)
     with pytest.raises(ShapeError, match="pred"):
         confusion_matrix(torch.tensor([0, 1, 1]), torch.tensor([0, 1]), 3)

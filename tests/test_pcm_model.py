@@ -9,7 +9,8 @@ import torch
 from oracles.pcm import hv_bilstm_loop
 
 from wsss_blocks import ShapeError
-from wsss_blocks.pcm import HVBiLSTM, PatchClassifier, ViTPCM, eval_mode, patch_class_probs
+from wsss_blocks.pcm import HVBiLSTM, PatchClassifier, ViTPCM, patch_class_probs
+from wsss_blocks.utils import eval_mode
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

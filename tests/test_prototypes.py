@@ -91,7 +91,7 @@ def kmeanspp_oracle(x: torch.Tensor, valid: torch.Tensor, k: int, seed: int) -> 
 
 def test_kmeans_shapes_dtype_nograd():
     x = torch.randn(4, 12, 5, requires_grad=True)
-    c, ok = kmeans(x, 3, iters=2)
+    c, ok = kmeans(x, 3, num_iters=2)
     assert c.shape == (4, 3, 5) and c.dtype == torch.float32
     assert ok.shape == (4, 3) and ok.dtype == torch.bool and bool(ok.all())
     assert c.requires_grad is False
@@ -101,7 +101,7 @@ def test_kmeans_shapes_dtype_nograd():
 @pytest.mark.parametrize("seed", range(5))
 def test_kmeans_recovers_separated_blobs(seed):
     x, lab = blobs(3, 3, 15, 4, seed)
-    c, ok = kmeans(x, 3, iters=10, seed=seed)
+    c, ok = kmeans(x, 3, num_iters=10, seed=seed)
     assert bool(ok.all())
     for gi in range(3):
         ref = torch.stack([x[gi, lab == j].mean(0) for j in range(3)])
@@ -117,7 +117,7 @@ def test_kmeans_init_matches_kmeanspp_oracle():
     valid[:, :5] = True  # at least 5 > k valid points per group
     x[1, 3] = x[1, 4]  # duplicate points
     k = 4
-    init, ok = kmeans(x, k, valid=valid, iters=0, seed=7)
+    init, ok = kmeans(x, k, point_valid=valid, num_iters=0, seed=7)
     picks = kmeanspp_oracle(x, valid, k, seed=7)
     ref = torch.stack([x[gi, picks[gi]] for gi in range(3)])
     torch.testing.assert_close(init, ref, atol=0, rtol=0)
@@ -129,7 +129,7 @@ def test_kmeans_init_matches_kmeanspp_oracle():
 
 def test_kmeans_pp_all_identical_points_falls_back():
     x = torch.ones(2, 6, 3)
-    c, ok = kmeans(x, 3, iters=3)
+    c, ok = kmeans(x, 3, num_iters=3)
     torch.testing.assert_close(c, torch.ones(2, 3, 3))
     assert bool(ok.all())
 
@@ -140,8 +140,8 @@ def test_kmeans_lloyd_matches_loop_oracle(iters):
     x = torch.randn(3, 20, 3, generator=gen)
     valid = torch.rand(3, 20, generator=gen) > 0.25
     valid[:, :6] = True
-    init, _ = kmeans(x, 4, valid=valid, iters=0, seed=3)
-    got, ok = kmeans(x, 4, valid=valid, iters=iters, seed=3)
+    init, _ = kmeans(x, 4, point_valid=valid, num_iters=0, seed=3)
+    got, ok = kmeans(x, 4, point_valid=valid, num_iters=iters, seed=3)
     ref = lloyd_oracle(x, valid, init, iters)
     torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=0)
     assert bool(ok.all())
@@ -151,8 +151,8 @@ def test_kmeans_empty_cluster_keeps_centre():
     # only 3 distinct values and k=4: the 4th k-means++ pick falls back to a duplicate point;
     # its cluster is empty (ties go to the lower index) and must keep its centre.
     x = torch.tensor([[[0.0], [0.0], [5.0], [5.0], [9.0]]])
-    init, _ = kmeans(x, 4, iters=0, seed=0)
-    got, ok = kmeans(x, 4, iters=2, seed=0)
+    init, _ = kmeans(x, 4, num_iters=0, seed=0)
+    got, ok = kmeans(x, 4, num_iters=2, seed=0)
     ref = lloyd_oracle(x, torch.ones(1, 5, dtype=torch.bool), init, 2)
     torch.testing.assert_close(got.double(), ref)
     assert bool(ok.all())
@@ -168,7 +168,7 @@ def test_kmeans_few_points_and_empty_rows():
     valid[0, [1, 6]] = True  # n=2 < k
     valid[2] = True  # n=8 > k
     valid[2, 0] = False
-    c, ok = kmeans(x, 3, valid=valid, iters=4)
+    c, ok = kmeans(x, 3, point_valid=valid, num_iters=4)
     torch.testing.assert_close(c[0, :2], x[0, [1, 6]], atol=0, rtol=0)
     assert c[0, 2].abs().sum() == 0
     assert ok[0].tolist() == [True, True, False]
@@ -180,7 +180,7 @@ def test_kmeans_few_points_and_empty_rows():
 def test_kmeans_n_equals_k_returns_slot_order():
     x = torch.randn(2, 5, 3)
     valid = torch.tensor([[1, 0, 1, 1, 0], [1, 1, 1, 0, 0]], dtype=torch.bool)
-    c, ok = kmeans(x, 3, valid=valid)
+    c, ok = kmeans(x, 3, point_valid=valid)
     torch.testing.assert_close(c[0], x[0, [0, 2, 3]], atol=0, rtol=0)
     torch.testing.assert_close(c[1], x[1, [0, 1, 2]], atol=0, rtol=0)
     assert bool(ok.all())
@@ -192,18 +192,18 @@ def test_kmeans_edge_sizes():
     c, ok = kmeans(torch.zeros(0, 5, 3), 2)
     assert c.shape == (0, 2, 3) and ok.shape == (0, 2)
     x = torch.randn(2, 7, 3)
-    c, ok = kmeans(x, 1, iters=3)  # k=1 -> the mean
+    c, ok = kmeans(x, 1, num_iters=3)  # k=1 -> the mean
     torch.testing.assert_close(c[:, 0], x.mean(1), atol=1e-6, rtol=0)
 
 
 def test_kmeans_deterministic_and_seeded():
     x = torch.randn(4, 30, 6)
     valid = torch.rand(4, 30) > 0.2
-    a = kmeans(x, 5, valid=valid, iters=6, seed=11)
-    b = kmeans(x, 5, valid=valid, iters=6, seed=11)
+    a = kmeans(x, 5, point_valid=valid, num_iters=6, seed=11)
+    b = kmeans(x, 5, point_valid=valid, num_iters=6, seed=11)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    i0 = kmeans(x, 5, valid=valid, iters=0, seed=11)[0]
-    i1 = kmeans(x, 5, valid=valid, iters=0, seed=12)[0]
+    i0 = kmeans(x, 5, point_valid=valid, num_iters=0, seed=11)[0]
+    i1 = kmeans(x, 5, point_valid=valid, num_iters=0, seed=12)[0]
     assert not torch.equal(i0, i1)
 
 
@@ -214,8 +214,8 @@ def test_kmeans_invalid_points_never_influence():
     valid[:, :6] = True
     y = x.clone()
     y[~valid] = 1e6 * torch.randn(int((~valid).sum()), 4, generator=gen)
-    a = kmeans(x, 4, valid=valid, iters=5)
-    b = kmeans(y, 4, valid=valid, iters=5)
+    a = kmeans(x, 4, point_valid=valid, num_iters=5)
+    b = kmeans(y, 4, point_valid=valid, num_iters=5)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert b[0].abs().max() < 100
 
@@ -230,9 +230,9 @@ def test_kmeans_fp64_and_low_precision():
 
 def test_kmeans_autocast_bf16():
     x, _ = blobs(2, 3, 10, 4, 0)
-    ref = kmeans(x, 3, iters=5)
+    ref = kmeans(x, 3, num_iters=5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = kmeans(x, 3, iters=5)
+        got = kmeans(x, 3, num_iters=5)
     assert got[0].dtype == torch.float32
     assert torch.equal(got[0], ref[0])
 
@@ -240,9 +240,9 @@ def test_kmeans_autocast_bf16():
 def test_kmeans_no_host_sync_cpu():
     x = torch.randn(3, 10, 4)
     valid = torch.rand(3, 10) > 0.5
-    ref = kmeans(x, 3, valid=valid, iters=3)
+    ref = kmeans(x, 3, point_valid=valid, num_iters=3)
     with no_host_sync():
-        got = kmeans(x, 3, valid=valid, iters=3)
+        got = kmeans(x, 3, point_valid=valid, num_iters=3)
     assert torch.equal(ref[0], got[0])
 
 
@@ -250,10 +250,10 @@ def test_kmeans_no_host_sync_cpu():
 def test_kmeans_no_host_sync_cuda():
     x = torch.randn(3, 50, 8, device="cuda")
     valid = torch.rand(3, 50, device="cuda") > 0.5
-    kmeans(x, 4, valid=valid, iters=2)  # warm-up
+    kmeans(x, 4, point_valid=valid, num_iters=2)  # warm-up
     torch.cuda.set_sync_debug_mode("error")
     try:
-        c, ok = kmeans(x, 4, valid=valid, iters=3)
+        c, ok = kmeans(x, 4, point_valid=valid, num_iters=3)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert c.device.type == "cuda"
@@ -265,13 +265,13 @@ def test_kmeans_validation():
     with pytest.raises(ShapeError, match="x"):
         kmeans(torch.ones(2, 5, 3, dtype=torch.long), 2)
     with pytest.raises(ShapeError, match="valid"):
-        kmeans(torch.randn(2, 5, 3), 2, valid=torch.ones(2, 4, dtype=torch.bool))
+        kmeans(torch.randn(2, 5, 3), 2, point_valid=torch.ones(2, 4, dtype=torch.bool))
     with pytest.raises(ShapeError, match="valid"):
-        kmeans(torch.randn(2, 5, 3), 2, valid=torch.ones(2, 5))
+        kmeans(torch.randn(2, 5, 3), 2, point_valid=torch.ones(2, 5))
     with pytest.raises(ValueError, match="num_clusters"):
         kmeans(torch.randn(2, 5, 3), 0)
     with pytest.raises(ValueError, match="iters"):
-        kmeans(torch.randn(2, 5, 3), 2, iters=-1)
+        kmeans(torch.randn(2, 5, 3), 2, num_iters=-1)
     with pytest.raises(ValueError, match="seed"):
         kmeans(torch.randn(2, 5, 3), 2, seed=1.5)  # type: ignore[arg-type]
 
@@ -315,7 +315,7 @@ class BankOracle:
 def test_classbank_matches_loop_oracle(cap):
     gen = torch.Generator().manual_seed(cap)
     c, dim = 3, 2
-    bank = ClassBank(c, cap, dim)
+    bank = ClassBank(dim, c, capacity=cap)
     oracle = BankOracle(c, cap, dim)
     step = 0
     for b in [0, 1, 2, 5, 3, 7, 1, 4]:
@@ -332,7 +332,7 @@ def test_classbank_matches_loop_oracle(cap):
 
 
 def test_classbank_five_rows_keep_last_three():
-    bank = ClassBank(2, 3, 1)
+    bank = ClassBank(1, 2, capacity=3)
     items = torch.arange(10.0).view(5, 2, 1)
     valid = torch.zeros(5, 2, dtype=torch.bool)
     valid[:, 0] = True
@@ -344,11 +344,11 @@ def test_classbank_five_rows_keep_last_three():
 
 
 def test_classbank_state_dict_round_trip_and_reset():
-    bank = ClassBank(3, 4, 2)
+    bank = ClassBank(2, 3, capacity=4)
     bank.update(torch.randn(6, 3, 2), torch.rand(6, 3) > 0.3)
     sd = bank.state_dict()
     assert set(sd) == {"memory", "ptr", "count"}
-    other = ClassBank(3, 4, 2)
+    other = ClassBank(2, 3, capacity=4)
     other.load_state_dict(sd)
     for k in sd:
         assert torch.equal(getattr(other, k), getattr(bank, k))
@@ -362,21 +362,21 @@ def test_classbank_state_dict_round_trip_and_reset():
 
 
 def test_classbank_dtype_device_grad():
-    bank = ClassBank(2, 3, 4, dtype=torch.float64)
+    bank = ClassBank(4, 2, capacity=3, dtype=torch.float64)
     assert bank.memory.dtype == torch.float64 and bank.ptr.dtype == torch.long
     items = torch.randn(2, 2, 4, requires_grad=True)
     bank.update(items, torch.ones(2, 2, dtype=torch.bool))
     assert bank.memory.requires_grad is False
     torch.testing.assert_close(bank.memory[:, :2].transpose(0, 1), items.detach().double())
-    bank = ClassBank(2, 3, 4)
+    bank = ClassBank(4, 2, capacity=3)
     bank.update(torch.randn(2, 2, 4, dtype=torch.bfloat16), torch.ones(2, 2, dtype=torch.bool))
     assert bank.memory.dtype == torch.float32
 
 
 def test_classbank_no_host_sync():
-    bank = ClassBank(3, 4, 2)
+    bank = ClassBank(2, 3, capacity=4)
     items, valid = torch.randn(6, 3, 2), torch.rand(6, 3) > 0.3
-    ref = ClassBank(3, 4, 2)
+    ref = ClassBank(2, 3, capacity=4)
     ref.update(items, valid)
     with no_host_sync():
         bank.update(items, valid)
@@ -384,7 +384,7 @@ def test_classbank_no_host_sync():
 
 
 def test_classbank_validation():
-    bank = ClassBank(3, 4, 2)
+    bank = ClassBank(2, 3, capacity=4)
     with pytest.raises(ShapeError, match="items"):
         bank.update(torch.randn(2, 4, 2), torch.ones(2, 4, dtype=torch.bool))
     with pytest.raises(ShapeError, match="items"):
@@ -396,9 +396,9 @@ def test_classbank_validation():
     with pytest.raises(ShapeError, match="valid"):
         bank.update(torch.randn(2, 3, 2), torch.ones(2, 3))
     with pytest.raises(ValueError, match="capacity"):
-        ClassBank(3, 0, 2)
+        ClassBank(2, 3, capacity=0)
     with pytest.raises(ValueError, match="dtype"):
-        ClassBank(3, 2, 2, dtype=torch.long)
+        ClassBank(2, 3, capacity=2, dtype=torch.long)
     assert "capacity=4" in repr(bank)
 
 
@@ -418,7 +418,7 @@ def _batches(rank: int):
 
 
 def _rank_bank(rank: int) -> dict:
-    bank = ClassBank(3, 4, 2)
+    bank = ClassBank(2, 3, capacity=4)
     for items, valid in _batches(rank):
         bank.update(items, valid)
     return bank.state_dict()
@@ -426,7 +426,7 @@ def _rank_bank(rank: int) -> dict:
 
 def test_classbank_distributed_gloo_two_ranks():
     sd0, sd1 = run_gloo(_rank_bank)
-    ref = ClassBank(3, 4, 2)
+    ref = ClassBank(2, 3, capacity=4)
     b0, b1 = _batches(0), _batches(1)
     for (i0, v0), (i1, v1) in zip(b0, b1, strict=True):
         ref.update(torch.cat([i0, i1]), torch.cat([v0, v1]))
@@ -443,9 +443,9 @@ def test_kmeans_keeps_precision_under_a_large_shared_offset():
     b = a.clone()
     b[..., 0] += 0.05
     x = torch.cat([a, b], dim=1)
-    centres, ok = kmeans(x, 2, iters=10)
+    centres, ok = kmeans(x, 2, num_iters=10)
     assert ok.all()
     gap = (centres[0, 0] - centres[0, 1]).abs()[0]
     assert gap.item() == pytest.approx(0.05, abs=0.005)
-    ref, _ = kmeans(x.double(), 2, iters=10)
+    ref, _ = kmeans(x.double(), 2, num_iters=10)
     torch.testing.assert_close(centres[0].sort(0).values.double(), ref[0].sort(0).values, atol=1e-3, rtol=0)

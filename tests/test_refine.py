@@ -11,6 +11,7 @@ import torch
 from oracles.refine import par_per_image, par_pixel_loop, par_pseudo_labels_per_image
 
 from wsss_blocks import ShapeError
+from wsss_blocks.cam import valid_to_grid
 from wsss_blocks.refine import (
     PAR,
     DenseCRF,
@@ -20,13 +21,14 @@ from wsss_blocks.refine import (
     dense_crf,
     par,
     par_affinity,
+    par_label_levels,
     par_pseudo_labels,
     seg_loss,
 )
 
 needs_crf = pytest.mark.skipif(not crf_available(), reason="the crf extra (pydensecrf2) is not installed")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-SMALL = {"dilations": (1, 2), "num_iter": 3}
+SMALL = {"dilations": (1, 2), "num_iters": 3}
 
 
 def _inputs(b=2, c=3, k=2, h=5, w=7, seed=0, dtype=torch.float32):
@@ -55,8 +57,8 @@ def test_par_pixel_loop_oracle(with_valid):
 def test_par_toco_defaults_match_pixel_loop():
     """ToCo's 6 dilations (up to 24) on an image smaller than the stencil: replicate padding."""
     images, cams = _inputs(b=1, h=6, w=4, seed=3)
-    out = par(images, cams, num_iter=2)
-    ref = par_pixel_loop(images[0], cams[0], num_iter=2)
+    out = par(images, cams, num_iters=2)
+    ref = par_pixel_loop(images[0], cams[0], num_iters=2)
     torch.testing.assert_close(out[0].double(), ref, atol=1e-5, rtol=1e-5)
 
 
@@ -127,7 +129,7 @@ def test_par_shapes_dtypes_edge_cases():
     assert out.shape == (1, 1, 3, 13) and out.dtype == torch.float32 and torch.isfinite(out).all()
     out64 = par(images.double(), cams.double(), **SMALL)
     assert out64.dtype == torch.float64
-    assert torch.equal(par(images, cams, num_iter=0), cams)
+    assert torch.equal(par(images, cams, num_iters=0), cams)
     half = par(images, cams.bfloat16(), **SMALL)
     assert half.dtype == torch.bfloat16
 
@@ -153,10 +155,18 @@ def test_par_gradcheck():
 def test_par_module_equals_function():
     images, cams = _inputs(b=2, h=8, w=6)
     valid = torch.rand(2, 8, 6) > 0.2
-    module = PAR(dilations=(1, 3), num_iter=4, temperature=0.5, pos_weight=0.1)
-    expect = par(images, cams, valid=valid, dilations=(1, 3), num_iter=4, temperature=0.5, pos_weight=0.1)
-    torch.testing.assert_close(module(images, cams, valid), expect, rtol=0, atol=0)
-    assert "num_iter=4" in repr(module) and module.state_dict() == {}
+    module = PAR(dilations=(1, 3), num_iters=4, kernel_width=0.5, pos_weight=0.1)
+    expect = par(images, cams, valid=valid, dilations=(1, 3), num_iters=4, kernel_width=0.5, pos_weight=0.1)
+    torch.testing.assert_close(module(images, cams, valid=valid), expect, rtol=0, atol=0)
+    assert "num_iters=4" in repr(module) and module.state_dict() == {}
+
+
+def test_par_valid_at_any_resolution_is_resampled_to_the_image():
+    images, cams = _inputs(b=2, h=8, w=6)
+    coarse = torch.rand(2, 4, 3) > 0.3
+    fine = valid_to_grid(coarse, (8, 6))
+    assert not torch.equal(fine, torch.ones_like(fine))
+    torch.testing.assert_close(par(images, cams, valid=coarse, **SMALL), par(images, cams, valid=fine, **SMALL))
 
 
 def test_par_errors():
@@ -165,22 +175,22 @@ def test_par_errors():
         par(images[0], cams)
     with pytest.raises(ShapeError, match="images"):
         par(images.long(), cams)
-    with pytest.raises(ShapeError, match="cams"):
+    with pytest.raises(ShapeError, match="maps"):
         par(images, cams[:1])
-    with pytest.raises(ShapeError, match="cams"):
+    with pytest.raises(ShapeError, match="maps"):
         par(images, cams.long())
     with pytest.raises(ShapeError, match="valid"):
-        par(images, cams, valid=torch.ones(2, 5, 6, dtype=torch.bool))
+        par(images, cams, valid=torch.ones(images.shape[0] + 1, 5, 6, dtype=torch.bool))
     with pytest.raises(ShapeError, match="valid"):
         par(images, cams, valid=torch.ones(2, 5, 7))
-    with pytest.raises(ValueError, match="num_iter"):
-        par(images, cams, num_iter=2.5)
+    with pytest.raises(ValueError, match="num_iters"):
+        par(images, cams, num_iters=2.5)
     with pytest.raises(ValueError, match="dilations"):
         par(images, cams, dilations=())
     with pytest.raises(ValueError, match=r"dilations\[1\]"):
         par(images, cams, dilations=(1, 0))
-    with pytest.raises(ValueError, match="temperature"):
-        par(images, cams, temperature=0.0)
+    with pytest.raises(ValueError, match="kernel_width"):
+        par(images, cams, kernel_width=0.0)
     with pytest.raises(ValueError, match="pos_weight"):
         PAR(pos_weight=-1.0)
     with pytest.raises(ValueError, match="eps"):
@@ -276,11 +286,11 @@ def test_seg_loss_module_and_errors():
     assert repr(SegLoss(ignore_index=-1)) == "SegLoss(ignore_index=-1)"
     with pytest.raises(ShapeError, match="logits"):
         seg_loss(logits[0], target)
-    with pytest.raises(ShapeError, match="target"):
+    with pytest.raises(ShapeError, match="masks"):
         seg_loss(logits, target.float())
-    with pytest.raises(ShapeError, match="target"):
+    with pytest.raises(ShapeError, match="masks"):
         seg_loss(logits, target[:1])
-    with pytest.raises(ShapeError, match="target: expected values in \\[0, 2\\]"):
+    with pytest.raises(ShapeError, match="masks: expected values in \\[0, 2\\]"):
         seg_loss(logits, torch.full((2, 4, 4), 3))
     with pytest.raises(ValueError, match="ignore_index"):
         SegLoss(ignore_index=2.5)
@@ -314,8 +324,8 @@ def test_dense_crf_errors():
         dense_crf(images.long(), probs)
     with pytest.raises(ShapeError, match="probs"):
         dense_crf(images, probs[..., :3])
-    with pytest.raises(ValueError, match="num_iter"):
-        dense_crf(images, probs, num_iter=0)
+    with pytest.raises(ValueError, match="num_iters"):
+        dense_crf(images, probs, num_iters=0)
     with pytest.raises(ValueError, match="bi_rgb_std"):
         DenseCRF(bi_rgb_std=0.0)
     with pytest.raises(ValueError, match="workers"):
@@ -350,16 +360,16 @@ def test_dense_crf_cleans_noisy_two_region_scene():
 @needs_crf
 def test_dense_crf_batch_equals_per_image_and_workers_and_module():
     images, probs = _two_region_scene()
-    out = dense_crf(images, probs, num_iter=3)
+    out = dense_crf(images, probs, num_iters=3)
     for i in range(2):
-        torch.testing.assert_close(out[i : i + 1], dense_crf(images[i : i + 1], probs[i : i + 1], num_iter=3))
-    torch.testing.assert_close(dense_crf(images, probs, num_iter=3, workers=2), out)
-    torch.testing.assert_close(DenseCRF(num_iter=3)(images, probs), out)
+        torch.testing.assert_close(out[i : i + 1], dense_crf(images[i : i + 1], probs[i : i + 1], num_iters=3))
+    torch.testing.assert_close(dense_crf(images, probs, num_iters=3, workers=2), out)
+    torch.testing.assert_close(DenseCRF(num_iters=3)(images, probs), out)
     # float ImageNet-normalised images are denormalised first
     mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
     std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
     normed = (images.float() / 255.0 - mean) / std
-    torch.testing.assert_close(dense_crf(normed, probs, num_iter=3), out)
+    torch.testing.assert_close(dense_crf(normed, probs, num_iters=3), out)
 
 
 # ----------------------------------------------------------------------------- PAR pseudo labels
@@ -373,8 +383,8 @@ def _label_inputs(seed=0):
 
 def test_par_pseudo_labels_matches_per_image_toco_form():
     images, cams, labels = _label_inputs()
-    out = par_pseudo_labels(images, cams, labels, size=(24, 20), num_iter=4)
-    ref = par_pseudo_labels_per_image(images, cams, labels, size=(24, 20), num_iter=4)
+    out = par_pseudo_labels(images, cams, labels, size=(24, 20), num_iters=4)
+    ref = par_pseudo_labels_per_image(images, cams, labels, size=(24, 20), num_iters=4)
     assert out.shape == (3, 24, 20) and out.dtype == torch.long
     assert torch.equal(out, ref)
     assert {0, 255} <= set(out.unique().tolist())  # the inputs exercise all three cases
@@ -398,26 +408,26 @@ def test_combine_levels_hand_built_and_errors():
     y_low = torch.tensor([[1, 0, 2, 255, 0, 0]])
     assert combine_levels(y_high, y_low).tolist() == [[3, 0, 255, 255, 255, 0]]
     assert combine_levels(y_high, y_low, ignore_index=9).tolist() == [[3, 0, 9, 9, 255, 0]]
-    with pytest.raises(ShapeError, match="y_low"):
+    with pytest.raises(ShapeError, match="masks_low"):
         combine_levels(y_high, y_low[:, :3])
 
 
 def test_par_pseudo_labels_levels_and_no_propagation():
-    """levels=True gives the maps the default combines; num_iter=0 is the plain threshold rule."""
+    """par_label_levels gives the maps par_pseudo_labels combines; num_iters=0 is the plain threshold rule."""
     from wsss_blocks.cam import pseudo_labels
 
     images, cams, labels = _label_inputs()
     valid = torch.ones(3, 24, 20, dtype=torch.bool)
     valid[:, :, 15:] = False
-    y = par_pseudo_labels(images, cams, labels, valid=valid, size=(24, 20), num_iter=4, levels=True)
+    y = par_label_levels(images, cams, labels, valid=valid, size=(24, 20), num_iters=4)
     assert y.shape == (3, 2, 24, 20)
     assert (y[..., 15:] == 255).all()
-    out = par_pseudo_labels(images, cams, labels, valid=valid, size=(24, 20), num_iter=4)
+    out = par_pseudo_labels(images, cams, labels, valid=valid, size=(24, 20), num_iters=4)
     assert torch.equal(out, combine_levels(y[:, 0], y[:, 1]))
     assert not torch.equal(y[:, 0], y[:, 1])  # the inputs make the two levels differ
     big = torch.nn.functional.interpolate(images, size=(24, 20), mode="bilinear", align_corners=False)
     cam_big = torch.nn.functional.interpolate(cams, size=(24, 20), mode="bilinear", align_corners=False)
-    plain = par_pseudo_labels(big, cam_big, labels, num_iter=0)
+    plain = par_pseudo_labels(big, cam_big, labels, num_iters=0)
     assert torch.equal(plain, pseudo_labels(cam_big, labels, low=0.25, high=0.7))
 
 
@@ -439,15 +449,15 @@ def test_runs_with_checks_disabled(monkeypatch):
     monkeypatch.setenv("WSSS_BLOCKS_CHECKS", "0")
     images, cams, labels = _label_inputs()
     assert par(images, cams, **SMALL).shape == (3, 4, 12, 10)
-    assert par_pseudo_labels(images, cams, labels, num_iter=2).shape == (3, 12, 10)
+    assert par_pseudo_labels(images, cams, labels, num_iters=2).shape == (3, 12, 10)
     assert torch.isfinite(seg_loss(torch.randn(3, 5, 6, 5), torch.randint(0, 5, (3, 12, 10))))
 
 
 @needs_cuda
 def test_seg_loss_and_pseudo_labels_cuda():
     images, cams, labels = _label_inputs()
-    out = par_pseudo_labels(images.cuda(), cams.cuda(), labels.cuda(), num_iter=4)
+    out = par_pseudo_labels(images.cuda(), cams.cuda(), labels.cuda(), num_iters=4)
     assert out.device.type == "cuda"
-    assert torch.equal(out.cpu(), par_pseudo_labels(images, cams, labels, num_iter=4))
+    assert torch.equal(out.cpu(), par_pseudo_labels(images, cams, labels, num_iters=4))
     logits, target = torch.randn(2, 3, 4, 4), torch.randint(0, 3, (2, 8, 8))
     torch.testing.assert_close(seg_loss(logits.cuda(), target.cuda()).cpu(), seg_loss(logits, target))

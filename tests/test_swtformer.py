@@ -51,7 +51,7 @@ def test_swin_cam_normalises_and_upsamples():
     up = swin_cam(f, size=(10, 7))
     torch.testing.assert_close(up, F.interpolate(ref, size=(10, 7), mode="bilinear", align_corners=False))
     assert swin_cam(-f.abs()).abs().sum() == 0  # all-negative -> 0, not NaN
-    with pytest.raises(ShapeError, match="cam: expected 4 dims"):
+    with pytest.raises(ShapeError, match="cams: expected 4 dims"):
         swin_cam(torch.zeros(2, 3, 4))
     with pytest.raises(ValueError, match="eps"):
         swin_cam(f, eps=0.0)

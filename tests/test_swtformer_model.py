@@ -224,11 +224,11 @@ def test_head_module_on_stage_taps_equals_model():
     x = torch.randn(2, 3, 64, 64)
     y = torch.tensor([[1, 0, 1], [0, 1, 0]])
     a = model(x, y)
-    b = heads(stage_taps(swin, x, norm=True), y)
+    b = heads(stage_taps(swin, x, final_norm=True).features, y)
     assert set(a) == set(b)
     for k in a:
         torch.testing.assert_close(a[k], b[k])
     with pytest.raises(ShapeError, match="4 stage maps"):
-        heads(stage_taps(swin, x)[:3])
+        heads(stage_taps(swin, x).features[:3])
     with pytest.raises(ValueError, match="stage_channels"):
         SWTformerHead((8, 16, 32), 3)

@@ -25,7 +25,7 @@ def test_tokens_to_grid_is_row_major():
 def test_tokens_to_grid_rejects_wrong_count():
     with pytest.raises(ShapeError, match=r"tokens: expected shape \(B, 6, D\), got \(1, 5, 1\)"):
         tokens_to_grid(torch.zeros(1, 5, 1), (2, 3))
-    with pytest.raises(ShapeError, match="grid: expected 4 dims"):
+    with pytest.raises(ShapeError, match="features: expected 4 dims"):
         grid_to_tokens(torch.zeros(1, 6, 1))
 
 
@@ -95,7 +95,7 @@ def test_vit_taps_matches_hooked_forward(name, kw, size):
     blocks, normed = _block_outputs(model, images)
     p = model.num_prefix_tokens
     h, w = patch_grid(model, size)
-    assert taps.grid == (h, w)
+    assert taps.size == (h, w)
     assert taps.final.shape == (2, h * w, model.embed_dim)
     assert taps.prefix.shape == (2, p, model.embed_dim)
     torch.testing.assert_close(taps.final, normed[:, p:])

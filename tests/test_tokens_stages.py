@@ -30,12 +30,12 @@ def test_stage_info_reads_feature_info():
 def test_stage_taps_nchw_and_final_norm_matches_forward_features():
     m = _swin()
     x = torch.randn(2, 3, 64, 64)
-    maps = stage_taps(m, x, norm=True)
+    maps = stage_taps(m, x, final_norm=True).features
     assert [tuple(f.shape) for f in maps] == [(2, 16, 16, 16), (2, 32, 8, 8), (2, 64, 4, 4), (2, 128, 2, 2)]
     assert all(f.is_contiguous() for f in maps)
     ref = m.forward_features(x)  # timm Swin keeps NHWC internally
     torch.testing.assert_close(maps[-1], ref.permute(0, 3, 1, 2), rtol=1e-5, atol=1e-5)
-    raw = stage_taps(m, x, norm=False)
+    raw = stage_taps(m, x, final_norm=False).features
     torch.testing.assert_close(m.norm(raw[-1].permute(0, 2, 3, 1)).permute(0, 3, 1, 2), maps[-1])
     for a, b in zip(raw[:3], maps[:3], strict=True):  # norm touches the last stage only
         torch.testing.assert_close(a, b)
@@ -49,7 +49,7 @@ def test_stage_taps_manual_layer_loop_oracle():
     for layer in m.layers:  # NHWC residual stream stage by stage
         h = layer(h)
         expected.append(h.permute(0, 3, 1, 2))
-    got = stage_taps(m, x)
+    got = stage_taps(m, x).features
     for a, b in zip(got, expected, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
@@ -57,8 +57,10 @@ def test_stage_taps_manual_layer_loop_oracle():
 def test_stage_taps_subset_order_and_negative_indices():
     m = _swin()
     x = torch.randn(1, 3, 64, 64)
-    full = stage_taps(m, x)
-    sub = stage_taps(m, x, stages=(-1, 1))
+    full = stage_taps(m, x).features
+    taps = stage_taps(m, x, stages=(-1, 1))
+    assert (taps.stages, taps.strides) == ((3, 1), (32, 8))
+    sub = taps.features
     assert len(sub) == 2
     torch.testing.assert_close(sub[0], full[3])
     torch.testing.assert_close(sub[1], full[1])
@@ -77,7 +79,7 @@ def test_stage_taps_subset_order_and_negative_indices():
 ])
 def test_stage_taps_non_square_dynamic(size, grids):
     m = _swin(dynamic_img_size=True)
-    maps = stage_taps(m, torch.randn(1, 3, *size))
+    maps = stage_taps(m, torch.randn(1, 3, *size)).features
     assert [tuple(f.shape[-2:]) for f in maps] == grids
     for i in range(3):  # Swin's padded merging: h_{i+1} = ceil(h_i / 2)
         assert maps[i + 1].shape[-2] == -(-maps[i].shape[-2] // 2)
@@ -85,7 +87,7 @@ def test_stage_taps_non_square_dynamic(size, grids):
 
 def test_stage_taps_fixed_size_non_square_model():
     m = _swin(img_size=(64, 48))
-    assert [tuple(f.shape[-2:]) for f in stage_taps(m, torch.randn(1, 3, 64, 48))][-1] == (2, 2)
+    assert [tuple(f.shape[-2:]) for f in stage_taps(m, torch.randn(1, 3, 64, 48)).features][-1] == (2, 2)
 
 
 def test_input_size_errors_say_what_works():
@@ -111,7 +113,7 @@ def test_stage_taps_input_errors_and_gradients():
     with pytest.raises(TypeError, match="forward_intermediates"):
         stage_taps(torch.nn.Linear(2, 2), torch.randn(1, 3, 64, 64))
     x = torch.randn(1, 3, 64, 64, requires_grad=True)
-    maps = stage_taps(m, x)
+    maps = stage_taps(m, x).features
     sum(f.sum() for f in maps).backward()
     assert x.grad is not None and m.patch_embed.proj.weight.grad is not None
     assert m.training  # mode untouched
@@ -120,7 +122,7 @@ def test_stage_taps_input_errors_and_gradients():
 def test_stage_taps_other_hierarchical_model_convnext():
     torch.manual_seed(0)
     m = timm.create_model("convnext_atto", pretrained=False, depths=(1, 1, 1, 1), dims=(8, 16, 24, 32))
-    maps = stage_taps(m, torch.randn(1, 3, 64, 96))
+    maps = stage_taps(m, torch.randn(1, 3, 64, 96)).features
     assert [tuple(f.shape) for f in maps] == [(1, 8, 16, 24), (1, 16, 8, 12), (1, 24, 4, 6), (1, 32, 2, 3)]
     assert [s.stride for s in stage_info(m)] == [4, 8, 16, 32]
 
@@ -129,4 +131,4 @@ def test_vit_taps_still_work():
     from wsss_blocks.tokens import vit_taps
 
     m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=4)
-    assert vit_taps(m, torch.randn(1, 3, 32, 32)).grid == (2, 2)
+    assert vit_taps(m, torch.randn(1, 3, 32, 32)).size == (2, 2)

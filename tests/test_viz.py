@@ -18,7 +18,7 @@ pytest.importorskip("matplotlib")
 def test_colorize_mask_oracle() -> None:
     pal = np.array([[0, 0, 0], [10, 20, 30], [40, 50, 60]], np.uint8)
     m = torch.tensor([[0, 1, 2], [255, 7, -1]])
-    out = colorize_mask(m, pal)
+    out = colorize_mask(m, palette=pal)
     assert out.shape == (2, 3, 3) and out.dtype == np.uint8
     for y in range(2):
         for x in range(3):
@@ -34,7 +34,7 @@ def test_colorize_errors() -> None:
     with pytest.raises(ValueError, match="mask"):
         colorize_mask(np.zeros((2, 2, 2), np.int64))
     with pytest.raises(ValueError, match="palette"):
-        colorize_mask(np.zeros((2, 2), np.int64), np.zeros((4, 4), np.uint8))
+        colorize_mask(np.zeros((2, 2), np.int64), palette=np.zeros((4, 4), np.uint8))
 
 
 def test_denormalize_roundtrip() -> None:
@@ -50,15 +50,15 @@ def test_overlay_mask() -> None:
     img = normalize(torch.full((3, 8, 8), 100, dtype=torch.uint8))
     mask = torch.zeros(4, 4, dtype=torch.long)
     mask[:2, :2] = 1
-    out = overlay(img, mask, alpha=0.5)
+    out = overlay(img, mask, opacity=0.5)
     base = denormalize(img)
     assert out.shape == (8, 8, 3) and out.dtype == np.uint8
     # background untouched, class pixels blended 50/50 with the palette colour (resized nearest)
     assert np.array_equal(out[4:, 4:], base[4:, 4:])
     ref = np.round(0.5 * base[0, 0].astype(float) + 0.5 * VOC_PALETTE[1]).astype(np.uint8)
     assert np.abs(out[:4, :4].astype(int) - ref.astype(int)).max() <= 1
-    # bool masks work too; alpha 1 = pure palette colour
-    out1 = overlay(img, mask.bool(), alpha=1.0)
+    # bool masks work too; opacity 1 = pure palette colour
+    out1 = overlay(img, mask.bool(), opacity=1.0)
     assert out1[0, 0].tolist() == VOC_PALETTE[1].tolist()
 
 
@@ -66,7 +66,7 @@ def test_overlay_cam() -> None:
     img = torch.zeros(3, 16, 12)
     cam = torch.zeros(2, 4, 3)
     cam[1, 0, 0] = 5.0
-    out = overlay(img, cam, alpha=1.0, cmap="gray")
+    out = overlay(img, cam, opacity=1.0, cmap="gray")
     assert out.shape == (16, 12, 3)
     # gray colour map: the CAM maximum is the brightest pixel, far from it is black
     assert out[0, 0].sum() > out[-1, -1].sum() and out[-1, -1].tolist() == [0, 0, 0]
@@ -85,7 +85,7 @@ def test_save_grid(tmp_path: Path) -> None:
     masks = torch.stack([t["mask"] for t in items])
     cams = torch.rand(5, 6, 2, 3)
     path = tmp_path / "sub" / "grid.png"
-    grid = save_grid(path, images, masks, cams, ncols=2, scale=2, palette=ds.palette, pad=1)
+    grid = save_grid(path, images, masks=masks, cams=cams, ncols=2, scale=2, palette=ds.palette, pad=1)
     # 2 columns of 3 tiles, 3 rows; tiles 32 x 48
     assert grid.shape == (3 * 33 + 1, 2 * 3 * 49 + 1, 3)
     with Image.open(path) as im:

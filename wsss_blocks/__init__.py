@@ -21,23 +21,29 @@ from wsss_blocks import (
     functional,
     mct,
     metrics,
+    outputs,
     pcm,
     prototypes,
     refine,
     swtformer,
     tokens,
+    utils,
 )
 from wsss_blocks._validate import ShapeError
 from wsss_blocks._version import __version__
 from wsss_blocks.metrics import MeanIoU
+from wsss_blocks.outputs import LossOutput
 from wsss_blocks.prototypes import ClassBank, kmeans
-from wsss_blocks.tokens import StageInfo, ViTTaps, stage_taps, vit_taps
+from wsss_blocks.tokens import StageInfo, StageTaps, ViTTaps, stage_taps, vit_taps
+from wsss_blocks.utils import eval_mode
 
 __all__ = [
     "ClassBank",
+    "LossOutput",
     "MeanIoU",
     "ShapeError",
     "StageInfo",
+    "StageTaps",
     "ViTTaps",
     "__version__",
     "cam",
@@ -46,15 +52,18 @@ __all__ = [
     "cpews",
     "data",
     "doei",
+    "eval_mode",
     "functional",
     "kmeans",
     "mct",
     "metrics",
+    "outputs",
     "pcm",
     "prototypes",
     "refine",
     "stage_taps",
     "swtformer",
     "tokens",
+    "utils",
     "vit_taps",
 ]

@@ -6,8 +6,38 @@ import contextlib
 from typing import Any
 
 import torch
+from torch import Tensor
 
-__all__ = ["no_autocast"]
+__all__ = ["no_autocast", "compute_dtype", "to_compute"]
+
+
+def compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """The precision reductions run in: float32, or float64 when any input is float64.
+
+    Half and bfloat16 inputs (autocast) are computed in float32; integer and bool inputs do
+    not raise the precision.
+
+    Example:
+        >>> compute_dtype(torch.zeros(1, dtype=torch.bfloat16), torch.zeros(1, dtype=torch.long))
+        torch.float32
+        >>> compute_dtype(torch.zeros(1), torch.zeros(1, dtype=torch.float64))
+        torch.float64
+    """
+    dtype = torch.float32
+    for x in tensors:
+        if x.is_floating_point():
+            dtype = torch.promote_types(dtype, x.dtype)
+    return dtype
+
+
+def to_compute(x: Tensor) -> Tensor:
+    """``x`` in :func:`compute_dtype` precision (a no-op for float32 and float64 input).
+
+    Example:
+        >>> to_compute(torch.ones(2, dtype=torch.float16)).dtype
+        torch.float32
+    """
+    return x.to(compute_dtype(x))
 
 
 def no_autocast(device_type: str) -> contextlib.AbstractContextManager[Any]:

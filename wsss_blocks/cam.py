@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from wsss_blocks._utils import no_autocast
+from wsss_blocks._utils import compute_dtype, no_autocast
 from wsss_blocks._validate import (
     ShapeError,
     check_labels,
@@ -98,7 +98,7 @@ def cam_from_features(
 
 
 def normalize_cam(
-    cam: Tensor, *, mode: Literal["max", "minmax"] = "max", eps: float = 1e-5
+    cams: Tensor, *, mode: Literal["max", "minmax"] = "max", eps: float = 1e-5
 ) -> Tensor:
     """Normalise every (image, class) map to ``[0, 1]``.
 
@@ -108,12 +108,12 @@ def normalize_cam(
     Computed in fp32 (or fp64 for fp64 input); differentiable.
 
     Args:
-        cam: raw CAMs.
+        cams: raw CAMs.
         mode: ``"max"`` or ``"minmax"``.
         eps: added to the denominator.
 
     Shape:
-        - cam: ``(B, K, h, w)``
+        - cams: ``(B, K, h, w)``
         - output: same, float32 or float64
 
     Example:
@@ -123,9 +123,9 @@ def normalize_cam(
         >>> normalize_cam(cam, mode="minmax", eps=0.0).flatten().double().round(decimals=2).tolist()
         [0.0, 0.4, 0.6, 1.0]
     """
-    check_shape("cam", cam, ["B", "K", "h", "w"], dtype="float")
+    check_shape("cams", cams, ["B", "K", "h", "w"], dtype="float")
     check_option("mode", mode, ("max", "minmax"))
-    x = cam.to(torch.promote_types(cam.dtype, torch.float32))
+    x = cams.to(compute_dtype(cams))
     if mode == "max":
         x = x.relu()
         return x / (x.amax(dim=(-2, -1), keepdim=True) + eps)
@@ -134,15 +134,15 @@ def normalize_cam(
     return x / (x.amax(dim=(-2, -1), keepdim=True) + eps)
 
 
-def add_background(cam: Tensor, labels: Tensor) -> Tensor:
+def add_background(norm_cams: Tensor, labels: Tensor) -> Tensor:
     """Mask absent classes and prepend the background map ``1 - max_k M_k``.
 
     Args:
-        cam: normalised foreground CAMs (values in ``[0, 1]``).
+        norm_cams: normalised foreground CAMs (values in ``[0, 1]``).
         labels: multi-hot image labels; absent classes are zeroed before the max.
 
     Shape:
-        - cam: ``(B, K, h, w)``
+        - norm_cams: ``(B, K, h, w)``
         - labels: ``(B, K)``
         - output: ``(B, K+1, h, w)``, background at channel 0
 
@@ -151,9 +151,9 @@ def add_background(cam: Tensor, labels: Tensor) -> Tensor:
         >>> add_background(cam, torch.tensor([[1, 0]]))[0, :, 0].double().round(decimals=2).tolist()
         [[0.1, 0.8], [0.9, 0.2], [0.0, 0.0]]
     """
-    dims = check_shape("cam", cam, ["B", "K", "h", "w"], dtype="float")
+    dims = check_shape("norm_cams", norm_cams, ["B", "K", "h", "w"], dtype="float")
     check_labels("labels", labels, dims)
-    fg = cam * _label_weights(labels, cam)
+    fg = norm_cams * _label_weights(labels, norm_cams)
     bg = 1.0 - fg.amax(dim=1, keepdim=True)
     return torch.cat([bg, fg], dim=1)
 
@@ -186,7 +186,7 @@ def valid_to_grid(valid: Tensor, size: tuple[int, int]) -> Tensor:
 
 @torch.no_grad()
 def pseudo_labels(
-    cam: Tensor,
+    norm_cams: Tensor,
     labels: Tensor,
     *,
     low: float = 0.25,
@@ -196,12 +196,12 @@ def pseudo_labels(
 ) -> Tensor:
     """Two-threshold pseudo labels (ToCo/CPEWS rule), under ``torch.no_grad()``.
 
-    With ``M = cam * labels``, ``v = max_k M_k`` and ``a = argmax_k M_k + 1``:
+    With ``M = norm_cams * labels``, ``v = max_k M_k`` and ``a = argmax_k M_k + 1``:
     ``v > high`` gives ``a``; ``low < v <= high`` gives ``ignore_index``; ``v <= low``
     gives 0 (background). Cells outside ``valid`` get ``ignore_index``.
 
     Args:
-        cam: normalised CAMs (values in ``[0, 1]``; not range-checked, which would sync).
+        norm_cams: normalised CAMs (values in ``[0, 1]``; not range-checked, which would sync).
         labels: multi-hot image labels.
         low: background threshold.
         high: foreground threshold, ``low < high``.
@@ -209,18 +209,18 @@ def pseudo_labels(
         ignore_index: value of unsure and padded cells.
 
     Shape:
-        - cam: ``(B, K, h, w)``; labels: ``(B, K)``; valid: ``(B, H', W')``
+        - norm_cams: ``(B, K, h, w)``; labels: ``(B, K)``; valid: ``(B, H', W')``
         - output: ``(B, h, w)`` int64
 
     Example:
-        >>> cam = torch.tensor([[[[0.8, 0.7, 0.3, 0.25]], [[0.9, 0.9, 0.9, 0.9]]]])
-        >>> pseudo_labels(cam, torch.tensor([[1, 0]])).tolist()
+        >>> cams = torch.tensor([[[[0.8, 0.7, 0.3, 0.25]], [[0.9, 0.9, 0.9, 0.9]]]])
+        >>> pseudo_labels(cams, torch.tensor([[1, 0]])).tolist()
         [[[1, 255, 255, 0]]]
     """
-    dims = check_shape("cam", cam, ["B", "K", "h", "w"], dtype="float")
+    dims = check_shape("norm_cams", norm_cams, ["B", "K", "h", "w"], dtype="float")
     check_labels("labels", labels, dims)
     check_thresholds("low", low, "high", high)
-    masked = cam * _label_weights(labels, cam)
+    masked = norm_cams * _label_weights(labels, norm_cams)
     value, index = masked.max(dim=1)
     out = torch.where(value > high, index + 1, torch.full_like(index, ignore_index))
     out = torch.where(value <= low, torch.zeros_like(index), out)
@@ -231,15 +231,15 @@ def pseudo_labels(
     return out
 
 
-def box_to_valid_mask(box: Tensor, size: tuple[int, int]) -> Tensor:
+def box_to_valid_mask(boxes: Tensor, size: tuple[int, int]) -> Tensor:
     """Turn per-image valid boxes (the non-padded crop region) into pixel masks.
 
     Args:
-        box: ``[h0, h1, w0, w1]`` in pixels of the ``size`` image, end-exclusive.
+        boxes: ``[h0, h1, w0, w1]`` per image, in pixels of the ``size`` image, end-exclusive.
         size: the image size ``(H, W)``.
 
     Shape:
-        - box: ``(B, 4)`` integer (or float holding integers)
+        - boxes: ``(B, 4)`` integer (or float holding integers)
         - output: ``(B, H, W)`` bool
 
     Example:
@@ -247,19 +247,20 @@ def box_to_valid_mask(box: Tensor, size: tuple[int, int]) -> Tensor:
         [[[0, 1, 1, 0], [0, 1, 1, 0], [0, 0, 0, 0]]]
     """
     h, w = check_size("size", size)
-    check_shape("box", box, ["B", 4])
-    rows = torch.arange(h, device=box.device)
-    cols = torch.arange(w, device=box.device)
-    in_rows = (rows[None] >= box[:, 0:1]) & (rows[None] < box[:, 1:2])
-    in_cols = (cols[None] >= box[:, 2:3]) & (cols[None] < box[:, 3:4])
+    check_shape("boxes", boxes, ["B", 4])
+    rows = torch.arange(h, device=boxes.device)
+    cols = torch.arange(w, device=boxes.device)
+    in_rows = (rows[None] >= boxes[:, 0:1]) & (rows[None] < boxes[:, 1:2])
+    in_cols = (cols[None] >= boxes[:, 2:3]) & (cols[None] < boxes[:, 3:4])
     return in_rows[:, :, None] & in_cols[:, None, :]
 
 
 @torch.no_grad()
 def token_pseudo_labels(
-    cam_aux: Tensor,
+    norm_cams: Tensor,
     labels: Tensor,
     size: tuple[int, int],
+    *,
     low: float = 0.25,
     high: float = 0.7,
     valid: Tensor | None = None,
@@ -273,7 +274,7 @@ def token_pseudo_labels(
     valid iff at least half of its area is. Boxes are never sliced at token resolution.
 
     Args:
-        cam_aux: normalised CAM (values in ``[0, 1]``), e.g. a multi-scale CAM at image size.
+        norm_cams: normalised CAMs (values in ``[0, 1]``), e.g. a multi-scale CAM at image size.
         labels: multi-hot image labels.
         size: the token grid ``(h, w)``.
         low: background threshold (CPEWS alpha).
@@ -282,7 +283,7 @@ def token_pseudo_labels(
         ignore_index: value of unsure and padded tokens.
 
     Shape:
-        - cam_aux: ``(B, K, H', W')``; labels: ``(B, K)``; valid: ``(B, H'', W'')``
+        - norm_cams: ``(B, K, H', W')``; labels: ``(B, K)``; valid: ``(B, H'', W'')``
         - output: ``(B, h, w)`` int64
 
     Example:
@@ -292,11 +293,11 @@ def token_pseudo_labels(
         [[[1, 1], [0, 0]]]
     """
     size = check_size("size", size)
-    check_shape("cam_aux", cam_aux, ["B", "K", "H", "W"], dtype="float")
-    if tuple(cam_aux.shape[-2:]) != size:
-        cam_aux = F.interpolate(cam_aux, size=size, mode="bilinear", align_corners=False)
+    check_shape("norm_cams", norm_cams, ["B", "K", "H", "W"], dtype="float")
+    if tuple(norm_cams.shape[-2:]) != size:
+        norm_cams = F.interpolate(norm_cams, size=size, mode="bilinear", align_corners=False)
     return pseudo_labels(
-        cam_aux, labels, low=low, high=high, valid=valid, ignore_index=ignore_index
+        norm_cams, labels, low=low, high=high, valid=valid, ignore_index=ignore_index
     )
 
 
@@ -336,7 +337,7 @@ def masked_average_pool(
     dims = check_shape("weights", weights, ["B", "K", "h", "w"], dtype="float")
     size = (dims["h"], dims["w"])
     tokens = features_as_tokens("features", features, size, dims)
-    dtype = torch.promote_types(torch.promote_types(tokens.dtype, weights.dtype), torch.float32)
+    dtype = compute_dtype(tokens, weights)
     with no_autocast(tokens.device.type):
         w = weights.to(dtype)
         if threshold is not None:

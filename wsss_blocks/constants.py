@@ -68,7 +68,7 @@ COCO_CATEGORY_TO_INDEX: dict[int, int] = {cid: k for k, cid in enumerate(COCO_CA
 """COCO ``category_id`` -> contiguous class index 0..79 (mask value = index + 1)."""
 
 
-def pascal_palette(num_colors: int = 256) -> np.ndarray:
+def pascal_palette(*, num_colors: int = 256) -> np.ndarray:
     """The PASCAL VOC colour map: colour ``i`` spreads the bits of ``i`` over R, G, B.
 
     Bit ``3j`` of the index sets bit ``7 - j`` of red, bit ``3j + 1`` green, bit
@@ -81,7 +81,7 @@ def pascal_palette(num_colors: int = 256) -> np.ndarray:
         ``(num_colors, 3)`` uint8 array.
 
     Example:
-        >>> pascal_palette(3).tolist()
+        >>> pascal_palette(num_colors=3).tolist()
         [[0, 0, 0], [128, 0, 0], [0, 128, 0]]
         >>> pascal_palette()[255].tolist()
         [224, 224, 192]
@@ -95,7 +95,7 @@ def pascal_palette(num_colors: int = 256) -> np.ndarray:
     return out.astype(np.uint8)
 
 
-VOC_PALETTE: np.ndarray = pascal_palette(256)
+VOC_PALETTE: np.ndarray = pascal_palette(num_colors=256)
 """``(256, 3)`` uint8 VOC colour map (read-only); row = mask value, 255 = ignore."""
 VOC_PALETTE.flags.writeable = False
 

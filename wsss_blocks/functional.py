@@ -53,7 +53,7 @@ from wsss_blocks.pcm import (
     unmosaic,
 )
 from wsss_blocks.prototypes import kmeans
-from wsss_blocks.refine import dense_crf, par, par_affinity, par_pseudo_labels, seg_loss
+from wsss_blocks.refine import dense_crf, par, par_affinity, par_label_levels, par_pseudo_labels, seg_loss
 from wsss_blocks.swtformer import (
     cams_with_background,
     ccl_loss,
@@ -66,7 +66,6 @@ from wsss_blocks.swtformer import (
     swin_cam,
 )
 from wsss_blocks.tokens import (
-    features_as_tokens,
     grid_to_tokens,
     split_prefix_tokens,
     stage_taps,
@@ -90,7 +89,6 @@ __all__ = [
     "dihedral_transform",
     "doei_delta",
     "et_loss",
-    "features_as_tokens",
     "grid_to_tokens",
     "gsc_loss",
     "hybrid_attention",
@@ -109,6 +107,7 @@ __all__ = [
     "pacam",
     "par",
     "par_affinity",
+    "par_label_levels",
     "par_pseudo_labels",
     "patch_class_probs",
     "patch_color_affinity",

@@ -42,8 +42,8 @@ def _check_values(name: str, x: Tensor, num_classes: int, ignore_index: int) -> 
 
 
 def confusion_matrix(
-    pred: Tensor,
-    target: Tensor,
+    preds: Tensor,
+    masks: Tensor,
     num_classes: int,
     *,
     ignore_index: int = 255,
@@ -53,47 +53,47 @@ def confusion_matrix(
     Pixels whose target or prediction is ``ignore_index`` are not counted.
 
     Args:
-        pred: predicted class indices.
-        target: ground-truth class indices, same shape as ``pred``.
+        preds: predicted class indices.
+        masks: ground-truth class indices, same shape as ``preds``.
         num_classes: ``C``.
         ignore_index: label value to skip.
 
     Returns:
-        ``conf[t, p]`` = number of pixels with target ``t`` predicted as ``p``.
+        ``confusion[t, p]`` = number of pixels with target ``t`` predicted as ``p``.
 
     Shape:
-        - pred, target: any shape, the same for both (e.g. ``(B, H, W)``), integer dtype.
-        - output: ``(C, C)`` int64 on ``pred``'s device.
+        - preds, masks: any shape, the same for both (e.g. ``(B, H, W)``), integer dtype.
+        - output: ``(C, C)`` int64 on ``preds``' device.
 
     Raises:
         ShapeError: different shapes, non-integer dtype, or a value outside
             ``[0, C)`` that is not ``ignore_index``.
 
     Example:
-        >>> pred = torch.tensor([[0, 1], [1, 1]])
-        >>> target = torch.tensor([[0, 1], [0, 255]])
-        >>> confusion_matrix(pred, target, 2)
+        >>> preds = torch.tensor([[0, 1], [1, 1]])
+        >>> masks = torch.tensor([[0, 1], [0, 255]])
+        >>> confusion_matrix(preds, masks, 2)
         tensor([[1, 1],
                 [0, 1]])
     """
     c = check_int("num_classes", num_classes, low=1)
-    check_tensor("pred", pred, dtype="int")
-    check_tensor("target", target, dtype="int")
-    if pred.shape != target.shape:
+    check_tensor("preds", preds, dtype="int")
+    check_tensor("masks", masks, dtype="int")
+    if preds.shape != masks.shape:
         raise ShapeError(
-            f"pred: expected the shape of target {tuple(target.shape)}, got {tuple(pred.shape)}"
+            f"preds: expected the shape of masks {tuple(masks.shape)}, got {tuple(preds.shape)}"
         )
-    target = target.to(pred.device)
-    _check_values("pred", pred, c, ignore_index)
-    _check_values("target", target, c, ignore_index)
-    p = pred.reshape(-1).long()
-    t = target.reshape(-1).long()
+    masks = masks.to(preds.device)
+    _check_values("preds", preds, c, ignore_index)
+    _check_values("masks", masks, c, ignore_index)
+    p = preds.reshape(-1).long()
+    t = masks.reshape(-1).long()
     keep = (t != ignore_index) & (p != ignore_index)
     idx = (t * c + p)[keep]
     return torch.bincount(idx, minlength=c * c).reshape(c, c)
 
 
-def iou_from_confusion(conf: Tensor) -> tuple[Tensor, float]:
+def iou_from_confusion(confusion: Tensor) -> tuple[Tensor, float]:
     """Per-class IoU and mean IoU from a confusion matrix.
 
     ``IoU_c = TP_c / (GT_c + Pred_c - TP_c)``. A class with neither ground-truth nor
@@ -101,28 +101,28 @@ def iou_from_confusion(conf: Tensor) -> tuple[Tensor, float]:
     at all is ``NaN``.
 
     Args:
-        conf: confusion matrix, rows = target, columns = prediction.
+        confusion: confusion matrix, rows = target, columns = prediction.
 
     Returns:
         ``(per_class_iou, miou)``: a ``(C,)`` float64 tensor and a Python float.
 
     Shape:
-        - conf: ``(C, C)``; per_class_iou: ``(C,)`` float64.
+        - confusion: ``(C, C)``; per_class_iou: ``(C,)`` float64.
 
     Example:
-        >>> conf = torch.tensor([[3, 1, 0], [0, 2, 0], [0, 0, 0]])
-        >>> iou, miou = iou_from_confusion(conf)
+        >>> confusion = torch.tensor([[3, 1, 0], [0, 2, 0], [0, 0, 0]])
+        >>> iou, miou = iou_from_confusion(confusion)
         >>> iou
         tensor([0.7500, 0.6667,    nan], dtype=torch.float64)
         >>> round(miou, 4)
         0.7083
     """
-    check_tensor("conf", conf)
-    if conf.dim() != 2 or conf.shape[0] != conf.shape[1]:
-        raise ShapeError(f"conf: expected a square (C, C) matrix, got shape {tuple(conf.shape)}")
-    conf = conf.double()
-    tp = conf.diagonal()
-    union = conf.sum(1) + conf.sum(0) - tp
+    check_tensor("confusion", confusion)
+    if confusion.dim() != 2 or confusion.shape[0] != confusion.shape[1]:
+        raise ShapeError(f"confusion: expected a square (C, C) matrix, got shape {tuple(confusion.shape)}")
+    confusion = confusion.double()
+    tp = confusion.diagonal()
+    union = confusion.sum(1) + confusion.sum(0) - tp
     iou = torch.where(union > 0, tp / union.clamp_min(1.0), torch.full_like(tp, float("nan")))
     present = union > 0
     if bool(present.any()):  # sync-ok: off the training path
@@ -198,17 +198,17 @@ class MeanIoU(nn.Module):
         self.confusion.zero_()
 
     @torch.no_grad()
-    def update(self, pred: Tensor, target: Tensor) -> None:
+    def update(self, preds: Tensor, masks: Tensor) -> None:
         """Add a batch to the confusion matrix.
 
         Args:
-            pred: integer class indices of ``target``'s shape, or floating scores with a
+            preds: integer class indices of ``masks``' shape, or floating scores with a
                 class dimension at 1 (``(B, C, H, W)`` for ``(B, H, W)`` targets), which
                 are arg-maxed.
-            target: integer ground truth.
+            masks: integer ground truth.
 
         Shape:
-            - pred: ``(B, H, W)`` int or ``(B, C, H, W)`` float; target: ``(B, H, W)``.
+            - preds: ``(B, H, W)`` int or ``(B, C, H, W)`` float; masks: ``(B, H, W)``.
 
         Example:
             >>> m = MeanIoU(3)
@@ -216,16 +216,16 @@ class MeanIoU(nn.Module):
             >>> int(m.confusion.sum())
             4
         """
-        check_tensor("pred", pred)
-        if pred.is_floating_point():
-            if pred.dim() != target.dim() + 1 or pred.shape[1] != self.num_classes:
+        check_tensor("preds", preds)
+        if preds.is_floating_point():
+            if preds.dim() != masks.dim() + 1 or preds.shape[1] != self.num_classes:
                 raise ShapeError(
-                    f"pred: expected scores (B, C={self.num_classes}, ...) for target of "
-                    f"shape {tuple(target.shape)}, got {tuple(pred.shape)}"
+                    f"preds: expected scores (B, C={self.num_classes}, ...) for masks of "
+                    f"shape {tuple(masks.shape)}, got {tuple(preds.shape)}"
                 )
-            pred = pred.argmax(1)
-        conf = confusion_matrix(pred, target, self.num_classes, ignore_index=self.ignore_index)
-        self.confusion += conf.to(self.confusion.device)
+            preds = preds.argmax(1)
+        confusion = confusion_matrix(preds, masks, self.num_classes, ignore_index=self.ignore_index)
+        self.confusion += confusion.to(self.confusion.device)
 
     @torch.no_grad()
     def compute(self) -> dict[str, Any]:
@@ -245,11 +245,11 @@ class MeanIoU(nn.Module):
             >>> out["per_class"], round(out["pixel_accuracy"], 4)
             (tensor([0.5000, 0.5000], dtype=torch.float64), 0.6667)
         """
-        conf = self.confusion.clone()
+        confusion = self.confusion.clone()
         if world_size() > 1:
-            dist.all_reduce(conf, op=dist.ReduceOp.SUM)
-        per_class, miou = iou_from_confusion(conf)
-        confd = conf.double()
+            dist.all_reduce(confusion, op=dist.ReduceOp.SUM)
+        per_class, miou = iou_from_confusion(confusion)
+        confd = confusion.double()
         total = confd.sum()
         if bool(total > 0):  # sync-ok
             pixel_acc = float(confd.diagonal().sum() / total)  # sync-ok
@@ -266,7 +266,7 @@ class MeanIoU(nn.Module):
             "per_class": per_class.cpu(),  # sync-ok
             "pixel_accuracy": pixel_acc,
             "mean_accuracy": mean_acc,
-            "confusion": conf,
+            "confusion": confusion,
         }
         if self.class_names is not None:
             out["per_class_named"] = {
@@ -274,7 +274,7 @@ class MeanIoU(nn.Module):
             }
         return out
 
-    def forward(self, pred: Tensor, target: Tensor) -> None:
+    def forward(self, preds: Tensor, masks: Tensor) -> None:
         """Same as :meth:`update` (so the metric can be called like a module).
 
         Example:
@@ -283,4 +283,4 @@ class MeanIoU(nn.Module):
             >>> m.compute()["miou"]
             1.0
         """
-        self.update(pred, target)
+        self.update(preds, masks)

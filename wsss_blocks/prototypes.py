@@ -74,11 +74,11 @@ def _kmeans_pp_init(
 
 @torch.no_grad()
 def kmeans(
-    x: Tensor,
+    points: Tensor,
     num_clusters: int,
     *,
-    valid: Tensor | None = None,
-    iters: int = 10,
+    point_valid: Tensor | None = None,
+    num_iters: int = 10,
     seed: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """Batched Euclidean k-means over groups of points (no gradient, no host sync).
@@ -86,9 +86,9 @@ def kmeans(
     Every group (e.g. a class) is clustered independently but in one batched pass:
 
     1. **Init**: seeded k-means++ among the group's valid points, with a
-       ``torch.Generator`` on ``x``'s device seeded with ``seed`` (first centre uniform,
+       ``torch.Generator`` on ``points``' device seeded with ``seed`` (first centre uniform,
        then proportional to the squared distance to the nearest chosen centre).
-    2. **Lloyd**: exactly ``iters`` steps, no early stop. Assignment by the matmul form
+    2. **Lloyd**: exactly ``num_iters`` steps, no early stop. Assignment by the matmul form
        ``||c||^2 - 2 x.c`` (``||x||^2`` is common to all centres of a point; ties go to the
        lower centre index); each centre becomes the mean of its members via a one-hot ``bmm``;
        an empty cluster keeps its centre. Invalid points never influence the centres.
@@ -102,15 +102,15 @@ def kmeans(
         after), so points that share a large offset (e.g. clusters 0.05 apart around
         1000) keep their fp32 precision in the matmul distance form.
 
-    The computation runs in fp32 (fp64 when ``x`` is fp64) with autocast disabled. Same
+    The computation runs in fp32 (fp64 when ``points`` is fp64) with autocast disabled. Same
     inputs, ``seed`` and device give identical output. It never raises on data values,
     only on bad shapes/arguments.
 
     Args:
-        x: points, batched over groups.
+        points: points, batched over groups.
         num_clusters: ``k >= 1``, centres per group.
-        valid: which points take part; ``None`` means all.
-        iters: number of Lloyd steps (``>= 0``).
+        point_valid: which points take part; ``None`` means all.
+        num_iters: number of Lloyd steps (``>= 0``).
         seed: seed of the k-means++ generator.
 
     Returns:
@@ -118,38 +118,39 @@ def kmeans(
         For a group with more than ``k`` valid points every centre is valid.
 
     Shape:
-        - x: ``(G, N, D)`` floating.
-        - valid: ``(G, N)`` bool.
+        - points: ``(G, N, D)`` floating.
+        - point_valid: ``(G, N)`` bool.
         - centres: ``(G, k, D)`` fp32 (fp64 for fp64 input); centre_valid: ``(G, k)`` bool.
 
     Raises:
-        ShapeError: wrong rank/shape/dtype of ``x`` or ``valid``.
-        ValueError: ``num_clusters < 1``, ``iters < 0`` or a non-int ``seed``.
+        ShapeError: wrong rank/shape/dtype of ``points`` or ``point_valid``.
+        ValueError: ``num_clusters < 1``, ``num_iters < 0`` or a non-int ``seed``.
 
     Example:
         >>> x = torch.tensor([[[0.0], [0.1], [10.0], [10.2]]])
-        >>> c, ok = kmeans(x, 2, iters=5)
+        >>> c, ok = kmeans(x, 2, num_iters=5)
         >>> c.squeeze(-1).sort(dim=1).values
         tensor([[ 0.0500, 10.1000]])
         >>> ok
         tensor([[True, True]])
-        >>> c, ok = kmeans(x, 3, valid=torch.tensor([[True, False, False, True]]))
+        >>> c, ok = kmeans(x, 3, point_valid=torch.tensor([[True, False, False, True]]))
         >>> c.squeeze(-1), ok
         (tensor([[ 0.0000, 10.2000,  0.0000]]), tensor([[ True,  True, False]]))
     """
-    dims = check_shape("x", x, ["G", "N", "D"], dtype="float")
+    dims = check_shape("points", points, ["G", "N", "D"], dtype="float")
+    valid = point_valid
     if valid is not None:
-        check_shape("valid", valid, ["G", "N"], dims, dtype="bool")
+        check_shape("point_valid", valid, ["G", "N"], dims, dtype="bool")
     k = check_int("num_clusters", num_clusters, low=1)
-    check_int("iters", iters, low=0)
+    iters = check_int("num_iters", num_iters, low=0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed: expected an int, got {seed!r}")
 
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    g, n, d = x.shape
-    device = x.device
+    dtype = torch.float64 if points.dtype == torch.float64 else torch.float32
+    g, n, d = points.shape
+    device = points.device
     with no_autocast(device.type):
-        x = x.to(dtype)
+        x = points.to(dtype)
         if valid is None:
             valid = torch.ones((g, n), dtype=torch.bool, device=device)
         if n == 0:  # static shape, not data
@@ -171,14 +172,14 @@ def kmeans(
         # distance form cancels catastrophically when points share a large offset ---
         validf = valid.to(dtype)
         offset = torch.bmm(validf[:, None, :], x) / num.clamp_min(1)[:, None, None].to(dtype)
-        points, x = x, x - offset  # (G,N,D)
+        raw, x = x, x - offset  # (G,N,D)
         # (G,D,N) layout for the matmuls that run over the points (seeding matvecs,
         # assignment), written by the centring subtraction itself
-        xt = torch.sub(points.transpose(1, 2), offset.transpose(1, 2), out=x.new_empty((g, d, n)))
+        xt = torch.sub(raw.transpose(1, 2), offset.transpose(1, 2), out=x.new_empty((g, d, n)))
         generator = torch.Generator(device=device)
         generator.manual_seed(seed)
         picks = _kmeans_pp_init(x, xt, valid, k, generator)
-        initial = points.gather(1, picks[:, :, None].expand(g, k, d))  # (G,k,D), exact picks
+        initial = raw.gather(1, picks[:, :, None].expand(g, k, d))  # (G,k,D), exact picks
         centres = initial - offset
         scratch = torch.full((g, n), k, dtype=torch.long, device=device)
         # buffers reused by every step (a fresh multi-MB tensor per step costs page faults)
@@ -218,25 +219,25 @@ class ClassBank(nn.Module):
     items of a class, only its last ``L`` are kept (as if appended one by one).
 
     State lives in persistent buffers, so ``state_dict()`` / ``load_state_dict()``
-    round-trip it: ``memory (C, L, dim)``, ``ptr (C,)`` int64, ``count (C,)`` int64.
+    round-trip it: ``memory (C, L, D)``, ``ptr (C,)`` int64, ``count (C,)`` int64.
 
     Under an initialised ``torch.distributed`` with world size > 1, :meth:`update`
-    first all-gathers ``items`` and ``valid`` from every rank (ranks may have different
+    first all-gathers ``items`` and ``item_valid`` from every rank (ranks may have different
     batch sizes; they are padded to the largest) and applies the gathered batch in rank
     order, so every rank holds the same bank.
 
     Args:
+        in_dim: ``D``, the width of the stored vectors.
         num_classes: ``C``, number of classes (rows).
         capacity: ``L``, slots per class.
-        dim: feature size.
         device: device of the buffers.
         dtype: floating dtype of ``memory`` (fp32 by default).
 
     Shape:
-        - memory: ``(C, L, dim)``; ptr, count: ``(C,)`` int64.
+        - memory: ``(C, L, D)``; ptr, count: ``(C,)`` int64.
 
     Example:
-        >>> bank = ClassBank(2, 3, 1)
+        >>> bank = ClassBank(1, 2, capacity=3)
         >>> items = torch.arange(8.0).view(4, 2, 1)
         >>> valid = torch.tensor([[True, False], [True, True], [True, False], [True, False]])
         >>> bank.update(items, valid)
@@ -256,34 +257,34 @@ class ClassBank(nn.Module):
 
     def __init__(
         self,
+        in_dim: int,
         num_classes: int,
-        capacity: int,
-        dim: int,
         *,
+        capacity: int,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
+        self.in_dim = check_int("in_dim", in_dim, low=1)
         self.num_classes = check_int("num_classes", num_classes, low=1)
         self.capacity = check_int("capacity", capacity, low=1)
-        self.dim = check_int("dim", dim, low=1)
         if not dtype.is_floating_point:
             raise ValueError(f"dtype: expected a floating dtype, got {dtype}")
         self.register_buffer(
-            "memory", torch.zeros(num_classes, capacity, dim, device=device, dtype=dtype)
+            "memory", torch.zeros(num_classes, capacity, in_dim, device=device, dtype=dtype)
         )
         self.register_buffer("ptr", torch.zeros(num_classes, dtype=torch.long, device=device))
         self.register_buffer("count", torch.zeros(num_classes, dtype=torch.long, device=device))
 
     def extra_repr(self) -> str:
-        return f"num_classes={self.num_classes}, capacity={self.capacity}, dim={self.dim}"
+        return f"in_dim={self.in_dim}, num_classes={self.num_classes}, capacity={self.capacity}"
 
     @torch.no_grad()
     def reset(self) -> None:
         """Empty the bank (zero memory, ``ptr`` and ``count``).
 
         Example:
-            >>> bank = ClassBank(1, 2, 1)
+            >>> bank = ClassBank(1, 1, capacity=2)
             >>> bank.update(torch.ones(1, 1, 1), torch.ones(1, 1, dtype=torch.bool))
             >>> bank.reset()
             >>> bank.count, bank.memory.sum()
@@ -300,14 +301,14 @@ class ClassBank(nn.Module):
             - output: ``(C, L)`` bool.
 
         Example:
-            >>> ClassBank(2, 3, 4).filled().shape
+            >>> ClassBank(4, 2, capacity=3).filled().shape
             torch.Size([2, 3])
         """
         slots = torch.arange(self.capacity, device=self.count.device)
         return slots[None, :] < self.count[:, None]
 
     @torch.no_grad()
-    def update(self, items: Tensor, valid: Tensor, *, distributed: bool = True) -> None:
+    def update(self, items: Tensor, item_valid: Tensor, *, distributed: bool = True) -> None:
         """Append the valid items of a batch to their classes (no gradient, no host sync).
 
         For each class ``c``: with ``r`` the running index of the valid rows (cumsum over
@@ -320,25 +321,25 @@ class ClassBank(nn.Module):
 
         Args:
             items: one candidate vector per (image, class); cast to the bank's dtype.
-            valid: which candidates to store.
+            item_valid: which candidates to store.
             distributed: all-gather across ranks first when ``torch.distributed`` is
                 initialised with world size > 1 (set ``False`` if the caller already
                 gathered).
 
         Shape:
-            - items: ``(B, C, dim)``; valid: ``(B, C)`` bool.
+            - items: ``(B, C, D)``; item_valid: ``(B, C)`` bool.
 
         Example:
-            >>> bank = ClassBank(1, 2, 1)
+            >>> bank = ClassBank(1, 1, capacity=2)
             >>> bank.update(torch.arange(5.0).view(5, 1, 1), torch.ones(5, 1, dtype=torch.bool))
             >>> bank.memory.flatten().tolist(), bank.ptr.tolist(), bank.count.tolist()
             ([4.0, 3.0], [1], [2])
         """
-        dims = {"C": self.num_classes, "dim": self.dim}
-        check_shape("items", items, ["B", "C", "dim"], dims, dtype="float")
-        check_shape("valid", valid, ["B", "C"], dims, dtype="bool")
+        dims = {"C": self.num_classes, "D": self.in_dim}
+        check_shape("items", items, ["B", "C", "D"], dims, dtype="float")
+        check_shape("item_valid", item_valid, ["B", "C"], dims, dtype="bool")
         items = items.detach().to(device=self.memory.device, dtype=self.memory.dtype)
-        valid = valid.to(self.memory.device)
+        valid = item_valid.to(self.memory.device)
         if distributed and world_size() > 1:
             items, valid, real = all_gather_rows(items, valid)
             valid = valid & real[:, None]

@@ -12,7 +12,6 @@ model's internal layout, strides and channels read from the model.
 from __future__ import annotations
 
 from collections.abc import MutableMapping, Sequence
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from einops import rearrange
@@ -24,7 +23,6 @@ __all__ = [
     "ViTTaps",
     "tokens_to_grid",
     "grid_to_tokens",
-    "features_as_tokens",
     "split_prefix_tokens",
     "num_blocks",
     "resolve_block_index",
@@ -33,6 +31,7 @@ __all__ = [
     "StageInfo",
     "stage_info",
     "check_stage_input",
+    "StageTaps",
     "stage_taps",
 ]
 
@@ -58,11 +57,11 @@ def tokens_to_grid(tokens: Tensor, size: tuple[int, int]) -> Tensor:
     return rearrange(tokens, "b (h w) d -> b d h w", h=h, w=w)
 
 
-def grid_to_tokens(grid: Tensor) -> Tensor:
+def grid_to_tokens(features: Tensor) -> Tensor:
     """Flatten an NCHW feature map to row-major tokens.
 
     Shape:
-        - grid: ``(B, D, h, w)``
+        - features: ``(B, D, h, w)``
         - output: ``(B, h*w, D)``
 
     Example:
@@ -71,8 +70,8 @@ def grid_to_tokens(grid: Tensor) -> Tensor:
         >>> torch.equal(tokens_to_grid(grid_to_tokens(x), (2, 3)), x)
         True
     """
-    check_shape("grid", grid, ["B", "D", "h", "w"])
-    return rearrange(grid, "b d h w -> b (h w) d")
+    check_shape("features", features, ["B", "D", "h", "w"])
+    return rearrange(features, "b d h w -> b (h w) d")
 
 
 def features_as_tokens(
@@ -83,7 +82,7 @@ def features_as_tokens(
 ) -> Tensor:
     """Accept features as tokens ``(B, N, D)`` or a map ``(B, D, h, w)``; return tokens.
 
-    For use at public entry points that take "features" in either layout. The grid always
+    The validator behind every public entry point that takes "features" in either layout. The grid always
     comes from ``size`` (usually the CAM's), and the number of tokens must match it.
 
     Args:
@@ -200,9 +199,8 @@ def patch_grid(model: nn.Module, image_size: tuple[int, int]) -> tuple[int, int]
     return int(h), int(w)
 
 
-@dataclass
-class ViTTaps:
-    """Tokens tapped from one forward pass of a timm ViT.
+class ViTTaps(NamedTuple):
+    """Tokens tapped from one forward pass of a ViT.
 
     Attributes:
         final: patch tokens after the model's final ``norm``, ``(B, N, D)``.
@@ -211,23 +209,23 @@ class ViTTaps:
             **not** normalised by the final norm.
         prefix: prefix tokens (class, registers, distillation) after the final norm,
             ``(B, P, D)``.
-        grid: the token grid ``(h, w)``, ``h * w == N``.
+        size: the token grid ``(h, w)``, ``h * w == N``.
 
     Example:
         >>> import torch
         >>> taps = ViTTaps(torch.zeros(1, 4, 8), {0: torch.zeros(1, 4, 8)},
         ...                torch.zeros(1, 1, 8), (2, 2))
-        >>> taps.grid
+        >>> taps.size
         (2, 2)
     """
 
     final: Tensor
     intermediate: dict[int, Tensor]
     prefix: Tensor
-    grid: tuple[int, int]
+    size: tuple[int, int]
 
 
-def vit_taps(model: nn.Module, images: Tensor, layers: Sequence[int] = (-3, -1)) -> ViTTaps:
+def vit_taps(model: nn.Module, images: Tensor, *, layers: Sequence[int] = (-3, -1)) -> ViTTaps:
     """Final and intermediate patch tokens of any timm VisionTransformer-family model.
 
     One forward pass through timm's public ``forward_intermediates``. Works for ViT, DeiT
@@ -252,7 +250,7 @@ def vit_taps(model: nn.Module, images: Tensor, layers: Sequence[int] = (-3, -1))
         >>> m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32,
         ...                       depth=4, reg_tokens=2)
         >>> taps = vit_taps(m, torch.randn(2, 3, 32, 32), layers=(-3, -1))
-        >>> taps.final.shape, sorted(taps.intermediate), taps.prefix.shape, taps.grid
+        >>> taps.final.shape, sorted(taps.intermediate), taps.prefix.shape, taps.size
         (torch.Size([2, 4, 192]), [1, 3], torch.Size([2, 3, 192]), (2, 2))
     """
     check_shape("images", images, ["B", 3, "H", "W"], dtype="float")
@@ -270,7 +268,7 @@ def vit_taps(model: nn.Module, images: Tensor, layers: Sequence[int] = (-3, -1))
     maps = [m for m, _ in inter]
     grid = (int(maps[0].shape[-2]), int(maps[0].shape[-1]))
     intermediate = {i: grid_to_tokens(m) for i, m in zip(indices, maps, strict=True) if i in wanted}
-    return ViTTaps(final=patches, intermediate=intermediate, prefix=prefix, grid=grid)
+    return ViTTaps(final=patches, intermediate=intermediate, prefix=prefix, size=grid)
 
 
 
@@ -384,13 +382,33 @@ def check_stage_input(model: nn.Module, image_size: tuple[int, int]) -> tuple[in
     return h, w
 
 
+class StageTaps(NamedTuple):
+    """Per-stage feature maps tapped from one forward pass of a hierarchical model.
+
+    Attributes:
+        features: one NCHW map ``(B, C_i, h_i, w_i)`` per requested stage, in the order asked.
+        stages: the absolute stage index of each map.
+        strides: each map's reduction relative to the input image.
+
+    Example:
+        >>> import torch
+        >>> taps = StageTaps([torch.zeros(1, 8, 4, 4)], (0,), (4,))
+        >>> taps.strides
+        (4,)
+    """
+
+    features: list[Tensor]
+    stages: tuple[int, ...]
+    strides: tuple[int, ...]
+
+
 def stage_taps(
     model: nn.Module,
     images: Tensor,
-    stages: Sequence[int] | None = None,
     *,
-    norm: bool = False,
-) -> list[Tensor]:
+    stages: Sequence[int] | None = None,
+    final_norm: bool = False,
+) -> StageTaps:
     """Per-stage feature maps of a hierarchical timm model (Swin, ...) as NCHW, with gradients.
 
     One forward pass through timm's public ``forward_intermediates``. Maps come back as
@@ -403,12 +421,13 @@ def stage_taps(
         images: the image batch; its size is checked by :func:`check_stage_input`.
         stages: stage indices to return (negative counts from the end), in the order given.
             ``None``: all stages.
-        norm: apply the model's final norm to the last stage (timm's ``norm=True``; Swin's
-            ``forward_features`` output). Earlier stages are the raw residual streams.
+        final_norm: apply the model's final norm to the last stage (timm's ``norm=True``;
+            Swin's ``forward_features`` output). Earlier stages are the raw residual streams.
 
     Shape:
         - images: ``(B, 3, H, W)``
-        - output: list of ``(B, C_i, h_i, w_i)``, ``C_i`` and ``h_i ~ H / stride_i`` per stage
+        - output: :class:`StageTaps`; ``features[i]`` is ``(B, C_i, h_i, w_i)``, ``C_i`` and
+          ``h_i ~ H / stride_i`` per stage
 
     Raises:
         TypeError: not a hierarchical timm model.
@@ -420,8 +439,9 @@ def stage_taps(
         >>> m = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, embed_dim=16,
         ...                       depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), window_size=2,
         ...                       img_size=64, dynamic_img_size=True)
-        >>> [tuple(f.shape) for f in stage_taps(m, torch.randn(1, 3, 64, 48))]
-        [(1, 16, 16, 12), (1, 32, 8, 6), (1, 64, 4, 3), (1, 128, 2, 2)]
+        >>> taps = stage_taps(m, torch.randn(1, 3, 64, 48))
+        >>> [tuple(f.shape) for f in taps.features], taps.strides
+        ([(1, 16, 16, 12), (1, 32, 8, 6), (1, 64, 4, 3), (1, 128, 2, 2)], (4, 8, 16, 32))
     """
     check_shape("images", images, ["B", 3, "H", "W"], dtype="float")
     if not hasattr(model, "forward_intermediates"):
@@ -443,7 +463,7 @@ def stage_taps(
     indices = sorted(set(resolved))
     net: Any = model  # a timm model: attributes beyond nn.Module
     maps = net.forward_intermediates(
-        images, indices=indices, norm=norm, stop_early=True, intermediates_only=True
+        images, indices=indices, norm=final_norm, stop_early=True, intermediates_only=True
     )
     by_index: dict[int, Tensor] = {}
     for i, m in zip(indices, maps, strict=True):
@@ -456,4 +476,6 @@ def stage_taps(
                 f"got shape {tuple(m.shape)}"
             )
         by_index[i] = m
-    return [by_index[i] for i in resolved]
+    return StageTaps(
+        [by_index[i] for i in resolved], tuple(resolved), tuple(info[i].stride for i in resolved)
+    )

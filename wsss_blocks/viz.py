@@ -30,8 +30,8 @@ def _np(x: ArrayLike) -> np.ndarray:
 
 def colorize_mask(
     mask: ArrayLike,
-    palette: ArrayLike | None = None,
     *,
+    palette: ArrayLike | None = None,
     ignore_index: int = 255,
     ignore_color: Sequence[int] = (255, 255, 255),
 ) -> np.ndarray:
@@ -47,7 +47,7 @@ def colorize_mask(
         ``(H, W, 3)`` uint8.
 
     Example:
-        >>> colorize_mask(np.array([[0, 1], [255, 2]]), np.array([[0, 0, 0], [9, 9, 9], [5, 6, 7]])).tolist()
+        >>> colorize_mask(np.array([[0, 1], [255, 2]]), palette=np.array([[0, 0, 0], [9, 9, 9], [5, 6, 7]])).tolist()
         [[[0, 0, 0], [9, 9, 9]], [[255, 255, 255], [5, 6, 7]]]
     """
     m = _np(mask).astype(np.int64)
@@ -65,6 +65,7 @@ def colorize_mask(
 
 def denormalize(
     image: ArrayLike,
+    *,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
 ) -> np.ndarray:
@@ -93,10 +94,10 @@ def _resize_map(x: np.ndarray, size: tuple[int, int], nearest: bool) -> np.ndarr
 
 
 def overlay(
-    image_normalised: ArrayLike,
+    image: ArrayLike,
     mask_or_cam: ArrayLike,
     *,
-    alpha: float = 0.5,
+    opacity: float = 0.5,
     palette: ArrayLike | None = None,
     cmap: str = "jet",
     ignore_index: int = 255,
@@ -112,9 +113,9 @@ def overlay(
     bilinear for CAMs).
 
     Args:
-        image_normalised: ``(3, H, W)`` ImageNet-normalised image.
+        image: ``(3, H, W)`` ImageNet-normalised image.
         mask_or_cam: ``(h, w)`` integer mask, or ``(h, w)`` / ``(K, h, w)`` float CAM.
-        alpha: opacity of the overlay.
+        opacity: opacity of the overlay.
         palette: mask colours (VOC colour map by default).
         cmap: matplotlib colour map name for CAMs.
         ignore_index: mask value drawn white.
@@ -131,15 +132,15 @@ def overlay(
         >>> overlay(img, torch.rand(2, 2, 2)).dtype
         dtype('uint8')
     """
-    base = denormalize(image_normalised, mean, std).astype(np.float32)
+    base = denormalize(image, mean=mean, std=std).astype(np.float32)
     size = base.shape[:2]
     m = _np(mask_or_cam)
     if m.dtype == np.bool_ or np.issubdtype(m.dtype, np.integer):
         if m.ndim != 2:
             raise ValueError(f"mask_or_cam: expected an (h, w) mask, got shape {m.shape}")
         m = _resize_map(m.astype(np.float32), size, nearest=True).round().astype(np.int64)
-        color = colorize_mask(m, palette, ignore_index=ignore_index).astype(np.float32)
-        a = np.where(m == 0, 0.0, alpha)[..., None]
+        color = colorize_mask(m, palette=palette, ignore_index=ignore_index).astype(np.float32)
+        a = np.where(m == 0, 0.0, opacity)[..., None]
     else:
         if m.ndim == 3:
             m = m.max(0)
@@ -150,20 +151,20 @@ def overlay(
         import matplotlib
 
         color = matplotlib.colormaps[cmap](m)[..., :3].astype(np.float32) * 255.0
-        a = np.full(size + (1,), alpha, dtype=np.float32)
+        a = np.full(size + (1,), opacity, dtype=np.float32)
     return (base * (1.0 - a) + color * a).round().clip(0, 255).astype(np.uint8)
 
 
 def save_grid(
     path: str | os.PathLike[str],
     images: ArrayLike,
+    *,
     masks: ArrayLike | None = None,
     cams: ArrayLike | None = None,
-    *,
     ncols: int = 4,
     palette: ArrayLike | None = None,
     scale: int | None = None,
-    alpha: float = 0.5,
+    opacity: float = 0.5,
     pad: int = 2,
 ) -> np.ndarray:
     """Write a PNG grid: for each sample the image, then its mask overlay, then its CAM overlay.
@@ -176,7 +177,7 @@ def save_grid(
         ncols: number of samples per row.
         palette: mask colours (VOC colour map by default).
         scale: integer upscaling of every tile (nearest); default so tiles are >= 128 px.
-        alpha: overlay opacity.
+        opacity: overlay opacity.
         pad: white border between tiles, in output pixels.
 
     Returns:
@@ -186,7 +187,7 @@ def save_grid(
         >>> import tempfile, pathlib
         >>> d = tempfile.mkdtemp()
         >>> images, masks = torch.zeros(3, 3, 8, 8), torch.zeros(3, 8, 8, dtype=torch.long)
-        >>> g = save_grid(pathlib.Path(d) / "g.png", images, masks, ncols=2, scale=1)
+        >>> g = save_grid(pathlib.Path(d) / "g.png", images, masks=masks, ncols=2, scale=1)
         >>> g.shape
         (22, 42, 3)
     """
@@ -206,9 +207,9 @@ def save_grid(
     for i in range(b):
         tiles = [denormalize(imgs[i])]
         if masks is not None:
-            tiles.append(overlay(imgs[i], _np(masks[i]), alpha=alpha, palette=palette))
+            tiles.append(overlay(imgs[i], _np(masks[i]), opacity=opacity, palette=palette))
         if cams is not None:
-            tiles.append(overlay(imgs[i], _np(cams[i]).astype(np.float32), alpha=alpha))
+            tiles.append(overlay(imgs[i], _np(cams[i]).astype(np.float32), opacity=opacity))
         samples.append([t.repeat(scale, 0).repeat(scale, 1) for t in tiles])
     th, tw = h * scale, w * scale
     ncols = min(ncols, b)

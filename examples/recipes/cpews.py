@@ -88,14 +88,14 @@ class CPEWSRecipe(Recipe):
 
     def _heads(self, backbone: nn.Module, images: Tensor) -> tuple[Any, Any]:
         taps = cpews_taps(backbone, images, aux_layer=self.aux_index)
-        out = self.head(taps.intermediate[self.aux_index], taps.final, taps.grid)
+        out = self.head(taps.intermediate[self.aux_index], taps.final, taps.size)
         return taps, out
 
     def forward(self, backbone: nn.Module, batch: dict[str, Any], step: int) -> dict[str, LossTerm]:
         labels, valid = batch["labels"], batch["valid"]
         taps, out = self._heads(backbone, batch["image"])
         token_labels = token_pseudo_labels(
-            normalize_cam(out.cam_mid.detach().float()), labels, taps.grid,
+            normalize_cam(out.cam_mid.detach().float()), labels, taps.size,
             low=self.low, high=self.high, valid=valid)
         terms = self.loss(logits_mid=out.logits_mid, logits_final=out.logits_final,
                           tokens_final=taps.final, cam_final=out.cam_final,

@@ -43,7 +43,6 @@ from wsss_blocks.pcm import (
     ViTPCM,
     dihedral_transform,
     et_loss,
-    eval_mode,
     masked_renormalize,
     mce_loss,
     mosaic,
@@ -51,6 +50,7 @@ from wsss_blocks.pcm import (
     unmosaic,
 )
 from wsss_blocks.tokens import tokens_to_grid, vit_taps
+from wsss_blocks.utils import eval_mode
 
 
 def _patch_size(backbone: nn.Module) -> int:
@@ -113,7 +113,7 @@ class PCMRecipe(Recipe):
 
     def _probs(self, backbone: nn.Module, images: Tensor) -> Tensor:
         taps = vit_taps(backbone, images, layers=())
-        return self.pcm(tokens_to_grid(taps.final, taps.grid)).probs
+        return self.pcm(tokens_to_grid(taps.final, taps.size)).probs
 
     def forward(self, backbone: nn.Module, batch: dict[str, Any], step: int) -> dict[str, LossTerm]:
         o = self.options
@@ -128,7 +128,7 @@ class PCMRecipe(Recipe):
             with eval_mode(backbone, self), torch.no_grad():
                 teacher = self._probs(backbone, x1)
         taps = vit_taps(backbone, x1, layers=())
-        grid = tokens_to_grid(taps.final, taps.grid)
+        grid = tokens_to_grid(taps.final, taps.size)
         if shared:  # same backbone output as a separate eval pass: only the head runs again
             with eval_mode(self), torch.no_grad():
                 teacher = self.pcm(grid.detach()).probs

@@ -79,7 +79,7 @@ class SWTformerRecipe(Recipe):
             images = F.pad(images, (0, pad_w, 0, pad_h))
             if valid is not None:
                 valid = F.pad(valid, (0, pad_w, 0, pad_h), value=False)
-        maps = stage_taps(backbone, images, norm=self.options.final_norm)
+        maps = stage_taps(backbone, images, final_norm=self.options.final_norm).features
         return self.heads(maps, labels, valid)
 
     def forward(self, backbone: nn.Module, batch: dict[str, Any], step: int) -> dict[str, LossTerm]:

@@ -31,7 +31,7 @@ def _softmax(values, keep):
 
 
 def par_pixel_loop(
-    image, cam, valid=None, *, dilations=(1, 2, 4, 8, 12, 24), num_iter=10, temperature=0.3, pos_weight=0.01, eps=1e-8
+    image, cam, valid=None, *, dilations=(1, 2, 4, 8, 12, 24), num_iters=10, kernel_width=0.3, pos_weight=0.01, eps=1e-8
 ):
     """PAR of one image ``(C, H, W)`` on maps ``(K, H, W)`` (same size), pixel by pixel."""
     img = image.double().tolist()
@@ -42,7 +42,7 @@ def par_pixel_loop(
     dist = [math.hypot(dy, dx) for dy, dx in offs]
     mu = sum(dist) / len(dist)
     sd = math.sqrt(sum((d - mu) ** 2 for d in dist) / (len(dist) - 1))
-    pi = [-((d / (sd + eps) / temperature) ** 2) for d in dist]
+    pi = [-((d / (sd + eps) / kernel_width) ** 2) for d in dist]
 
     def at(y, x):  # replicate padding
         return min(max(y, 0), h - 1), min(max(x, 0), w - 1)
@@ -61,12 +61,12 @@ def par_pixel_loop(
                 var = sum((v - m) ** 2 for v in kv) / max(n_valid - 1, 1)
                 s = math.sqrt(var) + eps
                 for j, v in enumerate(vals):
-                    kappa[j] -= (abs(img[c][y][x] - v) / s / temperature) ** 2 / c_n
+                    kappa[j] -= (abs(img[c][y][x] - v) / s / kernel_width) ** 2 / c_n
             a1 = _softmax(kappa, keep)
             a2 = _softmax(pi, keep)
             aff[y, x] = (nbs, [p + pos_weight * q for p, q in zip(a1, a2, strict=True)], n_valid > 0)
     m = cam.double().tolist()
-    for _ in range(num_iter):
+    for _ in range(num_iters):
         new = [[[0.0] * w for _ in range(h)] for _ in range(k_n)]
         for y in range(h):
             for x in range(w):
@@ -92,7 +92,7 @@ def _neighbours(x, dilations):
 
 
 def par_per_image(
-    images, cams, *, dilations=(1, 2, 4, 8, 12, 24), num_iter=10, temperature=0.3, pos_weight=0.01, eps=1e-8
+    images, cams, *, dilations=(1, 2, 4, 8, 12, 24), num_iters=10, kernel_width=0.3, pos_weight=0.01, eps=1e-8
 ):
     """ToCo's form, one image at a time (no ``valid``): materialised neighbour stacks."""
     outs = []
@@ -105,10 +105,10 @@ def par_per_image(
         nb = _neighbours(img, dilations)  # (1, C, J, H, W)
         diff = (nb - img[:, :, None]).abs()
         std = nb.std(dim=2, keepdim=True)
-        kappa = (-((diff / (std + eps) / temperature) ** 2)).mean(dim=1)  # (1, J, H, W)
-        pos = -((dist / (dist.std() + eps) / temperature) ** 2)
+        kappa = (-((diff / (std + eps) / kernel_width) ** 2)).mean(dim=1)  # (1, J, H, W)
+        pos = -((dist / (dist.std() + eps) / kernel_width) ** 2)
         aff = kappa.softmax(dim=1) + pos_weight * pos.softmax(dim=0)[None, :, None, None]
-        for _ in range(num_iter):
+        for _ in range(num_iters):
             m = (_neighbours(m, dilations) * aff[:, None]).sum(dim=2)
         outs.append(m)
     return torch.cat(outs)

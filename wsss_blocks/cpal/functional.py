@@ -186,7 +186,7 @@ def context_prototypes(
     check_shape("count", count, ["C"], dims, dtype="int")
     m = check_int("num_prototypes", num_prototypes, low=1)
     filled = torch.arange(dims["L"], device=memory.device)[None, :] < count.to(memory.device)[:, None]
-    return kmeans(memory, m, valid=filled, iters=iters, seed=seed)
+    return kmeans(memory, m, point_valid=filled, num_iters=iters, seed=seed)
 
 
 @torch.no_grad()

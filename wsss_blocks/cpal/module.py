@@ -174,7 +174,7 @@ class CPAL(nn.Module):
             self.head = nn.Identity()
         state = torch.float64 if dtype == torch.float64 else torch.float32
         channels = self.num_classes + 1
-        self.bank = ClassBank(channels, self.capacity, self.proj_dim, device=device, dtype=state)
+        self.bank = ClassBank(self.proj_dim, channels, capacity=self.capacity, device=device, dtype=state)
         self.register_buffer("context", torch.zeros(channels, self.num_prototypes, self.proj_dim,
                                                     device=device, dtype=state))
         self.register_buffer("context_valid", torch.zeros(channels, self.num_prototypes, dtype=torch.bool,

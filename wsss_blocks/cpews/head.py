@@ -40,7 +40,7 @@ def cpews_taps(model: nn.Module, images: Tensor, aux_layer: int = -3) -> ViTTaps
         ...                         depth=4)
         >>> taps = cpews_taps(vit, torch.randn(2, 3, 32, 32))
         >>> (mid,) = taps.intermediate.values()
-        >>> list(taps.intermediate), mid.shape, taps.final.shape, taps.grid
+        >>> list(taps.intermediate), mid.shape, taps.final.shape, taps.size
         ([1], torch.Size([2, 4, 192]), torch.Size([2, 4, 192]), (2, 2))
     """
     return vit_taps(model, images, layers=(check_int("aux_layer", aux_layer),))

@@ -378,8 +378,8 @@ class PrototypePool(nn.Module):
         centres, centre_valid = kmeans(
             self.store,
             self.num_prototypes,
-            valid=self.store_valid,
-            iters=self.kmeans_iters,
+            point_valid=self.store_valid,
+            num_iters=self.kmeans_iters,
             seed=self.seed,
         )
         neg_valid = self._stage_scores > float("-inf")

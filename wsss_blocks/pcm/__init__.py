@@ -32,7 +32,7 @@ from wsss_blocks.pcm.losses import (
     mce_loss,
     pseudo_mask,
 )
-from wsss_blocks.pcm.model import ViTPCM, eval_mode
+from wsss_blocks.pcm.model import ViTPCM
 
 __all__ = [
     "Background",
@@ -54,5 +54,4 @@ __all__ = [
     "ETLoss",
     "pseudo_mask",
     "ViTPCM",
-    "eval_mode",
 ]

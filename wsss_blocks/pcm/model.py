@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -14,33 +12,9 @@ from wsss_blocks.pcm.geometry import dihedral_transform, mosaic, random_dihedral
 from wsss_blocks.pcm.head import HVBiLSTM, PatchClassifier, PCMOutput
 from wsss_blocks.pcm.losses import Background, et_loss, mce_loss
 from wsss_blocks.tokens import patch_grid, split_prefix_tokens, tokens_to_grid
+from wsss_blocks.utils import eval_mode
 
-__all__ = ["ViTPCM", "eval_mode"]
-
-
-@contextlib.contextmanager
-def eval_mode(*modules: nn.Module) -> Iterator[None]:
-    """Put every submodule of ``modules`` in eval mode and restore each one's flag on exit.
-
-    The teacher pass of ViT-PCM runs without dropout; this restores mixed train/eval flags
-    exactly (even after an exception), unlike a blanket ``.train()``.
-
-    Example:
-        >>> m = nn.Sequential(nn.Dropout(), nn.Dropout().eval())
-        >>> with eval_mode(m):
-        ...     m.training
-        False
-        >>> [x.training for x in m.modules()]
-        [True, True, False]
-    """
-    saved = [(m, m.training) for root in modules for m in root.modules()]
-    try:
-        for m, _ in saved:
-            m.training = False
-        yield
-    finally:
-        for m, flag in saved:
-            m.training = flag
+__all__ = ["ViTPCM"]
 
 
 class ViTPCM(nn.Module):
@@ -145,7 +119,7 @@ class ViTPCM(nn.Module):
         """The ET teacher: ``forward`` without gradient and without any dropout.
 
         Every submodule's ``training`` flag is saved, set to eval and restored afterwards
-        (:func:`eval_mode`), so a partly frozen model keeps its mixed modes.
+        (:func:`wsss_blocks.utils.eval_mode`), so a partly frozen model keeps its mixed modes.
         """
         with eval_mode(self), torch.no_grad():
             return self(x)

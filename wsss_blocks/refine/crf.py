@@ -79,7 +79,7 @@ def dense_crf(
     images: Tensor,
     probs: Tensor,
     *,
-    num_iter: int = 10,
+    num_iters: int = 10,
     pos_xy_std: float = 1.0,
     pos_w: float = 1.0,
     bi_xy_std: float = 121.0,
@@ -93,7 +93,7 @@ def dense_crf(
 
     Per image: unary ``-log(max(p, 1e-5))``, a Gaussian (smoothness) kernel with
     ``pos_xy_std``/``pos_w`` and a bilateral (appearance) kernel with
-    ``bi_xy_std``/``bi_rgb_std``/``bi_w``, ``num_iter`` mean-field steps. The defaults are
+    ``bi_xy_std``/``bi_rgb_std``/``bi_w``, ``num_iters`` mean-field steps. The defaults are
     the settings of ToCo's segmentation inference (10 steps; 1, 1; 121, 5, 4), the
     DeepLab-style values most WSSS papers report. Runs on the CPU through the ``crf``
     extra (``pydensecrf2``); the result returns to ``probs``' device.
@@ -103,7 +103,7 @@ def dense_crf(
             ``mean``/``std`` (undone before the CRF).
         probs: per-pixel class probabilities (e.g. a softmax over background + classes),
             at the images' size.
-        num_iter: mean-field iterations.
+        num_iters: mean-field iterations.
         pos_xy_std: spatial std of the Gaussian kernel, in pixels.
         pos_w: weight of the Gaussian kernel (Potts compatibility).
         bi_xy_std: spatial std of the bilateral kernel, in pixels.
@@ -134,7 +134,7 @@ def dense_crf(
     if not (images.dtype == torch.uint8 or images.is_floating_point()):
         raise ShapeError(f"images: expected a uint8 or float tensor, got dtype {images.dtype}")
     check_shape("probs", probs, ["B", "C", "H", "W"], dims, dtype="float")
-    n_iter = check_int("num_iter", num_iter, low=1)
+    n_iter = check_int("num_iters", num_iters, low=1)
     n_workers = check_int("workers", workers, low=0)
     for name, value in (
         ("pos_xy_std", pos_xy_std),
@@ -172,7 +172,7 @@ class DenseCRF(nn.Module):
     """Module form of :func:`dense_crf` (stores the keyword arguments; no parameters).
 
     Args:
-        num_iter: see :func:`dense_crf`.
+        num_iters: see :func:`dense_crf`.
         pos_xy_std: see :func:`dense_crf`.
         pos_w: see :func:`dense_crf`.
         bi_xy_std: see :func:`dense_crf`.
@@ -188,13 +188,13 @@ class DenseCRF(nn.Module):
 
     Example:
         >>> DenseCRF(workers=2)
-        DenseCRF(num_iter=10, pos_xy_std=1.0, pos_w=1.0, bi_xy_std=121.0, bi_rgb_std=5.0, bi_w=4.0, workers=2)
+        DenseCRF(num_iters=10, pos_xy_std=1.0, pos_w=1.0, bi_xy_std=121.0, bi_rgb_std=5.0, bi_w=4.0, workers=2)
     """
 
     def __init__(
         self,
         *,
-        num_iter: int = 10,
+        num_iters: int = 10,
         pos_xy_std: float = 1.0,
         pos_w: float = 1.0,
         bi_xy_std: float = 121.0,
@@ -205,7 +205,7 @@ class DenseCRF(nn.Module):
         workers: int = 0,
     ) -> None:
         super().__init__()
-        self.num_iter = check_int("num_iter", num_iter, low=1)
+        self.num_iters = check_int("num_iters", num_iters, low=1)
         self.pos_xy_std = float(check_range("pos_xy_std", pos_xy_std, 0.0, low_inclusive=False))
         self.pos_w = float(check_range("pos_w", pos_w, 0.0))
         self.bi_xy_std = float(check_range("bi_xy_std", bi_xy_std, 0.0, low_inclusive=False))
@@ -217,7 +217,7 @@ class DenseCRF(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"num_iter={self.num_iter}, pos_xy_std={self.pos_xy_std}, pos_w={self.pos_w}, "
+            f"num_iters={self.num_iters}, pos_xy_std={self.pos_xy_std}, pos_w={self.pos_w}, "
             f"bi_xy_std={self.bi_xy_std}, bi_rgb_std={self.bi_rgb_std}, bi_w={self.bi_w}, "
             f"workers={self.workers}"
         )
@@ -227,7 +227,7 @@ class DenseCRF(nn.Module):
         return dense_crf(
             images,
             probs,
-            num_iter=self.num_iter,
+            num_iters=self.num_iters,
             pos_xy_std=self.pos_xy_std,
             pos_w=self.pos_w,
             bi_xy_std=self.bi_xy_std,

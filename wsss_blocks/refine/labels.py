@@ -8,19 +8,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from wsss_blocks._utils import no_autocast
+from wsss_blocks._utils import compute_dtype, no_autocast
 from wsss_blocks._validate import ShapeError, check_int, check_labels, check_shape, check_size, check_thresholds
 from wsss_blocks.cam import valid_to_grid
-from wsss_blocks.refine.par import _TOCO_DILATIONS, par
+from wsss_blocks.refine.pixel_adaptive import _TOCO_DILATIONS, par
 
-__all__ = ["combine_levels", "par_pseudo_labels"]
+__all__ = ["combine_levels", "par_label_levels", "par_pseudo_labels"]
 
 
-def combine_levels(y_high: Tensor, y_low: Tensor, *, ignore_index: int = 255) -> Tensor:
+def combine_levels(masks_high: Tensor, masks_low: Tensor, *, ignore_index: int = 255) -> Tensor:
     """ToCo's two-level rule: merge the label maps of a conservative and a generous background level.
 
-    ``y_high`` / ``y_low`` are argmax maps (0 = background) made with a background score of
-    ``high`` and ``low`` (``low < high``)::
+    ``masks_high`` / ``masks_low`` (``y_high`` / ``y_low`` below) are argmax maps
+    (0 = background) made with a background score of ``high`` and ``low`` (``low < high``)::
 
         y = y_high   where y_high > 0          (confident foreground)
         y = 0        where y_high = y_low = 0  (confident background)
@@ -29,24 +29,27 @@ def combine_levels(y_high: Tensor, y_low: Tensor, *, ignore_index: int = 255) ->
     An ``ignore_index`` in ``y_high`` stays ignored; in ``y_low`` (with ``y_high = 0``) too.
 
     Shape:
-        - y_high, y_low: ``(*)`` integer, same shape
+        - masks_high, masks_low: ``(*)`` integer, same shape
         - output: same shape and dtype
 
     Example:
         >>> combine_levels(torch.tensor([2, 0, 0, 1]), torch.tensor([2, 0, 3, 1])).tolist()
         [2, 0, 255, 1]
     """
-    if y_high.shape != y_low.shape:
-        raise ShapeError(f"y_low: expected the shape of y_high {tuple(y_high.shape)}, got {tuple(y_low.shape)}")
+    if masks_high.shape != masks_low.shape:
+        raise ShapeError(
+            f"masks_low: expected the shape of masks_high {tuple(masks_high.shape)}, got {tuple(masks_low.shape)}"
+        )
     ignore = check_int("ignore_index", ignore_index)
+    y_high, y_low = masks_high, masks_low
     out = torch.where(y_high > 0, y_high, torch.zeros_like(y_high))
     return torch.where((y_high == 0) & (y_low > 0), torch.full_like(out, ignore), out)
 
 
 @torch.no_grad()
-def par_pseudo_labels(
+def par_label_levels(
     images: Tensor,
-    cams: Tensor,
+    norm_cams: Tensor,
     labels: Tensor,
     *,
     low: float = 0.25,
@@ -55,47 +58,136 @@ def par_pseudo_labels(
     size: tuple[int, int] | None = None,
     ignore_index: int = 255,
     dilations: Sequence[int] = _TOCO_DILATIONS,
-    num_iter: int = 10,
-    temperature: float = 0.3,
+    num_iters: int = 10,
+    kernel_width: float = 0.3,
     pos_weight: float = 0.01,
-    levels: bool = False,
 ) -> Tensor:
-    """Segmentation pseudo labels from CAMs refined by :func:`par`, two background levels (ToCo).
+    """The two PAR-refined label maps of ToCo's pseudo labels, one per background level.
 
     For each background level ``b`` in (``high``, ``low``): the maps
     ``[b, M_1, ..., M_K]`` (a constant background channel before the normalised CAMs),
     a softmax over the background and the *present* classes (absent classes get
     probability 0), PAR on ``images``, bilinear upsampling to ``size`` and an argmax give
-    ``y_b`` (0 = background, ``k + 1`` = class ``k``). Then, as ToCo::
-
-        y = y_high   where y_high > 0          (confident foreground)
-        y = 0        where y_high = y_low = 0  (confident background)
-        y = ignore   where y_high = 0 < y_low  (unsure)
-        y = ignore   outside ``valid``
+    ``y_b`` (0 = background, ``k + 1`` = class ``k``; ``ignore_index`` outside ``valid``).
+    :func:`par_pseudo_labels` merges the two with :func:`combine_levels`.
 
     All images and both levels run in one batched PAR call, the levels as channels, so the
     affinities are built once (ToCo calls PAR per image and level). Runs under ``torch.no_grad()``.
 
     Args:
         images: the image at the resolution PAR runs at (ToCo: the crop downsampled by 2).
-        cams: normalised foreground CAMs in ``[0, 1]`` (resized to the images' size).
+        norm_cams: normalised foreground CAMs in ``[0, 1]`` (resized to the images' size).
         labels: multi-hot image labels; absent classes are never predicted.
         low: background level of the generous copy (ToCo: 0.25).
         high: background level of the conservative copy (ToCo: 0.7), ``low < high``.
         valid: padding mask at any resolution (True on real pixels); PAR ignores padding
             (see :func:`par`) and the output is ``ignore_index`` there.
         size: output size (ToCo: the crop size); default the images' size.
-        ignore_index: value of unsure and padded pixels.
+        ignore_index: value of padded pixels.
         dilations: see :func:`par`.
-        num_iter: see :func:`par`.
-        temperature: see :func:`par`.
+        num_iters: see :func:`par`.
+        kernel_width: see :func:`par`.
         pos_weight: see :func:`par`.
-        levels: return the two level maps instead of their combination.
 
     Shape:
-        - images: ``(B, C, H, W)``; cams: ``(B, K, h, w)``; labels: ``(B, K)``;
+        - images: ``(B, C, H, W)``; norm_cams: ``(B, K, h, w)``; labels: ``(B, K)``;
           valid: ``(B, H', W')`` bool
-        - output: ``(B, *size)`` int64; with ``levels``: ``(B, 2, *size)`` (high, low)
+        - output: ``(B, 2, *size)`` int64, the ``high`` level first
+
+    Example:
+        >>> images = torch.zeros(1, 3, 8, 8)
+        >>> images[..., 4:] = 1.0
+        >>> cams = torch.zeros(1, 2, 8, 8)
+        >>> cams[0, 1, :, 5:] = 0.5
+        >>> levels = par_label_levels(images, cams, torch.tensor([[0, 1]]), dilations=(1, 2))
+        >>> levels[0, :, 0].tolist()                    # high level: background; low: the object
+        [[0, 0, 0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 2, 2, 2, 2]]
+    """
+    dims = check_shape("images", images, ["B", "C", "H", "W"], dtype="float")
+    check_shape("norm_cams", norm_cams, ["B", "K", "h", "w"], dims, dtype="float")
+    check_labels("labels", labels, dims)
+    check_thresholds("low", low, "high", high)
+    ignore = check_int("ignore_index", ignore_index)
+    h, w = images.shape[-2:]
+    out_size = (h, w) if size is None else check_size("size", size)
+    grid_valid = None
+    if valid is not None:
+        check_shape("valid", valid, ["B", "H_valid", "W_valid"], dims, dtype="bool")
+        grid_valid = valid_to_grid(valid, (h, w))
+    dtype = compute_dtype(norm_cams)
+    with no_autocast(norm_cams.device.type):
+        fg = norm_cams.to(dtype)
+        if fg.shape[-2:] != (h, w):
+            fg = F.interpolate(fg, size=(h, w), mode="bilinear", align_corners=False)
+        present = labels.to(torch.bool)[:, :, None, None]  # (B, K, 1, 1)
+        fg = fg.masked_fill(~present, float("-inf"))
+        bg_levels = torch.tensor([high, low], dtype=dtype, device=norm_cams.device)
+        bg = bg_levels[None, :, None, None, None].expand(fg.shape[0], 2, 1, h, w)
+        maps = torch.cat([bg, fg[:, None].expand(-1, 2, -1, -1, -1)], dim=2).softmax(dim=2)
+        b, k1 = maps.shape[0], maps.shape[2]
+        refined = par(  # both levels as channels of one call: the affinities are built once
+            images,
+            maps.reshape(b, 2 * k1, h, w),
+            valid=grid_valid,
+            dilations=dilations,
+            num_iters=num_iters,
+            kernel_width=kernel_width,
+            pos_weight=pos_weight,
+        )
+        if out_size != (h, w):
+            refined = F.interpolate(refined, size=out_size, mode="bilinear", align_corners=False)
+        y = refined.reshape(b, 2, k1, *out_size).argmax(dim=2)  # (B, 2, *size)
+    if valid is not None:
+        keep = valid_to_grid(valid, out_size)
+        y = torch.where(keep[:, None], y, torch.full_like(y, ignore))
+    return y
+
+
+@torch.no_grad()
+def par_pseudo_labels(
+    images: Tensor,
+    norm_cams: Tensor,
+    labels: Tensor,
+    *,
+    low: float = 0.25,
+    high: float = 0.7,
+    valid: Tensor | None = None,
+    size: tuple[int, int] | None = None,
+    ignore_index: int = 255,
+    dilations: Sequence[int] = _TOCO_DILATIONS,
+    num_iters: int = 10,
+    kernel_width: float = 0.3,
+    pos_weight: float = 0.01,
+) -> Tensor:
+    """Segmentation pseudo labels from CAMs refined by :func:`par`, two background levels (ToCo).
+
+    The two maps of :func:`par_label_levels` merged by ToCo's rule (:func:`combine_levels`)::
+
+        y = y_high   where y_high > 0          (confident foreground)
+        y = 0        where y_high = y_low = 0  (confident background)
+        y = ignore   where y_high = 0 < y_low  (unsure)
+        y = ignore   outside ``valid``
+
+    Runs under ``torch.no_grad()``.
+
+    Args:
+        images: see :func:`par_label_levels`.
+        norm_cams: see :func:`par_label_levels`.
+        labels: see :func:`par_label_levels`.
+        low: see :func:`par_label_levels`.
+        high: see :func:`par_label_levels`.
+        valid: see :func:`par_label_levels`.
+        size: see :func:`par_label_levels`.
+        ignore_index: value of unsure and padded pixels.
+        dilations: see :func:`par`.
+        num_iters: see :func:`par`.
+        kernel_width: see :func:`par`.
+        pos_weight: see :func:`par`.
+
+    Shape:
+        - images: ``(B, C, H, W)``; norm_cams: ``(B, K, h, w)``; labels: ``(B, K)``;
+          valid: ``(B, H', W')`` bool
+        - output: ``(B, *size)`` int64
 
     Example:
         >>> images = torch.zeros(1, 3, 8, 8)
@@ -106,43 +198,9 @@ def par_pseudo_labels(
         >>> y[0, 0].tolist()                            # PAR fills it up to the edge
         [0, 0, 0, 0, 2, 2, 2, 2]
     """
-    dims = check_shape("images", images, ["B", "C", "H", "W"], dtype="float")
-    check_shape("cams", cams, ["B", "K", "h", "w"], dims, dtype="float")
-    check_labels("labels", labels, dims)
-    check_thresholds("low", low, "high", high)
-    ignore = check_int("ignore_index", ignore_index)
-    h, w = images.shape[-2:]
-    out_size = (h, w) if size is None else check_size("size", size)
-    grid_valid = None
-    if valid is not None:
-        check_shape("valid", valid, ["B", "H_valid", "W_valid"], dims, dtype="bool")
-        grid_valid = valid_to_grid(valid, (h, w))
-    dtype = torch.promote_types(cams.dtype, torch.float32)
-    with no_autocast(cams.device.type):
-        fg = cams.to(dtype)
-        if fg.shape[-2:] != (h, w):
-            fg = F.interpolate(fg, size=(h, w), mode="bilinear", align_corners=False)
-        present = labels.to(torch.bool)[:, :, None, None]  # (B, K, 1, 1)
-        fg = fg.masked_fill(~present, float("-inf"))
-        bg_levels = torch.tensor([high, low], dtype=dtype, device=cams.device)
-        bg = bg_levels[None, :, None, None, None].expand(fg.shape[0], 2, 1, h, w)
-        maps = torch.cat([bg, fg[:, None].expand(-1, 2, -1, -1, -1)], dim=2).softmax(dim=2)
-        b, k1 = maps.shape[0], maps.shape[2]
-        refined = par(  # both levels as channels of one call: the affinities are built once
-            images,
-            maps.reshape(b, 2 * k1, h, w),
-            valid=grid_valid,
-            dilations=dilations,
-            num_iter=num_iter,
-            temperature=temperature,
-            pos_weight=pos_weight,
-        )
-        if out_size != (h, w):
-            refined = F.interpolate(refined, size=out_size, mode="bilinear", align_corners=False)
-        y = refined.reshape(b, 2, k1, *out_size).argmax(dim=2)  # (B, 2, *size)
-    if valid is not None:
-        keep = valid_to_grid(valid, out_size)
-        y = torch.where(keep[:, None], y, torch.full_like(y, ignore))
-    if levels:
-        return y
-    return combine_levels(y[:, 0], y[:, 1], ignore_index=ignore)
+    levels = par_label_levels(
+        images, norm_cams, labels, low=low, high=high, valid=valid, size=size,
+        ignore_index=ignore_index, dilations=dilations, num_iters=num_iters,
+        kernel_width=kernel_width, pos_weight=pos_weight,
+    )
+    return combine_levels(levels[:, 0], levels[:, 1], ignore_index=ignore_index)

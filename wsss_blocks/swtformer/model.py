@@ -26,7 +26,7 @@ class SWTformerHead(nn.Module):
 
     :class:`SWTformer` is this module on top of a backbone; use it directly when the backbone
     lives elsewhere (a training loop that owns it) and pass the four stage maps, e.g. from
-    :func:`wsss_blocks.tokens.stage_taps` with ``norm=True``. Arguments as in
+    :func:`wsss_blocks.tokens.stage_taps` with ``final_norm=True``. Arguments as in
     :class:`SWTformer`, with ``stage_channels`` instead of the backbone.
 
     Shape:
@@ -227,7 +227,7 @@ class SWTformer(nn.Module):
             check_labels("labels", labels, dims, pattern=("B", self.heads.num_classes))
         if valid is not None:
             check_shape("valid", valid, ["B", "H", "W"], dims, dtype="bool")
-        return self.heads(stage_taps(self.backbone, images, norm=self.final_norm), labels, valid)
+        return self.heads(stage_taps(self.backbone, images, final_norm=self.final_norm).features, labels, valid)
 
     def extra_repr(self) -> str:
         return f"final_norm={self.final_norm}"

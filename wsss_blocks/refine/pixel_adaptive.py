@@ -10,8 +10,8 @@ neighbours, the centre excluded). From the image it builds, once, affinities::
 
 with ``sigma_ci`` the (unbiased) standard deviation of channel ``c`` over the neighbours of
 ``i``, ``r_j`` the stencil distance (``d`` or ``sqrt(2) d``), ``sigma_r`` the standard
-deviation of those distances, ``T = 0.3`` and ``w_pos = 0.01``. The maps are then
-propagated ``num_iter`` times: ``m_i <- sum_j a_ij m_j``. Out-of-image neighbours repeat
+deviation of those distances, the kernel width ``T = 0.3`` and ``w_pos = 0.01``. The maps
+are then propagated ``num_iters`` times: ``m_i <- sum_j a_ij m_j``. Out-of-image neighbours repeat
 the border pixel (replicate padding), as in ToCo's ``PAR`` module.
 """
 
@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from wsss_blocks._utils import no_autocast
+from wsss_blocks._utils import compute_dtype, no_autocast
 from wsss_blocks._validate import check_int, check_range, check_shape
+from wsss_blocks.cam import valid_to_grid
 
 __all__ = ["par", "PAR", "par_affinity", "par_stencil"]
 
@@ -34,7 +35,7 @@ _TOCO_DILATIONS = (1, 2, 4, 8, 12, 24)
 _RING = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
 
 
-def par_stencil(dilations: Sequence[int] = _TOCO_DILATIONS) -> tuple[list[tuple[int, int]], Tensor]:
+def par_stencil(*, dilations: Sequence[int] = _TOCO_DILATIONS) -> tuple[list[tuple[int, int]], Tensor]:
     """The neighbour offsets ``(dy, dx)`` and their distances for a list of dilations.
 
     Args:
@@ -45,7 +46,7 @@ def par_stencil(dilations: Sequence[int] = _TOCO_DILATIONS) -> tuple[list[tuple[
         their Euclidean lengths (``d`` or ``sqrt(2) d``).
 
     Example:
-        >>> offsets, dist = par_stencil((1, 2))
+        >>> offsets, dist = par_stencil(dilations=(1, 2))
         >>> len(offsets), offsets[0], round(dist[0].item(), 4), dist[-1].item()
         (16, (-1, -1), 1.4142, 2.8284271247461903)
     """
@@ -80,10 +81,11 @@ def _masked_softmax(logits: Tensor, mask: Tensor | None) -> Tensor:
 
 
 def _check_valid(valid: Tensor | None, b: int, h: int, w: int) -> Tensor | None:
+    """A padding mask at any resolution, resampled to the image's ``(h, w)``."""
     if valid is None:
         return None
-    check_shape("valid", valid, [b, h, w], dtype="bool")
-    return valid
+    check_shape("valid", valid, [b, "H_valid", "W_valid"], dtype="bool")
+    return valid_to_grid(valid, (h, w))
 
 
 def par_affinity(
@@ -91,7 +93,7 @@ def par_affinity(
     *,
     valid: Tensor | None = None,
     dilations: Sequence[int] = _TOCO_DILATIONS,
-    temperature: float = 0.3,
+    kernel_width: float = 0.3,
     pos_weight: float = 0.01,
     eps: float = 1e-8,
 ) -> Tensor:
@@ -106,15 +108,15 @@ def par_affinity(
         images: the image, any per-channel affine normalisation (the colour term divides
             by the local standard deviation, so ImageNet-normalised and ``[0, 1]`` images
             give the same affinities up to ``eps``).
-        valid: padding mask, True on real pixels.
+        valid: padding mask at any resolution (resampled to the image's), True on real pixels.
         dilations: stencil dilations (ToCo: 1, 2, 4, 8, 12, 24).
-        temperature: ``T`` (ToCo's ``w1 = 0.3``), divides both the colour and the
+        kernel_width: ``T`` (ToCo's ``w1 = 0.3``), divides both the colour and the
             position term.
         pos_weight: ``w_pos`` (ToCo's ``w2 = 0.01``).
         eps: added to the standard deviations, ``> 0``.
 
     Shape:
-        - images: ``(B, C, H, W)`` float; valid: ``(B, H, W)`` bool
+        - images: ``(B, C, H, W)`` float; valid: ``(B, H', W')`` bool
         - output: ``(B, 8 * len(dilations), H, W)`` (no gradient to ``images``), fp32 (fp64 for fp64 images)
 
     Example:
@@ -125,11 +127,11 @@ def par_affinity(
     check_shape("images", images, ["B", "C", "H", "W"], dtype="float")
     b, h, w = images.shape[0], images.shape[-2], images.shape[-1]
     valid = _check_valid(valid, b, h, w)
-    offsets, dist = par_stencil(dilations)
-    t = float(check_range("temperature", temperature, 0.0, low_inclusive=False))
+    offsets, dist = par_stencil(dilations=dilations)
+    t = float(check_range("kernel_width", kernel_width, 0.0, low_inclusive=False))
     w_pos = float(check_range("pos_weight", pos_weight, 0.0))
     eps = float(check_range("eps", eps, 0.0, low_inclusive=False))
-    dtype = torch.promote_types(images.dtype, torch.float32)
+    dtype = compute_dtype(images)
     pad = max(max(abs(dy), abs(dx)) for dy, dx in offsets)
     with no_autocast(images.device.type):
         # the affinities are a fixed function of the image: no gradient into ``images``
@@ -172,20 +174,20 @@ def par_affinity(
 
 def par(
     images: Tensor,
-    cams: Tensor,
+    maps: Tensor,
     *,
     valid: Tensor | None = None,
     dilations: Sequence[int] = _TOCO_DILATIONS,
-    num_iter: int = 10,
-    temperature: float = 0.3,
+    num_iters: int = 10,
+    kernel_width: float = 0.3,
     pos_weight: float = 0.01,
     eps: float = 1e-8,
 ) -> Tensor:
     """Pixel-adaptive refinement (ToCo's PAR): propagate maps along colour/position affinities.
 
     Computes the affinities of :func:`par_affinity` once from ``images`` and applies
-    ``m_i <- sum_j a_ij m_j`` ``num_iter`` times to every channel of ``cams`` (all images
-    and classes at once). ``cams`` at another resolution are first resized to the image's
+    ``m_i <- sum_j a_ij m_j`` ``num_iters`` times to every channel of ``maps`` (all images
+    and classes at once). ``maps`` at another resolution are first resized to the image's
     (bilinear, ``align_corners=True``, as ToCo). ToCo runs PAR on the images and CAMs
     downsampled by 2 (224x224 for 448x448 crops), on CAMs with a constant background
     channel prepended and a softmax over the present classes, and takes the argmax.
@@ -194,22 +196,22 @@ def par(
     for every neighbour and they keep their input values. A valid pixel with no valid
     neighbour keeps its value too.
 
-    Differentiable in ``cams`` (the affinities are built from ``images.detach()``); for
+    Differentiable in ``maps`` (the affinities are built from ``images.detach()``); for
     pseudo labels call it under ``torch.no_grad()`` as ToCo does.
 
     Args:
         images: ``(B, C, H, W)`` image (per-channel affine normalisation does not matter).
-        cams: ``(B, K, h, w)`` maps to refine: CAMs or label probabilities.
-        valid: ``(B, H, W)`` bool padding mask at the image's size, True on real pixels.
+        maps: the maps to refine: CAMs or label probabilities.
+        valid: padding mask at any resolution (resampled to the image's), True on real pixels.
         dilations: stencil dilations (ToCo: 1, 2, 4, 8, 12, 24).
-        num_iter: propagation steps (ToCo: 10); 0 only resizes.
-        temperature: ``T`` of the colour and position terms (ToCo: 0.3).
+        num_iters: propagation steps (ToCo: 10); 0 only resizes.
+        kernel_width: ``T`` of the colour and position terms (ToCo: 0.3).
         pos_weight: weight of the position softmax (ToCo: 0.01).
         eps: added to the standard deviations.
 
     Shape:
-        - images: ``(B, C, H, W)`` float; cams: ``(B, K, h, w)`` float; valid: ``(B, H, W)``
-        - output: ``(B, K, H, W)`` in ``cams``' dtype (computed in fp32, fp64 for fp64)
+        - images: ``(B, C, H, W)`` float; maps: ``(B, C', h, w)`` float; valid: ``(B, H', W')``
+        - output: ``(B, C', H, W)`` in ``maps``' dtype (computed in fp32, fp64 for fp64)
 
     Note:
         Memory: the affinities are one ``(B, 8 * len(dilations), H, W)`` tensor; each step
@@ -220,30 +222,30 @@ def par(
     Example:
         >>> images = torch.zeros(1, 3, 6, 8)
         >>> images[..., 4:] = 1.0                    # two flat halves
-        >>> cams = torch.zeros(1, 1, 6, 8)
-        >>> cams[..., 0] = 1.0                       # a seed at the left border
-        >>> out = par(images, cams, dilations=(1, 2))
+        >>> maps = torch.zeros(1, 1, 6, 8)
+        >>> maps[..., 0] = 1.0                       # a seed at the left border
+        >>> out = par(images, maps, dilations=(1, 2))
         >>> bool(out[..., 4:].max() < 0.01 < 0.4 < out[..., :4].min())  # the edge holds
         True
     """
     dims = check_shape("images", images, ["B", "C", "H", "W"], dtype="float")
-    check_shape("cams", cams, ["B", "K", "h", "w"], dims, dtype="float")
-    n_iter = check_int("num_iter", num_iter, low=0)
+    check_shape("maps", maps, ["B", "C_maps", "h", "w"], dims, dtype="float")
+    n_iter = check_int("num_iters", num_iters, low=0)
     b, h, w = images.shape[0], images.shape[-2], images.shape[-1]
     valid = _check_valid(valid, b, h, w)
     aff = par_affinity(
         images,
         valid=valid,
         dilations=dilations,
-        temperature=temperature,
+        kernel_width=kernel_width,
         pos_weight=pos_weight,
         eps=eps,
     )
-    offsets, _ = par_stencil(dilations)
+    offsets, _ = par_stencil(dilations=dilations)
     pad = max(max(abs(dy), abs(dx)) for dy, dx in offsets)
-    dtype = torch.promote_types(cams.dtype, torch.float32)
-    with no_autocast(cams.device.type):
-        m = cams.to(dtype)
+    dtype = compute_dtype(maps)
+    with no_autocast(maps.device.type):
+        m = maps.to(dtype)
         if m.shape[-2:] != (h, w):
             m = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=True)
         aff = aff.to(dtype)
@@ -258,7 +260,7 @@ def par(
                 dy, dx = offsets[j]
                 out.addcmul_(aff[:, j : j + 1], _shift(padded, pad, dy, dx, h, w))
             m = out if take is None else torch.where(take, out, m)
-    return m.to(cams.dtype)
+    return m.to(maps.dtype)
 
 
 class PAR(nn.Module):
@@ -266,19 +268,19 @@ class PAR(nn.Module):
 
     Args:
         dilations: see :func:`par`.
-        num_iter: see :func:`par`.
-        temperature: see :func:`par`.
+        num_iters: see :func:`par`.
+        kernel_width: see :func:`par`.
         pos_weight: see :func:`par`.
         eps: see :func:`par`.
 
     Shape:
-        - images: ``(B, C, H, W)``; cams: ``(B, K, h, w)``; valid: ``(B, H, W)`` bool
-        - output: ``(B, K, H, W)``
+        - images: ``(B, C, H, W)``; maps: ``(B, C', h, w)``; valid: ``(B, H', W')`` bool
+        - output: ``(B, C', H, W)``
 
     Example:
         >>> refine = PAR()
         >>> refine
-        PAR(dilations=(1, 2, 4, 8, 12, 24), num_iter=10, temperature=0.3, pos_weight=0.01)
+        PAR(dilations=(1, 2, 4, 8, 12, 24), num_iters=10, kernel_width=0.3, pos_weight=0.01)
         >>> refine(torch.rand(2, 3, 28, 20), torch.rand(2, 4, 14, 10)).shape
         torch.Size([2, 4, 28, 20])
     """
@@ -287,33 +289,33 @@ class PAR(nn.Module):
         self,
         *,
         dilations: Sequence[int] = _TOCO_DILATIONS,
-        num_iter: int = 10,
-        temperature: float = 0.3,
+        num_iters: int = 10,
+        kernel_width: float = 0.3,
         pos_weight: float = 0.01,
         eps: float = 1e-8,
     ) -> None:
         super().__init__()
         self.dilations = _check_dilations(dilations)
-        self.num_iter = check_int("num_iter", num_iter, low=0)
-        self.temperature = float(check_range("temperature", temperature, 0.0, low_inclusive=False))
+        self.num_iters = check_int("num_iters", num_iters, low=0)
+        self.kernel_width = float(check_range("kernel_width", kernel_width, 0.0, low_inclusive=False))
         self.pos_weight = float(check_range("pos_weight", pos_weight, 0.0))
         self.eps = float(check_range("eps", eps, 0.0, low_inclusive=False))
 
     def extra_repr(self) -> str:
         return (
-            f"dilations={self.dilations}, num_iter={self.num_iter}, "
-            f"temperature={self.temperature}, pos_weight={self.pos_weight}"
+            f"dilations={self.dilations}, num_iters={self.num_iters}, "
+            f"kernel_width={self.kernel_width}, pos_weight={self.pos_weight}"
         )
 
-    def forward(self, images: Tensor, cams: Tensor, valid: Tensor | None = None) -> Tensor:
+    def forward(self, images: Tensor, maps: Tensor, *, valid: Tensor | None = None) -> Tensor:
         """See :func:`par`."""
         return par(
             images,
-            cams,
+            maps,
             valid=valid,
             dilations=self.dilations,
-            num_iter=self.num_iter,
-            temperature=self.temperature,
+            num_iters=self.num_iters,
+            kernel_width=self.kernel_width,
             pos_weight=self.pos_weight,
             eps=self.eps,
         )

@@ -1,0 +1,65 @@
+"""The return type of every combined loss: :class:`LossOutput`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["LossOutput", "weighted_total"]
+
+
+class LossOutput(NamedTuple):
+    """A combined loss: the total to backpropagate, its unweighted terms and their weights.
+
+    ``loss == sum(weights[name] * terms[name] for name in terms)``. Log ``terms``; call
+    ``backward()`` on ``loss``.
+
+    Attributes:
+        loss: the weighted total, a scalar tensor.
+        terms: every unweighted term by name (scalars), in a fixed order.
+        weights: the weight each term enters ``loss`` with (same keys as ``terms``).
+
+    Example:
+        >>> out = weighted_total({"cls": torch.tensor(2.0), "aux": torch.tensor(4.0)},
+        ...                      loss_weights={"cls": 1.0, "aux": 0.5})
+        >>> out.loss.item(), sorted(out.terms), out.weights["aux"]
+        (4.0, ['aux', 'cls'], 0.5)
+    """
+
+    loss: Tensor
+    terms: dict[str, Tensor]
+    weights: dict[str, float]
+
+
+def weighted_total(terms: Mapping[str, Tensor], *, loss_weights: Mapping[str, float]) -> LossOutput:
+    """Build a :class:`LossOutput` from unweighted terms and their weights.
+
+    The total is accumulated in the precision of the first term (every term must be a
+    scalar on the same device); a term whose weight is 0 is skipped, so a term that was not
+    computed may be a detached zero.
+
+    Args:
+        terms: the unweighted scalar terms by name.
+        loss_weights: the weight of each term (the same keys).
+
+    Raises:
+        ValueError: ``terms`` is empty, or ``loss_weights`` misses a term or has extra keys.
+
+    Example:
+        >>> weighted_total({"a": torch.tensor(1.0)}, loss_weights={"a": 3.0}).loss
+        tensor(3.)
+    """
+    if not terms:
+        raise ValueError("terms: expected at least one loss term")
+    if set(loss_weights) != set(terms):
+        raise ValueError(f"loss_weights: expected the keys {sorted(terms)}, got {sorted(loss_weights)}")
+    first = next(iter(terms.values()))
+    total = torch.zeros((), dtype=first.dtype, device=first.device)
+    for name, value in terms.items():
+        w = float(loss_weights[name])
+        if w:
+            total = total + w * value.to(first.dtype)
+    return LossOutput(total, dict(terms), {k: float(loss_weights[k]) for k in terms})
