@@ -13,7 +13,7 @@ The shared CAM vocabulary of every method:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,7 @@ from wsss_blocks._validate import (
 from wsss_blocks.tokens import features_as_tokens
 
 __all__ = [
+    "PooledPrototypes",
     "cam_from_features",
     "normalize_cam",
     "add_background",
@@ -301,6 +302,23 @@ def token_pseudo_labels(
     )
 
 
+class PooledPrototypes(NamedTuple):
+    """Per-(image, class) pooled features from :func:`masked_average_pool`.
+
+    Attributes:
+        prototypes: ``(B, K, D)`` weighted means of the features.
+        prototype_valid: ``(B, K)`` bool, True where the class's weights are not all zero.
+
+    Example:
+        >>> out = masked_average_pool(torch.ones(1, 4, 2), torch.ones(1, 1, 2, 2))
+        >>> out.prototypes.shape, out.prototype_valid.tolist()
+        (torch.Size([1, 1, 2]), [[True]])
+    """
+
+    prototypes: Tensor
+    prototype_valid: Tensor
+
+
 def masked_average_pool(
     features: Tensor,
     weights: Tensor,
@@ -308,7 +326,7 @@ def masked_average_pool(
     threshold: float | None = None,
     valid: Tensor | None = None,
     eps: float = 1e-5,
-) -> tuple[Tensor, Tensor]:
+) -> PooledPrototypes:
     """Per-(image, class) weighted mean of features, batched over classes by one ``bmm``.
 
     ``pooled[b, k] = sum_n w[b, k, n] F[b, n] / (sum_n w[b, k, n] + eps)``. With a
@@ -325,7 +343,8 @@ def masked_average_pool(
 
     Shape:
         - features: ``(B, N, D)`` or ``(B, D, h, w)``; weights: ``(B, K, h, w)``
-        - output: ``pooled (B, K, D)`` fp32 (fp64 for fp64 input), ``nonempty (B, K)`` bool
+        - output: :class:`PooledPrototypes`: ``prototypes (B, K, D)`` fp32 (fp64 for fp64
+          input), ``prototype_valid (B, K)`` bool (some weight is non-zero)
 
     Example:
         >>> feats = torch.arange(4.0).view(1, 4, 1)          # tokens with values 0..3
@@ -348,7 +367,7 @@ def masked_average_pool(
         w = w.flatten(2)
         mass = w.sum(dim=-1)
         pooled = torch.bmm(w, tokens.to(dtype)) / (mass[..., None] + eps)
-    return pooled, mass > 0
+    return PooledPrototypes(pooled, mass > 0)
 
 
 @torch.no_grad()

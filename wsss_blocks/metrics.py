@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from wsss_blocks._distributed import world_size
 from wsss_blocks._validate import ShapeError, check_int, check_tensor
 
-__all__ = ["confusion_matrix", "iou_from_confusion", "MeanIoU"]
+__all__ = ["IoU", "confusion_matrix", "iou_from_confusion", "MeanIoU"]
 
 
 def _check_values(name: str, x: Tensor, num_classes: int, ignore_index: int) -> None:
@@ -93,7 +93,23 @@ def confusion_matrix(
     return torch.bincount(idx, minlength=c * c).reshape(c, c)
 
 
-def iou_from_confusion(confusion: Tensor) -> tuple[Tensor, float]:
+class IoU(NamedTuple):
+    """Per-class and mean IoU from :func:`iou_from_confusion`.
+
+    Attributes:
+        per_class: ``(C,)`` float64 IoU, NaN for a class absent from target and prediction.
+        miou: the mean over the classes that are not NaN (NaN when there is none).
+
+    Example:
+        >>> iou_from_confusion(torch.tensor([[1, 0], [0, 1]])).miou
+        1.0
+    """
+
+    per_class: Tensor
+    miou: float
+
+
+def iou_from_confusion(confusion: Tensor) -> IoU:
     """Per-class IoU and mean IoU from a confusion matrix.
 
     ``IoU_c = TP_c / (GT_c + Pred_c - TP_c)``. A class with neither ground-truth nor
@@ -129,7 +145,7 @@ def iou_from_confusion(confusion: Tensor) -> tuple[Tensor, float]:
         miou = float(iou[present].mean())  # sync-ok
     else:
         miou = math.nan
-    return iou, miou
+    return IoU(iou, miou)
 
 
 

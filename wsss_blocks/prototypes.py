@@ -14,6 +14,8 @@ collective that synchronises anyway.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor, nn
 
@@ -21,7 +23,7 @@ from wsss_blocks._distributed import all_gather_rows, world_size
 from wsss_blocks._utils import no_autocast
 from wsss_blocks._validate import check_int, check_shape
 
-__all__ = ["kmeans", "ClassBank"]
+__all__ = ["KMeansOutput", "kmeans", "ClassBank"]
 
 
 def _kmeans_pp_init(
@@ -72,6 +74,24 @@ def _kmeans_pp_init(
     return picks
 
 
+class KMeansOutput(NamedTuple):
+    """Result of :func:`kmeans`.
+
+    Attributes:
+        centres: ``(G, k, D)`` cluster centres.
+        centre_valid: ``(G, k)`` bool, which centres exist (a group with fewer than ``k``
+            valid points has fewer).
+
+    Example:
+        >>> out = kmeans(torch.tensor([[[0.0], [1.0]]]), 1)
+        >>> out.centres.flatten().tolist(), out.centre_valid.tolist()
+        ([0.5], [[True]])
+    """
+
+    centres: Tensor
+    centre_valid: Tensor
+
+
 @torch.no_grad()
 def kmeans(
     points: Tensor,
@@ -80,7 +100,7 @@ def kmeans(
     point_valid: Tensor | None = None,
     num_iters: int = 10,
     seed: int = 0,
-) -> tuple[Tensor, Tensor]:
+) -> KMeansOutput:
     """Batched Euclidean k-means over groups of points (no gradient, no host sync).
 
     Every group (e.g. a class) is clustered independently but in one batched pass:
@@ -114,7 +134,8 @@ def kmeans(
         seed: seed of the k-means++ generator.
 
     Returns:
-        ``(centres, centre_valid)``: centres ``(G, k, D)`` and a bool mask ``(G, k)``.
+        :class:`KMeansOutput` ``(centres, centre_valid)``: centres ``(G, k, D)`` and a bool
+        mask ``(G, k)``.
         For a group with more than ``k`` valid points every centre is valid.
 
     Shape:
@@ -154,7 +175,7 @@ def kmeans(
         if valid is None:
             valid = torch.ones((g, n), dtype=torch.bool, device=device)
         if n == 0:  # static shape, not data
-            return x.new_zeros((g, k, d)), torch.zeros((g, k), dtype=torch.bool, device=device)
+            return KMeansOutput(x.new_zeros((g, k, d)), torch.zeros((g, k), dtype=torch.bool, device=device))
 
         # --- few-points path: valid points in slot order (scratch slot k drops the rest) ---
         rank = valid.long().cumsum(1) - 1  # (G,N)
@@ -205,7 +226,7 @@ def kmeans(
         centres = centres + offset if iters else initial
         out = torch.where(use_small[:, :, None], small, centres)
         out_valid = torch.where(use_small, small_valid, torch.ones_like(small_valid))
-    return out, out_valid
+    return KMeansOutput(out, out_valid)
 
 
 class ClassBank(nn.Module):

@@ -23,6 +23,7 @@ __all__ = [
     "ViTTaps",
     "tokens_to_grid",
     "grid_to_tokens",
+    "SplitTokens",
     "split_prefix_tokens",
     "num_blocks",
     "resolve_block_index",
@@ -114,7 +115,24 @@ def features_as_tokens(
     )
 
 
-def split_prefix_tokens(tokens: Tensor, num_prefix_tokens: int) -> tuple[Tensor, Tensor]:
+class SplitTokens(NamedTuple):
+    """A token sequence split by :func:`split_prefix_tokens`.
+
+    Attributes:
+        prefix: the prefix tokens (class, registers, distillation), ``(B, P, D)``.
+        tokens: the patch tokens, ``(B, N, D)``.
+
+    Example:
+        >>> import torch
+        >>> split_prefix_tokens(torch.zeros(1, 5, 2), 1).tokens.shape
+        torch.Size([1, 4, 2])
+    """
+
+    prefix: Tensor
+    tokens: Tensor
+
+
+def split_prefix_tokens(tokens: Tensor, num_prefix_tokens: int) -> SplitTokens:
     """Split a full token sequence into prefix tokens and patch tokens.
 
     Args:
@@ -124,7 +142,7 @@ def split_prefix_tokens(tokens: Tensor, num_prefix_tokens: int) -> tuple[Tensor,
 
     Shape:
         - tokens: ``(B, P + N, D)``
-        - output: ``((B, P, D), (B, N, D))``
+        - output: :class:`SplitTokens` ``(prefix (B, P, D), tokens (B, N, D))``
 
     Example:
         >>> import torch
@@ -137,7 +155,7 @@ def split_prefix_tokens(tokens: Tensor, num_prefix_tokens: int) -> tuple[Tensor,
         raise ValueError(
             f"num_prefix_tokens: expected 0..{tokens.shape[1]}, got {num_prefix_tokens}"
         )
-    return tokens[:, :num_prefix_tokens], tokens[:, num_prefix_tokens:]
+    return SplitTokens(tokens[:, :num_prefix_tokens], tokens[:, num_prefix_tokens:])
 
 
 def num_blocks(model: nn.Module) -> int:
