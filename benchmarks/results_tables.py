@@ -71,7 +71,7 @@ def load(name: str) -> Any:
         name += ".json"
     path = (RESULTS / name).resolve()
     if not path.is_file():
-        raise ResultsError(f"results file not found: {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+        raise ResultsError(f"results file not found: {_rel(path)}")
     text = path.read_text()
     try:
         if name.endswith(".jsonl"):
@@ -81,8 +81,13 @@ def load(name: str) -> Any:
         raise ResultsError(f"{name}: not valid JSON ({e})") from e
 
 
+def _rel(path: Path) -> str:
+    path = path.resolve()
+    return path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else str(path)
+
+
 def _source(*names: str) -> str:
-    return ", ".join(f"`{(RESULTS / n).resolve().relative_to(ROOT).as_posix()}`" for n in names)
+    return ", ".join(f"`{_rel(RESULTS / n)}`" for n in names)
 
 
 def _perf_tables() -> Any:
