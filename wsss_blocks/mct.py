@@ -36,6 +36,12 @@ class FinalTokens(NamedTuple):
     Attributes:
         class_tokens: the ``C`` leading class tokens ``(B, C, D)``.
         features: the patch tokens ``(B, n, D)`` (registers dropped), row-major on the patch grid.
+
+    Example:
+        >>> out = FinalTokens(torch.zeros(2, 3, 8), torch.zeros(2, 16, 8))
+        >>> class_tokens, features = out
+        >>> class_scores(out.class_tokens).shape
+        torch.Size([2, 3])
     """
 
     class_tokens: Tensor

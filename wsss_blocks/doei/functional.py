@@ -68,6 +68,11 @@ class TopBottom(NamedTuple):
     Attributes:
         top: bool mask of the ``t`` largest entries of every row.
         bottom: bool mask of the ``t`` smallest entries of every row.
+
+    Example:
+        >>> out = select_top_bottom(torch.tensor([[3.0, 1.0, 2.0]]), t=1)
+        >>> out.top.tolist(), out.bottom.tolist()
+        ([[True, False, False]], [[False, True, False]])
     """
 
     top: Tensor
