@@ -1,4 +1,4 @@
-"""Tests for wsss_blocks.doei (spec doei.md §7, T1-T10 DOEI parts)."""
+"""Tests for wsss_blocks.doei: the dense functions, the patch and its handle."""
 
 from __future__ import annotations
 
@@ -59,19 +59,28 @@ def tiny_vit(*, c: int = 1, reg: int = 0, dynamic: bool = False, pad: bool = Fal
      ((19, 0, 12, 0.02), 4), ((100, 0, 12, 0.03), 33), ((5, 1, 12, 0.02), 1), ((0, 0, 12, 0.5), 0)],
 )
 def test_progressive_count_known(args, expected):
-    assert progressive_count(*args) == expected
+    n, i, big_l, st = args
+    assert progressive_count(n, block_index=i, num_blocks=big_l, st=st) == expected
 
 
 def test_progressive_count_errors():
     with pytest.raises(ValueError, match="block_index"):
-        progressive_count(10, 12, 12, 0.02)
+        progressive_count(10, block_index=12, num_blocks=12, st=0.02)
     with pytest.raises(ValueError, match="num_candidates"):
-        progressive_count(-1, 0, 12, 0.02)
+        progressive_count(-1, block_index=0, num_blocks=12, st=0.02)
     with pytest.raises(ValueError, match="st"):
-        progressive_count(10, 0, 12, 1.5)
+        progressive_count(10, block_index=0, num_blocks=12, st=1.5)
     for bad in (0, -3):
         with pytest.raises(ValueError, match="num_blocks"):
-            progressive_count(10, 0, bad, 0.02)
+            progressive_count(10, block_index=0, num_blocks=bad, st=0.02)
+    for name, kw in (("num_candidates", dict(num_candidates=10.5)), ("block_index", dict(block_index=1.5)),
+                     ("num_blocks", dict(num_blocks=12.0))):
+        args = {"num_candidates": 10, "block_index": 0, "num_blocks": 12, "st": 0.02, **kw}
+        n = args.pop("num_candidates")
+        with pytest.raises(ValueError, match=name):  # never truncated
+            progressive_count(n, **args)
+    with pytest.raises(TypeError):  # the options are keyword-only
+        progressive_count(10, 0, 12, 0.02)
 
 
 # --------------------------------------------------------------------------- T2
@@ -83,12 +92,12 @@ def _as_sets(mask: Tensor) -> list[set[int]]:
 
 def test_select_top_bottom_known():
     row = torch.tensor([[0.5, 0.4, 0.4, 0.2]])
-    top, bottom = select_top_bottom(row, 1)
+    top, bottom = select_top_bottom(row, t=1)
     assert _as_sets(top) == [{0}] and _as_sets(bottom) == [{3}]
-    top, bottom = select_top_bottom(row, 2)
+    top, bottom = select_top_bottom(row, t=2)
     assert _as_sets(top) == [{0, 1}] and _as_sets(bottom) == [{2, 3}]
     w = torch.tensor([[0.5, 0.2, 0.1], [0.3, 0.4, 0.05], [0.1, 0.1, 0.6]])
-    top, bottom = select_top_bottom(w + w.T, 1, exclude_diagonal=True)
+    top, bottom = select_top_bottom(w + w.T, t=1, exclude_diagonal=True)
     assert top.int().argmax(-1).tolist() == [1, 0, 0]
     assert bottom.int().argmax(-1).tolist() == [2, 2, 1]
     assert top.sum().item() == 3 and bottom.sum().item() == 3
@@ -100,7 +109,7 @@ def test_select_top_bottom_oracle(exclude):
     scores = torch.randint(0, 4, (2, 3, 7, 7), generator=g).float()  # many ties
     scores.requires_grad_(True)
     t = 3 if exclude else 2
-    top, bottom = select_top_bottom(scores, t, exclude_diagonal=exclude)
+    top, bottom = select_top_bottom(scores, t=t, exclude_diagonal=exclude)
     assert top.dtype == torch.bool and bottom.dtype == torch.bool
     assert torch.all(top.sum(-1) == t) and torch.all(bottom.sum(-1) == t)
     assert not (top & bottom).any()
@@ -113,15 +122,23 @@ def test_select_top_bottom_oracle(exclude):
             assert set(order[-t:]) == set(torch.nonzero(bottom.reshape(-1, 7, 7)[b, r]).flatten().tolist())
 
 
+def test_select_top_bottom_returns_named_masks():
+    out = select_top_bottom(torch.tensor([[0.5, 0.4, 0.4, 0.2]]), t=1)
+    assert isinstance(out, doei.TopBottom) and out._fields == ("top", "bottom")
+    assert out.top.int().tolist() == [[1, 0, 0, 0]] and out.bottom.int().tolist() == [[0, 0, 0, 1]]
+    with pytest.raises(TypeError):  # t is keyword-only
+        select_top_bottom(torch.randn(2, 5), 1)
+
+
 def test_select_top_bottom_errors():
     with pytest.raises(ValueError, match="t: expected"):
-        select_top_bottom(torch.randn(2, 5), 3)
+        select_top_bottom(torch.randn(2, 5), t=3)
     with pytest.raises(ValueError, match="t: expected"):
-        select_top_bottom(torch.randn(5, 5), 3, exclude_diagonal=True)
+        select_top_bottom(torch.randn(5, 5), t=3, exclude_diagonal=True)
     with pytest.raises(ShapeError, match="scores"):
-        select_top_bottom(torch.randn(2, 5), 1, exclude_diagonal=True)
+        select_top_bottom(torch.randn(2, 5), t=1, exclude_diagonal=True)
     with pytest.raises(ShapeError, match="scores"):
-        select_top_bottom(torch.randn(5), 1)
+        select_top_bottom(torch.randn(5), t=1)
 
 
 # --------------------------------------------------------------------------- T3
@@ -226,6 +243,10 @@ def test_doei_delta_errors():
         doei_delta(y, a, num_class_tokens=2, num_prefix_tokens=1, t_p2c=1, t_c2c=0)
     with pytest.raises(ValueError, match="t: expected"):
         doei_delta(y, a, num_class_tokens=1, num_prefix_tokens=1, t_p2c=3, t_c2c=0)
+    with pytest.raises(ShapeError, match="attn_output"):
+        doei_delta(y[0], a, **kw)
+    with pytest.raises(ValueError, match="t_p2c"):
+        doei_delta(y, a, num_class_tokens=1, num_prefix_tokens=1, t_p2c=1.5, t_c2c=0)
 
 
 def test_doei_delta_label_all_zero_is_zero():
@@ -252,8 +273,8 @@ def test_patch_color_affinity_crop_pad_and_oracle():
     torch.manual_seed(3)
     img = torch.randn(2, 3, 5, 7)
     mean, std = (0.1, 0.2, 0.3), (0.5, 0.6, 0.7)
-    crop = patch_color_affinity(img, 2, sigma=0.3, mean=mean, std=std)
-    padded = patch_color_affinity(img, (2, 3), sigma=0.3, mean=mean, std=std, pad=True)
+    crop = patch_color_affinity(img, 2, rgb_sigma=0.3, mean=mean, std=std)
+    padded = patch_color_affinity(img, (2, 3), rgb_sigma=0.3, mean=mean, std=std, pad=True)
     assert crop.shape == (2, 6, 6) and padded.shape == (2, 9, 9)
     m = torch.tensor(mean).view(3, 1, 1)
     s = torch.tensor(std).view(3, 1, 1)
@@ -278,12 +299,12 @@ def test_patch_color_affinity_crop_pad_and_oracle():
 
 
 def test_patch_color_affinity_errors():
-    with pytest.raises(ShapeError, match="image"):
+    with pytest.raises(ShapeError, match="images"):
         patch_color_affinity(torch.zeros(1, 4, 8, 8), 2)
-    with pytest.raises(ShapeError, match="image"):
+    with pytest.raises(ShapeError, match="images"):
         patch_color_affinity(torch.zeros(1, 3, 8, 8, dtype=torch.int64), 2)
-    with pytest.raises(ValueError, match="sigma"):
-        patch_color_affinity(torch.zeros(1, 3, 8, 8), 2, sigma=0.0)
+    with pytest.raises(ValueError, match="rgb_sigma"):
+        patch_color_affinity(torch.zeros(1, 3, 8, 8), 2, rgb_sigma=0.0)
     for bad in (0, -2, (2, 0), (0, 2)):
         with pytest.raises(ValueError, match="patch_size"):
             patch_color_affinity(torch.zeros(1, 3, 8, 8), bad)
@@ -300,12 +321,12 @@ def test_hybrid_attention_orthonormal_tokens():
     r = torch.rand(1, n, n)
     r = (r + r.transpose(1, 2)) / 2
     attn = torch.softmax(torch.randn(1, p0 + n, p0 + n), -1)
-    g = hybrid_attention(attn, tokens, r, num_prefix_tokens=p0, alpha=1.0)
+    g = hybrid_attention(tokens, attn, r, num_prefix_tokens=p0, alpha=1.0)
     want = torch.zeros(p0 + n, p0 + n)
     want[:p0, :p0] = torch.eye(p0)
     want[p0:, p0:] = r[0] / r[0].sum(-1, keepdim=True)
     torch.testing.assert_close(g[0], want, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(hybrid_attention(attn, tokens, r, num_prefix_tokens=p0, alpha=0.0), attn)
+    torch.testing.assert_close(hybrid_attention(tokens, attn, r, num_prefix_tokens=p0, alpha=0.0), attn)
 
 
 def test_hybrid_attention_oracle_and_rows():
@@ -313,9 +334,9 @@ def test_hybrid_attention_oracle_and_rows():
     b, h, p0, n, d = 2, 3, 2, 5, 4
     tokens = torch.randn(b, p0 + n, d)
     tokens[0, 3] = 0  # zero-norm token -> zero d_emb row -> G row 0
-    r = patch_color_affinity(torch.randn(b, 3, 5, 5), 1, sigma=0.5)[:, :n, :n]
+    r = patch_color_affinity(torch.randn(b, 3, 5, 5), 1, rgb_sigma=0.5)[:, :n, :n]
     attn = torch.softmax(torch.randn(b, h, p0 + n, p0 + n), -1)
-    out = hybrid_attention(attn, tokens, r, num_prefix_tokens=p0, alpha=0.35)
+    out = hybrid_attention(tokens, attn, r, num_prefix_tokens=p0, alpha=0.35)
     assert out.shape == attn.shape and torch.isfinite(out).all()
     for bi in range(b):
         xh = [tokens[bi, i] / max(tokens[bi, i].norm().item(), 1e-6) for i in range(p0 + n)]
@@ -340,14 +361,14 @@ def test_hybrid_attention_oracle_and_rows():
 def test_hybrid_attention_errors():
     a, t = torch.softmax(torch.randn(1, 5, 5), -1), torch.randn(1, 5, 3)
     with pytest.raises(ShapeError, match="color_affinity"):
-        hybrid_attention(a, t, torch.ones(1, 3, 3), num_prefix_tokens=1)
+        hybrid_attention(t, a, torch.ones(1, 3, 3), num_prefix_tokens=1)
     with pytest.raises(ShapeError, match="attn"):
-        hybrid_attention(a[:, :4, :4], t, torch.ones(1, 4, 4), num_prefix_tokens=1)
+        hybrid_attention(t, a[:, :4, :4], torch.ones(1, 4, 4), num_prefix_tokens=1)
     with pytest.raises(ValueError, match="alpha"):
-        hybrid_attention(a, t, torch.ones(1, 4, 4), num_prefix_tokens=1, alpha=1.5)
+        hybrid_attention(t, a, torch.ones(1, 4, 4), num_prefix_tokens=1, alpha=1.5)
     for bad in (-1, 6):
         with pytest.raises(ValueError, match="num_prefix_tokens"):
-            hybrid_attention(a, t, torch.ones(1, 4, 4), num_prefix_tokens=bad)
+            hybrid_attention(t, a, torch.ones(1, 4, 4), num_prefix_tokens=bad)
 
 
 # --------------------------------------------------------------------------- config
@@ -361,6 +382,12 @@ def test_hybrid_attention_errors():
 def test_config_validation(field, value):
     with pytest.raises(ValueError, match=field):
         DOEIConfig(**{field: value})
+
+
+def test_config_is_keyword_only():
+    with pytest.raises(TypeError):
+        DOEIConfig(0.5)
+    assert DOEIConfig(alpha=0.5).alpha == 0.5
 
 
 # --------------------------------------------------------------------------- T6
@@ -543,10 +570,10 @@ def test_errors_at_forward():
     with doei.patch(model, config=DOEIConfig(**ACTIVE)) as h:
         with pytest.raises(NotImplementedError, match="attn_mask"):
             model.blocks[0].attn(x_tok, attn_mask=torch.zeros(19, 19))
-        with pytest.raises(RuntimeError, match="set_image"):
+        with pytest.raises(RuntimeError, match="set_images"):
             model.blocks(x_tok)  # no image was ever seen
         h.config = DOEIConfig(**ACTIVE, use_hfa=False)
-        model.blocks(x_tok)  # E9: no image needed
+        model.blocks(x_tok)  # no images needed without HFA
         h.config = DOEIConfig(**ACTIVE, restrict_to_labels=True)
         with pytest.raises(RuntimeError, match="set_labels"):
             model(torch.randn(2, 3, 32, 32))
@@ -557,15 +584,15 @@ def test_errors_at_forward():
             h.set_labels(torch.ones(2, 4))
         h.set_labels(None)
         h.config = DOEIConfig(**ACTIVE)
-        h.set_image(torch.randn(3, 3, 32, 32))
-        with pytest.raises(ShapeError, match="image"):
+        h.set_images(torch.randn(3, 3, 32, 32))
+        with pytest.raises(ShapeError, match="images"):
             model(torch.randn(2, 3, 32, 32))
-        h.set_image(torch.randn(2, 3, 40, 32))
-        with pytest.raises(ShapeError, match="image"):
+        h.set_images(torch.randn(2, 3, 40, 32))
+        with pytest.raises(ShapeError, match="images"):
             model(torch.randn(2, 3, 32, 32))
-        with pytest.raises(ShapeError, match="image"):
-            h.set_image(torch.randn(2, 1, 32, 32))
-        h.set_image(None)
+        with pytest.raises(ShapeError, match="images"):
+            h.set_images(torch.randn(2, 1, 32, 32))
+        h.set_images(None)
         model(torch.randn(2, 3, 32, 32))
 
 
@@ -591,29 +618,29 @@ def test_patch_argument_errors():
     h.remove()
 
 
-def test_set_image_overrides_input():
+def test_set_images_overrides_input():
     model = tiny_vit(c=3)
     img, other = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
     with doei.patch(model, config=DOEIConfig(**ACTIVE)) as h:
         a = model(img)
-        h.set_image(other)
+        h.set_images(other)
         b = model(img)
-        h.set_image(None)
+        h.set_images(None)
         c = model(img)
     torch.testing.assert_close(a, c)
     assert not torch.allclose(a, b)
 
 
-def test_set_image_override_updated_in_place_is_not_stale():
+def test_set_images_override_updated_in_place_is_not_stale():
     model = tiny_vit(c=3)
     img, other = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
     with doei.patch(model, config=DOEIConfig(**ACTIVE)) as h:
         buffer = img.clone()
-        h.set_image(buffer)
+        h.set_images(buffer)
         a = model(img)
         buffer.copy_(other)  # the caller refills the same tensor between forwards
         b = model(img)
-        h.set_image(other)
+        h.set_images(other)
         want = model(img)
     assert not torch.allclose(a, b)
     torch.testing.assert_close(b, want)
@@ -677,7 +704,7 @@ def test_mct_doei_trains_class_tokens():
         h.set_labels(labels)
         for _ in range(2):
             opt.zero_grad()
-            cls, _ = mct.final_tokens(model, img)
+            cls = mct.final_tokens(model, img).class_tokens
             loss = F.multilabel_soft_margin_loss(mct.class_scores(cls), labels)
             loss.backward()
             assert torch.isfinite(loss)

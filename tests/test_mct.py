@@ -1,4 +1,4 @@
-"""Tests for wsss_blocks.mct (spec doei.md §3.5, T10)."""
+"""Tests for wsss_blocks.mct: the class-token conversion, the MCT logits and attention CAMs."""
 
 from __future__ import annotations
 
@@ -99,15 +99,18 @@ def test_state_dict_round_trip_into_converted_fresh_model():
 def test_final_tokens_norm_and_registers():
     model = mct.add_class_tokens(tiny(reg_tokens=1), 3)
     x = torch.randn(2, 3, 32, 32)
-    cls, patches = mct.final_tokens(model, x)
-    cls_n, patches_n = mct.final_tokens(model, x, norm=True)
+    out = mct.final_tokens(model, x)
+    assert isinstance(out, mct.FinalTokens) and out._fields == ("class_tokens", "features")
+    cls, patches = out
+    assert cls is out.class_tokens and patches is out.features
+    cls_n, patches_n = mct.final_tokens(model, x, final_norm=True)
     torch.testing.assert_close(cls_n, model.norm(cls))
     full = model.forward_features(x)  # after norm
     torch.testing.assert_close(patches_n, full[:, 4:])
     torch.testing.assert_close(cls_n, full[:, :3])
-    with pytest.raises(ShapeError, match="x"):
+    with pytest.raises(ShapeError, match="images"):
         mct.final_tokens(model, torch.randn(3, 32, 32))
-    with pytest.raises(ShapeError, match="x"):
+    with pytest.raises(ShapeError, match="images"):
         mct.final_tokens(model, torch.randn(2, 4, 32, 32))
     with pytest.raises(ValueError, match="num_class_tokens"):
         mct.final_tokens(model, x, num_class_tokens=5)
@@ -126,7 +129,7 @@ def test_class_scores_hand_case():
 # --------------------------------------------------------------------------- attention_cams
 
 
-def _cams_oracle(model, x, c, last_k, reduction, refine):
+def _cams_oracle(model, x, c, last_k, fuse, refine):
     """Explicit attention per block (B, H, N, N), loops over images and classes."""
     p0 = model.num_prefix_tokens
     big_l = len(model.blocks)
@@ -147,7 +150,7 @@ def _cams_oracle(model, x, c, last_k, reduction, refine):
         for ci in range(c):
             for layer in range(big_l - last_k, big_l):
                 cam[bi, ci] += attns[layer][bi, :, ci, p0:].mean(0)
-            if reduction == "mean":
+            if fuse == "mean":
                 cam[bi, ci] /= last_k
     if refine:
         app = sum(a[:, :, p0:, p0:].mean(1) for a in attns)
@@ -161,16 +164,16 @@ def _cams_oracle(model, x, c, last_k, reduction, refine):
 
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize(
-    "last_k, reduction, refine",
+    "last_k, fuse, refine",
     [(3, "sum", False), (2, "mean", False), (1, "sum", True), (2, "mean", True), (3, "sum", True)],
 )
-def test_attention_cams_oracle(fused, last_k, reduction, refine):
+def test_attention_cams_oracle(fused, last_k, fuse, refine):
     model = mct.add_class_tokens(tiny(reg_tokens=1, qk_norm=True), 4)
     perturb(model)
     set_fused(model, fused)
     x = torch.randn(2, 3, 32, 32)
-    got = mct.attention_cams(model, x, last_k, reduction=reduction, refine=refine)
-    want = _cams_oracle(model, x, 4, last_k, reduction, refine).reshape(2, 4, 4, 4)
+    got = mct.attention_cams(model, x, last_k=last_k, fuse=fuse, refine=refine)
+    want = _cams_oracle(model, x, 4, last_k, fuse, refine).reshape(2, 4, 4, 4)
     assert got.shape == (2, 4, 4, 4) and not got.requires_grad
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
@@ -181,10 +184,10 @@ def test_attention_cams_with_doei_active(fused):
     perturb(model)
     set_fused(model, fused)
     x = torch.randn(2, 3, 32, 32)
-    plain = mct.attention_cams(model, x, 3, refine=True)
+    plain = mct.attention_cams(model, x, last_k=3, refine=True)
     cfg = doei.DOEIConfig(st_p2c=0.1, st_c2c=0.25)
     with doei.patch(model, config=cfg):
-        got = mct.attention_cams(model, x, 3, refine=True)
+        got = mct.attention_cams(model, x, last_k=3, refine=True)
         want = _cams_oracle(model, x, 5, 3, "sum", True).reshape(2, 5, 4, 4)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert (got - plain).abs().max() > 1e-5  # DOEI changed the model's attention
@@ -194,20 +197,22 @@ def test_attention_cams_errors_and_no_hooks_left():
     model = mct.add_class_tokens(tiny(), 3)
     x = torch.randn(1, 3, 32, 32)
     with pytest.raises(ValueError, match="last_k"):
-        mct.attention_cams(model, x, 0)
+        mct.attention_cams(model, x, last_k=0)
     with pytest.raises(ValueError, match="last_k"):
-        mct.attention_cams(model, x, 4)
+        mct.attention_cams(model, x, last_k=4)
     for bad in (2.5, True):
         with pytest.raises(ValueError, match="last_k"):
-            mct.attention_cams(model, x, bad)
+            mct.attention_cams(model, x, last_k=bad)
     with pytest.raises(ValueError, match="num_class_tokens"):
         mct.attention_cams(model, x, num_class_tokens=1.5)
-    with pytest.raises(ShapeError, match="x"):
+    with pytest.raises(ShapeError, match="images"):
         mct.attention_cams(model, torch.randn(1, 1, 32, 32))
-    with pytest.raises(ValueError, match="reduction"):
-        mct.attention_cams(model, x, reduction="max")
-    with pytest.raises(ShapeError, match="x"):
+    with pytest.raises(ValueError, match="fuse"):
+        mct.attention_cams(model, x, fuse="max")
+    with pytest.raises(ShapeError, match="images"):
         mct.attention_cams(model, x[0])
+    with pytest.raises(TypeError):  # last_k is keyword-only
+        mct.attention_cams(model, x, 2)
     mct.attention_cams(model, x, refine=True)
     assert all(not m._forward_hooks for m in model.modules())
 

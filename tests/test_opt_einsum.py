@@ -50,7 +50,7 @@ def test_three_operand_einsum_same_with_and_without_opt_einsum(restore_opt_einsu
     tokens = torch.randn(b, p0 + n, d, generator=gen, dtype=torch.float64)
     r = torch.rand(b, n, n, generator=gen, dtype=torch.float64)
     r = (r + r.transpose(1, 2)) / 2
-    want = hybrid_attention(torch.zeros(b, p0 + n, p0 + n, dtype=torch.float64), tokens, r,
+    want = hybrid_attention(tokens, torch.zeros(b, p0 + n, p0 + n, dtype=torch.float64), r,
                             num_prefix_tokens=p0, alpha=1.0)
     torch.backends.opt_einsum.enabled, torch.backends.opt_einsum.strategy = setting
     got = _hfa_einsum(tokens, r, p0)

@@ -9,7 +9,7 @@ refined by the patch-to-patch attention, following MCTformer's released code.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from einops import rearrange
@@ -23,11 +23,29 @@ from wsss_blocks._attention_capture import (
     patch_patch_attention,
     qk_from_qkv,
 )
-from wsss_blocks._utils import no_autocast
+from wsss_blocks._utils import compute_dtype, no_autocast
 from wsss_blocks._validate import ShapeError, check_int, check_option, check_shape
 from wsss_blocks.tokens import patch_grid
 
-__all__ = ["add_class_tokens", "final_tokens", "class_scores", "attention_cams"]
+__all__ = ["FinalTokens", "add_class_tokens", "final_tokens", "class_scores", "attention_cams"]
+
+
+class FinalTokens(NamedTuple):
+    """The last block's tokens :func:`final_tokens` returns (unpacks as ``class_tokens, features``).
+
+    Attributes:
+        class_tokens: the ``C`` leading class tokens ``(B, C, D)``.
+        features: the patch tokens ``(B, n, D)`` (registers dropped), row-major on the patch grid.
+
+    Example:
+        >>> out = FinalTokens(torch.zeros(2, 3, 8), torch.zeros(2, 16, 8))
+        >>> class_tokens, features = out
+        >>> class_scores(out.class_tokens).shape
+        torch.Size([2, 3])
+    """
+
+    class_tokens: Tensor
+    features: Tensor
 
 
 def add_class_tokens(model: nn.Module, num_classes: int) -> nn.Module:
@@ -37,7 +55,7 @@ def add_class_tokens(model: nn.Module, num_classes: int) -> nn.Module:
     (unless ``no_embed_class``); ``num_prefix_tokens`` (model and ``PatchDropout``) grows by
     ``C - 1``. State-dict keys are unchanged; only the shapes of ``cls_token`` ``(1, C, D)``
     and ``pos_embed`` change. ``head``, ``global_pool`` and ``norm`` are untouched (use
-    :func:`final_tokens` + :func:`class_scores`, not ``model(x)``, for MCT logits).
+    :func:`final_tokens` + :func:`class_scores`, not ``model(images)``, for MCT logits).
     Build the optimizer afterwards. For MCT checkpoints convert a fresh model, then load.
 
     Args:
@@ -84,39 +102,43 @@ def add_class_tokens(model: nn.Module, num_classes: int) -> nn.Module:
 
 def final_tokens(
     model: nn.Module,
-    x: Tensor,
+    images: Tensor,
     *,
     num_class_tokens: int | None = None,
-    norm: bool = False,
-) -> tuple[Tensor, Tensor]:
+    final_norm: bool = False,
+) -> FinalTokens:
     """Last-block class tokens and patch tokens (registers dropped), via ``forward_intermediates``.
 
     Args:
         model: a timm ViT (usually after :func:`add_class_tokens`).
-        x: normalised images.
+        images: normalised images.
         num_class_tokens: ``C``; default ``num_prefix_tokens - num_reg_tokens``.
-        norm: apply the final norm (MCTformer never does: default ``False``).
+        final_norm: apply the model's final norm (MCTformer never does: default ``False``).
+
+    Returns:
+        :class:`FinalTokens` ``(class_tokens, features)``.
 
     Shape:
-        - x: ``(B, 3, H, W)``
-        - output: ``((B, C, D), (B, n, D))``
+        - images: ``(B, 3, H, W)``
+        - class_tokens: ``(B, C, D)``
+        - features: ``(B, n, D)``, ``n`` patches of the model's grid
 
     Example:
         >>> import timm
         >>> m = add_class_tokens(timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1,
         ...                                          embed_dim=32, num_heads=2), 4)
-        >>> cls, patches = final_tokens(m, torch.randn(2, 3, 32, 32))
-        >>> cls.shape, patches.shape
+        >>> out = final_tokens(m, torch.randn(2, 3, 32, 32))
+        >>> out.class_tokens.shape, out.features.shape
         (torch.Size([2, 4, 32]), torch.Size([2, 4, 32]))
     """
-    check_shape("x", x, ["B", 3, "H", "W"], dtype="float")
+    check_shape("images", images, ["B", 3, "H", "W"], dtype="float")
     c = default_class_tokens(model, num_class_tokens)
     vit: Any = model
     out = vit.forward_intermediates(
-        x, indices=1, norm=norm, return_prefix_tokens=True, intermediates_only=True, output_fmt="NLC"
+        images, indices=1, norm=final_norm, return_prefix_tokens=True, intermediates_only=True, output_fmt="NLC"
     )
     patches, prefix = out[-1]
-    return prefix[:, :c], patches
+    return FinalTokens(prefix[:, :c], patches)
 
 
 def class_scores(class_tokens: Tensor) -> Tensor:
@@ -137,32 +159,33 @@ def class_scores(class_tokens: Tensor) -> Tensor:
 @torch.no_grad()
 def attention_cams(
     model: nn.Module,
-    x: Tensor,
-    last_k: int = 3,
+    images: Tensor,
     *,
+    last_k: int = 3,
     num_class_tokens: int | None = None,
-    reduction: Literal["sum", "mean"] = "sum",
+    fuse: Literal["sum", "mean"] = "sum",
     refine: bool = False,
 ) -> Tensor:
     """MCT attention maps: head-mean class-to-patch attention of the last ``last_k`` blocks.
 
     The model's own post-softmax attention is rebuilt from each block's ``qkv`` output
     (fused or not; with DOEI patched it is still the model's attention, never DOEI's
-    scores). Maps are summed (V1/V2) or averaged (MCTformer+) over the blocks. With
-    ``refine`` they are multiplied by ``A_pp``, the head-mean patch-to-patch attention summed
-    over all blocks (no row normalisation): ``cam_i <- sum_j A_pp[i, j] cam_j``. Raw values
-    (no label masking, upsampling or normalisation). Runs under ``torch.no_grad()``.
+    scores). Maps are summed (``fuse="sum"``, V1/V2) or averaged (``fuse="mean"``, MCTformer+)
+    over the blocks. With ``refine`` they are multiplied by ``A_pp``, the head-mean
+    patch-to-patch attention summed over all blocks (no row normalisation):
+    ``cam_i <- sum_j A_pp[i, j] cam_j``. Raw values (no label masking, upsampling or
+    normalisation). Runs under ``torch.no_grad()``.
 
     Args:
         model: a timm ViT with ``C`` leading class tokens.
-        x: normalised images.
+        images: normalised images.
         last_k: blocks used, in ``[1, L]``.
         num_class_tokens: ``C``; default ``num_prefix_tokens - num_reg_tokens``.
-        reduction: ``"sum"`` or ``"mean"`` over the ``last_k`` blocks.
+        fuse: ``"sum"`` or ``"mean"`` of the maps of the ``last_k`` blocks.
         refine: apply the patch-affinity refinement.
 
     Shape:
-        - x: ``(B, 3, H, W)``
+        - images: ``(B, 3, H, W)``
         - output: ``(B, C, h, w)``, the model's patch grid
 
     Example:
@@ -172,8 +195,8 @@ def attention_cams(
         >>> attention_cams(m, torch.randn(1, 3, 32, 32), last_k=2).shape
         torch.Size([1, 3, 2, 2])
     """
-    dims = check_shape("x", x, ["B", 3, "H", "W"], dtype="float")
-    check_option("reduction", reduction, ("sum", "mean"))
+    dims = check_shape("images", images, ["B", 3, "H", "W"], dtype="float")
+    check_option("fuse", fuse, ("sum", "mean"))
     c = default_class_tokens(model, num_class_tokens)
     modules = [m for _, m in find_attention_modules(model)]
     big_l = len(modules)
@@ -189,7 +212,7 @@ def attention_cams(
     def on_qkv(pos: int, attn: nn.Module, qkv: Tensor) -> None:
         q, k = qk_from_qkv(attn, qkv)
         with no_autocast(qkv.device.type):
-            s = torch.promote_types(q.dtype, torch.float32)
+            s = compute_dtype(q)
             q, k = q.to(s) * float(getattr(attn, "scale")), k.to(s)
             if pos >= first_cam:
                 cam = class_row_attention(q, k, c)[..., p0:].mean(1)  # (B, C, n)
@@ -201,11 +224,11 @@ def attention_cams(
     targets = modules if refine else modules[first_cam:]
     offset = 0 if refine else first_cam
     with QKVTap(targets, lambda pos, attn, qkv: on_qkv(pos + offset, attn, qkv)):
-        vit.forward_features(x)
+        vit.forward_features(images)
     cam = acc["cam"]
     if cam.shape[-1] != h * w:
-        raise ShapeError(f"x: {tuple(x.shape)} gives {cam.shape[-1]} patch tokens, expected grid {h}x{w}")
-    if reduction == "mean":
+        raise ShapeError(f"images: {tuple(images.shape)} gives {cam.shape[-1]} patch tokens, expected grid {h}x{w}")
+    if fuse == "mean":
         cam = cam / last_k
     if refine:
         with no_autocast(cam.device.type):  # fp32 like the unrefined maps, also under autocast

@@ -2,12 +2,13 @@
 
 DOEI adds no parameters; :func:`wsss_blocks.doei.patch` wraps the attention modules (the
 state-dict keys are unchanged, so checkpoints load into a fresh patched model). The patch is
-active in training and CAM generation (doei.md D16). The colour affinity uses the data's
-normalisation (ImageNet mean/std), not the timm model's ``pretrained_cfg``.
+active in training and CAM generation. The colour affinity uses the data's normalisation
+(ImageNet mean/std), not the timm model's ``pretrained_cfg``.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,20 @@ class DOEIRecipe(MCTRecipe):
         use_cpdo: bool = True
         use_hfa: bool = True
         restrict_to_labels: bool = False
+
+        def validate(self) -> None:
+            """Check the ranges of the options (and the MCT ones); ``ValueError`` names the option."""
+            super().validate()
+            for name in ("st", "st_c2c", "alpha"):
+                value = getattr(self, name)
+                if value is not None and not 0.0 <= value <= 1.0:  # also rejects nan
+                    raise ValueError(f"--opt {name}: expected a value in [0, 1], got {value}")
+            for name in ("af", "sf"):
+                value = getattr(self, name)
+                if not (math.isfinite(value) and value >= 0.0):
+                    raise ValueError(f"--opt {name}: expected a finite value >= 0, got {value}")
+            if not (math.isfinite(self.rgb_sigma) and self.rgb_sigma > 0.0):
+                raise ValueError(f"--opt rgb_sigma: expected a finite value > 0, got {self.rgb_sigma}")
 
     def __init__(self, backbone: nn.Module, num_classes: int, config: Any, options: Any,
                  data_info: dict[str, Any] | None = None) -> None:

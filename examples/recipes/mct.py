@@ -10,8 +10,9 @@ Defaults depend on what they are tuned for, never on the dataset's name: with ``
 weights ``last_k=3, refine=true`` (MCTformer's values for a pretrained DeiT); without
 (a random-init backbone) ``last_k`` = all blocks and ``refine=false``, because the
 patch-to-patch affinity of an untrained backbone is diffuse and the refinement washes the
-CAMs out (measured: 6.5 vs 24.8 % CAM mIoU, issue 15). ``--opt`` overrides either; forcing
-``refine=true`` without pretrained weights prints a warning.
+CAMs out (measured: 6.5 vs 24.8 % CAM mIoU). ``--opt`` overrides either; forcing
+``refine=true`` without pretrained weights prints a warning. ``reduction`` is passed to
+:func:`~wsss_blocks.mct.attention_cams` as ``fuse`` (sum or mean over the ``last_k`` blocks).
 """
 
 from __future__ import annotations
@@ -39,11 +40,21 @@ class MCTRecipe(Recipe):
     class Options:
         last_k: int | None = None  # None: 3 with --pretrained, all blocks without
         refine: bool | None = None  # None: on with --pretrained, off without
-        reduction: Literal["sum", "mean"] = "sum"
+        reduction: Literal["sum", "mean"] = "sum"  # attention_cams(fuse=...)
+
+        def validate(self) -> None:
+            """Check the ranges of the options; ``ValueError`` names the option."""
+            if self.last_k is not None and (isinstance(self.last_k, bool) or not isinstance(self.last_k, int)):
+                raise ValueError(f"--opt last_k: expected an int or none, got {self.last_k!r}")
+            if self.last_k is not None and not 1 <= self.last_k:
+                raise ValueError(f"--opt last_k: expected >= 1, got {self.last_k}")
+            if self.reduction not in ("sum", "mean"):
+                raise ValueError(f"--opt reduction: expected sum or mean, got {self.reduction!r}")
 
     def __init__(self, backbone: nn.Module, num_classes: int, config: Any, options: Any,
                  data_info: dict[str, Any] | None = None) -> None:
         super().__init__(backbone, num_classes, config, options, data_info)
+        options.validate()
         if getattr(backbone, "num_prefix_tokens", 0) == 1:
             add_class_tokens(backbone, num_classes)
         elif getattr(backbone, "num_prefix_tokens", 0) != num_classes:
@@ -62,19 +73,15 @@ class MCTRecipe(Recipe):
             warnings.warn(f"--recipe {self.name}: refine=true without --pretrained weights: the patch "
                           "affinity of a random-init backbone is diffuse and MCTformer's refinement "
                           "usually destroys its CAMs (drop --opt refine=true)", stacklevel=2)
-        if not 1 <= options.last_k:
-            raise ValueError(f"--opt last_k: expected >= 1, got {options.last_k}")
         self.last_k = min(int(options.last_k), depth)
-        if options.reduction not in ("sum", "mean"):
-            raise ValueError(f"--opt reduction: expected sum or mean, got {options.reduction!r}")
 
     def before_forward(self, labels: Tensor | None) -> None:
         """Hook for subclasses (DOEI sets the labels)."""
 
     def forward(self, backbone: nn.Module, batch: dict[str, Any], step: int) -> dict[str, LossTerm]:
         self.before_forward(batch["labels"])
-        cls_tokens, _ = final_tokens(backbone, batch["image"], num_class_tokens=self.num_classes)
-        logits = class_scores(cls_tokens)
+        tokens = final_tokens(backbone, batch["image"], num_class_tokens=self.num_classes)
+        logits = class_scores(tokens.class_tokens)
         loss = F.multilabel_soft_margin_loss(logits.float(), batch["labels"].float())
         return {"cls": LossTerm(1.0, loss)}
 
@@ -82,4 +89,4 @@ class MCTRecipe(Recipe):
     def cam(self, backbone: nn.Module, images: Tensor, labels: Tensor) -> Tensor:
         self.before_forward(labels)
         return attention_cams(backbone, images, last_k=self.last_k, num_class_tokens=self.num_classes,
-                              reduction=self.options.reduction, refine=self.options.refine).float()
+                              fuse=self.options.reduction, refine=self.options.refine).float()

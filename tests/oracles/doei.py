@@ -30,7 +30,7 @@ def reference_features(
     mean = cfg.image_mean or model.pretrained_cfg["mean"]
     std = cfg.image_std or model.pretrained_cfg["std"]
     pe = model.patch_embed
-    r = patch_color_affinity(img, pe.patch_size, sigma=cfg.rgb_sigma, mean=mean, std=std, pad=pe.dynamic_img_pad)
+    r = patch_color_affinity(img, pe.patch_size, rgb_sigma=cfg.rgb_sigma, mean=mean, std=std, pad=pe.dynamic_img_pad)
     x = model.norm_pre(model.patch_drop(model._pos_embed(pe(img))))
     for i, blk in enumerate(model.blocks):
         a = blk.attn
@@ -44,16 +44,16 @@ def reference_features(
         n = n_all - p0
         kw = dict(
             num_class_tokens=c, num_prefix_tokens=p0,
-            t_p2c=progressive_count(n, i, big_l, cfg.st_p2c) if cfg.use_ppdo else 0,
-            t_c2c=progressive_count(c - 1, i, big_l, cfg.st_c2c) if cfg.use_cpdo else 0,
+            t_p2c=progressive_count(n, block_index=i, num_blocks=big_l, st=cfg.st_p2c) if cfg.use_ppdo else 0,
+            t_c2c=progressive_count(c - 1, block_index=i, num_blocks=big_l, st=cfg.st_c2c) if cfg.use_cpdo else 0,
             af_p2c=cfg.af_p2c, sf_p2c=cfg.sf_p2c, af_c2c=cfg.af_c2c, sf_c2c=cfg.sf_c2c,
         )
         alpha = cfg.alpha if cfg.use_hfa else 0.0
         if i in layers and not cfg.head_mean:
-            o = o + doei_delta(o, hybrid_attention(attn, xn, r, num_prefix_tokens=p0, alpha=alpha), **kw)
+            o = o + doei_delta(o, hybrid_attention(xn, attn, r, num_prefix_tokens=p0, alpha=alpha), **kw)
         y = a.proj(a.norm(o.transpose(1, 2).reshape(b, n_all, -1)))
         if i in layers and cfg.head_mean:
-            y = y + doei_delta(y, hybrid_attention(attn.mean(1), xn, r, num_prefix_tokens=p0, alpha=alpha), **kw)
+            y = y + doei_delta(y, hybrid_attention(xn, attn.mean(1), r, num_prefix_tokens=p0, alpha=alpha), **kw)
         x = x + blk.ls1(y)
         x = x + blk.ls2(blk.mlp(blk.norm2(x)))
     return model.norm(x)

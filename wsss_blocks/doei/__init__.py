@@ -10,12 +10,13 @@ the paper leaves open is ours and is listed in the README's DOEI section; the de
 
 Entry points: :func:`patch` (undoable, context manager) and the pure functions
 :func:`progressive_count`, :func:`patch_color_affinity`, :func:`hybrid_attention`,
-:func:`select_top_bottom`, :func:`doei_delta`, which also serve as the reference of
-what a patched block computes.
+:func:`select_top_bottom` (returns :class:`TopBottom`), :func:`doei_delta`, which also serve
+as the reference of what a patched block computes.
 """
 
 from wsss_blocks.doei.config import DOEIConfig
 from wsss_blocks.doei.functional import (
+    TopBottom,
     doei_delta,
     hybrid_attention,
     patch_color_affinity,
@@ -27,6 +28,7 @@ from wsss_blocks.doei.patching import DOEIHandle, patch, unpatch
 __all__ = [
     "DOEIConfig",
     "DOEIHandle",
+    "TopBottom",
     "patch",
     "unpatch",
     "progressive_count",

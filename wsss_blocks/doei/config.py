@@ -10,9 +10,12 @@ from wsss_blocks._validate import check_int, check_range
 __all__ = ["DOEIConfig"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DOEIConfig:
-    """Hyperparameters of DOEI (frozen; build a new one to change a value).
+    """Hyperparameters of DOEI (frozen, keyword-only; build a new one to change a value).
+
+    DOEI has no official code, so there is no ``from_preset``: ``alpha`` is the paper's value,
+    every other default is ours (the README's DOEI section lists each choice).
 
     Args:
         alpha: HFA mixing weight in ``[0, 1]``: ``W <- (1 - alpha) W + alpha G`` (paper: 0.35).

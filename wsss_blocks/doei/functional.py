@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from wsss_blocks._utils import no_autocast
-from wsss_blocks._validate import ShapeError, check_labels, check_range, check_shape, check_tensor
+from wsss_blocks._utils import compute_dtype, no_autocast
+from wsss_blocks._validate import ShapeError, check_int, check_labels, check_range, check_shape, check_tensor
 from wsss_blocks.constants import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
+    "TopBottom",
     "progressive_count",
     "patch_color_affinity",
     "hybrid_attention",
@@ -26,7 +28,8 @@ __all__ = [
     "doei_delta",
 ]
 
-def progressive_count(num_candidates: int, block_index: int, num_blocks: int, st: float) -> int:
+
+def progressive_count(num_candidates: int, *, block_index: int, num_blocks: int, st: float) -> int:
     """Number of top (and of bottom) candidates a block modulates.
 
     ``t = floor(n (L - 1 - i) st + 1e-6)``, clamped to ``[0, floor(n / 2)]`` so the top and
@@ -40,10 +43,14 @@ def progressive_count(num_candidates: int, block_index: int, num_blocks: int, st
         st: the step in ``[0, 1]``.
 
     Example:
-        >>> progressive_count(196, 0, 12, 0.02), progressive_count(196, 11, 12, 0.02)
-        (43, 0)
+        >>> progressive_count(196, block_index=0, num_blocks=12, st=0.02)
+        43
+        >>> progressive_count(196, block_index=11, num_blocks=12, st=0.02)
+        0
     """
-    n, i, L = int(num_candidates), int(block_index), int(num_blocks)
+    n = check_int("num_candidates", num_candidates)
+    i = check_int("block_index", block_index)
+    L = check_int("num_blocks", num_blocks)
     if n < 0:
         raise ValueError(f"num_candidates: expected >= 0, got {num_candidates}")
     if L < 1:
@@ -55,8 +62,25 @@ def progressive_count(num_candidates: int, block_index: int, num_blocks: int, st
     return max(0, min(t, n // 2))
 
 
+class TopBottom(NamedTuple):
+    """The two masks :func:`select_top_bottom` returns (unpacks as ``top, bottom``).
+
+    Attributes:
+        top: bool mask of the ``t`` largest entries of every row.
+        bottom: bool mask of the ``t`` smallest entries of every row.
+
+    Example:
+        >>> out = select_top_bottom(torch.tensor([[3.0, 1.0, 2.0]]), t=1)
+        >>> out.top.tolist(), out.bottom.tolist()
+        ([[True, False, False]], [[False, True, False]])
+    """
+
+    top: Tensor
+    bottom: Tensor
+
+
 @torch.no_grad()
-def select_top_bottom(scores: Tensor, t: int, *, exclude_diagonal: bool = False) -> tuple[Tensor, Tensor]:
+def select_top_bottom(scores: Tensor, *, t: int, exclude_diagonal: bool = False) -> TopBottom:
     """Masks of the ``t`` largest and the ``t`` smallest entries of every row.
 
     A stable descending sort decides ties (the lower index ranks higher), so the sets are
@@ -68,12 +92,15 @@ def select_top_bottom(scores: Tensor, t: int, *, exclude_diagonal: bool = False)
         t: entries per set, ``0 <= t <= floor(M' / 2)`` with ``M' = M`` (or ``M - 1``).
         exclude_diagonal: leave ``scores[..., r, r]`` out of both sets.
 
+    Returns:
+        :class:`TopBottom` ``(top, bottom)``, disjoint bool masks.
+
     Shape:
         - scores: ``(..., R, M)``
-        - output: two bool masks ``(..., R, M)``
+        - top, bottom: ``(..., R, M)``
 
     Example:
-        >>> top, bottom = select_top_bottom(torch.tensor([[0.5, 0.4, 0.4, 0.2]]), 1)
+        >>> top, bottom = select_top_bottom(torch.tensor([[0.5, 0.4, 0.4, 0.2]]), t=1)
         >>> top.int().tolist(), bottom.int().tolist()
         ([[1, 0, 0, 0]], [[0, 0, 0, 1]])
     """
@@ -84,13 +111,13 @@ def select_top_bottom(scores: Tensor, t: int, *, exclude_diagonal: bool = False)
     if exclude_diagonal and rows != m:
         raise ShapeError(f"scores: exclude_diagonal needs square (..., M, M) scores, got {tuple(scores.shape)}")
     m_eff = m - 1 if exclude_diagonal else m
-    t = int(t)
+    t = check_int("t", t)
     if not 0 <= t <= max(m_eff, 0) // 2:
         raise ValueError(f"t: expected a value in [0, {max(m_eff, 0) // 2}] for {m_eff} candidates, got {t}")
     top = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
     bottom = torch.zeros_like(top)
     if t == 0:
-        return top, bottom
+        return TopBottom(top, bottom)
     s = scores.detach()
     start = 0
     if exclude_diagonal:
@@ -100,15 +127,15 @@ def select_top_bottom(scores: Tensor, t: int, *, exclude_diagonal: bool = False)
     order = torch.sort(s, dim=-1, descending=True, stable=True).indices
     top.scatter_(-1, order[..., start : start + t], True)
     bottom.scatter_(-1, order[..., m - t :], True)
-    return top, bottom
+    return TopBottom(top, bottom)
 
 
 @torch.no_grad()
 def patch_color_affinity(
-    image: Tensor,
+    images: Tensor,
     patch_size: int | tuple[int, int],
     *,
-    sigma: float = 0.1,
+    rgb_sigma: float = 0.1,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
     pad: bool = False,
@@ -117,45 +144,48 @@ def patch_color_affinity(
 
     The normalised image is cropped (or, with ``pad``, zero-padded bottom/right as timm's
     ``dynamic_img_pad``) to whole patches, de-normalised with ``mean`` / ``std`` (no clamp),
-    average-pooled per patch (row-major), and ``R_jk = exp(-|c_j - c_k|^2 / (2 sigma^2))``.
-    Computed in fp32 (fp64 for fp64 input).
+    average-pooled per patch (row-major), and
+    ``R_jk = exp(-|c_j - c_k|^2 / (2 rgb_sigma^2))``. Computed in fp32 (fp64 for fp64 input).
 
     Args:
-        image: normalised images.
+        images: normalised images.
         patch_size: ``p`` or ``(ph, pw)``.
-        sigma: kernel width, colours on ``[0, 1]``.
+        rgb_sigma: kernel width, colours on ``[0, 1]``.
         mean: per-channel mean used by the normalisation.
         std: per-channel std used by the normalisation.
         pad: pad to whole patches instead of cropping.
 
     Shape:
-        - image: ``(B, 3, H, W)``
+        - images: ``(B, 3, H, W)``
         - output: ``(B, n, n)``, ``n = (H // ph) * (W // pw)`` (ceil with ``pad``)
 
     Example:
         >>> patch_color_affinity(torch.zeros(2, 3, 32, 48), 16).shape
         torch.Size([2, 6, 6])
     """
-    check_shape("image", image, ["B", 3, "H", "W"], dtype="float")
-    ph, pw = (patch_size, patch_size) if isinstance(patch_size, int) else (int(patch_size[0]), int(patch_size[1]))
+    check_shape("images", images, ["B", 3, "H", "W"], dtype="float")
+    sizes = tuple(patch_size) if isinstance(patch_size, (tuple, list)) else (patch_size, patch_size)
+    if len(sizes) != 2:
+        raise ValueError(f"patch_size: expected an int or (ph, pw), got {patch_size!r}")
+    ph, pw = (check_int("patch_size", v) for v in sizes)
     if ph < 1 or pw < 1:
         raise ValueError(f"patch_size: expected positive sizes, got {patch_size!r}")
-    check_range("sigma", sigma, 0.0, low_inclusive=False)
-    dtype = torch.promote_types(image.dtype, torch.float32)
-    with no_autocast(image.device.type):
-        img = image.to(dtype)
+    check_range("rgb_sigma", rgb_sigma, 0.0, low_inclusive=False)
+    dtype = compute_dtype(images)
+    with no_autocast(images.device.type):
+        img = images.to(dtype)
         h, w = img.shape[-2:]
         if pad:
             img = F.pad(img, (0, (-w) % pw, 0, (-h) % ph))
         else:
             img = img[..., : (h // ph) * ph, : (w // pw) * pw]
         if img.shape[-1] == 0 or img.shape[-2] == 0:
-            raise ShapeError(f"image: {tuple(image.shape)} is smaller than one patch {(ph, pw)}")
+            raise ShapeError(f"images: {tuple(images.shape)} is smaller than one patch {(ph, pw)}")
         m = torch.as_tensor(tuple(mean), dtype=dtype, device=img.device).view(1, 3, 1, 1)
         s = torch.as_tensor(tuple(std), dtype=dtype, device=img.device).view(1, 3, 1, 1)
         colors = F.avg_pool2d(img * s + m, (ph, pw)).flatten(2).transpose(1, 2)  # (B, n, 3)
         dist2 = (colors[:, :, None, :] - colors[:, None, :, :]).square().sum(-1)
-        return torch.exp(dist2 / (-2.0 * float(sigma) ** 2))
+        return torch.exp(dist2 / (-2.0 * float(rgb_sigma) ** 2))
 
 
 def _emb_affinity_rows(
@@ -186,8 +216,8 @@ def _emb_affinity_rows(
 
 
 def hybrid_attention(
-    attn: Tensor,
     tokens: Tensor,
+    attn: Tensor,
     color_affinity: Tensor,
     *,
     num_prefix_tokens: int,
@@ -200,37 +230,37 @@ def hybrid_attention(
     by all heads. Computed in at least fp32.
 
     Args:
-        attn: post-softmax attention, head-mean or per head.
         tokens: the attention input (after ``norm1``).
+        attn: post-softmax attention, head-mean or per head.
         color_affinity: ``R`` from :func:`patch_color_affinity`.
         num_prefix_tokens: ``P0``; prefix tokens have no colour (identity block of ``E``).
         alpha: mixing weight in ``[0, 1]``.
 
     Shape:
-        - attn: ``(B, N, N)`` or ``(B, H, N, N)``
         - tokens: ``(B, N, D)``
+        - attn: ``(B, N, N)`` or ``(B, H, N, N)``
         - color_affinity: ``(B, n, n)``, ``n = N - P0``
         - output: shape of ``attn``
 
     Example:
         >>> a = torch.softmax(torch.randn(2, 5, 5), -1)
-        >>> out = hybrid_attention(a, torch.randn(2, 5, 8), torch.eye(4).expand(2, 4, 4), num_prefix_tokens=1)
+        >>> out = hybrid_attention(torch.randn(2, 5, 8), a, torch.eye(4).expand(2, 4, 4), num_prefix_tokens=1)
         >>> torch.allclose(out.sum(-1), torch.ones(2, 5))
         True
     """
-    check_tensor("attn", attn, dtype="float")
     dims = check_shape("tokens", tokens, ["B", "N", "D"], dtype="float")
+    check_tensor("attn", attn, dtype="float")
     if attn.dim() == 3:
         check_shape("attn", attn, ["B", "N", "N"], dims)
     else:
         check_shape("attn", attn, ["B", "H", "N", "N"], dims)
-    p0 = int(num_prefix_tokens)
+    p0 = check_int("num_prefix_tokens", num_prefix_tokens)
     if not 0 <= p0 <= dims["N"]:
         raise ValueError(f"num_prefix_tokens: expected 0..{dims['N']}, got {num_prefix_tokens}")
     dims["n"] = dims["N"] - p0
     check_shape("color_affinity", color_affinity, ["B", "n", "n"], dims, dtype="float")
     check_range("alpha", alpha, 0.0, 1.0)
-    s = torch.promote_types(torch.promote_types(attn.dtype, tokens.dtype), torch.float32)
+    s = compute_dtype(attn, tokens)
     with no_autocast(attn.device.type):
         g_pre, g_pat, row_sum = _emb_affinity_rows(tokens.to(s), color_affinity, p0, slice(None))
         g = torch.cat([g_pre, g_pat], dim=-1) / row_sum[..., None]
@@ -257,13 +287,13 @@ def _delta_from_scores(
     af_p, sf_p, af_c, sf_c = factors
     d_cls = d_patch = None
     if p_scores is not None:
-        top, bottom = select_top_bottom(p_scores, t_p)
+        top, bottom = select_top_bottom(p_scores, t=t_p)
         if row_mask is not None:
             top, bottom = top & row_mask, bottom & row_mask
         f = top.to(p_scores.dtype) * af_p - bottom.to(p_scores.dtype) * sf_p
         d_patch = (p_scores * f).transpose(-1, -2) @ y_cls
     if s_scores is not None:
-        top, bottom = select_top_bottom(s_scores, t_c, exclude_diagonal=True)
+        top, bottom = select_top_bottom(s_scores, t=t_c, exclude_diagonal=True)
         if row_mask is not None:
             top, bottom = top & row_mask, bottom & row_mask
         f = top.to(s_scores.dtype) * af_c - bottom.to(s_scores.dtype) * sf_c
@@ -279,7 +309,7 @@ def _assemble(y: Tensor, d_cls: Tensor | None, d_patch: Tensor | None, c: int, p
 
 
 def doei_delta(
-    y: Tensor,
+    attn_output: Tensor,
     attn: Tensor,
     *,
     num_class_tokens: int,
@@ -297,11 +327,12 @@ def doei_delta(
     ``P = W[:C, P0:] + W[P0:, :C]^T`` and ``S = W[:C, :C] + W[:C, :C]^T``; the top-t / bottom-t
     entries of each row (:func:`select_top_bottom`, diagonal of ``S`` excluded) are scaled by
     ``af`` / ``-sf``, others by 0; then ``dY_patch = (P o F_p)^T Y_cls``,
-    ``dY_cls = (S o F_c) Y_cls``, and ``dY = 0`` on tokens ``C..P0-1`` (registers). Gradients
-    flow through ``attn`` and ``y``, not through the selection.
+    ``dY_cls = (S o F_c) Y_cls``, and ``dY = 0`` on tokens ``C..P0-1`` (registers), with
+    ``Y = attn_output``. Gradients flow through ``attn`` and ``attn_output``, not through the
+    selection.
 
     Args:
-        y: attention output (or per-head outputs).
+        attn_output: the attention output ``Y`` (or the per-head outputs).
         attn: the (hybrid) scores, head-mean or per head.
         num_class_tokens: ``C``, the leading class tokens.
         num_prefix_tokens: ``P0 >= C``.
@@ -314,8 +345,9 @@ def doei_delta(
         labels: optional ``(B, C)`` {0, 1}; rows of absent classes are not modulated.
 
     Shape:
-        - y: ``(B, N, D)`` with attn ``(B, N, N)``, or ``(B, H, N, d)`` with ``(B, H, N, N)``
-        - output: shape of ``y`` (dtype of ``y``)
+        - attn_output: ``(B, N, D)`` with attn ``(B, N, N)``, or ``(B, H, N, d)`` with
+          ``(B, H, N, N)``
+        - output: shape of ``attn_output`` (its dtype)
 
     Example:
         >>> y, a = torch.randn(1, 5, 4), torch.softmax(torch.randn(1, 5, 5), -1)
@@ -323,14 +355,17 @@ def doei_delta(
         >>> d.shape, bool(d[:, 0].abs().sum() == 0)
         (torch.Size([1, 5, 4]), True)
     """
-    check_tensor("y", y, dtype="float")
+    y = attn_output
+    check_tensor("attn_output", y, dtype="float")
     if y.dim() == 3:
-        dims = check_shape("y", y, ["B", "N", "D"])
+        dims = check_shape("attn_output", y, ["B", "N", "D"])
         check_shape("attn", attn, ["B", "N", "N"], dims, dtype="float")
     else:
-        dims = check_shape("y", y, ["B", "H", "N", "D"])
+        dims = check_shape("attn_output", y, ["B", "H", "N", "D"])
         check_shape("attn", attn, ["B", "H", "N", "N"], dims, dtype="float")
-    c, p0 = int(num_class_tokens), int(num_prefix_tokens)
+    c = check_int("num_class_tokens", num_class_tokens)
+    p0 = check_int("num_prefix_tokens", num_prefix_tokens)
+    t_p, t_c = check_int("t_p2c", t_p2c), check_int("t_c2c", t_c2c)
     if not 1 <= c <= p0 <= dims["N"]:
         raise ValueError(
             f"num_class_tokens / num_prefix_tokens: expected 1 <= C <= P0 <= N={dims['N']}, got C={c}, P0={p0}"
@@ -342,14 +377,14 @@ def doei_delta(
         row_mask = (labels != 0)[:, :, None]
         if y.dim() == 4:
             row_mask = row_mask[:, None]
-    s = torch.promote_types(torch.promote_types(attn.dtype, y.dtype), torch.float32)
+    s = compute_dtype(attn, y)
     with no_autocast(y.device.type):
         w = attn.to(s)
-        p_scores = w[..., :c, p0:] + w[..., p0:, :c].transpose(-1, -2) if t_p2c > 0 else None
+        p_scores = w[..., :c, p0:] + w[..., p0:, :c].transpose(-1, -2) if t_p > 0 else None
         wcc = w[..., :c, :c]
-        s_scores = wcc + wcc.transpose(-1, -2) if t_c2c > 0 else None
+        s_scores = wcc + wcc.transpose(-1, -2) if t_c > 0 else None
         d_cls, d_patch = _delta_from_scores(
-            p_scores, s_scores, y[..., :c, :].to(s), int(t_p2c), int(t_c2c),
+            p_scores, s_scores, y[..., :c, :].to(s), t_p, t_c,
             (af_p2c, sf_p2c, af_c2c, sf_c2c), row_mask,
         )
         return _assemble(torch.zeros_like(y), d_cls, d_patch, c, p0)

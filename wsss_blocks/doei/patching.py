@@ -17,7 +17,7 @@ from wsss_blocks._attention_capture import (
     qk_from_qkv,
     row_logsumexp,
 )
-from wsss_blocks._utils import no_autocast
+from wsss_blocks._utils import compute_dtype, no_autocast
 from wsss_blocks._validate import ShapeError, check_int, check_labels, check_shape
 from wsss_blocks.constants import IMAGENET_MEAN, IMAGENET_STD
 from wsss_blocks.doei.config import DOEIConfig
@@ -59,8 +59,15 @@ class DOEIHandle:
         num_blocks: ``L``, the number of supported attention modules.
         patched_blocks: the patched block indices (0-based, sorted).
 
-    Gradient checkpointing recomputes blocks with the handle's current image: run
+    Gradient checkpointing recomputes blocks with the handle's current images: run
     backward before the next forward.
+
+    Args:
+        model: the timm ViT :func:`patch` was given.
+        modules: its supported attention modules, in ``model.modules()`` order.
+        num_class_tokens: ``C``, validated.
+        config: the :class:`DOEIConfig`.
+        layers: the block indices to patch, 0-based and sorted.
 
     Example:
         >>> import timm
@@ -76,6 +83,7 @@ class DOEIHandle:
         self,
         model: nn.Module,
         modules: list[nn.Module],
+        *,
         num_class_tokens: int,
         config: DOEIConfig,
         layers: list[int],
@@ -88,8 +96,8 @@ class DOEIHandle:
         self.patched_blocks = tuple(layers)
         self._config = config
         self._check_config(config)
-        self._image: Tensor | None = None
-        self._image_override: Tensor | None = None
+        self._images: Tensor | None = None
+        self._images_override: Tensor | None = None
         self._labels: Tensor | None = None
         self._affinity_cache: tuple[Any, Tensor] | None = None
         self._hooks: list[Any] = []
@@ -98,7 +106,7 @@ class DOEIHandle:
         embed = getattr(model, "patch_embed", None)
         target = embed if embed is not None else model
         try:
-            self._hooks.append(target.register_forward_pre_hook(self._image_hook, with_kwargs=True))
+            self._hooks.append(target.register_forward_pre_hook(self._images_hook, with_kwargs=True))
             for i in layers:
                 self._wrap(i, modules[i])
         except BaseException:
@@ -120,23 +128,29 @@ class DOEIHandle:
         self._check_config(value)
         self._config = value
 
-    def set_image(self, image: Tensor | None) -> None:
-        """Use ``image`` (B, 3, H, W) for HFA until ``set_image(None)``, instead of the input.
+    def set_images(self, images: Tensor | None) -> None:
+        """Use ``images`` (B, 3, H, W) for HFA until ``set_images(None)``, instead of the input.
+
+        Args:
+            images: normalised images, or ``None`` to go back to the model's input.
 
         Example:
             >>> import timm
             >>> m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1,
             ...                       embed_dim=32, num_heads=2)
             >>> with patch(m) as h:
-            ...     h.set_image(torch.zeros(1, 3, 32, 32))
+            ...     h.set_images(torch.zeros(1, 3, 32, 32))
         """
-        if image is not None:
-            check_shape("image", image, ["B", 3, "H", "W"], dtype="float")
-        self._image_override = image
+        if images is not None:
+            check_shape("images", images, ["B", 3, "H", "W"], dtype="float")
+        self._images_override = images
         self._affinity_cache = None
 
     def set_labels(self, labels: Tensor | None) -> None:
         """Image labels (B, C) for ``restrict_to_labels``; kept until replaced.
+
+        Args:
+            labels: multi-hot labels, one column per class token, or ``None``.
 
         Example:
             >>> import timm
@@ -174,7 +188,7 @@ class DOEIHandle:
         self._saved_forward = {}
         if getattr(self._model, "_doei_handle", None) is self:
             del self._model._doei_handle
-        self._image = self._image_override = self._labels = None
+        self._images = self._images_override = self._labels = None
         self._affinity_cache = None
         self._removed = True
 
@@ -190,10 +204,10 @@ class DOEIHandle:
         if not config.head_mean and not all(hasattr(m, "norm") for m in self._modules):
             raise NotImplementedError("head_mean=False needs timm's attn.norm (timm >= 0.9)")
 
-    def _image_hook(self, _mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if self._image_override is not None:
+    def _images_hook(self, _mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self._images_override is not None:
             return
-        self._image = args[0] if args else kwargs.get("x")
+        self._images = args[0] if args else kwargs.get("x")
         self._affinity_cache = None
 
     def _wrap(self, index: int, attn: nn.Module) -> None:
@@ -267,8 +281,9 @@ class DOEIHandle:
         cfg = self._config
         c = self.num_class_tokens
         n = n_tokens - self.num_prefix_tokens
-        t_p = progressive_count(max(n, 0), index, self.num_blocks, cfg.st_p2c) if cfg.use_ppdo else 0
-        t_c = progressive_count(c - 1, index, self.num_blocks, cfg.st_c2c) if cfg.use_cpdo else 0
+        big_l = self.num_blocks
+        t_p = progressive_count(max(n, 0), block_index=index, num_blocks=big_l, st=cfg.st_p2c) if cfg.use_ppdo else 0
+        t_c = progressive_count(c - 1, block_index=index, num_blocks=big_l, st=cfg.st_c2c) if cfg.use_cpdo else 0
         act_p = t_p > 0 and (cfg.af_p2c + cfg.sf_p2c) > 0
         act_c = t_c > 0 and (cfg.af_c2c + cfg.sf_c2c) > 0
         if not (act_p or act_c):
@@ -276,9 +291,9 @@ class DOEIHandle:
         return t_p, t_c, act_p, act_c
 
     def _color_affinity(self, batch: int, n: int) -> Tensor:
-        image = self._image_override if self._image_override is not None else self._image
-        if image is None:
-            raise RuntimeError("DOEI needs the image for HFA: call the model on images or handle.set_image(image)")
+        images = self._images_override if self._images_override is not None else self._images
+        if images is None:
+            raise RuntimeError("DOEI needs the images for HFA: call the model on images or handle.set_images(images)")
         cfg = self._config
         model = self._model
         pcfg = getattr(model, "pretrained_cfg", None) or {}
@@ -293,24 +308,24 @@ class DOEIHandle:
             )
         # ``_version`` changes with every in-place update, so an override tensor that the
         # caller refills between forwards is never served a stale affinity
-        key = (id(image), image._version, cfg.rgb_sigma, mean, std)
+        key = (id(images), images._version, cfg.rgb_sigma, mean, std)
         if self._affinity_cache is not None and self._affinity_cache[0] == key:
             return self._affinity_cache[1]
         embed = getattr(model, "patch_embed", None)
         if embed is None:
             raise RuntimeError("HFA needs model.patch_embed for the patch size; set use_hfa=False")
-        dims = check_shape("image", image, ["B", 3, "H", "W"], {"B": batch}, dtype="float")
+        dims = check_shape("images", images, ["B", 3, "H", "W"], {"B": batch}, dtype="float")
         gh, gw = patch_grid(model, (dims["H"], dims["W"]))
         if gh * gw != n:
             raise ShapeError(
-                f"image: shape {tuple(image.shape)} gives a {gh}x{gw} patch grid, "
+                f"images: shape {tuple(images.shape)} gives a {gh}x{gw} patch grid, "
                 f"but the tokens have n={n} patches"
             )
         pad = bool(getattr(embed, "dynamic_img_pad", False))
-        r = patch_color_affinity(image, embed.patch_size, sigma=cfg.rgb_sigma, mean=mean, std=std, pad=pad)
-        if r.shape[-1] != n:  # e.g. a fixed-size model given another image size via set_image
+        r = patch_color_affinity(images, embed.patch_size, rgb_sigma=cfg.rgb_sigma, mean=mean, std=std, pad=pad)
+        if r.shape[-1] != n:  # e.g. a fixed-size model given another image size via set_images
             raise ShapeError(
-                f"image: shape {tuple(image.shape)} has {r.shape[-1]} patches of size "
+                f"images: shape {tuple(images.shape)} has {r.shape[-1]} patches of size "
                 f"{tuple(embed.patch_size)}, but the tokens have n={n} (model grid {gh}x{gw})"
             )
         self._affinity_cache = (key, r)
@@ -335,7 +350,7 @@ class DOEIHandle:
         x = state.x
         b, n_all = x.shape[0], x.shape[1]
         n = n_all - p0
-        s = torch.promote_types(x.dtype, torch.float32)
+        s = compute_dtype(x)
         qk = None
         if state.attn is None:
             if state.qkv is None:
@@ -439,7 +454,7 @@ def patch(
         idx = sorted(_layer_index(v, big_l) for v in layers)
         if len(set(idx)) != len(idx):
             raise ValueError(f"layers: duplicate indices in {list(layers)}")
-    return DOEIHandle(model, modules, c, config, idx)
+    return DOEIHandle(model, modules, num_class_tokens=c, config=config, layers=idx)
 
 
 def _layer_index(index: int, num_modules: int) -> int:
