@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from recipes import register
-from recipes.base import LossTerm, Recipe
+from recipes.base import LossTerm, OptionError, Recipe
 from wsss_blocks.pcm import (
     HVBiLSTM,
     PatchClassifier,
@@ -58,6 +58,15 @@ from wsss_blocks.utils import eval_mode
 def _patch_size(backbone: nn.Module) -> int:
     p: Any = getattr(getattr(backbone, "patch_embed", None), "patch_size", 16)
     return int(p if isinstance(p, int) else p[0])
+
+
+def _check_range(name: str, value: float, low: float, high: float | None = None, *,
+                 low_inclusive: bool = True) -> None:
+    """``--opt name`` must lie in ``[low, high]`` (``(low, ...`` without ``low_inclusive``; no ``high``: unbounded)."""
+    above = value >= low if low_inclusive else value > low
+    if not (above and (high is None or value <= high)):  # NaN fails both
+        bounds = f"{'[' if low_inclusive else '('}{low}, {'inf)' if high is None else f'{high}]'}"
+        raise OptionError(f"--opt {name}: expected a value in {bounds}, got {value!r}")
 
 
 class _PCMHead(nn.Module):
@@ -95,16 +104,27 @@ class PCMRecipe(Recipe):
         cam_gamma: float = 0.0  # 0: log(cam_threshold) / log(0.5), see the module docstring
         teacher: Literal["auto", "shared", "separate"] = "auto"  # see the module docstring
 
+        def validate(self) -> None:
+            """Check every option's choices and range; :class:`OptionError` (a ``ValueError``) names it."""
+            choices = {"background": ("always_one", "ignore"), "target_norm": ("tile", "image"),
+                       "teacher": ("auto", "shared", "separate")}
+            for name, allowed in choices.items():
+                if getattr(self, name) not in allowed:
+                    raise OptionError(f"--opt {name}: expected one of {', '.join(allowed)}, "
+                                      f"got {getattr(self, name)!r}")
+            _check_range("et_start", self.et_start, 1)  # steps count from 1
+            _check_range("crop_prob", self.crop_prob, 0.0, 1.0)
+            _check_range("crop", self.crop, 0)  # 0: img_size / 3 on the patch grid
+            _check_range("scale", self.scale, 0.0, low_inclusive=False)  # tile / image size
+            _check_range("dropout", self.dropout, 0.0, 1.0)
+            _check_range("l2", self.l2, 0.0)
+            _check_range("cam_gamma", self.cam_gamma, 0.0)  # 0: from cam_threshold
+
     def __init__(self, backbone: nn.Module, num_classes: int, config: Any, options: Any,
                  data_info: dict[str, Any] | None = None) -> None:
         super().__init__(backbone, num_classes, config, options, data_info)
         o = options
-        if o.background not in ("always_one", "ignore"):
-            raise ValueError(f"--opt background: expected always_one or ignore, got {o.background!r}")
-        if o.target_norm not in ("tile", "image"):
-            raise ValueError(f"--opt target_norm: expected tile or image, got {o.target_norm!r}")
-        if o.teacher not in ("auto", "shared", "separate"):
-            raise ValueError(f"--opt teacher: expected auto, shared or separate, got {o.teacher!r}")
+        o.validate()
         dim: Any = backbone.embed_dim
         self.pcm = _PCMHead(int(dim), num_classes, hv_lstm=o.hv_lstm, dropout=o.dropout, l2=o.l2)
         self.patch = _patch_size(backbone)
