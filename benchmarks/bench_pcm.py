@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
 from torch.utils import benchmark
 
@@ -67,7 +68,7 @@ def make_inputs(b: int, device: torch.device, seed: int = 0) -> dict[str, Any]:
     student_logits = torch.randn(b, C, G // 2, G // 2, generator=g)
     logits = torch.randn(b, C, G, G, generator=g)
     labels = (torch.rand(b, K, generator=g) < 0.15).float()
-    c1 = random_dihedral_codes(b, generator=g)
+    c1 = random_dihedral_codes(batch_size=b, generator=g)
     out = dict(images=images, teacher=teacher, student_logits=student_logits, logits=logits,
                labels=labels, c1=c1)
     return {k: v.to(device) for k, v in out.items()}
@@ -78,7 +79,7 @@ def ours_ops(x: dict[str, Any], gen: torch.Generator) -> torch.Tensor:
     s_logits = x["student_logits"].clone().requires_grad_()
     logits = x["logits"].clone().requires_grad_()
     probs = logits.softmax(1)
-    loss = et_loss(s_logits.softmax(1), x["teacher"], x["labels"], rec, x["c1"]) + \
+    loss = et_loss(s_logits.softmax(1), x["teacher"], x["labels"], rec, teacher_codes=x["c1"]) + \
         mce_loss(probs.amax((-2, -1)), x["labels"])
     loss.backward()
     return loss.detach()
@@ -152,11 +153,12 @@ def bench_hv(device: torch.device, b_train: int, b_loop: int, min_run_time: floa
 def bench_pseudo(device: torch.device, b: int, min_run_time: float) -> dict[str, Any]:
     probs = torch.rand(b, C, 60, 60, device=device).softmax(1)
     labels = (torch.rand(b, K, device=device) < 0.15).float()
-    return {"batch": b, "ms": _ms(lambda: (pseudo_mask(probs, labels, (500, 375)), _sync(device)), min_run_time)}
+    return {"batch": b, "ms": _ms(lambda: (pseudo_mask(probs, labels, size=(500, 375)), _sync(device)), min_run_time)}
 
 
 def bench_step(device: torch.device, b: int) -> dict[str, Any]:
-    model = ViTPCM.from_timm("vit_base_patch16_384", K, pretrained=False, img_size=H).to(device)
+    vit = timm.create_model("vit_base_patch16_384", pretrained=False, num_classes=0, img_size=H, dynamic_img_size=True)
+    model = ViTPCM(vit, K).to(device)
     images = torch.randn(b, 3, H, H, device=device)
     labels = (torch.rand(b, K, device=device) < 0.15).float()
     gen = torch.Generator(device=device).manual_seed(0)
@@ -164,7 +166,7 @@ def bench_step(device: torch.device, b: int) -> dict[str, Any]:
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16):
             losses = model.training_losses(images, labels, generator=gen)
-        losses["loss"].backward()
+        losses.loss.backward()
         model.zero_grad(set_to_none=True)
         _sync(device)
 

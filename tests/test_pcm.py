@@ -20,7 +20,9 @@ from wsss_blocks import ShapeError
 from wsss_blocks.pcm import (
     ETLoss,
     MCELoss,
+    MosaicOutput,
     MosaicRecord,
+    PatchProbs,
     dihedral_inverse,
     dihedral_transform,
     et_loss,
@@ -68,7 +70,7 @@ def test_dihedral_rotations_and_inverse_codes():
 def test_dihedral_mixed_batch_vs_loop():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(16, 3, 5, 5, generator=g)
-    codes = random_dihedral_codes(16, generator=g)
+    codes = random_dihedral_codes(batch_size=16, generator=g)
     assert torch.equal(dihedral_transform(x, codes), dihedral_loop(x, codes))
     assert torch.equal(dihedral_inverse(x, codes), dihedral_loop(x, codes, inverse=True))
 
@@ -81,7 +83,7 @@ def test_dihedral_non_square():
     assert torch.equal(dihedral_inverse(y, codes), x)
     with pytest.raises(ShapeError, match="square"):
         dihedral_transform(x, torch.tensor([0, 1, 4, 2]))
-    assert int(random_dihedral_codes(500, square=False).max()) == 3
+    assert int(random_dihedral_codes(batch_size=500, square=False).max()) == 3
 
 
 def test_dihedral_errors_grad_and_device():
@@ -91,7 +93,7 @@ def test_dihedral_errors_grad_and_device():
         dihedral_transform(torch.zeros(2, 1, 3, 3), torch.zeros(2))
     with pytest.raises(ShapeError, match="codes"):
         dihedral_transform(torch.zeros(1, 1, 3, 3), torch.tensor([8]))
-    with pytest.raises(ShapeError, match="x"):
+    with pytest.raises(ShapeError, match="maps"):
         dihedral_transform(torch.zeros(1, 3, 3), torch.tensor([0]))
     x = torch.randn(2, 1, 3, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: dihedral_transform(t, torch.tensor([5, 3])), (x,))
@@ -166,6 +168,21 @@ def test_mosaic_scale_error():
         mosaic(torch.zeros(4, 3, 32, 32), patch_size=16, crop=16, scale=0.75)  # tile 24, p 16
 
 
+def test_named_returns_and_keyword_only_options():
+    out = patch_class_probs(torch.zeros(1, 3, 2, 2))
+    assert isinstance(out, PatchProbs) and out._fields == ("probs", "pooled_probs")
+    assert torch.equal(out.pooled_probs, out.probs.amax((-2, -1)))
+    res = mosaic(torch.zeros(4, 3, 16, 16), crop_prob=0.0, patch_size=8)
+    assert isinstance(res, MosaicOutput) and res._fields == ("images", "record")
+    assert res.images.shape == (1, 3, 16, 16) and res.record.tile_size == (8, 8)
+    with pytest.raises(TypeError):
+        mce_loss(torch.rand(1, 3), torch.ones(1, 2), "ignore")  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        random_dihedral_codes(4)  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        pseudo_mask(torch.rand(1, 3, 2, 2), None, (4, 4))  # type: ignore[misc]
+
+
 # ------------------------------------------------------------------------------ teacher warp
 
 @pytest.mark.parametrize("crop", [None, 192])
@@ -174,12 +191,12 @@ def test_equivariance_identity(crop):
     g = torch.Generator().manual_seed(3)
     p = 16
     x = torch.randn(4, 3, 384, 384, dtype=torch.float64, generator=g)
-    c1 = random_dihedral_codes(4, generator=g)
+    c1 = random_dihedral_codes(batch_size=4, generator=g)
     kw = {"crop_prob": 0.0} if crop is None else {"crop_prob": 1.0, "crop": crop}
     m, rec = mosaic(x, scale=0.5, patch_size=p, generator=g, **kw)
     student = unmosaic(F.avg_pool2d(m, p))
     teacher = F.avg_pool2d(dihedral_transform(x, c1), p)
-    torch.testing.assert_close(teacher_to_tiles(teacher, rec, c1), student, atol=1e-10, rtol=0)
+    torch.testing.assert_close(teacher_to_tiles(teacher, rec, teacher_codes=c1), student, atol=1e-10, rtol=0)
 
 
 @pytest.mark.parametrize("align_corners", [False, True])
@@ -188,8 +205,8 @@ def test_teacher_to_tiles_vs_loop(align_corners):
     teacher = torch.rand(8, 4, 6, 6, dtype=torch.float64, generator=g)
     _, rec = mosaic(torch.zeros(8, 3, 48, 48), crop_prob=0.5, crop=24, scale=0.5, patch_size=8,
                     align_corners=align_corners, generator=g)
-    c1 = random_dihedral_codes(8, generator=g)
-    out = teacher_to_tiles(teacher, rec, c1)
+    c1 = random_dihedral_codes(batch_size=8, generator=g)
+    out = teacher_to_tiles(teacher, rec, teacher_codes=c1)
     ref = teacher_to_tiles_loop(teacher, rec.boxes, rec.codes, c1, 8, (24, 24), align_corners)
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
     assert out.requires_grad is False
@@ -206,8 +223,8 @@ def test_teacher_to_tiles_vs_loop(align_corners):
 ])
 def test_mce_known(background, labels, expected):
     y_hat = torch.tensor([[0.8, 0.9, 0.1]])
-    assert mce_loss(y_hat, torch.tensor(labels), background).item() == pytest.approx(expected, abs=1e-6)
-    assert MCELoss(background)(y_hat, torch.tensor(labels)).item() == pytest.approx(expected, abs=1e-6)
+    assert mce_loss(y_hat, torch.tensor(labels), background=background).item() == pytest.approx(expected, abs=1e-6)
+    assert MCELoss(background=background)(y_hat, torch.tensor(labels)).item() == pytest.approx(expected, abs=1e-6)
 
 
 def test_mce_keras_clipping():
@@ -238,13 +255,13 @@ def test_mce_errors_edge_and_dtypes():
     with pytest.raises(ShapeError, match="labels"):
         mce_loss(torch.rand(2, 3), torch.ones(2, 3))
     with pytest.raises(ShapeError, match="labels"):
-        mce_loss(torch.rand(2, 3), torch.ones(2, 2), "from_labels")
+        mce_loss(torch.rand(2, 3), torch.ones(2, 2), background="from_labels")
     with pytest.raises(ShapeError, match="labels"):
         mce_loss(torch.rand(2, 3), torch.full((2, 2), 0.5))
     with pytest.raises(ShapeError, match="pooled_probs"):
         mce_loss(torch.rand(2, 3, 1), torch.ones(2, 2))
     with pytest.raises(ValueError, match="background"):
-        mce_loss(torch.rand(2, 3), torch.ones(2, 2), "never")
+        mce_loss(torch.rand(2, 3), torch.ones(2, 2), background="never")  # type: ignore[arg-type]
     with pytest.raises(ShapeError, match="background"):
         mce_loss(torch.rand(2, 1), torch.ones(2, 0))
     assert torch.isfinite(mce_loss(torch.rand(1, 2), torch.zeros(1, 1)))  # K = 1, B = 1, empty labels
@@ -301,9 +318,9 @@ def test_et_vs_loop_and_gradients():
     teacher = torch.rand(8, 4, 6, 6, dtype=torch.float64, generator=g).softmax(1).requires_grad_()
     labels = torch.randint(0, 2, (8, 3), generator=g)
     _, rec = mosaic(torch.zeros(8, 3, 48, 48), crop_prob=0.5, crop=24, scale=0.5, patch_size=8, generator=g)
-    c1 = random_dihedral_codes(8, generator=g)
+    c1 = random_dihedral_codes(batch_size=8, generator=g)
     student = torch.rand(8, 4, 3, 3, dtype=torch.float64, generator=g).softmax(1).requires_grad_()
-    loss = et_loss(student, teacher, labels, rec, c1)
+    loss = et_loss(student, teacher, labels, rec, teacher_codes=c1)
     ref = et_loss_loop(student.detach(), teacher.detach(), labels, rec.boxes, rec.codes, c1, 8, (24, 24), False)
     torch.testing.assert_close(loss.detach(), ref, atol=1e-10, rtol=0)
     loss.backward()
@@ -372,9 +389,11 @@ def test_masked_renormalize_vs_loop():
     y = torch.cat([torch.ones(3, 1), labels.float()], 1)
     torch.testing.assert_close(masked_renormalize(probs, labels), renormalize_loop(probs, y))
     full = torch.tensor([[0, 1, 0, 1], [1, 1, 1, 1], [0, 0, 0, 0]])
-    torch.testing.assert_close(masked_renormalize(probs, full, "from_labels"), renormalize_loop(probs, full.float()))
-    assert torch.equal(masked_renormalize(probs, full, "from_labels")[2], torch.zeros(4, 3, 5))
-    torch.testing.assert_close(masked_renormalize(probs, labels, "ignore"), masked_renormalize(probs, labels))
+    from_labels = masked_renormalize(probs, full, background="from_labels")
+    torch.testing.assert_close(from_labels, renormalize_loop(probs, full.float()))
+    assert torch.equal(from_labels[2], torch.zeros(4, 3, 5))
+    torch.testing.assert_close(masked_renormalize(probs, labels, background="ignore"),
+                               masked_renormalize(probs, labels))
 
 
 @pytest.mark.parametrize(("labels", "expected"), [
@@ -389,15 +408,15 @@ def test_pseudo_mask_known(labels, expected):
 
 def test_pseudo_mask_size_and_errors():
     probs = torch.rand(2, 3, 3, 4).softmax(1).requires_grad_()
-    out = pseudo_mask(probs, torch.ones(2, 2), (30, 17))
+    out = pseudo_mask(probs, torch.ones(2, 2), size=(30, 17))
     assert out.shape == (2, 30, 17) and out.requires_grad is False
-    assert pseudo_mask(probs, torch.zeros(2, 2), (6, 8)).eq(0).all()
+    assert pseudo_mask(probs, torch.zeros(2, 2), size=(6, 8)).eq(0).all()
     with pytest.raises(ShapeError, match="probs"):
         pseudo_mask(torch.rand(2, 1, 3, 3))
     with pytest.raises(ShapeError, match="labels"):
         pseudo_mask(probs, torch.ones(2, 3))
     with pytest.raises(ValueError, match="size"):
-        pseudo_mask(probs, None, (2.5, 3))  # type: ignore[arg-type]
+        pseudo_mask(probs, None, size=(2.5, 3))  # type: ignore[arg-type]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -410,11 +429,11 @@ def test_cuda_no_sync_square_path():
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        c1 = random_dihedral_codes(8, device=dev, generator=g)
+        c1 = random_dihedral_codes(batch_size=8, device=dev, generator=g)
         x1 = dihedral_transform(images, c1)
         m, rec = mosaic(x1, crop=16, patch_size=8, generator=g)
         student = unmosaic(torch.rand(2, 4, 8, 8, device=dev).softmax(1))
-        loss = et_loss(student, teacher, labels, rec, c1) + mce_loss(teacher.amax((-2, -1)), labels)
+        loss = et_loss(student, teacher, labels, rec, teacher_codes=c1) + mce_loss(teacher.amax((-2, -1)), labels)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert loss.device.type == "cuda" and m.device.type == "cuda"
@@ -423,9 +442,9 @@ def test_cuda_no_sync_square_path():
 def test_equivariance_identity_non_square():
     g = torch.Generator().manual_seed(11)
     x = torch.randn(8, 3, 64, 96, dtype=torch.float64, generator=g)
-    c1 = random_dihedral_codes(8, square=False, generator=g)
+    c1 = random_dihedral_codes(batch_size=8, square=False, generator=g)
     m, rec = mosaic(x, crop_prob=0.0, scale=0.5, patch_size=16, generator=g)
     assert int(rec.codes.max()) < 4 and m.shape == (2, 3, 64, 96)
     teacher = F.avg_pool2d(dihedral_transform(x, c1), 16)
-    torch.testing.assert_close(teacher_to_tiles(teacher, rec, c1), unmosaic(F.avg_pool2d(m, 16)),
+    torch.testing.assert_close(teacher_to_tiles(teacher, rec, teacher_codes=c1), unmosaic(F.avg_pool2d(m, 16)),
                                atol=1e-10, rtol=0)

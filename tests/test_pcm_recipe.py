@@ -82,3 +82,16 @@ def test_auto_shares_only_for_a_mode_independent_backbone() -> None:
 def test_bad_teacher_option() -> None:
     with pytest.raises(ValueError, match="teacher"):
         _recipe("--opt", "teacher=both")
+
+
+def test_options_validate_names_the_option() -> None:
+    options = RECIPES["pcm"].Options
+    options().validate()  # the defaults are valid
+    options(crop_prob=1.0, crop=0, scale=1.5, dropout=0.0, l2=0.0, cam_gamma=0.0, et_start=1).validate()
+    bad = {"et_start": 0, "crop_prob": 1.5, "crop": -8, "scale": 0.0, "dropout": -0.1, "l2": -1.0,
+           "cam_gamma": float("nan"), "target_norm": "patch", "background": "from_labels"}
+    for name, value in bad.items():
+        with pytest.raises(ValueError, match=f"--opt {name}: "):
+            options(**{name: value}).validate()
+    with pytest.raises(ValueError, match="crop_prob"):
+        _recipe("--opt", "crop_prob=2")

@@ -1,8 +1,8 @@
 """``pcm``: ViT-PCM (:mod:`wsss_blocks.pcm`): GMP patch classifier over K+1 classes, MCE, ET, HV-BiLSTM.
 
 * Head: optional :class:`~wsss_blocks.pcm.HVBiLSTM` then :class:`~wsss_blocks.pcm.PatchClassifier`
-  (background channel 0) on the final patch tokens; :class:`~wsss_blocks.pcm.ViTPCM` without an
-  owned backbone (the loop owns it).
+  (background channel 0) on the final patch tokens, composed here because the loop owns the
+  backbone (:class:`~wsss_blocks.pcm.ViTPCM` is the same head on an owned backbone).
 * Step (official ``train_step``): random dihedral codes ``c1``; teacher = backbone + head in
   eval mode without gradient on ``dihedral_transform(x, c1)``; MCE on the same images with
   dropout; ET between the mosaic (``crop_prob`` crops of ``crop`` px, tiles of ``scale``)
@@ -38,9 +38,11 @@ import torch
 from torch import Tensor, nn
 
 from recipes import register
-from recipes.base import LossTerm, Recipe
+from recipes.base import LossTerm, OptionError, Recipe
 from wsss_blocks.pcm import (
-    ViTPCM,
+    HVBiLSTM,
+    PatchClassifier,
+    PCMOutput,
     dihedral_transform,
     et_loss,
     masked_renormalize,
@@ -56,6 +58,29 @@ from wsss_blocks.utils import eval_mode
 def _patch_size(backbone: nn.Module) -> int:
     p: Any = getattr(getattr(backbone, "patch_embed", None), "patch_size", 16)
     return int(p if isinstance(p, int) else p[0])
+
+
+def _check_range(name: str, value: float, low: float, high: float | None = None, *,
+                 low_inclusive: bool = True) -> None:
+    """``--opt name`` must lie in ``[low, high]`` (``(low, ...`` without ``low_inclusive``; no ``high``: unbounded)."""
+    above = value >= low if low_inclusive else value > low
+    if not (above and (high is None or value <= high)):  # NaN fails both
+        bounds = f"{'[' if low_inclusive else '('}{low}, {'inf)' if high is None else f'{high}]'}"
+        raise OptionError(f"--opt {name}: expected a value in {bounds}, got {value!r}")
+
+
+class _PCMHead(nn.Module):
+    """[HV-BiLSTM] then the patch classifier on a feature map: ``ViTPCM.head`` for a loop-owned backbone."""
+
+    def __init__(self, in_dim: int, num_classes: int, *, hv_lstm: bool, dropout: float, l2: float) -> None:
+        super().__init__()
+        self.hv = HVBiLSTM(in_dim, dropout=dropout) if hv_lstm else None
+        dim = in_dim if self.hv is None else self.hv.out_dim
+        self.classifier = PatchClassifier(dim, num_classes, dropout=dropout, l2=l2)
+
+    def forward(self, features: Tensor) -> PCMOutput:
+        """Patch logits, probabilities and GMP probabilities of features ``(B, D, h, w)``."""
+        return self.classifier(features if self.hv is None else self.hv(features))
 
 
 @register
@@ -79,18 +104,29 @@ class PCMRecipe(Recipe):
         cam_gamma: float = 0.0  # 0: log(cam_threshold) / log(0.5), see the module docstring
         teacher: Literal["auto", "shared", "separate"] = "auto"  # see the module docstring
 
+        def validate(self) -> None:
+            """Check every option's choices and range; :class:`OptionError` (a ``ValueError``) names it."""
+            choices = {"background": ("always_one", "ignore"), "target_norm": ("tile", "image"),
+                       "teacher": ("auto", "shared", "separate")}
+            for name, allowed in choices.items():
+                if getattr(self, name) not in allowed:
+                    raise OptionError(f"--opt {name}: expected one of {', '.join(allowed)}, "
+                                      f"got {getattr(self, name)!r}")
+            _check_range("et_start", self.et_start, 1)  # steps count from 1
+            _check_range("crop_prob", self.crop_prob, 0.0, 1.0)
+            _check_range("crop", self.crop, 0)  # 0: img_size / 3 on the patch grid
+            _check_range("scale", self.scale, 0.0, low_inclusive=False)  # tile / image size
+            _check_range("dropout", self.dropout, 0.0, 1.0)
+            _check_range("l2", self.l2, 0.0)
+            _check_range("cam_gamma", self.cam_gamma, 0.0)  # 0: from cam_threshold
+
     def __init__(self, backbone: nn.Module, num_classes: int, config: Any, options: Any,
                  data_info: dict[str, Any] | None = None) -> None:
         super().__init__(backbone, num_classes, config, options, data_info)
         o = options
-        if o.background not in ("always_one", "ignore"):
-            raise ValueError(f"--opt background: expected always_one or ignore, got {o.background!r}")
-        if o.target_norm not in ("tile", "image"):
-            raise ValueError(f"--opt target_norm: expected tile or image, got {o.target_norm!r}")
-        if o.teacher not in ("auto", "shared", "separate"):
-            raise ValueError(f"--opt teacher: expected auto, shared or separate, got {o.teacher!r}")
+        o.validate()
         dim: Any = backbone.embed_dim
-        self.pcm = ViTPCM(int(dim), num_classes, hv_lstm=o.hv_lstm, dropout=o.dropout, l2=o.l2)
+        self.pcm = _PCMHead(int(dim), num_classes, hv_lstm=o.hv_lstm, dropout=o.dropout, l2=o.l2)
         self.patch = _patch_size(backbone)
         size = int(getattr(config, "img_size", None) or 384)
         self.crop = int(o.crop) or self.patch * max(1, round(size / 3 / self.patch))
@@ -119,7 +155,7 @@ class PCMRecipe(Recipe):
         o = self.options
         images, labels = batch["image"], batch["labels"]
         b, _, h, w = images.shape
-        codes = random_dihedral_codes(b, square=h == w, device=images.device)
+        codes = random_dihedral_codes(batch_size=b, square=h == w, device=images.device)
         x1 = dihedral_transform(images, codes)
         terms: dict[str, LossTerm] = {}
         use_et = bool(o.et) and step >= int(o.et_start)
@@ -133,16 +169,16 @@ class PCMRecipe(Recipe):
             with eval_mode(self), torch.no_grad():
                 teacher = self.pcm(grid.detach()).probs
         out = self.pcm(grid)
-        terms["mce"] = LossTerm(1.0, mce_loss(out.pooled, labels, o.background))
+        terms["mce"] = LossTerm(1.0, mce_loss(out.pooled_probs, labels, background=o.background))
         if use_et:
             tiles, record = mosaic(images, crop_prob=o.crop_prob, crop=self.crop, scale=o.scale,
                                    patch_size=self.patch)
             student = unmosaic(self._probs(backbone, tiles))
-            terms["et"] = LossTerm(1.0, et_loss(student, teacher, labels, record, codes,
+            terms["et"] = LossTerm(1.0, et_loss(student, teacher, labels, record, teacher_codes=codes,
                                                 background=o.background, target_norm=o.target_norm))
         elif o.et:  # before et_start: logged as 0 so every step has the same terms
-            terms["et"] = LossTerm(1.0, out.pooled.sum() * 0.0)
-        terms["l2"] = LossTerm(1.0, self.pcm.l2_penalty())
+            terms["et"] = LossTerm(1.0, out.pooled_probs.sum() * 0.0)
+        terms["l2"] = LossTerm(1.0, self.pcm.classifier.l2_penalty())
         return terms
 
     @torch.no_grad()

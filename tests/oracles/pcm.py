@@ -109,7 +109,7 @@ def mce_loss_loop(pooled: Tensor, labels: Tensor, eps: float = 1e-7) -> Tensor:
 def hv_bilstm_loop(hv: nn.Module, x: Tensor) -> Tensor:
     """Eval-mode HV-BiLSTM: every row and every column through its BiLSTM one sequence at a time."""
     b, _, h, w = x.shape
-    e = 2 * hv.hidden
+    e = 2 * hv.hidden_dim
     rows = x.new_zeros(b, e, h, w)
     cols = x.new_zeros(b, e, h, w)
     for i in range(b):

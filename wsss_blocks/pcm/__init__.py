@@ -8,35 +8,27 @@
   :func:`mosaic` / :func:`unmosaic` with a :class:`MosaicRecord`, :func:`teacher_to_tiles`,
   :func:`masked_renormalize` and :func:`et_loss`;
 * :func:`pseudo_mask` -- the baseline pseudo mask (arg-max, background channel 0);
-* :class:`ViTPCM` -- the whole model on a timm ViT with the official training step.
+* :class:`ViTPCM` -- the whole model on a timm ViT with the official training step, and
+  :data:`PRESETS` for :meth:`ViTPCM.from_preset` (the paper's or the official code's values).
 
 Where the paper and the official TensorFlow code differ, the defaults follow the code.
 """
 
-from wsss_blocks.pcm.geometry import (
-    MosaicRecord,
-    dihedral_inverse,
-    dihedral_transform,
-    mosaic,
-    random_dihedral_codes,
-    teacher_to_tiles,
-    unmosaic,
-)
-from wsss_blocks.pcm.head import HVBiLSTM, PatchClassifier, PCMOutput, patch_class_probs
-from wsss_blocks.pcm.losses import (
-    Background,
-    ETLoss,
-    MCELoss,
-    et_loss,
-    masked_renormalize,
-    mce_loss,
-    pseudo_mask,
-)
+from wsss_blocks.pcm._common import Background
+from wsss_blocks.pcm.classifier import PatchClassifier, PatchProbs, PCMOutput, patch_class_probs
+from wsss_blocks.pcm.dihedral import dihedral_inverse, dihedral_transform, random_dihedral_codes
+from wsss_blocks.pcm.equivariance import ETLoss, et_loss
+from wsss_blocks.pcm.hv_bilstm import HVBiLSTM
+from wsss_blocks.pcm.masks import masked_renormalize, pseudo_mask
+from wsss_blocks.pcm.mce import MCELoss, mce_loss
 from wsss_blocks.pcm.model import ViTPCM
+from wsss_blocks.pcm.presets import PRESETS
+from wsss_blocks.pcm.tiling import MosaicOutput, MosaicRecord, mosaic, teacher_to_tiles, unmosaic
 
 __all__ = [
     "Background",
     "PCMOutput",
+    "PatchProbs",
     "patch_class_probs",
     "PatchClassifier",
     "HVBiLSTM",
@@ -46,6 +38,7 @@ __all__ = [
     "dihedral_transform",
     "dihedral_inverse",
     "MosaicRecord",
+    "MosaicOutput",
     "mosaic",
     "unmosaic",
     "teacher_to_tiles",
@@ -54,4 +47,5 @@ __all__ = [
     "ETLoss",
     "pseudo_mask",
     "ViTPCM",
+    "PRESETS",
 ]

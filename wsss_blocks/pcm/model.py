@@ -2,19 +2,51 @@
 
 from __future__ import annotations
 
-from typing import Any
+import inspect
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from wsss_blocks._validate import ShapeError, check_int, check_shape
-from wsss_blocks.pcm.geometry import dihedral_transform, mosaic, random_dihedral_codes, unmosaic
-from wsss_blocks.pcm.head import HVBiLSTM, PatchClassifier, PCMOutput
-from wsss_blocks.pcm.losses import Background, et_loss, mce_loss
+from wsss_blocks._validate import ShapeError, check_int, check_option, check_range, check_shape
+from wsss_blocks.outputs import LossOutput, weighted_total
+from wsss_blocks.pcm._common import BACKGROUNDS, Background
+from wsss_blocks.pcm.classifier import PatchClassifier, PCMOutput
+from wsss_blocks.pcm.dihedral import dihedral_transform, random_dihedral_codes
+from wsss_blocks.pcm.equivariance import TargetNorm, et_loss
+from wsss_blocks.pcm.hv_bilstm import HVBiLSTM
+from wsss_blocks.pcm.mce import mce_loss
+from wsss_blocks.pcm.presets import PRESETS
+from wsss_blocks.pcm.tiling import mosaic, unmosaic
 from wsss_blocks.tokens import patch_grid, split_prefix_tokens, tokens_to_grid
 from wsss_blocks.utils import eval_mode
 
 __all__ = ["ViTPCM"]
+
+#: The weight of each term of :meth:`ViTPCM.training_losses` (official: all 1).
+LOSS_WEIGHTS = {"mce": 1.0, "et": 1.0, "l2": 1.0}
+
+
+def _backbone_dim(backbone: Any) -> int:
+    """``D`` of a timm ViT: its ``num_features`` (else ``embed_dim``)."""
+    if not isinstance(backbone, nn.Module):
+        raise TypeError(f"backbone: expected an nn.Module (a timm ViT), got {type(backbone).__name__}")
+    if not callable(getattr(backbone, "forward_features", None)):
+        raise TypeError(f"backbone: expected a timm ViT with forward_features, got {type(backbone).__name__}")
+    for name in ("num_features", "embed_dim"):
+        dim = getattr(backbone, name, None)
+        if isinstance(dim, int) and not isinstance(dim, bool):
+            return check_int(f"backbone.{name}", dim, low=1)
+    raise ValueError(f"backbone: {type(backbone).__name__} has no integer num_features or embed_dim")
+
+
+def _check_crop(crop: Any) -> int | tuple[int, int]:
+    if isinstance(crop, Sequence) and not isinstance(crop, str):
+        if len(crop) != 2:
+            raise ValueError(f"crop: expected an int or a pair (ch, cw), got {crop!r}")
+        return check_int("crop[0]", crop[0], low=1), check_int("crop[1]", crop[1], low=1)
+    return check_int("crop", crop, low=1)
 
 
 class ViTPCM(nn.Module):
@@ -23,127 +55,167 @@ class ViTPCM(nn.Module):
     ``features`` (final-norm patch tokens as a grid) -> optional :class:`HVBiLSTM` ->
     :class:`PatchClassifier` over ``K + 1`` classes (background 0) with per-patch softmax and
     global max pooling. :meth:`training_losses` runs the official training step.
+    :meth:`from_preset` builds it with the paper's or the official code's values
+    (:data:`PRESETS`); without a preset the defaults are the code's except
+    ``align_corners=False``. For a loop that owns the backbone, compose :class:`HVBiLSTM` and
+    :class:`PatchClassifier` on its features instead.
 
     Args:
-        in_dim: backbone embedding dim ``D``.
+        backbone: a timm ViT (``forward_features``, ``patch_embed``, ``num_prefix_tokens``);
+            ``D`` is read from its ``num_features`` (or ``embed_dim``). Build it with
+            ``num_classes=0`` and ``dynamic_img_size=True`` to run at any multiple of the patch
+            size (official: train at 384, infer at 960).
         num_classes: foreground classes ``K``.
-        backbone: an owned timm ViT (``forward`` then takes images), or ``None`` (``forward``
-            takes feature maps).
         hv_lstm: use the HV-BiLSTM (paper: on).
-        hidden: HV-BiLSTM hidden size (``None``: ``D // 4``).
+        hidden_dim: HV-BiLSTM hidden size (``None``: ``D // 4``).
         dropout: HV-BiLSTM and classifier dropout (official 0.2).
         keras_init: Keras initialisation of the LSTMs.
-        background: classifier background channel.
+        with_background: the classifier's background channel 0.
         bias: classifier bias.
         init_std: classifier init std.
         l2: classifier L2 coefficient.
-        device: parameter device.
-        dtype: parameter dtype.
+        background: :meth:`training_losses`'s default background policy (see :func:`mce_loss`).
+        target_norm: the ET target normalisation of :meth:`training_losses` (see :func:`et_loss`).
+        crop_prob: :meth:`training_losses`'s default crop probability (see :func:`mosaic`).
+        crop: :meth:`training_losses`'s default crop size in pixels.
+        scale: :meth:`training_losses`'s default tile scale.
+        align_corners: the resize convention of the mosaic and the teacher warp in
+            :meth:`training_losses` (official ``True``).
+        device: device of the heads' parameters (the backbone stays where it is).
+        dtype: dtype of the heads' parameters.
 
     Shape:
-        - x: ``(B, 3, H, W)`` images (owned backbone) or ``(B, D, h, w)`` features
-        - output: :class:`PCMOutput` with ``C = K + 1``
+        - images: ``(B, 3, H, W)`` with ``H, W`` multiples of the patch size ``p``
+        - output: :class:`PCMOutput` on the ``(H/p, W/p)`` grid with ``C = K + 1``
 
     Example:
-        >>> model = ViTPCM(8, 2).eval()
-        >>> model(torch.randn(2, 8, 3, 4)).probs.shape
-        torch.Size([2, 3, 3, 4])
+        >>> import timm
+        >>> vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, depth=1,
+        ...                         dynamic_img_size=True)
+        >>> model = ViTPCM(vit, 2).eval()
+        >>> model(torch.randn(2, 3, 48, 32)).probs.shape
+        torch.Size([2, 3, 3, 2])
     """
 
-    def __init__(self, in_dim: int, num_classes: int, *, backbone: nn.Module | None = None, hv_lstm: bool = True,
-                 hidden: int | None = None, dropout: float = 0.2, keras_init: bool = True,
-                 background: bool = True, bias: bool = False, init_std: float | None = 0.05, l2: float = 0.01,
-                 device: Any = None, dtype: Any = None) -> None:
+    def __init__(self, backbone: nn.Module, num_classes: int, *, hv_lstm: bool = True, hidden_dim: int | None = None,
+                 dropout: float = 0.2, keras_init: bool = True, with_background: bool = True, bias: bool = False,
+                 init_std: float | None = 0.05, l2: float = 0.01, background: Background = "always_one",
+                 target_norm: TargetNorm = "tile", crop_prob: float = 0.3, crop: int | tuple[int, int] = 128,
+                 scale: float = 0.5, align_corners: bool = False, device: Any = None, dtype: Any = None) -> None:
         super().__init__()
-        self.in_dim = check_int("in_dim", in_dim, low=1)
+        self.in_dim = _backbone_dim(backbone)
         self.num_classes = check_int("num_classes", num_classes, low=1)
+        self.background: Background = check_option("background", background, BACKGROUNDS)
+        self.target_norm: TargetNorm = check_option("target_norm", target_norm, ("tile", "image"))
+        self.crop_prob = float(check_range("crop_prob", crop_prob, 0.0, 1.0))
+        self.crop = _check_crop(crop)
+        self.scale = float(check_range("scale", scale, 0.0, low_inclusive=False))
+        self.align_corners = bool(align_corners)
         self.backbone = backbone
         self.hv: HVBiLSTM | None = None
         dim = self.in_dim
         if hv_lstm:
-            self.hv = HVBiLSTM(self.in_dim, hidden, dropout, keras_init=keras_init, device=device, dtype=dtype)
+            self.hv = HVBiLSTM(self.in_dim, hidden_dim=hidden_dim, dropout=dropout, keras_init=keras_init,
+                               device=device, dtype=dtype)
             dim = self.hv.out_dim
-        self.classifier = PatchClassifier(dim, self.num_classes, background, bias, dropout=dropout,
-                                          init_std=init_std, l2=l2, device=device, dtype=dtype)
+        self.classifier = PatchClassifier(dim, self.num_classes, with_background=with_background, bias=bias,
+                                          dropout=dropout, init_std=init_std, l2=l2, device=device, dtype=dtype)
 
     @classmethod
-    def from_timm(cls, model_name: str, num_classes: int, *, pretrained: bool = False, img_size: int = 384,
-                  timm_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> ViTPCM:
-        """Build with an owned timm ViT (``num_classes=0``, ``dynamic_img_size=True``).
+    def from_preset(cls, backbone: nn.Module, num_classes: int, *, preset: Literal["paper", "official"],
+                    **overrides: Any) -> ViTPCM:
+        """Build with the paper's or the official code's values (:data:`PRESETS`), single values overridden.
 
-        Train at ``img_size`` (official 384, a 24×24 grid); any other multiple of the patch
-        size works at inference (official 960, timm resamples the position embeddings).
+        Args:
+            backbone: see the class.
+            num_classes: see the class.
+            preset: ``"paper"`` or ``"official"``.
+            **overrides: keyword arguments of the class that replace the preset's (e.g.
+                ``crop=16``, ``hv_lstm=False``, ``device=...``).
+
+        Raises:
+            ValueError: an unknown preset, or an override that is not a keyword of the class.
 
         Example:
-            >>> m = ViTPCM.from_timm("vit_tiny_patch16_224", 3, img_size=32, timm_kwargs={"depth": 1})
-            >>> m.eval()(torch.randn(1, 3, 48, 32)).probs.shape
-            torch.Size([1, 4, 3, 2])
+            >>> import timm
+            >>> vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, depth=1,
+            ...                         dynamic_img_size=True)
+            >>> m = ViTPCM.from_preset(vit, 2, preset="paper", crop=16)
+            >>> m.classifier.l2, m.classifier.init_std, m.crop, m.align_corners
+            (0.1, 1.0, 16, True)
         """
-        import timm
-
-        backbone = timm.create_model(model_name, pretrained=pretrained, num_classes=0, img_size=img_size,
-                                     dynamic_img_size=True, **(timm_kwargs or {}))
-        dim: Any = backbone.embed_dim
-        return cls(int(dim), num_classes, backbone=backbone, **kwargs)
+        config = PRESETS[check_option("preset", preset, tuple(PRESETS))]
+        unknown = sorted(set(overrides) - set(_OPTIONS))
+        if unknown:
+            raise ValueError(f"overrides: unknown option(s) {unknown} for ViTPCM.from_preset; "
+                             f"expected keywords of ViTPCM: {sorted(_OPTIONS)}")
+        return cls(backbone, num_classes, **{**config, **overrides})
 
     @property
     def patch_size(self) -> int:
         """The backbone's (square) patch size ``p``."""
-        p = self._backbone().patch_embed.patch_size
+        p = getattr(self.backbone, "patch_embed").patch_size
         p = p if isinstance(p, int) else p[0]
         return int(p)
 
-    def _backbone(self) -> Any:
-        if self.backbone is None:
-            raise ValueError("this ViTPCM owns no backbone; pass feature maps to forward/head")
-        return self.backbone
-
     def features(self, images: Tensor) -> Tensor:
-        """Final-norm patch tokens of the backbone as a grid ``(B, D, H/p, W/p)`` (prefix tokens dropped)."""
-        bb = self._backbone()
+        """Final-norm patch tokens of the backbone as a grid ``(B, D, H/p, W/p)`` (prefix tokens dropped).
+
+        Args:
+            images: ``(B, 3, H, W)``, ``H`` and ``W`` multiples of the patch size.
+        """
+        bb: Any = self.backbone
         dims = check_shape("images", images, ["B", 3, "H", "W"], dtype="float")
         tokens = bb.forward_features(images)
         _, patches = split_prefix_tokens(tokens, int(getattr(bb, "num_prefix_tokens", 1)))
         return tokens_to_grid(patches, patch_grid(bb, (dims["H"], dims["W"])))
 
-    def head(self, feats: Tensor) -> PCMOutput:
+    def head(self, features: Tensor) -> PCMOutput:
         """[HV-BiLSTM] then the patch classifier on a feature map ``(B, D, h, w)``."""
-        x = feats if self.hv is None else self.hv(feats)
+        x = features if self.hv is None else self.hv(features)
         return self.classifier(x)
 
-    def forward(self, x: Tensor) -> PCMOutput:
-        """Images through the owned backbone, else a feature map straight to :meth:`head`."""
-        return self.head(self.features(x) if self.backbone is not None else x)
+    def forward(self, images: Tensor) -> PCMOutput:
+        """Patch logits, probabilities and GMP probabilities of images ``(B, 3, H, W)``."""
+        return self.head(self.features(images))
 
-    def teacher(self, x: Tensor) -> PCMOutput:
+    def teacher(self, images: Tensor) -> PCMOutput:
         """The ET teacher: ``forward`` without gradient and without any dropout.
 
         Every submodule's ``training`` flag is saved, set to eval and restored afterwards
         (:func:`wsss_blocks.utils.eval_mode`), so a partly frozen model keeps its mixed modes.
+
+        Args:
+            images: ``(B, 3, H, W)``.
         """
         with eval_mode(self), torch.no_grad():
-            return self(x)
+            return self(images)
 
     def l2_penalty(self) -> Tensor:
         """The classifier's ``l2 · ΣW²``."""
         return self.classifier.l2_penalty()
 
-    def set_backbone_trainable(self, num_blocks: int) -> list[nn.Parameter]:
+    def set_backbone_trainable(self, *, num_blocks: int) -> list[nn.Parameter]:
         """Freeze the backbone except its last ``num_blocks`` blocks and final norm.
 
         ``0``: backbone frozen (official warm-up); ``n > 0``: last ``n`` blocks + final norm
-        (official phase 2: 5); ``-1``: everything. The heads stay trainable.
+        (official phase 2: 5; the paper: 4); ``-1``: everything. The heads stay trainable.
+
+        Args:
+            num_blocks: how many of the last blocks train (``-1``: all of the backbone).
 
         Returns:
             the trainable parameters (for a fresh optimiser, as the official phase change).
 
         Example:
-            >>> m = ViTPCM.from_timm("vit_tiny_patch16_224", 2, img_size=32, timm_kwargs={"depth": 2})
-            >>> n = len(m.set_backbone_trainable(0))
+            >>> import timm
+            >>> vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, depth=2)
+            >>> m = ViTPCM(vit, 2)
+            >>> n = len(m.set_backbone_trainable(num_blocks=0))
             >>> n == len(list(m.hv.parameters())) + len(list(m.classifier.parameters()))
             True
         """
-        bb = self._backbone()
+        bb: Any = self.backbone
         blocks = list(bb.blocks)
         n = check_int("num_blocks", num_blocks, low=-1, high=len(blocks))
         for p in bb.parameters():
@@ -160,16 +232,16 @@ class ViTPCM(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     def training_losses(self, images: Tensor, labels: Tensor, *, images_et: Tensor | None = None,
-                        background: Background = "always_one", use_et: bool = True, crop_prob: float = 0.3,
-                        crop: int | tuple[int, int] = 128, scale: float = 0.5,
-                        generator: torch.Generator | None = None,
-                        shared_teacher: bool = False) -> dict[str, Tensor]:
-        """One official ViT-PCM training step's losses: ``mce``, ``et``, ``l2`` and ``loss`` (their sum).
+                        background: Background | None = None, use_et: bool = True, crop_prob: float | None = None,
+                        crop: int | tuple[int, int] | None = None, scale: float | None = None,
+                        generator: torch.Generator | None = None, shared_teacher: bool = False) -> LossOutput:
+        """One official ViT-PCM training step's losses: terms ``mce``, ``et``, ``l2``, weights 1.
 
         Random codes ``c1``; ``x1 = dihedral_transform(images, c1)``; teacher =
         :meth:`teacher` on ``x1`` (no grad, no dropout); MCE on ``self(x1)`` (dropout on);
         mosaic of ``images_et`` (or ``images``, un-flipped, own codes and crops) -> student
-        -> :func:`et_loss` against the teacher. Weights 1 (official).
+        -> :func:`et_loss` against the teacher (with the module's ``target_norm`` and
+        ``align_corners``). Weights 1 (official). ``None`` options take the module's values.
 
         The teacher and the MCE branch see the same ``x1``. With ``shared_teacher=True`` the
         backbone runs once: the teacher is :meth:`head` in eval mode, without gradient, on the
@@ -182,34 +254,41 @@ class ViTPCM(nn.Module):
             images: branch-1 images.
             labels: image labels (see :func:`mce_loss`).
             images_et: branch-2 images (e.g. with their own colour jitter); default ``images``.
-            background: see :func:`mce_loss`.
-            use_et: add the equivariance loss (needs ``B`` divisible by 4).
-            crop_prob: see :func:`mosaic`.
-            crop: see :func:`mosaic`.
-            scale: see :func:`mosaic`.
+            background: see :func:`mce_loss`; ``None``: the module's ``background``.
+            use_et: add the equivariance loss (needs ``B`` divisible by 4); without it the
+                ``et`` term is a detached 0.
+            crop_prob: see :func:`mosaic`; ``None``: the module's.
+            crop: see :func:`mosaic`; ``None``: the module's.
+            scale: see :func:`mosaic`; ``None``: the module's.
             generator: random generator on the images' device.
             shared_teacher: reuse the MCE branch's backbone pass for the teacher (see above).
 
         Shape:
             - images: ``(B, 3, H, W)``; labels: ``(B, K)`` (``(B, K+1)`` for ``"from_labels"``)
-            - output: dict of scalars
+            - output: :class:`~wsss_blocks.outputs.LossOutput` of scalars
 
         Example:
-            >>> m = ViTPCM.from_timm("vit_tiny_patch16_224", 2, img_size=32, timm_kwargs={"depth": 1})
-            >>> out = m.training_losses(torch.randn(4, 3, 32, 32), torch.tensor([[1, 0]] * 4), crop=16)
-            >>> sorted(out)
-            ['et', 'l2', 'loss', 'mce']
+            >>> import timm
+            >>> vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, depth=1)
+            >>> m = ViTPCM(vit, 2, crop=16)
+            >>> out = m.training_losses(torch.randn(4, 3, 32, 32), torch.tensor([[1, 0]] * 4))
+            >>> list(out.terms), out.weights["et"]
+            (['mce', 'et', 'l2'], 1.0)
         """
+        background = self.background if background is None else background
+        crop_prob = self.crop_prob if crop_prob is None else crop_prob
+        crop = self.crop if crop is None else crop
+        scale = self.scale if scale is None else scale
         dims = check_shape("images", images, ["B", 3, "H", "W"], dtype="float")
         if use_et and dims["B"] % 4:
             raise ShapeError(f"images: batch must be divisible by 4 for the ET mosaic, got B={dims['B']}")
         if images_et is not None:
             check_shape("images_et", images_et, ["B", 3, "H", "W"], dims, dtype="float")
-        codes = random_dihedral_codes(dims["B"], square=dims["H"] == dims["W"], device=images.device,
+        codes = random_dihedral_codes(batch_size=dims["B"], square=dims["H"] == dims["W"], device=images.device,
                                       generator=generator)
         x1 = dihedral_transform(images, codes)
         teacher: PCMOutput | None = None
-        if shared_teacher and self.backbone is not None:
+        if shared_teacher:
             feats = self.features(x1)
             if use_et:
                 with eval_mode(self), torch.no_grad():
@@ -218,14 +297,23 @@ class ViTPCM(nn.Module):
         else:
             teacher = self.teacher(x1) if use_et else None
             out = self(x1)
-        losses = {"mce": mce_loss(out.pooled, labels, background)}
+        mce = mce_loss(out.pooled_probs, labels, background=background)
         if teacher is not None:
             tiles, record = mosaic(images if images_et is None else images_et, crop_prob=crop_prob, crop=crop,
-                                   scale=scale, patch_size=self.patch_size, generator=generator)
+                                   scale=scale, patch_size=self.patch_size, align_corners=self.align_corners,
+                                   generator=generator)
             student = unmosaic(self(tiles).probs)
-            losses["et"] = et_loss(student, teacher.probs, labels, record, codes, background=background)
+            et = et_loss(student, teacher.probs, labels, record, teacher_codes=codes, background=background,
+                         target_norm=self.target_norm)
         else:
-            losses["et"] = losses["mce"].new_zeros(())
-        losses["l2"] = self.l2_penalty()
-        losses["loss"] = losses["mce"] + losses["et"] + losses["l2"].to(losses["mce"].dtype)
-        return losses
+            et = mce.new_zeros(())
+        return weighted_total({"mce": mce, "et": et, "l2": self.l2_penalty()}, loss_weights=LOSS_WEIGHTS)
+
+    def extra_repr(self) -> str:
+        return (f"in_dim={self.in_dim}, num_classes={self.num_classes}, background={self.background!r}, "
+                f"target_norm={self.target_norm!r}, crop_prob={self.crop_prob}, crop={self.crop}, "
+                f"scale={self.scale}, align_corners={self.align_corners}")
+
+
+#: The keywords :meth:`ViTPCM.from_preset` accepts as overrides.
+_OPTIONS = tuple(p.name for p in inspect.signature(ViTPCM.__init__).parameters.values() if p.kind is p.KEYWORD_ONLY)

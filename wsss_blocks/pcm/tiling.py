@@ -1,141 +1,19 @@
-"""ViT-PCM geometry: dihedral transforms, the 2×2 mosaic and the teacher's warp (paper §3.3)."""
+"""ViT-PCM mosaic: 2×2 tiles of rescaled, cropped, flipped images and the teacher's warp (paper §3.3)."""
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-from wsss_blocks._validate import (
-    ShapeError,
-    check_int,
-    check_range,
-    check_shape,
-    checks_enabled,
-)
+from wsss_blocks._utils import compute_dtype
+from wsss_blocks._validate import ShapeError, check_int, check_range, check_shape
+from wsss_blocks.pcm.dihedral import _check_codes, _dihedral_source, dihedral_inverse, random_dihedral_codes
 
-__all__ = [
-    "random_dihedral_codes",
-    "dihedral_transform",
-    "dihedral_inverse",
-    "MosaicRecord",
-    "mosaic",
-    "unmosaic",
-    "teacher_to_tiles",
-]
-
-# code c = lr + 2*ud + 4*tr; the inverse of "flip, flip, transpose" is "transpose, flip, flip",
-# which is again a code of the same form: 5 (lr then T) and 6 (ud then T) swap.
-_INVERSE = (0, 1, 2, 3, 4, 6, 5, 7)
-
-
-def random_dihedral_codes(batch: int, *, square: bool = True, device: Any = None,
-                          generator: torch.Generator | None = None) -> Tensor:
-    """Uniform random dihedral codes, one per sample.
-
-    The official code draws an LR flip, an UD flip and an H/W transpose independently with
-    p = 0.5 each: the same uniform law over the 8 codes ``lr + 2·ud + 4·tr``. With
-    ``square=False`` only the 4 flip codes (no transpose) are drawn.
-
-    Args:
-        batch: number of codes.
-        square: allow the transpose bit (the maps to transform are square).
-        device: device of the codes.
-        generator: random generator (on ``device``).
-
-    Shape:
-        - output: ``(batch,)`` int64 in ``[0, 8)`` (``[0, 4)`` when not square)
-
-    Example:
-        >>> g = torch.Generator().manual_seed(0)
-        >>> codes = random_dihedral_codes(1000, square=False, generator=g)
-        >>> codes.dtype, int(codes.min()), int(codes.max())
-        (torch.int64, 0, 3)
-    """
-    n = check_int("batch", batch, low=0)
-    return torch.randint(0, 8 if square else 4, (n,), device=device, generator=generator)
-
-
-def _check_codes(x: Tensor, codes: Tensor) -> None:
-    dims = check_shape("x", x, ["B", "C", "h", "w"])
-    check_shape("codes", codes, ["B"], dims, dtype="int")
-    if checks_enabled() and codes.device.type == "cpu":
-        if bool(((codes < 0) | (codes > 7)).any()):
-            raise ShapeError(f"codes: expected values in [0, 8), got {codes.tolist()}")
-    if dims["h"] != dims["w"] and bool((codes >= 4).any()):  # sync-ok: only on non-square maps
-        raise ShapeError(
-            f"codes: a transpose code (>= 4) needs a square map, got x of shape {tuple(x.shape)}; "
-            "draw with random_dihedral_codes(square=False)")
-
-
-def _dihedral_source(codes: Tensor, h: int, w: int) -> tuple[Tensor, Tensor]:
-    """Row and column ``(B, h, w)`` of the source pixel that each output pixel of the code reads."""
-    dev = codes.device
-    i = torch.arange(h, device=dev)[None, :, None]
-    j = torch.arange(w, device=dev)[None, None, :]
-    code = codes.long()[:, None, None]
-    lr, ud, tr = (code & 1).bool(), ((code >> 1) & 1).bool(), ((code >> 2) & 1).bool()
-    a = torch.where(tr, j, i)  # position in the flipped map (square when tr is set)
-    bb = torch.where(tr, i, j)
-    return torch.where(ud, h - 1 - a, a), torch.where(lr, w - 1 - bb, bb)
-
-
-def _dihedral_gather(x: Tensor, codes: Tensor) -> Tensor:
-    b, c, h, w = x.shape
-    a, bb = _dihedral_source(codes, h, w)
-    index = (a * w + bb).reshape(b, 1, h * w).to(x.device).expand(b, c, h * w)
-    return torch.gather(x.reshape(b, c, h * w), 2, index).reshape(b, c, h, w)
-
-
-def dihedral_transform(x: Tensor, codes: Tensor) -> Tensor:
-    """Apply a per-sample dihedral transform: LR flip, then UD flip, then H/W transpose.
-
-    Code ``c = lr + 2·ud + 4·tr`` (official order of ``utils.affine_transform``). Codes 5 and 6
-    are the 90° rotations (``rot90`` with ``k=1`` and ``k=-1`` over ``(-2, -1)``), 3 is the
-    180° rotation and 7 the anti-transpose. One ``gather`` for the whole batch; differentiable.
-
-    Args:
-        x: maps to transform (images, probabilities, features).
-        codes: one code in ``[0, 8)`` per sample; codes ``>= 4`` need a square map.
-
-    Shape:
-        - x: ``(B, C, h, w)``; codes: ``(B,)`` int
-        - output: ``(B, C, h, w)``
-
-    Raises:
-        ShapeError: a transpose code on a non-square map (checked with one host read, only
-            when ``h != w``).
-
-    Example:
-        >>> x = torch.arange(9.0).view(1, 1, 3, 3)
-        >>> dihedral_transform(x, torch.tensor([5]))[0, 0].long().tolist()
-        [[2, 5, 8], [1, 4, 7], [0, 3, 6]]
-    """
-    _check_codes(x, codes)
-    return _dihedral_gather(x, codes)
-
-
-def dihedral_inverse(x: Tensor, codes: Tensor) -> Tensor:
-    """Exact inverse of :func:`dihedral_transform`: transpose, then UD flip, then LR flip.
-
-    Equals :func:`dihedral_transform` with the inverse codes ``[0, 1, 2, 3, 4, 6, 5, 7]``.
-
-    Shape:
-        - x: ``(B, C, h, w)``; codes: ``(B,)`` int
-        - output: ``(B, C, h, w)``
-
-    Example:
-        >>> x = torch.randn(8, 2, 4, 4)
-        >>> codes = torch.arange(8)
-        >>> torch.equal(dihedral_inverse(dihedral_transform(x, codes), codes), x)
-        True
-    """
-    _check_codes(x, codes)
-    inverse = torch.tensor(_INVERSE, device=codes.device)[codes.long()]
-    return _dihedral_gather(x, inverse)
+__all__ = ["MosaicRecord", "MosaicOutput", "mosaic", "unmosaic", "teacher_to_tiles"]
 
 
 class MosaicRecord(NamedTuple):
@@ -159,6 +37,18 @@ class MosaicRecord(NamedTuple):
     align_corners: bool
 
 
+class MosaicOutput(NamedTuple):
+    """What :func:`mosaic` returns (unpacks as ``images, record``).
+
+    Attributes:
+        images: the mosaics ``(B/4, C, 2·th, 2·tw)``.
+        record: the :class:`MosaicRecord` that warps the teacher into tile coordinates.
+    """
+
+    images: Tensor
+    record: MosaicRecord
+
+
 def _resample_boxes(x: Tensor, boxes: Tensor, size: tuple[int, int], align_corners: bool,
                     codes: Tensor | None = None) -> Tensor:
     """``T_code(F.interpolate(x[b, :, y0:y1, x0:x1], size, "bilinear", align_corners))`` for every ``b`` at once.
@@ -169,7 +59,7 @@ def _resample_boxes(x: Tensor, boxes: Tensor, size: tuple[int, int], align_corne
     """
     b, _, hh, ww = x.shape
     oh, ow = size
-    dt = x.dtype if x.dtype == torch.float64 else torch.float32
+    dt = compute_dtype(x)
     bx = boxes.to(device=x.device, dtype=dt)
 
     def axis(start: Tensor, length: Tensor, n: int) -> Tensor:
@@ -229,7 +119,7 @@ def _check_boxes(boxes: Tensor, b: int, h: int, w: int, p: int) -> None:
 def mosaic(images: Tensor, *, crop_prob: float = 0.3, crop: int | tuple[int, int] = 128, scale: float = 0.5,
            patch_size: int = 16, dihedral: bool = True, boxes: Tensor | None = None,
            codes: Tensor | None = None, align_corners: bool = False,
-           generator: torch.Generator | None = None) -> tuple[Tensor, MosaicRecord]:
+           generator: torch.Generator | None = None) -> MosaicOutput:
     """The ViT-PCM equivariance branch input: groups of 4 rescaled images tiled 2×2.
 
     Per sample: with probability ``crop_prob`` a ``crop`` box whose corner lies on the patch
@@ -254,7 +144,7 @@ def mosaic(images: Tensor, *, crop_prob: float = 0.3, crop: int | tuple[int, int
 
     Shape:
         - images: ``(B, C, H, W)`` with ``B`` divisible by 4
-        - output: ``((B/4, C, 2·th, 2·tw), MosaicRecord)``
+        - output: :class:`MosaicOutput` with ``images`` ``(B/4, C, 2·th, 2·tw)`` and the record
 
     Note:
         The per-sample crop + resize + dihedral code runs as one ``grid_sample`` on the pixel
@@ -265,9 +155,9 @@ def mosaic(images: Tensor, *, crop_prob: float = 0.3, crop: int | tuple[int, int
 
     Example:
         >>> images = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 3, 32, 32)
-        >>> m, rec = mosaic(images, crop_prob=0.0, patch_size=8, dihedral=False)
-        >>> m.shape, m[0, 0, ::16, ::16].tolist()
-        (torch.Size([1, 3, 32, 32]), [[0.0, 1.0], [2.0, 3.0]])
+        >>> out = mosaic(images, crop_prob=0.0, patch_size=8, dihedral=False)
+        >>> out.images.shape, out.images[0, 0, ::16, ::16].tolist(), out.record.tile_size
+        (torch.Size([1, 3, 32, 32]), [[0.0, 1.0], [2.0, 3.0]], (16, 16))
     """
     dims = check_shape("images", images, ["B", "C", "H", "W"], dtype="float")
     b, h, w = dims["B"], dims["H"], dims["W"]
@@ -292,19 +182,24 @@ def mosaic(images: Tensor, *, crop_prob: float = 0.3, crop: int | tuple[int, int
         _check_boxes(boxes, b, h, w, p)
         boxes = boxes.to(device=dev, dtype=torch.int64)
     if codes is None:
-        codes = (random_dihedral_codes(b, square=th == tw, device=dev, generator=generator) if dihedral
+        codes = (random_dihedral_codes(batch_size=b, square=th == tw, device=dev, generator=generator) if dihedral
                  else torch.zeros(b, dtype=torch.int64, device=dev))
     else:
         check_shape("codes", codes, [b], dtype="int")
         codes = codes.to(device=dev, dtype=torch.int64)
-    _check_codes(images.new_empty(b, 0, th, tw), codes)
+    _check_codes(images.new_empty(b, 0, th, tw), codes, maps_name="tiles")
     tiles = _resample_boxes(images, boxes, (th, tw), align_corners, codes)
     out = rearrange(tiles, "(m r c) ch h w -> m ch (r h) (c w)", r=2, c=2)
-    return out, MosaicRecord(boxes, codes, (h, w), (th, tw), p, bool(align_corners))
+    return MosaicOutput(out, MosaicRecord(boxes, codes, (h, w), (th, tw), p, bool(align_corners)))
 
 
 def unmosaic(maps: Tensor) -> Tensor:
     """Split 2×2 mosaics back into their 4 tiles (top-left, top-right, bottom-left, bottom-right).
+
+    Mosaic ``m`` gives tiles ``4m .. 4m+3``, the inverse of the tiling of :func:`mosaic`.
+
+    Args:
+        maps: maps on the mosaics (e.g. the model's probabilities on :attr:`MosaicOutput.images`).
 
     Shape:
         - maps: ``(B/4, C, 2h, 2w)``
@@ -322,7 +217,8 @@ def unmosaic(maps: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def teacher_to_tiles(teacher_probs: Tensor, record: MosaicRecord, teacher_codes: Tensor | None = None) -> Tensor:
+def teacher_to_tiles(teacher_probs: Tensor, record: MosaicRecord, *,
+                     teacher_codes: Tensor | None = None) -> Tensor:
     """Warp teacher patch maps into the mosaic tiles' coordinates (official ``compute_cce_loss``).
 
     ``T1 = dihedral_inverse(T0, teacher_codes)`` (undo branch 1's flips/transpose),
@@ -351,8 +247,9 @@ def teacher_to_tiles(teacher_probs: Tensor, record: MosaicRecord, teacher_codes:
     check_shape("record.boxes", record.boxes, [dims["B"], 4], dtype="int")
     t = teacher_probs.detach()
     if teacher_codes is not None:
-        check_shape("teacher_codes", teacher_codes, [dims["B"]], dtype="int")
+        _check_codes(t, teacher_codes, "teacher_probs", "teacher_codes")
         t = dihedral_inverse(t, teacher_codes)
-    _check_codes(t.new_empty(dims["B"], 0, th // p, tw // p), record.codes)
+    _check_codes(t.new_empty(dims["B"], 0, th // p, tw // p), record.codes, maps_name="tiles",
+                 codes_name="record.codes")
     return _resample_boxes(t, torch.div(record.boxes, p, rounding_mode="floor"), (th // p, tw // p),
                            record.align_corners, record.codes)
