@@ -71,13 +71,12 @@ def make_inputs(img: int, b: int, k: int = 20, seed: int = 0, device: str = "cpu
 
 
 def ours_block(head, hff, maps, labels):
-    f_out, scores = head(maps[-1])
-    cam = swin_cam(f_out)
-    m = cams_with_background(cam, labels)
-    seeds = locate_seeds(maps[-1], m, labels)
-    rcam = refine_cams(hff(maps), seeds)
-    cls = F.multilabel_soft_margin_loss(scores, labels)
-    return cls + gsc_loss(m, rcam) + ccl_loss(m, rcam, labels)
+    cams, logits = head(maps[-1])
+    m = cams_with_background(swin_cam(cams), labels)
+    seeds = locate_seeds(maps[-1], m, labels).seeds
+    rcams = refine_cams(hff(maps), seeds)
+    cls = F.multilabel_soft_margin_loss(logits, labels)
+    return cls + gsc_loss(m, rcams) + ccl_loss(m, rcams, labels)
 
 
 def naive_block(head, hff, maps, labels):
@@ -107,7 +106,7 @@ def _step_fn(version: str, img: int, b: int, device: str):
 
     def fn():
         model.zero_grad(set_to_none=True)
-        model(x, y)["loss"].backward()
+        model(x, y).loss.backward()
 
     return fn
 

@@ -69,7 +69,9 @@ def test_head_shapes_kernel_nhwc_and_errors():
     head = SwinCAMHead(8, 3)
     assert head.conv.bias is None and head.conv.kernel_size == (1, 1)
     x = torch.randn(2, 8, 7, 5)
-    f_out, scores = head(x)
+    out = head(x)
+    assert out.cams is out[0] and out.logits is out[1]
+    f_out, scores = out
     assert f_out.shape == (2, 3, 7, 5) and scores.shape == (2, 3)
     torch.testing.assert_close(scores, f_out.mean((-2, -1)))
     torch.testing.assert_close(f_out, torch.einsum("bdhw,kd->bkhw", x, head.conv.weight[:, :, 0, 0]))
@@ -79,8 +81,12 @@ def test_head_shapes_kernel_nhwc_and_errors():
     nhwc.load_state_dict(head.state_dict())
     for a, b in zip(nhwc(x.permute(0, 2, 3, 1)), head(x), strict=True):
         torch.testing.assert_close(a, b)
-    with pytest.raises(ShapeError, match=r"x: expected shape \(B, 8, h, w\)"):
+    with pytest.raises(ShapeError, match=r"features: expected shape \(B, 8, h, w\)"):
         head(torch.randn(2, 6, 7, 5))
+    with pytest.raises(ShapeError, match='input_fmt="NHWC"'):  # timm Swin's channels-last map
+        head(x.permute(0, 2, 3, 1))
+    with pytest.raises(ShapeError, match=r"features: expected shape \(B, h, w, 8\)"):
+        nhwc(x)
     with pytest.raises(ValueError, match="odd"):
         SwinCAMHead(8, 3, kernel_size=2)
     with pytest.raises(ValueError, match="num_classes"):
@@ -102,13 +108,13 @@ def test_cams_with_background_eq3_valid_and_none_labels():
     torch.testing.assert_close(free[:, 1:], cam.detach())
     valid = torch.ones(2, 8, 10, dtype=torch.bool)
     valid[:, :, 6:] = False  # right 40% padded at image size -> grid columns 3, 4 invalid
-    mv = cams_with_background(cam.detach(), labels, valid)
+    mv = cams_with_background(cam.detach(), labels, valid=valid)
     assert mv[..., 3:].eq(0).all()
     torch.testing.assert_close(mv[..., :3], m.detach()[..., :3])
     with pytest.raises(ShapeError, match="labels"):
         cams_with_background(cam, torch.ones(2, 4))
     with pytest.raises(ShapeError, match="valid: expected a bool"):
-        cams_with_background(cam, labels, valid.float())
+        cams_with_background(cam, labels, valid=valid.float())
 
 
 # ----------------------------------------------------------------------------- seeds
@@ -116,37 +122,39 @@ TOKENS = _grid([[1.0, -1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]])
 CAM = _grid([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]])
 
 
-@pytest.mark.parametrize(("affinity", "labels", "expected"), [
+@pytest.mark.parametrize(("similarity", "labels", "expected"), [
     ("abs_cos", [1, 1], [1, 1, 2, 2]),
     ("relu_cos", [1, 1], [1, 0, 2, 2]),
     ("abs_cos", [1, 0], [1, 1, 0, 0]),
     ("relu_cos", [1, 0], [1, 0, 0, 0]),
 ])
-def test_seeds_hand_built(affinity, labels, expected):
+def test_seeds_hand_built(similarity, labels, expected):
     y = torch.tensor([labels])
     m = cams_with_background(CAM, y)
-    seeds, iou = locate_seeds(TOKENS, m, y, affinity=affinity, return_iou=True)
+    out = locate_seeds(TOKENS, m, y, similarity=similarity)
+    seeds, iou = out
+    assert out.seeds is seeds and out.iou is iou
     assert seeds.dtype == torch.bool and seeds.shape == (1, 3, 1, 4)
     assert seeds.sum(1).eq(1).all()  # every token exactly one seed (decision 8)
     assert seeds.int().argmax(1).flatten().tolist() == expected
-    if affinity == "abs_cos" and labels == [1, 1]:
+    if similarity == "abs_cos" and labels == [1, 1]:
         torch.testing.assert_close(iou[0, 1, 0], torch.tensor([0.5, 0.5, 0.0, 0.0]), atol=1e-4, rtol=0)
         torch.testing.assert_close(iou[0, 0, 0, :2], torch.tensor([1 / 6, 1 / 6]), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("affinity", ["abs_cos", "relu_cos", "cos"])
-def test_seeds_match_sipe_broadcast_and_loop(affinity):
+@pytest.mark.parametrize("similarity", ["abs_cos", "relu_cos", "cos"])
+def test_seeds_match_sipe_broadcast_and_loop(similarity):
     torch.manual_seed(1)
     tokens = torch.randn(3, 6, 4, 3)
     cam = torch.rand(3, 4, 4, 3)
     labels = torch.tensor([[1, 0, 1, 0], [0, 1, 1, 1], [0, 0, 0, 0]])
     m = cams_with_background(cam, labels)
-    seeds, iou = locate_seeds(tokens, m, labels, affinity=affinity, return_iou=True)
-    ref_seeds, ref_iou = sipe_seeds_broadcast(tokens, m, labels, affinity=affinity)
+    seeds, iou = locate_seeds(tokens, m, labels, similarity=similarity)
+    ref_seeds, ref_iou = sipe_seeds_broadcast(tokens, m, labels, similarity=similarity)
     torch.testing.assert_close(iou, ref_iou, atol=1e-5, rtol=1e-5)
     assert torch.equal(seeds, ref_seeds)
-    assert torch.equal(seeds, loop_seeds(tokens, m, labels, affinity=affinity))
-    assert not seeds.requires_grad
+    assert torch.equal(seeds, loop_seeds(tokens, m, labels, similarity=similarity))
+    assert not seeds.requires_grad and not iou.requires_grad
 
 
 def test_seeds_no_grad_partition_zero_tokens_and_valid():
@@ -155,18 +163,18 @@ def test_seeds_no_grad_partition_zero_tokens_and_valid():
     cam = torch.rand(2, 3, 3, 4, requires_grad=True)
     labels = torch.tensor([[1, 1, 0], [0, 0, 1]])
     m = cams_with_background(cam, labels)
-    seeds = locate_seeds(tokens, m, labels)
+    seeds = locate_seeds(tokens, m, labels).seeds
     assert not seeds.requires_grad and seeds.sum(1).eq(1).all()
     assert not seeds[0, 3].any()  # absent class never seeds
     zero = torch.zeros(1, 5, 3, 4)
-    s0, iou0 = locate_seeds(zero, m[:1].detach(), labels[:1], return_iou=True)
+    s0, iou0 = locate_seeds(zero, m[:1].detach(), labels[:1])
     assert iou0.eq(0).all() and s0[:, 0].all()  # all-zero IoU -> background
     valid = torch.ones(2, 3, 4, dtype=torch.bool)
     valid[1, 2] = False
-    sv = locate_seeds(tokens, m, labels, valid=valid)
+    sv = locate_seeds(tokens, m, labels, valid=valid).seeds
     assert not sv[1, :, 2].any() and torch.equal(sv[0], seeds[0])
-    assert not locate_seeds(tokens, m, labels, valid=torch.zeros_like(valid)).any()
-    k1 = locate_seeds(tokens, cams_with_background(cam[:, :1], labels[:, :1]), labels[:, :1])
+    assert not locate_seeds(tokens, m, labels, valid=torch.zeros_like(valid)).seeds.any()
+    k1 = locate_seeds(tokens, cams_with_background(cam[:, :1], labels[:, :1]), labels[:, :1]).seeds
     assert k1.shape == (2, 2, 3, 4) and k1.sum(1).eq(1).all()
 
 
@@ -178,15 +186,16 @@ def test_seeds_errors_and_module():
         locate_seeds(TOKENS, m, torch.tensor([[1, 1, 1]]))
     with pytest.raises(ShapeError, match="labels: expected values in"):
         locate_seeds(TOKENS, m, torch.tensor([[2, 1]]))
-    with pytest.raises(ValueError, match="affinity"):
-        locate_seeds(TOKENS, m, affinity="dot")
+    with pytest.raises(ValueError, match="similarity"):
+        locate_seeds(TOKENS, m, similarity="dot")
     with pytest.raises(ValueError, match="bg_scale"):
         locate_seeds(TOKENS, m, bg_scale=-1.0)
-    with pytest.raises(ShapeError, match="tokens_map"):
+    with pytest.raises(ShapeError, match="features"):
         locate_seeds(TOKENS[0], m)
-    loc = SeedLocator(affinity="relu_cos", bg_scale=0.3)
+    loc = SeedLocator(similarity="relu_cos", bg_scale=0.3)
     y = torch.tensor([[1, 1]])
-    assert torch.equal(loc(TOKENS, m, y), locate_seeds(TOKENS, m, y, affinity="relu_cos", bg_scale=0.3))
+    for a, b in zip(loc(TOKENS, m, y), locate_seeds(TOKENS, m, y, similarity="relu_cos", bg_scale=0.3), strict=True):
+        assert torch.equal(a, b)
     assert "relu_cos" in repr(loc)
 
 
@@ -195,8 +204,8 @@ def test_structure_affinity_and_gradcheck():
     s = structure_affinity(t)
     assert s.shape == (2, 6, 6) and s.dtype == torch.float64
     torch.testing.assert_close(s, s.transpose(1, 2))
-    assert torch.autograd.gradcheck(lambda x: structure_affinity(x, "cos"), (t,))
-    with pytest.raises(ShapeError, match="tokens"):
+    assert torch.autograd.gradcheck(lambda x: structure_affinity(x, similarity="cos"), (t,))
+    with pytest.raises(ShapeError, match="features"):
         structure_affinity(torch.randn(2, 6, 4))
 
 
@@ -206,7 +215,7 @@ SEEDS = _grid([[0, 0, 1, 0], [1, 1, 0, 0], [0, 0, 0, 0]]).bool()
 
 
 def test_rcam_hand_built_and_sipe_global_prototype():
-    rcam, protos = refine_cams(FEATS, SEEDS, return_prototypes=True)
+    rcam, protos = refine_cams(FEATS, SEEDS), seed_prototypes(FEATS, SEEDS)
     expected = torch.tensor([[0, 0, 1, 0.7071], [1, 1, 0, 0.7071], [0, 0, 0, 0]])
     torch.testing.assert_close(rcam[0, :, 0], expected, atol=1e-4, rtol=0)
     torch.testing.assert_close(protos[0], torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, 0.0]]))
@@ -227,9 +236,7 @@ def test_rcam_loop_oracle_resize_and_gradients():
     rcam.sum().backward()
     assert feats.grad is not None and feats.grad.abs().sum() > 0
     assert torch.isfinite(feats.grad).all()
-    mod_rcam, mod_protos = PrototypeRefiner(eps=1e-3)(feats, seeds, return_prototypes=True)
-    ref_rcam, ref_protos = refine_cams(feats, seeds, eps=1e-3, return_prototypes=True)
-    assert torch.equal(mod_rcam, ref_rcam) and torch.equal(mod_protos, ref_protos)
+    assert torch.equal(PrototypeRefiner(eps=1e-3)(feats, seeds), refine_cams(feats, seeds, eps=1e-3))
     f64 = torch.randn(1, 3, 3, 2, dtype=torch.float64, requires_grad=True)
     s64 = torch.tensor([[[[1, 0], [0, 1], [0, 0]], [[0, 1], [1, 0], [1, 1]]]]).bool()
     assert torch.autograd.gradcheck(lambda x: refine_cams(x, s64, eps=1e-3), (f64,))
@@ -257,13 +264,13 @@ def test_gsc_known_answers_valid_and_gradients():
     valid = torch.zeros(2, 4, 4, dtype=torch.bool)
     valid[:, :2] = True
     expected = (m2 - r2).abs()[..., :2, :].mean()
-    assert gsc_loss(m2, r2, valid).item() == pytest.approx(expected.item(), rel=1e-6)
-    none = gsc_loss(m.detach().requires_grad_(), r, torch.zeros_like(valid))
+    assert gsc_loss(m2, r2, valid=valid).item() == pytest.approx(expected.item(), rel=1e-6)
+    none = gsc_loss(m.detach().requires_grad_(), r, valid=torch.zeros_like(valid))
     assert none.item() == 0 and none.requires_grad
     up = gsc_loss(m2[..., ::2, ::2], r2)  # CAM upsampled to the R-CAM grid
     m_up = F.interpolate(m2[..., ::2, ::2], size=(4, 4), mode="bilinear", align_corners=False)
     assert up.item() == pytest.approx((m_up - r2).abs().mean().item(), rel=1e-6)
-    assert GSCLoss()(m2, r2, valid).item() == gsc_loss(m2, r2, valid).item()
+    assert GSCLoss()(m2, r2, valid=valid).item() == gsc_loss(m2, r2, valid=valid).item()
     with pytest.raises(ShapeError, match="cams_with_bg"):
         gsc_loss(torch.rand(2, 2, 4, 4), r2)
 
@@ -308,7 +315,7 @@ def test_ccl_loop_oracle_valid_detach_and_module():
     loss.backward()
     assert m.grad is not None and r.grad is None
     mod = CCLLoss(variant="plain", detach_rcam=True)
-    assert mod(m, r, labels, valid).item() == ccl_loss(m, r, labels, variant="plain", valid=valid,
+    assert mod(m, r, labels, valid=valid).item() == ccl_loss(m, r, labels, variant="plain", valid=valid,
                                                       detach_rcam=True).item()
     zero = ccl_loss(m, r, labels, valid=torch.zeros_like(valid))
     assert zero.item() == 0 and zero.requires_grad
@@ -364,10 +371,10 @@ def test_bf16_autocast_finite_and_close():
     cam = torch.rand(2, 3, 4, 4)
     y = torch.tensor([[1, 0, 1], [0, 1, 0]])
     m = cams_with_background(cam, y)
-    ref_seeds = locate_seeds(tokens, m, y)
+    ref_seeds = locate_seeds(tokens, m, y).seeds
     ref_rcam = refine_cams(feats, ref_seeds)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        seeds = locate_seeds(tokens.bfloat16(), m.bfloat16(), y)
+        seeds = locate_seeds(tokens.bfloat16(), m.bfloat16(), y).seeds
         rcam = refine_cams(feats.bfloat16(), ref_seeds)
         g = gsc_loss(m.bfloat16(), rcam)
         c = ccl_loss(m.bfloat16(), rcam, y)

@@ -4,13 +4,16 @@
   after the final norm = ``T_out``).
 * Heads: :class:`wsss_blocks.swtformer.SWTformerHead` -- CAM head (V1); V2 adds HFF (our
   wiring, no code was released), abs-cos seeds, prototypes, R-CAM.
-* Loss: ``cls`` (multilabel soft margin on the GAP scores) for V1; V2 adds ``gsc`` and
+* Loss: ``cls`` (multilabel soft margin on the GAP logits) for V1; V2 adds ``gsc`` and
   ``ccl`` with ``gsc_weight`` / ``ccl_weight`` (paper: 1, 1; 0 switches a term off, which
   gives the paper's Table 3 rows CLS, CLS+GSC, CLS+GSC+CCL).
+* ``preset=paper|official``: the defaults of ``similarity``, ``gsc_weight`` and ``ccl_weight``
+  (:data:`wsss_blocks.swtformer.PRESETS`; ``official`` is SIPE's code: ReLU cosine, no CCL).
+  Options left at ``None`` take the preset's value.
 * Evaluation CAM (``eval_map``): V1 the CAM head; V2 the foreground channels of the R-CAM
   (the paper's seed map), with seeds from the evaluation labels. ``eval_map=cam`` evaluates
   the V2 CAM head instead. The R-CAM is evaluated at its own grid (stride 16, or 8 with
-  ``hff_target=stage2``); the trainer maps any grid that covers the padded input.
+  ``hff_output_stage=stage2``); the trainer maps any grid that covers the padded input.
 * Input: padded bottom/right to a multiple of the final stride (as ``_backbone`` does for
   the baseline; ``valid`` is False there), so every stage grid is exactly the padded size
   over its stride.
@@ -22,6 +25,7 @@ grids 32, 16, 8, 4).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -32,7 +36,7 @@ from torch import Tensor, nn
 
 from recipes import register
 from recipes.base import LossTerm, Recipe
-from wsss_blocks.swtformer import SWTformerHead
+from wsss_blocks.swtformer import SWTformerHead, SWTformerOutput
 from wsss_blocks.tokens import stage_info, stage_taps
 
 
@@ -45,17 +49,28 @@ class SWTformerRecipe(Recipe):
 
     @dataclass
     class Options:
+        preset: Literal["paper", "official"] = "paper"  # defaults of similarity and the loss weights
         version: Literal["v1", "v2"] = "v2"
-        gsc_weight: float = 1.0
-        ccl_weight: float = 1.0
+        gsc_weight: float | None = None  # None: the preset's (1)
+        ccl_weight: float | None = None  # None: the preset's (paper 1, official 0)
         ccl_variant: Literal["paper", "plain"] = "paper"
-        affinity: Literal["abs_cos", "relu_cos", "cos"] = "abs_cos"
+        similarity: Literal["abs_cos", "relu_cos", "cos"] | None = None  # None: the preset's
         bg_scale: float = 0.5
-        hff_target: Literal["stage3", "stage2"] = "stage3"
+        hff_output_stage: Literal["stage3", "stage2"] = "stage3"
         hff_detach_inputs: bool = True
         head_kernel_size: int = 1
         final_norm: bool = True
         eval_map: Literal["auto", "cam", "rcam"] = "auto"  # auto: rcam for v2, cam for v1
+
+        def validate(self) -> None:
+            """Raise ``ValueError`` naming the first numeric option out of its range."""
+            for name in ("gsc_weight", "ccl_weight", "bg_scale"):
+                value = getattr(self, name)
+                if value is not None and not (math.isfinite(value) and value >= 0):
+                    raise ValueError(f"--opt {name}: expected a finite value >= 0, got {value!r}")
+            k = self.head_kernel_size
+            if k < 1 or k % 2 == 0:
+                raise ValueError(f"--opt head_kernel_size: expected an odd int >= 1, got {k!r}")
 
     def __init__(self, backbone: nn.Module, num_classes: int, config: Any, options: Any,
                  data_info: dict[str, Any] | None = None) -> None:
@@ -63,15 +78,18 @@ class SWTformerRecipe(Recipe):
         o = options
         if o.eval_map == "rcam" and o.version == "v1":
             raise ValueError("--opt eval_map=rcam needs version=v2 (V1 has no R-CAM)")
-        self.heads = SWTformerHead(
-            tuple(s.channels for s in stage_info(backbone)), num_classes, version=o.version,
-            head_kernel_size=o.head_kernel_size, hff_target=o.hff_target, hff_detach_inputs=o.hff_detach_inputs,
-            affinity=o.affinity, bg_scale=o.bg_scale, ccl_variant=o.ccl_variant,
-            gsc_weight=o.gsc_weight, ccl_weight=o.ccl_weight)
+        weights = {"gsc": o.gsc_weight, "ccl": o.ccl_weight}
+        overrides: dict[str, Any] = {"loss_weights": {k: v for k, v in weights.items() if v is not None}}
+        if o.similarity is not None:
+            overrides["similarity"] = o.similarity
+        self.heads = SWTformerHead.from_preset(
+            tuple(s.channels for s in stage_info(backbone)), num_classes, preset=o.preset, version=o.version,
+            head_kernel_size=o.head_kernel_size, hff_output_stage=o.hff_output_stage,
+            hff_detach_inputs=o.hff_detach_inputs, bg_scale=o.bg_scale, ccl_variant=o.ccl_variant, **overrides)
         self.eval_rcam = o.version == "v2" and o.eval_map != "cam"
 
     def _run(self, backbone: nn.Module, images: Tensor, labels: Tensor | None,
-             valid: Tensor | None = None) -> dict[str, Tensor]:
+             valid: Tensor | None = None) -> SWTformerOutput:
         sh, sw = feature_stride(backbone)
         h, w = images.shape[-2:]
         pad_h, pad_w = (-h) % sh, (-w) % sw
@@ -80,20 +98,16 @@ class SWTformerRecipe(Recipe):
             if valid is not None:
                 valid = F.pad(valid, (0, pad_w, 0, pad_h), value=False)
         maps = stage_taps(backbone, images, final_norm=self.options.final_norm).features
-        return self.heads(maps, labels, valid)
+        return self.heads(maps, labels, valid=valid)
 
     def forward(self, backbone: nn.Module, batch: dict[str, Any], step: int) -> dict[str, LossTerm]:
         out = self._run(backbone, batch["image"], batch["labels"], batch["valid"])
-        terms = {"cls": LossTerm(1.0, out["loss_cls"])}
-        if "loss_gsc" in out:
-            terms["gsc"] = LossTerm(self.options.gsc_weight, out["loss_gsc"])
-            terms["ccl"] = LossTerm(self.options.ccl_weight, out["loss_ccl"])
-        return terms
+        weights = {"cls": 1.0, **self.heads.loss_weights}
+        return {name: LossTerm(weights[name], value) for name, value in (out.terms or {}).items()}
 
     @torch.no_grad()
     def cam(self, backbone: nn.Module, images: Tensor, labels: Tensor) -> Tensor:
         out = self._run(backbone, images, labels)
-        cam = out["f_out"].float().relu()
-        if self.eval_rcam:  # foreground R-CAM at its own (finer) grid
-            return out["rcam"][:, 1:].float()
-        return cam
+        if self.eval_rcam and out.rcams is not None:  # foreground R-CAM at its own (finer) grid
+            return out.rcams[:, 1:].float()
+        return out.cams.float().relu()

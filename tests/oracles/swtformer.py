@@ -12,21 +12,21 @@ from torch import Tensor
 
 
 def sipe_seeds_broadcast(
-    tokens_map: Tensor,
+    features: Tensor,
     cams_with_bg: Tensor,
     labels: Tensor | None = None,
     *,
-    affinity: str = "abs_cos",
+    similarity: str = "abs_cos",
     bg_scale: float = 0.5,
     eps: float = 1e-5,
     valid: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """SIPE ``get_seed``: the ``(B, K+1, HW, HW)`` broadcast ``S[:, None] * M[:, :, None]``."""
     b, k1, h, w = cams_with_bg.shape
-    f = tokens_map.flatten(2)
+    f = features.flatten(2)
     f = f / (f.norm(dim=1, keepdim=True) + eps)
     a = f.transpose(1, 2) @ f
-    s = {"abs_cos": a.abs(), "relu_cos": a.relu(), "cos": a}[affinity]
+    s = {"abs_cos": a.abs(), "relu_cos": a.relu(), "cos": a}[similarity]
     m = cams_with_bg.flatten(2)
     inter = (s[:, None] * m[:, :, None, :]).sum(-1)  # (B, K+1, HW, HW) materialised
     union = s.sum(-1)[:, None] + m.sum(-1)[..., None] - inter
@@ -56,18 +56,18 @@ def sipe_rcam_broadcast(features: Tensor, prototypes: Tensor, eps: float = 1e-5)
     return r / (r.amax(dim=(-2, -1), keepdim=True) + eps)
 
 
-def loop_seeds(tokens_map, cams_with_bg, labels, *, affinity="abs_cos", bg_scale=0.5, eps=1e-5):
+def loop_seeds(features, cams_with_bg, labels, *, similarity="abs_cos", bg_scale=0.5, eps=1e-5):
     """Per-image, per-class, per-token loop of the soft-IoU seed rule."""
     b, k1, h, w = cams_with_bg.shape
     out = torch.zeros(b, k1, h * w, dtype=torch.bool)
     for i in range(b):
-        f = tokens_map[i].flatten(1).T.double()
+        f = features[i].flatten(1).T.double()
         f = f / (f.norm(dim=1, keepdim=True) + eps)
         for t in range(h * w):
             best, arg = None, 0
             for c in range(k1):
                 row = f @ f[t]
-                s = {"abs_cos": row.abs(), "relu_cos": row.relu(), "cos": row}[affinity]
+                s = {"abs_cos": row.abs(), "relu_cos": row.relu(), "cos": row}[similarity]
                 m = cams_with_bg[i, c].flatten().double()
                 inter = float((s * m).sum())
                 union = float(s.sum() + m.sum() - inter)
@@ -116,7 +116,7 @@ def loop_ccl(m, r, labels, variant="paper", valid=None, eps=1e-8):
     return total / max(count, 1)
 
 
-def naive_v2_block(head, hff, maps, labels, *, affinity="abs_cos", bg_scale=0.5):
+def naive_v2_block(head, hff, maps, labels, *, similarity="abs_cos", bg_scale=0.5):
     """The V2 block (head, HFF, seeds, prototypes, R-CAM, losses) with SIPE's broadcasts."""
     f_out = head.conv(maps[-1])
     scores = f_out.mean((-2, -1))
@@ -124,7 +124,7 @@ def naive_v2_block(head, hff, maps, labels, *, affinity="abs_cos", bg_scale=0.5)
     cam = cam / (cam.amax((-2, -1), keepdim=True) + 1e-5)
     fg = cam * labels[:, :, None, None]
     m = torch.cat([1 - fg.amax(1, keepdim=True), fg], 1)
-    seeds, _ = sipe_seeds_broadcast(maps[-1], m, labels, affinity=affinity, bg_scale=bg_scale)
+    seeds, _ = sipe_seeds_broadcast(maps[-1], m, labels, similarity=similarity, bg_scale=bg_scale)
     features = hff(maps)
     protos = sipe_prototypes_global(features, seeds)
     rcam = sipe_rcam_broadcast(features, protos)

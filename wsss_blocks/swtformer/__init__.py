@@ -3,29 +3,33 @@
 * **V1** -- a CAM head on a Swin's last-stage patch tokens (:class:`SwinCAMHead`,
   :func:`swin_cam`), trained with the multilabel soft-margin loss;
 * **V2** -- adds the background map (:func:`cams_with_background`), structure-aware seeds
-  with the absolute-cosine affinity (:func:`locate_seeds`), Hierarchical Feature Fusion
+  with the absolute-cosine similarity (:func:`locate_seeds`), Hierarchical Feature Fusion
   (:class:`HFF`, our wiring: no code was released), background-aware prototypes and R-CAM
-  (:func:`refine_cams`, SIPE's IS-CAM) and the GSC / CCL losses (:func:`gsc_loss`,
-  :func:`ccl_loss`); :class:`SWTformer` wires everything on a timm Swin.
+  (:func:`seed_prototypes`, :func:`refine_cams`, SIPE's IS-CAM) and the GSC / CCL losses
+  (:func:`gsc_loss`, :func:`ccl_loss`); :class:`SWTformer` wires everything on a timm Swin,
+  :meth:`SWTformer.from_preset` with the paper's or SIPE's settings (:data:`PRESETS`).
 
 The seed/prototype/GSC parts follow SIPE's official code (chenqi1126/SIPE) in matmul form.
 """
 
-from wsss_blocks.swtformer.head import SwinCAMHead, cams_with_background, swin_cam
+from wsss_blocks.swtformer.head import SwinCAMHead, SwinCAMOutput, cams_with_background, swin_cam
 from wsss_blocks.swtformer.hff import HFF
 from wsss_blocks.swtformer.losses import CCLLoss, GSCLoss, ccl_loss, gsc_loss
-from wsss_blocks.swtformer.model import SWTformer, SWTformerHead
+from wsss_blocks.swtformer.model import SWTformer, SWTformerHead, SWTformerOutput
+from wsss_blocks.swtformer.presets import PRESETS
 from wsss_blocks.swtformer.prototypes import PrototypeRefiner, rcam_pseudo_mask, refine_cams, seed_prototypes
-from wsss_blocks.swtformer.seeds import Affinity, SeedLocator, locate_seeds, structure_affinity
+from wsss_blocks.swtformer.seeds import SeedLocator, SeedOutput, Similarity, locate_seeds, structure_affinity
 
 __all__ = [
     "swin_cam",
     "SwinCAMHead",
+    "SwinCAMOutput",
     "cams_with_background",
-    "Affinity",
+    "Similarity",
     "structure_affinity",
     "locate_seeds",
     "SeedLocator",
+    "SeedOutput",
     "seed_prototypes",
     "refine_cams",
     "PrototypeRefiner",
@@ -37,4 +41,6 @@ __all__ = [
     "HFF",
     "SWTformerHead",
     "SWTformer",
+    "SWTformerOutput",
+    "PRESETS",
 ]

@@ -2,34 +2,33 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor, nn
 
 from wsss_blocks._validate import check_int, check_option, check_range, check_shape, check_size
 from wsss_blocks.cam import add_background, normalize_cam
-from wsss_blocks.swtformer._common import valid_on_grid
+from wsss_blocks.swtformer._common import to_nchw, valid_on_grid
 
-__all__ = ["swin_cam", "SwinCAMHead", "cams_with_background"]
+__all__ = ["swin_cam", "SwinCAMOutput", "SwinCAMHead", "cams_with_background"]
 
 
-def swin_cam(f_out: Tensor, size: tuple[int, int] | None = None, eps: float = 1e-5) -> Tensor:
+def swin_cam(cams: Tensor, *, size: tuple[int, int] | None = None, eps: float = 1e-5) -> Tensor:
     """The normalised CAM of eq. 1, ``C_out = Norm(ReLU(F_out))``, optionally upsampled.
 
-    ``relu(F_out) / (amax_hw relu(F_out) + eps)`` per (image, class), then bilinear
+    ``relu(cams) / (amax_hw relu(cams) + eps)`` per (image, class), then bilinear
     (``align_corners=False``) to ``size`` when given. Differentiable everywhere, the max
-    included (SIPE's normalisation). Computed in ``promote_types(dtype, float32)``.
+    included (SIPE's normalisation). Computed in fp32 (fp64 stays fp64).
 
     Args:
-        f_out: raw class maps from :class:`SwinCAMHead`.
+        cams: raw CAMs ``F_out`` from :class:`SwinCAMHead`.
         size: optional output size ``(H, W)`` (the image's, for the paper's ``M``).
         eps: added to the max.
 
     Shape:
-        - f_out: ``(B, K, h, w)``
+        - cams: ``(B, K, h, w)``
         - output: ``(B, K, h, w)`` or ``(B, K, *size)``, values in ``[0, 1]``
 
     Example:
@@ -40,12 +39,24 @@ def swin_cam(f_out: Tensor, size: tuple[int, int] | None = None, eps: float = 1e
         torch.Size([1, 1, 4, 6])
     """
     check_range("eps", eps, 0.0, low_inclusive=False)
-    cam = normalize_cam(f_out, mode="max", eps=eps)
+    cam = normalize_cam(cams, mode="max", eps=eps)
     if size is not None:
         size = check_size("size", size)
         if tuple(cam.shape[-2:]) != size:
             cam = F.interpolate(cam, size=size, mode="bilinear", align_corners=False)
     return cam
+
+
+class SwinCAMOutput(NamedTuple):
+    """What :class:`SwinCAMHead` returns.
+
+    Attributes:
+        cams: raw CAMs ``F_out`` ``(B, K, h, w)`` (normalise them with :func:`swin_cam`).
+        logits: image logits ``(B, K)``, the spatial mean of ``cams``.
+    """
+
+    cams: Tensor
+    logits: Tensor
 
 
 class SwinCAMHead(nn.Module):
@@ -54,7 +65,7 @@ class SwinCAMHead(nn.Module):
     The paper writes "Conv2D" and cites MCTformer (a 3x3 convolution with bias). The default
     is a bias-free 1x1 convolution (the usual CAM classifier); ``kernel_size=3, bias=True``
     gives MCTformer's choice (padding ``k // 2``, so the grid is kept). Train with
-    ``F.multilabel_soft_margin_loss(scores, labels)`` (eq. 2 read as the standard loss).
+    ``F.multilabel_soft_margin_loss(logits, labels)`` (eq. 2 read as the standard loss).
 
     Args:
         in_dim: channels of ``T_out`` (Swin-T: 768).
@@ -62,15 +73,17 @@ class SwinCAMHead(nn.Module):
         kernel_size: odd convolution size.
         bias: convolution bias.
         input_fmt: ``"NCHW"`` or ``"NHWC"`` (timm Swin's internal layout).
+        device: where the convolution is created.
+        dtype: its precision.
 
     Shape:
-        - x: ``(B, in_dim, h, w)`` (or ``(B, h, w, in_dim)`` for NHWC)
-        - output: ``f_out (B, K, h, w)``, ``scores (B, K)``
+        - features: ``(B, in_dim, h, w)`` (or ``(B, h, w, in_dim)`` for NHWC)
+        - output: :class:`SwinCAMOutput` ``(cams (B, K, h, w), logits (B, K))``
 
     Example:
         >>> head = SwinCAMHead(8, 3)
-        >>> f_out, scores = head(torch.randn(2, 8, 7, 5))
-        >>> f_out.shape, scores.shape
+        >>> out = head(torch.randn(2, 8, 7, 5))
+        >>> out.cams.shape, out.logits.shape
         (torch.Size([2, 3, 7, 5]), torch.Size([2, 3]))
     """
 
@@ -91,25 +104,39 @@ class SwinCAMHead(nn.Module):
         k = check_int("kernel_size", kernel_size, low=1)
         if k % 2 == 0:
             raise ValueError(f"kernel_size: expected an odd int (the grid is kept), got {k}")
-        self.input_fmt = check_option("input_fmt", input_fmt, ("NCHW", "NHWC"))
+        self.input_fmt: Literal["NCHW", "NHWC"] = check_option("input_fmt", input_fmt, ("NCHW", "NHWC"))
         self.conv = nn.Conv2d(
             self.in_dim, self.num_classes, k, padding=k // 2, bias=bias, device=device, dtype=dtype
         )
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        if self.input_fmt == "NHWC":
-            check_shape("x", x, ["B", "h", "w", self.in_dim], dtype="float")
-            x = rearrange(x, "b h w c -> b c h w")
-        check_shape("x", x, ["B", self.in_dim, "h", "w"], dtype="float")
-        f_out = self.conv(x)
-        return f_out, f_out.mean(dim=(-2, -1))
+    def forward(self, features: Tensor) -> SwinCAMOutput:
+        """Raw CAMs and image logits of a last-stage feature map.
+
+        Args:
+            features: ``T_out``, in the head's ``input_fmt``.
+
+        Shape:
+            - features: ``(B, in_dim, h, w)``, or ``(B, h, w, in_dim)`` with ``input_fmt="NHWC"``
+            - output: ``cams (B, K, h, w)``, ``logits (B, K)``
+
+        Returns:
+            :class:`SwinCAMOutput` ``(cams, logits)``: the convolution's output and its spatial
+            mean.
+
+        Raises:
+            ShapeError: a wrong shape; a channels-last map given to an NCHW head says to pass
+                ``input_fmt="NHWC"``.
+        """
+        x = to_nchw("features", features, self.in_dim, {}, self.input_fmt)
+        cams = self.conv(x)
+        return SwinCAMOutput(cams, cams.mean(dim=(-2, -1)))
 
     def extra_repr(self) -> str:
         return f"input_fmt={self.input_fmt!r}"
 
 
 def cams_with_background(
-    cams: Tensor, labels: Tensor | None = None, valid: Tensor | None = None
+    norm_cams: Tensor, labels: Tensor | None = None, *, valid: Tensor | None = None
 ) -> Tensor:
     """Label-masked CAMs with the background map of eq. 3 at channel 0, differentiable.
 
@@ -119,13 +146,13 @@ def cams_with_background(
     background before masking).
 
     Args:
-        cams: normalised foreground CAMs (:func:`swin_cam`).
+        norm_cams: normalised foreground CAMs (:func:`swin_cam`).
         labels: multi-hot image labels, or ``None``.
         valid: padding mask at any resolution; a cell is valid iff at least half of it is
             (:func:`wsss_blocks.cam.valid_to_grid`).
 
     Shape:
-        - cams: ``(B, K, h, w)``; labels: ``(B, K)``; valid: ``(B, H', W')`` bool
+        - norm_cams: ``(B, K, h, w)``; labels: ``(B, K)``; valid: ``(B, H', W')`` bool
         - output: ``(B, K+1, h, w)``
 
     Example:
@@ -134,10 +161,10 @@ def cams_with_background(
         >>> m[0, :, 0].double().round(decimals=2).tolist()
         [[0.1, 0.8], [0.9, 0.2], [0.0, 0.0]]
     """
-    dims = check_shape("cams", cams, ["B", "K", "h", "w"], dtype="float")
+    dims = check_shape("norm_cams", norm_cams, ["B", "K", "h", "w"], dtype="float")
     if labels is None:
-        labels = torch.ones(dims["B"], dims["K"], dtype=cams.dtype, device=cams.device)
-    m = add_background(cams, labels)
+        labels = torch.ones(dims["B"], dims["K"], dtype=norm_cams.dtype, device=norm_cams.device)
+    m = add_background(norm_cams, labels)
     keep = valid_on_grid(valid, dims, (dims["h"], dims["w"]))
     if keep is not None:
         m = m * keep[:, None].to(m.dtype)

@@ -8,9 +8,9 @@ from typing import Literal
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from wsss_blocks._utils import no_autocast
+from wsss_blocks._utils import compute_dtype, no_autocast
 from wsss_blocks._validate import check_option, check_range, check_shape
-from wsss_blocks.swtformer._common import allowed_channels, compute_dtype, valid_on_grid
+from wsss_blocks.swtformer._common import allowed_channels, valid_on_grid
 
 __all__ = ["gsc_loss", "GSCLoss", "ccl_loss", "CCLLoss"]
 
@@ -32,7 +32,7 @@ def _pair_on_rcam_grid(
     return m, rcams.to(dtype), w, dims
 
 
-def gsc_loss(cams_with_bg: Tensor, rcams: Tensor, valid: Tensor | None = None) -> Tensor:
+def gsc_loss(cams_with_bg: Tensor, rcams: Tensor, *, valid: Tensor | None = None) -> Tensor:
     """General-specific consistency (SIPE; paper eq. 5): mean L1 distance between CAM and R-CAM.
 
     ``L = mean_{b,c,i} |M - R-CAM|``; with ``valid``,
@@ -64,7 +64,7 @@ def gsc_loss(cams_with_bg: Tensor, rcams: Tensor, valid: Tensor | None = None) -
 
 
 class GSCLoss(nn.Module):
-    """Module form of :func:`gsc_loss`.
+    """Module form of :func:`gsc_loss` (it has no options).
 
     Shape:
         - same as :func:`gsc_loss`
@@ -75,8 +75,25 @@ class GSCLoss(nn.Module):
         1.0
     """
 
-    def forward(self, cams_with_bg: Tensor, rcams: Tensor, valid: Tensor | None = None) -> Tensor:
-        return gsc_loss(cams_with_bg, rcams, valid)
+    def __init__(self) -> None:
+        super().__init__()
+
+    def forward(self, cams_with_bg: Tensor, rcams: Tensor, *, valid: Tensor | None = None) -> Tensor:
+        """The GSC loss (see :func:`gsc_loss`).
+
+        Args:
+            cams_with_bg: ``M`` (:func:`cams_with_background`).
+            rcams: R-CAMs (:func:`refine_cams`).
+            valid: padding mask at any resolution.
+
+        Shape:
+            - cams_with_bg: ``(B, K+1, h, w)``; rcams: ``(B, K+1, hf, wf)``
+            - output: ``()``
+
+        Returns:
+            The mean L1 distance, a 0-d tensor.
+        """
+        return gsc_loss(cams_with_bg, rcams, valid=valid)
 
 
 def ccl_loss(
@@ -149,6 +166,11 @@ def ccl_loss(
 class CCLLoss(nn.Module):
     """Module form of :func:`ccl_loss` (stores ``variant``, ``detach_rcam``, ``eps``).
 
+    Args:
+        variant: ``"paper"`` or ``"plain"``.
+        detach_rcam: treat the R-CAM as a fixed target (no gradient into it).
+        eps: norm clamp.
+
     Shape:
         - same as :func:`ccl_loss`
 
@@ -166,8 +188,23 @@ class CCLLoss(nn.Module):
         self.eps = check_range("eps", eps, 0.0, low_inclusive=False)
 
     def forward(
-        self, cams_with_bg: Tensor, rcams: Tensor, labels: Tensor, valid: Tensor | None = None
+        self, cams_with_bg: Tensor, rcams: Tensor, labels: Tensor, *, valid: Tensor | None = None
     ) -> Tensor:
+        """The CCL loss with the stored options (see :func:`ccl_loss`).
+
+        Args:
+            cams_with_bg: ``M``.
+            rcams: R-CAMs.
+            labels: multi-hot image labels.
+            valid: padding mask at any resolution.
+
+        Shape:
+            - cams_with_bg: ``(B, K+1, h, w)``; rcams: ``(B, K+1, hf, wf)``; labels: ``(B, K)``
+            - output: ``()``
+
+        Returns:
+            The class-wise consistency loss, a 0-d tensor.
+        """
         return ccl_loss(
             cams_with_bg, rcams, labels, variant=self.variant, valid=valid,
             detach_rcam=self.detach_rcam, eps=self.eps,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Literal
+import inspect
+from collections.abc import Mapping, Sequence
+from functools import reduce
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -11,14 +13,67 @@ from torch import Tensor, nn
 
 from wsss_blocks._utils import no_autocast
 from wsss_blocks._validate import ShapeError, check_int, check_labels, check_option, check_range, check_shape
+from wsss_blocks.outputs import weighted_total
+from wsss_blocks.swtformer._common import to_nchw
 from wsss_blocks.swtformer.head import SwinCAMHead, cams_with_background, swin_cam
 from wsss_blocks.swtformer.hff import HFF
 from wsss_blocks.swtformer.losses import CCLVariant, ccl_loss, gsc_loss
+from wsss_blocks.swtformer.presets import Preset, preset_options
 from wsss_blocks.swtformer.prototypes import refine_cams
-from wsss_blocks.swtformer.seeds import _AFFINITIES, Affinity, locate_seeds
+from wsss_blocks.swtformer.seeds import _SIMILARITIES, Similarity, locate_seeds
 from wsss_blocks.tokens import stage_info, stage_taps
 
-__all__ = ["SWTformerHead", "SWTformer"]
+__all__ = ["SWTformerOutput", "SWTformerHead", "SWTformer"]
+
+#: the weighted terms besides ``cls`` (whose weight is 1)
+LOSS_TERMS = ("gsc", "ccl")
+
+
+class SWTformerOutput(NamedTuple):
+    """What :class:`SWTformerHead` and :class:`SWTformer` return; ``None`` where a field does not apply.
+
+    Attributes:
+        logits: image logits ``(B, K)`` (spatial mean of ``cams``).
+        cams: raw CAMs ``F_out`` ``(B, K, h4, w4)`` on the last-stage grid.
+        norm_cams: ``Norm(ReLU(F_out))`` ``(B, K, h4, w4)`` (eq. 1; not label-masked).
+        cams_with_bg: V2: the label-masked CAMs with background ``M`` ``(B, K+1, h4, w4)``
+            (eq. 3); V1: ``None``.
+        seeds: V2: one-hot seeds ``(B, K+1, h4, w4)`` bool (eq. 4); V1: ``None``.
+        features: V2: the HFF output ``F_hie`` ``(B, D_h, hf, wf)``; V1: ``None``.
+        rcams: V2: R-CAMs ``(B, K+1, hf, wf)`` (the paper's seed map); V1: ``None``.
+        loss: with labels, ``cls + w_gsc gsc + w_ccl ccl`` (V1: ``cls``), 0-d; else ``None``.
+        terms: with labels, the unweighted terms by name (``cls``; V2 also ``gsc``, ``ccl``);
+            else ``None``.
+    """
+
+    logits: Tensor
+    cams: Tensor
+    norm_cams: Tensor
+    cams_with_bg: Tensor | None
+    seeds: Tensor | None
+    features: Tensor | None
+    rcams: Tensor | None
+    loss: Tensor | None
+    terms: dict[str, Tensor] | None
+
+
+def _check_loss_weights(loss_weights: Mapping[str, float] | None) -> dict[str, float]:
+    if loss_weights is None:
+        loss_weights = {}
+    if not isinstance(loss_weights, Mapping):
+        raise TypeError(f"loss_weights: expected a mapping or None, got {type(loss_weights).__name__}")
+    unknown = sorted(set(loss_weights) - set(LOSS_TERMS))
+    if unknown:
+        raise ValueError(
+            f"loss_weights: unknown keys {unknown}; allowed: {list(LOSS_TERMS)} (the cls term has weight 1)"
+        )
+    merged = {"gsc": 1.0, "ccl": 1.0, **loss_weights}
+    return {k: float(check_range(f"loss_weights[{k!r}]", merged[k], 0.0)) for k in LOSS_TERMS}
+
+
+def _keyword_options(cls: type) -> tuple[str, ...]:
+    params = inspect.signature(cls.__init__).parameters.values()  # type: ignore[misc]
+    return tuple(p.name for p in params if p.kind == p.KEYWORD_ONLY)
 
 
 class SWTformerHead(nn.Module):
@@ -26,103 +81,164 @@ class SWTformerHead(nn.Module):
 
     :class:`SWTformer` is this module on top of a backbone; use it directly when the backbone
     lives elsewhere (a training loop that owns it) and pass the four stage maps, e.g. from
-    :func:`wsss_blocks.tokens.stage_taps` with ``final_norm=True``. Arguments as in
-    :class:`SWTformer`, with ``stage_channels`` instead of the backbone.
+    :func:`wsss_blocks.tokens.stage_taps` with ``final_norm=True``. Options as in
+    :class:`SWTformer`, with ``in_dims`` instead of the backbone.
+
+    Args:
+        in_dims: channels of the four stages (Swin-T: 96, 192, 384, 768).
+        num_classes: ``K``.
+        version: ``"v1"`` or ``"v2"``.
+        head_kernel_size: the CAM head's convolution size (1; MCTformer: 3).
+        head_bias: the CAM head's bias (False; MCTformer: True).
+        hff_out_dim: :class:`HFF` ``out_dim`` (default ``in_dims[2]``).
+        hff_output_stage: :class:`HFF` ``output_stage``.
+        hff_normalize: :class:`HFF` ``normalize``.
+        hff_detach_inputs: :class:`HFF` ``detach_inputs``.
+        similarity: :func:`locate_seeds` structure map (paper: ``"abs_cos"``; SIPE:
+            ``"relu_cos"``).
+        bg_scale: :func:`locate_seeds` background IoU factor.
+        ccl_variant: :func:`ccl_loss` ``variant``.
+        loss_weights: weights of ``"gsc"`` and ``"ccl"`` (missing keys: 1; the ``cls`` term
+            has weight 1). A weight of 0 leaves its term out of ``loss`` (it is still reported).
+        device: where the parameters are created.
+        dtype: their precision.
 
     Shape:
-        - maps: four ``(B, C_i, h_i, w_i)`` (``h_{i+1} = ceil(h_i / 2)``), the last normed
-        - output: the dict of :class:`SWTformer`
+        - features: four ``(B, C_i, h_i, w_i)`` (``h_{i+1} = ceil(h_i / 2)``), the last normed
+        - output: :class:`SWTformerOutput`, see :class:`SWTformer`
 
     Example:
-        >>> heads = SWTformerHead((8, 16, 32, 64), 3)
+        >>> heads = SWTformerHead((8, 16, 32, 64), 3, loss_weights={"ccl": 0.5})
         >>> maps = [torch.randn(2, c, s, s) for c, s in ((8, 16), (16, 8), (32, 4), (64, 2))]
-        >>> sorted(heads(maps, torch.tensor([[1, 0, 1], [0, 1, 0]])))[:4]
-        ['cam', 'cam_with_bg', 'f_out', 'features']
+        >>> out = heads(maps, torch.tensor([[1, 0, 1], [0, 1, 0]]))
+        >>> out.cams.shape, out.rcams.shape, sorted(out.terms)
+        (torch.Size([2, 3, 2, 2]), torch.Size([2, 4, 4, 4]), ['ccl', 'cls', 'gsc'])
     """
 
     def __init__(
         self,
-        stage_channels: Sequence[int],
+        in_dims: Sequence[int],
         num_classes: int,
         *,
         version: Literal["v1", "v2"] = "v2",
         head_kernel_size: int = 1,
         head_bias: bool = False,
         hff_out_dim: int | None = None,
-        hff_target: Literal["stage3", "stage2"] = "stage3",
+        hff_output_stage: Literal["stage3", "stage2"] = "stage3",
         hff_normalize: bool = True,
         hff_detach_inputs: bool = True,
-        affinity: Affinity = "abs_cos",
+        similarity: Similarity = "abs_cos",
         bg_scale: float = 0.5,
         ccl_variant: CCLVariant = "paper",
-        gsc_weight: float = 1.0,
-        ccl_weight: float = 1.0,
+        loss_weights: Mapping[str, float] | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        channels = tuple(check_int(f"stage_channels[{i}]", c, low=1) for i, c in enumerate(stage_channels))
-        if len(channels) != 4:
-            raise ValueError(f"stage_channels: expected 4 stages, got {len(channels)}: {channels}")
-        self.stage_channels = channels
+        dims = tuple(check_int(f"in_dims[{i}]", c, low=1) for i, c in enumerate(in_dims))
+        if len(dims) != 4:
+            raise ValueError(f"in_dims: expected 4 stages, got {len(dims)}: {dims}")
+        self.in_dims = dims
         self.num_classes = check_int("num_classes", num_classes, low=1)
         self.version = check_option("version", version, ("v1", "v2"))
-        self.affinity: Affinity = check_option("affinity", affinity, _AFFINITIES)
+        self.similarity: Similarity = check_option("similarity", similarity, _SIMILARITIES)
         self.bg_scale = check_range("bg_scale", bg_scale, 0.0)
         self.ccl_variant: CCLVariant = check_option("ccl_variant", ccl_variant, ("paper", "plain"))
-        self.gsc_weight = check_range("gsc_weight", gsc_weight, 0.0)
-        self.ccl_weight = check_range("ccl_weight", ccl_weight, 0.0)
+        self.loss_weights = _check_loss_weights(loss_weights)
         self.head = SwinCAMHead(
-            channels[-1], self.num_classes, kernel_size=head_kernel_size, bias=head_bias,
+            dims[-1], self.num_classes, kernel_size=head_kernel_size, bias=head_bias,
             device=device, dtype=dtype,
         )
         self.hff: HFF | None = None
         if self.version == "v2":
             self.hff = HFF(
-                channels, hff_out_dim, hff_target, normalize=hff_normalize,
+                dims, out_dim=hff_out_dim, output_stage=hff_output_stage, normalize=hff_normalize,
                 detach_inputs=hff_detach_inputs, device=device, dtype=dtype,
             )
 
+    @classmethod
+    def from_preset(
+        cls, in_dims: Sequence[int], num_classes: int, *, preset: Preset = "paper", **overrides: Any
+    ) -> SWTformerHead:
+        """Build the head with the options of a preset (:data:`PRESETS`), keyword overrides on top.
+
+        Args:
+            in_dims: channels of the four stages.
+            num_classes: ``K``.
+            preset: ``"paper"`` or ``"official"`` (SIPE's code for the parts taken from it).
+            **overrides: any keyword option of the constructor; ``loss_weights`` is merged
+                with the preset's by key.
+
+        Raises:
+            ValueError: an unknown preset or option.
+
+        Example:
+            >>> heads = SWTformerHead.from_preset((8, 16, 32, 64), 3, preset="official", bg_scale=1.0)
+            >>> heads.similarity, heads.bg_scale, heads.loss_weights
+            ('relu_cos', 1.0, {'gsc': 1.0, 'ccl': 0.0})
+        """
+        return cls(in_dims, num_classes, **preset_options(preset, overrides, _keyword_options(cls)))
+
     def forward(
-        self, maps: Sequence[Tensor], labels: Tensor | None = None, valid: Tensor | None = None
-    ) -> dict[str, Tensor]:
-        if isinstance(maps, Tensor) or len(maps) != 4:
-            raise ShapeError("maps: expected a sequence of 4 stage maps")
-        t_out = maps[-1]
-        dims = check_shape("maps[3]", t_out, ["B", self.stage_channels[-1], "h", "w"], dtype="float")
+        self, features: Sequence[Tensor], labels: Tensor | None = None, *, valid: Tensor | None = None
+    ) -> SWTformerOutput:
+        """CAMs, and for V2 seeds, ``F_hie`` and R-CAMs, of four stage maps; the losses with labels.
+
+        Args:
+            features: the four stage maps ``S1..S4`` (NCHW; the last one is ``T_out``, after
+                the final norm for the paper's model).
+            labels: multi-hot image labels; ``None`` (test split): every class allowed, no loss.
+            valid: padding mask at any resolution (image size for :class:`SWTformer`).
+
+        Shape:
+            - features: four ``(B, C_i, h_i, w_i)`` with ``h_{i+1} = ceil(h_i / 2)``
+            - labels: ``(B, K)``; valid: ``(B, H, W)`` bool
+            - output: see :class:`SWTformerOutput`
+
+        Returns:
+            :class:`SWTformerOutput`; ``loss`` and ``terms`` only with labels, the V2 fields
+            only for V2.
+        """
+        if isinstance(features, Tensor) or len(features) != 4:
+            raise ShapeError("features: expected a sequence of 4 stage maps")
+        dims: dict[str, int] = {}
+        t_out = to_nchw("features[3]", features[-1], self.in_dims[-1], dims, "NCHW",
+                        hint="permute it to NCHW (tokens.stage_taps gives NCHW maps)")
         if labels is not None:
             check_labels("labels", labels, dims, pattern=("B", self.num_classes))
         if valid is not None:
             check_shape("valid", valid, ["B", "H", "W"], dims, dtype="bool")
-        f_out, scores = self.head(t_out)
-        cam = swin_cam(f_out)
-        out: dict[str, Tensor] = {"scores": scores, "f_out": f_out, "cam": cam}
+        cams, logits = self.head(t_out)
+        norm_cams = swin_cam(cams)
+        terms: dict[str, Tensor] = {}
         if labels is not None:
-            with no_autocast(scores.device.type):
-                out["loss_cls"] = F.multilabel_soft_margin_loss(scores.float(), labels.float())
+            with no_autocast(logits.device.type):
+                terms["cls"] = F.multilabel_soft_margin_loss(logits.float(), labels.float())
+        cams_with_bg = seeds = fused = rcams = None
         if self.hff is not None:
-            m = cams_with_background(cam, labels, valid)
-            seeds = locate_seeds(t_out, m, labels, affinity=self.affinity, bg_scale=self.bg_scale, valid=valid)
-            assert isinstance(seeds, Tensor)
-            features = self.hff(maps)
-            rcam = refine_cams(features, seeds)
-            assert isinstance(rcam, Tensor)
-            out.update(cam_with_bg=m, seeds=seeds, features=features, rcam=rcam)
+            cams_with_bg = cams_with_background(norm_cams, labels, valid=valid)
+            seeds = locate_seeds(
+                t_out, cams_with_bg, labels, similarity=self.similarity, bg_scale=self.bg_scale, valid=valid
+            ).seeds
+            fused = self.hff(features)
+            rcams = refine_cams(fused, seeds)
             if labels is not None:
-                out["loss_gsc"] = gsc_loss(m, rcam, valid)
-                out["loss_ccl"] = ccl_loss(m, rcam, labels, variant=self.ccl_variant, valid=valid)
-        if labels is not None:
-            loss = out["loss_cls"]
-            if self.hff is not None:
-                loss = loss + self.gsc_weight * out["loss_gsc"] + self.ccl_weight * out["loss_ccl"]
-            out["loss"] = loss
-        return out
+                terms["gsc"] = gsc_loss(cams_with_bg, rcams, valid=valid)
+                terms["ccl"] = ccl_loss(cams_with_bg, rcams, labels, variant=self.ccl_variant, valid=valid)
+        if not terms:
+            return SWTformerOutput(logits, cams, norm_cams, cams_with_bg, seeds, fused, rcams, None, None)
+        # the total (and every term) in the widest term precision, as ``cls + w * gsc + ...`` promotes
+        wide = reduce(torch.promote_types, (t.dtype for t in terms.values()))
+        terms = {k: t.to(wide) for k, t in terms.items()}
+        weights = {"cls": 1.0, **{k: self.loss_weights[k] for k in terms if k != "cls"}}
+        total = weighted_total(terms, loss_weights=weights)
+        return SWTformerOutput(logits, cams, norm_cams, cams_with_bg, seeds, fused, rcams, total.loss, total.terms)
 
     def extra_repr(self) -> str:
         return (
-            f"stage_channels={self.stage_channels}, num_classes={self.num_classes}, version={self.version!r}, "
-            f"affinity={self.affinity!r}, bg_scale={self.bg_scale}, ccl_variant={self.ccl_variant!r}, "
-            f"gsc_weight={self.gsc_weight}, ccl_weight={self.ccl_weight}"
+            f"in_dims={self.in_dims}, num_classes={self.num_classes}, version={self.version!r}, "
+            f"similarity={self.similarity!r}, bg_scale={self.bg_scale}, ccl_variant={self.ccl_variant!r}, "
+            f"loss_weights={self.loss_weights}"
         )
 
 
@@ -130,7 +246,7 @@ class SWTformer(nn.Module):
     """SWTformer-V1/V2 on a user-built timm Swin (paper §3, eq. 1-7).
 
     * **V1**: ``T_out`` = the last stage after the final norm (``forward_features``);
-      ``F_out = Conv(T_out)``, scores = spatial mean, ``L_CLS`` = multilabel soft margin,
+      ``F_out = Conv(T_out)``, logits = spatial mean, ``L_CLS`` = multilabel soft margin,
       ``CAM = Norm(ReLU(F_out))``.
     * **V2** adds: ``M`` = label-masked CAM with background (eq. 3); seeds from ``T_out``'s
       absolute-cosine structure (eq. 4); ``F_hie`` from :class:`HFF` (our wiring, no code
@@ -142,27 +258,35 @@ class SWTformer(nn.Module):
     ``self.hff`` are its CAM head and HFF). The backbone is registered as a submodule (so
     ``parameters()`` and ``state_dict()`` include it) but is never moved, cast or switched to
     eval here. Stage channels come from its ``feature_info``; it must have four stages, each
-    half the size of the previous.
+    half the size of the previous. :meth:`from_preset` builds the model with the paper's or
+    SIPE's settings (:data:`PRESETS`).
 
     Args:
         backbone: a timm Swin (any timm model whose ``forward_intermediates`` gives four
             maps).
         num_classes: ``K``.
-        version: ``"v1"`` or ``"v2"``.
         final_norm: apply the backbone's final norm to ``T_out``.
-        head_kernel_size / head_bias: the CAM head's convolution (1x1 without bias; MCTformer:
-            3 with bias).
-        hff_out_dim, hff_target, hff_normalize, hff_detach_inputs: :class:`HFF` options.
-        affinity, bg_scale: :func:`locate_seeds` options.
+        version: ``"v1"`` or ``"v2"``.
+        head_kernel_size: the CAM head's convolution size (1; MCTformer: 3).
+        head_bias: the CAM head's bias (False; MCTformer: True).
+        hff_out_dim: :class:`HFF` ``out_dim``.
+        hff_output_stage: :class:`HFF` ``output_stage`` (``"stage3"``: stride 16).
+        hff_normalize: :class:`HFF` ``normalize``.
+        hff_detach_inputs: :class:`HFF` ``detach_inputs``.
+        similarity: :func:`locate_seeds` structure map (paper ``"abs_cos"``).
+        bg_scale: :func:`locate_seeds` background IoU factor.
         ccl_variant: :func:`ccl_loss` variant.
-        gsc_weight, ccl_weight: loss weights (paper: 1, 1).
+        loss_weights: weights of ``"gsc"`` and ``"ccl"`` (paper: 1, 1; missing keys: 1); the
+            ``cls`` term has weight 1.
+        device: where the head's parameters are created.
+        dtype: their precision.
 
     Shape:
         - images: ``(B, 3, H, W)``; labels: ``(B, K)``; valid: ``(B, H, W)`` bool
-        - output dict: ``scores (B, K)``, ``f_out`` and ``cam`` ``(B, K, h4, w4)``; V2 adds
-          ``cam_with_bg`` and ``seeds`` ``(B, K+1, h4, w4)``, ``features (B, D_h, hf, wf)``,
-          ``rcam (B, K+1, hf, wf)``; with labels ``loss_cls`` (+ ``loss_gsc``, ``loss_ccl``)
-          and ``loss``, all 0-d.
+        - output: :class:`SWTformerOutput` -- ``logits (B, K)``, ``cams`` and ``norm_cams``
+          ``(B, K, h4, w4)``; V2 adds ``cams_with_bg`` and ``seeds`` ``(B, K+1, h4, w4)``,
+          ``features (B, D_h, hf, wf)``, ``rcams (B, K+1, hf, wf)``; with labels ``loss``
+          (0-d) and ``terms`` (``cls``; V2 also ``gsc``, ``ccl``).
 
     Example:
         >>> import timm
@@ -171,8 +295,8 @@ class SWTformer(nn.Module):
         ...                          img_size=64)
         >>> model = SWTformer(swin, 3)
         >>> out = model(torch.randn(2, 3, 64, 64), torch.tensor([[1, 0, 1], [0, 1, 0]]))
-        >>> out["cam"].shape, out["rcam"].shape, out["loss"].dim()
-        (torch.Size([2, 3, 2, 2]), torch.Size([2, 4, 4, 4]), 0)
+        >>> out.norm_cams.shape, out.rcams.shape, out.loss.dim(), sorted(out.terms)
+        (torch.Size([2, 3, 2, 2]), torch.Size([2, 4, 4, 4]), 0, ['ccl', 'cls', 'gsc'])
     """
 
     def __init__(
@@ -180,19 +304,18 @@ class SWTformer(nn.Module):
         backbone: nn.Module,
         num_classes: int,
         *,
-        version: Literal["v1", "v2"] = "v2",
         final_norm: bool = True,
+        version: Literal["v1", "v2"] = "v2",
         head_kernel_size: int = 1,
         head_bias: bool = False,
         hff_out_dim: int | None = None,
-        hff_target: Literal["stage3", "stage2"] = "stage3",
+        hff_output_stage: Literal["stage3", "stage2"] = "stage3",
         hff_normalize: bool = True,
         hff_detach_inputs: bool = True,
-        affinity: Affinity = "abs_cos",
+        similarity: Similarity = "abs_cos",
         bg_scale: float = 0.5,
         ccl_variant: CCLVariant = "paper",
-        gsc_weight: float = 1.0,
-        ccl_weight: float = 1.0,
+        loss_weights: Mapping[str, float] | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -206,10 +329,41 @@ class SWTformer(nn.Module):
         self.backbone = backbone
         self.heads = SWTformerHead(
             tuple(s.channels for s in info), num_classes, version=version, head_kernel_size=head_kernel_size,
-            head_bias=head_bias, hff_out_dim=hff_out_dim, hff_target=hff_target, hff_normalize=hff_normalize,
-            hff_detach_inputs=hff_detach_inputs, affinity=affinity, bg_scale=bg_scale, ccl_variant=ccl_variant,
-            gsc_weight=gsc_weight, ccl_weight=ccl_weight, device=device, dtype=dtype,
+            head_bias=head_bias, hff_out_dim=hff_out_dim, hff_output_stage=hff_output_stage,
+            hff_normalize=hff_normalize, hff_detach_inputs=hff_detach_inputs, similarity=similarity,
+            bg_scale=bg_scale, ccl_variant=ccl_variant, loss_weights=loss_weights, device=device, dtype=dtype,
         )
+
+    @classmethod
+    def from_preset(
+        cls, backbone: nn.Module, num_classes: int, *, preset: Preset = "paper", **overrides: Any
+    ) -> SWTformer:
+        """Build the model with the options of a preset (:data:`PRESETS`), keyword overrides on top.
+
+        ``"paper"``: eq. 4's absolute cosine, CLS + GSC + CCL (the constructor's defaults).
+        ``"official"``: SWTformer released no code; SIPE's code for the parts taken from it
+        (ReLU cosine, CLS + GSC, CCL weight 0).
+
+        Args:
+            backbone: a timm Swin.
+            num_classes: ``K``.
+            preset: ``"paper"`` or ``"official"``.
+            **overrides: any keyword option of the constructor (``final_norm``, ``version``,
+                ...); ``loss_weights`` is merged with the preset's by key.
+
+        Raises:
+            ValueError: an unknown preset or option.
+
+        Example:
+            >>> import timm
+            >>> swin = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, embed_dim=16,
+            ...                          depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), window_size=2,
+            ...                          img_size=64)
+            >>> model = SWTformer.from_preset(swin, 3, preset="official", loss_weights={"ccl": 0.5})
+            >>> model.heads.similarity, model.heads.loss_weights
+            ('relu_cos', {'gsc': 1.0, 'ccl': 0.5})
+        """
+        return cls(backbone, num_classes, **preset_options(preset, overrides, _keyword_options(cls)))
 
     @property
     def head(self) -> SwinCAMHead:
@@ -219,15 +373,29 @@ class SWTformer(nn.Module):
     def hff(self) -> HFF | None:
         return self.heads.hff
 
-    def forward(
-        self, images: Tensor, labels: Tensor | None = None, valid: Tensor | None = None
-    ) -> dict[str, Tensor]:
+    def forward(self, images: Tensor, labels: Tensor | None = None, *, valid: Tensor | None = None) -> SWTformerOutput:
+        """Run the backbone's four stages through :class:`SWTformerHead`.
+
+        Args:
+            images: normalised images of a size the backbone takes.
+            labels: multi-hot image labels; ``None`` (test split): every class allowed, no loss.
+            valid: padding mask at image size.
+
+        Shape:
+            - images: ``(B, 3, H, W)``; labels: ``(B, K)``; valid: ``(B, H, W)`` bool
+            - output: see :class:`SWTformerOutput`
+
+        Returns:
+            :class:`SWTformerOutput`; ``loss`` and ``terms`` only with labels, the V2 fields
+            only for V2.
+        """
         dims = check_shape("images", images, ["B", 3, "H", "W"], dtype="float")
         if labels is not None:
             check_labels("labels", labels, dims, pattern=("B", self.heads.num_classes))
         if valid is not None:
             check_shape("valid", valid, ["B", "H", "W"], dims, dtype="bool")
-        return self.heads(stage_taps(self.backbone, images, final_norm=self.final_norm).features, labels, valid)
+        maps = stage_taps(self.backbone, images, final_norm=self.final_norm).features
+        return self.heads(maps, labels, valid=valid)
 
     def extra_repr(self) -> str:
         return f"final_norm={self.final_norm}"

@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from wsss_blocks._utils import no_autocast
+from wsss_blocks._utils import compute_dtype, no_autocast
 from wsss_blocks._validate import check_int, check_range, check_shape, check_size
-from wsss_blocks.swtformer._common import allowed_channels, compute_dtype, valid_on_grid
+from wsss_blocks.swtformer._common import allowed_channels, valid_on_grid
 
 __all__ = ["seed_prototypes", "refine_cams", "PrototypeRefiner", "rcam_pseudo_mask"]
 
@@ -28,7 +28,7 @@ def seed_prototypes(features: Tensor, seeds: Tensor) -> Tensor:
     ``bmm``). An empty seed gives ``p_c = 0``. SIPE takes the global average
     ``sum_i R_ci F_i / (hf wf)``, which differs by a positive factor per class and so gives
     the same cosine R-CAM. The gradient reaches ``features``; seeds are constants.
-    Computed in ``promote_types(dtype, float32)`` with autocast off.
+    Computed in fp32 (fp64 stays fp64) with autocast off.
 
     Args:
         features: the hierarchical feature ``F_hie``.
@@ -53,24 +53,22 @@ def seed_prototypes(features: Tensor, seeds: Tensor) -> Tensor:
         return torch.bmm(r, f.transpose(1, 2)) / r.sum(dim=-1, keepdim=True).clamp_min(1.0)
 
 
-def refine_cams(
-    features: Tensor, seeds: Tensor, *, eps: float = 1e-5, return_prototypes: bool = False
-) -> Tensor | tuple[Tensor, Tensor]:
+def refine_cams(features: Tensor, seeds: Tensor, *, eps: float = 1e-5) -> Tensor:
     """R-CAM: ``relu(cos(F_i, p_c))`` normalised by its spatial max (SIPE's IS-CAM).
 
-    ``r = relu(p^ F^)`` (one ``bmm``) with ``x^ = x / max(||x||, 1e-8)`` (torch's cosine
-    eps), ``R-CAM = r / (amax_hw r + eps)``. An empty seed (zero prototype) gives an all-zero
-    R-CAM, never NaN. Differentiable in ``features`` (through the prototypes too).
+    ``p`` are the prototypes of :func:`seed_prototypes` (call it for them; it is one
+    ``bmm``), ``r = relu(p^ F^)`` (one ``bmm``) with ``x^ = x / max(||x||, 1e-8)`` (torch's
+    cosine eps), ``R-CAM = r / (amax_hw r + eps)``. An empty seed (zero prototype) gives an
+    all-zero R-CAM, never NaN. Differentiable in ``features`` (through the prototypes too).
 
     Args:
         features: ``F_hie``.
         seeds: seeds on any grid (:func:`locate_seeds`).
         eps: added to the spatial max.
-        return_prototypes: also return the prototypes of :func:`seed_prototypes`.
 
     Shape:
         - features: ``(B, D, hf, wf)``; seeds: ``(B, K+1, h, w)``
-        - output: ``(B, K+1, hf, wf)`` in ``[0, 1]`` (+ prototypes ``(B, K+1, D)``)
+        - output: ``(B, K+1, hf, wf)`` in ``[0, 1]``
 
     Example:
         >>> feats = torch.tensor([[1.0, 1.0, 0.0, 1.0], [0.0, 0.0, 1.0, 1.0]])[None, :, None]
@@ -86,12 +84,14 @@ def refine_cams(
         p_hat = protos / protos.norm(dim=-1, keepdim=True).clamp_min(1e-8)
         r = torch.bmm(p_hat, f_hat).relu()
         r = r / (r.amax(dim=-1, keepdim=True) + eps)
-    rcam = r.unflatten(2, tuple(features.shape[-2:]))
-    return (rcam, protos) if return_prototypes else rcam
+    return r.unflatten(2, tuple(features.shape[-2:]))
 
 
 class PrototypeRefiner(nn.Module):
     """Module form of :func:`refine_cams` (stores ``eps``; no parameters).
+
+    Args:
+        eps: added to the spatial max.
 
     Shape:
         - same as :func:`refine_cams`
@@ -108,10 +108,21 @@ class PrototypeRefiner(nn.Module):
         super().__init__()
         self.eps = check_range("eps", eps, 0.0, low_inclusive=False)
 
-    def forward(
-        self, features: Tensor, seeds: Tensor, *, return_prototypes: bool = False
-    ) -> Tensor | tuple[Tensor, Tensor]:
-        return refine_cams(features, seeds, eps=self.eps, return_prototypes=return_prototypes)
+    def forward(self, features: Tensor, seeds: Tensor) -> Tensor:
+        """The R-CAM of ``features`` for ``seeds`` (see :func:`refine_cams`).
+
+        Args:
+            features: ``F_hie``.
+            seeds: seeds on any grid (:func:`locate_seeds`).
+
+        Shape:
+            - features: ``(B, D, hf, wf)``; seeds: ``(B, K+1, h, w)``
+            - output: ``(B, K+1, hf, wf)`` in ``[0, 1]``
+
+        Returns:
+            The R-CAMs; :func:`seed_prototypes` gives the prototypes behind them.
+        """
+        return refine_cams(features, seeds, eps=self.eps)
 
     def extra_repr(self) -> str:
         return f"eps={self.eps}"

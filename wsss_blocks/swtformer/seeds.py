@@ -2,72 +2,84 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from wsss_blocks._utils import no_autocast
+from wsss_blocks._utils import compute_dtype, no_autocast
 from wsss_blocks._validate import check_option, check_range, check_shape
-from wsss_blocks.swtformer._common import allowed_channels, compute_dtype, valid_on_grid
+from wsss_blocks.swtformer._common import allowed_channels, valid_on_grid
 
-__all__ = ["Affinity", "structure_affinity", "locate_seeds", "SeedLocator"]
+__all__ = ["Similarity", "structure_affinity", "SeedOutput", "locate_seeds", "SeedLocator"]
 
-Affinity = Literal["abs_cos", "relu_cos", "cos"]
-_AFFINITIES = ("abs_cos", "relu_cos", "cos")
+Similarity = Literal["abs_cos", "relu_cos", "cos"]
+_SIMILARITIES = ("abs_cos", "relu_cos", "cos")
 
 
-def structure_affinity(tokens: Tensor, affinity: Affinity = "abs_cos", eps: float = 1e-5) -> Tensor:
+def structure_affinity(features: Tensor, *, similarity: Similarity = "abs_cos", eps: float = 1e-5) -> Tensor:
     """Cross-token structure map ``S`` of eq. 4: the (absolute) cosine between every token pair.
 
     ``f^_i = t_i / (||t_i|| + eps)``, ``A = f^T f^``; ``S = |A|`` (``"abs_cos"``, the paper),
     ``relu(A)`` (``"relu_cos"``, SIPE's code) or ``A`` (``"cos"``, experimental: the IoU
     union can then be <= 0). Row ``i`` is token ``i``'s structure map. Differentiable;
-    computed in ``promote_types(dtype, float32)`` with autocast off.
+    computed in fp32 (fp64 stays fp64) with autocast off.
 
     Args:
-        tokens: a feature map (``T_out`` as NCHW).
-        affinity: ``"abs_cos"``, ``"relu_cos"`` or ``"cos"``.
+        features: a feature map (``T_out`` as NCHW).
+        similarity: ``"abs_cos"``, ``"relu_cos"`` or ``"cos"``.
         eps: added to the token norm (SIPE: 1e-5).
 
     Shape:
-        - tokens: ``(B, D, h, w)``
+        - features: ``(B, D, h, w)``
         - output: ``(B, h*w, h*w)``, symmetric
 
     Example:
         >>> t = torch.tensor([[1.0, -1.0, 0.0], [0.0, 0.0, 1.0]])[None, :, None]  # (1, 2, 1, 3)
         >>> structure_affinity(t, eps=0.0)[0].tolist()
         [[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
-        >>> structure_affinity(t, "relu_cos", eps=0.0)[0, 0].tolist()
+        >>> structure_affinity(t, similarity="relu_cos", eps=0.0)[0, 0].tolist()
         [1.0, 0.0, 0.0]
     """
-    check_shape("tokens", tokens, ["B", "D", "h", "w"], dtype="float")
-    check_option("affinity", affinity, _AFFINITIES)
+    check_shape("features", features, ["B", "D", "h", "w"], dtype="float")
+    check_option("similarity", similarity, _SIMILARITIES)
     check_range("eps", eps, 0.0)
-    with no_autocast(tokens.device.type):
-        f = tokens.to(compute_dtype(tokens)).flatten(2)  # (B, D, HW)
+    with no_autocast(features.device.type):
+        f = features.to(compute_dtype(features)).flatten(2)  # (B, D, HW)
         f = f / (f.norm(dim=1, keepdim=True) + eps)
         a = torch.bmm(f.transpose(1, 2), f)
-    if affinity == "abs_cos":
+    if similarity == "abs_cos":
         return a.abs()
-    if affinity == "relu_cos":
+    if similarity == "relu_cos":
         return a.relu()
     return a
 
 
+class SeedOutput(NamedTuple):
+    """What :func:`locate_seeds` returns.
+
+    Attributes:
+        seeds: one-hot seeds ``(B, K+1, h, w)`` bool, background at channel 0.
+        iou: the soft IoU every class reached at every token ``(B, K+1, h, w)`` (background
+            already scaled by ``bg_scale``), fp32 or fp64.
+    """
+
+    seeds: Tensor
+    iou: Tensor
+
+
 @torch.no_grad()
 def locate_seeds(
-    tokens_map: Tensor,
+    features: Tensor,
     cams_with_bg: Tensor,
     labels: Tensor | None = None,
     *,
-    affinity: Affinity = "abs_cos",
+    similarity: Similarity = "abs_cos",
     bg_scale: float = 0.5,
     valid: Tensor | None = None,
     eps: float = 1e-5,
-    return_iou: bool = False,
-) -> Tensor | tuple[Tensor, Tensor]:
+) -> SeedOutput:
     """Hard seeds: every token takes the class whose CAM best matches its structure map (eq. 4), no grad.
 
     With ``S`` from :func:`structure_affinity` and ``M`` the background-augmented CAM on the
@@ -80,21 +92,24 @@ def locate_seeds(
       (SIPE), so a token won by an absent class gets no seed. Ties go to the first maximum,
       i.e. to background.
 
-    Runs under ``torch.no_grad()``; the result never requires grad.
+    Runs under ``torch.no_grad()``; nothing returned requires grad. The IoU is the tensor the
+    argmax reads, so returning it costs nothing extra.
 
     Args:
-        tokens_map: the features whose affinity defines structure (``T_out``).
+        features: the features whose affinity defines structure (``T_out``).
         cams_with_bg: ``M``, background at channel 0 (:func:`cams_with_background`).
         labels: multi-hot image labels; ``None`` allows every class.
-        affinity: see :func:`structure_affinity`.
+        similarity: see :func:`structure_affinity`.
         bg_scale: background IoU factor.
         valid: padding mask at any resolution (``valid_to_grid`` rule).
         eps: token-norm epsilon and IoU union clamp.
-        return_iou: also return the (scaled) IoU.
 
     Shape:
-        - tokens_map: ``(B, D, h, w)``; cams_with_bg: ``(B, K+1, h, w)``; labels: ``(B, K)``
-        - output: seeds ``(B, K+1, h, w)`` bool (+ IoU ``(B, K+1, h, w)`` float)
+        - features: ``(B, D, h, w)``; cams_with_bg: ``(B, K+1, h, w)``; labels: ``(B, K)``
+        - output: seeds ``(B, K+1, h, w)`` bool, iou ``(B, K+1, h, w)`` float
+
+    Returns:
+        :class:`SeedOutput` ``(seeds, iou)``.
 
     Note:
         SIPE's code builds the ``(B, K+1, HW, HW)`` product ``S[:, None] * M[:, :, None]``;
@@ -105,17 +120,20 @@ def locate_seeds(
         >>> cam = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]])[None, :, None]
         >>> from wsss_blocks.swtformer import cams_with_background
         >>> m = cams_with_background(cam, torch.tensor([[1, 1]]))
-        >>> locate_seeds(t, m, torch.tensor([[1, 1]])).int().argmax(1).tolist()
+        >>> out = locate_seeds(t, m, torch.tensor([[1, 1]]))
+        >>> out.seeds.int().argmax(1).tolist()
         [[[1, 1, 2, 2]]]
+        >>> out.iou[0, 1, 0].double().round(decimals=2).tolist()
+        [0.5, 0.5, 0.0, 0.0]
     """
-    dims = check_shape("tokens_map", tokens_map, ["B", "D", "h", "w"], dtype="float")
+    dims = check_shape("features", features, ["B", "D", "h", "w"], dtype="float")
     check_shape("cams_with_bg", cams_with_bg, ["B", "K1", "h", "w"], dims, dtype="float")
     check_range("bg_scale", bg_scale, 0.0)
     check_range("eps", eps, 0.0, low_inclusive=False)
     allowed = allowed_channels(labels, dims, cams_with_bg)
     keep = valid_on_grid(valid, dims, (dims["h"], dims["w"]))
-    s = structure_affinity(tokens_map, affinity, eps)  # (B, HW, HW), fp32+
-    with no_autocast(tokens_map.device.type):
+    s = structure_affinity(features, similarity=similarity, eps=eps)  # (B, HW, HW), fp32+
+    with no_autocast(features.device.type):
         m = cams_with_bg.to(s.dtype).flatten(2)  # (B, K+1, HW)
         inter = torch.bmm(m, s.transpose(1, 2))
         union = s.sum(dim=-1)[:, None, :] + m.sum(dim=-1, keepdim=True) - inter
@@ -128,46 +146,63 @@ def locate_seeds(
     seeds = seeds.unflatten(2, (dims["h"], dims["w"]))
     if keep is not None:
         seeds = seeds & keep[:, None]
-    if return_iou:
-        return seeds, iou.unflatten(2, (dims["h"], dims["w"]))
-    return seeds
+    return SeedOutput(seeds, iou.unflatten(2, (dims["h"], dims["w"])))
 
 
 class SeedLocator(nn.Module):
-    """Module form of :func:`locate_seeds` (stores ``affinity``, ``bg_scale``, ``eps``).
+    """Module form of :func:`locate_seeds` (stores ``similarity``, ``bg_scale``, ``eps``).
+
+    Args:
+        similarity: see :func:`structure_affinity`.
+        bg_scale: background IoU factor.
+        eps: token-norm epsilon and IoU union clamp.
 
     Shape:
         - same as :func:`locate_seeds`
 
     Example:
-        >>> loc = SeedLocator(affinity="relu_cos")
+        >>> loc = SeedLocator(similarity="relu_cos")
         >>> t = torch.tensor([[1.0, -1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]])[None, :, None]
         >>> cam = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]])[None, :, None]
         >>> from wsss_blocks.swtformer import cams_with_background
         >>> m = cams_with_background(cam, torch.tensor([[1, 1]]))
-        >>> loc(t, m, torch.tensor([[1, 1]])).int().argmax(1).tolist()
+        >>> loc(t, m, torch.tensor([[1, 1]])).seeds.int().argmax(1).tolist()
         [[[1, 0, 2, 2]]]
     """
 
-    def __init__(self, *, affinity: Affinity = "abs_cos", bg_scale: float = 0.5, eps: float = 1e-5) -> None:
+    def __init__(self, *, similarity: Similarity = "abs_cos", bg_scale: float = 0.5, eps: float = 1e-5) -> None:
         super().__init__()
-        self.affinity: Affinity = check_option("affinity", affinity, _AFFINITIES)
+        self.similarity: Similarity = check_option("similarity", similarity, _SIMILARITIES)
         self.bg_scale = check_range("bg_scale", bg_scale, 0.0)
         self.eps = check_range("eps", eps, 0.0, low_inclusive=False)
 
     def forward(
         self,
-        tokens_map: Tensor,
+        features: Tensor,
         cams_with_bg: Tensor,
         labels: Tensor | None = None,
         *,
         valid: Tensor | None = None,
-        return_iou: bool = False,
-    ) -> Tensor | tuple[Tensor, Tensor]:
+    ) -> SeedOutput:
+        """Seeds with the stored options (see :func:`locate_seeds`), no grad.
+
+        Args:
+            features: the features whose affinity defines structure (``T_out``).
+            cams_with_bg: ``M``, background at channel 0.
+            labels: multi-hot image labels; ``None`` allows every class.
+            valid: padding mask at any resolution.
+
+        Shape:
+            - features: ``(B, D, h, w)``; cams_with_bg: ``(B, K+1, h, w)``; labels: ``(B, K)``
+            - output: seeds ``(B, K+1, h, w)`` bool, iou ``(B, K+1, h, w)`` float
+
+        Returns:
+            :class:`SeedOutput` ``(seeds, iou)``.
+        """
         return locate_seeds(
-            tokens_map, cams_with_bg, labels, affinity=self.affinity, bg_scale=self.bg_scale,
-            valid=valid, eps=self.eps, return_iou=return_iou,
+            features, cams_with_bg, labels, similarity=self.similarity, bg_scale=self.bg_scale,
+            valid=valid, eps=self.eps,
         )
 
     def extra_repr(self) -> str:
-        return f"affinity={self.affinity!r}, bg_scale={self.bg_scale}, eps={self.eps}"
+        return f"similarity={self.similarity!r}, bg_scale={self.bg_scale}, eps={self.eps}"
