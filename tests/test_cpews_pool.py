@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 from _runtime_helpers import run_gloo
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from wsss_blocks import ShapeError
 from wsss_blocks.constants import VOC_CLASSES
@@ -422,3 +423,41 @@ def test_pool_after_module_cast(cast, state):
     assert torch.equal(pool.pos_valid, ref.pos_valid) and torch.equal(pool.neg_valid, ref.neg_valid)
     tol = 1e-2 if cast != torch.float64 else 1e-5
     torch.testing.assert_close(pool.pos.float(), ref.pos, atol=tol, rtol=tol)
+
+
+class _RecordOps(TorchDispatchMode):
+    """Records every aten op dispatched inside the context (a host read of a tensor is one)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _reads(fn):
+    with _RecordOps() as rec:
+        value = fn()
+    return value, rec.ops
+
+
+def test_is_built_reads_the_buffers_once_per_change():
+    """A step that leaves the pool alone must not touch its buffers (a device sync on GPU)."""
+    pool = PrototypePool(3, 2, num_prototypes=2, score="cam_mean")
+    assert _reads(lambda: pool.is_built)[1]  # first read: from the buffers
+    assert _reads(lambda: pool.is_built) == (False, [])  # cached
+    pool.update(**_single_token_batch(torch.randn(4, 3), torch.tensor([[1.0, 0], [0, 1.0]] * 2)))
+    assert _reads(lambda: pool.is_built) == (False, [])  # update leaves the prototypes alone
+    pool.finalize()
+    assert _reads(lambda: pool.is_built) == (True, [])  # finalize knows the answer
+    moved = pool.to(torch.float64)
+    assert _reads(lambda: moved.is_built) == (True, [])  # casts and moves keep it
+    fresh = PrototypePool(3, 2, num_prototypes=2)
+    fresh.load_state_dict(pool.state_dict())  # read once at load time
+    assert _reads(lambda: fresh.is_built) == (True, [])
+    fresh.pos_valid.zero_(), fresh.neg_valid.zero_(), fresh.built.zero_()  # edited by hand
+    value, ops = _reads(lambda: fresh.is_built)
+    assert value is False and ops  # the edit is seen (version counters), read once
+    assert _reads(lambda: fresh.is_built) == (False, [])

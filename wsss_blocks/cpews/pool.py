@@ -45,7 +45,7 @@ class PrototypePool(nn.Module):
     * **Negatives**: for an absent class with a non-empty region, ``A_bc`` competes for
       the class's top-``M`` by score: ``"prob"`` (paper: the predicted probability,
       ``class_probs``, e.g. ``sigmoid(logits_final)``) or ``"cam_mean"`` (official: the
-      mean raw CAMs over valid tokens). The streamed top-``M`` is exact; no re-forward.
+      mean of the raw CAM over valid tokens). The streamed top-``M`` is exact; no re-forward.
       The multi-hot label of each negative's source image is kept (``neg_labels``) for
       the superclass filter.
 
@@ -71,6 +71,11 @@ class PrototypePool(nn.Module):
         kmeans_iters: Lloyd steps.
         seed: seed of the store keys and of k-means.
         device: buffer device.
+
+    Shape:
+        - pos, neg: ``(K, M, D)``; pos_valid, neg_valid, neg_scores: ``(K, M)``
+        - update: features ``(B, N, D)`` or ``(B, D, h, w)``, cams ``(B, K, h, w)``, labels
+          ``(B, K)``
 
     Example:
         >>> pool = PrototypePool(4, 2, num_prototypes=1, capacity=8)
