@@ -12,7 +12,8 @@ the form of the official code:
   ours runs its default path for the device (``compact=None``: the present-classes path
   on CPU, recorded as ``pdl_ssl_path``); the dense all-classes path (the accelerator
   default) is timed too, as ``pdl_dense`` / ``ssl_dense``;
-* ``accumulate`` vs a per-(image, class) loop appending region means to Python lists.
+* ``PrototypePool.update`` vs a per-(image, class) loop appending region means to Python lists
+  (results key ``accumulate``, as in the earlier runs).
 
 Peak memory is measured on CPU as the growth of the peak resident set size (``VmHWM``,
 reset through ``/proc/self/clear_refs``) of a fresh subprocess that runs one forward +
@@ -271,12 +272,12 @@ def time_all(k, min_run_time):
         o, r = _paired_ms(ours, ref, min_run_time)
         res[name] = {"ours_ms": round(o, 3), "reference_ms": round(r, 3), "speedup": round(r / o, 2)}
 
-    # accumulate (model excluded): streamed pool vs list-append loop
-    pool = PrototypePool(k, x["tokens"].shape[-1], num_prototypes=10, capacity=2048)
+    # PrototypePool.update (model excluded): streamed pool vs list-append loop
+    pool = PrototypePool(x["tokens"].shape[-1], k, num_prototypes=10, capacity=2048)
     cams = torch.einsum("bnd,kd->bkn", x["tokens"], x["weight"]).unflatten(2, x["grid"])
 
     def acc_ours():
-        pool.accumulate(x["tokens"], cams, x["labels"], class_probs=x["probs"])
+        pool.update(x["tokens"], cams, x["labels"], class_probs=x["probs"])
 
     def acc_ref():
         accumulate_loop({"pos": [[] for _ in range(k)], "neg": [[] for _ in range(k)]},
@@ -288,12 +289,12 @@ def time_all(k, min_run_time):
     res["accumulate"] = {"ours_ms": round(o, 3), "reference_ms": round(r, 3), "speedup": round(r / o, 2)}
 
     # finalize at full store (K x 2048 x 768, 10 Lloyd steps)
-    # filled to capacity through the public accumulate: every class present in every image
+    # filled to capacity through the public update: every class present in every image
     gen = torch.Generator().manual_seed(1)
     d, chunk = x["tokens"].shape[-1], 256
     for _ in range(-(-pool.capacity // chunk)):
-        pool.accumulate(torch.randn(chunk, 4, d, generator=gen), torch.rand(chunk, k, 2, 2, generator=gen) + 0.1,
-                        torch.ones(chunk, k), class_probs=torch.rand(chunk, k, generator=gen))
+        pool.update(torch.randn(chunk, 4, d, generator=gen), torch.rand(chunk, k, 2, 2, generator=gen) + 0.1,
+                    torch.ones(chunk, k), class_probs=torch.rand(chunk, k, generator=gen))
     assert bool(pool.store_valid.all())
     t0 = time.perf_counter()
     pool.finalize()
@@ -380,7 +381,7 @@ def main() -> None:
         "threads": env["threads"],
         "shapes": {"B": 4, "N": 784, "grid": [28, 28], "D": 768, "M": 10,
                    "present_classes_per_image": 2},
-        "what": "median ms of forward+backward (accumulate/finalize: no grad), "
+        "what": "median ms of forward+backward (accumulate = PrototypePool.update, and finalize: no grad), "
                 "torch.utils.benchmark blocked_autorange, ours and reference in 3 alternating "
                 "rounds",
         "load_average_at_start": os.getloadavg(),

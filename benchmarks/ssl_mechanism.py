@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Why CPEWS's SSL collapses CAMs when shared appearance crosses the superclass table (issue 15).
+"""Why CPEWS's SSL collapses CAMs when shared appearance crosses the superclass table.
 
 For the ``default`` synthetic scenes (superclass = body pair) and the ``crossed`` ones (partners
 in different superclasses), train the cpews recipe (paper preset) up to the prototype-pool
@@ -12,7 +12,7 @@ build (step 60 of 200, the matrix's schedule), then on 128 validation scenes:
 * the share of the class's own object tokens that pass the activation gate and land in ``Phi``;
 * on one training batch, the gradient norm each term sends to the backbone and the heads
   (``train.grad_norms``) for SSL in the spec's form (raw CAM logits, mean over ``Phi``) and the
-  alternatives (``cam_scale="max"``, ``reduction="gate"``), against the classification term.
+  alternatives (``cam_scale="max"``, ``denominator="gate"``), against the classification term.
 
 Writes ``benchmarks/results/ssl_mechanism_cpu.json``. ~2 minutes on one CPU core.
 """
@@ -52,7 +52,7 @@ SCENES = {"default": [], "crossed": ["--scene", "num_classes=8", "--scene", "sup
                   "--scene", "context_alone=0.2"]}
 CATEGORIES = ("own_part", "own_body", "other_object", "own_context", "other_background")
 VARIANTS = {"spec (raw, mean over Phi)": {}, "cam_scale=max": {"cam_scale": "max"},
-            "reduction=gate": {"reduction": "gate"}, "max + gate": {"cam_scale": "max", "reduction": "gate"}}
+            "denominator=gate": {"denominator": "gate"}, "max + gate": {"cam_scale": "max", "denominator": "gate"}}
 
 
 def _token_majority(x: torch.Tensor, patch: int) -> torch.Tensor:
@@ -82,8 +82,9 @@ def analyse(name: str, extra: list[str], tmp: Path, seed: int) -> dict[str, Any]
         with torch.no_grad():
             taps, o = recipe._heads(backbone, batch["image"])
         labels = batch["labels"]
-        phi, gate = _suppression_set(taps.final, o.cam_final.float(), labels != 0, None, pool.pos, pool.pos_valid,
-                                     pool.neg, pool.suppression_mask(True, filters[fname]), 0.1, None)
+        keep = pool.suppression_mask(suppress_singletons=True, source_share=filters[fname])
+        phi, gate = _suppression_set(taps.final, o.cams_final.float(), labels != 0, None, pool.pos, pool.pos_valid,
+                                     pool.neg, keep, 0.1, None)
         scenes = [val_ds.scene(int(i)) for i in batch["index"]]
         mask = _token_majority(batch["mask"], patch)  # (B, N): 0 bg, c+1
         part = _token_majority(torch.stack([torch.from_numpy(s["part"]).long() for s in scenes]), patch)
@@ -104,22 +105,24 @@ def analyse(name: str, extra: list[str], tmp: Path, seed: int) -> dict[str, Any]
     net.train()
     grads: dict[str, Any] = {}
     taps, o = recipe._heads(backbone, batch["image"])
-    token_labels = token_pseudo_labels(normalize_cam(o.cam_mid.detach().float()), batch["labels"], taps.size,
-                                       low=0.25, high=0.7, valid=batch["valid"])
-    terms = recipe.loss(logits_mid=o.logits_mid, logits_final=o.logits_final, tokens_final=taps.final,
-                        cam_final=o.cam_final, token_labels=token_labels, labels=batch["labels"], valid=batch["valid"])
+    masks_mid = token_pseudo_labels(normalize_cam(o.cams_mid.detach().float()), batch["labels"], taps.size,
+                                    low=0.25, high=0.7, valid=batch["valid"])
+    terms = recipe.loss(logits_mid=o.logits_mid, logits_final=o.logits_final, features_final=taps.final,
+                        cams_final=o.cams_final, masks_mid=masks_mid, labels=batch["labels"],
+                        valid=batch["valid"]).terms
     groups = train._grad_groups(net)
     base = {"cls_final": LossTerm(1.0, terms["cls_final"]), "cls_mid": LossTerm(1.0, terms["cls_mid"])}
     for vname, kw in VARIANTS.items():
-        value = ssl_loss(taps.final, o.cam_final, batch["labels"], pool.pos, pool.pos_valid, pool.neg,
-                         pool.suppression_mask(True), act_threshold=0.1, **kw)
+        value = ssl_loss(taps.final, o.cams_final, batch["labels"], pool.pos, pool.pos_valid, pool.neg,
+                         pool.suppression_mask(suppress_singletons=True), act_threshold=0.1, **kw)
         g = train.grad_norms({**base, "ssl": LossTerm(0.2, value)}, groups)
         grads[vname] = {"ssl_value": float(value), **{key: float(v) for key, v in g.items()}}
     per_filter = {}
     for f in filters:
         total = float(counts[f].sum())
         per_filter[f] = {
-            "kept_negatives_per_class": pool.suppression_mask(True, filters[f]).sum(1).tolist(),
+            "kept_negatives_per_class": pool.suppression_mask(suppress_singletons=True,
+                                                              source_share=filters[f]).sum(1).tolist(),
             "phi_tokens": total,
             "phi_share": {c: float(n) / max(total, 1.0) for c, n in zip(CATEGORIES, counts[f], strict=True)},
             "own_object_tokens_in_gate": own_obj_gate[f],

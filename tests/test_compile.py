@@ -79,9 +79,9 @@ def test_pdl_and_ssl_losses_compile(compact):
 def test_cpews_loss_module_compiles():
     gen = torch.Generator().manual_seed(2)
     k, d, grid = 3, 8, (3, 4)
-    pool = PrototypePool(k, d, num_prototypes=2, score="cam_mean")
-    pool.accumulate(torch.randn(8, 12, d, generator=gen), torch.randn(8, k, *grid, generator=gen),
-                    (torch.rand(8, k, generator=gen) > 0.5).float())
+    pool = PrototypePool(d, k, num_prototypes=2, score="cam_mean")
+    pool.update(torch.randn(8, 12, d, generator=gen), torch.randn(8, k, *grid, generator=gen),
+                (torch.rand(8, k, generator=gen) > 0.5).float())
     pool.finalize()
     crit = CPEWSLoss(pool)
     head = CPEWSHead(d, k)
@@ -90,8 +90,8 @@ def test_cpews_loss_module_compiles():
 
     def total(t):
         out = head(t, t, grid)
-        return crit(logits_mid=out.logits_mid, logits_final=out.logits_final, tokens_final=t,
-                    cam_final=out.cam_final, token_labels=token_labels, labels=labels)["total"]
+        return crit(logits_mid=out.logits_mid, logits_final=out.logits_final, features_final=t,
+                    cams_final=out.cams_final, masks_mid=token_labels, labels=labels).loss
 
     _grads_equal(total, tokens)
 

@@ -12,7 +12,7 @@ from wsss_blocks import ShapeError
 from wsss_blocks.constants import COCO_CLASSES, VOC_CLASSES
 from wsss_blocks.cpews import (
     COCO_SUPERCLASSES,
-    CPEWS_PRESETS,
+    PRESETS,
     VOC_SUPERCLASSES,
     CPEWSHead,
     ISMLoss,
@@ -62,16 +62,16 @@ def test_superclass_index_errors():
 
 
 def test_presets_exact_values():
-    assert CPEWS_PRESETS["paper"]["loss"] == {"ism": 0.12, "pdl": 1.5e-4, "ssl": 0.2}
-    assert CPEWS_PRESETS["official"]["loss"] == {"ism": 0.2, "pdl": 0.12, "ssl": 1.5e-4}
-    off = CPEWS_PRESETS["official"]
-    assert off["pdl"] == {"distance": "rms", "offset": 0.1, "mask_threshold": 0.1}
+    assert PRESETS["paper"]["loss_weights"] == {"ism": 0.12, "pdl": 1.5e-4, "ssl": 0.2}
+    assert PRESETS["official"]["loss_weights"] == {"ism": 0.2, "pdl": 0.12, "ssl": 1.5e-4}
+    off = PRESETS["official"]
+    assert off["pdl"] == {"distance": "rms", "offset": 0.1, "threshold": 0.1}
     assert off["ssl"] == {"suppress_singletons": False}
-    assert off["pool"] == {"score": "cam_mean", "mask_threshold": 0.1}
-    pap = CPEWS_PRESETS["paper"]
-    assert pap["pdl"] == {"distance": "l2", "offset": 0.0, "mask_threshold": None}
+    assert off["pool"] == {"score": "cam_mean", "threshold": 0.1}
+    pap = PRESETS["paper"]
+    assert pap["pdl"] == {"distance": "l2", "offset": 0.0, "threshold": None}
     assert pap["ssl"] == {"suppress_singletons": True}
-    assert pap["pool"] == {"score": "prob", "mask_threshold": None}
+    assert pap["pool"] == {"score": "prob", "threshold": None}
 
 
 # ----------------------------------------------------------------------------- ISM
@@ -195,19 +195,19 @@ def test_ism_bf16_autocast_and_module():
 def test_ism_validation():
     t = torch.randn(2, 6, 4)
     y = torch.zeros(2, 6, dtype=torch.long)
-    with pytest.raises(ShapeError, match="token_labels"):
+    with pytest.raises(ShapeError, match="masks"):
         ism_loss(t, y.float())
-    with pytest.raises(ShapeError, match="token_labels"):
+    with pytest.raises(ShapeError, match="masks"):
         ism_loss(t, y[:, :, None, None])
-    with pytest.raises(ShapeError, match="tokens"):
+    with pytest.raises(ShapeError, match="features"):
         ism_loss(t, y[:, :5])
-    with pytest.raises(ShapeError, match="tokens"):
+    with pytest.raises(ShapeError, match="features"):
         ism_loss(t[:1], y)
-    with pytest.raises(ShapeError, match="tokens"):
+    with pytest.raises(ShapeError, match="features"):
         ism_loss(t, y.view(2, 3, 2)[:, :, :1])
-    with pytest.raises(ShapeError, match="tokens"):
+    with pytest.raises(ShapeError, match="features"):
         ism_loss(t.long(), y)
-    with pytest.raises(ShapeError, match="tokens"):
+    with pytest.raises(ShapeError, match="features"):
         ism_loss(torch.randn(2, 4, 2, 2), y)  # 4 cells vs N=6
     with pytest.raises(ValueError, match="count_offset"):
         ism_loss(t, y, count_offset=-1.0)
@@ -230,8 +230,8 @@ def test_head_gmp_feat_and_gmp_cam():
     out_cam = head_cam(tokens, tokens, (1, 2))
     assert out_cam.logits_final.item() == pytest.approx(1.0)  # max_n CAM = max(1, 1)
     assert out_cam.logits_mid.item() == pytest.approx(2.0)
-    torch.testing.assert_close(out.cam_final, torch.tensor([[[[1.0, 1.0]]]]))
-    torch.testing.assert_close(out.cam_mid, torch.tensor([[[[2.0, -1.0]]]]))
+    torch.testing.assert_close(out.cams_final, torch.tensor([[[[1.0, 1.0]]]]))
+    torch.testing.assert_close(out.cams_mid, torch.tensor([[[[2.0, -1.0]]]]))
 
 
 def test_head_shapes_grads_and_oracle():
@@ -240,13 +240,13 @@ def test_head_shapes_grads_and_oracle():
     mid = torch.randn(2, 12, 6, generator=gen, requires_grad=True)
     fin = torch.randn(2, 6, 3, 4, generator=gen, requires_grad=True)  # NCHW layout
     out = head(mid, fin, (3, 4))
-    assert out.cam_mid.shape == (2, 3, 3, 4) and out.logits_mid.shape == (2, 3)
+    assert out.cams_mid.shape == (2, 3, 3, 4) and out.logits_mid.shape == (2, 3)
     w = head.classifier_final.weight
     ftok = fin.flatten(2).transpose(1, 2)
     for b in range(2):
         for k in range(3):
             ref = (ftok[b] @ w[k]).view(3, 4)
-            torch.testing.assert_close(out.cam_final[b, k], ref)
+            torch.testing.assert_close(out.cams_final[b, k], ref)
             torch.testing.assert_close(out.logits_final[b, k], ftok[b].amax(0) @ w[k])
     sum(o.sum() for o in out).backward()
     assert mid.grad.abs().sum() > 0 and fin.grad.abs().sum() > 0
@@ -261,9 +261,9 @@ def test_head_shapes_grads_and_oracle():
 
 def test_head_validation():
     head = CPEWSHead(4, 2)
-    with pytest.raises(ShapeError, match="tokens_mid"):
+    with pytest.raises(ShapeError, match="features_mid"):
         head(torch.randn(2, 5, 4), torch.randn(2, 6, 4), (2, 3))
-    with pytest.raises(ShapeError, match="tokens_final"):
+    with pytest.raises(ShapeError, match="features_final"):
         head(torch.randn(2, 6, 4), torch.randn(3, 6, 4), (2, 3))
     with pytest.raises(ShapeError, match="D=4"):
         head(torch.randn(2, 6, 5), torch.randn(2, 6, 5), (2, 3))
@@ -297,8 +297,8 @@ def test_cpews_taps_block_index_and_unnormed(vit12):
     torch.testing.assert_close(mid.detach(), ref)
     torch.testing.assert_close(taps.final.detach(), final)
     assert mid.requires_grad and taps.final.requires_grad
-    assert list(cpews_taps(vit12, images, aux_layer=4).intermediate) == [4]
-    with pytest.raises(ValueError, match="out of range"):
-        cpews_taps(vit12, images, aux_layer=-13)
-    with pytest.raises(ValueError, match="out of range"):
-        cpews_taps(vit12, images, aux_layer=12)
+    assert list(cpews_taps(vit12, images, mid_layer=4).intermediate) == [4]
+    with pytest.raises(ValueError, match="mid_layer: .*out of range"):
+        cpews_taps(vit12, images, mid_layer=-13)
+    with pytest.raises(ValueError, match="mid_layer: .*out of range"):
+        cpews_taps(vit12, images, mid_layer=12)

@@ -21,6 +21,7 @@ from wsss_blocks.cpews import (
     pdl_loss,
     ssl_loss,
 )
+from wsss_blocks.outputs import LossOutput
 
 PATHS = pytest.mark.parametrize("compact", [False, True], ids=["dense", "compact"])
 OK2 = torch.ones(1, 2, dtype=torch.bool)
@@ -67,7 +68,7 @@ def test_pdl_negative_at_region(compact):
 
 
 def _pdl_oracle(feats, cam, labels, pos, pv, neg, nv, *, temperature=13.0, distance="l2",
-                offset=0.0, mask_threshold=None, valid=None, eps=1e-6):
+                offset=0.0, threshold=None, valid=None, eps=1e-6):
     b, k = labels.shape
     terms = []
     for i in range(b):
@@ -76,8 +77,8 @@ def _pdl_oracle(feats, cam, labels, pos, pv, neg, nv, *, temperature=13.0, dista
                 continue
             m = cam[i, c].flatten().double().clamp_min(0)
             w = m / (m.max() + 1e-5)
-            if mask_threshold is not None:
-                w = (w > mask_threshold).double()
+            if threshold is not None:
+                w = (w > threshold).double()
             if valid is not None:
                 w = w * valid[i].flatten().double()
             if w.sum() <= 0:
@@ -118,8 +119,8 @@ def _random_case(seed, b=2, k=3, n=6, d=4, m=3, grid=(2, 3)):
 
 @pytest.mark.parametrize(
     "kw",
-    [{}, {"distance": "rms", "offset": 0.1, "mask_threshold": 0.1}, {"temperature": 2.0},
-     {"mask_threshold": 0.5, "offset": 0.3}],
+    [{}, {"distance": "rms", "offset": 0.1, "threshold": 0.1}, {"temperature": 2.0},
+     {"threshold": 0.5, "offset": 0.3}],
 )
 @PATHS
 def test_pdl_loop_oracle(kw, compact):
@@ -156,14 +157,14 @@ def test_pdl_no_grad_into_classifier_and_no_pairs(compact):
     labels = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
     pos, neg = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
     ok = torch.ones(2, 3, dtype=torch.bool)
-    loss = pdl(tokens, out.cam_final, labels, pos, ok, neg, ok)
+    loss = pdl(tokens, out.cams_final, labels, pos, ok, neg, ok)
     loss.backward()
     assert head.classifier_final.weight.grad is None
     assert tokens.grad.abs().sum() > 0
     # nothing eligible: graph-attached 0, zero grads, no NaN
     f = torch.randn(2, 6, 4, requires_grad=True)
     for lab, pv, nv in ((torch.zeros(2, 2), ok, ok), (labels, ok & False, ok), (labels, ok, ok & False)):
-        z = pdl(f, out.cam_final.detach(), lab, pos, pv, neg, nv)
+        z = pdl(f, out.cams_final.detach(), lab, pos, pv, neg, nv)
         assert z.item() == 0.0 and z.requires_grad
         (g,) = torch.autograd.grad(z, f)
         assert torch.equal(g, torch.zeros_like(g))
@@ -175,9 +176,9 @@ def test_pdl_bf16_module_and_validation():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = pdl_loss(feats.bfloat16(), cam.bfloat16(), labels, pos, pv, neg, nv)
     assert out.dtype == torch.float32 and out.item() == pytest.approx(ref.item(), abs=2e-2)
-    pool = PrototypePool(3, 4, num_prototypes=3)
+    pool = PrototypePool(4, 3, num_prototypes=3)
     pool.pos.copy_(pos), pool.pos_valid.copy_(pv), pool.neg.copy_(neg), pool.neg_valid.copy_(nv)
-    kw = {"distance": "rms", "offset": 0.1, "mask_threshold": 0.1, "temperature": 5.0}
+    kw = {"distance": "rms", "offset": 0.1, "threshold": 0.1, "temperature": 5.0}
     torch.testing.assert_close(
         PDLLoss(**kw)(feats, cam, labels, pool, valid=valid),
         pdl_loss(feats, cam, labels, pos, pv, neg, nv, valid=valid, **kw),
@@ -194,7 +195,7 @@ def test_pdl_bf16_module_and_validation():
         pdl_loss(feats, cam, labels, pos, pv, neg, nv[:, :2])
     with pytest.raises(ShapeError, match="features"):
         pdl_loss(feats[:, :5], cam, labels, pos, pv, neg, nv)
-    with pytest.raises(ShapeError, match="cam"):
+    with pytest.raises(ShapeError, match="cams"):
         pdl_loss(feats, cam[:, :, 0], labels, pos, pv, neg, nv)
     with pytest.raises(ShapeError, match="valid"):
         pdl_loss(feats, cam, labels, pos, pv, neg, nv, valid=valid.float())
@@ -240,7 +241,7 @@ def test_ssl_trains_final_classifier_and_tokens(compact):
     tokens = torch.tensor([[[0.0, 2.0], [2.0, 0.0], [0.0, 3.0]]], requires_grad=True)
     out = head(tokens, tokens, (1, 3))
     _, _, y, pos, pv, neg, nk = _ssl_hand()
-    loss = ssl(tokens, out.cam_final, y, pos, pv, neg, nk)
+    loss = ssl(tokens, out.cams_final, y, pos, pv, neg, nk)
     assert loss.item() > 0
     loss.backward()
     assert head.classifier_final.weight.grad is not None
@@ -300,11 +301,11 @@ def test_ssl_gradcheck_bf16_module_validation(compact):
         out = ssl(feats.bfloat16(), cam.bfloat16(), labels, pos, pv, neg, nk)
     assert out.dtype == torch.float32 and torch.isfinite(out)
     assert out.item() == pytest.approx(ref.item(), abs=5e-2)
-    pool = PrototypePool(3, 4, num_prototypes=4, superclasses={"a": (0, 1), "b": (2,)})
+    pool = PrototypePool(4, 3, num_prototypes=4, superclasses={"a": (0, 1), "b": (2,)})
     pool.pos.copy_(pos), pool.pos_valid.copy_(pv), pool.neg.copy_(neg), pool.neg_valid.copy_(nk)
     pool.neg_labels[1, :, 0] = True  # class 1's negatives all come from images with class 0
     for single in (True, False):
-        keep = pool.suppression_mask(single)
+        keep = pool.suppression_mask(suppress_singletons=single)
         assert not keep[1].any() and (keep[2].any() == single)
         torch.testing.assert_close(
             SSLLoss(suppress_singletons=single, act_threshold=None, compact=compact)(
@@ -357,7 +358,7 @@ def test_dense_equals_compact(name, case):
         f = feats.clone().requires_grad_()
         c = (cam * 2.0).detach().requires_grad_()  # more tokens above the activation gate
         for v in (None, valid):
-            pdl = pdl_loss(f, c, labels, pos, pv, neg, nv, valid=v, mask_threshold=0.2,
+            pdl = pdl_loss(f, c, labels, pos, pv, neg, nv, valid=v, threshold=0.2,
                            compact=compact)
             ssl = ssl_loss(f, c, labels, pos, pv, neg, nv, valid=v, compact=compact)
             ssl_all = ssl_loss(f, c, labels, pos, pv, neg, nv, valid=v, act_threshold=None,
@@ -389,8 +390,8 @@ def test_dense_equals_compact_through_head():
         gen = torch.Generator().manual_seed(0)
         pos, neg = torch.randn(6, 3, 8, generator=gen), torch.randn(6, 3, 8, generator=gen)
         ok = torch.ones(6, 3, dtype=torch.bool)
-        loss = (pdl_loss(tokens, out.cam_final, labels, pos, ok, neg, ok, compact=compact)
-                + ssl_loss(tokens, out.cam_final, labels, pos, ok, neg, ok, act_threshold=None,
+        loss = (pdl_loss(tokens, out.cams_final, labels, pos, ok, neg, ok, compact=compact)
+                + ssl_loss(tokens, out.cams_final, labels, pos, ok, neg, ok, act_threshold=None,
                            compact=compact))
         loss.backward()
         grads.append((loss.detach(), tokens.grad, head.classifier_final.weight.grad))
@@ -411,7 +412,7 @@ def test_compact_selection():
     assert _class_slots(labels * 0, True).shape == (2, 0)
     assert "compact=True" in repr(SSLLoss(compact=True)) and "compact=None" in repr(PDLLoss())
     feats, cam, labels, pos, pv, neg, nv, valid = _random_case(40)
-    pool = PrototypePool(3, 4, num_prototypes=3)
+    pool = PrototypePool(4, 3, num_prototypes=3)
     pool.pos.copy_(pos), pool.pos_valid.copy_(pv), pool.neg.copy_(neg), pool.neg_valid.copy_(nv)
     for compact in (None, False, True):
         torch.testing.assert_close(
@@ -435,122 +436,130 @@ def _loss_inputs(seed=0, b=2, k=3, grid=(2, 3), d=4):
     token_labels = torch.randint(0, k + 1, (b, *grid), generator=gen)
     labels = torch.tensor([[1, 0, 1], [0, 1, 1]])
     return head, tokens, {
-        "logits_mid": out.logits_mid, "logits_final": out.logits_final, "tokens_final": tokens,
-        "cam_final": out.cam_final, "token_labels": token_labels, "labels": labels,
+        "logits_mid": out.logits_mid, "logits_final": out.logits_final, "features_final": tokens,
+        "cams_final": out.cams_final, "masks_mid": token_labels, "labels": labels,
     }
 
 
 def _built_pool(seed=1, k=3, d=4, **kw):
     gen = torch.Generator().manual_seed(seed)
-    pool = PrototypePool(k, d, num_prototypes=2, score="cam_mean", **kw)
-    pool.accumulate(torch.randn(8, 6, d, generator=gen), torch.randn(8, k, 2, 3, generator=gen),
-                    (torch.rand(8, k, generator=gen) > 0.5).float())
+    pool = PrototypePool(d, k, num_prototypes=2, score="cam_mean", **kw)
+    pool.update(torch.randn(8, 6, d, generator=gen), torch.randn(8, k, 2, 3, generator=gen),
+                (torch.rand(8, k, generator=gen) > 0.5).float())
     pool.finalize()
     return pool
+
+
+TERMS = ["cls_mid", "cls_final", "ism", "pdl", "ssl"]
 
 
 def test_cpews_loss_total_is_weighted_sum():
     pool = _built_pool()
     head, tokens, inp = _loss_inputs()
-    crit = CPEWSLoss(pool, weights={"ism": 0.5, "pdl": 2.0, "ssl": 3.0})
+    crit = CPEWSLoss(pool, loss_weights={"ism": 0.5, "pdl": 2.0, "ssl": 3.0})
     out = crit(**inp)
+    assert isinstance(out, LossOutput) and list(out.terms) == TERMS
+    assert out.weights == {"cls_mid": 1.0, "cls_final": 1.0, "ism": 0.5, "pdl": 2.0, "ssl": 3.0}
+    t = out.terms
     fn = torch.nn.functional.multilabel_soft_margin_loss
-    torch.testing.assert_close(out["cls_mid"], fn(inp["logits_mid"], inp["labels"].float()))
-    torch.testing.assert_close(out["cls_final"], fn(inp["logits_final"], inp["labels"].float()))
-    torch.testing.assert_close(out["ism"], ism_loss(tokens, inp["token_labels"]))
-    torch.testing.assert_close(out["pdl"], pdl_loss(
-        tokens, inp["cam_final"], inp["labels"], pool.pos, pool.pos_valid, pool.neg, pool.neg_valid))
-    torch.testing.assert_close(out["ssl"], ssl_loss(
-        tokens, inp["cam_final"], inp["labels"], pool.pos, pool.pos_valid, pool.neg,
+    torch.testing.assert_close(t["cls_mid"], fn(inp["logits_mid"], inp["labels"].float()))
+    torch.testing.assert_close(t["cls_final"], fn(inp["logits_final"], inp["labels"].float()))
+    torch.testing.assert_close(t["ism"], ism_loss(tokens, inp["masks_mid"]))
+    torch.testing.assert_close(t["pdl"], pdl_loss(
+        tokens, inp["cams_final"], inp["labels"], pool.pos, pool.pos_valid, pool.neg, pool.neg_valid))
+    torch.testing.assert_close(t["ssl"], ssl_loss(
+        tokens, inp["cams_final"], inp["labels"], pool.pos, pool.pos_valid, pool.neg,
         pool.suppression_mask()))
-    want = out["cls_mid"] + out["cls_final"] + 0.5 * out["ism"] + 2.0 * out["pdl"] + 3.0 * out["ssl"]
-    torch.testing.assert_close(out["total"], want)
-    out["total"].backward()
+    want = t["cls_mid"] + t["cls_final"] + 0.5 * t["ism"] + 2.0 * t["pdl"] + 3.0 * t["ssl"]
+    torch.testing.assert_close(out.loss, want)
+    torch.testing.assert_close(out.loss, sum(out.weights[k] * v for k, v in t.items()))
+    out.loss.backward()
     assert head.classifier_final.weight.grad is not None and tokens.grad is not None
     assert "pool.pos" in crit.state_dict() and "pool.built" in crit.state_dict()
 
 
 def test_cpews_loss_presets():
-    pool = PrototypePool(3, 4)
+    pool = PrototypePool(4, 3)
     paper = CPEWSLoss(pool)
-    assert paper.weights == {"ism": 0.12, "pdl": 1.5e-4, "ssl": 0.2}
-    assert paper.pdl.distance == "l2" and paper.pdl.offset == 0.0 and paper.pdl.mask_threshold is None
+    assert paper.loss_weights == {"ism": 0.12, "pdl": 1.5e-4, "ssl": 0.2}
+    assert paper.pdl.distance == "l2" and paper.pdl.offset == 0.0 and paper.pdl.threshold is None
     assert paper.ssl.suppress_singletons is True
     off = CPEWSLoss(pool, preset="official")
-    assert off.weights == {"ism": 0.2, "pdl": 0.12, "ssl": 1.5e-4}
-    assert (off.pdl.distance, off.pdl.offset, off.pdl.mask_threshold) == ("rms", 0.1, 0.1)
+    assert off.loss_weights == {"ism": 0.2, "pdl": 0.12, "ssl": 1.5e-4}
+    assert (off.pdl.distance, off.pdl.offset, off.pdl.threshold) == ("rms", 0.1, 0.1)
     assert off.ssl.suppress_singletons is False
     custom = CPEWSLoss(pool, preset="official", pdl=PDLLoss(), ism=ISMLoss(abs_cos=False))
     assert custom.pdl.distance == "l2" and custom.ism.abs_cos is False
     with pytest.raises(ValueError, match="preset"):
         CPEWSLoss(pool, preset="fast")
-    with pytest.raises(ValueError, match="weights: expected None or a mapping"):
-        CPEWSLoss(pool, weights="official")
-    with pytest.raises(ValueError, match=r"weights: unknown keys \['cls'\]"):
-        CPEWSLoss(pool, weights={"cls": 1.0})
-    with pytest.raises(ValueError, match="weights"):
-        CPEWSLoss(pool, weights={"ism": 1.0, "pdl": -1.0, "ssl": 0.0})
+    with pytest.raises(ValueError, match="loss_weights: expected None or a mapping"):
+        CPEWSLoss(pool, loss_weights="official")
+    with pytest.raises(ValueError, match=r"loss_weights: unknown keys \['cls'\]"):
+        CPEWSLoss(pool, loss_weights={"cls": 1.0})
+    with pytest.raises(ValueError, match="loss_weights"):
+        CPEWSLoss(pool, loss_weights={"ism": 1.0, "pdl": -1.0, "ssl": 0.0})
     with pytest.raises(TypeError, match="pool"):
         CPEWSLoss(None)
 
 
 def test_cpews_loss_weights_override_only_the_weights():
-    pool = PrototypePool(3, 4)
-    crit = CPEWSLoss(pool, preset="official", weights={"ssl": 0.5})
-    assert crit.weights == {"ism": 0.2, "pdl": 0.12, "ssl": 0.5}
+    pool = _built_pool()
+    crit = CPEWSLoss(pool, preset="official", loss_weights={"ssl": 0.5})
+    assert crit.loss_weights == {"ism": 0.2, "pdl": 0.12, "ssl": 0.5}
     # the preset's sub-loss settings survive a weight override (they used to be dropped)
-    assert (crit.pdl.distance, crit.pdl.offset, crit.pdl.mask_threshold) == ("rms", 0.1, 0.1)
+    assert (crit.pdl.distance, crit.pdl.offset, crit.pdl.threshold) == ("rms", 0.1, 0.1)
     assert crit.ssl.suppress_singletons is False
-    weights = {k: w for k, (w, _) in crit.weighted_terms(
-        {k: torch.tensor(0.0) for k in ("cls_mid", "cls_final", "ism", "pdl", "ssl")}).items()}
-    assert weights == {"cls_mid": 1.0, "cls_final": 1.0, "ism": 0.2, "pdl": 0.12, "ssl": 0.5}
+    out = crit(**_loss_inputs()[2])
+    assert out.weights == {"cls_mid": 1.0, "cls_final": 1.0, "ism": 0.2, "pdl": 0.12, "ssl": 0.5}
 
 
 def test_cpews_loss_from_preset_builds_pool_and_losses():
-    crit = CPEWSLoss.from_preset(3, 4, preset="official", weights={"ism": 0.3},
+    crit = CPEWSLoss.from_preset(4, 3, preset="official", loss_weights={"ism": 0.3},
                                  superclasses={"a": (0, 1), "b": (2,)},
                                  pool={"num_prototypes": 2, "capacity": 16},
                                  pdl={"temperature": 5.0}, warn_unbuilt=False)
-    assert crit.weights == {"ism": 0.3, "pdl": 0.12, "ssl": 1.5e-4}
+    assert crit.loss_weights == {"ism": 0.3, "pdl": 0.12, "ssl": 1.5e-4}
+    assert (crit.pool.in_dim, crit.pool.num_classes) == (4, 3)
     assert (crit.pool.num_prototypes, crit.pool.capacity) == (2, 16)
-    assert (crit.pool.score, crit.pool.mask_threshold) == ("cam_mean", 0.1)  # official pool
+    assert (crit.pool.score, crit.pool.threshold) == ("cam_mean", 0.1)  # official pool
     assert (crit.pdl.temperature, crit.pdl.distance, crit.pdl.offset) == (5.0, "rms", 0.1)
     assert crit.pool.superclass_of.tolist() == [0, 0, 1]
-    assert crit.warn_unbuilt is False
+    assert crit.warn_unbuilt is False and crit.pdl.warn_unbuilt is False and crit.ssl.warn_unbuilt is False
     with pytest.raises(TypeError):
-        CPEWSLoss.from_preset(3, 4, pool={"no_such_option": 1})
+        CPEWSLoss.from_preset(4, 3, pool={"no_such_option": 1})
 
 
 def test_cpews_loss_follows_fp64_inputs():
     pool = _built_pool()
     head, tokens, inp = _loss_inputs()
     inp64 = {k: (v.double() if v.is_floating_point() else v) for k, v in inp.items()}
-    inp64["tokens_final"] = tokens.detach().double().requires_grad_()
+    inp64["features_final"] = tokens.detach().double().requires_grad_()
     out = CPEWSLoss(pool)(**inp64)
-    for key in ("cls_mid", "cls_final", "ism", "total"):
-        assert out[key].dtype == torch.float64, key
+    for key in ("cls_mid", "cls_final", "ism"):
+        assert out.terms[key].dtype == torch.float64, key
+    assert out.loss.dtype == torch.float64
 
 
 def test_cpews_loss_unbuilt_pool_and_zero_weights():
-    crit = CPEWSLoss(PrototypePool(3, 4))
-    quiet = CPEWSLoss(PrototypePool(3, 4), warn_unbuilt=False)
+    crit = CPEWSLoss(PrototypePool(4, 3))
+    quiet = CPEWSLoss(PrototypePool(4, 3), warn_unbuilt=False)
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         for _ in range(2):
             _, _, inp = _loss_inputs()
             out = crit(**inp)
-            assert out["pdl"].item() == 0.0 and out["ssl"].item() == 0.0
-            assert out["pdl"].requires_grad and out["ssl"].requires_grad
-            out["total"].backward()
+            assert out.terms["pdl"].item() == 0.0 and out.terms["ssl"].item() == 0.0
+            assert out.terms["pdl"].requires_grad and out.terms["ssl"].requires_grad
+            out.loss.backward()
             quiet(**_loss_inputs()[2])
     assert sum("not built" in str(w.message) for w in rec) == 1
     pool = _built_pool()
-    crit0 = CPEWSLoss(pool, weights={"ism": 0.0, "pdl": 0.0, "ssl": 1.0})
+    crit0 = CPEWSLoss(pool, loss_weights={"ism": 0.0, "pdl": 0.0, "ssl": 1.0})
     _, _, inp = _loss_inputs()
     out = crit0(**inp)
-    assert out["ism"].item() == 0.0 and not out["ism"].requires_grad
-    assert out["pdl"].item() == 0.0 and not out["pdl"].requires_grad
-    torch.testing.assert_close(out["total"], out["cls_mid"] + out["cls_final"] + out["ssl"])
+    assert out.terms["ism"].item() == 0.0 and not out.terms["ism"].requires_grad
+    assert out.terms["pdl"].item() == 0.0 and not out.terms["pdl"].requires_grad
+    torch.testing.assert_close(out.loss, out.terms["cls_mid"] + out.terms["cls_final"] + out.terms["ssl"])
     with pytest.raises(ShapeError, match="pool"):
         CPEWSLoss(PrototypePool(4, 4))(**inp)
     with pytest.raises(ShapeError, match="logits_mid"):
@@ -559,25 +568,76 @@ def test_cpews_loss_unbuilt_pool_and_zero_weights():
         crit0(**{**inp, "labels": inp["labels"] * 2})
 
 
+def test_cpews_loss_one_warning_whichever_sub_loss_reads_the_pool():
+    """Sub-losses that warn on their own (user modules, default warn_unbuilt) add no warning."""
+    for weights in ({"pdl": 1.0, "ssl": 0.0}, {"pdl": 0.0, "ssl": 1.0}, {}):
+        crit = CPEWSLoss(PrototypePool(4, 3), loss_weights=weights, pdl=PDLLoss(), ssl=SSLLoss())
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            for _ in range(3):
+                crit(**_loss_inputs()[2])
+        assert sum("not built" in str(w.message) for w in rec) == 1, weights
+    crit = CPEWSLoss.from_preset(4, 3, loss_weights={"ism": 0.0, "pdl": 0.0, "ssl": 0.0})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing reads the pool: nothing to warn about
+        crit(**_loss_inputs()[2])
+
+
+@pytest.mark.parametrize("cls", [PDLLoss, SSLLoss])
+def test_sub_loss_unbuilt_pool_is_a_graph_zero_with_one_warning(cls):
+    feats, cam, labels, *_ = _random_case(6)
+    f, c = feats.clone().requires_grad_(), cam.clone().requires_grad_()
+    loss = cls()
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            z = loss(f, c, labels, PrototypePool(4, 3))
+            assert z.item() == 0.0 and z.requires_grad and z.dtype == torch.float32
+            gf, gc = torch.autograd.grad(z, (f, c))
+            assert not gf.any() and not gc.any()
+        cls(warn_unbuilt=False)(f, c, labels, PrototypePool(4, 3))
+    assert [cls.__name__ in str(w.message) and "not built" in str(w.message) for w in rec] == [True]
+    assert "warn_unbuilt=False" in repr(cls(warn_unbuilt=False))
+
+
+def test_pool_filled_by_hand_or_loaded_counts_as_built():
+    feats, cam, labels, pos, pv, neg, nv, _ = _random_case(7)
+    pool = PrototypePool(4, 3, num_prototypes=3)
+    assert not pool.is_built
+    pool.pos.copy_(pos), pool.pos_valid.copy_(pv), pool.neg.copy_(neg), pool.neg_valid.copy_(nv)
+    assert pool.is_built  # in-place edits of the buffers are seen
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(PDLLoss()(feats, cam, labels, pool),
+                                   pdl_loss(feats, cam, labels, pos, pv, neg, nv))
+    fresh = PrototypePool(4, 3, num_prototypes=3)
+    assert not fresh.is_built
+    fresh.load_state_dict(pool.state_dict())
+    assert fresh.is_built and not bool(fresh.built)  # valid prototypes, never finalized here
+    pool.pos_valid.zero_(), pool.neg_valid.zero_()
+    assert not pool.is_built
+
+
 def test_cpews_loss_bf16_autocast():
     pool = _built_pool()
-    crit = CPEWSLoss(pool, weights={"ism": 1.0, "pdl": 1.0, "ssl": 1.0})
+    crit = CPEWSLoss(pool, loss_weights={"ism": 1.0, "pdl": 1.0, "ssl": 1.0})
     head, tokens, inp = _loss_inputs()
     ref = crit(**inp)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = head(tokens, tokens, (2, 3))
         res = crit(**{**inp, "logits_mid": out.logits_mid, "logits_final": out.logits_final,
-                      "cam_final": out.cam_final})
-    for key in ref:
-        assert torch.isfinite(res[key]) and res[key].dtype == torch.float32
-        assert res[key].item() == pytest.approx(ref[key].item(), rel=0.03, abs=0.01), key
+                      "cams_final": out.cams_final})
+    pairs = [("loss", res.loss, ref.loss)] + [(k, res.terms[k], ref.terms[k]) for k in ref.terms]
+    for key, got, want in pairs:
+        assert torch.isfinite(got) and got.dtype == torch.float32
+        assert got.item() == pytest.approx(want.item(), rel=0.03, abs=0.01), key
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_no_host_sync():
     dev = torch.device("cuda")
-    pool = PrototypePool(3, 4, num_prototypes=2, superclasses={"a": (0, 1), "b": (2,)}, device=dev)
+    pool = PrototypePool(4, 3, num_prototypes=2, superclasses={"a": (0, 1), "b": (2,)}, device=dev)
     gen = torch.Generator().manual_seed(0)
     feats = torch.randn(4, 6, 4, generator=gen).to(dev)
     cams = torch.randn(4, 3, 2, 3, generator=gen).to(dev)
@@ -590,14 +650,15 @@ def test_cuda_no_host_sync():
     crit = CPEWSLoss(pool)
     torch.cuda.set_sync_debug_mode("error")
     try:
-        pool.accumulate(feats, cams, labels, class_probs=probs, valid=valid)
+        pool.update(feats, cams, labels, class_probs=probs, valid=valid)
         torch.cuda.set_sync_debug_mode(0)
         pool.finalize()  # one deliberate sync (empty-pool warning check)
         torch.cuda.set_sync_debug_mode("error")
-        out = head(tokens, tokens, (2, 3))
-        res = crit(logits_mid=out.logits_mid, logits_final=out.logits_final, tokens_final=tokens,
-                   cam_final=out.cam_final, token_labels=token_labels, labels=labels, valid=valid)
-        res["total"].backward()
+        for _ in range(2):  # is_built is read from the buffers without a sync per step
+            out = head(tokens, tokens, (2, 3))
+            res = crit(logits_mid=out.logits_mid, logits_final=out.logits_final, features_final=tokens,
+                       cams_final=out.cams_final, masks_mid=token_labels, labels=labels, valid=valid)
+            res.loss.backward()
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    assert torch.isfinite(res["total"]).item()
+    assert torch.isfinite(res.loss).item()

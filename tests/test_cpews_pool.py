@@ -7,10 +7,11 @@ import warnings
 import pytest
 import torch
 from _runtime_helpers import run_gloo
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from wsss_blocks import ShapeError
 from wsss_blocks.constants import VOC_CLASSES
-from wsss_blocks.cpews import CPEWS_PRESETS, PrototypePool, pdl_loss, region_embeddings
+from wsss_blocks.cpews import PRESETS, PrototypePool, RegionEmbeddings, pdl_loss, region_embeddings
 
 
 # ----------------------------------------------------------------------------- region embeddings
@@ -40,14 +41,17 @@ def test_region_embeddings_loop_oracle(threshold):
     cam[1, 2] = -cam[1, 2].abs()  # an all-negative map -> empty
     valid = torch.rand(2, 3, 4, generator=gen) > 0.3
     for v in (None, valid):
-        a, ne = region_embeddings(feats, cam, mask_threshold=threshold, valid=v)
+        out = region_embeddings(feats, cam, threshold=threshold, valid=v)
+        assert isinstance(out, RegionEmbeddings)
+        a, ne = out  # tuple unpacking keeps working
+        assert a is out.prototypes and ne is out.prototype_valid
         ra, rne = _region_oracle(feats, cam, threshold, v)
         assert a.dtype == torch.float32 and a.shape == (2, 3, 5) and ne.dtype == torch.bool
         torch.testing.assert_close(a.double(), ra, atol=1e-5, rtol=1e-5)
         assert torch.equal(ne, rne)
         assert not ne[1, 2]
     grid = feats.transpose(1, 2).reshape(2, 5, 3, 4)
-    torch.testing.assert_close(region_embeddings(grid, cam)[0], region_embeddings(feats, cam)[0])
+    torch.testing.assert_close(region_embeddings(grid, cam).prototypes, region_embeddings(feats, cam).prototypes)
 
 
 def test_region_embeddings_known_answers_and_grads():
@@ -59,12 +63,12 @@ def test_region_embeddings_known_answers_and_grads():
     assert torch.equal(a[0, 1], torch.zeros(3)) and ne.tolist() == [[True, False]]
     a.sum().backward()
     assert feats.grad.abs().sum() > 0 and cam.grad is None
-    with pytest.raises(ShapeError, match="cam"):
+    with pytest.raises(ShapeError, match="cams"):
         region_embeddings(feats, cam[0])
     with pytest.raises(ShapeError, match="features"):
         region_embeddings(torch.randn(1, 5, 3), cam.detach())
-    with pytest.raises(ValueError, match="mask_threshold"):
-        region_embeddings(feats, cam.detach(), mask_threshold=1.0)
+    with pytest.raises(ValueError, match="threshold"):
+        region_embeddings(feats, cam.detach(), threshold=1.0)
 
 
 # ----------------------------------------------------------------------------- pool helpers
@@ -86,9 +90,9 @@ def test_pool_recovers_separated_blobs():
     pts = centres.repeat_interleave(8, 0) + 0.05 * torch.randn(24, 3, generator=gen)
     labels = torch.zeros(24, 2)
     labels[:, 0] = 1
-    pool = PrototypePool(2, 3, num_prototypes=3, capacity=64, score="cam_mean")
+    pool = PrototypePool(3, 2, num_prototypes=3, capacity=64, score="cam_mean")
     for chunk in torch.arange(24).split(5):
-        pool.accumulate(**_single_token_batch(pts[chunk], labels[chunk]))
+        pool.update(**_single_token_batch(pts[chunk], labels[chunk]))
     assert pool.seen.tolist() == [24, 0]
     pool.finalize()
     assert pool.pos_valid.tolist() == [[True] * 3, [False] * 3]
@@ -105,9 +109,9 @@ def test_pool_capacity_keeps_all_and_reservoir_is_seeded():
     labels = (torch.rand(30, 3, generator=gen) > 0.4).float()
     batches = [_single_token_batch(pts[i : i + 7], labels[i : i + 7]) for i in range(0, 30, 7)]
 
-    big = PrototypePool(3, 4, capacity=64, score="cam_mean")
+    big = PrototypePool(4, 3, capacity=64, score="cam_mean")
     for bt in batches:
-        big.accumulate(**bt)
+        big.update(**bt)
     for c in range(3):
         stored = big.store[c][big.store_valid[c]]
         want = pts[labels[:, c] > 0]
@@ -117,9 +121,9 @@ def test_pool_capacity_keeps_all_and_reservoir_is_seeded():
         assert (d.min(1).values < 1e-3).all() and (d.min(0).values < 1e-3).all()
 
     def small(seed):
-        p = PrototypePool(3, 4, capacity=5, score="cam_mean", seed=seed)
+        p = PrototypePool(4, 3, capacity=5, score="cam_mean", seed=seed)
         for bt in batches:
-            p.accumulate(**bt)
+            p.update(**bt)
         return p
 
     a, b, c = small(0), small(0), small(1)
@@ -141,7 +145,7 @@ def test_pool_capacity_keeps_all_and_reservoir_is_seeded():
     # reset re-seeds: a second pass reproduces the first
     a.reset()
     for bt in batches:
-        a.accumulate(**bt)
+        a.update(**bt)
     assert torch.equal(a.store, b.store)
 
 
@@ -151,11 +155,11 @@ def test_pool_negatives_streamed_equal_one_shot_sort():
     pts = torch.randn(n, 5, generator=gen)
     labels = (torch.rand(n, k, generator=gen) > 0.6).float()
     probs = torch.rand(n, k, generator=gen)
-    streamed = PrototypePool(k, 5, num_prototypes=m, capacity=8)
+    streamed = PrototypePool(5, k, num_prototypes=m, capacity=8)
     for idx in torch.arange(n).chunk(5):
-        streamed.accumulate(**_single_token_batch(pts[idx], labels[idx], probs[idx]))
-    one = PrototypePool(k, 5, num_prototypes=m, capacity=8)
-    one.accumulate(**_single_token_batch(pts, labels, probs))
+        streamed.update(**_single_token_batch(pts[idx], labels[idx], probs[idx]))
+    one = PrototypePool(5, k, num_prototypes=m, capacity=8)
+    one.update(**_single_token_batch(pts, labels, probs))
     streamed.finalize()
     one.finalize()
     for name in ("neg", "neg_valid", "neg_scores", "neg_labels"):
@@ -178,7 +182,7 @@ def test_pool_cam_mean_score_with_valid():
     valid[:, 1, 2] = False
     labels = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
     pool = PrototypePool(2, 2, num_prototypes=2, score="cam_mean")
-    pool.accumulate(feats, cams, labels, valid=valid)
+    pool.update(feats, cams, labels, valid=valid)
     pool.finalize()
     want = [float(cams[i, 1].flatten()[:5].mean()) for i in (0, 1)]
     got = sorted(pool.neg_scores[1].tolist(), reverse=True)
@@ -188,18 +192,18 @@ def test_pool_cam_mean_score_with_valid():
 
 def test_pool_official_preset_uses_binary_region_mask():
     # official preset: region = mean of tokens whose max-normalised CAM > 0.1 (not CAM-weighted)
-    pool = PrototypePool(2, 2, num_prototypes=1, **CPEWS_PRESETS["official"]["pool"])
-    assert pool.mask_threshold == 0.1 and pool.score == "cam_mean"
+    pool = PrototypePool(2, 2, num_prototypes=1, **PRESETS["official"]["pool"])
+    assert pool.threshold == 0.1 and pool.score == "cam_mean"
     feats = torch.tensor([[[1.0, 0.0], [0.0, 8.0], [3.0, 2.0], [5.0, 5.0]]])
     cams = torch.zeros(1, 2, 2, 2)
     cams[0, 0] = 1.0
     cams[0, 1] = torch.tensor([[1.0, 0.05], [0.5, 0.0]])  # class 1 absent -> negative candidate
-    pool.accumulate(feats, cams, torch.tensor([[1.0, 0.0]]))
+    pool.update(feats, cams, torch.tensor([[1.0, 0.0]]))
     pool.finalize()
     assert pool.neg_valid[1, 0]
     torch.testing.assert_close(pool.neg[1, 0], torch.tensor([2.0, 1.0]))  # (f0 + f2) / 2
     soft = PrototypePool(2, 2, num_prototypes=1, score="cam_mean")
-    soft.accumulate(feats, cams, torch.tensor([[1.0, 0.0]]))
+    soft.update(feats, cams, torch.tensor([[1.0, 0.0]]))
     soft.finalize()
     assert not torch.allclose(soft.neg[1, 0], pool.neg[1, 0])  # the CAM-weighted mean differs
 
@@ -209,13 +213,13 @@ def test_pool_state_dict_and_old_prototypes_until_finalize():
     pts = torch.randn(12, 3, generator=gen)
     labels = (torch.rand(12, 2, generator=gen) > 0.5).float()
     probs = torch.rand(12, 2, generator=gen)
-    pool = PrototypePool(2, 3, num_prototypes=2, capacity=16, superclasses={"a": (0, 1)})
-    pool.accumulate(**_single_token_batch(pts[:6], labels[:6], probs[:6]))
+    pool = PrototypePool(3, 2, num_prototypes=2, capacity=16, superclasses={"a": (0, 1)})
+    pool.update(**_single_token_batch(pts[:6], labels[:6], probs[:6]))
     pool.finalize()
     sd = pool.state_dict()
     assert set(sd) == {"pos", "pos_valid", "neg", "neg_valid", "neg_scores", "neg_labels",
                        "superclass_of", "built"}
-    fresh = PrototypePool(2, 3, num_prototypes=2, capacity=16)
+    fresh = PrototypePool(3, 2, num_prototypes=2, capacity=16)
     assert not fresh.is_built
     fresh.load_state_dict(sd)
     assert fresh.is_built and bool(fresh.built)
@@ -232,7 +236,7 @@ def test_pool_state_dict_and_old_prototypes_until_finalize():
 
     before = loss(pool)
     pool.reset()
-    pool.accumulate(**_single_token_batch(pts[6:], labels[6:], probs[6:]))
+    pool.update(**_single_token_batch(pts[6:], labels[6:], probs[6:]))
     for key in old:
         assert torch.equal(getattr(pool, key), old[key]), key
     assert torch.equal(loss(pool), before)
@@ -242,13 +246,13 @@ def test_pool_state_dict_and_old_prototypes_until_finalize():
 
 
 def test_pool_finalize_empty_warns_and_never_present_class():
-    pool = PrototypePool(3, 2, num_prototypes=2)
+    pool = PrototypePool(2, 3, num_prototypes=2)
     with pytest.warns(UserWarning, match="nothing was accumulated"):
         pool.finalize()
     assert pool.is_built and not pool.pos_valid.any() and not pool.neg_valid.any()
     # class 2 never present, class 1 present once (n_c < M), class 0 never negative
-    p = PrototypePool(3, 2, num_prototypes=2, score="cam_mean")
-    p.accumulate(**_single_token_batch(torch.randn(2, 2), torch.tensor([[1.0, 1.0, 0], [1.0, 0, 0]])))
+    p = PrototypePool(2, 3, num_prototypes=2, score="cam_mean")
+    p.update(**_single_token_batch(torch.randn(2, 2), torch.tensor([[1.0, 1.0, 0], [1.0, 0, 0]])))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         p.finalize()
@@ -269,13 +273,13 @@ def test_pool_build_leaves_model_mode_and_matches_manual():
         cams = f[..., :2].transpose(1, 2).reshape(2, 2, 2, 2)
         return {"features": f, "cams": cams, "labels": y, "class_probs": cams.mean((2, 3)).sigmoid()}
 
-    pool = PrototypePool(2, 3, num_prototypes=2)
+    pool = PrototypePool(3, 2, num_prototypes=2)
     pool.build(model_fn, data)
     assert net.training and pool.is_built
-    manual = PrototypePool(2, 3, num_prototypes=2)
+    manual = PrototypePool(3, 2, num_prototypes=2)
     with torch.no_grad():
         for bt in data:
-            manual.accumulate(**model_fn(bt))
+            manual.update(**model_fn(bt))
     manual.finalize()
     for key, val in manual.state_dict().items():
         assert torch.equal(pool.state_dict()[key], val), key
@@ -283,34 +287,34 @@ def test_pool_build_leaves_model_mode_and_matches_manual():
 
 
 def test_pool_validation():
-    pool = PrototypePool(2, 3)
+    pool = PrototypePool(3, 2)
     feats, cams, y = torch.randn(1, 4, 3), torch.randn(1, 2, 2, 2), torch.tensor([[1, 0]])
     with pytest.raises(ValueError, match="class_probs"):
-        pool.accumulate(feats, cams, y)
+        pool.update(feats, cams, y)
     with pytest.raises(ShapeError, match="class_probs"):
-        pool.accumulate(feats, cams, y, class_probs=torch.rand(1, 3))
+        pool.update(feats, cams, y, class_probs=torch.rand(1, 3))
     with pytest.raises(ShapeError, match="cams"):
-        pool.accumulate(feats, torch.randn(1, 3, 2, 2), y, class_probs=torch.rand(1, 2))
+        pool.update(feats, torch.randn(1, 3, 2, 2), y, class_probs=torch.rand(1, 2))
     with pytest.raises(ShapeError, match="labels"):
-        pool.accumulate(feats, cams, torch.tensor([[2, 0]]), class_probs=torch.rand(1, 2))
+        pool.update(feats, cams, torch.tensor([[2, 0]]), class_probs=torch.rand(1, 2))
     with pytest.raises(ShapeError, match="features"):
-        pool.accumulate(torch.randn(1, 4, 5), cams, y, class_probs=torch.rand(1, 2))
+        pool.update(torch.randn(1, 4, 5), cams, y, class_probs=torch.rand(1, 2))
     with pytest.raises(ShapeError, match="features"):
-        pool.accumulate(torch.randn(1, 5, 3), cams, y, class_probs=torch.rand(1, 2))
+        pool.update(torch.randn(1, 5, 3), cams, y, class_probs=torch.rand(1, 2))
     with pytest.raises(ShapeError, match="valid"):
-        pool.accumulate(feats, cams, y, class_probs=torch.rand(1, 2), valid=torch.ones(2, 2, 2))
+        pool.update(feats, cams, y, class_probs=torch.rand(1, 2), valid=torch.ones(2, 2, 2))
     with pytest.raises(ValueError, match="score"):
-        PrototypePool(2, 3, score="max")
+        PrototypePool(3, 2, score="max")
     with pytest.raises(ValueError, match="capacity"):
-        PrototypePool(2, 3, capacity=0)
+        PrototypePool(3, 2, capacity=0)
     with pytest.raises(ValueError, match="num_prototypes"):
-        PrototypePool(2, 3, num_prototypes=0)
+        PrototypePool(3, 2, num_prototypes=0)
     with pytest.raises(ValueError, match="kmeans_iters"):
-        PrototypePool(2, 3, kmeans_iters=-1)
-    with pytest.raises(ValueError, match="mask_threshold"):
-        PrototypePool(2, 3, mask_threshold=1.0)
+        PrototypePool(3, 2, kmeans_iters=-1)
+    with pytest.raises(ValueError, match="threshold"):
+        PrototypePool(3, 2, threshold=1.0)
     with pytest.raises(ShapeError, match="num_classes=20"):
-        PrototypePool(2, 3, superclasses="voc")
+        PrototypePool(3, 2, superclasses="voc")
 
 
 def test_pool_bf16_autocast_features():
@@ -318,11 +322,11 @@ def test_pool_bf16_autocast_features():
     feats = torch.randn(2, 4, 3, generator=gen)
     cams = torch.randn(2, 2, 2, 2, generator=gen)
     y = torch.tensor([[1, 0], [0, 1]])
-    ref = PrototypePool(2, 3, num_prototypes=1, score="cam_mean")
-    ref.accumulate(feats, cams, y)
-    pool = PrototypePool(2, 3, num_prototypes=1, score="cam_mean")
+    ref = PrototypePool(3, 2, num_prototypes=1, score="cam_mean")
+    ref.update(feats, cams, y)
+    pool = PrototypePool(3, 2, num_prototypes=1, score="cam_mean")
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        pool.accumulate(feats.bfloat16(), cams.bfloat16(), y)
+        pool.update(feats.bfloat16(), cams.bfloat16(), y)
     assert pool.store.dtype == torch.float32
     torch.testing.assert_close(pool.store, ref.store, atol=5e-2, rtol=5e-2)
 
@@ -330,7 +334,7 @@ def test_pool_bf16_autocast_features():
 # ----------------------------------------------------------------------------- superclass filter
 def _voc_pool_with_negatives(neg_sources):
     """VOC pool whose valid negatives of class c come from images with the given labels."""
-    pool = PrototypePool(20, 2, num_prototypes=len(next(iter(neg_sources.values()))),
+    pool = PrototypePool(2, 20, num_prototypes=len(next(iter(neg_sources.values()))),
                          superclasses="voc")
     for c, sources in neg_sources.items():
         for m, present in enumerate(sources):
@@ -356,11 +360,11 @@ def test_superclass_filter_voc():
     assert torch.equal(strict[bus], keep[bus]) and torch.equal(strict[dog], keep[dog])
     assert not keep[0].any()  # no valid negatives
     # no table: every valid negative is kept
-    flat = PrototypePool(20, 2, num_prototypes=3)
+    flat = PrototypePool(2, 20, num_prototypes=3)
     flat.neg_valid.copy_(pool.neg_valid)
     flat.neg_labels.copy_(pool.neg_labels)
     assert torch.equal(flat.suppression_mask(), pool.neg_valid)
-    assert torch.equal(flat.suppression_mask(False), pool.neg_valid)
+    assert torch.equal(flat.suppression_mask(suppress_singletons=False), pool.neg_valid)
 
 
 # ----------------------------------------------------------------------------- DDP (gloo, 2 ranks)
@@ -380,9 +384,9 @@ def _ddp_data():
 
 
 def _ddp_rank(rank: int) -> dict:
-    pool = PrototypePool(3, 6, num_prototypes=2, capacity=4, superclasses={"a": (0, 1), "b": (2,)})
+    pool = PrototypePool(6, 3, num_prototypes=2, capacity=4, superclasses={"a": (0, 1), "b": (2,)})
     for batch in _ddp_data()[rank]:
-        pool.accumulate(**batch)
+        pool.update(**batch)
     pool.finalize()
     return pool.state_dict()
 
@@ -391,9 +395,9 @@ def _ddp_rank(rank: int) -> dict:
 def test_pool_ddp_two_ranks_equal_single_process_union():
     states = run_gloo(_ddp_rank)
     data = _ddp_data()
-    single = PrototypePool(3, 6, num_prototypes=2, capacity=4, superclasses={"a": (0, 1), "b": (2,)})
+    single = PrototypePool(6, 3, num_prototypes=2, capacity=4, superclasses={"a": (0, 1), "b": (2,)})
     for b0, b1 in zip(data[0], data[1], strict=True):  # union, in rank order, step by step
-        single.accumulate(**{k: torch.cat([b0[k], b1[k]]) for k in b0})
+        single.update(**{k: torch.cat([b0[k], b1[k]]) for k in b0})
     single.finalize()
     for key, val in single.state_dict().items():
         assert torch.equal(states[0][key], states[1][key]), key
@@ -408,14 +412,52 @@ def test_pool_after_module_cast(cast, state):
     gen = torch.Generator().manual_seed(0)
     feats, cams = torch.randn(4, 6, 3, generator=gen), torch.randn(4, 2, 2, 3, generator=gen)
     labels = torch.tensor([[1, 0], [0, 1], [1, 1], [0, 1]])
-    ref = PrototypePool(2, 3, num_prototypes=2, capacity=8, score="cam_mean")
-    ref.accumulate(feats, cams, labels)
+    ref = PrototypePool(3, 2, num_prototypes=2, capacity=8, score="cam_mean")
+    ref.update(feats, cams, labels)
     ref.finalize()
-    pool = PrototypePool(2, 3, num_prototypes=2, capacity=8, score="cam_mean").to(cast)
+    pool = PrototypePool(3, 2, num_prototypes=2, capacity=8, score="cam_mean").to(cast)
     assert pool.pos.dtype == state and pool.neg_scores.dtype == state
-    pool.accumulate(feats.to(cast), cams.to(cast), labels)
+    pool.update(feats.to(cast), cams.to(cast), labels)
     pool.finalize()
     assert pool.pos.dtype == state and pool.pos_valid.dtype == torch.bool
     assert torch.equal(pool.pos_valid, ref.pos_valid) and torch.equal(pool.neg_valid, ref.neg_valid)
     tol = 1e-2 if cast != torch.float64 else 1e-5
     torch.testing.assert_close(pool.pos.float(), ref.pos, atol=tol, rtol=tol)
+
+
+class _RecordOps(TorchDispatchMode):
+    """Records every aten op dispatched inside the context (a host read of a tensor is one)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _reads(fn):
+    with _RecordOps() as rec:
+        value = fn()
+    return value, rec.ops
+
+
+def test_is_built_reads_the_buffers_once_per_change():
+    """A step that leaves the pool alone must not touch its buffers (a device sync on GPU)."""
+    pool = PrototypePool(3, 2, num_prototypes=2, score="cam_mean")
+    assert _reads(lambda: pool.is_built)[1]  # first read: from the buffers
+    assert _reads(lambda: pool.is_built) == (False, [])  # cached
+    pool.update(**_single_token_batch(torch.randn(4, 3), torch.tensor([[1.0, 0], [0, 1.0]] * 2)))
+    assert _reads(lambda: pool.is_built) == (False, [])  # update leaves the prototypes alone
+    pool.finalize()
+    assert _reads(lambda: pool.is_built) == (True, [])  # finalize knows the answer
+    moved = pool.to(torch.float64)
+    assert _reads(lambda: moved.is_built) == (True, [])  # casts and moves keep it
+    fresh = PrototypePool(3, 2, num_prototypes=2)
+    fresh.load_state_dict(pool.state_dict())  # read once at load time
+    assert _reads(lambda: fresh.is_built) == (True, [])
+    fresh.pos_valid.zero_(), fresh.neg_valid.zero_(), fresh.built.zero_()  # edited by hand
+    value, ops = _reads(lambda: fresh.is_built)
+    assert value is False and ops  # the edit is seen (version counters), read once
+    assert _reads(lambda: fresh.is_built) == (False, [])

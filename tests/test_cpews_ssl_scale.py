@@ -1,4 +1,4 @@
-"""SSL ``cam_scale`` / ``reduction`` (issue 15): the spec's form and the alternatives."""
+"""SSL ``cam_scale`` / ``denominator``: the paper's form and the alternatives."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def test_max_scale_is_invariant_to_the_cam_scale_and_raw_is_not(compact):
     assert vals["raw", 10.0] == pytest.approx(10 * vals["raw", 1.0])
 
 
-def _oracle(feats, cam, labels, pos, pv, neg, nk, scale="max", reduction="phi"):
+def _oracle(feats, cam, labels, pos, pv, neg, nk, scale="max", denominator="phi"):
     vals, gate = [], 0
     for i in range(labels.shape[0]):
         for c in range(labels.shape[1]):
@@ -59,12 +59,12 @@ def _oracle(feats, cam, labels, pos, pv, neg, nk, scale="max", reduction="phi"):
                     vals.append(m[n] / (m.max().detach() + 1e-5) if scale == "max" else m[n])
     if not vals:
         return torch.zeros(())
-    return torch.stack(vals).sum() / (len(vals) if reduction == "phi" else gate)
+    return torch.stack(vals).sum() / (len(vals) if denominator == "phi" else gate)
 
 
 @PATHS
-@pytest.mark.parametrize("scale,reduction", [("max", "phi"), ("raw", "gate"), ("max", "gate")])
-def test_loop_oracle_values_and_gradients(compact, scale, reduction):
+@pytest.mark.parametrize("scale,denominator", [("max", "phi"), ("raw", "gate"), ("max", "gate")])
+def test_loop_oracle_values_and_gradients(compact, scale, denominator):
     gen = torch.Generator().manual_seed(3)
     b, k, n, d, m = 2, 3, 12, 4, 4
     feats = torch.randn(b, n, d, generator=gen)
@@ -76,8 +76,8 @@ def test_loop_oracle_values_and_gradients(compact, scale, reduction):
     pv[:, 0] = True
     nk[:, 0] = True
     c1, c2 = cam0.clone().requires_grad_(), cam0.clone().requires_grad_()
-    out = ssl_loss(feats, c1, labels, pos, pv, neg, nk, cam_scale=scale, reduction=reduction, compact=compact)
-    ref = _oracle(feats, c2, labels, pos, pv, neg, nk, scale, reduction)
+    out = ssl_loss(feats, c1, labels, pos, pv, neg, nk, cam_scale=scale, denominator=denominator, compact=compact)
+    ref = _oracle(feats, c2, labels, pos, pv, neg, nk, scale, denominator)
     assert ref.item() > 0
     assert out.item() == pytest.approx(ref.item(), abs=1e-6)
     out.backward()
@@ -86,28 +86,30 @@ def test_loop_oracle_values_and_gradients(compact, scale, reduction):
 
 
 @PATHS
-def test_gate_reduction_hand_built(compact):
+def test_gate_denominator_hand_built(compact):
     feats, cam, y, pos, pv, neg, nk = _hand()
     # gate (activated: normalised [1, 0.5, 0.05] > 0.1) = tokens {0, 1}; Phi = {0}
-    loss = ssl_loss(feats, cam, y, pos, pv, neg, nk, reduction="gate", compact=compact)
+    loss = ssl_loss(feats, cam, y, pos, pv, neg, nk, denominator="gate", compact=compact)
     assert loss.item() == pytest.approx(1.0)  # 2 / 2
     loss.backward()
     assert cam.grad.flatten().tolist() == pytest.approx([0.5, 0.0, 0.0])
-    # Phi empty -> 0 with either reduction
-    z = ssl_loss(feats, cam, y, pos, pv, neg, nk & False, reduction="gate", compact=compact)
+    # Phi empty -> 0 with either denominator
+    z = ssl_loss(feats, cam, y, pos, pv, neg, nk & False, denominator="gate", compact=compact)
     assert z.item() == 0.0
 
 
 def test_module_and_preset_plumbing():
-    assert (SSLLoss().cam_scale, SSLLoss().reduction) == ("raw", "phi")  # the spec's form
-    with pytest.raises(ValueError, match="reduction"):
-        SSLLoss(reduction="sum")
+    assert (SSLLoss().cam_scale, SSLLoss().denominator) == ("raw", "phi")  # the paper's form
+    with pytest.raises(ValueError, match="denominator"):
+        SSLLoss(denominator="sum")
+    with pytest.raises(ValueError, match="denominator"):
+        ssl_loss(*_hand(), denominator="mean")
     assert "cam_scale='max'" in repr(SSLLoss(cam_scale="max"))
     with pytest.raises(ValueError, match="cam_scale"):
         SSLLoss(cam_scale="sigmoid")
     with pytest.raises(ValueError, match="cam_scale"):
         ssl_loss(*_hand(), cam_scale="l2")
-    crit = CPEWSLoss.from_preset(3, 4, ssl={"cam_scale": "max"})
+    crit = CPEWSLoss.from_preset(4, 3, ssl={"cam_scale": "max"})
     assert crit.ssl.cam_scale == "max"
 
 
@@ -115,7 +117,7 @@ def test_module_and_preset_plumbing():
 def _pool_with_sources():
     from wsss_blocks.cpews import PrototypePool
 
-    pool = PrototypePool(3, 2, num_prototypes=2)  # no superclass table
+    pool = PrototypePool(2, 3, num_prototypes=2)  # no superclass table
     pool.neg_valid.fill_(True)
     pool.neg_valid[1, 1] = False
     t = torch.tensor
@@ -141,7 +143,7 @@ def test_source_share_loop_oracle():
 
     gen = torch.Generator().manual_seed(5)
     k, m = 5, 6
-    pool = PrototypePool(k, 3, num_prototypes=m, superclasses={"a": (0, 1), "b": (2, 3, 4)})
+    pool = PrototypePool(3, k, num_prototypes=m, superclasses={"a": (0, 1), "b": (2, 3, 4)})
     pool.neg_valid.copy_(torch.rand(k, m, generator=gen) > 0.3)
     pool.neg_labels.copy_((torch.rand(k, m, k, generator=gen) > 0.6) & pool.neg_valid[:, :, None])
     pool.neg_labels[torch.arange(k), :, torch.arange(k)] = False  # a negative never contains its class

@@ -304,7 +304,7 @@ def test_runtime_config_errors(tmp_path: Path) -> None:
         train.main([*base, "--recipe", "baseline", "--model", "no_such_model_xyz"])
     # recipe constructor checks against the model become ConfigErrors too (clean CLI exit)
     with pytest.raises(ConfigError, match="--recipe cpews: block index -3 is out of range"):
-        train.main([*base, "--recipe", "cpews", "--depth", "2"])  # default aux_layer=-3
+        train.main([*base, "--recipe", "cpews", "--depth", "2"])  # default mid_layer=-3
     with pytest.raises(ConfigError, match="--recipe mct: --opt last_k: expected >= 1"):
         train.main([*base, "--recipe", "mct", "--opt", "last_k=0"])
     if not torch.cuda.is_available():

@@ -163,14 +163,15 @@ def test_cpews_ssl_default_and_spec_form(tmp_path: Path) -> None:
     s = train.main([*TINY, *CPEWS, "--output", str(tmp_path / "d"), "--no-plots", "--iterations", "2",
                     "--eval-every", "2"])
     o = s["recipe_options"]
-    assert (o["ssl_reduction"], o["ssl_source_share"], o["ssl_cam_scale"], o["preset"]) == ("gate", 0.5, "raw", "paper")
+    assert (o["ssl_denominator"], o["ssl_source_share"], o["ssl_cam_scale"], o["preset"]) == (
+        "gate", 0.5, "raw", "paper")
     import recipes.cpews as rc
     from _backbone import build_backbone
     from recipes.base import parse_options
 
     cfg = parse_config([*TINY, *CPEWS])
-    spec = parse_options(rc.CPEWSRecipe, {"ssl_reduction": "phi", "ssl_source_share": "none"})
+    spec = parse_options(rc.CPEWSRecipe, {"ssl_denominator": "phi", "ssl_source_share": "none"})
     r = rc.CPEWSRecipe(build_backbone(cfg), 6, cfg, spec, {"superclasses": None})
-    assert (r.loss.ssl.reduction, r.loss.ssl.source_share, r.loss.weights["ssl"]) == ("phi", None, 0.2)
+    assert (r.loss.ssl.denominator, r.loss.ssl.source_share, r.loss.loss_weights["ssl"]) == ("phi", None, 0.2)
     d = rc.CPEWSRecipe(build_backbone(cfg), 6, cfg, parse_options(rc.CPEWSRecipe, {}), {"superclasses": None})
-    assert (d.loss.ssl.reduction, d.loss.ssl.source_share) == ("gate", 0.5)
+    assert (d.loss.ssl.denominator, d.loss.ssl.source_share) == ("gate", 0.5)

@@ -1,16 +1,17 @@
 """``cpews``: CPEWS = ToCo's two-branch classifier + ISM + prototype pool (PDL, SSL).
 
-* Taps: intermediate block ``aux_layer`` and final tokens (:func:`wsss_blocks.cpews.cpews_taps`);
-  :class:`~wsss_blocks.cpews.CPEWSHead` gives both branches' logits and CAMs.
+* Taps: intermediate block ``mid_layer`` and final tokens (:func:`wsss_blocks.cpews.cpews_taps`);
+  :class:`~wsss_blocks.cpews.CPEWSHead` gives both branches' logits and raw CAMs.
 * ISM labels: the cheap form of the paper's intermediate-CAM labels -- the detached intermediate CAM,
   ``"max"``-normalised, through :func:`wsss_blocks.cam.token_pseudo_labels` (``--low``/``--high``).
 * Pool: built once at step ``pool_step`` (after the warm-up, never from an untrained
   classifier) from ``pool_images`` training images without augmentation, in eval mode, and
   optionally rebuilt every ``pool_refresh`` steps. PDL and SSL are 0 before the build.
 * Loss: :class:`~wsss_blocks.cpews.CPEWSLoss` with the ``"paper"`` or ``"official"`` preset;
-  superclasses from the dataset (VOC / COCO tables, the synthetic scenes' groups).
-* SSL default (issue 15, evidence in ``benchmarks/results/ssl_mechanism_cpu.json`` and
-  ``reproduce_matrix_cpu.json``): the spec's SSL suppresses every activated token of a present
+  superclasses from the dataset (VOC / COCO tables, the synthetic scenes' groups). Its
+  ``LossOutput`` terms go to the loop with their weights.
+* SSL default (evidence in ``benchmarks/results/ssl_mechanism_cpu.json`` and
+  ``reproduce_matrix_cpu.json``): the paper's SSL suppresses every activated token of a present
   class that is nearer a kept negative prototype than a positive one, and keeps the negatives
   that the superclass table calls "other superclass". Where classes that look alike sit in
   different superclasses, those negatives are the look-alike partner's own body, so SSL
@@ -19,15 +20,20 @@
   gradient until no token is left. The recipe therefore defaults to
   ``ssl_source_share=0.5`` (a class present in half of another class's negative sources is
   treated as its superclass, :meth:`~wsss_blocks.cpews.PrototypePool.suppression_mask`) and
-  ``ssl_reduction="gate"`` (mean over the activated tokens, not over ``Phi``). The spec's
-  form: ``--opt ssl_source_share=none --opt ssl_reduction=phi`` (``ssl_cam_scale=max`` is a
+  ``ssl_denominator="gate"`` (mean over the activated tokens, not over ``Phi``). The paper's
+  form: ``--opt ssl_source_share=none --opt ssl_denominator=phi`` (``ssl_cam_scale=max`` is a
   third option).
 * Evaluation CAM: the final classifier on the final tokens.
+* Option ranges: every numeric option declares its valid range (``range`` in the field's
+  metadata); :meth:`CPEWSRecipe.Options.validate` checks them when the options are built,
+  so ``--opt pool_fraction=7`` fails at parse time.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import re
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -39,6 +45,40 @@ from wsss_blocks.cam import normalize_cam, token_pseudo_labels
 from wsss_blocks.cpews import CPEWSHead, CPEWSLoss, PrototypePool, cpews_taps
 from wsss_blocks.tokens import resolve_block_index
 
+_INTERVAL = re.compile(r"([\[(])\s*([^,\s]+)\s*,\s*([^\])\s]+)\s*([\])])")
+_BOUND = re.compile(r"(>=|>|<=|<)\s*(\S+)")
+
+
+def _ranged(default: Any, interval: str) -> Any:
+    """A dataclass field whose valid values are ``interval``: ``"(0, 1]"``, ``">= 1"``, ...; ``None`` is
+    always allowed (the "unset" of ``X | None`` options)."""
+    return field(default=default, metadata={"range": interval})
+
+
+def _check_range(name: str, value: Any, interval: str) -> None:
+    """``ValueError`` naming the option when ``value`` lies outside ``interval`` (NaN never fits).
+
+    Example:
+        >>> _check_range("pool_fraction", 7.0, "(0, 1]")
+        Traceback (most recent call last):
+        ...
+        ValueError: pool_fraction: expected a value in (0, 1], got 7.0
+    """
+    if value is None:
+        return
+    if m := _INTERVAL.fullmatch(interval.strip()):
+        low, high = float(m[2]), float(m[3])
+        ok = (value > low or (m[1] == "[" and value == low)) and (value < high or (m[4] == "]" and value == high))
+        what = f"a value in {interval}"
+    elif m := _BOUND.fullmatch(interval.strip()):
+        bound = float(m[2])
+        ok = {">=": value >= bound, ">": value > bound, "<=": value <= bound, "<": value < bound}[m[1]]
+        what = f"a value {interval}"
+    else:
+        raise TypeError(f"option {name!r}: unsupported range {interval!r}")
+    if not ok:
+        raise ValueError(f"{name}: expected {what}, got {value!r}")
+
 
 @register
 class CPEWSRecipe(Recipe):
@@ -49,25 +89,42 @@ class CPEWSRecipe(Recipe):
     @dataclass
     class Options:
         preset: Literal["paper", "official"] = "paper"  # loss weights and sub-loss settings
-        aux_layer: int = -3
-        pool_step: int = 0  # 0: round(pool_fraction * iterations)
-        pool_fraction: float = 0.3
-        pool_refresh: int = 0  # rebuild every N steps after the first build; 0 = once
-        pool_images: int = 1024
-        num_prototypes: int = 10
-        capacity: int = 2048
-        ism_weight: float | None = None  # None: the preset's weight
-        pdl_weight: float | None = None
-        ssl_weight: float | None = None
-        ssl_cam_scale: Literal["raw", "max"] = "raw"  # SSL on CAM logits (spec) or max-normalised
-        ssl_reduction: Literal["phi", "gate"] = "gate"  # SSL mean over the gate (spec: phi, over Phi)
-        ssl_source_share: float | None = 0.5  # also drop negatives of learned confusions (spec: none)
+        mid_layer: int = -3  # checked against the model's depth when the recipe is built
+        pool_step: int | None = _ranged(None, ">= 1")  # None: round(pool_fraction * iterations)
+        pool_fraction: float = _ranged(0.3, "(0, 1]")
+        pool_refresh: int = _ranged(0, ">= 0")  # rebuild every N steps after the first build; 0 = once
+        pool_images: int = _ranged(1024, ">= 1")
+        num_prototypes: int = _ranged(10, ">= 1")
+        capacity: int = _ranged(2048, ">= 1")
+        ism_weight: float | None = _ranged(None, ">= 0")  # None: the preset's weight
+        pdl_weight: float | None = _ranged(None, ">= 0")
+        ssl_weight: float | None = _ranged(None, ">= 0")
+        ssl_cam_scale: Literal["raw", "max"] = "raw"  # SSL on CAM logits (paper) or max-normalised
+        ssl_denominator: Literal["phi", "gate"] = "gate"  # SSL mean over the gate (paper: phi, over Phi)
+        ssl_source_share: float | None = _ranged(0.5, "(0, 1]")  # also drop negatives of learned confusions
+
+        def __post_init__(self) -> None:
+            self.validate()
+
+        def validate(self) -> None:
+            """Check every option against its declared range; ``ValueError`` names the option.
+
+            Example:
+                >>> CPEWSRecipe.Options(pool_fraction=7.0)
+                Traceback (most recent call last):
+                ...
+                ValueError: pool_fraction: expected a value in (0, 1], got 7.0
+            """
+            for f in dataclasses.fields(self):
+                if "range" in f.metadata:
+                    _check_range(f.name, getattr(self, f.name), f.metadata["range"])
 
     def __init__(self, backbone: nn.Module, num_classes: int, config: Any, options: Any,
                  data_info: dict[str, Any] | None = None) -> None:
         super().__init__(backbone, num_classes, config, options, data_info)
         o = options
-        self.aux_index = resolve_block_index(backbone, o.aux_layer)
+        o.validate()
+        self.mid_index = resolve_block_index(backbone, o.mid_layer)
         data = self.data_info.get("data")
         superclasses: Any = {"voc": "voc", "coco": "coco"}.get(str(data), self.data_info.get("superclasses"))
         dim = int(backbone.embed_dim)
@@ -75,11 +132,13 @@ class CPEWSRecipe(Recipe):
         weights = {k: w for k in ("ism", "pdl", "ssl") if (w := getattr(o, f"{k}_weight")) is not None}
         # the pool is built after the warm-up on purpose: no "pool not built" warning
         self.loss = CPEWSLoss.from_preset(
-            num_classes, dim, preset=o.preset, weights=weights, superclasses=superclasses,
+            dim, num_classes, preset=o.preset, loss_weights=weights, superclasses=superclasses,
             pool={"num_prototypes": o.num_prototypes, "capacity": o.capacity, "seed": int(config.seed)},
-            ssl={"cam_scale": o.ssl_cam_scale, "reduction": o.ssl_reduction, "source_share": o.ssl_source_share},
+            ssl={"cam_scale": o.ssl_cam_scale, "denominator": o.ssl_denominator,
+                 "source_share": o.ssl_source_share},
             warn_unbuilt=False)
-        self.pool_step = o.pool_step or max(1, round(o.pool_fraction * int(config.iterations)))
+        self.pool_step = (o.pool_step if o.pool_step is not None
+                          else max(1, round(o.pool_fraction * int(config.iterations))))
         self.low, self.high = float(config.low), float(config.high)  # ISM token labels (--low/--high)
 
     @property
@@ -87,24 +146,24 @@ class CPEWSRecipe(Recipe):
         return self.loss.pool
 
     def _heads(self, backbone: nn.Module, images: Tensor) -> tuple[Any, Any]:
-        taps = cpews_taps(backbone, images, aux_layer=self.aux_index)
-        out = self.head(taps.intermediate[self.aux_index], taps.final, taps.size)
+        taps = cpews_taps(backbone, images, mid_layer=self.mid_index)
+        out = self.head(taps.intermediate[self.mid_index], taps.final, taps.size)
         return taps, out
 
     def forward(self, backbone: nn.Module, batch: dict[str, Any], step: int) -> dict[str, LossTerm]:
         labels, valid = batch["labels"], batch["valid"]
         taps, out = self._heads(backbone, batch["image"])
-        token_labels = token_pseudo_labels(
-            normalize_cam(out.cam_mid.detach().float()), labels, taps.size,
+        masks_mid = token_pseudo_labels(
+            normalize_cam(out.cams_mid.detach().float()), labels, taps.size,
             low=self.low, high=self.high, valid=valid)
-        terms = self.loss(logits_mid=out.logits_mid, logits_final=out.logits_final,
-                          tokens_final=taps.final, cam_final=out.cam_final,
-                          token_labels=token_labels, labels=labels, valid=valid)
-        return {k: LossTerm(w, v) for k, (w, v) in self.loss.weighted_terms(terms).items()}
+        losses = self.loss(logits_mid=out.logits_mid, logits_final=out.logits_final,
+                           features_final=taps.final, cams_final=out.cams_final,
+                           masks_mid=masks_mid, labels=labels, valid=valid)
+        return {k: LossTerm(losses.weights[k], v) for k, v in losses.terms.items()}
 
     @torch.no_grad()
     def cam(self, backbone: nn.Module, images: Tensor, labels: Tensor) -> Tensor:
-        return self._heads(backbone, images)[1].cam_final.float().relu()
+        return self._heads(backbone, images)[1].cams_final.float().relu()
 
     def _due(self, step: int) -> bool:
         if step == self.pool_step:
@@ -123,7 +182,7 @@ class CPEWSRecipe(Recipe):
         def model_fn(batch: dict[str, Any]) -> dict[str, Tensor]:
             with services.autocast():
                 taps, out = self._heads(backbone, batch["image"])
-            return {"features": taps.final.float(), "cams": out.cam_final.float(),
+            return {"features": taps.final.float(), "cams": out.cams_final.float(),
                     "labels": batch["labels"], "class_probs": out.logits_final.float().sigmoid(),
                     "valid": batch["valid"]}
 

@@ -7,22 +7,23 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def toco_ptc(tokens: Tensor, token_labels: Tensor, ignore: int = 255) -> Tensor:
+def toco_ptc(features: Tensor, masks: Tensor, ignore_index: int = 255) -> Tensor:
     """ToCo's PTC construction of the ISM loss (``get_masked_ptc_loss`` + ``label_to_aff_mask``).
 
-    An int64 ``(B, N, N)`` 0/1/``ignore`` affinity built by repeat-and-compare, a Python loop over
-    images for the ignored rows / columns / diagonal, batch-level sums over ``|cos|`` with +1 in
-    the denominators. Computes in ``tokens``' dtype (pass fp64 for a tight oracle); the
-    repeat-and-compare keeps the official code's memory footprint, which the benchmark measures.
+    An int64 ``(B, N, N)`` 0/1/``ignore_index`` affinity built by repeat-and-compare, a Python
+    loop over images for the ignored rows / columns / diagonal, batch-level sums over ``|cos|``
+    with +1 in the denominators. ``masks`` are the token label maps flattened to ``(B, N)``.
+    Computes in ``features``' dtype (pass fp64 for a tight oracle); the repeat-and-compare keeps
+    the official code's memory footprint, which the benchmark measures.
     """
-    b, n = token_labels.shape
-    rep = token_labels[:, None, :].repeat(1, n, 1)  # int64 (B, N, N)
+    b, n = masks.shape
+    rep = masks[:, None, :].repeat(1, n, 1)  # int64 (B, N, N)
     aff = (rep == rep.transpose(1, 2)).long()
     for i in range(b):
-        aff[i, :, token_labels[i] == ignore] = ignore
-        aff[i, token_labels[i] == ignore, :] = ignore
-        aff[i].fill_diagonal_(ignore)
-    f = F.normalize(tokens, dim=-1, eps=1e-8)
+        aff[i, :, masks[i] == ignore_index] = ignore_index
+        aff[i, masks[i] == ignore_index, :] = ignore_index
+        aff[i].fill_diagonal_(ignore_index)
+    f = F.normalize(features, dim=-1, eps=1e-8)
     sim = torch.bmm(f, f.transpose(1, 2)).abs()
     pos = aff == 1
     neg = aff == 0

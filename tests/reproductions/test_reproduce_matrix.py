@@ -60,17 +60,17 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "voc_crossed96": {"scene": CROSSED, "img_size": 96, "voc": True},
 }
 NO = "0"
-SPEC = {"ssl_reduction": "phi", "ssl_source_share": "none"}  # the spec's SSL (explicit: not the recipe default)
+SPEC = {"ssl_denominator": "phi", "ssl_source_share": "none"}  # the spec's SSL (explicit: not the recipe default)
 ROWS: dict[str, tuple[str, dict[str, str]]] = {
     "baseline": ("baseline", {}),
     "cpews (paper, SSL raw)": ("cpews", {"ssl_cam_scale": "raw", **SPEC}),
     "cpews (paper, SSL max)": ("cpews", {"ssl_cam_scale": "max", **SPEC}),
     "cpews (SSL max, w=0.05)": ("cpews", {"ssl_cam_scale": "max", "ssl_weight": "0.05", **SPEC}),
-    "cpews (SSL gate)": ("cpews", {"ssl_reduction": "gate", "ssl_source_share": "none"}),
-    "cpews (SSL max+gate)": ("cpews", {"ssl_cam_scale": "max", "ssl_reduction": "gate",
+    "cpews (SSL gate)": ("cpews", {"ssl_denominator": "gate", "ssl_source_share": "none"}),
+    "cpews (SSL max+gate)": ("cpews", {"ssl_cam_scale": "max", "ssl_denominator": "gate",
                                         "ssl_source_share": "none"}),
     "cpews (SSL learned+gate)": ("cpews", {"ssl_cam_scale": "raw", "ssl_source_share": "0.5",
-                                           "ssl_reduction": "gate"}),
+                                           "ssl_denominator": "gate"}),
     "cpews no SSL": ("cpews", {"ssl_weight": NO}),
     "cpews head only": ("cpews", {"ism_weight": NO, "pdl_weight": NO, "ssl_weight": NO}),
     "cpews +ISM": ("cpews", {"pdl_weight": NO, "ssl_weight": NO}),

@@ -28,12 +28,24 @@ ROWS = {  # name -> (committed JSON, row label there, recipe)
     "pcm: MCE + ET + HV-BiLSTM": ("reproduce_pcm_cpu.json", "pcm: MCE + ET + HV-BiLSTM", "pcm"),
 }
 # the committed cpews rows predate the recipe's new SSL default: pin the spec form they ran
-EXTRA = {"cpews (spec SSL)": {"ssl_source_share": "none", "ssl_reduction": "phi"}}
+EXTRA = {"cpews (spec SSL)": {"ssl_source_share": "none", "ssl_denominator": "phi"}}
 SEEDS = tuple(range(int(os.environ.get("WSSS_REPRO_SEEDS", "3"))))
+# recipe options renamed since the committed runs recorded them (cpews: the library's names)
+RENAMED = {"cpews": {"aux_layer": "mid_layer", "ssl_reduction": "ssl_denominator"}}
+# recorded values that meant "unset" and are None now (cpews pool_step 0: from pool_fraction)
+UNSET = {"cpews": {"pool_step": 0}}
 
 
 def _opt(value: object) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _recorded_options(recipe: str, options: dict) -> dict[str, str]:
+    """The committed run's options as ``--opt`` strings under today's names, unset ones left out."""
+    renamed, unset = RENAMED.get(recipe, {}), UNSET.get(recipe, {})
+    # older runs recorded -1 for "unset" (the preset's value), which is now None: leave it out
+    return {renamed.get(k, k): _opt(v) for k, v in options.items()
+            if v is not None and v != -1.0 and not (k in unset and v == unset[k])}
 
 
 @pytest.mark.slow
@@ -45,8 +57,7 @@ def test_reproduce_rerun(tmp_path: Path) -> None:
         rows = []
         for s in SEEDS:
             old = committed[s]
-            # older runs recorded -1 for "unset" (the preset's value), which is now None: leave it out
-            opts = {k: _opt(v) for k, v in old["options"].items() if v is not None and v != -1.0}
+            opts = _recorded_options(recipe, old["options"])
             opts.update(EXTRA.get(name, {}))
             new = run(tmp_path / f"{recipe}_{s}", recipe, s, opts)
             assert new["steps"] == old["steps"]

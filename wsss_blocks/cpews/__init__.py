@@ -5,12 +5,13 @@ ToCo without CTC plus:
 * **ISM** -- the patch-token contrast of final tokens supervised by pseudo labels from an
   intermediate-layer CAM (:func:`ism_loss`, ToCo PTC parity by default);
 * **CPM** -- a per-class pool of positive (k-means) and negative (top-scoring absent
-  class regions) prototypes (:class:`PrototypePool`);
+  class regions) prototypes (:class:`PrototypePool`) built from region embeddings
+  (:func:`region_embeddings`);
 * **PDL** / **SSL** -- the prototype discrimination and superclass suppression losses
   (:func:`pdl_loss`, :func:`ssl_loss`), SSL differentiable (the official code's is not);
 * the two-branch classifier head (:class:`CPEWSHead`, :func:`cpews_taps`) and the
-  combined loss (:class:`CPEWSLoss`, presets ``"paper"`` and ``"official"``; build pool and
-  losses together with :meth:`CPEWSLoss.from_preset`).
+  combined loss (:class:`CPEWSLoss`, presets ``"paper"`` and ``"official"`` in
+  :data:`PRESETS`; build pool and losses together with :meth:`CPEWSLoss.from_preset`).
 
 Where the paper and the released code differ, the ``"paper"`` preset follows the paper and
 ``"official"`` the code; the README lists every difference.
@@ -20,11 +21,12 @@ from wsss_blocks.cpews.head import CPEWSHead, CPEWSHeadOutput, cpews_taps
 from wsss_blocks.cpews.ism import ISMLoss, ism_loss
 from wsss_blocks.cpews.loss import CPEWSLoss
 from wsss_blocks.cpews.pdl import PDLLoss, pdl_loss
-from wsss_blocks.cpews.pool import PrototypePool, region_embeddings
+from wsss_blocks.cpews.pool import PrototypePool
+from wsss_blocks.cpews.regions import RegionEmbeddings, region_embeddings
 from wsss_blocks.cpews.ssl import SSLLoss, ssl_loss
 from wsss_blocks.cpews.tables import (
     COCO_SUPERCLASSES,
-    CPEWS_PRESETS,
+    PRESETS,
     VOC_SUPERCLASSES,
     superclass_index,
 )
@@ -32,7 +34,7 @@ from wsss_blocks.cpews.tables import (
 __all__ = [
     "VOC_SUPERCLASSES",
     "COCO_SUPERCLASSES",
-    "CPEWS_PRESETS",
+    "PRESETS",
     "superclass_index",
     "cpews_taps",
     "CPEWSHead",
@@ -40,6 +42,7 @@ __all__ = [
     "ism_loss",
     "ISMLoss",
     "region_embeddings",
+    "RegionEmbeddings",
     "PrototypePool",
     "pdl_loss",
     "PDLLoss",

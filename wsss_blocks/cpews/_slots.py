@@ -1,4 +1,5 @@
-"""Helpers shared by PDL and SSL (private): prototype checks and the present-class slots.
+"""Helpers shared by PDL and SSL (private): prototype checks, the present-class slots and the
+unbuilt-pool fallback.
 
 PDL and SSL evaluate only present (image, class) pairs. The *dense* path uses slot ``k`` =
 class ``k`` for every image; the *compact* path gives each image ``S`` slots holding its
@@ -7,14 +8,16 @@ present classes (``S`` = the largest present-class count, read on the host).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import MutableMapping
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from wsss_blocks._utils import compute_dtype
 from wsss_blocks._validate import check_shape
 
-__all__ = ["check_prototypes", "class_slots", "take_slots", "per_slot"]
+__all__ = ["check_prototypes", "class_slots", "take_slots", "per_slot", "PoolLoss"]
 
 
 def check_prototypes(
@@ -59,3 +62,29 @@ def per_slot(x: Tensor, slots: Tensor | None) -> Tensor:
     return x if slots is None else x[slots]
 
 
+class PoolLoss(nn.Module):
+    """Base of the losses that read a :class:`PrototypePool`: the unbuilt-pool fallback.
+
+    While the pool is unbuilt the loss is a graph-attached zero, and ``warn_unbuilt``
+    warns once per instance (``_warned`` records it).
+    """
+
+    warn_unbuilt: bool
+    _warned: bool
+
+    def __init__(self, *, warn_unbuilt: bool = True) -> None:
+        super().__init__()
+        self.warn_unbuilt = bool(warn_unbuilt)
+        self._warned = False
+
+    def _unbuilt_zero(self, features: Tensor, cams: Tensor) -> Tensor:
+        """``0 * (sum(cams) + sum(features))`` in the compute precision (zero gradients)."""
+        if self.warn_unbuilt and not self._warned:
+            warnings.warn(
+                f"{type(self).__name__}: the prototype pool is not built yet; the loss is 0 "
+                "(call pool.build(...) after the warm-up, or pass warn_unbuilt=False)",
+                stacklevel=3,
+            )
+            self._warned = True
+        dtype = compute_dtype(features, cams)
+        return (cams.to(dtype).sum() + features.to(dtype).sum()) * 0.0 + 0.0  # + 0.0: no -0.0

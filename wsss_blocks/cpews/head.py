@@ -8,31 +8,31 @@ import torch
 from torch import Tensor, nn
 
 from wsss_blocks._validate import ShapeError, check_int, check_option, check_size
-from wsss_blocks.tokens import ViTTaps, features_as_tokens, vit_taps
+from wsss_blocks.tokens import ViTTaps, features_as_tokens, resolve_block_index, vit_taps
 
 __all__ = ["cpews_taps", "CPEWSHead", "CPEWSHeadOutput"]
 
 
-def cpews_taps(model: nn.Module, images: Tensor, aux_layer: int = -3) -> ViTTaps:
-    """Intermediate (``aux_layer``) and final patch tokens of a timm ViT, with gradients.
+def cpews_taps(model: nn.Module, images: Tensor, *, mid_layer: int = -3) -> ViTTaps:
+    """Intermediate (``mid_layer``) and final patch tokens of a timm ViT, with gradients.
 
     A thin wrapper over :func:`wsss_blocks.tokens.vit_taps`: one forward pass; prefix
     tokens are split off. ``taps.final`` is after the model's final norm;
     ``taps.intermediate`` holds exactly one entry, the residual stream at the output of
-    block ``aux_layer`` (absolute index as key, **not** final-normed; ToCo/CPEWS: ``-3``,
+    block ``mid_layer`` (absolute index as key, **not** final-normed; ToCo/CPEWS: ``-3``,
     block 9 of 12).
 
     Args:
         model: a timm VisionTransformer-family model.
         images: the image batch.
-        aux_layer: the intermediate block (negative counts from the end).
+        mid_layer: the intermediate block (negative counts from the end).
 
     Shape:
         - images: ``(B, 3, H, W)``
         - output: :class:`~wsss_blocks.tokens.ViTTaps`, tokens ``(B, N, D)``
 
     Raises:
-        ValueError: ``aux_layer`` outside ``[-L, L)``.
+        ValueError: ``mid_layer`` outside ``[-L, L)``.
 
     Example:
         >>> import timm
@@ -43,33 +43,38 @@ def cpews_taps(model: nn.Module, images: Tensor, aux_layer: int = -3) -> ViTTaps
         >>> list(taps.intermediate), mid.shape, taps.final.shape, taps.size
         ([1], torch.Size([2, 4, 192]), torch.Size([2, 4, 192]), (2, 2))
     """
-    return vit_taps(model, images, layers=(check_int("aux_layer", aux_layer),))
+    layer = check_int("mid_layer", mid_layer)
+    try:
+        resolve_block_index(model, layer)
+    except ValueError as err:
+        raise ValueError(f"mid_layer: {err}") from None
+    return vit_taps(model, images, layers=(layer,))
 
 
 class CPEWSHeadOutput(NamedTuple):
     """Output of :class:`CPEWSHead`: raw logits and raw CAMs, all with gradients.
 
     Attributes:
-        logits_mid: ``(B, K)`` from the intermediate tokens.
-        logits_final: ``(B, K)`` from the final tokens.
-        cam_mid: ``(B, K, h, w)`` intermediate classifier on intermediate tokens.
-        cam_final: ``(B, K, h, w)`` final classifier on final tokens.
+        logits_mid: ``(B, K)`` from the intermediate features.
+        logits_final: ``(B, K)`` from the final features.
+        cams_mid: ``(B, K, h, w)`` raw CAMs, intermediate classifier on intermediate features.
+        cams_final: ``(B, K, h, w)`` raw CAMs, final classifier on final features.
 
     Example:
         >>> head = CPEWSHead(8, 3)
         >>> out = head(torch.randn(2, 6, 8), torch.randn(2, 6, 8), (2, 3))
-        >>> out.logits_final.shape, out.cam_mid.shape
+        >>> out.logits_final.shape, out.cams_mid.shape
         (torch.Size([2, 3]), torch.Size([2, 3, 2, 3]))
     """
 
     logits_mid: Tensor
     logits_final: Tensor
-    cam_mid: Tensor
-    cam_final: Tensor
+    cams_mid: Tensor
+    cams_final: Tensor
 
 
 class CPEWSHead(nn.Module):
-    """Two bias-free linear classifiers (intermediate and final tokens), ToCo/CPEWS style.
+    """Two bias-free linear classifiers (intermediate and final features), ToCo/CPEWS style.
 
     ``CAM_s = einsum("bnd,kd->bkn", x_s, W_s)`` reshaped to the grid. Logits:
 
@@ -81,26 +86,26 @@ class CPEWSHead(nn.Module):
     :class:`CPEWSLoss`).
 
     Args:
-        dim: token dimension ``D``.
+        in_dim: feature dimension ``D``.
         num_classes: ``K`` foreground classes.
         pooling: ``"gmp_feat"`` or ``"gmp_cam"``.
         device: parameter device.
         dtype: parameter dtype.
 
     Shape:
-        - tokens_mid, tokens_final: ``(B, N, D)`` or ``(B, D, h, w)``
+        - features_mid, features_final: ``(B, N, D)`` or ``(B, D, h, w)``
         - output: :class:`CPEWSHeadOutput`
 
     Example:
         >>> head = CPEWSHead(8, 3)
         >>> out = head(torch.randn(2, 6, 8), torch.randn(2, 6, 8), (2, 3))
-        >>> out.logits_final.shape, out.cam_mid.shape
+        >>> out.logits_final.shape, out.cams_mid.shape
         (torch.Size([2, 3]), torch.Size([2, 3, 2, 3]))
     """
 
     def __init__(
         self,
-        dim: int,
+        in_dim: int,
         num_classes: int,
         *,
         pooling: Literal["gmp_feat", "gmp_cam"] = "gmp_feat",
@@ -108,22 +113,22 @@ class CPEWSHead(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        dim = check_int("dim", dim, low=1)
+        in_dim = check_int("in_dim", in_dim, low=1)
         num_classes = check_int("num_classes", num_classes, low=1)
         self.pooling = check_option("pooling", pooling, ("gmp_feat", "gmp_cam"))
         kw = {"device": device, "dtype": dtype}
-        self.classifier_mid = nn.Linear(dim, num_classes, bias=False, **kw)
-        self.classifier_final = nn.Linear(dim, num_classes, bias=False, **kw)
+        self.classifier_mid = nn.Linear(in_dim, num_classes, bias=False, **kw)
+        self.classifier_final = nn.Linear(in_dim, num_classes, bias=False, **kw)
 
     def extra_repr(self) -> str:
         return f"pooling={self.pooling!r}"
 
-    def _branch(self, name: str, tokens: Tensor, weight: Tensor, size: tuple[int, int],
+    def _branch(self, name: str, features: Tensor, weight: Tensor, size: tuple[int, int],
                 dims: dict[str, int]) -> tuple[Tensor, Tensor]:
-        x = features_as_tokens(name, tokens, size, dims)
+        x = features_as_tokens(name, features, size, dims)
         if x.shape[-1] != weight.shape[1]:
             raise ShapeError(
-                f"{name}: expected D={weight.shape[1]}, got shape {tuple(tokens.shape)}"
+                f"{name}: expected D={weight.shape[1]}, got shape {tuple(features.shape)}"
             )
         cam = torch.einsum("bnd,kd->bkn", x, weight)
         if self.pooling == "gmp_feat":
@@ -133,21 +138,21 @@ class CPEWSHead(nn.Module):
         return logits, cam.unflatten(2, size)
 
     def forward(
-        self, tokens_mid: Tensor, tokens_final: Tensor, size: tuple[int, int]
+        self, features_mid: Tensor, features_final: Tensor, size: tuple[int, int]
     ) -> CPEWSHeadOutput:
-        """Logits and CAMs of both branches.
+        """Logits and raw CAMs of both branches.
 
         Args:
-            tokens_mid: intermediate tokens (e.g. ``cpews_taps(...).intermediate[i]``).
-            tokens_final: final (normed) tokens.
+            features_mid: intermediate tokens (e.g. ``cpews_taps(...).intermediate[i]``).
+            features_final: final (normed) tokens.
             size: the token grid ``(h, w)``.
         """
         size = check_size("size", size)
         dims: dict[str, int] = {}
-        z_mid, cam_mid = self._branch(
-            "tokens_mid", tokens_mid, self.classifier_mid.weight, size, dims
+        z_mid, cams_mid = self._branch(
+            "features_mid", features_mid, self.classifier_mid.weight, size, dims
         )
-        z_fin, cam_fin = self._branch(
-            "tokens_final", tokens_final, self.classifier_final.weight, size, dims
+        z_fin, cams_fin = self._branch(
+            "features_final", features_final, self.classifier_final.weight, size, dims
         )
-        return CPEWSHeadOutput(z_mid, z_fin, cam_mid, cam_fin)
+        return CPEWSHeadOutput(z_mid, z_fin, cams_mid, cams_fin)

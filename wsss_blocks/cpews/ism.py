@@ -6,35 +6,33 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from wsss_blocks._utils import no_autocast
+from wsss_blocks._utils import compute_dtype, no_autocast
 from wsss_blocks._validate import ShapeError, check_range, check_shape, check_tensor
 from wsss_blocks.tokens import features_as_tokens
 
 __all__ = ["ism_loss", "ISMLoss"]
 
 
-def _ism_inputs(tokens: Tensor, token_labels: Tensor) -> tuple[Tensor, Tensor]:
+def _ism_inputs(features: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
     """Validate; return tokens ``(B, N, D)`` and labels ``(B, N)``."""
-    check_tensor("tokens", tokens, dtype="float")
-    check_tensor("token_labels", token_labels, dtype="int")
-    if token_labels.dim() == 3:
-        dims = check_shape("token_labels", token_labels, ["B", "h", "w"])
-        x = features_as_tokens("tokens", tokens, (dims["h"], dims["w"]), dims)
-        return x, token_labels.flatten(1)
-    if token_labels.dim() == 2:
-        dims = check_shape("token_labels", token_labels, ["B", "N"])
-        if tokens.dim() == 4:  # a map: flatten its own grid, then N must match the labels
-            tokens = features_as_tokens("tokens", tokens, (tokens.shape[2], tokens.shape[3]))
-        check_shape("tokens", tokens, ["B", "N", "D"], dims)
-        return tokens, token_labels
-    raise ShapeError(
-        f"token_labels: expected (B, h, w) or (B, N), got shape {tuple(token_labels.shape)}"
-    )
+    check_tensor("features", features, dtype="float")
+    check_tensor("masks", masks, dtype="int")
+    if masks.dim() == 3:
+        dims = check_shape("masks", masks, ["B", "h", "w"])
+        x = features_as_tokens("features", features, (dims["h"], dims["w"]), dims)
+        return x, masks.flatten(1)
+    if masks.dim() == 2:
+        dims = check_shape("masks", masks, ["B", "N"])
+        if features.dim() == 4:  # a map: flatten its own grid, then N must match the labels
+            features = features_as_tokens("features", features, (features.shape[2], features.shape[3]))
+        check_shape("features", features, ["B", "N", "D"], dims)
+        return features, masks
+    raise ShapeError(f"masks: expected (B, h, w) or (B, N), got shape {tuple(masks.shape)}")
 
 
 def ism_loss(
-    tokens: Tensor,
-    token_labels: Tensor,
+    features: Tensor,
+    masks: Tensor,
     *,
     abs_cos: bool = True,
     count_offset: float = 1.0,
@@ -52,22 +50,22 @@ def ism_loss(
     with pair counts ``N+-`` over the whole batch and ``c = count_offset`` (``c = 0`` uses
     ``max(N+-, 1)``). ``abs_cos=True`` (ToCo parity): ``s+ = s- = |S|``; ``abs_cos=False``
     (the paper's intent, eq. 5 without its typo): ``s+ = S`` and ``s- = relu(S)``.
-    Computed in fp32 with autocast off; gradients flow into ``tokens`` only. With no
+    Computed in fp32 with autocast off; gradients flow into ``features`` only. With no
     valid pair the value is 0.5 with zero gradient.
 
     Args:
-        tokens: final-layer tokens (ToCo/CPEWS: after the final norm, no projection).
-        token_labels: pseudo labels from the intermediate CAM, e.g.
-            :func:`wsss_blocks.cam.token_pseudo_labels`; 0 = background,
-            ``ignore_index`` = ignored.
+        features: final-layer tokens (ToCo/CPEWS: after the final norm, no projection).
+        masks: pseudo label maps on the token grid from the intermediate CAM (CPEWS's
+            ``masks_mid``), e.g. :func:`wsss_blocks.cam.token_pseudo_labels`; 0 =
+            background, ``ignore_index`` = ignored. Flattened ``(B, N)`` labels work too.
         abs_cos: absolute cosine in both terms (ToCo) or ``S`` / ``relu(S)``.
         count_offset: ``c >= 0`` added to both pair counts (ToCo: 1).
         ignore_index: label value of ignored tokens.
 
     Shape:
-        - tokens: ``(B, N, D)`` or ``(B, D, h, w)``
-        - token_labels: ``(B, h, w)`` or ``(B, N)`` integer
-        - output: scalar, fp32
+        - features: ``(B, N, D)`` or ``(B, D, h, w)``
+        - masks: ``(B, h, w)`` or ``(B, N)`` integer
+        - output: scalar, fp32 (fp64 for fp64 features)
 
     Note:
         Memory: the loss equals ``0.5 + sum_ij W_ij S_ij`` with a weight ``W`` that is
@@ -79,14 +77,14 @@ def ism_loss(
         affinities.
 
     Example:
-        >>> tokens = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]])
-        >>> round(ism_loss(tokens, torch.tensor([[1, 1, 2]])).item(), 6)   # 0.5 * (1 - 2/3)
+        >>> features = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]])
+        >>> round(ism_loss(features, torch.tensor([[1, 1, 2]])).item(), 6)   # 0.5 * (1 - 2/3)
         0.166667
     """
-    x, y = _ism_inputs(tokens, token_labels)
+    x, y = _ism_inputs(features, masks)
     c = float(check_range("count_offset", count_offset, 0.0))
     n = x.shape[1]
-    dtype = torch.promote_types(x.dtype, torch.float32)
+    dtype = compute_dtype(x)
     with no_autocast(x.device.type):
         f = F.normalize(x.to(dtype), dim=-1, eps=1e-8)  # (B, N, D), with grad
         fd = f.detach()
@@ -128,13 +126,13 @@ class ISMLoss(nn.Module):
         ignore_index: see :func:`ism_loss`.
 
     Shape:
-        - tokens: ``(B, N, D)`` or ``(B, D, h, w)``; token_labels: ``(B, h, w)`` or ``(B, N)``
+        - features: ``(B, N, D)`` or ``(B, D, h, w)``; masks: ``(B, h, w)`` or ``(B, N)``
         - output: scalar
 
     Example:
         >>> loss = ISMLoss(abs_cos=False)
-        >>> tokens = torch.tensor([[[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]]])
-        >>> round(loss(tokens, torch.tensor([[1, 1, 2]])).item(), 6)   # 0.5 * (1 + 2/3)
+        >>> features = torch.tensor([[[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]]])
+        >>> round(loss(features, torch.tensor([[1, 1, 2]])).item(), 6)   # 0.5 * (1 + 2/3)
         0.833333
     """
 
@@ -152,11 +150,11 @@ class ISMLoss(nn.Module):
             f"ignore_index={self.ignore_index}"
         )
 
-    def forward(self, tokens: Tensor, token_labels: Tensor) -> Tensor:
-        """See :func:`ism_loss`."""
+    def forward(self, features: Tensor, masks: Tensor) -> Tensor:
+        """The ISM loss of ``features`` against the label maps ``masks`` (see :func:`ism_loss`)."""
         return ism_loss(
-            tokens,
-            token_labels,
+            features,
+            masks,
             abs_cos=self.abs_cos,
             count_offset=self.count_offset,
             ignore_index=self.ignore_index,

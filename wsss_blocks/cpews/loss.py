@@ -10,17 +10,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from wsss_blocks._utils import compute_dtype
 from wsss_blocks._validate import ShapeError, check_labels, check_option, check_range, check_shape
 from wsss_blocks.cpews.ism import ISMLoss
 from wsss_blocks.cpews.pdl import PDLLoss
 from wsss_blocks.cpews.pool import PrototypePool
 from wsss_blocks.cpews.ssl import SSLLoss
-from wsss_blocks.cpews.tables import CPEWS_PRESETS
+from wsss_blocks.cpews.tables import PRESETS
+from wsss_blocks.outputs import LossOutput, weighted_total
 
 __all__ = ["CPEWSLoss"]
 
 
-TERMS = ("ism", "pdl", "ssl")
+#: the terms whose weights a preset sets (and ``loss_weights`` overrides)
+WEIGHTED = ("ism", "pdl", "ssl")
 
 
 class CPEWSLoss(nn.Module):
@@ -29,45 +32,47 @@ class CPEWSLoss(nn.Module):
     ``cls_*`` is ``multilabel_soft_margin_loss`` of each head branch (ToCo's and CPEWS's
     classification loss), computed in the logits' precision (fp32 under bf16 autocast,
     fp64 for fp64 inputs). ``preset`` picks the weights and the PDL / SSL settings of one
-    of the two CPEWS configurations (:data:`CPEWS_PRESETS`): ``"paper"`` (the paper's
-    weights 0.12 / 1.5e-4 / 0.2, soft region weights, L2 distance) or ``"official"`` (the
-    released code: 0.2 / 0.12 / 1.5e-4, RMS distance with offset 0.1, 0.1 region mask,
-    person never suppressed). ``weights`` overrides some or all of the preset's weights and
-    nothing else; ``ism`` / ``pdl`` / ``ssl`` replace a sub-loss module. To build the pool
-    with the preset's settings too, use :meth:`from_preset`.
+    of the two CPEWS configurations (:data:`PRESETS`): ``"paper"`` (the paper's weights
+    0.12 / 1.5e-4 / 0.2, soft region weights, L2 distance) or ``"official"`` (the released
+    code: 0.2 / 0.12 / 1.5e-4, RMS distance with offset 0.1, 0.1 region mask, person never
+    suppressed). ``loss_weights`` overrides some or all of the preset's weights and nothing
+    else; ``ism`` / ``pdl`` / ``ssl`` replace a sub-loss module. To build the pool with the
+    preset's settings too, use :meth:`from_preset`.
 
+    :meth:`forward` returns a :class:`~wsss_blocks.outputs.LossOutput`: ``loss`` (the
+    weighted total), ``terms`` (``cls_mid``, ``cls_final``, ``ism``, ``pdl``, ``ssl``,
+    unweighted) and ``weights`` (the weight of each; 1 for both classification terms).
     A weight of 0 skips its term (reported as a detached 0). While ``pool.is_built`` is
-    false, PDL and SSL are a graph-attached 0; with ``warn_unbuilt=True`` one warning per
-    instance says so (pass ``False`` when the pool is built after a warm-up on purpose).
-    The pool is a registered submodule, so its prototypes are in this module's
-    ``state_dict``. :meth:`weighted_terms` pairs every term with the weight used.
+    false, PDL and SSL are a graph-attached 0; with ``warn_unbuilt=True`` exactly one
+    warning per instance says so, whichever term reads the pool (pass ``False`` when the
+    pool is built after a warm-up on purpose). The pool is a registered submodule, so its
+    prototypes are in this module's ``state_dict``.
 
     Args:
         pool: the prototype pool.
         preset: ``"paper"`` or ``"official"``.
-        weights: overrides of the preset's weights, keys among ``ism``, ``pdl``, ``ssl``.
+        loss_weights: overrides of the preset's weights, keys among ``ism``, ``pdl``, ``ssl``.
         ism: ISM module (default ``ISMLoss()``).
         pdl: PDL module (default: the preset's settings).
         ssl: SSL module (default: the preset's settings).
         warn_unbuilt: warn once when the loss is called before the pool is built.
 
     Shape:
-        - logits_mid, logits_final, labels: ``(B, K)``; tokens_final: ``(B, N, D)`` or
-          ``(B, D, h, w)``; cam_final: ``(B, K, h, w)``; token_labels: ``(B, h, w)``
-        - output: dict of scalars ``cls_mid, cls_final, ism, pdl, ssl`` (unweighted),
-          ``total``
+        - logits_mid, logits_final, labels: ``(B, K)``; features_final: ``(B, N, D)`` or
+          ``(B, D, h, w)``; cams_final: ``(B, K, h, w)``; masks_mid: ``(B, h, w)``
+        - output: :class:`~wsss_blocks.outputs.LossOutput` of scalars
 
     Example:
-        >>> crit = CPEWSLoss(PrototypePool(3, 8), weights={"ssl": 0.1}, warn_unbuilt=False)
+        >>> crit = CPEWSLoss(PrototypePool(8, 3), loss_weights={"ssl": 0.1}, warn_unbuilt=False)
         >>> b, k, h, w = 2, 3, 2, 2
         >>> out = crit(logits_mid=torch.randn(b, k), logits_final=torch.randn(b, k),
-        ...            tokens_final=torch.randn(b, h * w, 8), cam_final=torch.randn(b, k, h, w),
-        ...            token_labels=torch.zeros(b, h, w, dtype=torch.long),
+        ...            features_final=torch.randn(b, h * w, 8), cams_final=torch.randn(b, k, h, w),
+        ...            masks_mid=torch.zeros(b, h, w, dtype=torch.long),
         ...            labels=torch.tensor([[1, 0, 0], [0, 1, 1]]))
-        >>> sorted(out), out["pdl"].item()
-        (['cls_final', 'cls_mid', 'ism', 'pdl', 'ssl', 'total'], 0.0)
-        >>> crit.weights
-        {'ism': 0.12, 'pdl': 0.00015, 'ssl': 0.1}
+        >>> list(out.terms), out.terms["pdl"].item()
+        (['cls_mid', 'cls_final', 'ism', 'pdl', 'ssl'], 0.0)
+        >>> out.weights
+        {'cls_mid': 1.0, 'cls_final': 1.0, 'ism': 0.12, 'pdl': 0.00015, 'ssl': 0.1}
     """
 
     def __init__(
@@ -75,7 +80,7 @@ class CPEWSLoss(nn.Module):
         pool: PrototypePool,
         *,
         preset: Literal["paper", "official"] = "paper",
-        weights: Mapping[str, float] | None = None,
+        loss_weights: Mapping[str, float] | None = None,
         ism: ISMLoss | None = None,
         pdl: PDLLoss | None = None,
         ssl: SSLLoss | None = None,
@@ -84,33 +89,37 @@ class CPEWSLoss(nn.Module):
         super().__init__()
         if not isinstance(pool, PrototypePool):
             raise TypeError(f"pool: expected a PrototypePool, got {type(pool).__name__}")
-        config = CPEWS_PRESETS[check_option("preset", preset, tuple(CPEWS_PRESETS))]
-        if isinstance(weights, str) or (weights is not None and not isinstance(weights, Mapping)):
+        config = PRESETS[check_option("preset", preset, tuple(PRESETS))]
+        if isinstance(loss_weights, str) or (
+            loss_weights is not None and not isinstance(loss_weights, Mapping)
+        ):
             raise ValueError(
-                f"weights: expected None or a mapping with keys among {list(TERMS)}, got {weights!r}"
-                " (choose the configuration with preset=...)"
+                f"loss_weights: expected None or a mapping with keys among {list(WEIGHTED)}, "
+                f"got {loss_weights!r} (choose the configuration with preset=...)"
             )
-        unknown = sorted(set(weights or {}) - set(TERMS))
+        unknown = sorted(set(loss_weights or {}) - set(WEIGHTED))
         if unknown:
-            raise ValueError(f"weights: unknown keys {unknown}; allowed: {list(TERMS)}")
-        merged = {**config["loss"], **(weights or {})}
+            raise ValueError(f"loss_weights: unknown keys {unknown}; allowed: {list(WEIGHTED)}")
+        merged = {**config["loss_weights"], **(loss_weights or {})}
         self.preset = preset
-        self.weights = {k: float(check_range(f"weights[{k!r}]", merged[k], 0.0)) for k in TERMS}
+        self.loss_weights = {
+            k: float(check_range(f"loss_weights[{k!r}]", merged[k], 0.0)) for k in WEIGHTED
+        }
         self.pool = pool
-        self.ism = ism if ism is not None else ISMLoss()
-        self.pdl = pdl if pdl is not None else PDLLoss(**config["pdl"])
-        self.ssl = ssl if ssl is not None else SSLLoss(**config["ssl"])
         self.warn_unbuilt = bool(warn_unbuilt)
+        self.ism = ism if ism is not None else ISMLoss()
+        self.pdl = pdl if pdl is not None else PDLLoss(**config["pdl"], warn_unbuilt=self.warn_unbuilt)
+        self.ssl = ssl if ssl is not None else SSLLoss(**config["ssl"], warn_unbuilt=self.warn_unbuilt)
         self._warned = False
 
     @classmethod
     def from_preset(
         cls,
+        in_dim: int,
         num_classes: int,
-        dim: int,
         *,
         preset: Literal["paper", "official"] = "paper",
-        weights: Mapping[str, float] | None = None,
+        loss_weights: Mapping[str, float] | None = None,
         superclasses: Literal["voc", "coco"] | Mapping[str, Sequence[int]] | None = None,
         pool: Mapping[str, Any] | None = None,
         pdl: Mapping[str, Any] | None = None,
@@ -122,112 +131,99 @@ class CPEWSLoss(nn.Module):
         """Build the pool and every sub-loss from a preset, with keyword overrides.
 
         Args:
+            in_dim: token dimension ``D``.
             num_classes: ``K``.
-            dim: token dimension ``D``.
             preset: ``"paper"`` or ``"official"``.
-            weights: overrides of the preset's loss weights.
+            loss_weights: overrides of the preset's loss weights.
             superclasses: the pool's superclass table (``"voc"``, ``"coco"``, a partition
                 or ``None``).
             pool: overrides of :class:`PrototypePool` keywords (e.g. ``num_prototypes``).
             pdl: overrides of :class:`PDLLoss` keywords.
             ssl: overrides of :class:`SSLLoss` keywords.
             ism: :class:`ISMLoss` keywords.
-            warn_unbuilt: see the class.
+            warn_unbuilt: see the class; also passed to the PDL and SSL modules.
             device: the pool's buffer device.
 
         Example:
-            >>> crit = CPEWSLoss.from_preset(20, 16, preset="official", superclasses="voc",
+            >>> crit = CPEWSLoss.from_preset(16, 20, preset="official", superclasses="voc",
             ...                              pool={"num_prototypes": 4}, ssl={"act_threshold": 0.2})
-            >>> crit.weights, crit.pool.num_prototypes, crit.pdl.distance, crit.ssl.act_threshold
+            >>> crit.loss_weights, crit.pool.num_prototypes, crit.pdl.distance, crit.ssl.act_threshold
             ({'ism': 0.2, 'pdl': 0.12, 'ssl': 0.00015}, 4, 'rms', 0.2)
         """
-        config = CPEWS_PRESETS[check_option("preset", preset, tuple(CPEWS_PRESETS))]
-        built = PrototypePool(num_classes, dim, superclasses=superclasses, device=device,
+        config = PRESETS[check_option("preset", preset, tuple(PRESETS))]
+        built = PrototypePool(in_dim, num_classes, superclasses=superclasses, device=device,
                               **{**config["pool"], **(pool or {})})
         return cls(
-            built, preset=preset, weights=weights, ism=ISMLoss(**(ism or {})),
-            pdl=PDLLoss(**{**config["pdl"], **(pdl or {})}),
-            ssl=SSLLoss(**{**config["ssl"], **(ssl or {})}),
+            built, preset=preset, loss_weights=loss_weights, ism=ISMLoss(**(ism or {})),
+            pdl=PDLLoss(**{**config["pdl"], "warn_unbuilt": warn_unbuilt, **(pdl or {})}),
+            ssl=SSLLoss(**{**config["ssl"], "warn_unbuilt": warn_unbuilt, **(ssl or {})}),
             warn_unbuilt=warn_unbuilt,
         )
 
     def extra_repr(self) -> str:
-        return f"preset={self.preset!r}, weights={self.weights}"
-
-    def weighted_terms(self, out: Mapping[str, Tensor]) -> dict[str, tuple[float, Tensor]]:
-        """Each term of a :meth:`forward` output beside the weight it enters ``total`` with.
-
-        Example:
-            >>> crit = CPEWSLoss(PrototypePool(1, 2), preset="official")
-            >>> out = {k: torch.tensor(1.0) for k in ("cls_mid", "cls_final", "ism", "pdl", "ssl")}
-            >>> {k: w for k, (w, _) in crit.weighted_terms(out).items()}
-            {'cls_mid': 1.0, 'cls_final': 1.0, 'ism': 0.2, 'pdl': 0.12, 'ssl': 0.00015}
-        """
-        weights = {"cls_mid": 1.0, "cls_final": 1.0, **self.weights}
-        return {k: (w, out[k]) for k, w in weights.items()}
+        return f"preset={self.preset!r}, loss_weights={self.loss_weights}"
 
     def forward(
         self,
         *,
         logits_mid: Tensor,
         logits_final: Tensor,
-        tokens_final: Tensor,
-        cam_final: Tensor,
-        token_labels: Tensor,
+        features_final: Tensor,
+        cams_final: Tensor,
+        masks_mid: Tensor,
         labels: Tensor,
         valid: Tensor | None = None,
-    ) -> dict[str, Tensor]:
-        """Compute every term and the weighted total (keyword arguments only).
+    ) -> LossOutput:
+        """Every term and the weighted total (keyword arguments only).
 
         Args:
             logits_mid: intermediate-branch logits (:class:`CPEWSHead`).
             logits_final: final-branch logits.
-            tokens_final: final tokens (ISM, PDL and the SSL distances).
-            cam_final: the live final CAM (PDL regions, SSL values).
-            token_labels: ISM pseudo labels on the token grid (padding already ignored).
+            features_final: final tokens (ISM, PDL and the SSL distances).
+            cams_final: the live final raw CAMs (PDL regions, SSL values).
+            masks_mid: ISM pseudo label maps on the token grid, from the intermediate CAMs
+                (padding already ignored).
             labels: multi-hot image labels.
             valid: padding mask for PDL and SSL, any resolution.
         """
-        dims = check_shape("cam_final", cam_final, ["B", "K", "h", "w"], dtype="float")
+        dims = check_shape("cams_final", cams_final, ["B", "K", "h", "w"], dtype="float")
         check_shape("logits_mid", logits_mid, ["B", "K"], dims, dtype="float")
         check_shape("logits_final", logits_final, ["B", "K"], dims, dtype="float")
         check_labels("labels", labels, dims)
         if dims["K"] != self.pool.num_classes:
             raise ShapeError(
-                f"cam_final: K={dims['K']} does not match the pool's "
+                f"cams_final: K={dims['K']} does not match the pool's "
                 f"{self.pool.num_classes} classes"
             )
-        dtype = torch.promote_types(logits_final.dtype, torch.float32)
+        dtype = compute_dtype(logits_final)
         target = labels.to(dtype)
-        out: dict[str, Tensor] = {
+        terms: dict[str, Tensor] = {
             "cls_mid": F.multilabel_soft_margin_loss(logits_mid.to(dtype), target),
             "cls_final": F.multilabel_soft_margin_loss(logits_final.to(dtype), target),
         }
-        detached_zero = torch.zeros((), dtype=dtype, device=cam_final.device)
-        w = self.weights
-        out["ism"] = self.ism(tokens_final, token_labels) if w["ism"] else detached_zero
+        detached_zero = torch.zeros((), dtype=dtype, device=cams_final.device)
+        w = self.loss_weights
+        terms["ism"] = self.ism(features_final, masks_mid) if w["ism"] else detached_zero
         if self.pool.is_built:
-            out["pdl"] = (
-                self.pdl(tokens_final, cam_final, labels, self.pool, valid=valid)
+            terms["pdl"] = (
+                self.pdl(features_final, cams_final, labels, self.pool, valid=valid)
                 if w["pdl"] else detached_zero
             )
-            out["ssl"] = (
-                self.ssl(tokens_final, cam_final, labels, self.pool, valid=valid)
+            terms["ssl"] = (
+                self.ssl(features_final, cams_final, labels, self.pool, valid=valid)
                 if w["ssl"] else detached_zero
             )
-        else:
+        else:  # one warning for the whole loss: the sub-losses are not called
             if self.warn_unbuilt and not self._warned and (w["pdl"] or w["ssl"]):
                 warnings.warn(
                     "CPEWSLoss: the prototype pool is not built yet; PDL and SSL are 0 "
-                    "(call pool.build(...) after the warm-up)",
+                    "(call pool.build(...) after the warm-up, or pass warn_unbuilt=False)",
                     stacklevel=2,
                 )
                 self._warned = True
-            graph_zero = (cam_final.to(dtype).sum() + tokens_final.to(dtype).sum()) * 0.0 + 0.0  # no -0.0
-            out["pdl"] = graph_zero if w["pdl"] else detached_zero
-            out["ssl"] = graph_zero if w["ssl"] else detached_zero
-        out["total"] = sum(
-            (weight * value for weight, value in self.weighted_terms(out).values()),
-            torch.zeros((), dtype=dtype, device=cam_final.device),
-        )
-        return out
+            graph_zero = (  # + 0.0: no -0.0
+                cams_final.to(dtype).sum() + features_final.to(dtype).sum()
+            ) * 0.0 + 0.0
+            terms["pdl"] = graph_zero if w["pdl"] else detached_zero
+            terms["ssl"] = graph_zero if w["ssl"] else detached_zero
+        return weighted_total(terms, loss_weights={"cls_mid": 1.0, "cls_final": 1.0, **w})

@@ -5,12 +5,13 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from wsss_blocks._utils import no_autocast
 from wsss_blocks._validate import check_labels, check_option, check_range, check_shape
-from wsss_blocks.cpews._slots import check_prototypes, class_slots, per_slot, take_slots
-from wsss_blocks.cpews.pool import PrototypePool, region_embeddings
+from wsss_blocks.cpews._slots import PoolLoss, check_prototypes, class_slots, per_slot, take_slots
+from wsss_blocks.cpews.pool import PrototypePool
+from wsss_blocks.cpews.regions import region_embeddings
 from wsss_blocks.tokens import features_as_tokens
 
 __all__ = ["pdl_loss", "PDLLoss"]
@@ -25,7 +26,7 @@ def _distance(diff: Tensor, distance: str) -> Tensor:
 
 def pdl_loss(
     features: Tensor,
-    cam: Tensor,
+    cams: Tensor,
     labels: Tensor,
     pos: Tensor,
     pos_valid: Tensor,
@@ -35,7 +36,7 @@ def pdl_loss(
     temperature: float = 13.0,
     distance: Literal["l2", "rms"] = "l2",
     offset: float = 0.0,
-    mask_threshold: float | None = None,
+    threshold: float | None = None,
     valid: Tensor | None = None,
     eps: float = 1e-6,
     compact: bool | None = None,
@@ -56,8 +57,8 @@ def pdl_loss(
     a graph-attached 0. Gradients reach ``features`` only. fp32.
 
     Args:
-        features: final tokens on the CAM's grid.
-        cam: raw final CAM (only its detached normalised form is used).
+        features: final tokens on the CAMs' grid.
+        cams: raw final CAMs (only their detached normalised form is used).
         labels: multi-hot image labels.
         pos: positive prototypes; ``pos_valid`` marks the real ones.
         pos_valid: see ``pos``.
@@ -66,14 +67,14 @@ def pdl_loss(
         temperature: ``T`` (paper: 13).
         distance: ``"l2"`` or ``"rms"``.
         offset: added to ``d/T`` (official: 0.1).
-        mask_threshold: binarise the region weights (official: 0.1).
+        threshold: binarise the region weights (official: 0.1).
         valid: padding mask at any resolution.
         eps: floor of ``1 - R-`` inside the log.
         compact: ``True`` / ``False`` force the present-classes / all-classes path;
             ``None``: compact for CPU tensors.
 
     Shape:
-        - features: ``(B, N, D)`` or ``(B, D, h, w)``; cam: ``(B, K, h, w)``; labels ``(B, K)``
+        - features: ``(B, N, D)`` or ``(B, D, h, w)``; cams: ``(B, K, h, w)``; labels ``(B, K)``
         - pos: ``(K, M, D)``; pos_valid: ``(K, M)``; neg: ``(K, M', D)``; neg_valid ``(K, M')``
         - output: scalar fp32
 
@@ -85,14 +86,14 @@ def pdl_loss(
         CPU), ``False`` for all ``K`` classes (no sync; default elsewhere). Same values.
 
     Example:
-        >>> feats, cam = torch.zeros(1, 1, 2), torch.ones(1, 1, 1, 1)    # A = (0, 0)
+        >>> feats, cams = torch.zeros(1, 1, 2), torch.ones(1, 1, 1, 1)   # A = (0, 0)
         >>> pos = torch.tensor([[[6.0, 0.0], [0.0, 8.0]]])                # mean (3, 4)
         >>> neg = torch.tensor([[[0.0, 13.0], [26.0, 0.0]]])
         >>> ok = torch.ones(1, 2, dtype=torch.bool)
-        >>> round(pdl_loss(feats, cam, torch.ones(1, 1), pos, ok, neg, ok).item(), 6)
+        >>> round(pdl_loss(feats, cams, torch.ones(1, 1), pos, ok, neg, ok).item(), 6)
         0.843291
     """
-    dims = check_shape("cam", cam, ["B", "K", "h", "w"], dtype="float")
+    dims = check_shape("cams", cams, ["B", "K", "h", "w"], dtype="float")
     check_labels("labels", labels, dims)
     features_as_tokens("features", features, (dims["h"], dims["w"]), dims)
     check_prototypes(dims, pos, pos_valid, neg, neg_valid, "neg_valid")
@@ -102,7 +103,7 @@ def pdl_loss(
     check_range("eps", eps, 0.0, 1.0, low_inclusive=False, high_inclusive=False)
     slots = class_slots(labels, compact)
     region, nonempty = region_embeddings(
-        features, take_slots(cam, slots), mask_threshold=mask_threshold, valid=valid
+        features, take_slots(cams, slots), threshold=threshold, valid=valid
     )  # (B, S, D); S = K on the dense path
     present = take_slots(labels, slots) != 0
     dtype = region.dtype
@@ -127,27 +128,30 @@ def pdl_loss(
         return total / eligible.sum().clamp_min(1).to(dtype)
 
 
-class PDLLoss(nn.Module):
+class PDLLoss(PoolLoss):
     """Module form of :func:`pdl_loss`; reads the prototypes from a :class:`PrototypePool`.
 
     ``forward`` takes the pool instead of the four prototype tensors of :func:`pdl_loss`:
     the pool is trained state that changes at every rebuild, so it is passed per call (the
-    module stores only hyperparameters), and it cannot drift out of sync with them.
+    module stores only hyperparameters), and it cannot drift out of sync with them. While
+    ``pool.is_built`` is false the loss is a graph-attached 0; ``warn_unbuilt=True`` warns
+    once per instance (pass ``False`` when the pool is built after a warm-up on purpose).
 
     Args:
         temperature: see :func:`pdl_loss`.
         distance: see :func:`pdl_loss`.
         offset: see :func:`pdl_loss`.
-        mask_threshold: see :func:`pdl_loss`.
+        threshold: see :func:`pdl_loss`.
         eps: see :func:`pdl_loss`.
         compact: see :func:`pdl_loss` (``None``: compact on CPU, dense elsewhere).
+        warn_unbuilt: warn once when called before the pool is built.
 
     Shape:
-        - features: ``(B, N, D)`` or ``(B, D, h, w)``; cam: ``(B, K, h, w)``; labels ``(B, K)``
+        - features: ``(B, N, D)`` or ``(B, D, h, w)``; cams: ``(B, K, h, w)``; labels ``(B, K)``
         - output: scalar
 
     Example:
-        >>> pool = PrototypePool(1, 2, num_prototypes=2)
+        >>> pool = PrototypePool(2, 1, num_prototypes=2)
         >>> _ = pool.pos.copy_(torch.tensor([[[6.0, 0.0], [0.0, 8.0]]]))
         >>> _ = pool.pos_valid.fill_(True)
         >>> _ = pool.neg.copy_(torch.tensor([[[0.0, 13.0], [26.0, 0.0]]]))
@@ -163,34 +167,45 @@ class PDLLoss(nn.Module):
         temperature: float = 13.0,
         distance: Literal["l2", "rms"] = "l2",
         offset: float = 0.0,
-        mask_threshold: float | None = None,
+        threshold: float | None = None,
         eps: float = 1e-6,
         compact: bool | None = None,
+        warn_unbuilt: bool = True,
     ) -> None:
-        super().__init__()
+        super().__init__(warn_unbuilt=warn_unbuilt)
         self.temperature = float(check_range("temperature", temperature, 0.0, low_inclusive=False))
         self.distance = check_option("distance", distance, ("l2", "rms"))
         self.offset = float(check_range("offset", offset, 0.0))
-        if mask_threshold is not None:
-            check_range("mask_threshold", mask_threshold, 0.0, 1.0, high_inclusive=False)
-        self.mask_threshold = mask_threshold
+        if threshold is not None:
+            check_range("threshold", threshold, 0.0, 1.0, high_inclusive=False)
+        self.threshold = threshold
         self.eps = float(check_range("eps", eps, 0.0, 1.0, low_inclusive=False, high_inclusive=False))
         self.compact = compact
 
     def extra_repr(self) -> str:
         return (
             f"temperature={self.temperature}, distance={self.distance!r}, offset={self.offset},"
-            f" mask_threshold={self.mask_threshold}, compact={self.compact}"
+            f" threshold={self.threshold}, compact={self.compact}, warn_unbuilt={self.warn_unbuilt}"
         )
 
     def forward(
-        self, features: Tensor, cam: Tensor, labels: Tensor, pool: PrototypePool,
+        self, features: Tensor, cams: Tensor, labels: Tensor, pool: PrototypePool, *,
         valid: Tensor | None = None,
     ) -> Tensor:
-        """See :func:`pdl_loss`."""
+        """PDL of ``features`` against the pool's prototypes (see :func:`pdl_loss`).
+
+        Args:
+            features: final tokens on the CAMs' grid.
+            cams: raw final CAMs.
+            labels: multi-hot image labels.
+            pool: the prototype pool (a graph-attached 0 while it is unbuilt).
+            valid: padding mask at any resolution.
+        """
+        if not pool.is_built:
+            return self._unbuilt_zero(features, cams)
         return pdl_loss(
-            features, cam, labels, pool.pos, pool.pos_valid, pool.neg, pool.neg_valid,
+            features, cams, labels, pool.pos, pool.pos_valid, pool.neg, pool.neg_valid,
             temperature=self.temperature, distance=self.distance,
-            offset=self.offset, mask_threshold=self.mask_threshold, valid=valid, eps=self.eps,
+            offset=self.offset, threshold=self.threshold, valid=valid, eps=self.eps,
             compact=self.compact,
         )

@@ -1,4 +1,4 @@
-"""CPEWS region embeddings and the class-wise prototype pool (Contextual Prototype Module, paper eq. 4-6)."""
+"""CPEWS class-wise prototype pool (Contextual Prototype Module, paper eq. 4-6)."""
 
 from __future__ import annotations
 
@@ -18,61 +18,22 @@ from wsss_blocks._validate import (
     check_range,
     check_shape,
 )
-from wsss_blocks.cam import masked_average_pool, normalize_cam, valid_to_grid
+from wsss_blocks.cam import valid_to_grid
+from wsss_blocks.cpews.regions import region_embeddings
 from wsss_blocks.cpews.tables import superclass_index
 from wsss_blocks.prototypes import kmeans
 
-__all__ = ["region_embeddings", "PrototypePool"]
-
-
-def region_embeddings(
-    features: Tensor,
-    cam: Tensor,
-    *,
-    mask_threshold: float | None = None,
-    valid: Tensor | None = None,
-    eps: float = 1e-5,
-) -> tuple[Tensor, Tensor]:
-    """CAM-weighted mean feature of every (image, class) region (CPEWS eq. 6).
-
-    ``w = relu(cam) / (max relu(cam) + 1e-5)`` from the **detached** CAM; with
-    ``mask_threshold=t`` the weights become the mask ``w > t`` (official code: 0.1);
-    ``valid`` zeroes padded tokens. ``A = bmm(w, F) / (sum_n w + eps)``, one ``bmm`` via
-    :func:`wsss_blocks.cam.masked_average_pool`. Gradients flow into ``features`` only.
-
-    Args:
-        features: token features on the CAM's grid.
-        cam: raw CAM logits.
-        mask_threshold: optional binarisation threshold in ``[0, 1)``.
-        valid: padding mask at any resolution (a token needs >= 50 % valid area).
-        eps: added to the denominator.
-
-    Shape:
-        - features: ``(B, N, D)`` or ``(B, D, h, w)``; cam: ``(B, K, h, w)``
-        - output: ``A (B, K, D)`` fp32 (fp64 for fp64 input), ``nonempty (B, K)`` bool
-
-    Example:
-        >>> feats = torch.tensor([[[2.0, 0.0], [0.0, 4.0]]])      # (1, N=2, D=2)
-        >>> cam = torch.tensor([[[[1.0, -1.0]], [[-1.0, -2.0]]]])   # (1, K=2, 1, 2)
-        >>> a, nonempty = region_embeddings(feats, cam, eps=0.0)
-        >>> a[0, 0].tolist(), nonempty.tolist()
-        ([2.0, 0.0], [[True, False]])
-    """
-    check_shape("cam", cam, ["B", "K", "h", "w"], dtype="float")
-    if mask_threshold is not None:
-        check_range("mask_threshold", mask_threshold, 0.0, 1.0, high_inclusive=False)
-    weights = normalize_cam(cam.detach(), mode="max")
-    return masked_average_pool(features, weights, threshold=mask_threshold, valid=valid, eps=eps)
-
+__all__ = ["PrototypePool"]
 
 
 class PrototypePool(nn.Module):
     """Per-class positive and negative prototypes (CPEWS Contextual Prototype Module).
 
-    Built in a pass over training data, streaming: :meth:`accumulate` every batch, then
+    Built in a pass over training data, streaming: :meth:`update` every batch, then
     :meth:`finalize` (or :meth:`build` for the whole loop); refresh by calling
     :meth:`build` again. The losses read ``pos``, ``pos_valid``, ``neg``, ``neg_valid``
     and :meth:`suppression_mask`; they see the previous prototypes until ``finalize``.
+    :attr:`is_built` says whether there is anything to read.
 
     * **Positives**: the region embedding ``A_bc`` (:func:`region_embeddings`) of every
       present class with a non-empty region goes into a per-class store of ``capacity``
@@ -84,14 +45,14 @@ class PrototypePool(nn.Module):
     * **Negatives**: for an absent class with a non-empty region, ``A_bc`` competes for
       the class's top-``M`` by score: ``"prob"`` (paper: the predicted probability,
       ``class_probs``, e.g. ``sigmoid(logits_final)``) or ``"cam_mean"`` (official: the
-      mean raw CAM over valid tokens). The streamed top-``M`` is exact; no re-forward.
+      mean of the raw CAM over valid tokens). The streamed top-``M`` is exact; no re-forward.
       The multi-hot label of each negative's source image is kept (``neg_labels``) for
       the superclass filter.
 
     State: persistent buffers ``pos``/``neg`` ``(K, M, D)``, ``pos_valid``/``neg_valid``/
     ``neg_scores`` ``(K, M)``, ``neg_labels`` ``(K, M, K)`` bool, ``superclass_of``
-    ``(K,)`` (-1 without a table) and ``built``; the accumulation stores are
-    non-persistent. Everything is fp32 and no-grad; ``.double()`` makes the state fp64,
+    ``(K,)`` (-1 without a table) and ``built`` (set by :meth:`finalize`); the accumulation
+    stores are non-persistent. Everything is fp32 and no-grad; ``.double()`` makes the state fp64,
     while ``.half()`` / ``.to(torch.bfloat16)`` (e.g. of a model holding the pool) leave it
     fp32. Inputs of any float dtype are cast to the state's dtype. Under ``torch.distributed`` every
     rank all-gathers the batch before updating and ``finalize`` broadcasts rank 0's
@@ -99,24 +60,29 @@ class PrototypePool(nn.Module):
     bytes (126 MB for VOC at 2048 x 768).
 
     Args:
+        in_dim: feature dimension ``D``.
         num_classes: ``K``.
-        dim: feature dimension ``D``.
         num_prototypes: ``M`` positive (and negative) prototypes per class.
         capacity: positive-store size per class.
         superclasses: ``"voc"``, ``"coco"``, a partition ``name -> classes`` or ``None``
             (no superclass filter).
         score: negative ranking, ``"prob"`` or ``"cam_mean"``.
-        mask_threshold: binarise the region weights (official: 0.1); ``None`` = soft.
+        threshold: binarise the region weights (official: 0.1); ``None`` = soft.
         kmeans_iters: Lloyd steps.
         seed: seed of the store keys and of k-means.
         device: buffer device.
 
+    Shape:
+        - pos, neg: ``(K, M, D)``; pos_valid, neg_valid, neg_scores: ``(K, M)``
+        - update: features ``(B, N, D)`` or ``(B, D, h, w)``, cams ``(B, K, h, w)``, labels
+          ``(B, K)``
+
     Example:
-        >>> pool = PrototypePool(2, 4, num_prototypes=1, capacity=8)
+        >>> pool = PrototypePool(4, 2, num_prototypes=1, capacity=8)
         >>> cams = torch.tensor([[[[1.0, 0.0]], [[0.0, 1.0]]]])     # (1, 2, 1, 2)
         >>> feats = torch.tensor([[[1.0, 0, 0, 0], [0, 1.0, 0, 0]]])
         >>> probs = torch.tensor([[0.9, 0.4]])
-        >>> pool.accumulate(feats, cams, torch.tensor([[1, 0]]), class_probs=probs)
+        >>> pool.update(feats, cams, torch.tensor([[1, 0]]), class_probs=probs)
         >>> pool.finalize()
         >>> pool.is_built, pool.pos_valid.tolist(), pool.neg_valid.tolist()
         (True, [[True], [False]], [[False], [True]])
@@ -139,32 +105,32 @@ class PrototypePool(nn.Module):
 
     def __init__(
         self,
+        in_dim: int,
         num_classes: int,
-        dim: int,
+        *,
         num_prototypes: int = 10,
         capacity: int = 2048,
-        *,
         superclasses: Literal["voc", "coco"] | Mapping[str, Sequence[int]] | None = None,
         score: Literal["prob", "cam_mean"] = "prob",
-        mask_threshold: float | None = None,
+        threshold: float | None = None,
         kmeans_iters: int = 10,
         seed: int = 0,
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
+        in_dim = check_int("in_dim", in_dim, low=1)
         num_classes = check_int("num_classes", num_classes, low=1)
-        dim = check_int("dim", dim, low=1)
         num_prototypes = check_int("num_prototypes", num_prototypes, low=1)
         capacity = check_int("capacity", capacity, low=1)
         kmeans_iters = check_int("kmeans_iters", kmeans_iters, low=0)
-        if mask_threshold is not None:
-            check_range("mask_threshold", mask_threshold, 0.0, 1.0, high_inclusive=False)
+        if threshold is not None:
+            check_range("threshold", threshold, 0.0, 1.0, high_inclusive=False)
+        self.in_dim = d = in_dim
         self.num_classes = k = num_classes
-        self.dim = d = dim
         self.num_prototypes = m = num_prototypes
         self.capacity = c = capacity
         self.score = check_option("score", score, ("prob", "cam_mean"))
-        self.mask_threshold = mask_threshold
+        self.threshold = threshold
         self.kmeans_iters = kmeans_iters
         self.seed = check_int("seed", seed)
         f32: dict[str, Any] = {"device": device, "dtype": torch.float32}
@@ -190,20 +156,55 @@ class PrototypePool(nn.Module):
             "_stage_scores", torch.full((k, m), float("-inf"), **f32), persistent=False
         )
         self.register_buffer("_stage_labels", torch.zeros(k, m, k, **b8), persistent=False)
-        self._is_built = False
+        # is_built, cached against the identity and version counter of the buffers it reads
+        self._built_cache: tuple[tuple[tuple[int, int], ...], bool] | None = None
         self._generator: torch.Generator | None = None
 
     def extra_repr(self) -> str:
         return (
-            f"num_classes={self.num_classes}, dim={self.dim}, num_prototypes={self.num_prototypes},"
-            f" capacity={self.capacity}, score={self.score!r}, mask_threshold={self.mask_threshold}"
+            f"in_dim={self.in_dim}, num_classes={self.num_classes}, num_prototypes={self.num_prototypes},"
+            f" capacity={self.capacity}, score={self.score!r}, threshold={self.threshold}"
         )
 
     # ------------------------------------------------------------------ state
+    def _built_key(self) -> tuple[tuple[int, int], ...] | None:
+        """Identity and version counter of the buffers :attr:`is_built` reads (``None``: untracked)."""
+        try:
+            return tuple((id(t), t._version) for t in (self.built, self.pos_valid, self.neg_valid))
+        except RuntimeError:  # inference-mode tensors track no version: recompute every time
+            return None
+
+    def _cached_built(self) -> bool | None:
+        key, cache = self._built_key(), self._built_cache
+        if key is None or cache is None or cache[0] != key:
+            return None
+        return cache[1]
+
     @property
     def is_built(self) -> bool:
-        """Whether :meth:`finalize` has run (also true after loading a built pool)."""
-        return self._is_built
+        """Whether the pool holds prototypes for the losses to read.
+
+        ``True`` once :meth:`finalize` has run (the persistent ``built`` flag) or when any
+        prototype is valid, so a pool loaded from a checkpoint or filled by hand counts.
+        Read from the buffers once after they change (they are tracked by their version
+        counters), so a training step that leaves the pool alone costs no device sync.
+
+        Example:
+            >>> pool = PrototypePool(2, 1, num_prototypes=1)
+            >>> pool.is_built
+            False
+            >>> _ = pool.pos_valid.fill_(True)    # prototypes filled by hand
+            >>> pool.is_built
+            True
+        """
+        cached = self._cached_built()
+        if cached is not None:
+            return cached
+        # sync-ok: once after the pool's buffers change (finalize, load, a hand edit)
+        value = bool(self.built | self.pos_valid.any() | self.neg_valid.any())
+        key = self._built_key()
+        self._built_cache = None if key is None else (key, value)
+        return value
 
     @property
     def store(self) -> Tensor:
@@ -222,7 +223,8 @@ class PrototypePool(nn.Module):
 
     def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args)
-        self._is_built = bool(self.built)  # sync-ok: load time
+        self._built_cache = None
+        _ = self.is_built  # sync-ok: load time, so the first training step does not sync
 
     def _get_generator(self) -> torch.Generator:
         device = self._store.device
@@ -235,7 +237,7 @@ class PrototypePool(nn.Module):
         """Clear the accumulation stores (not the prototypes) and re-seed the generator.
 
         Example:
-            >>> pool = PrototypePool(2, 4)
+            >>> pool = PrototypePool(4, 2)
             >>> pool.reset(); int(pool.store_valid.sum())
             0
         """
@@ -249,19 +251,22 @@ class PrototypePool(nn.Module):
 
     # ------------------------------------------------------------------ update
     @torch.no_grad()
-    def accumulate(
+    def update(
         self,
         features: Tensor,
         cams: Tensor,
         labels: Tensor,
+        *,
         class_probs: Tensor | None = None,
         valid: Tensor | None = None,
     ) -> None:
         """Add one batch to the stores (no gradient, no host sync outside DDP).
 
+        The prototypes the losses read change only in :meth:`finalize`.
+
         Args:
-            features: tokens on the CAM's grid (the final tokens in CPEWS).
-            cams: raw CAM logits of the final classifier.
+            features: tokens on the CAMs' grid (the final tokens in CPEWS).
+            cams: raw CAMs of the final classifier.
             labels: multi-hot image labels.
             class_probs: per-class scores for ``score="prob"`` (required there), e.g.
                 ``sigmoid(logits_final)``.
@@ -272,9 +277,9 @@ class PrototypePool(nn.Module):
             - labels, class_probs: ``(B, K)``; valid: ``(B, H', W')`` bool
 
         Example:
-            >>> pool = PrototypePool(2, 3, score="cam_mean")
-            >>> pool.accumulate(torch.randn(2, 4, 3), torch.ones(2, 2, 2, 2),
-            ...                 torch.tensor([[1, 0], [1, 1]]))
+            >>> pool = PrototypePool(3, 2, score="cam_mean")
+            >>> pool.update(torch.randn(2, 4, 3), torch.ones(2, 2, 2, 2),
+            ...             torch.tensor([[1, 0], [1, 1]]))
             >>> pool.seen.tolist()
             [2, 1]
         """
@@ -286,11 +291,9 @@ class PrototypePool(nn.Module):
                 raise ValueError("class_probs: required when score='prob' (e.g. sigmoid(logits))")
             check_shape("class_probs", class_probs, ["B", "K"], dims, dtype="float")
         dev = self._store.device
-        region, nonempty = region_embeddings(
-            features, cams, mask_threshold=self.mask_threshold, valid=valid
-        )
-        if region.shape[-1] != self.dim:
-            raise ShapeError(f"features: expected D={self.dim}, got shape {tuple(features.shape)}")
+        region, nonempty = region_embeddings(features, cams, threshold=self.threshold, valid=valid)
+        if region.shape[-1] != self.in_dim:
+            raise ShapeError(f"features: expected D={self.in_dim}, got shape {tuple(features.shape)}")
         if self.score == "prob":
             assert class_probs is not None
             score = class_probs.detach().float()
@@ -318,7 +321,7 @@ class PrototypePool(nn.Module):
 
     def _add_positives(self, region: Tensor, take: Tensor) -> None:
         """Reservoir update of the per-class store: keep the top-C random keys."""
-        k, c, d = self.num_classes, self.capacity, self.dim
+        k, c, d = self.num_classes, self.capacity, self.in_dim
         bsz = region.shape[0]
         u = torch.rand((bsz, k), generator=self._get_generator(), device=region.device)
         u = u.to(self._store_keys.dtype)
@@ -346,16 +349,19 @@ class PrototypePool(nn.Module):
         all_labels = torch.cat([self._stage_labels, y[None].expand(k, bsz, k)], dim=1)
         top, idx = all_scores.topk(m, dim=1)
         self._stage_scores.copy_(top)
-        self._stage.copy_(all_feats.gather(1, idx[:, :, None].expand(k, m, self.dim)))
+        self._stage.copy_(all_feats.gather(1, idx[:, :, None].expand(k, m, self.in_dim)))
         self._stage_labels.copy_(all_labels.gather(1, idx[:, :, None].expand(k, m, k)))
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> PrototypePool:
         # Casts follow nn.Module, except that half / bf16 casts leave the state fp32: the
         # stores, the k-means and the streamed top-M scores need the precision.
+        built = self._cached_built()
         super()._apply(fn, recurse)
         for name, buf in self._buffers.items():
             if buf is not None and buf.dtype in (torch.float16, torch.bfloat16):
                 self._buffers[name] = buf.float()
+        key = self._built_key()  # moves and casts keep the values: carry is_built over
+        self._built_cache = None if built is None or key is None else (key, built)
         return self
 
     @torch.no_grad()
@@ -367,7 +373,7 @@ class PrototypePool(nn.Module):
         accumulated (the pool is then built but all-invalid).
 
         Example:
-            >>> pool = PrototypePool(2, 3)
+            >>> pool = PrototypePool(3, 2)
             >>> import warnings
             >>> with warnings.catch_warnings():
             ...     warnings.simplefilter("ignore")
@@ -392,7 +398,8 @@ class PrototypePool(nn.Module):
         self.built.fill_(True)
         broadcast_from_rank0(self.pos, self.pos_valid, self.neg, self.neg_valid, self.neg_scores,
                              self.neg_labels)
-        self._is_built = True
+        key = self._built_key()
+        self._built_cache = None if key is None else (key, True)  # built: no read needed
         if not bool(self.pos_valid.any() | self.neg_valid.any()):  # sync-ok: once per build
             warnings.warn(
                 "PrototypePool.finalize: nothing was accumulated; all prototypes are invalid",
@@ -402,15 +409,15 @@ class PrototypePool(nn.Module):
 
     @torch.no_grad()
     def build(self, model_fn: Callable[[Any], Mapping[str, Tensor]], loader: Iterable[Any]) -> None:
-        """Reset, :meth:`accumulate` ``model_fn(batch)`` for every batch, :meth:`finalize`.
+        """Reset, :meth:`update` with ``model_fn(batch)`` for every batch, :meth:`finalize`.
 
         Runs under ``torch.no_grad()`` and never changes the model's train/eval mode (put
-        it in the mode you want). ``model_fn(batch)`` returns :meth:`accumulate`'s keyword
+        it in the mode you want). ``model_fn(batch)`` returns :meth:`update`'s keyword
         arguments (``features``, ``cams``, ``labels`` and optionally ``class_probs``,
         ``valid``); multi-scale features are its business.
 
         Example:
-            >>> pool = PrototypePool(2, 3, score="cam_mean", num_prototypes=1)
+            >>> pool = PrototypePool(3, 2, score="cam_mean", num_prototypes=1)
             >>> batches = [(torch.randn(1, 4, 3), torch.tensor([[1, 0]]))] * 2
             >>> fn = lambda b: {"features": b[0], "cams": torch.ones(1, 2, 2, 2), "labels": b[1]}
             >>> pool.build(fn, batches)
@@ -419,11 +426,11 @@ class PrototypePool(nn.Module):
         """
         self.reset()
         for batch in loader:
-            self.accumulate(**model_fn(batch))
+            self.update(**model_fn(batch))
         self.finalize()
 
     # ------------------------------------------------------------------ use
-    def suppression_mask(self, suppress_singletons: bool = True, source_share: float | None = None) -> Tensor:
+    def suppression_mask(self, *, suppress_singletons: bool = True, source_share: float | None = None) -> Tensor:
         """Negatives that SSL may use for each class after the superclass filter.
 
         A negative of class ``c`` is dropped when its source image contains a class of
@@ -438,8 +445,8 @@ class PrototypePool(nn.Module):
         every negative of ``c`` whose source contains ``j`` is dropped. The top-``M``
         negatives of a class are the images that activate it most without it; when most of
         them contain one other class, ``c``'s CAM fires on that class's objects, i.e. the
-        two look alike, whatever the table says (issue 15: partners whose superclasses
-        differ). ``None`` (spec): the table only.
+        two look alike, whatever the table says (look-alike classes whose superclasses
+        differ). ``None`` (the paper's filter): the table only.
 
         Args:
             suppress_singletons: keep the negatives of singleton superclasses (paper).
@@ -449,10 +456,10 @@ class PrototypePool(nn.Module):
             - output: ``(K, M)`` bool
 
         Example:
-            >>> pool = PrototypePool(3, 2, num_prototypes=1, superclasses={"a": (0, 1), "b": (2,)})
+            >>> pool = PrototypePool(2, 3, num_prototypes=1, superclasses={"a": (0, 1), "b": (2,)})
             >>> _ = pool.neg_valid.fill_(True)
             >>> pool.neg_labels[0, 0] = torch.tensor([False, True, False])   # source had class 1
-            >>> pool.suppression_mask().tolist(), pool.suppression_mask(False).tolist()
+            >>> pool.suppression_mask().tolist(), pool.suppression_mask(suppress_singletons=False).tolist()
             ([[False], [True], [True]], [[False], [True], [False]])
             >>> pool.neg_labels[2, 0] = torch.tensor([True, False, False])   # class 2's from class 0
             >>> pool.suppression_mask().tolist(), pool.suppression_mask(source_share=0.5).tolist()

@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from wsss_blocks._utils import no_autocast
+from wsss_blocks._utils import compute_dtype, no_autocast
 from wsss_blocks._validate import check_labels, check_option, check_range, check_shape
 from wsss_blocks.cam import normalize_cam, valid_to_grid
-from wsss_blocks.cpews._slots import check_prototypes, class_slots, per_slot, take_slots
+from wsss_blocks.cpews._slots import PoolLoss, check_prototypes, class_slots, per_slot, take_slots
 from wsss_blocks.cpews.pool import PrototypePool
 from wsss_blocks.tokens import features_as_tokens
 
@@ -33,7 +33,7 @@ def _closer_to_negative(tokens: Tensor, protos: Tensor, ok: Tensor, num_pos: int
     """
     b, n, _ = tokens.shape
     s, q = ok.shape[-2:]
-    dtype = torch.promote_types(tokens.dtype, torch.float32)
+    dtype = compute_dtype(tokens)
     f = tokens.detach().to(dtype)
     p = protos.detach().to(dtype).flatten(-3, -2)  # (S*Q, D) or (B, S*Q, D)
     sq = torch.matmul(f, p.mT).mul_(-2.0).add_(p.pow(2).sum(-1).unsqueeze(-2))
@@ -48,7 +48,7 @@ def _closer_to_negative(tokens: Tensor, protos: Tensor, ok: Tensor, num_pos: int
 
 @torch.no_grad()
 def _suppression_set(
-    tokens: Tensor, cam: Tensor, present: Tensor, slots: Tensor | None, pos: Tensor,
+    tokens: Tensor, cams: Tensor, present: Tensor, slots: Tensor | None, pos: Tensor,
     pos_valid: Tensor, neg: Tensor, neg_keep: Tensor, act_threshold: float | None,
     valid: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
@@ -60,15 +60,15 @@ def _suppression_set(
         closer = _closer_to_negative(tokens, protos, ok, pos_valid.shape[1])
         gate = (present & per_slot(pos_valid.any(1), slots))[..., None].expand_as(closer)
         if act_threshold is not None:
-            gate = gate & (normalize_cam(cam.detach(), mode="max").flatten(2) > act_threshold)
+            gate = gate & (normalize_cam(cams.detach(), mode="max").flatten(2) > act_threshold)
         if valid is not None:
-            gate = gate & valid_to_grid(valid, (cam.shape[-2], cam.shape[-1])).flatten(1)[:, None]
+            gate = gate & valid_to_grid(valid, (cams.shape[-2], cams.shape[-1])).flatten(1)[:, None]
     return closer & gate, gate
 
 
 def ssl_loss(
     features: Tensor,
-    cam: Tensor,
+    cams: Tensor,
     labels: Tensor,
     pos: Tensor,
     pos_valid: Tensor,
@@ -78,7 +78,7 @@ def ssl_loss(
     act_threshold: float | None = 0.1,
     cam_activation: Literal["relu", "none"] = "relu",
     cam_scale: Literal["raw", "max"] = "raw",
-    reduction: Literal["phi", "gate"] = "phi",
+    denominator: Literal["phi", "gate"] = "phi",
     valid: Tensor | None = None,
     compact: bool | None = None,
 ) -> Tensor:
@@ -89,26 +89,26 @@ def ssl_loss(
     ``D-`` = min over its kept negatives (``neg_keep``, e.g.
     :meth:`PrototypePool.suppression_mask`; none kept -> never suppressed). The set
     ``Phi = present & activated & valid & (D- < D+)``, with "activated" =
-    ``relu(cam)/max > act_threshold`` (``None``: every token) and classes without a
-    valid positive prototype left out. Then ``L = sum_Phi g(cam) / max(|Phi|, 1)``,
+    ``relu(cams)/max > act_threshold`` (``None``: every token) and classes without a
+    valid positive prototype left out. Then ``L = sum_Phi g(cams) / max(|Phi|, 1)``,
     ``g = relu`` or identity. Unlike the official code (which detaches the CAM, so its
-    SSL trains nothing) the gradient reaches the classifier that made ``cam`` and the
+    SSL trains nothing) the gradient reaches the classifier that made ``cams`` and the
     tokens. Note: the paper's weight 0.2 on raw CAM logits is ~1300x the official 1.5e-4.
 
-    The defaults here are the spec's form. Measured failure of that form (issue 15,
-    ``benchmarks/ssl_mechanism.py``): when classes that share appearance sit in different
+    The defaults here are the paper's form. Measured failure of that form
+    (``benchmarks/ssl_mechanism.py``): when classes that share appearance sit in different
     superclasses, the kept negatives of a class are its look-alike partner's body, ``Phi``
     takes in the class's *own* object (19 % of its activated object tokens, vs 0.3 % when the
     table follows appearance), and the ``1 / |Phi|`` mean pushes each remaining token harder
     as ``Phi`` shrinks (SSL's gradient is 2-5x the classification term's at the pool build),
     so CAMs collapse to the discriminative parts. Scaling (``cam_scale="max"``, a smaller
-    weight) only slows this; ``reduction="gate"`` bounds the push, and
+    weight) only slows this; ``denominator="gate"`` bounds the push, and
     :meth:`PrototypePool.suppression_mask` with ``source_share`` (via :class:`SSLLoss`) drops
     the look-alike negatives. The ``cpews`` trainer recipe uses both by default.
 
     Args:
-        features: final tokens on the CAM's grid (only used, detached, for ``Phi``).
-        cam: the live final CAM (raw logits, with grad).
+        features: final tokens on the CAMs' grid (only used, detached, for ``Phi``).
+        cams: the live final raw CAMs (with grad).
         labels: multi-hot image labels.
         pos: positive prototypes.
         pos_valid: valid positives.
@@ -116,11 +116,11 @@ def ssl_loss(
         neg_keep: negatives used for suppression.
         act_threshold: activation threshold on the max-normalised CAM (official 0.1).
         cam_activation: ``"relu"`` or ``"none"`` (equal unless ``act_threshold=None``).
-        cam_scale: ``"raw"`` (spec, eq. 12: the CAM logits) or ``"max"``: ``g(cam)`` divided
-            by the **detached** per-(image, class) maximum of ``relu(cam)`` (+1e-5), so every
+        cam_scale: ``"raw"`` (paper, eq. 12: the CAM logits) or ``"max"``: ``g(cams)`` divided
+            by the **detached** per-(image, class) maximum of ``relu(cams)`` (+1e-5), so every
             suppressed value is in ``[0, 1]`` and the gradient no longer grows with the
             CAM's scale (the same direction, ``1 / max`` times the raw gradient).
-        reduction: the denominator of the mean: ``"phi"`` (spec, eq. 12: ``|Phi|``) or
+        denominator: the count that divides the sum: ``"phi"`` (paper, eq. 12: ``|Phi|``) or
             ``"gate"``: the number of tokens that pass every condition but the distance test
             (present class with a positive, activated, valid). With ``"phi"`` the push on each
             suppressed token grows as ``Phi`` shrinks (``1 / |Phi|``), so the loss keeps its full
@@ -131,7 +131,7 @@ def ssl_loss(
             picks compact for CPU tensors and dense otherwise.
 
     Shape:
-        - features: ``(B, N, D)`` or ``(B, D, h, w)``; cam: ``(B, K, h, w)``; labels ``(B, K)``
+        - features: ``(B, N, D)`` or ``(B, D, h, w)``; cams: ``(B, K, h, w)``; labels ``(B, K)``
         - pos: ``(K, M, D)``; pos_valid: ``(K, M)``; neg: ``(K, M', D)``; neg_keep: ``(K, M')``
         - output: scalar fp32
 
@@ -146,33 +146,33 @@ def ssl_loss(
 
     Example:
         >>> feats = torch.tensor([[[0.0, 2.0], [2.0, 0.0], [0.0, 3.0]]])
-        >>> cam = torch.tensor([[[[2.0, 1.0, 0.1]]]], requires_grad=True)
+        >>> cams = torch.tensor([[[[2.0, 1.0, 0.1]]]], requires_grad=True)
         >>> ok = torch.ones(1, 1, dtype=torch.bool)
-        >>> loss = ssl_loss(feats, cam, torch.ones(1, 1), torch.tensor([[[1.0, 0.0]]]), ok,
+        >>> loss = ssl_loss(feats, cams, torch.ones(1, 1), torch.tensor([[[1.0, 0.0]]]), ok,
         ...                 torch.tensor([[[0.0, 1.0]]]), ok)
-        >>> loss.backward(); loss.item(), cam.grad.flatten().tolist()
+        >>> loss.backward(); loss.item(), cams.grad.flatten().tolist()
         (2.0, [1.0, 0.0, 0.0])
     """
-    dims = check_shape("cam", cam, ["B", "K", "h", "w"], dtype="float")
+    dims = check_shape("cams", cams, ["B", "K", "h", "w"], dtype="float")
     check_labels("labels", labels, dims)
     size = (dims["h"], dims["w"])
     tokens = features_as_tokens("features", features, size, dims)
     check_prototypes(dims, pos, pos_valid, neg, neg_keep, "neg_keep")
     check_option("cam_activation", cam_activation, ("relu", "none"))
     check_option("cam_scale", cam_scale, ("raw", "max"))
-    check_option("reduction", reduction, ("phi", "gate"))
+    check_option("denominator", denominator, ("phi", "gate"))
     if act_threshold is not None:
         check_range("act_threshold", act_threshold, 0.0, 1.0, high_inclusive=False)
     if valid is not None:
         check_shape("valid", valid, ["B", "H_valid", "W_valid"], dims, dtype="bool")
     slots = class_slots(labels, compact)
-    cam = take_slots(cam, slots)  # (B, S, h, w), live
+    cams = take_slots(cams, slots)  # (B, S, h, w), live
     present = take_slots(labels, slots) != 0
     phi, gate = _suppression_set(
-        tokens, cam, present, slots, pos, pos_valid, neg, neg_keep, act_threshold, valid
+        tokens, cams, present, slots, pos, pos_valid, neg, neg_keep, act_threshold, valid
     )
-    with no_autocast(cam.device.type):
-        g = cam.flatten(2).to(torch.promote_types(cam.dtype, torch.float32))
+    with no_autocast(cams.device.type):
+        g = cams.flatten(2).to(compute_dtype(cams))
         if cam_scale == "max":
             peak = g.detach().relu().amax(-1, keepdim=True)
         if cam_activation == "relu":
@@ -180,39 +180,42 @@ def ssl_loss(
         if cam_scale == "max":
             g = g / (peak + 1e-5)
         phif = phi.to(g.dtype)
-        count = phif.sum() if reduction == "phi" else gate.sum().to(g.dtype)
+        count = phif.sum() if denominator == "phi" else gate.sum().to(g.dtype)
         return (phif * g).sum() / count.clamp_min(1.0)
 
 
-class SSLLoss(nn.Module):
+class SSLLoss(PoolLoss):
     """Module form of :func:`ssl_loss` with the pool's superclass filter.
 
     ``forward`` takes the pool instead of the prototype tensors of :func:`ssl_loss`: it reads
     the prototypes and builds ``neg_keep`` with :meth:`PrototypePool.suppression_mask`
-    (which needs the pool's negative labels and superclass table) at every call.
+    (which needs the pool's negative labels and superclass table) at every call. While
+    ``pool.is_built`` is false the loss is a graph-attached 0; ``warn_unbuilt=True`` warns
+    once per instance.
 
     Args:
         suppress_singletons: passed to :meth:`PrototypePool.suppression_mask` (paper:
             ``True``; official: ``False``, person never suppressed).
         act_threshold: see :func:`ssl_loss`.
         cam_activation: see :func:`ssl_loss`.
-        cam_scale: see :func:`ssl_loss` (``"raw"``: the spec's form).
-        reduction: see :func:`ssl_loss` (``"phi"``: the spec's form).
+        cam_scale: see :func:`ssl_loss` (``"raw"``: the paper's form).
+        denominator: see :func:`ssl_loss` (``"phi"``: the paper's form).
         source_share: passed to :meth:`PrototypePool.suppression_mask` (``None``: the
-            superclass table only, the spec's form).
+            superclass table only, the paper's form).
         compact: see :func:`ssl_loss` (``None``: compact on CPU, dense elsewhere).
+        warn_unbuilt: warn once when called before the pool is built.
 
     Shape:
-        - features: ``(B, N, D)`` or ``(B, D, h, w)``; cam: ``(B, K, h, w)``; labels ``(B, K)``
+        - features: ``(B, N, D)`` or ``(B, D, h, w)``; cams: ``(B, K, h, w)``; labels ``(B, K)``
         - output: scalar
 
     Example:
-        >>> pool = PrototypePool(1, 2, num_prototypes=1)
+        >>> pool = PrototypePool(2, 1, num_prototypes=1)
         >>> _ = pool.pos.copy_(torch.tensor([[[1.0, 0.0]]])), pool.pos_valid.fill_(True)
         >>> _ = pool.neg.copy_(torch.tensor([[[0.0, 1.0]]])), pool.neg_valid.fill_(True)
         >>> feats = torch.tensor([[[0.0, 2.0], [2.0, 0.0], [0.0, 3.0]]])
-        >>> cam = torch.tensor([[[[2.0, 1.0, 0.1]]]])
-        >>> SSLLoss()(feats, cam, torch.ones(1, 1), pool).item()
+        >>> cams = torch.tensor([[[[2.0, 1.0, 0.1]]]])
+        >>> SSLLoss()(feats, cams, torch.ones(1, 1), pool).item()
         2.0
     """
 
@@ -223,11 +226,12 @@ class SSLLoss(nn.Module):
         act_threshold: float | None = 0.1,
         cam_activation: Literal["relu", "none"] = "relu",
         cam_scale: Literal["raw", "max"] = "raw",
-        reduction: Literal["phi", "gate"] = "phi",
+        denominator: Literal["phi", "gate"] = "phi",
         source_share: float | None = None,
         compact: bool | None = None,
+        warn_unbuilt: bool = True,
     ) -> None:
-        super().__init__()
+        super().__init__(warn_unbuilt=warn_unbuilt)
         self.suppress_singletons = bool(suppress_singletons)
         self.compact = compact
         if act_threshold is not None:
@@ -235,7 +239,7 @@ class SSLLoss(nn.Module):
         self.act_threshold = act_threshold
         self.cam_activation = check_option("cam_activation", cam_activation, ("relu", "none"))
         self.cam_scale = check_option("cam_scale", cam_scale, ("raw", "max"))
-        self.reduction = check_option("reduction", reduction, ("phi", "gate"))
+        self.denominator = check_option("denominator", denominator, ("phi", "gate"))
         if source_share is not None:
             check_range("source_share", source_share, 0.0, 1.0, low_inclusive=False)
         self.source_share = source_share
@@ -244,22 +248,34 @@ class SSLLoss(nn.Module):
         return (
             f"suppress_singletons={self.suppress_singletons}, act_threshold={self.act_threshold},"
             f" cam_activation={self.cam_activation!r}, cam_scale={self.cam_scale!r},"
-            f" reduction={self.reduction!r}, source_share={self.source_share},"
-            f" compact={self.compact}"
+            f" denominator={self.denominator!r}, source_share={self.source_share},"
+            f" compact={self.compact}, warn_unbuilt={self.warn_unbuilt}"
         )
 
     def forward(
-        self, features: Tensor, cam: Tensor, labels: Tensor, pool: PrototypePool,
+        self, features: Tensor, cams: Tensor, labels: Tensor, pool: PrototypePool, *,
         valid: Tensor | None = None,
     ) -> Tensor:
-        """See :func:`ssl_loss`."""
+        """SSL of the live ``cams`` with the pool's filtered negatives (see :func:`ssl_loss`).
+
+        Args:
+            features: final tokens on the CAMs' grid.
+            cams: the live final raw CAMs.
+            labels: multi-hot image labels.
+            pool: the prototype pool (a graph-attached 0 while it is unbuilt).
+            valid: padding mask at any resolution.
+        """
+        if not pool.is_built:
+            return self._unbuilt_zero(features, cams)
+        neg_keep = pool.suppression_mask(
+            suppress_singletons=self.suppress_singletons, source_share=self.source_share
+        )
         return ssl_loss(
-            features, cam, labels, pool.pos, pool.pos_valid, pool.neg,
-            pool.suppression_mask(self.suppress_singletons, self.source_share),
+            features, cams, labels, pool.pos, pool.pos_valid, pool.neg, neg_keep,
             act_threshold=self.act_threshold,
             cam_activation=self.cam_activation,
             cam_scale=self.cam_scale,
-            reduction=self.reduction,
+            denominator=self.denominator,
             valid=valid,
             compact=self.compact,
         )

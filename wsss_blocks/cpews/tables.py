@@ -13,7 +13,7 @@ from wsss_blocks._validate import ShapeError
 __all__ = [
     "VOC_SUPERCLASSES",
     "COCO_SUPERCLASSES",
-    "CPEWS_PRESETS",
+    "PRESETS",
     "superclass_index",
 ]
 
@@ -43,21 +43,22 @@ COCO_SUPERCLASSES: dict[str, tuple[int, ...]] = {
 }
 
 #: Per-component keyword arguments of the two CPEWS configurations: ``"paper"`` (the
-#: paper's weights and formulas) and ``"official"`` (the released code's).
-#: ``"loss"`` -> :class:`CPEWSLoss` weights, ``"pdl"`` -> :class:`PDLLoss`,
-#: ``"ssl"`` -> :class:`SSLLoss`, ``"pool"`` -> :class:`PrototypePool`.
-CPEWS_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+#: paper's weights and formulas) and ``"official"`` (the released code's). The keys are
+#: the keywords of :meth:`CPEWSLoss.from_preset`: ``"loss_weights"`` -> the
+#: :class:`CPEWSLoss` weights, ``"pdl"`` -> :class:`PDLLoss`, ``"ssl"`` -> :class:`SSLLoss`,
+#: ``"pool"`` -> :class:`PrototypePool`.
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "paper": {
-        "loss": {"ism": 0.12, "pdl": 1.5e-4, "ssl": 0.2},
-        "pdl": {"distance": "l2", "offset": 0.0, "mask_threshold": None},
+        "loss_weights": {"ism": 0.12, "pdl": 1.5e-4, "ssl": 0.2},
+        "pdl": {"distance": "l2", "offset": 0.0, "threshold": None},
         "ssl": {"suppress_singletons": True},
-        "pool": {"score": "prob", "mask_threshold": None},
+        "pool": {"score": "prob", "threshold": None},
     },
     "official": {
-        "loss": {"ism": 0.2, "pdl": 0.12, "ssl": 1.5e-4},
-        "pdl": {"distance": "rms", "offset": 0.1, "mask_threshold": 0.1},
+        "loss_weights": {"ism": 0.2, "pdl": 0.12, "ssl": 1.5e-4},
+        "pdl": {"distance": "rms", "offset": 0.1, "threshold": 0.1},
         "ssl": {"suppress_singletons": False},
-        "pool": {"score": "cam_mean", "mask_threshold": 0.1},
+        "pool": {"score": "cam_mean", "threshold": 0.1},
     },
 }
 
