@@ -1,13 +1,13 @@
-"""Benchmark of CPAL (:mod:`wsss_blocks.cpal`) at the issue's shape, against the loop oracle.
+"""Benchmark of CPAL (:mod:`wsss_blocks.cpal`) at a VOC-like training shape, against the loop oracle.
 
-Shape (issue 9 / spec section 8): B = 16, K = 20 (C = 21), D = 768, a 32x32 grid, P = 256, a full
-bank of L = 1000 per class, M = 50 context prototypes, T = 20 neighbours.
+Shape: B = 16, K = 20 (C = 21), D = 768, a 32x32 grid, P = 256, a full bank of L = 1000 per class,
+M = 50 context prototypes, T = 20 neighbours.
 
 * ``head``: the projection head alone, forward + backward (``z.sum()``);
 * ``head_cpal_update``: ``CPAL.forward`` (head, prototypes, alignment, neighbours, positiveness,
-  PACAM, ``loss_self``) + the bank update + backward, on a step that does not recluster;
-* ``cpal_after_head``: the same without the head (``cpal_forward`` on ``z`` + ``update_bank``
-  + backward): the target is that this costs less than ``head``;
+  PACAM, the loss) + ``CPAL.update`` + backward, on a step that does not recluster;
+* ``cpal_after_head``: the same without the head (``cpal_forward`` on the projected features +
+  ``CPAL.update`` + backward): the target is that this costs less than ``head``;
 * ``recluster``: k-means of the full bank (21 x 1000 x 256 -> 50 centres, 20 Lloyd steps);
 * ``oracle``: ``cpal_forward`` + backward against ``tests/oracles/cpal.py`` (per image, per
   class, per pixel) in the same run, at a size the loop finishes in seconds (B = 4, 16x16 grid;
@@ -47,7 +47,7 @@ def make_module(device: torch.device) -> CPAL:
     """A CPAL with a full bank and context, that does not recluster during the timed steps."""
     torch.manual_seed(0)
     cpal = CPAL(D, K, proj_dim=P, capacity=L, num_prototypes=M, top_k=T, recluster_every=10**9,
-                warmup_reclusters=False, device=device)
+                warmup_reclusters=False, warn_unbuilt=False, device=device)
     cpal.bank.memory.copy_(torch.randn(C, L, P, device=device))
     cpal.bank.count.fill_(L)
     cpal.recluster()
@@ -60,14 +60,14 @@ def make_batch(b: int, grid: int, device: torch.device, seed: int = 0) -> dict[s
     cams = torch.rand(b, K, grid, grid, generator=g)
     labels = torch.rand(b, K, generator=g) < 0.15
     labels[:, 0] = True
-    return {"features": feats.to(device), "cams": cams.to(device), "labels": labels.to(device)}
+    return {"features": feats.to(device), "norm_cams": cams.to(device), "labels": labels.to(device)}
 
 
 def run(device: torch.device, repeats: int) -> dict[str, Any]:
     cpal = make_module(device)
     x = make_batch(B, GRID, device)
     feats = x["features"].requires_grad_(True)
-    cams = x["cams"].requires_grad_(True)
+    cams = x["norm_cams"].requires_grad_(True)
     labels = x["labels"]
     z_fixed = cpal.project(feats).detach()
 
@@ -75,14 +75,16 @@ def run(device: torch.device, repeats: int) -> dict[str, Any]:
         cpal.project(feats).sum().backward()
 
     def head_cpal_update() -> None:
-        cpal(feats, cams, labels, update=True)["loss_self"].backward()
+        out = cpal(feats, cams, labels)
+        cpal.update(out.prototypes, out.prototype_valid)
+        out.loss.backward()
 
     def cpal_after_head() -> torch.Tensor:
         z = z_fixed.requires_grad_(True)
         out = cpal_forward(z, cams, labels, cpal.context, cpal.context_valid, top_k=T)
-        cpal.update_bank(out["prototypes"], out["prototype_valid"])
-        out["loss_self"].backward()
-        return out["loss_self"]
+        cpal.update(out.prototypes, out.prototype_valid)
+        out.loss.backward()
+        return out.loss
 
     res: dict[str, Any] = {"shape": {"B": B, "K": K, "D": D, "grid": [GRID, GRID], "P": P, "L": L, "M": M,
                                       "T": T}}
@@ -95,7 +97,7 @@ def run(device: torch.device, repeats: int) -> dict[str, Any]:
             res[name]["peak_extra_bytes"] = cuda_peak_extra_bytes(fn, device)
     else:
         res["head"]["saved_bytes"] = saved_bytes(lambda: cpal.project(feats))
-        res["head_cpal_update"]["saved_bytes"] = saved_bytes(lambda: cpal(feats, cams, labels, update=False))
+        res["head_cpal_update"]["saved_bytes"] = saved_bytes(lambda: cpal(feats, cams, labels))
         res["cpal_after_head"]["saved_bytes"] = saved_bytes(lambda: cpal_forward(
             z_fixed.requires_grad_(True), cams, labels, cpal.context, cpal.context_valid, top_k=T))
     res["cpal_after_head_over_head"] = res["cpal_after_head"]["median_ms"] / res["head"]["median_ms"]
@@ -106,12 +108,12 @@ def run(device: torch.device, repeats: int) -> dict[str, Any]:
     ctx, ctx_ok = cpal.context, cpal.context_valid
 
     def batched_small() -> None:
-        cpal_forward(zs.clone().requires_grad_(True), small["cams"], small["labels"], ctx, ctx_ok,
-                     top_k=T)["loss_self"].backward()
+        cpal_forward(zs.clone().requires_grad_(True), small["norm_cams"], small["labels"], ctx, ctx_ok,
+                     top_k=T).loss.backward()
 
     def loop_small() -> None:
-        cpal_loop(zs.clone().requires_grad_(True), small["cams"], small["labels"], ctx, ctx_ok,
-                  top_k=T)["loss_self"].backward()
+        cpal_loop(zs.clone().requires_grad_(True), small["norm_cams"], small["labels"], ctx, ctx_ok,
+                  top_k=T)["loss"].backward()
 
     batched = repeat_ms(batched_small, repeats=max(repeats, 5), device=device)
     loop = repeat_ms(loop_small, repeats=1, device=device)

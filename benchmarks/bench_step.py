@@ -10,7 +10,7 @@ Swin, so it is compared with ``baseline`` on that Swin.
 Each recipe runs in a fresh subprocess (so that peak memory is its own): it builds the model,
 runs ``--warmup`` steps, then times ``--steps`` steps (median and min of the per-step wall
 time; CUDA synchronised). With the defaults (2 + 5) the timed steps are 3..7: cpal's warm-up
-recluster at step 4 (k-means over its bank) is one of them, so it shows in ``step_max_ms``
+recluster at step 4 (``CPAL.update`` runs k-means over its bank) is one of them, so it shows in ``step_max_ms``
 but not in the median. Memory: on CUDA ``torch.cuda.max_memory_allocated`` growth over the
 allocation after the warm-up steps' first step starts (``peak_extra_mb``); on CPU the growth of
 the process's peak resident set (``resource.getrusage(...).ru_maxrss``) from just before the

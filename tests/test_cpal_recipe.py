@@ -34,7 +34,7 @@ def _train_lines(path: Path) -> list[dict]:
     return [x for x in lines if x["kind"] == "train"]
 
 
-@pytest.mark.parametrize("opts", [[], ["weighting=uniform", "align=false", "pooling=gap"], ["score=l2"]])
+@pytest.mark.parametrize("opts", [[], ["weighting=uniform", "align=false", "pooling=gap"], ["similarity=l2"]])
 def test_cpal_recipe_trains_and_reclusters_every_epoch(tmp_path: Path, opts: list[str]) -> None:
     flat = [x for o in opts for x in ("--opt", o)]
     summary = train.main([*TINY, *VIT, *flat, "--output", str(tmp_path)])
@@ -73,3 +73,18 @@ def test_cpal_recipe_resume_is_exact(tmp_path: Path) -> None:
     assert [r["step"] for r in split] == [1, 2, 3, 4, 5, 6]
     for a, b in zip(full, split, strict=True):
         assert (a["loss/total"], a["reclusters"]) == (b["loss/total"], b["reclusters"]), a["step"]
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("threshold", 0.0), ("threshold", 1.0), ("threshold", float("nan")), ("temperature", 0.0),
+    ("temperature", float("inf")), ("self_weight", -1.0), ("self_weight", float("nan")), ("proj_dim", 0),
+    ("capacity", 0), ("num_prototypes", 1001), ("top_k", 0), ("top_k", 51), ("top_k", 2.0),
+    ("recluster_every", -1), ("pooling", "max"), ("similarity", "cos"), ("weighting", "soft"),
+])
+def test_cpal_options_validate_names_the_option(name: str, value: object) -> None:
+    from recipes.cpal import CPALRecipe
+
+    CPALRecipe.Options().validate()
+    CPALRecipe.Options(temperature=0.5, recluster_every=0, num_prototypes=1000, top_k=1000).validate()
+    with pytest.raises(ValueError, match=f"^{name}: "):
+        CPALRecipe.Options(**{name: value}).validate()

@@ -5,11 +5,12 @@
   (``gap``, the paper's ResNet); multilabel soft-margin loss ``cls``.
 * CPAL on the same final feature map: the CAM, ReLU'd and max-normalised per (image, class)
   with its gradient, is ``M``; :class:`~wsss_blocks.cpal.CPAL` adds ``self`` (weight
-  ``self_weight``, the paper's lambda_self = 1) and writes the batch's prototypes to its bank
-  in the same forward (after the loss).
+  ``self_weight``, the paper's lambda_self = 1); after the loss, each training step banks the
+  batch's prototypes with ``CPAL.update`` (which also reclusters when the schedule says so).
 * Recluster schedule: once per epoch of training images (``recluster_every=0``: the epoch
   length of this run, ``len(train) // (batch_size * world)``) plus the warm-up reclusters at
-  steps 1, 2, 4, ... below it, so the loss starts after the first step.
+  steps 1, 2, 4, ... below it, so the loss starts after the first step. The steps before the
+  first recluster are a planned warm-up (``loss/self`` is 0), so CPAL's unbuilt warning is off.
 * Evaluation CAM: the classifier CAM (the paper describes no PACAM fusion at inference).
 * Table 1 of the paper as options: ``weighting=uniform align=false`` (context prototypes
   only), ``weighting=positiveness align=false`` (+positiveness), defaults (+alignment).
@@ -17,6 +18,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -44,12 +46,12 @@ class CPALRecipe(Recipe):
         pooling: Literal["gmp_feat", "gap"] = "gmp_feat"
         self_weight: float = 1.0
         proj_dim: int = 256
-        tau: float = 0.1
+        threshold: float = 0.1
         capacity: int = 1000
         num_prototypes: int = 50
         top_k: int = 20
-        gamma: float | None = None  # None: sqrt(proj_dim)
-        score: Literal["dot", "cosine", "l2", "l1"] = "dot"
+        temperature: float | None = None  # None: sqrt(proj_dim)
+        similarity: Literal["dot", "cosine", "l2", "l1"] = "dot"
         weighting: Literal["positiveness", "uniform"] = "positiveness"
         align: bool = True
         detach_features: bool = False
@@ -58,23 +60,45 @@ class CPALRecipe(Recipe):
         recluster_every: int = 0  # 0: one epoch of this run's training images
         warmup_reclusters: bool = True
 
+        def validate(self) -> None:
+            """Check every option's choices and range; the ``ValueError`` starts with the option's name."""
+            choices = {"pooling": ("gmp_feat", "gap"), "similarity": ("dot", "cosine", "l2", "l1"),
+                       "weighting": ("positiveness", "uniform")}
+            for name, allowed in choices.items():
+                if getattr(self, name) not in allowed:
+                    raise ValueError(f"{name}: expected one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+            if not (math.isfinite(self.self_weight) and self.self_weight >= 0.0):
+                raise ValueError(f"self_weight: expected a finite value >= 0, got {self.self_weight}")
+            if not 0.0 < self.threshold < 1.0:  # also rejects nan
+                raise ValueError(f"threshold: expected a value in (0, 1), got {self.threshold}")
+            if self.temperature is not None and not (math.isfinite(self.temperature) and self.temperature > 0.0):
+                raise ValueError(f"temperature: expected a finite value > 0 or none (sqrt(proj_dim)), "
+                                 f"got {self.temperature}")
+            for name, low, high in (("proj_dim", 1, None), ("capacity", 1, None),
+                                    ("num_prototypes", 1, self.capacity), ("top_k", 1, self.num_prototypes),
+                                    ("recluster_every", 0, None)):
+                value = getattr(self, name)
+                if isinstance(value, bool) or not isinstance(value, int) or value < low or (
+                        high is not None and value > high):
+                    bounds = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+                    note = " (0: one epoch)" if name == "recluster_every" else ""
+                    raise ValueError(f"{name}: expected {bounds}{note}, got {value!r}")
+
     def __init__(self, backbone: nn.Module, num_classes: int, config: Any, options: Any,
                  data_info: dict[str, Any] | None = None) -> None:
         super().__init__(backbone, num_classes, config, options, data_info)
         o = options
-        if o.pooling not in ("gmp_feat", "gap"):
-            raise ValueError(f"--opt pooling: expected gmp_feat or gap, got {o.pooling!r}")
-        if o.recluster_every < 0:
-            raise ValueError(f"--opt recluster_every: expected >= 0 (0: one epoch), got {o.recluster_every}")
+        o.validate()
         dim = feature_dim(backbone)
         self.classifier = nn.Linear(dim, num_classes, bias=False)
         self.recluster_every = int(o.recluster_every) or self._epoch_length(config)
         self.cpal = CPAL(
-            dim, num_classes, proj_dim=o.proj_dim, detach_features=o.detach_features, tau=o.tau,
-            capacity=o.capacity, num_prototypes=o.num_prototypes, top_k=o.top_k, gamma=o.gamma,
-            score=o.score, weighting=o.weighting, align=o.align, normalize_pacam=o.normalize_pacam,
+            dim, num_classes, proj_dim=o.proj_dim, detach_features=o.detach_features, threshold=o.threshold,
+            capacity=o.capacity, num_prototypes=o.num_prototypes, top_k=o.top_k, temperature=o.temperature,
+            similarity=o.similarity, weighting=o.weighting, align=o.align, normalize_pacam=o.normalize_pacam,
             detach_pacam=o.detach_pacam, recluster_every=self.recluster_every,
             warmup_reclusters=o.warmup_reclusters, seed=int(getattr(config, "seed", 0) or 0),
+            warn_unbuilt=False,  # the steps before the first (warm-up) recluster are planned
         )
 
     def _epoch_length(self, config: Any) -> int:
@@ -97,7 +121,9 @@ class CPALRecipe(Recipe):
         fmap, cam, logits = self._features_cam(backbone, batch["image"])
         cls = F.multilabel_soft_margin_loss(logits.float(), labels.float())
         out = self.cpal(fmap, normalize_cam(cam), labels)
-        return {"cls": LossTerm(1.0, cls), "self": LossTerm(float(self.options.self_weight), out["loss_self"])}
+        if self.cpal.training:  # once per training step, after the loss: bank, count, recluster when due
+            self.cpal.update(out.prototypes, out.prototype_valid)
+        return {"cls": LossTerm(1.0, cls), "self": LossTerm(float(self.options.self_weight), out.terms["self"])}
 
     @torch.no_grad()
     def cam(self, backbone: nn.Module, images: Tensor, labels: Tensor) -> Tensor:

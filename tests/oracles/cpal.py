@@ -1,10 +1,10 @@
-"""CPAL reference: spec ``cpal.md`` section 3 as a slow per-image, per-channel loop.
+"""CPAL reference: :func:`wsss_blocks.cpal.cpal_forward` as a slow per-image, per-channel loop.
 
 Shared by ``tests/test_cpal.py`` and ``benchmarks/bench_cpal.py``. Written from the equations,
 not from the batched code: explicit pixel lists, explicit neighbour sorting, a softmax over the
 valid context prototypes, the renormalisation over the chosen neighbours, and one cosine per
-(pixel, neighbour). Gradients reach ``z`` and ``cams`` exactly as in the spec (the anchors and
-weights are constants).
+(pixel, neighbour). Gradients reach ``features`` and ``norm_cams`` only through the PACAM and the
+loss (the anchors and weights are constants).
 """
 
 from __future__ import annotations
@@ -19,30 +19,31 @@ def _unit(v: Tensor) -> Tensor:
     return v / v.norm().clamp_min(1e-6)
 
 
-def _score(a: Tensor, p: Tensor, score: str) -> Tensor:
-    if score == "dot":
+def _similarity(a: Tensor, p: Tensor, similarity: str) -> Tensor:
+    if similarity == "dot":
         return (a * p).sum()
-    if score == "cosine":
+    if similarity == "cosine":
         return (_unit(a) * _unit(p)).sum()
-    if score == "l2":
+    if similarity == "l2":
         return -(a - p).norm()
     return -(a - p).abs().sum()
 
 
-def cpal_loop(z: Tensor, cams: Tensor, labels: Tensor, context: Tensor, context_valid: Tensor, *,
-              tau: float = 0.1, bg_tau: float | None = None, top_k: int = 20, gamma: float | None = None,
-              score: str = "dot", weighting: str = "positiveness", align: bool = True,
-              normalize_pacam: bool = False, detach_pacam: bool = False) -> dict[str, Tensor]:
-    """The outputs of ``cpal_forward`` for one batch, computed image by image, channel by channel."""
-    b_size, p_size, h, w = z.shape
-    k_size = cams.shape[1]
+def cpal_loop(features: Tensor, norm_cams: Tensor, labels: Tensor, context: Tensor, context_valid: Tensor, *,
+              threshold: float = 0.1, bg_threshold: float | None = None, top_k: int = 20,
+              temperature: float | None = None, similarity: str = "dot", weighting: str = "positiveness",
+              align: bool = True, normalize_pacam: bool = False, detach_pacam: bool = False) -> dict[str, Tensor]:
+    """The fields of ``cpal_forward``'s output for one batch (but ``terms``), computed image by image,
+    channel by channel."""
+    b_size, p_size, h, w = features.shape
+    k_size = norm_cams.shape[1]
     c_size = k_size + 1
     n_pix = h * w
-    gamma = math.sqrt(p_size) if gamma is None else gamma
-    bg_tau = tau if bg_tau is None else bg_tau
-    zf = z.flatten(2)
+    temperature = math.sqrt(p_size) if temperature is None else temperature
+    bg_threshold = threshold if bg_threshold is None else bg_threshold
+    zf = features.flatten(2)
     # eq. 3: background from the label-masked foreground
-    fg = cams.flatten(2) * labels.to(cams.dtype)[:, :, None]
+    fg = norm_cams.flatten(2) * labels.to(norm_cams.dtype)[:, :, None]
     maps = torch.cat([1.0 - fg.max(dim=1, keepdim=True).values, fg], dim=1)  # (B,C,N)
     present = [[c == 0 or bool(labels[b, c - 1]) for c in range(c_size)] for b in range(b_size)]
 
@@ -50,7 +51,7 @@ def cpal_loop(z: Tensor, cams: Tensor, labels: Tensor, context: Tensor, context_
     valid = torch.zeros(b_size, c_size, dtype=torch.bool)
     for b in range(b_size):
         for c in range(c_size):
-            thr = bg_tau if c == 0 else tau
+            thr = bg_threshold if c == 0 else threshold
             pix = [j for j in range(n_pix) if present[b][c] and float(maps[b, c, j].detach()) > thr]
             if pix:
                 protos[b, c] = zf[b][:, pix].detach().double().mean(dim=1)
@@ -78,7 +79,7 @@ def cpal_loop(z: Tensor, cams: Tensor, labels: Tensor, context: Tensor, context_
             ids = ctx_ids[c]
             cos = {i: float((_unit(a) * _unit(context[c, i].double())).sum()) for i in ids}
             neighbours = sorted(ids, key=lambda i: -cos[i])[:top_k]
-            logits = torch.stack([_score(a, context[c, i].double(), score) / gamma for i in ids])
+            logits = torch.stack([_similarity(a, context[c, i].double(), similarity) / temperature for i in ids])
             soft = dict(zip(ids, torch.softmax(logits, 0), strict=True))
             if weighting == "positiveness":
                 total = sum(float(soft[i]) for i in neighbours)
@@ -96,7 +97,7 @@ def cpal_loop(z: Tensor, cams: Tensor, labels: Tensor, context: Tensor, context_
                 m = m / (m.max() + 1e-5)
             row.append(m)
         rows.append(torch.stack(row))
-    pac = torch.stack(rows)  # (B,C,N), graph to z
+    pac = torch.stack(rows)  # (B,C,N), graph to features
     target = pac.detach() if detach_pacam else pac
     loss = maps.new_zeros((), dtype=torch.float64)
     for b in range(b_size):
@@ -104,5 +105,5 @@ def cpal_loop(z: Tensor, cams: Tensor, labels: Tensor, context: Tensor, context_
             if active[b, c]:
                 loss = loss + (maps[b, c].double() - target[b, c]).abs().sum()
     loss = loss / (b_size * c_size * n_pix)
-    return {"pacam": pac.view(b_size, c_size, h, w), "loss_self": loss, "prototypes": protos,
+    return {"pacam": pac.view(b_size, c_size, h, w), "loss": loss, "prototypes": protos,
             "prototype_valid": valid, "active": active, "cams_with_bg": maps.view(b_size, c_size, h, w)}

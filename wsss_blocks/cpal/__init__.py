@@ -3,39 +3,61 @@
 A plug-in branch for any CAM network (a CNN feature map or a ViT's token grid): per-image
 class prototypes from the CAM, a per-class bank clustered into context prototypes, and a
 prototype-aware CAM that supervises the CAM through an L1 loss. The paper released no code;
-``specs/cpal.md`` records every decision taken where the paper is silent.
+the choices taken where it is silent are documented on :class:`CPAL` and in the README.
 
-* :mod:`wsss_blocks.cpal.functional` -- the pure functions (re-exported here and by
-  :mod:`wsss_blocks.functional`);
-* :class:`CPAL` -- the module: projection head, bank, recluster schedule, context buffers.
+One concept per module (the functions are re-exported here and by
+:mod:`wsss_blocks.functional`):
+
+* :mod:`~wsss_blocks.cpal.prototypes` -- :func:`instance_prototypes` (eq. 4) and
+  :func:`context_prototypes` (eq. 5);
+* :mod:`~wsss_blocks.cpal.alignment` -- :func:`alignment_shift` (eqs. 9-12);
+* :mod:`~wsss_blocks.cpal.neighbors` -- :func:`positiveness` (eq. 7), :func:`soft_neighbors`
+  (eq. 6) and :func:`neighbor_weights` (Claim 1);
+* :mod:`~wsss_blocks.cpal.prototype_cam` -- :func:`pacam` (eq. 13);
+* :mod:`~wsss_blocks.cpal.loss` -- :func:`self_loss` (eq. 14);
+* :mod:`~wsss_blocks.cpal.branch` -- :func:`cpal_forward`, one step without state, and its
+  :class:`CPALOutput`;
+* :mod:`~wsss_blocks.cpal.module` -- :class:`CPAL`: projection head, bank, recluster schedule,
+  context buffers (``forward`` computes, ``update`` / ``recluster`` / ``reset`` change state).
 
 Example:
     >>> import torch
     >>> from wsss_blocks.cpal import CPAL
-    >>> cpal = CPAL(16, 2, proj_dim=8, capacity=8, num_prototypes=4, top_k=2, recluster_every=10)
+    >>> cpal = CPAL(16, 2, proj_dim=8, capacity=8, num_prototypes=4, top_k=2, recluster_every=10,
+    ...             warn_unbuilt=False)
     >>> out = cpal(torch.randn(2, 16, 3, 3), torch.rand(2, 2, 3, 3), torch.tensor([[1, 0], [1, 1]]))
-    >>> sorted(out)
-    ['active', 'cams_with_bg', 'loss_self', 'pacam', 'prototype_valid', 'prototypes']
+    >>> out._fields
+    ('pacam', 'cams_with_bg', 'prototypes', 'prototype_valid', 'active', 'loss', 'terms')
+    >>> cpal.update(out.prototypes, out.prototype_valid)
 """
 
-from wsss_blocks.cpal.functional import (
-    Score,
+from wsss_blocks.cpal.alignment import alignment_shift
+from wsss_blocks.cpal.branch import CPALOutput, cpal_forward
+from wsss_blocks.cpal.loss import self_loss
+from wsss_blocks.cpal.module import CPAL
+from wsss_blocks.cpal.neighbors import (
+    Similarity,
+    SoftNeighbors,
     Weighting,
-    alignment_shift,
-    context_prototypes,
-    cpal_forward,
-    instance_prototypes,
     neighbor_weights,
-    pacam,
     positiveness,
-    self_loss,
     soft_neighbors,
 )
-from wsss_blocks.cpal.module import CPAL
+from wsss_blocks.cpal.prototype_cam import pacam
+from wsss_blocks.cpal.prototypes import (
+    ContextPrototypes,
+    InstancePrototypes,
+    context_prototypes,
+    instance_prototypes,
+)
 
 __all__ = [
     "CPAL",
-    "Score",
+    "CPALOutput",
+    "ContextPrototypes",
+    "InstancePrototypes",
+    "Similarity",
+    "SoftNeighbors",
     "Weighting",
     "alignment_shift",
     "context_prototypes",

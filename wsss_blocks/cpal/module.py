@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -9,14 +10,10 @@ from torch import Tensor, nn
 
 from wsss_blocks._distributed import broadcast_from_rank0
 from wsss_blocks._validate import check_int, check_option, check_range, check_shape
-from wsss_blocks.cpal.functional import (
-    SCORES,
-    WEIGHTINGS,
-    Score,
-    Weighting,
-    context_prototypes,
-    cpal_forward,
-)
+from wsss_blocks.cpal._common import check_threshold
+from wsss_blocks.cpal.branch import CPALOutput, cpal_forward
+from wsss_blocks.cpal.neighbors import SIMILARITIES, WEIGHTINGS, Similarity, Weighting
+from wsss_blocks.cpal.prototypes import context_prototypes
 from wsss_blocks.prototypes import ClassBank
 
 __all__ = ["CPAL"]
@@ -29,42 +26,48 @@ class CPAL(nn.Module):
     prototypes from the CAM, banks them per class (a :class:`~wsss_blocks.prototypes.ClassBank`
     of ``capacity`` per class), clusters the bank into ``num_prototypes`` context prototypes
     per class on a schedule, and returns the prototype-aware CAM with the L1 self-supervised
-    loss ``loss_self`` (unweighted; the paper's total is ``BCE + loss_self``).
+    loss (``loss``, unweighted, also ``terms["self"]``; the paper's total is ``BCE + loss``).
 
-    **Schedule.** In training mode each :meth:`forward` writes the batch's prototypes to the
-    bank *after* computing the loss and counts a step ``s``. :meth:`recluster` runs when
-    ``recluster_every`` divides ``s`` (use the epoch length: the paper reclusters once per
+    **State.** :meth:`forward` never changes the module. A training step calls
+    :meth:`update` with the forward's ``prototypes`` and ``prototype_valid`` after computing
+    the loss: it writes them to the bank and counts a step ``s``; :meth:`recluster` then runs
+    when ``recluster_every`` divides ``s`` (use the epoch length: the paper reclusters once per
     epoch) and, with ``warmup_reclusters``, also at ``s = 1, 2, 4, 8, ...`` below
     ``recluster_every`` (any power of two when it is ``None``), so the loss starts after the
     first step instead of after the first epoch. With ``recluster_every=None`` and no warm-up
-    the caller calls :meth:`recluster` itself. Counters live in buffers (``num_steps``,
-    ``num_reclusters``) so a ``state_dict`` resume reproduces the run; the decision itself reads
-    Python mirrors and never waits on the device. In eval mode ``forward`` has no side effect.
+    the caller calls :meth:`recluster` itself. Extra forwards of the same step (multi-crop,
+    gradient accumulation) simply do not call :meth:`update`. Bank, context and counters
+    (``num_steps``, ``num_reclusters``) are buffers, so a ``state_dict`` resume reproduces the
+    run; the schedule reads Python mirrors and never waits on the device. :attr:`is_built`
+    says whether context prototypes exist; before that the loss is a graph-attached 0 and the
+    first such forward warns (``warn_unbuilt=False`` silences it for a planned warm-up).
+    :meth:`reset` empties everything.
 
-    **Distributed.** Under an initialised ``torch.distributed`` with world size > 1 the bank
-    update all-gathers the batch (rank order) and :meth:`recluster` broadcasts rank 0's
+    **Distributed.** Under an initialised ``torch.distributed`` with world size > 1
+    :meth:`update` all-gathers the batch (rank order) and :meth:`recluster` broadcasts rank 0's
     context, so every rank holds identical state. Use equal per-rank batch sizes
     (``drop_last=True``).
 
-    **Decisions where the paper is silent** (spec section 5): gamma is a temperature inside the
-    positiveness softmax (``None``: ``sqrt(proj_dim)``); the neighbour weights are the
-    positiveness renormalised over the top-T (``weighting="uniform"`` is literal eq. 13);
-    gradient reaches the backbone through ``z`` unless ``detach_features``; a present channel
-    without prototype or context adds 0 to the loss.
+    **Choices where the paper is silent**: ``temperature`` is the paper's gamma, a temperature
+    inside the positiveness softmax (``None``: ``sqrt(proj_dim)``); the neighbour weights are
+    the positiveness renormalised over the top-T (``weighting="uniform"`` is literal eq. 13);
+    gradient reaches the backbone through the projected features unless ``detach_features``;
+    a present channel without prototype or context adds 0 to the loss.
 
     Args:
         in_dim: ``D``, channels of the features.
         num_classes: ``K`` foreground classes (the module works on ``C = K + 1`` channels).
-        projection: use the projection head (``False``: ``z = features``, ``P = D``).
+        projection: use the projection head (``False``: the features themselves, ``P = D``).
         hidden_dim: ``H`` (``None``: ``D``).
         proj_dim: ``P``.
         detach_features: project ``features.detach()`` (the loss does not train the backbone).
-        tau, bg_tau: CAM thresholds of the instance prototypes (``bg_tau=None``: ``tau``).
+        threshold, bg_threshold: CAM thresholds of the instance prototypes
+            (``bg_threshold=None``: ``threshold``).
         capacity: ``L``, bank slots per class.
         num_prototypes: ``M``, context prototypes per class.
         top_k: ``T``, soft neighbours per anchor; ``1 <= T <= M <= L``.
-        gamma: positiveness temperature (``None``: ``sqrt(P)``).
-        score: ``"dot" | "cosine" | "l2" | "l1"``.
+        temperature: positiveness temperature (``None``: ``sqrt(P)``).
+        similarity: positiveness similarity, ``"dot" | "cosine" | "l2" | "l1"``.
         weighting: ``"positiveness" | "uniform"``.
         align: feature-distribution alignment of the anchors.
         normalize_pacam: max-normalise the PACAM.
@@ -73,27 +76,31 @@ class CPAL(nn.Module):
         warmup_reclusters: also recluster at powers of two below the period.
         kmeans_iters: Lloyd steps per recluster.
         seed: k-means seed; recluster ``r`` uses ``seed + r``.
+        warn_unbuilt: warn (once) when :meth:`forward` runs before any context exists.
         device, dtype: of the head's parameters and the state (``float64`` gives an fp64
             bank and context; anything else an fp32 one).
 
     Shape:
         - features: ``(B, D, h, w)`` (a CNN map, or ViT tokens via
-          :func:`wsss_blocks.tokens.tokens_to_grid`); cams: ``(B, K, h, w)`` in ``[0, 1]``;
-          labels: ``(B, K)``
-        - output ``pacam``, ``cams_with_bg``: ``(B, K+1, h, w)``; ``loss_self``: ``()``
+          :func:`wsss_blocks.tokens.tokens_to_grid`); norm_cams: ``(B, K, h, w)`` in
+          ``[0, 1]``; labels: ``(B, K)``
+        - output ``pacam``, ``cams_with_bg``: ``(B, K+1, h, w)``; ``loss``: ``()``
 
     Example:
-        >>> cpal = CPAL(32, 3, proj_dim=16, capacity=8, num_prototypes=4, top_k=2, recluster_every=5)
+        >>> cpal = CPAL(32, 3, proj_dim=16, capacity=8, num_prototypes=4, top_k=2, recluster_every=5,
+        ...             warn_unbuilt=False)
         >>> feats = torch.randn(2, 32, 4, 6)                       # e.g. a CNN feature map
         >>> cams = torch.rand(2, 3, 4, 6)
         >>> labels = torch.tensor([[1, 0, 1], [0, 1, 0]])
-        >>> out = cpal(feats, cams, labels)                        # step 1: bank written, reclustered
-        >>> out["loss_self"].item()                                # no context before that step
-        0.0
         >>> out = cpal(feats, cams, labels)
-        >>> out["loss_self"].backward()
-        >>> int(cpal.num_steps), int(cpal.num_reclusters)
-        (2, 2)
+        >>> out.loss.item(), cpal.is_built                         # no context yet
+        (0.0, False)
+        >>> cpal.update(out.prototypes, out.prototype_valid)       # step 1: banked, reclustered
+        >>> out = cpal(feats, cams, labels)
+        >>> out.loss.backward()
+        >>> cpal.update(out.prototypes, out.prototype_valid)
+        >>> cpal.is_built, int(cpal.num_steps), int(cpal.num_reclusters)
+        (True, 2, 2)
 
         A timm ViT's patch tokens go through the token grid first:
 
@@ -101,8 +108,9 @@ class CPAL(nn.Module):
         >>> from wsss_blocks.tokens import tokens_to_grid
         >>> vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=1)
         >>> tokens = vit.forward_features(torch.randn(2, 3, 64, 64))[:, vit.num_prefix_tokens:]
-        >>> cpal = CPAL(vit.embed_dim, 3, proj_dim=16, capacity=8, num_prototypes=4, top_k=2)
-        >>> cpal(tokens_to_grid(tokens, (4, 4)), torch.rand(2, 3, 4, 4), labels)["pacam"].shape
+        >>> cpal = CPAL(vit.embed_dim, 3, proj_dim=16, capacity=8, num_prototypes=4, top_k=2,
+        ...             warn_unbuilt=False)
+        >>> cpal(tokens_to_grid(tokens, (4, 4)), torch.rand(2, 3, 4, 4), labels).pacam.shape
         torch.Size([2, 4, 4, 4])
     """
 
@@ -120,13 +128,13 @@ class CPAL(nn.Module):
         hidden_dim: int | None = None,
         proj_dim: int = 256,
         detach_features: bool = False,
-        tau: float = 0.1,
-        bg_tau: float | None = None,
+        threshold: float = 0.1,
+        bg_threshold: float | None = None,
         capacity: int = 1000,
         num_prototypes: int = 50,
         top_k: int = 20,
-        gamma: float | None = None,
-        score: Score = "dot",
+        temperature: float | None = None,
+        similarity: Similarity = "dot",
         weighting: Weighting = "positiveness",
         align: bool = True,
         normalize_pacam: bool = False,
@@ -135,6 +143,7 @@ class CPAL(nn.Module):
         warmup_reclusters: bool = True,
         kmeans_iters: int = 20,
         seed: int = 0,
+        warn_unbuilt: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -144,11 +153,11 @@ class CPAL(nn.Module):
         self.capacity = check_int("capacity", capacity, low=1)
         self.num_prototypes = check_int("num_prototypes", num_prototypes, low=1, high=self.capacity)
         self.top_k = check_int("top_k", top_k, low=1, high=self.num_prototypes)
-        self.tau = float(check_range("tau", tau, 0.0, 1.0, low_inclusive=False, high_inclusive=False))
-        self.bg_tau = None if bg_tau is None else float(
-            check_range("bg_tau", bg_tau, 0.0, 1.0, low_inclusive=False, high_inclusive=False))
-        self.gamma = None if gamma is None else float(check_range("gamma", gamma, 0.0, low_inclusive=False))
-        self.score = check_option("score", score, SCORES)
+        self.threshold = check_threshold("threshold", threshold)
+        self.bg_threshold = None if bg_threshold is None else check_threshold("bg_threshold", bg_threshold)
+        self.temperature = None if temperature is None else float(
+            check_range("temperature", temperature, 0.0, low_inclusive=False))
+        self.similarity = check_option("similarity", similarity, SIMILARITIES)
         self.weighting = check_option("weighting", weighting, WEIGHTINGS)
         self.recluster_every = None if recluster_every is None else check_int(
             "recluster_every", recluster_every, low=1)
@@ -159,6 +168,7 @@ class CPAL(nn.Module):
         self.align = bool(align)
         self.normalize_pacam = bool(normalize_pacam)
         self.detach_pacam = bool(detach_pacam)
+        self.warn_unbuilt = bool(warn_unbuilt)
 
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         if projection:
@@ -181,57 +191,53 @@ class CPAL(nn.Module):
                                                           device=device))
         self.register_buffer("num_steps", torch.zeros((), dtype=torch.long, device=device))
         self.register_buffer("num_reclusters", torch.zeros((), dtype=torch.long, device=device))
-        self._steps = 0  # Python mirrors of the counters: no device read per step
+        # Python mirrors: the schedule and is_built never read the device on a training step
+        self._steps = 0
         self._reclusters = 0
-        self.register_load_state_dict_post_hook(_refresh_counters)
+        self._built = False
+        self._built_key = self._context_key()
+        self._warned = False
+        self.register_load_state_dict_post_hook(_refresh_mirrors)
 
     def extra_repr(self) -> str:
         return (f"in_dim={self.in_dim}, num_classes={self.num_classes}, proj_dim={self.proj_dim}, "
                 f"capacity={self.capacity}, num_prototypes={self.num_prototypes}, top_k={self.top_k}, "
-                f"score={self.score!r}, weighting={self.weighting!r}, recluster_every={self.recluster_every}")
+                f"similarity={self.similarity!r}, weighting={self.weighting!r}, "
+                f"recluster_every={self.recluster_every}")
 
-    def project(self, features: Tensor) -> Tensor:
-        """The projected features ``z`` (of ``features.detach()`` when ``detach_features``).
+    # ------------------------------------------------------------------ state
 
-        Shape:
-            - features: ``(B, D, h, w)``; output: ``(B, P, h, w)``
+    def _context_key(self) -> tuple[int, int] | None:
+        """Identity and in-place version of ``context_valid`` (``None``: not trackable)."""
+        try:
+            return self.context_valid.data_ptr(), self.context_valid._version
+        except RuntimeError:  # inference tensors track no version
+            return None
+
+    def _mark_built(self) -> None:
+        self._built = bool(self.context_valid.any())  # sync-ok: recluster / load / changed state only
+        self._built_key = self._context_key()
+
+    @property
+    def is_built(self) -> bool:
+        """Whether context prototypes exist (any ``context_valid``), so the loss can be non-zero.
+
+        Derived from the ``context_valid`` buffer: state loaded from a checkpoint or written
+        by hand counts. The answer is cached and re-read from the device only when the buffer
+        was replaced or changed in place, so a training step never waits on it.
 
         Example:
-            >>> CPAL(8, 2, proj_dim=4, capacity=4, num_prototypes=2, top_k=1).project(
-            ...     torch.randn(1, 8, 3, 5)).shape
-            torch.Size([1, 4, 3, 5])
+            >>> cpal = CPAL(4, 1, projection=False, capacity=4, num_prototypes=2, top_k=1)
+            >>> cpal.is_built
+            False
+            >>> cpal.context_valid[1, 0] = True
+            >>> cpal.is_built
+            True
         """
-        check_shape("features", features, ["B", self.in_dim, "h", "w"], dtype="float")
-        return self.head(features.detach() if self.detach_features else features)
-
-    def forward(self, features: Tensor, cams: Tensor, labels: Tensor, *,
-                update: bool | None = None) -> dict[str, Tensor]:
-        """Project, compute the PACAM and ``loss_self``, then (``update``) bank the prototypes.
-
-        Args:
-            features: backbone features on the CAM grid.
-            cams: foreground CAMs in ``[0, 1]`` (not range-checked: that would sync).
-            labels: multi-hot image labels.
-            update: write the bank and count a step (``None``: ``self.training``). Pass
-                ``False`` for extra forwards of the same step (multi-crop, accumulation).
-
-        Returns:
-            the keys of :func:`~wsss_blocks.cpal.cpal_forward`.
-
-        Shape:
-            see the class docstring.
-        """
-        dims = check_shape("features", features, ["B", self.in_dim, "h", "w"], dtype="float")
-        check_shape("cams", cams, ["B", self.num_classes, "h", "w"], dims, dtype="float")
-        out = cpal_forward(
-            self.project(features), cams, labels, self.context, self.context_valid,
-            tau=self.tau, bg_tau=self.bg_tau, top_k=self.top_k, gamma=self.gamma,
-            score=self.score, weighting=self.weighting, align=self.align,
-            normalize_pacam=self.normalize_pacam, detach_pacam=self.detach_pacam,
-        )
-        if self.training if update is None else update:
-            self.update_bank(out["prototypes"], out["prototype_valid"])
-        return out
+        key = self._context_key()
+        if key is None or key != self._built_key:
+            self._mark_built()
+        return self._built
 
     def _due(self, step: int) -> bool:
         every = self.recluster_every
@@ -241,22 +247,31 @@ class CPAL(nn.Module):
         return self.warmup_reclusters and power_of_two and (every is None or step < every)
 
     @torch.no_grad()
-    def update_bank(self, prototypes: Tensor, valid: Tensor) -> None:
-        """Append valid prototypes to the bank, count a step, recluster when due (no gradient).
+    def update(self, prototypes: Tensor, prototype_valid: Tensor) -> None:
+        """Bank a step's prototypes, count the step, recluster when the schedule says so.
 
-        No host sync except under multi-process ``torch.distributed`` (the gather) and on
+        Call it once per training step with :meth:`forward`'s ``prototypes`` and
+        ``prototype_valid``, after the loss is computed. Under multi-process
+        ``torch.distributed`` the bank all-gathers the batch (rank order). No gradient; no
+        host sync except under multi-process ``torch.distributed`` (the gather) and on
         recluster steps.
 
+        Args:
+            prototypes: the instance prototypes to bank (detached here).
+            prototype_valid: which of them exist.
+
         Shape:
-            - prototypes: ``(B, K+1, P)``; valid: ``(B, K+1)`` bool
+            - prototypes: ``(B, K+1, P)``; prototype_valid: ``(B, K+1)`` bool
 
         Example:
             >>> cpal = CPAL(4, 1, projection=False, capacity=4, num_prototypes=2, top_k=1)
-            >>> cpal.update_bank(torch.randn(3, 2, 4), torch.tensor([[True, False]] * 3))
+            >>> cpal.update(torch.randn(3, 2, 4), torch.tensor([[True, False]] * 3))
             >>> cpal.bank.count.tolist(), cpal.context_valid.tolist()
             ([3, 0], [[True, True], [False, False]])
         """
-        self.bank.update(prototypes.detach(), valid)
+        dims = check_shape("prototypes", prototypes, ["B", self.num_classes + 1, self.proj_dim], dtype="float")
+        check_shape("prototype_valid", prototype_valid, ["B", self.num_classes + 1], dims, dtype="bool")
+        self.bank.update(prototypes.detach(), prototype_valid)
         self.num_steps.add_(1)
         self._steps += 1
         if self._due(self._steps):
@@ -271,20 +286,94 @@ class CPAL(nn.Module):
         Example:
             >>> cpal = CPAL(4, 1, projection=False, capacity=4, num_prototypes=2, top_k=1)
             >>> cpal.recluster()                   # empty bank: every context prototype invalid
-            >>> cpal.context_valid.any().item(), int(cpal.num_reclusters)
+            >>> cpal.is_built, int(cpal.num_reclusters)
             (False, 1)
         """
-        context, valid = context_prototypes(self.bank.memory, self.bank.count, self.num_prototypes,
-                                            iters=self.kmeans_iters, seed=self.seed + self._reclusters)
+        context, valid = context_prototypes(self.bank.memory, self.bank.count, num_prototypes=self.num_prototypes,
+                                            num_iters=self.kmeans_iters, seed=self.seed + self._reclusters)
         self.context.copy_(context)
         self.context_valid.copy_(valid)
         broadcast_from_rank0(self.context, self.context_valid)
         self.num_reclusters.add_(1)
         self._reclusters += 1
+        self._mark_built()
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Empty the bank and the context and restart the schedule (parameters are kept).
+
+        Example:
+            >>> cpal = CPAL(4, 1, projection=False, capacity=4, num_prototypes=2, top_k=1)
+            >>> cpal.update(torch.randn(3, 2, 4), torch.ones(3, 2, dtype=torch.bool))
+            >>> cpal.reset()
+            >>> cpal.is_built, cpal.bank.count.tolist(), int(cpal.num_steps)
+            (False, [0, 0], 0)
+        """
+        self.bank.reset()
+        self.context.zero_()
+        self.context_valid.zero_()
+        self.num_steps.zero_()
+        self.num_reclusters.zero_()
+        self._steps = 0
+        self._reclusters = 0
+        self._built = False
+        self._built_key = self._context_key()
+
+    # ------------------------------------------------------------------ compute
+
+    def project(self, features: Tensor) -> Tensor:
+        """The projected features (of ``features.detach()`` when ``detach_features``).
+
+        Shape:
+            - features: ``(B, D, h, w)``; output: ``(B, P, h, w)``
+
+        Example:
+            >>> CPAL(8, 2, proj_dim=4, capacity=4, num_prototypes=2, top_k=1).project(
+            ...     torch.randn(1, 8, 3, 5)).shape
+            torch.Size([1, 4, 3, 5])
+        """
+        check_shape("features", features, ["B", self.in_dim, "h", "w"], dtype="float")
+        return self.head(features.detach() if self.detach_features else features)
+
+    def forward(self, features: Tensor, norm_cams: Tensor, labels: Tensor) -> CPALOutput:
+        """Project the features and compute the PACAM and the loss; changes no state.
+
+        Bank the step with :meth:`update` (``out.prototypes``, ``out.prototype_valid``) after
+        the loss. Before any context exists the loss is a graph-attached 0 (and the first such
+        call warns unless ``warn_unbuilt=False``).
+
+        Args:
+            features: backbone features on the CAM grid.
+            norm_cams: foreground CAMs in ``[0, 1]`` (not range-checked: that would sync).
+            labels: multi-hot image labels.
+
+        Returns:
+            :class:`~wsss_blocks.cpal.CPALOutput` ``(pacam, cams_with_bg, prototypes,
+            prototype_valid, active, loss, terms)``, as :func:`~wsss_blocks.cpal.cpal_forward`.
+
+        Shape:
+            see the class docstring.
+        """
+        dims = check_shape("features", features, ["B", self.in_dim, "h", "w"], dtype="float")
+        check_shape("norm_cams", norm_cams, ["B", self.num_classes, "h", "w"], dims, dtype="float")
+        if self.warn_unbuilt and not self._warned and not self.is_built:
+            warnings.warn(
+                "CPAL: no context prototypes yet, the loss is 0 until the first recluster() "
+                "(call update(...) after each training step; warn_unbuilt=False silences this)",
+                stacklevel=4,  # the caller of the module (through nn.Module.__call__)
+            )
+            self._warned = True
+        return cpal_forward(
+            self.project(features), norm_cams, labels, self.context, self.context_valid,
+            threshold=self.threshold, bg_threshold=self.bg_threshold, top_k=self.top_k,
+            temperature=self.temperature, similarity=self.similarity, weighting=self.weighting,
+            align=self.align, normalize_pacam=self.normalize_pacam, detach_pacam=self.detach_pacam,
+        )
 
 
-def _refresh_counters(module: nn.Module, incompatible_keys: Any) -> None:
-    """load_state_dict post hook: re-read the Python mirrors of the counters (one read at load)."""
+def _refresh_mirrors(module: nn.Module, incompatible_keys: Any) -> None:
+    """load_state_dict post hook: re-read the Python mirrors of the state (one read at load)."""
     if isinstance(module, CPAL):
         module._steps = int(module.num_steps)  # sync-ok: once per load
         module._reclusters = int(module.num_reclusters)  # sync-ok: once per load
+        module._mark_built()

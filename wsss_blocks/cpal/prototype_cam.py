@@ -1,0 +1,51 @@
+"""CPAL's prototype-aware CAM (eq. 13, weighted by the neighbour weights)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from wsss_blocks._utils import compute_dtype, no_autocast, to_compute
+from wsss_blocks._validate import check_shape
+from wsss_blocks.cpal._common import unit
+
+__all__ = ["pacam"]
+
+
+def pacam(features: Tensor, context: Tensor, neighbor_weights: Tensor, *, normalize: bool = False) -> Tensor:
+    """Prototype-aware CAM (eq. 13, weighted): ``ReLU(sum_i W_i cos(f(j), p_i))``.
+
+    Computed through the collapsed query ``q = W @ normalize(p)`` and one einsum with the
+    unit features (eps ``1e-6``, so a zero feature gives 0), never as per-prototype maps.
+    Invariant to a positive per-pixel rescaling of ``features``. Gradient flows into
+    ``features`` (and into ``context`` / ``neighbor_weights`` if they require it). With
+    ``normalize`` each map is divided by its maximum ``+ 1e-5``.
+
+    Args:
+        features: projected features.
+        context: context prototypes.
+        neighbor_weights: dense neighbour weights from
+            :func:`~wsss_blocks.cpal.neighbor_weights` (0 for inactive channels).
+        normalize: max-normalise each ``(image, channel)`` map.
+
+    Shape:
+        - features: ``(B, P, h, w)``; context: ``(C, M, P)``; neighbor_weights: ``(B, C, M)``
+        - output: ``(B, C, h, w)`` fp32 (fp64 for fp64 inputs)
+
+    Example:
+        >>> features = torch.tensor([1.0, 0.0]).view(1, 2, 1, 1)
+        >>> context = torch.tensor([[[2.0, 0.0], [0.0, 3.0]]])
+        >>> pacam(features, context, torch.tensor([[[0.75, 0.25]]])).flatten().tolist()
+        [0.75]
+    """
+    dims = check_shape("features", features, ["B", "P", "h", "w"], dtype="float")
+    check_shape("context", context, ["C", "M", "P"], dims, dtype="float")
+    check_shape("neighbor_weights", neighbor_weights, ["B", "C", "M"], dims, dtype="float")
+    with no_autocast(features.device.type):
+        unit_f = unit(features, 1)
+        dtype = compute_dtype(features, context)
+        query = torch.einsum("bcm,cmp->bcp", to_compute(neighbor_weights).to(dtype), unit(context, -1).to(dtype))
+        out = torch.einsum("bcp,bphw->bchw", query, unit_f.to(dtype)).relu()
+        if normalize:
+            out = out / (out.amax(dim=(-2, -1), keepdim=True) + 1e-5)
+    return out
