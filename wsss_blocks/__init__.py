@@ -4,7 +4,7 @@
 the functions that need a timm model, and the optional extras (matplotlib, tqdm,
 pydensecrf2, pycocotools, Pillow) only by the parts that use them.
 
-Example:
+Examples:
     >>> import wsss_blocks
     >>> from wsss_blocks import cam, tokens, functional
     >>> isinstance(wsss_blocks.__version__, str)

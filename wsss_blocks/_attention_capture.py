@@ -2,13 +2,13 @@
 
 Everything here reads the model's own attention without changing how timm computes it:
 
-* :func:`find_attention_modules` finds exactly the supported timm ``Attention`` modules;
-* :func:`qk_from_qkv` turns a captured ``attn.qkv`` output into per-head ``q`` and ``k``
+* ``find_attention_modules`` finds exactly the supported timm ``Attention`` modules;
+* ``qk_from_qkv`` turns a captured ``attn.qkv`` output into per-head ``q`` and ``k``
   (with the module's ``q_norm`` / ``k_norm``), so the fused (SDPA) path needs no change;
-* :func:`class_row_attention`, :func:`row_logsumexp` and :func:`patch_patch_attention` build
+* ``class_row_attention``, ``row_logsumexp`` and ``patch_patch_attention`` build
   the few attention rows a method needs without keeping a ``(B, heads, N, N)`` tensor alive;
-* :class:`QKVTap` hooks ``attn.qkv`` of chosen modules and hands their output to a callback;
-* :func:`default_class_tokens` validates the shared class-token count.
+* ``QKVTap`` hooks ``attn.qkv`` of chosen modules and hands their output to a callback;
+* ``default_class_tokens`` validates the shared class-token count.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """torch.distributed plumbing shared by the stateful parts (private).
 
-:func:`world_size`, :func:`all_gather_rows` and :func:`broadcast_from_rank0` let a bank, a
+``world_size``, ``all_gather_rows`` and ``broadcast_from_rank0`` let a bank, a
 prototype pool or a metric hold the same state on every rank; outside an initialised process group they are no-ops.
 """
 
@@ -18,7 +18,7 @@ __all__ = ["world_size", "all_gather_rows", "broadcast_from_rank0"]
 def world_size() -> int:
     """Number of ranks of the initialised ``torch.distributed`` group, else 1.
 
-    Example:
+    Examples:
         >>> world_size()
         1
     """
@@ -43,7 +43,7 @@ def all_gather_rows(*tensors: Tensor) -> tuple[Tensor, ...]:
         - tensors: ``(B, ...)`` each
         - output: ``(B_total, ...)`` each, then ``real (B_total,)`` bool
 
-    Example:
+    Examples:
         >>> x, real = all_gather_rows(torch.ones(3, 2))   # single process: unchanged
         >>> x.shape, real.tolist()
         (torch.Size([3, 2]), [True, True, True])
@@ -81,7 +81,7 @@ def broadcast_from_rank0(*buffers: Tensor) -> None:
     computation that may drift in floating point between ranks (k-means), so every rank
     keeps bit-identical state.
 
-    Example:
+    Examples:
         >>> x = torch.ones(2)
         >>> broadcast_from_rank0(x)      # single process: unchanged
         >>> x.tolist()

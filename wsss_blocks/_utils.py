@@ -17,7 +17,7 @@ def compute_dtype(*tensors: Tensor) -> torch.dtype:
     Half and bfloat16 inputs (autocast) are computed in float32; integer and bool inputs do
     not raise the precision.
 
-    Example:
+    Examples:
         >>> compute_dtype(torch.zeros(1, dtype=torch.bfloat16), torch.zeros(1, dtype=torch.long))
         torch.float32
         >>> compute_dtype(torch.zeros(1), torch.zeros(1, dtype=torch.float64))
@@ -31,9 +31,9 @@ def compute_dtype(*tensors: Tensor) -> torch.dtype:
 
 
 def to_compute(x: Tensor) -> Tensor:
-    """``x`` in :func:`compute_dtype` precision (a no-op for float32 and float64 input).
+    """``x`` in ``compute_dtype`` precision (a no-op for float32 and float64 input).
 
-    Example:
+    Examples:
         >>> to_compute(torch.ones(2, dtype=torch.float16)).dtype
         torch.float32
     """
@@ -46,7 +46,7 @@ def no_autocast(device_type: str) -> contextlib.AbstractContextManager[Any]:
     Reductions and small matrix products that must stay in the input's precision run
     inside it, after casting their inputs to fp32 where the caller wants fp32.
 
-    Example:
+    Examples:
         >>> with torch.autocast("cpu", dtype=torch.bfloat16), no_autocast("cpu"):
         ...     (torch.ones(2, 2) @ torch.ones(2, 2)).dtype
         torch.float32

@@ -47,7 +47,7 @@ Pattern = Sequence["str | int | None"]
 class ShapeError(ValueError):
     """A tensor argument has the wrong rank, shape or dtype, or wrong label values.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from wsss_blocks._validate import ShapeError, check_shape
         >>> try:
@@ -61,7 +61,7 @@ class ShapeError(ValueError):
 def checks_enabled() -> bool:
     """Whether validation runs (``WSSS_BLOCKS_CHECKS`` unset or not ``"0"``), and we are not tracing.
 
-    Example:
+    Examples:
         >>> checks_enabled()
         True
     """
@@ -97,7 +97,7 @@ def check_tensor(name: str, x: Any, *, dtype: str | None = None) -> Tensor:
     Returns:
         ``x`` unchanged.
 
-    Example:
+    Examples:
         >>> check_tensor("x", torch.zeros(2), dtype="float").shape
         torch.Size([2])
     """
@@ -135,7 +135,7 @@ def check_shape(
         pattern: one entry per dimension: a name, a fixed int, or ``None``/``"*"``.
         dims: named sizes bound so far (shared across the arguments of one call);
             new names are added to it. A fresh dict when ``None``.
-        dtype: optional dtype kind, see :func:`check_tensor`.
+        dtype: optional dtype kind, see ``check_tensor``.
 
     Returns:
         ``dims``, with the names of ``pattern`` bound.
@@ -144,7 +144,7 @@ def check_shape(
         ShapeError: on a rank mismatch, a fixed-size mismatch, or a named dimension
             that disagrees with an earlier binding.
 
-    Example:
+    Examples:
         >>> dims = check_shape("cam", torch.zeros(2, 3, 4, 5), ["B", "K", "h", "w"])
         >>> dims["K"]
         3
@@ -199,13 +199,13 @@ def check_labels(
     Args:
         name: argument name used in the message.
         labels: the label tensor, ``(B, K)`` by default.
-        dims: named sizes bound so far, see :func:`check_shape`.
+        dims: named sizes bound so far, see ``check_shape``.
         pattern: the expected shape pattern.
 
     Returns:
         ``dims`` with the pattern's names bound.
 
-    Example:
+    Examples:
         >>> dims = check_labels("labels", torch.tensor([[1, 0, 1]]))
         >>> dims["K"]
         3
@@ -230,7 +230,7 @@ def check_option(name: str, value: Any, allowed: Collection[Any]) -> Any:
     Raises:
         ValueError: showing the value and the allowed set.
 
-    Example:
+    Examples:
         >>> check_option("mode", "max", ("max", "minmax"))
         'max'
         >>> try:
@@ -250,7 +250,7 @@ def check_thresholds(low_name: str, low: float, high_name: str, high: float) -> 
     Raises:
         ValueError: when ``low >= high`` or either is not finite.
 
-    Example:
+    Examples:
         >>> check_thresholds("low", 0.25, "high", 0.7)
         >>> try:
         ...     check_thresholds("low", 0.7, "high", 0.25)
@@ -278,7 +278,7 @@ def check_range(
 
     ``None`` bounds are open. Raises ``ValueError`` naming the argument.
 
-    Example:
+    Examples:
         >>> check_range("alpha", 0.35, 0.0, 1.0)
         0.35
         >>> try:
@@ -309,7 +309,7 @@ def check_int(name: str, value: Any, *, low: int | None = None, high: int | None
     Raises:
         ValueError: naming ``name`` and showing the value and the allowed range.
 
-    Example:
+    Examples:
         >>> check_int("iters", 10, low=0)
         10
         >>> try:
@@ -343,9 +343,9 @@ def check_int(name: str, value: Any, *, low: int | None = None, high: int | None
 def check_size(name: str, size: Any) -> tuple[int, int]:
     """Check a spatial size given as ``(h, w)`` positive ints; return it as a tuple.
 
-    Entries go through :func:`check_int`: ``(2.7, 3.2)`` is an error, not ``(2, 3)``.
+    Entries go through ``check_int``: ``(2.7, 3.2)`` is an error, not ``(2, 3)``.
 
-    Example:
+    Examples:
         >>> check_size("size", [28, 14])
         (28, 14)
         >>> try:

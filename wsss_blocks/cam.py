@@ -71,7 +71,7 @@ def cam_from_features(
         - features: ``(B, D, h, w)`` or ``(B, N, D)``
         - output: ``(B, K, h, w)``
 
-    Example:
+    Examples:
         >>> feats = torch.randn(2, 8, 3, 4)
         >>> cam_from_features(feats, torch.randn(5, 8)).shape
         torch.Size([2, 5, 3, 4])
@@ -117,7 +117,7 @@ def normalize_cam(
         - cams: ``(B, K, h, w)``
         - output: same, float32 or float64
 
-    Example:
+    Examples:
         >>> cam = torch.tensor([[[[-1.0, 1.0], [2.0, 4.0]]]])
         >>> normalize_cam(cam, eps=0.0).flatten().tolist()
         [0.0, 0.25, 0.5, 1.0]
@@ -147,7 +147,7 @@ def add_background(norm_cams: Tensor, labels: Tensor) -> Tensor:
         - labels: ``(B, K)``
         - output: ``(B, K+1, h, w)``, background at channel 0
 
-    Example:
+    Examples:
         >>> cam = torch.tensor([[[[0.9, 0.2]], [[0.5, 0.7]]]])   # (1, 2, 1, 2)
         >>> add_background(cam, torch.tensor([[1, 0]]))[0, :, 0].double().round(decimals=2).tolist()
         [[0.1, 0.8], [0.9, 0.2], [0.0, 0.0]]
@@ -169,7 +169,7 @@ def valid_to_grid(valid: Tensor, size: tuple[int, int]) -> Tensor:
         - valid: ``(B, H, W)`` bool
         - output: ``(B, h, w)`` bool
 
-    Example:
+    Examples:
         >>> valid = torch.zeros(1, 4, 4, dtype=torch.bool)
         >>> valid[:, :3] = True                      # rows 0-2 of 4 valid
         >>> valid_to_grid(valid, (2, 2))[0].tolist()  # second row of cells is half valid
@@ -206,14 +206,14 @@ def pseudo_labels(
         labels: multi-hot image labels.
         low: background threshold.
         high: foreground threshold, ``low < high``.
-        valid: padding mask at any resolution (resampled by :func:`valid_to_grid`).
+        valid: padding mask at any resolution (resampled by ``valid_to_grid``).
         ignore_index: value of unsure and padded cells.
 
     Shape:
         - norm_cams: ``(B, K, h, w)``; labels: ``(B, K)``; valid: ``(B, H', W')``
         - output: ``(B, h, w)`` int64
 
-    Example:
+    Examples:
         >>> cams = torch.tensor([[[[0.8, 0.7, 0.3, 0.25]], [[0.9, 0.9, 0.9, 0.9]]]])
         >>> pseudo_labels(cams, torch.tensor([[1, 0]])).tolist()
         [[[1, 255, 255, 0]]]
@@ -243,7 +243,7 @@ def box_to_valid_mask(boxes: Tensor, size: tuple[int, int]) -> Tensor:
         - boxes: ``(B, 4)`` integer (or float holding integers)
         - output: ``(B, H, W)`` bool
 
-    Example:
+    Examples:
         >>> box_to_valid_mask(torch.tensor([[0, 2, 1, 3]]), (3, 4)).int().tolist()
         [[[0, 1, 1, 0], [0, 1, 1, 0], [0, 0, 0, 0]]]
     """
@@ -270,8 +270,8 @@ def token_pseudo_labels(
     """Pseudo labels on the token grid from a CAM at any resolution (ToCo / CPEWS ISM labels), no grad.
 
     The CAM is resized bilinearly (``align_corners=False``, no antialias) to ``size`` unless
-    it is already there, then :func:`pseudo_labels` applies. ``valid`` may be given at any
-    resolution (typically the image's, e.g. from :func:`box_to_valid_mask`): a token is
+    it is already there, then ``pseudo_labels`` applies. ``valid`` may be given at any
+    resolution (typically the image's, e.g. from ``box_to_valid_mask``): a token is
     valid iff at least half of its area is. Boxes are never sliced at token resolution.
 
     Args:
@@ -287,7 +287,7 @@ def token_pseudo_labels(
         - norm_cams: ``(B, K, H', W')``; labels: ``(B, K)``; valid: ``(B, H'', W'')``
         - output: ``(B, h, w)`` int64
 
-    Example:
+    Examples:
         >>> cam = torch.zeros(1, 2, 32, 32)
         >>> cam[:, 0, :16] = 0.9
         >>> token_pseudo_labels(cam, torch.tensor([[1, 0]]), (2, 2)).tolist()
@@ -303,13 +303,13 @@ def token_pseudo_labels(
 
 
 class PooledPrototypes(NamedTuple):
-    """Per-(image, class) pooled features from :func:`masked_average_pool`.
+    """Per-(image, class) pooled features from ``masked_average_pool``.
 
     Attributes:
         prototypes: ``(B, K, D)`` weighted means of the features.
         prototype_valid: ``(B, K)`` bool, True where the class's weights are not all zero.
 
-    Example:
+    Examples:
         >>> out = masked_average_pool(torch.ones(1, 4, 2), torch.ones(1, 1, 2, 2))
         >>> out.prototypes.shape, out.prototype_valid.tolist()
         (torch.Size([1, 1, 2]), [[True]])
@@ -338,15 +338,15 @@ def masked_average_pool(
         features: features on the weights' grid.
         weights: non-negative soft weights, e.g. normalised CAMs.
         threshold: optional binarisation threshold.
-        valid: optional validity mask at any resolution (see :func:`valid_to_grid`).
+        valid: optional validity mask at any resolution (see ``valid_to_grid``).
         eps: added to the denominator.
 
     Shape:
         - features: ``(B, N, D)`` or ``(B, D, h, w)``; weights: ``(B, K, h, w)``
-        - output: :class:`PooledPrototypes`: ``prototypes (B, K, D)`` fp32 (fp64 for fp64
+        - output: ``PooledPrototypes``: ``prototypes (B, K, D)`` fp32 (fp64 for fp64
           input), ``prototype_valid (B, K)`` bool (some weight is non-zero)
 
-    Example:
+    Examples:
         >>> feats = torch.arange(4.0).view(1, 4, 1)          # tokens with values 0..3
         >>> w = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]]])   # (1, 1, 2, 2)
         >>> pooled, nonempty = masked_average_pool(feats, w, eps=0.0)
@@ -386,7 +386,7 @@ def multiscale_cam(
     with ``flip``, stacked with its horizontal flip into one call of ``cam_fn``. Each
     CAM is resized to ``size``; the flipped half is flipped back and fused with the other
     by element-wise max; then ReLU, and the scales are fused by ``fuse``. Normalise the
-    result with :func:`normalize_cam` (ToCo: ``mode="minmax"``). The model's train/eval
+    result with ``normalize_cam`` (ToCo: ``mode="minmax"``). The model's train/eval
     mode is the caller's business.
 
     Args:
@@ -401,7 +401,7 @@ def multiscale_cam(
         - images: ``(B, 3, H, W)``
         - output: ``(B, K, *size)``
 
-    Example:
+    Examples:
         >>> conv = torch.nn.Conv2d(3, 4, 1)
         >>> cam = multiscale_cam(conv, torch.randn(2, 3, 8, 12), scales=(1.0, 0.5))
         >>> cam.shape, bool((cam >= 0).all())

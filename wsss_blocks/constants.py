@@ -4,7 +4,7 @@ This core module is the one home of these tables: ``data/``, ``viz`` and the met
 them from here (the core imports no dataset). Class index ``k`` in a ``(B, K, ...)`` tensor
 is name ``CLASSES[k]``; in a mask it is value ``k + 1`` (0 is background, 255 is ignore).
 
-Example:
+Examples:
     >>> from wsss_blocks.constants import VOC_CLASSES, COCO_CLASSES, COCO_CATEGORY_TO_INDEX
     >>> len(VOC_CLASSES), len(COCO_CLASSES), VOC_CLASSES[14]
     (20, 80, 'person')
@@ -80,7 +80,7 @@ def pascal_palette(*, num_colors: int = 256) -> np.ndarray:
     Returns:
         ``(num_colors, 3)`` uint8 array.
 
-    Example:
+    Examples:
         >>> pascal_palette(num_colors=3).tolist()
         [[0, 0, 0], [128, 0, 0], [0, 128, 0]]
         >>> pascal_palette()[255].tolist()

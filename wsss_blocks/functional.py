@@ -1,6 +1,6 @@
 """Every functional op and loss of wsss_blocks, importable from one place.
 
-Example:
+Examples:
     >>> import torch
     >>> from wsss_blocks import functional as WF
     >>> WF.normalize_cam(torch.randn(1, 2, 3, 3)).shape

@@ -1,9 +1,9 @@
 """Multi-class-token adapter (MCTformer-V1 style) for timm Vision Transformers.
 
-:func:`add_class_tokens` turns a timm ViT into a model with ``C`` leading class tokens in
-place (MCTformer: one token per class). :func:`final_tokens` and :func:`class_scores` give
+``add_class_tokens`` turns a timm ViT into a model with ``C`` leading class tokens in
+place (MCTformer: one token per class). ``final_tokens`` and ``class_scores`` give
 the MCT class logits (mean of the last block's class tokens over ``D``, no final norm), and
-:func:`attention_cams` the class-to-patch attention maps of the last blocks, optionally
+``attention_cams`` the class-to-patch attention maps of the last blocks, optionally
 refined by the patch-to-patch attention, following MCTformer's released code.
 """
 
@@ -31,13 +31,13 @@ __all__ = ["FinalTokens", "add_class_tokens", "final_tokens", "class_scores", "a
 
 
 class FinalTokens(NamedTuple):
-    """The last block's tokens :func:`final_tokens` returns (unpacks as ``class_tokens, features``).
+    """The last block's tokens ``final_tokens`` returns (unpacks as ``class_tokens, features``).
 
     Attributes:
         class_tokens: the ``C`` leading class tokens ``(B, C, D)``.
         features: the patch tokens ``(B, n, D)`` (registers dropped), row-major on the patch grid.
 
-    Example:
+    Examples:
         >>> out = FinalTokens(torch.zeros(2, 3, 8), torch.zeros(2, 16, 8))
         >>> class_tokens, features = out
         >>> class_scores(out.class_tokens).shape
@@ -55,7 +55,7 @@ def add_class_tokens(model: nn.Module, num_classes: int) -> nn.Module:
     (unless ``no_embed_class``); ``num_prefix_tokens`` (model and ``PatchDropout``) grows by
     ``C - 1``. State-dict keys are unchanged; only the shapes of ``cls_token`` ``(1, C, D)``
     and ``pos_embed`` change. ``head``, ``global_pool`` and ``norm`` are untouched (use
-    :func:`final_tokens` + :func:`class_scores`, not ``model(images)``, for MCT logits).
+    ``final_tokens`` + ``class_scores``, not ``model(images)``, for MCT logits).
     Build the optimizer afterwards. For MCT checkpoints convert a fresh model, then load.
 
     Args:
@@ -66,7 +66,7 @@ def add_class_tokens(model: nn.Module, num_classes: int) -> nn.Module:
     Returns:
         ``model`` itself.
 
-    Example:
+    Examples:
         >>> import timm
         >>> m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1,
         ...                       embed_dim=32, num_heads=2)
@@ -110,20 +110,20 @@ def final_tokens(
     """Last-block class tokens and patch tokens (registers dropped), via ``forward_intermediates``.
 
     Args:
-        model: a timm ViT (usually after :func:`add_class_tokens`).
+        model: a timm ViT (usually after ``add_class_tokens``).
         images: normalised images.
         num_class_tokens: ``C``; default ``num_prefix_tokens - num_reg_tokens``.
         final_norm: apply the model's final norm (MCTformer never does: default ``False``).
 
     Returns:
-        :class:`FinalTokens` ``(class_tokens, features)``.
+        ``FinalTokens`` ``(class_tokens, features)``.
 
     Shape:
         - images: ``(B, 3, H, W)``
         - class_tokens: ``(B, C, D)``
         - features: ``(B, n, D)``, ``n`` patches of the model's grid
 
-    Example:
+    Examples:
         >>> import timm
         >>> m = add_class_tokens(timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1,
         ...                                          embed_dim=32, num_heads=2), 4)
@@ -148,7 +148,7 @@ def class_scores(class_tokens: Tensor) -> Tensor:
         - class_tokens: ``(B, C, D)``
         - output: ``(B, C)``
 
-    Example:
+    Examples:
         >>> class_scores(torch.tensor([[[1.0, 3.0], [0.0, -2.0]]]))
         tensor([[ 2., -1.]])
     """
@@ -188,7 +188,7 @@ def attention_cams(
         - images: ``(B, 3, H, W)``
         - output: ``(B, C, h, w)``, the model's patch grid
 
-    Example:
+    Examples:
         >>> import timm
         >>> m = add_class_tokens(timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2,
         ...                                          embed_dim=32, num_heads=2), 3)

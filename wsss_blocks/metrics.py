@@ -10,7 +10,7 @@ Conventions:
   (a prediction may carry ``ignore_index`` for "undecided", e.g. pseudo labels with an
   uncertain band; those pixels are then left out, not counted as errors);
 * any other value outside ``[0, num_classes)`` in target or prediction raises
-  :class:`~wsss_blocks._validate.ShapeError`;
+  ``ShapeError``;
 * the IoU of a class absent from both the ground truth and the prediction is ``NaN`` and
   the mean IoU averages only the classes present in the ground truth or the prediction.
 """
@@ -69,7 +69,7 @@ def confusion_matrix(
         ShapeError: different shapes, non-integer dtype, or a value outside
             ``[0, C)`` that is not ``ignore_index``.
 
-    Example:
+    Examples:
         >>> preds = torch.tensor([[0, 1], [1, 1]])
         >>> masks = torch.tensor([[0, 1], [0, 255]])
         >>> confusion_matrix(preds, masks, 2)
@@ -94,13 +94,13 @@ def confusion_matrix(
 
 
 class IoU(NamedTuple):
-    """Per-class and mean IoU from :func:`iou_from_confusion`.
+    """Per-class and mean IoU from ``iou_from_confusion``.
 
     Attributes:
         per_class: ``(C,)`` float64 IoU, NaN for a class absent from target and prediction.
         miou: the mean over the classes that are not NaN (NaN when there is none).
 
-    Example:
+    Examples:
         >>> iou_from_confusion(torch.tensor([[1, 0], [0, 1]])).miou
         1.0
     """
@@ -125,7 +125,7 @@ def iou_from_confusion(confusion: Tensor) -> IoU:
     Shape:
         - confusion: ``(C, C)``; per_class_iou: ``(C,)`` float64.
 
-    Example:
+    Examples:
         >>> confusion = torch.tensor([[3, 1, 0], [0, 2, 0], [0, 0, 0]])
         >>> iou, miou = iou_from_confusion(confusion)
         >>> iou
@@ -155,7 +155,7 @@ class MeanIoU(nn.Module):
     The confusion matrix lives in a persistent int64 buffer ``confusion (C, C)`` (so
     ``state_dict`` round-trips it; move the module with ``.to(device)`` to accumulate on
     a device). Under an initialised ``torch.distributed`` with world size > 1,
-    :meth:`compute` sums the confusion matrices of all ranks (every rank must call it);
+    ``compute`` sums the confusion matrices of all ranks (every rank must call it);
     the local buffer is left unchanged.
 
     Args:
@@ -166,7 +166,7 @@ class MeanIoU(nn.Module):
     Shape:
         - confusion: ``(C, C)`` int64.
 
-    Example:
+    Examples:
         >>> metric = MeanIoU(2, class_names=["bg", "cat"])
         >>> metric.update(torch.tensor([[0, 1]]), torch.tensor([[0, 1]]))
         >>> metric.update(torch.tensor([[1, 1]]), torch.tensor([[0, 255]]))
@@ -205,7 +205,7 @@ class MeanIoU(nn.Module):
     def reset(self) -> None:
         """Zero the confusion matrix.
 
-        Example:
+        Examples:
             >>> m = MeanIoU(2)
             >>> m.update(torch.tensor([0, 1]), torch.tensor([0, 1]))
             >>> m.reset(); int(m.confusion.sum())
@@ -226,7 +226,7 @@ class MeanIoU(nn.Module):
         Shape:
             - preds: ``(B, H, W)`` int or ``(B, C, H, W)`` float; masks: ``(B, H, W)``.
 
-        Example:
+        Examples:
             >>> m = MeanIoU(3)
             >>> m.update(torch.randn(1, 3, 2, 2), torch.zeros(1, 2, 2, dtype=torch.long))
             >>> int(m.confusion.sum())
@@ -254,7 +254,7 @@ class MeanIoU(nn.Module):
             present in GT), ``confusion`` (``(C, C)`` int64, all ranks summed) and, when
             ``class_names`` was given, ``per_class_named`` (name -> float).
 
-        Example:
+        Examples:
             >>> m = MeanIoU(2)
             >>> m.update(torch.tensor([0, 1, 1]), torch.tensor([0, 1, 0]))
             >>> out = m.compute()
@@ -291,9 +291,9 @@ class MeanIoU(nn.Module):
         return out
 
     def forward(self, preds: Tensor, masks: Tensor) -> None:
-        """Same as :meth:`update` (so the metric can be called like a module).
+        """Same as ``update`` (so the metric can be called like a module).
 
-        Example:
+        Examples:
             >>> m = MeanIoU(2)
             >>> m(torch.tensor([0, 1]), torch.tensor([0, 1]))
             >>> m.compute()["miou"]

@@ -1,4 +1,4 @@
-"""The return type of every combined loss: :class:`LossOutput`."""
+"""The return type of every combined loss: ``LossOutput``."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ class LossOutput(NamedTuple):
         terms: every unweighted term by name (scalars), in a fixed order.
         weights: the weight each term enters ``loss`` with (same keys as ``terms``).
 
-    Example:
+    Examples:
         >>> out = weighted_total({"cls": torch.tensor(2.0), "aux": torch.tensor(4.0)},
         ...                      loss_weights={"cls": 1.0, "aux": 0.5})
         >>> out.loss.item(), sorted(out.terms), out.weights["aux"]
@@ -35,7 +35,7 @@ class LossOutput(NamedTuple):
 
 
 def weighted_total(terms: Mapping[str, Tensor], *, loss_weights: Mapping[str, float]) -> LossOutput:
-    """Build a :class:`LossOutput` from unweighted terms and their weights.
+    """Build a ``LossOutput`` from unweighted terms and their weights.
 
     The total is accumulated in the precision of the first term (every term must be a
     scalar on the same device); a term whose weight is 0 is skipped, so a term that was not
@@ -48,7 +48,7 @@ def weighted_total(terms: Mapping[str, Tensor], *, loss_weights: Mapping[str, fl
     Raises:
         ValueError: ``terms`` is empty, or ``loss_weights`` misses a term or has extra keys.
 
-    Example:
+    Examples:
         >>> weighted_total({"a": torch.tensor(1.0)}, loss_weights={"a": 3.0}).loss
         tensor(3.)
     """

@@ -1,13 +1,13 @@
 """Prototype utilities shared by the prototype-based methods (CPAL, CPEWS).
 
-* :func:`kmeans` -- batched, seeded, sync-free k-means (k-means++ init + a fixed number
+* ``kmeans`` -- batched, seeded, sync-free k-means (k-means++ init + a fixed number
   of Lloyd steps) over groups of points, e.g. one group per class.
-* :class:`ClassBank` -- a per-class FIFO ring buffer of feature vectors kept in
+* ``ClassBank`` -- a per-class FIFO ring buffer of feature vectors kept in
   registered buffers (``state_dict`` round-trips it) and identical on every rank under
   ``torch.distributed``.
 
 Both run on the tensors' device and never wait on it (no ``.item()``, no boolean-mask
-indexing, no data-dependent Python branches), except :meth:`ClassBank.update` under a
+indexing, no data-dependent Python branches), except ``ClassBank.update`` under a
 multi-process ``torch.distributed`` run, which reads the per-rank batch sizes after a
 collective that synchronises anyway.
 """
@@ -75,14 +75,14 @@ def _kmeans_pp_init(
 
 
 class KMeansOutput(NamedTuple):
-    """Result of :func:`kmeans`.
+    """Result of ``kmeans``.
 
     Attributes:
         centres: ``(G, k, D)`` cluster centres.
         centre_valid: ``(G, k)`` bool, which centres exist (a group with fewer than ``k``
             valid points has fewer).
 
-    Example:
+    Examples:
         >>> out = kmeans(torch.tensor([[[0.0], [1.0]]]), 1)
         >>> out.centres.flatten().tolist(), out.centre_valid.tolist()
         ([0.5], [[True]])
@@ -134,7 +134,7 @@ def kmeans(
         seed: seed of the k-means++ generator.
 
     Returns:
-        :class:`KMeansOutput` ``(centres, centre_valid)``: centres ``(G, k, D)`` and a bool
+        ``KMeansOutput`` ``(centres, centre_valid)``: centres ``(G, k, D)`` and a bool
         mask ``(G, k)``.
         For a group with more than ``k`` valid points every centre is valid.
 
@@ -147,7 +147,7 @@ def kmeans(
         ShapeError: wrong rank/shape/dtype of ``points`` or ``point_valid``.
         ValueError: ``num_clusters < 1``, ``num_iters < 0`` or a non-int ``seed``.
 
-    Example:
+    Examples:
         >>> x = torch.tensor([[[0.0], [0.1], [10.0], [10.2]]])
         >>> c, ok = kmeans(x, 2, num_iters=5)
         >>> c.squeeze(-1).sort(dim=1).values
@@ -232,7 +232,7 @@ def kmeans(
 class ClassBank(nn.Module):
     """Per-class FIFO ring buffer of feature vectors (e.g. CPAL's prototype memory).
 
-    Each class ``c`` owns ``capacity`` (``L``) slots. :meth:`update` appends the valid
+    Each class ``c`` owns ``capacity`` (``L``) slots. ``update`` appends the valid
     items of a batch, in batch order, at ``ptr[c]`` and advances ``ptr[c]`` modulo ``L``;
     once a class is full the oldest entries are overwritten. ``count[c] = min(seen, L)``.
     Because ``ptr`` starts at 0, slots ``[0, count[c])`` are exactly the filled ones, and
@@ -242,7 +242,7 @@ class ClassBank(nn.Module):
     State lives in persistent buffers, so ``state_dict()`` / ``load_state_dict()``
     round-trip it: ``memory (C, L, D)``, ``ptr (C,)`` int64, ``count (C,)`` int64.
 
-    Under an initialised ``torch.distributed`` with world size > 1, :meth:`update`
+    Under an initialised ``torch.distributed`` with world size > 1, ``update``
     first all-gathers ``items`` and ``item_valid`` from every rank (ranks may have different
     batch sizes; they are padded to the largest) and applies the gathered batch in rank
     order, so every rank holds the same bank.
@@ -257,7 +257,7 @@ class ClassBank(nn.Module):
     Shape:
         - memory: ``(C, L, D)``; ptr, count: ``(C,)`` int64.
 
-    Example:
+    Examples:
         >>> bank = ClassBank(1, 2, capacity=3)
         >>> items = torch.arange(8.0).view(4, 2, 1)
         >>> valid = torch.tensor([[True, False], [True, True], [True, False], [True, False]])
@@ -304,7 +304,7 @@ class ClassBank(nn.Module):
     def reset(self) -> None:
         """Empty the bank (zero memory, ``ptr`` and ``count``).
 
-        Example:
+        Examples:
             >>> bank = ClassBank(1, 1, capacity=2)
             >>> bank.update(torch.ones(1, 1, 1), torch.ones(1, 1, dtype=torch.bool))
             >>> bank.reset()
@@ -321,7 +321,7 @@ class ClassBank(nn.Module):
         Shape:
             - output: ``(C, L)`` bool.
 
-        Example:
+        Examples:
             >>> ClassBank(4, 2, capacity=3).filled().shape
             torch.Size([2, 3])
         """
@@ -350,7 +350,7 @@ class ClassBank(nn.Module):
         Shape:
             - items: ``(B, C, D)``; item_valid: ``(B, C)`` bool.
 
-        Example:
+        Examples:
             >>> bank = ClassBank(1, 1, capacity=2)
             >>> bank.update(torch.arange(5.0).view(5, 1, 1), torch.ones(5, 1, dtype=torch.bool))
             >>> bank.memory.flatten().tolist(), bank.ptr.tolist(), bank.count.tolist()

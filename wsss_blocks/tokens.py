@@ -5,7 +5,7 @@ never from ``sqrt(N)``, and splits prefix (class, register, distillation) tokens
 with the model's own ``num_prefix_tokens``.
 
 Hierarchical models (Swin and others with ``forward_intermediates`` and ``feature_info``)
-are served by :func:`stage_info` and :func:`stage_taps`: per-stage NCHW maps whatever the
+are served by ``stage_info`` and ``stage_taps``: per-stage NCHW maps whatever the
 model's internal layout, strides and channels read from the model.
 """
 
@@ -48,7 +48,7 @@ def tokens_to_grid(tokens: Tensor, size: tuple[int, int]) -> Tensor:
         - tokens: ``(B, N, D)``
         - output: ``(B, D, h, w)``
 
-    Example:
+    Examples:
         >>> import torch
         >>> tokens_to_grid(torch.zeros(2, 6, 8), (2, 3)).shape
         torch.Size([2, 8, 2, 3])
@@ -65,7 +65,7 @@ def grid_to_tokens(features: Tensor) -> Tensor:
         - features: ``(B, D, h, w)``
         - output: ``(B, h*w, D)``
 
-    Example:
+    Examples:
         >>> import torch
         >>> x = torch.randn(2, 8, 2, 3)
         >>> torch.equal(tokens_to_grid(grid_to_tokens(x), (2, 3)), x)
@@ -95,7 +95,7 @@ def features_as_tokens(
     Shape:
         - output: ``(B, h*w, D)``
 
-    Example:
+    Examples:
         >>> import torch
         >>> features_as_tokens("features", torch.zeros(2, 5, 3, 4), (3, 4)).shape
         torch.Size([2, 12, 5])
@@ -116,13 +116,13 @@ def features_as_tokens(
 
 
 class SplitTokens(NamedTuple):
-    """A token sequence split by :func:`split_prefix_tokens`.
+    """A token sequence split by ``split_prefix_tokens``.
 
     Attributes:
         prefix: the prefix tokens (class, registers, distillation), ``(B, P, D)``.
         tokens: the patch tokens, ``(B, N, D)``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> split_prefix_tokens(torch.zeros(1, 5, 2), 1).tokens.shape
         torch.Size([1, 4, 2])
@@ -142,9 +142,9 @@ def split_prefix_tokens(tokens: Tensor, num_prefix_tokens: int) -> SplitTokens:
 
     Shape:
         - tokens: ``(B, P + N, D)``
-        - output: :class:`SplitTokens` ``(prefix (B, P, D), tokens (B, N, D))``
+        - output: ``SplitTokens`` ``(prefix (B, P, D), tokens (B, N, D))``
 
-    Example:
+    Examples:
         >>> import torch
         >>> prefix, patches = split_prefix_tokens(torch.zeros(2, 1 + 16, 8), 1)
         >>> prefix.shape, patches.shape
@@ -161,7 +161,7 @@ def split_prefix_tokens(tokens: Tensor, num_prefix_tokens: int) -> SplitTokens:
 def num_blocks(model: nn.Module) -> int:
     """Number of transformer blocks of a timm ViT-family model (``len(model.blocks)``).
 
-    Example:
+    Examples:
         >>> import timm
         >>> num_blocks(timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=3))
         3
@@ -180,7 +180,7 @@ def resolve_block_index(model: nn.Module, index: int) -> int:
     Raises:
         ValueError: when the index is outside ``[-L, L)``.
 
-    Example:
+    Examples:
         >>> import timm
         >>> resolve_block_index(timm.create_model("vit_tiny_patch16_224", depth=12), -3)
         9
@@ -198,7 +198,7 @@ def patch_grid(model: nn.Module, image_size: tuple[int, int]) -> tuple[int, int]
     Uses ``patch_embed.dynamic_feat_size`` for ``dynamic_img_size`` models (it also
     handles ``dynamic_img_pad``), else the fixed ``patch_embed.grid_size``.
 
-    Example:
+    Examples:
         >>> import timm
         >>> m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32,
         ...                       dynamic_img_size=True, depth=1)
@@ -229,7 +229,7 @@ class ViTTaps(NamedTuple):
             ``(B, P, D)``.
         size: the token grid ``(h, w)``, ``h * w == N``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> taps = ViTTaps(torch.zeros(1, 4, 8), {0: torch.zeros(1, 4, 8)},
         ...                torch.zeros(1, 1, 8), (2, 2))
@@ -259,10 +259,10 @@ def vit_taps(model: nn.Module, images: Tensor, *, layers: Sequence[int] = (-3, -
 
     Shape:
         - images: ``(B, 3, H, W)``
-        - output: :class:`ViTTaps` with ``final`` ``(B, N, D)``, ``intermediate[i]``
+        - output: ``ViTTaps`` with ``final`` ``(B, N, D)``, ``intermediate[i]``
           ``(B, N, D)``, ``prefix`` ``(B, P, D)``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> import timm
         >>> m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32,
@@ -298,7 +298,7 @@ class StageInfo(NamedTuple):
         stride: its reduction relative to the input image (``reduction``).
         module: the stage module's name (``module``), e.g. ``"layers.2"``.
 
-    Example:
+    Examples:
         >>> StageInfo(96, 4, "layers.0").stride
         4
     """
@@ -317,7 +317,7 @@ def stage_info(model: nn.Module) -> tuple[StageInfo, ...]:
     Raises:
         TypeError: the model has no ``feature_info``.
 
-    Example:
+    Examples:
         >>> import timm
         >>> m = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, embed_dim=16,
         ...                       depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), window_size=2,
@@ -361,7 +361,7 @@ def check_stage_input(model: nn.Module, image_size: tuple[int, int]) -> tuple[in
     Raises:
         ValueError: naming the size and the sizes that would work.
 
-    Example:
+    Examples:
         >>> import timm
         >>> m = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, embed_dim=16,
         ...                       depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), window_size=2,
@@ -408,7 +408,7 @@ class StageTaps(NamedTuple):
         stages: the absolute stage index of each map.
         strides: each map's reduction relative to the input image.
 
-    Example:
+    Examples:
         >>> import torch
         >>> taps = StageTaps([torch.zeros(1, 8, 4, 4)], (0,), (4,))
         >>> taps.strides
@@ -431,12 +431,12 @@ def stage_taps(
 
     One forward pass through timm's public ``forward_intermediates``. Maps come back as
     ``(B, C_i, h_i, w_i)`` whatever the model keeps internally (timm's Swin is NHWC); the
-    channels are checked against :func:`stage_info`. The model's train/eval mode is left as
+    channels are checked against ``stage_info``. The model's train/eval mode is left as
     it is and it is never moved.
 
     Args:
         model: a timm model with ``forward_intermediates`` and ``feature_info``.
-        images: the image batch; its size is checked by :func:`check_stage_input`.
+        images: the image batch; its size is checked by ``check_stage_input``.
         stages: stage indices to return (negative counts from the end), in the order given.
             ``None``: all stages.
         final_norm: apply the model's final norm to the last stage (timm's ``norm=True``;
@@ -444,14 +444,14 @@ def stage_taps(
 
     Shape:
         - images: ``(B, 3, H, W)``
-        - output: :class:`StageTaps`; ``features[i]`` is ``(B, C_i, h_i, w_i)``, ``C_i`` and
+        - output: ``StageTaps``; ``features[i]`` is ``(B, C_i, h_i, w_i)``, ``C_i`` and
           ``h_i ~ H / stride_i`` per stage
 
     Raises:
         TypeError: not a hierarchical timm model.
         ValueError: a stage index out of range, or an image size the model cannot take.
 
-    Example:
+    Examples:
         >>> import torch
         >>> import timm
         >>> m = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, embed_dim=16,

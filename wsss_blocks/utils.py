@@ -1,4 +1,4 @@
-"""Model utilities that every method may use: :func:`eval_mode`."""
+"""Model utilities that every method may use: ``eval_mode``."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def eval_mode(*modules: nn.Module) -> Iterator[None]:
     Args:
         modules: the modules to switch, with all their submodules.
 
-    Example:
+    Examples:
         >>> m = nn.Sequential(nn.Dropout(), nn.Dropout().eval())
         >>> with eval_mode(m):
         ...     m.training

@@ -46,7 +46,7 @@ def colorize_mask(
     Returns:
         ``(H, W, 3)`` uint8.
 
-    Example:
+    Examples:
         >>> colorize_mask(np.array([[0, 1], [255, 2]]), palette=np.array([[0, 0, 0], [9, 9, 9], [5, 6, 7]])).tolist()
         [[[0, 0, 0], [9, 9, 9]], [[255, 255, 255], [5, 6, 7]]]
     """
@@ -71,7 +71,7 @@ def denormalize(
 ) -> np.ndarray:
     """Undo ImageNet normalisation: ``(3, H, W)`` float -> ``(H, W, 3)`` uint8.
 
-    Example:
+    Examples:
         >>> denormalize(torch.zeros(3, 1, 1)).tolist()
         [[[124, 116, 104]]]
     """
@@ -125,7 +125,7 @@ def overlay(
     Returns:
         ``(H, W, 3)`` uint8.
 
-    Example:
+    Examples:
         >>> img = torch.zeros(3, 4, 4)
         >>> overlay(img, torch.tensor([[0, 1], [1, 0]])).shape
         (4, 4, 3)
@@ -183,7 +183,7 @@ def save_grid(
     Returns:
         The ``(H_grid, W_grid, 3)`` uint8 grid that was written.
 
-    Example:
+    Examples:
         >>> import tempfile, pathlib
         >>> d = tempfile.mkdtemp()
         >>> images, masks = torch.zeros(3, 3, 8, 8), torch.zeros(3, 8, 8, dtype=torch.long)

@@ -3,24 +3,24 @@
 A plug-in branch for any CAM network (a CNN feature map or a ViT's token grid): per-image
 class prototypes from the CAM, a per-class bank clustered into context prototypes, and a
 prototype-aware CAM that supervises the CAM through an L1 loss. The paper released no code;
-the choices taken where it is silent are documented on :class:`CPAL` and in the README.
+the choices taken where it is silent are documented on ``CPAL`` and in the README.
 
 One concept per module (the functions are re-exported here and by
-:mod:`wsss_blocks.functional`):
+``wsss_blocks.functional``):
 
-* :mod:`~wsss_blocks.cpal.prototypes` -- :func:`instance_prototypes` (eq. 4) and
-  :func:`context_prototypes` (eq. 5);
-* :mod:`~wsss_blocks.cpal.alignment` -- :func:`alignment_shift` (eqs. 9-12);
-* :mod:`~wsss_blocks.cpal.neighbors` -- :func:`positiveness` (eq. 7), :func:`soft_neighbors`
-  (eq. 6) and :func:`neighbor_weights` (Claim 1);
-* :mod:`~wsss_blocks.cpal.prototype_cam` -- :func:`pacam` (eq. 13);
-* :mod:`~wsss_blocks.cpal.loss` -- :func:`self_loss` (eq. 14);
-* :mod:`~wsss_blocks.cpal.branch` -- :func:`cpal_forward`, one step without state, and its
-  :class:`CPALOutput`;
-* :mod:`~wsss_blocks.cpal.module` -- :class:`CPAL`: projection head, bank, recluster schedule,
+* ``prototypes`` -- ``instance_prototypes`` (eq. 4) and
+  ``context_prototypes`` (eq. 5);
+* ``alignment`` -- ``alignment_shift`` (eqs. 9-12);
+* ``neighbors`` -- ``positiveness`` (eq. 7), ``soft_neighbors``
+  (eq. 6) and ``neighbor_weights`` (Claim 1);
+* ``prototype_cam`` -- ``pacam`` (eq. 13);
+* ``loss`` -- ``self_loss`` (eq. 14);
+* ``branch`` -- ``cpal_forward``, one step without state, and its
+  ``CPALOutput``;
+* ``module`` -- ``CPAL``: projection head, bank, recluster schedule,
   context buffers (``forward`` computes, ``update`` / ``recluster`` / ``reset`` change state).
 
-Example:
+Examples:
     >>> import torch
     >>> from wsss_blocks.cpal import CPAL
     >>> cpal = CPAL(16, 2, proj_dim=8, capacity=8, num_prototypes=4, top_k=2, recluster_every=10,

@@ -38,7 +38,7 @@ def alignment_shift(
         - context: ``(C, M, P)``; context_valid: ``(C, M)`` bool
         - output: ``(C, P)`` fp32 (fp64 for fp64 inputs)
 
-    Example:
+    Examples:
         >>> anchors = torch.tensor([[[0.0, 2.0]], [[0.0, 4.0]]])      # B=2, C=1
         >>> context = torch.tensor([[[1.0, 0.0], [3.0, 0.0]]])         # M=2
         >>> ok = torch.ones(2, 1, dtype=torch.bool)

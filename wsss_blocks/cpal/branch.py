@@ -20,14 +20,14 @@ __all__ = ["CPALOutput", "cpal_forward"]
 
 
 class CPALOutput(NamedTuple):
-    """Result of :func:`cpal_forward` and :meth:`CPAL.forward <wsss_blocks.cpal.CPAL.forward>`.
+    """Result of ``cpal_forward`` and ``CPAL.forward <wsss_blocks.cpal.CPAL.forward>``.
 
     Attributes:
         pacam: ``(B, C, h, w)`` the prototype-aware CAM (0 on inactive channels).
         cams_with_bg: ``(B, C, h, w)`` the CAMs with background the loss compares it with
             (graph kept).
         prototypes: ``(B, C, P)`` the batch's instance prototypes, detached and unshifted:
-            what :meth:`CPAL.update <wsss_blocks.cpal.CPAL.update>` banks.
+            what ``CPAL.update <wsss_blocks.cpal.CPAL.update>`` banks.
         prototype_valid: ``(B, C)`` bool, which prototypes exist.
         active: ``(B, C)`` bool, the channels the loss averages over (present, with a
             prototype and with context).
@@ -74,18 +74,18 @@ def cpal_forward(
         features: projected features (the CPAL head's output).
         norm_cams: foreground CAMs in ``[0, 1]`` on the features' grid.
         labels: multi-hot image labels.
-        context: context prototypes (see :func:`~wsss_blocks.cpal.context_prototypes`).
+        context: context prototypes (see ``context_prototypes``).
         context_valid: which context prototypes exist.
-        threshold, bg_threshold: see :func:`~wsss_blocks.cpal.instance_prototypes`.
-        top_k: see :func:`~wsss_blocks.cpal.soft_neighbors`.
-        temperature, similarity: see :func:`~wsss_blocks.cpal.positiveness`.
-        weighting: see :func:`~wsss_blocks.cpal.neighbor_weights`.
-        align: apply :func:`~wsss_blocks.cpal.alignment_shift` to the anchors.
-        normalize_pacam: ``normalize`` of :func:`~wsss_blocks.cpal.pacam`.
-        detach_pacam: see :func:`~wsss_blocks.cpal.self_loss`.
+        threshold, bg_threshold: see ``instance_prototypes``.
+        top_k: see ``soft_neighbors``.
+        temperature, similarity: see ``positiveness``.
+        weighting: see ``neighbor_weights``.
+        align: apply ``alignment_shift`` to the anchors.
+        normalize_pacam: ``normalize`` of ``pacam``.
+        detach_pacam: see ``self_loss``.
 
     Returns:
-        :class:`CPALOutput` ``(pacam, cams_with_bg, prototypes, prototype_valid, active, loss,
+        ``CPALOutput`` ``(pacam, cams_with_bg, prototypes, prototype_valid, active, loss,
         terms)``.
 
     Shape:
@@ -94,7 +94,7 @@ def cpal_forward(
         - pacam, cams_with_bg: ``(B, K+1, h, w)``; prototypes: ``(B, K+1, P)``;
           prototype_valid, active: ``(B, K+1)``; loss: ``()``
 
-    Example:
+    Examples:
         >>> features = torch.randn(2, 8, 3, 4, requires_grad=True)
         >>> cams = torch.rand(2, 2, 3, 4, requires_grad=True)
         >>> out = cpal_forward(features, cams, torch.tensor([[1, 0], [1, 1]]), torch.randn(3, 5, 8),

@@ -33,7 +33,7 @@ def self_loss(
         - cams_with_bg, pacam: ``(B, C, h, w)``; active: ``(B, C)`` bool
         - output: ``()`` fp32 (fp64 for fp64 inputs)
 
-    Example:
+    Examples:
         >>> import torch
         >>> cams = torch.tensor([[[[1.0, 0.0]], [[0.5, 0.5]]]])
         >>> self_loss(cams, torch.zeros_like(cams), active=torch.tensor([[True, False]])).item()

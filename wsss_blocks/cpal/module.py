@@ -1,4 +1,4 @@
-"""The :class:`CPAL` module: projection head, prototype bank, recluster schedule, context buffers."""
+"""The ``CPAL`` module: projection head, prototype bank, recluster schedule, context buffers."""
 
 from __future__ import annotations
 
@@ -23,28 +23,28 @@ class CPAL(nn.Module):
     """Context Prototype-Aware Learning (Tang et al., CVPR 2024) as a plug-in training branch.
 
     Projects the backbone features (``1x1 D->H, ReLU, 1x1 H->P``), pools per-image class
-    prototypes from the CAM, banks them per class (a :class:`~wsss_blocks.prototypes.ClassBank`
+    prototypes from the CAM, banks them per class (a ``ClassBank``
     of ``capacity`` per class), clusters the bank into ``num_prototypes`` context prototypes
     per class on a schedule, and returns the prototype-aware CAM with the L1 self-supervised
     loss (``loss``, unweighted, also ``terms["self"]``; the paper's total is ``BCE + loss``).
 
-    **State.** :meth:`forward` never changes the module. A training step calls
-    :meth:`update` with the forward's ``prototypes`` and ``prototype_valid`` after computing
-    the loss: it writes them to the bank and counts a step ``s``; :meth:`recluster` then runs
+    **State.** ``forward`` never changes the module. A training step calls
+    ``update`` with the forward's ``prototypes`` and ``prototype_valid`` after computing
+    the loss: it writes them to the bank and counts a step ``s``; ``recluster`` then runs
     when ``recluster_every`` divides ``s`` (use the epoch length: the paper reclusters once per
     epoch) and, with ``warmup_reclusters``, also at ``s = 1, 2, 4, 8, ...`` below
     ``recluster_every`` (any power of two when it is ``None``), so the loss starts after the
     first step instead of after the first epoch. With ``recluster_every=None`` and no warm-up
-    the caller calls :meth:`recluster` itself. Extra forwards of the same step (multi-crop,
-    gradient accumulation) simply do not call :meth:`update`. Bank, context and counters
+    the caller calls ``recluster`` itself. Extra forwards of the same step (multi-crop,
+    gradient accumulation) simply do not call ``update``. Bank, context and counters
     (``num_steps``, ``num_reclusters``) are buffers, so a ``state_dict`` resume reproduces the
-    run; the schedule reads Python mirrors and never waits on the device. :attr:`is_built`
+    run; the schedule reads Python mirrors and never waits on the device. ``is_built``
     says whether context prototypes exist; before that the loss is a graph-attached 0 and the
     first such forward warns (``warn_unbuilt=False`` silences it for a planned warm-up).
-    :meth:`reset` empties everything.
+    ``reset`` empties everything.
 
     **Distributed.** Under an initialised ``torch.distributed`` with world size > 1
-    :meth:`update` all-gathers the batch (rank order) and :meth:`recluster` broadcasts rank 0's
+    ``update`` all-gathers the batch (rank order) and ``recluster`` broadcasts rank 0's
     context, so every rank holds identical state. Use equal per-rank batch sizes
     (``drop_last=True``).
 
@@ -76,17 +76,17 @@ class CPAL(nn.Module):
         warmup_reclusters: also recluster at powers of two below the period.
         kmeans_iters: Lloyd steps per recluster.
         seed: k-means seed; recluster ``r`` uses ``seed + r``.
-        warn_unbuilt: warn (once) when :meth:`forward` runs before any context exists.
+        warn_unbuilt: warn (once) when ``forward`` runs before any context exists.
         device, dtype: of the head's parameters and the state (``float64`` gives an fp64
             bank and context; anything else an fp32 one).
 
     Shape:
         - features: ``(B, D, h, w)`` (a CNN map, or ViT tokens via
-          :func:`wsss_blocks.tokens.tokens_to_grid`); norm_cams: ``(B, K, h, w)`` in
+          ``wsss_blocks.tokens.tokens_to_grid``); norm_cams: ``(B, K, h, w)`` in
           ``[0, 1]``; labels: ``(B, K)``
         - output ``pacam``, ``cams_with_bg``: ``(B, K+1, h, w)``; ``loss``: ``()``
 
-    Example:
+    Examples:
         >>> cpal = CPAL(32, 3, proj_dim=16, capacity=8, num_prototypes=4, top_k=2, recluster_every=5,
         ...             warn_unbuilt=False)
         >>> feats = torch.randn(2, 32, 4, 6)                       # e.g. a CNN feature map
@@ -226,7 +226,7 @@ class CPAL(nn.Module):
         by hand counts. The answer is cached and re-read from the device only when the buffer
         was replaced or changed in place, so a training step never waits on it.
 
-        Example:
+        Examples:
             >>> cpal = CPAL(4, 1, projection=False, capacity=4, num_prototypes=2, top_k=1)
             >>> cpal.is_built
             False
@@ -250,7 +250,7 @@ class CPAL(nn.Module):
     def update(self, prototypes: Tensor, prototype_valid: Tensor) -> None:
         """Bank a step's prototypes, count the step, recluster when the schedule says so.
 
-        Call it once per training step with :meth:`forward`'s ``prototypes`` and
+        Call it once per training step with ``forward``'s ``prototypes`` and
         ``prototype_valid``, after the loss is computed. Under multi-process
         ``torch.distributed`` the bank all-gathers the batch (rank order). No gradient; no
         host sync except under multi-process ``torch.distributed`` (the gather) and on
@@ -263,7 +263,7 @@ class CPAL(nn.Module):
         Shape:
             - prototypes: ``(B, K+1, P)``; prototype_valid: ``(B, K+1)`` bool
 
-        Example:
+        Examples:
             >>> cpal = CPAL(4, 1, projection=False, capacity=4, num_prototypes=2, top_k=1)
             >>> cpal.update(torch.randn(3, 2, 4), torch.tensor([[True, False]] * 3))
             >>> cpal.bank.count.tolist(), cpal.context_valid.tolist()
@@ -283,7 +283,7 @@ class CPAL(nn.Module):
 
         Under multi-process ``torch.distributed`` rank 0's result is broadcast.
 
-        Example:
+        Examples:
             >>> cpal = CPAL(4, 1, projection=False, capacity=4, num_prototypes=2, top_k=1)
             >>> cpal.recluster()                   # empty bank: every context prototype invalid
             >>> cpal.is_built, int(cpal.num_reclusters)
@@ -302,7 +302,7 @@ class CPAL(nn.Module):
     def reset(self) -> None:
         """Empty the bank and the context and restart the schedule (parameters are kept).
 
-        Example:
+        Examples:
             >>> cpal = CPAL(4, 1, projection=False, capacity=4, num_prototypes=2, top_k=1)
             >>> cpal.update(torch.randn(3, 2, 4), torch.ones(3, 2, dtype=torch.bool))
             >>> cpal.reset()
@@ -327,7 +327,7 @@ class CPAL(nn.Module):
         Shape:
             - features: ``(B, D, h, w)``; output: ``(B, P, h, w)``
 
-        Example:
+        Examples:
             >>> CPAL(8, 2, proj_dim=4, capacity=4, num_prototypes=2, top_k=1).project(
             ...     torch.randn(1, 8, 3, 5)).shape
             torch.Size([1, 4, 3, 5])
@@ -338,7 +338,7 @@ class CPAL(nn.Module):
     def forward(self, features: Tensor, norm_cams: Tensor, labels: Tensor) -> CPALOutput:
         """Project the features and compute the PACAM and the loss; changes no state.
 
-        Bank the step with :meth:`update` (``out.prototypes``, ``out.prototype_valid``) after
+        Bank the step with ``update`` (``out.prototypes``, ``out.prototype_valid``) after
         the loss. Before any context exists the loss is a graph-attached 0 (and the first such
         call warns unless ``warn_unbuilt=False``).
 
@@ -348,8 +348,8 @@ class CPAL(nn.Module):
             labels: multi-hot image labels.
 
         Returns:
-            :class:`~wsss_blocks.cpal.CPALOutput` ``(pacam, cams_with_bg, prototypes,
-            prototype_valid, active, loss, terms)``, as :func:`~wsss_blocks.cpal.cpal_forward`.
+            ``CPALOutput`` ``(pacam, cams_with_bg, prototypes,
+            prototype_valid, active, loss, terms)``, as ``cpal_forward``.
 
         Shape:
             see the class docstring.

@@ -31,7 +31,7 @@ WEIGHTINGS = ("positiveness", "uniform")
 
 
 class SoftNeighbors(NamedTuple):
-    """Result of :func:`soft_neighbors`.
+    """Result of ``soft_neighbors``.
 
     Attributes:
         indices: ``(B, C, T)`` int64 indices of the picked context prototypes.
@@ -70,7 +70,7 @@ def positiveness(
         - anchors: ``(B, C, P)``; context: ``(C, M, P)``; context_valid: ``(C, M)`` bool
         - output: ``(B, C, M)`` fp32 (fp64 for fp64 inputs); rows sum to 1 or are all 0
 
-    Example:
+    Examples:
         >>> w = positiveness(torch.tensor([[[1.0, 0.0]]]), torch.tensor([[[2.0, 0.0], [0.0, 1.0]]]),
         ...                  torch.ones(1, 2, dtype=torch.bool), temperature=1.0)
         >>> [round(v, 4) for v in w.flatten().tolist()]    # [e^2, 1] / (e^2 + 1)
@@ -123,14 +123,14 @@ def soft_neighbors(
         top_k: ``T``, ``1 <= T <= M``.
 
     Returns:
-        :class:`SoftNeighbors` ``(indices, selected)``: indices into ``M`` and whether each
+        ``SoftNeighbors`` ``(indices, selected)``: indices into ``M`` and whether each
         pick is a real neighbour.
 
     Shape:
         - anchors: ``(B, C, P)``; context: ``(C, M, P)``; context_valid: ``(C, M)`` bool
         - indices: ``(B, C, T)`` int64; selected: ``(B, C, T)`` bool
 
-    Example:
+    Examples:
         >>> anchors = torch.tensor([[[1.0, 0.0]]])
         >>> context = torch.tensor([[[0.0, 3.0], [5.0, 0.1], [-1.0, 0.0]]])
         >>> idx, sel = soft_neighbors(anchors, context, torch.tensor([[True, True, False]]), top_k=3)
@@ -170,8 +170,8 @@ def neighbor_weights(
         then all 0.
 
     Args:
-        positiveness: from :func:`positiveness`.
-        indices: neighbour indices from :func:`soft_neighbors`.
+        positiveness: from ``positiveness``.
+        indices: neighbour indices from ``soft_neighbors``.
         selected: which picks are real neighbours.
         weighting: ``"positiveness" | "uniform"``.
 
@@ -179,7 +179,7 @@ def neighbor_weights(
         - positiveness: ``(B, C, M)``; indices, selected: ``(B, C, T)``
         - output: ``(B, C, M)``, same dtype as ``positiveness``
 
-    Example:
+    Examples:
         >>> w = torch.tensor([[[0.5, 0.3, 0.2]]])
         >>> idx, sel = torch.tensor([[[0, 2]]]), torch.tensor([[[True, True]]])
         >>> neighbor_weights(w, idx, sel).double().round(decimals=4).tolist()     # [0.5, 0.2] / 0.7

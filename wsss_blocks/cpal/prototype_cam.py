@@ -25,14 +25,14 @@ def pacam(features: Tensor, context: Tensor, neighbor_weights: Tensor, *, normal
         features: projected features.
         context: context prototypes.
         neighbor_weights: dense neighbour weights from
-            :func:`~wsss_blocks.cpal.neighbor_weights` (0 for inactive channels).
+            ``neighbor_weights`` (0 for inactive channels).
         normalize: max-normalise each ``(image, channel)`` map.
 
     Shape:
         - features: ``(B, P, h, w)``; context: ``(C, M, P)``; neighbor_weights: ``(B, C, M)``
         - output: ``(B, C, h, w)`` fp32 (fp64 for fp64 inputs)
 
-    Example:
+    Examples:
         >>> features = torch.tensor([1.0, 0.0]).view(1, 2, 1, 1)
         >>> context = torch.tensor([[[2.0, 0.0], [0.0, 3.0]]])
         >>> pacam(features, context, torch.tensor([[[0.75, 0.25]]])).flatten().tolist()

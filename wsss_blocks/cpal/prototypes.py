@@ -16,7 +16,7 @@ __all__ = ["InstancePrototypes", "ContextPrototypes", "instance_prototypes", "co
 
 
 class InstancePrototypes(NamedTuple):
-    """Result of :func:`instance_prototypes`.
+    """Result of ``instance_prototypes``.
 
     Attributes:
         prototypes: ``(B, C, P)`` the mean feature of each (image, channel) region; a zero row
@@ -29,7 +29,7 @@ class InstancePrototypes(NamedTuple):
 
 
 class ContextPrototypes(NamedTuple):
-    """Result of :func:`context_prototypes`.
+    """Result of ``context_prototypes``.
 
     Attributes:
         context: ``(C, M, P)`` the k-means centres of each class's bank.
@@ -59,13 +59,13 @@ def instance_prototypes(
     Args:
         features: projected features on the CAM grid.
         cams_with_bg: CAMs in ``[0, 1]`` with the background at channel 0 (e.g.
-            :func:`wsss_blocks.cam.add_background`).
+            ``wsss_blocks.cam.add_background``).
         labels: multi-hot image labels (no background column).
         threshold: foreground threshold, ``0 < threshold < 1``.
         bg_threshold: background threshold (``None``: ``threshold``).
 
     Returns:
-        :class:`InstancePrototypes` ``(prototypes, prototype_valid)``.
+        ``InstancePrototypes`` ``(prototypes, prototype_valid)``.
 
     Shape:
         - features: ``(B, P, h, w)``; cams_with_bg: ``(B, C, h, w)`` with ``C = K + 1``;
@@ -73,7 +73,7 @@ def instance_prototypes(
         - prototypes: ``(B, C, P)`` fp32 (fp64 for fp64 ``features``); prototype_valid:
           ``(B, C)`` bool
 
-    Example:
+    Examples:
         >>> features = torch.arange(4.0).view(1, 1, 2, 2)                # P = 1
         >>> cams = torch.tensor([[[[0.0, 0.0], [1.0, 1.0]], [[1.0, 1.0], [0.0, 0.0]]]])
         >>> protos, valid = instance_prototypes(features, cams, torch.tensor([[1]]))
@@ -112,7 +112,7 @@ def context_prototypes(
     """Context prototypes (eq. 5): k-means of each class's banked prototypes (no gradient).
 
     Slots ``[0, count[c])`` of ``memory[c]`` are the filled ones (a
-    :class:`~wsss_blocks.prototypes.ClassBank`'s layout). A class with at most
+    ``ClassBank``'s layout). A class with at most
     ``num_prototypes`` entries uses the entries themselves as centres (the rest invalid);
     an empty class gives all-invalid zeros. Euclidean k-means on the raw prototypes
     (their norm matters to the dot similarity), k-means++ seeded by ``seed``; no host sync.
@@ -122,16 +122,16 @@ def context_prototypes(
         count: filled slots per class.
         num_prototypes: ``M``, centres per class (``>= 1``).
         num_iters: Lloyd steps (``>= 0``).
-        seed: k-means++ seed (:class:`~wsss_blocks.cpal.CPAL` uses ``seed + recluster index``).
+        seed: k-means++ seed (``CPAL`` uses ``seed + recluster index``).
 
     Returns:
-        :class:`ContextPrototypes` ``(context, context_valid)``.
+        ``ContextPrototypes`` ``(context, context_valid)``.
 
     Shape:
         - memory: ``(C, L, P)``; count: ``(C,)`` int
         - context: ``(C, M, P)`` fp32 (fp64 for fp64 memory); context_valid: ``(C, M)`` bool
 
-    Example:
+    Examples:
         >>> memory = torch.tensor([[[0.0], [0.2], [5.0], [5.2]], [[1.0], [0.0], [0.0], [0.0]]])
         >>> ctx, ok = context_prototypes(memory, torch.tensor([4, 1]), num_prototypes=2, num_iters=5)
         >>> ctx[0].flatten().sort().values.double().round(decimals=4).tolist(), ctx[1].flatten().tolist()

@@ -3,15 +3,15 @@
 ToCo without CTC plus:
 
 * **ISM** -- the patch-token contrast of final tokens supervised by pseudo labels from an
-  intermediate-layer CAM (:func:`ism_loss`, ToCo PTC parity by default);
+  intermediate-layer CAM (``ism_loss``, ToCo PTC parity by default);
 * **CPM** -- a per-class pool of positive (k-means) and negative (top-scoring absent
-  class regions) prototypes (:class:`PrototypePool`) built from region embeddings
-  (:func:`region_embeddings`);
+  class regions) prototypes (``PrototypePool``) built from region embeddings
+  (``region_embeddings``);
 * **PDL** / **SSL** -- the prototype discrimination and superclass suppression losses
-  (:func:`pdl_loss`, :func:`ssl_loss`), SSL differentiable (the official code's is not);
-* the two-branch classifier head (:class:`CPEWSHead`, :func:`cpews_taps`) and the
-  combined loss (:class:`CPEWSLoss`, presets ``"paper"`` and ``"official"`` in
-  :data:`PRESETS`; build pool and losses together with :meth:`CPEWSLoss.from_preset`).
+  (``pdl_loss``, ``ssl_loss``), SSL differentiable (the official code's is not);
+* the two-branch classifier head (``CPEWSHead``, ``cpews_taps``) and the
+  combined loss (``CPEWSLoss``, presets ``"paper"`` and ``"official"`` in
+  ``PRESETS``; build pool and losses together with ``CPEWSLoss.from_preset``).
 
 Where the paper and the released code differ, the ``"paper"`` preset follows the paper and
 ``"official"`` the code; the README lists every difference.

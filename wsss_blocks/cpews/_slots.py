@@ -63,7 +63,7 @@ def per_slot(x: Tensor, slots: Tensor | None) -> Tensor:
 
 
 class PoolLoss(nn.Module):
-    """Base of the losses that read a :class:`PrototypePool`: the unbuilt-pool fallback.
+    """Base of the losses that read a ``PrototypePool``: the unbuilt-pool fallback.
 
     While the pool is unbuilt the loss is a graph-attached zero, and ``warn_unbuilt``
     warns once per instance (``_warned`` records it).

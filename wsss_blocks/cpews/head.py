@@ -16,7 +16,7 @@ __all__ = ["cpews_taps", "CPEWSHead", "CPEWSHeadOutput"]
 def cpews_taps(model: nn.Module, images: Tensor, *, mid_layer: int = -3) -> ViTTaps:
     """Intermediate (``mid_layer``) and final patch tokens of a timm ViT, with gradients.
 
-    A thin wrapper over :func:`wsss_blocks.tokens.vit_taps`: one forward pass; prefix
+    A thin wrapper over ``wsss_blocks.tokens.vit_taps``: one forward pass; prefix
     tokens are split off. ``taps.final`` is after the model's final norm;
     ``taps.intermediate`` holds exactly one entry, the residual stream at the output of
     block ``mid_layer`` (absolute index as key, **not** final-normed; ToCo/CPEWS: ``-3``,
@@ -29,12 +29,12 @@ def cpews_taps(model: nn.Module, images: Tensor, *, mid_layer: int = -3) -> ViTT
 
     Shape:
         - images: ``(B, 3, H, W)``
-        - output: :class:`~wsss_blocks.tokens.ViTTaps`, tokens ``(B, N, D)``
+        - output: ``ViTTaps``, tokens ``(B, N, D)``
 
     Raises:
         ValueError: ``mid_layer`` outside ``[-L, L)``.
 
-    Example:
+    Examples:
         >>> import timm
         >>> vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32,
         ...                         depth=4)
@@ -52,7 +52,7 @@ def cpews_taps(model: nn.Module, images: Tensor, *, mid_layer: int = -3) -> ViTT
 
 
 class CPEWSHeadOutput(NamedTuple):
-    """Output of :class:`CPEWSHead`: raw logits and raw CAMs, all with gradients.
+    """Output of ``CPEWSHead``: raw logits and raw CAMs, all with gradients.
 
     Attributes:
         logits_mid: ``(B, K)`` from the intermediate features.
@@ -60,7 +60,7 @@ class CPEWSHeadOutput(NamedTuple):
         cams_mid: ``(B, K, h, w)`` raw CAMs, intermediate classifier on intermediate features.
         cams_final: ``(B, K, h, w)`` raw CAMs, final classifier on final features.
 
-    Example:
+    Examples:
         >>> head = CPEWSHead(8, 3)
         >>> out = head(torch.randn(2, 6, 8), torch.randn(2, 6, 8), (2, 3))
         >>> out.logits_final.shape, out.cams_mid.shape
@@ -83,7 +83,7 @@ class CPEWSHead(nn.Module):
     * ``"gmp_cam"``: max of the CAM, ``z_k = max_n CAM_k(n)`` (not equal in general).
 
     Train each branch with ``multilabel_soft_margin_loss(z_s, labels)`` (done by
-    :class:`CPEWSLoss`).
+    ``CPEWSLoss``).
 
     Args:
         in_dim: feature dimension ``D``.
@@ -94,9 +94,9 @@ class CPEWSHead(nn.Module):
 
     Shape:
         - features_mid, features_final: ``(B, N, D)`` or ``(B, D, h, w)``
-        - output: :class:`CPEWSHeadOutput`
+        - output: ``CPEWSHeadOutput``
 
-    Example:
+    Examples:
         >>> head = CPEWSHead(8, 3)
         >>> out = head(torch.randn(2, 6, 8), torch.randn(2, 6, 8), (2, 3))
         >>> out.logits_final.shape, out.cams_mid.shape

@@ -56,7 +56,7 @@ def ism_loss(
     Args:
         features: final-layer tokens (ToCo/CPEWS: after the final norm, no projection).
         masks: pseudo label maps on the token grid from the intermediate CAM (CPEWS's
-            ``masks_mid``), e.g. :func:`wsss_blocks.cam.token_pseudo_labels`; 0 =
+            ``masks_mid``), e.g. ``wsss_blocks.cam.token_pseudo_labels``; 0 =
             background, ``ignore_index`` = ignored. Flattened ``(B, N)`` labels work too.
         abs_cos: absolute cosine in both terms (ToCo) or ``S`` / ``relu(S)``.
         count_offset: ``c >= 0`` added to both pair counts (ToCo: 1).
@@ -76,7 +76,7 @@ def ism_loss(
         overwritten in place by ``W``) and bool masks, where ToCo builds int64 ``(B, N, N)``
         affinities.
 
-    Example:
+    Examples:
         >>> features = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]])
         >>> round(ism_loss(features, torch.tensor([[1, 1, 2]])).item(), 6)   # 0.5 * (1 - 2/3)
         0.166667
@@ -118,18 +118,18 @@ def ism_loss(
 
 
 class ISMLoss(nn.Module):
-    """Module form of :func:`ism_loss` (stores the keyword arguments).
+    """Module form of ``ism_loss`` (stores the keyword arguments).
 
     Args:
-        abs_cos: see :func:`ism_loss`.
-        count_offset: see :func:`ism_loss`.
-        ignore_index: see :func:`ism_loss`.
+        abs_cos: see ``ism_loss``.
+        count_offset: see ``ism_loss``.
+        ignore_index: see ``ism_loss``.
 
     Shape:
         - features: ``(B, N, D)`` or ``(B, D, h, w)``; masks: ``(B, h, w)`` or ``(B, N)``
         - output: scalar
 
-    Example:
+    Examples:
         >>> loss = ISMLoss(abs_cos=False)
         >>> features = torch.tensor([[[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]]])
         >>> round(loss(features, torch.tensor([[1, 1, 2]])).item(), 6)   # 0.5 * (1 + 2/3)
@@ -151,7 +151,7 @@ class ISMLoss(nn.Module):
         )
 
     def forward(self, features: Tensor, masks: Tensor) -> Tensor:
-        """The ISM loss of ``features`` against the label maps ``masks`` (see :func:`ism_loss`)."""
+        """The ISM loss of ``features`` against the label maps ``masks`` (see ``ism_loss``)."""
         return ism_loss(
             features,
             masks,

@@ -32,14 +32,14 @@ class CPEWSLoss(nn.Module):
     ``cls_*`` is ``multilabel_soft_margin_loss`` of each head branch (ToCo's and CPEWS's
     classification loss), computed in the logits' precision (fp32 under bf16 autocast,
     fp64 for fp64 inputs). ``preset`` picks the weights and the PDL / SSL settings of one
-    of the two CPEWS configurations (:data:`PRESETS`): ``"paper"`` (the paper's weights
+    of the two CPEWS configurations (``PRESETS``): ``"paper"`` (the paper's weights
     0.12 / 1.5e-4 / 0.2, soft region weights, L2 distance) or ``"official"`` (the released
     code: 0.2 / 0.12 / 1.5e-4, RMS distance with offset 0.1, 0.1 region mask, person never
     suppressed). ``loss_weights`` overrides some or all of the preset's weights and nothing
     else; ``ism`` / ``pdl`` / ``ssl`` replace a sub-loss module. To build the pool with the
-    preset's settings too, use :meth:`from_preset`.
+    preset's settings too, use ``from_preset``.
 
-    :meth:`forward` returns a :class:`~wsss_blocks.outputs.LossOutput`: ``loss`` (the
+    ``forward`` returns a ``LossOutput``: ``loss`` (the
     weighted total), ``terms`` (``cls_mid``, ``cls_final``, ``ism``, ``pdl``, ``ssl``,
     unweighted) and ``weights`` (the weight of each; 1 for both classification terms).
     A weight of 0 skips its term (reported as a detached 0). While ``pool.is_built`` is
@@ -60,9 +60,9 @@ class CPEWSLoss(nn.Module):
     Shape:
         - logits_mid, logits_final, labels: ``(B, K)``; features_final: ``(B, N, D)`` or
           ``(B, D, h, w)``; cams_final: ``(B, K, h, w)``; masks_mid: ``(B, h, w)``
-        - output: :class:`~wsss_blocks.outputs.LossOutput` of scalars
+        - output: ``LossOutput`` of scalars
 
-    Example:
+    Examples:
         >>> crit = CPEWSLoss(PrototypePool(8, 3), loss_weights={"ssl": 0.1}, warn_unbuilt=False)
         >>> b, k, h, w = 2, 3, 2, 2
         >>> out = crit(logits_mid=torch.randn(b, k), logits_final=torch.randn(b, k),
@@ -137,14 +137,14 @@ class CPEWSLoss(nn.Module):
             loss_weights: overrides of the preset's loss weights.
             superclasses: the pool's superclass table (``"voc"``, ``"coco"``, a partition
                 or ``None``).
-            pool: overrides of :class:`PrototypePool` keywords (e.g. ``num_prototypes``).
-            pdl: overrides of :class:`PDLLoss` keywords.
-            ssl: overrides of :class:`SSLLoss` keywords.
-            ism: :class:`ISMLoss` keywords.
+            pool: overrides of ``PrototypePool`` keywords (e.g. ``num_prototypes``).
+            pdl: overrides of ``PDLLoss`` keywords.
+            ssl: overrides of ``SSLLoss`` keywords.
+            ism: ``ISMLoss`` keywords.
             warn_unbuilt: see the class; also passed to the PDL and SSL modules.
             device: the pool's buffer device.
 
-        Example:
+        Examples:
             >>> crit = CPEWSLoss.from_preset(16, 20, preset="official", superclasses="voc",
             ...                              pool={"num_prototypes": 4}, ssl={"act_threshold": 0.2})
             >>> crit.loss_weights, crit.pool.num_prototypes, crit.pdl.distance, crit.ssl.act_threshold
@@ -177,7 +177,7 @@ class CPEWSLoss(nn.Module):
         """Every term and the weighted total (keyword arguments only).
 
         Args:
-            logits_mid: intermediate-branch logits (:class:`CPEWSHead`).
+            logits_mid: intermediate-branch logits (``CPEWSHead``).
             logits_final: final-branch logits.
             features_final: final tokens (ISM, PDL and the SSL distances).
             cams_final: the live final raw CAMs (PDL regions, SSL values).

@@ -44,7 +44,7 @@ def pdl_loss(
     """Prototype Discrimination Loss (CPEWS eq. 7-9), batched over images and classes.
 
     For every present class ``c`` of image ``b`` with region embedding ``A_bc``
-    (:func:`region_embeddings`, detached CAM weights: the classifier gets no gradient):
+    (``region_embeddings``, detached CAM weights: the classifier gets no gradient):
     ``C+_c`` = mean of the valid positive prototypes, ``d+ = d(A_bc, C+_c)``,
     ``d- = min_m d(A_bc, P-_cm)`` over valid negatives, ``x+- = d+-/T + offset`` and::
 
@@ -81,11 +81,11 @@ def pdl_loss(
     Note:
         The nearest negative is picked without grad by ``||n||^2 - 2 a.n`` (no
         ``(B, K, M', D)`` difference), then its distance is computed in the exact form
-        above. ``compact`` (see :func:`ssl_loss`): ``True`` computes the region embeddings
+        above. ``compact`` (see ``ssl_loss``): ``True`` computes the region embeddings
         and distances only for each image's present classes (one host sync; default on
         CPU), ``False`` for all ``K`` classes (no sync; default elsewhere). Same values.
 
-    Example:
+    Examples:
         >>> feats, cams = torch.zeros(1, 1, 2), torch.ones(1, 1, 1, 1)   # A = (0, 0)
         >>> pos = torch.tensor([[[6.0, 0.0], [0.0, 8.0]]])                # mean (3, 4)
         >>> neg = torch.tensor([[[0.0, 13.0], [26.0, 0.0]]])
@@ -129,28 +129,28 @@ def pdl_loss(
 
 
 class PDLLoss(PoolLoss):
-    """Module form of :func:`pdl_loss`; reads the prototypes from a :class:`PrototypePool`.
+    """Module form of ``pdl_loss``; reads the prototypes from a ``PrototypePool``.
 
-    ``forward`` takes the pool instead of the four prototype tensors of :func:`pdl_loss`:
+    ``forward`` takes the pool instead of the four prototype tensors of ``pdl_loss``:
     the pool is trained state that changes at every rebuild, so it is passed per call (the
     module stores only hyperparameters), and it cannot drift out of sync with them. While
     ``pool.is_built`` is false the loss is a graph-attached 0; ``warn_unbuilt=True`` warns
     once per instance (pass ``False`` when the pool is built after a warm-up on purpose).
 
     Args:
-        temperature: see :func:`pdl_loss`.
-        distance: see :func:`pdl_loss`.
-        offset: see :func:`pdl_loss`.
-        threshold: see :func:`pdl_loss`.
-        eps: see :func:`pdl_loss`.
-        compact: see :func:`pdl_loss` (``None``: compact on CPU, dense elsewhere).
+        temperature: see ``pdl_loss``.
+        distance: see ``pdl_loss``.
+        offset: see ``pdl_loss``.
+        threshold: see ``pdl_loss``.
+        eps: see ``pdl_loss``.
+        compact: see ``pdl_loss`` (``None``: compact on CPU, dense elsewhere).
         warn_unbuilt: warn once when called before the pool is built.
 
     Shape:
         - features: ``(B, N, D)`` or ``(B, D, h, w)``; cams: ``(B, K, h, w)``; labels ``(B, K)``
         - output: scalar
 
-    Example:
+    Examples:
         >>> pool = PrototypePool(2, 1, num_prototypes=2)
         >>> _ = pool.pos.copy_(torch.tensor([[[6.0, 0.0], [0.0, 8.0]]]))
         >>> _ = pool.pos_valid.fill_(True)
@@ -192,7 +192,7 @@ class PDLLoss(PoolLoss):
         self, features: Tensor, cams: Tensor, labels: Tensor, pool: PrototypePool, *,
         valid: Tensor | None = None,
     ) -> Tensor:
-        """PDL of ``features`` against the pool's prototypes (see :func:`pdl_loss`).
+        """PDL of ``features`` against the pool's prototypes (see ``pdl_loss``).
 
         Args:
             features: final tokens on the CAMs' grid.

@@ -29,18 +29,18 @@ __all__ = ["PrototypePool"]
 class PrototypePool(nn.Module):
     """Per-class positive and negative prototypes (CPEWS Contextual Prototype Module).
 
-    Built in a pass over training data, streaming: :meth:`update` every batch, then
-    :meth:`finalize` (or :meth:`build` for the whole loop); refresh by calling
-    :meth:`build` again. The losses read ``pos``, ``pos_valid``, ``neg``, ``neg_valid``
-    and :meth:`suppression_mask`; they see the previous prototypes until ``finalize``.
-    :attr:`is_built` says whether there is anything to read.
+    Built in a pass over training data, streaming: ``update`` every batch, then
+    ``finalize`` (or ``build`` for the whole loop); refresh by calling
+    ``build`` again. The losses read ``pos``, ``pos_valid``, ``neg``, ``neg_valid``
+    and ``suppression_mask``; they see the previous prototypes until ``finalize``.
+    ``is_built`` says whether there is anything to read.
 
-    * **Positives**: the region embedding ``A_bc`` (:func:`region_embeddings`) of every
+    * **Positives**: the region embedding ``A_bc`` (``region_embeddings``) of every
       present class with a non-empty region goes into a per-class store of ``capacity``
       entries, a uniform sample without replacement of all seen (random keys from the
       pool's seeded generator; keeps all when ``capacity`` is large enough).
       ``finalize`` clusters each class's store with seeded k-means++
-      (:func:`wsss_blocks.prototypes.kmeans`, ``kmeans_iters`` Lloyd steps) into
+      (``wsss_blocks.prototypes.kmeans``, ``kmeans_iters`` Lloyd steps) into
       ``num_prototypes`` centres; a class with ``n < M`` entries gets ``n`` valid ones.
     * **Negatives**: for an absent class with a non-empty region, ``A_bc`` competes for
       the class's top-``M`` by score: ``"prob"`` (paper: the predicted probability,
@@ -51,7 +51,7 @@ class PrototypePool(nn.Module):
 
     State: persistent buffers ``pos``/``neg`` ``(K, M, D)``, ``pos_valid``/``neg_valid``/
     ``neg_scores`` ``(K, M)``, ``neg_labels`` ``(K, M, K)`` bool, ``superclass_of``
-    ``(K,)`` (-1 without a table) and ``built`` (set by :meth:`finalize`); the accumulation
+    ``(K,)`` (-1 without a table) and ``built`` (set by ``finalize``); the accumulation
     stores are non-persistent. Everything is fp32 and no-grad; ``.double()`` makes the state fp64,
     while ``.half()`` / ``.to(torch.bfloat16)`` (e.g. of a model holding the pool) leave it
     fp32. Inputs of any float dtype are cast to the state's dtype. Under ``torch.distributed`` every
@@ -77,7 +77,7 @@ class PrototypePool(nn.Module):
         - update: features ``(B, N, D)`` or ``(B, D, h, w)``, cams ``(B, K, h, w)``, labels
           ``(B, K)``
 
-    Example:
+    Examples:
         >>> pool = PrototypePool(4, 2, num_prototypes=1, capacity=8)
         >>> cams = torch.tensor([[[[1.0, 0.0]], [[0.0, 1.0]]]])     # (1, 2, 1, 2)
         >>> feats = torch.tensor([[[1.0, 0, 0, 0], [0, 1.0, 0, 0]]])
@@ -168,7 +168,7 @@ class PrototypePool(nn.Module):
 
     # ------------------------------------------------------------------ state
     def _built_key(self) -> tuple[tuple[int, int], ...] | None:
-        """Identity and version counter of the buffers :attr:`is_built` reads (``None``: untracked)."""
+        """Identity and version counter of the buffers ``is_built`` reads (``None``: untracked)."""
         try:
             return tuple((id(t), t._version) for t in (self.built, self.pos_valid, self.neg_valid))
         except RuntimeError:  # inference-mode tensors track no version: recompute every time
@@ -184,12 +184,12 @@ class PrototypePool(nn.Module):
     def is_built(self) -> bool:
         """Whether the pool holds prototypes for the losses to read.
 
-        ``True`` once :meth:`finalize` has run (the persistent ``built`` flag) or when any
+        ``True`` once ``finalize`` has run (the persistent ``built`` flag) or when any
         prototype is valid, so a pool loaded from a checkpoint or filled by hand counts.
         Read from the buffers once after they change (they are tracked by their version
         counters), so a training step that leaves the pool alone costs no device sync.
 
-        Example:
+        Examples:
             >>> pool = PrototypePool(2, 1, num_prototypes=1)
             >>> pool.is_built
             False
@@ -208,7 +208,7 @@ class PrototypePool(nn.Module):
 
     @property
     def store(self) -> Tensor:
-        """The positive store ``(K, capacity, D)`` (a view; see :attr:`store_valid`)."""
+        """The positive store ``(K, capacity, D)`` (a view; see ``store_valid``)."""
         return self._store[:, : self.capacity]
 
     @property
@@ -236,7 +236,7 @@ class PrototypePool(nn.Module):
     def reset(self) -> None:
         """Clear the accumulation stores (not the prototypes) and re-seed the generator.
 
-        Example:
+        Examples:
             >>> pool = PrototypePool(4, 2)
             >>> pool.reset(); int(pool.store_valid.sum())
             0
@@ -262,7 +262,7 @@ class PrototypePool(nn.Module):
     ) -> None:
         """Add one batch to the stores (no gradient, no host sync outside DDP).
 
-        The prototypes the losses read change only in :meth:`finalize`.
+        The prototypes the losses read change only in ``finalize``.
 
         Args:
             features: tokens on the CAMs' grid (the final tokens in CPEWS).
@@ -276,7 +276,7 @@ class PrototypePool(nn.Module):
             - features: ``(B, N, D)`` or ``(B, D, h, w)``; cams: ``(B, K, h, w)``
             - labels, class_probs: ``(B, K)``; valid: ``(B, H', W')`` bool
 
-        Example:
+        Examples:
             >>> pool = PrototypePool(3, 2, score="cam_mean")
             >>> pool.update(torch.randn(2, 4, 3), torch.ones(2, 2, 2, 2),
             ...             torch.tensor([[1, 0], [1, 1]]))
@@ -372,7 +372,7 @@ class PrototypePool(nn.Module):
         Under ``torch.distributed`` rank 0's result is broadcast. Warns when nothing was
         accumulated (the pool is then built but all-invalid).
 
-        Example:
+        Examples:
             >>> pool = PrototypePool(3, 2)
             >>> import warnings
             >>> with warnings.catch_warnings():
@@ -409,14 +409,14 @@ class PrototypePool(nn.Module):
 
     @torch.no_grad()
     def build(self, model_fn: Callable[[Any], Mapping[str, Tensor]], loader: Iterable[Any]) -> None:
-        """Reset, :meth:`update` with ``model_fn(batch)`` for every batch, :meth:`finalize`.
+        """Reset, ``update`` with ``model_fn(batch)`` for every batch, ``finalize``.
 
         Runs under ``torch.no_grad()`` and never changes the model's train/eval mode (put
-        it in the mode you want). ``model_fn(batch)`` returns :meth:`update`'s keyword
+        it in the mode you want). ``model_fn(batch)`` returns ``update``'s keyword
         arguments (``features``, ``cams``, ``labels`` and optionally ``class_probs``,
         ``valid``); multi-scale features are its business.
 
-        Example:
+        Examples:
             >>> pool = PrototypePool(3, 2, score="cam_mean", num_prototypes=1)
             >>> batches = [(torch.randn(1, 4, 3), torch.tensor([[1, 0]]))] * 2
             >>> fn = lambda b: {"features": b[0], "cams": torch.ones(1, 2, 2, 2), "labels": b[1]}
@@ -455,7 +455,7 @@ class PrototypePool(nn.Module):
         Shape:
             - output: ``(K, M)`` bool
 
-        Example:
+        Examples:
             >>> pool = PrototypePool(2, 3, num_prototypes=1, superclasses={"a": (0, 1), "b": (2,)})
             >>> _ = pool.neg_valid.fill_(True)
             >>> pool.neg_labels[0, 0] = torch.tensor([False, True, False])   # source had class 1

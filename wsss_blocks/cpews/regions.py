@@ -14,13 +14,13 @@ __all__ = ["RegionEmbeddings", "region_embeddings"]
 
 
 class RegionEmbeddings(NamedTuple):
-    """Output of :func:`region_embeddings`: one prototype per (image, class) and its validity.
+    """Output of ``region_embeddings``: one prototype per (image, class) and its validity.
 
     Attributes:
         prototypes: ``(B, K, D)`` region embeddings ``A_bc`` (zeros where the region is empty).
         prototype_valid: ``(B, K)`` bool, ``True`` where the region is non-empty.
 
-    Example:
+    Examples:
         >>> out = region_embeddings(torch.ones(1, 2, 3), torch.ones(1, 1, 1, 2))
         >>> out.prototypes.shape, out.prototype_valid.tolist()
         (torch.Size([1, 1, 3]), [[True]])
@@ -43,7 +43,7 @@ def region_embeddings(
     ``w = relu(cams) / (max relu(cams) + 1e-5)`` from the **detached** raw CAMs; with
     ``threshold=t`` the weights become the mask ``w > t`` (official code: 0.1);
     ``valid`` zeroes padded tokens. ``A = bmm(w, F) / (sum_n w + eps)``, one ``bmm`` via
-    :func:`wsss_blocks.cam.masked_average_pool`. Gradients flow into ``features`` only.
+    ``wsss_blocks.cam.masked_average_pool``. Gradients flow into ``features`` only.
 
     Args:
         features: token features on the CAMs' grid.
@@ -54,10 +54,10 @@ def region_embeddings(
 
     Shape:
         - features: ``(B, N, D)`` or ``(B, D, h, w)``; cams: ``(B, K, h, w)``
-        - output: :class:`RegionEmbeddings`: ``prototypes (B, K, D)`` fp32 (fp64 for fp64
+        - output: ``RegionEmbeddings``: ``prototypes (B, K, D)`` fp32 (fp64 for fp64
           input), ``prototype_valid (B, K)`` bool
 
-    Example:
+    Examples:
         >>> feats = torch.tensor([[[2.0, 0.0], [0.0, 4.0]]])       # (1, N=2, D=2)
         >>> cams = torch.tensor([[[[1.0, -1.0]], [[-1.0, -2.0]]]])  # (1, K=2, 1, 2)
         >>> regions = region_embeddings(feats, cams, eps=0.0)

@@ -87,7 +87,7 @@ def ssl_loss(
     Under ``no_grad``: squared distances of every token to the prototypes
     (``||f||^2 + ||p||^2 - 2 f.p``, fp32); ``D+`` = min over the class's valid positives,
     ``D-`` = min over its kept negatives (``neg_keep``, e.g.
-    :meth:`PrototypePool.suppression_mask`; none kept -> never suppressed). The set
+    ``PrototypePool.suppression_mask``; none kept -> never suppressed). The set
     ``Phi = present & activated & valid & (D- < D+)``, with "activated" =
     ``relu(cams)/max > act_threshold`` (``None``: every token) and classes without a
     valid positive prototype left out. Then ``L = sum_Phi g(cams) / max(|Phi|, 1)``,
@@ -103,7 +103,7 @@ def ssl_loss(
     as ``Phi`` shrinks (SSL's gradient is 2-5x the classification term's at the pool build),
     so CAMs collapse to the discriminative parts. Scaling (``cam_scale="max"``, a smaller
     weight) only slows this; ``denominator="gate"`` bounds the push, and
-    :meth:`PrototypePool.suppression_mask` with ``source_share`` (via :class:`SSLLoss`) drops
+    ``PrototypePool.suppression_mask`` with ``source_share`` (via ``SSLLoss``) drops
     the look-alike negatives. The ``cpews`` trainer recipe uses both by default.
 
     Args:
@@ -144,7 +144,7 @@ def ssl_loss(
         its present classes only, one ``bmm`` ``(B, N, D) x (B, D, S*(M+M'))``: ``K/S`` times
         fewer FLOPs (~10x VOC, ~40x COCO). ``compact=None`` picks compact for CPU tensors.
 
-    Example:
+    Examples:
         >>> feats = torch.tensor([[[0.0, 2.0], [2.0, 0.0], [0.0, 3.0]]])
         >>> cams = torch.tensor([[[[2.0, 1.0, 0.1]]]], requires_grad=True)
         >>> ok = torch.ones(1, 1, dtype=torch.bool)
@@ -185,31 +185,31 @@ def ssl_loss(
 
 
 class SSLLoss(PoolLoss):
-    """Module form of :func:`ssl_loss` with the pool's superclass filter.
+    """Module form of ``ssl_loss`` with the pool's superclass filter.
 
-    ``forward`` takes the pool instead of the prototype tensors of :func:`ssl_loss`: it reads
-    the prototypes and builds ``neg_keep`` with :meth:`PrototypePool.suppression_mask`
+    ``forward`` takes the pool instead of the prototype tensors of ``ssl_loss``: it reads
+    the prototypes and builds ``neg_keep`` with ``PrototypePool.suppression_mask``
     (which needs the pool's negative labels and superclass table) at every call. While
     ``pool.is_built`` is false the loss is a graph-attached 0; ``warn_unbuilt=True`` warns
     once per instance.
 
     Args:
-        suppress_singletons: passed to :meth:`PrototypePool.suppression_mask` (paper:
+        suppress_singletons: passed to ``PrototypePool.suppression_mask`` (paper:
             ``True``; official: ``False``, person never suppressed).
-        act_threshold: see :func:`ssl_loss`.
-        cam_activation: see :func:`ssl_loss`.
-        cam_scale: see :func:`ssl_loss` (``"raw"``: the paper's form).
-        denominator: see :func:`ssl_loss` (``"phi"``: the paper's form).
-        source_share: passed to :meth:`PrototypePool.suppression_mask` (``None``: the
+        act_threshold: see ``ssl_loss``.
+        cam_activation: see ``ssl_loss``.
+        cam_scale: see ``ssl_loss`` (``"raw"``: the paper's form).
+        denominator: see ``ssl_loss`` (``"phi"``: the paper's form).
+        source_share: passed to ``PrototypePool.suppression_mask`` (``None``: the
             superclass table only, the paper's form).
-        compact: see :func:`ssl_loss` (``None``: compact on CPU, dense elsewhere).
+        compact: see ``ssl_loss`` (``None``: compact on CPU, dense elsewhere).
         warn_unbuilt: warn once when called before the pool is built.
 
     Shape:
         - features: ``(B, N, D)`` or ``(B, D, h, w)``; cams: ``(B, K, h, w)``; labels ``(B, K)``
         - output: scalar
 
-    Example:
+    Examples:
         >>> pool = PrototypePool(2, 1, num_prototypes=1)
         >>> _ = pool.pos.copy_(torch.tensor([[[1.0, 0.0]]])), pool.pos_valid.fill_(True)
         >>> _ = pool.neg.copy_(torch.tensor([[[0.0, 1.0]]])), pool.neg_valid.fill_(True)
@@ -256,7 +256,7 @@ class SSLLoss(PoolLoss):
         self, features: Tensor, cams: Tensor, labels: Tensor, pool: PrototypePool, *,
         valid: Tensor | None = None,
     ) -> Tensor:
-        """SSL of the live ``cams`` with the pool's filtered negatives (see :func:`ssl_loss`).
+        """SSL of the live ``cams`` with the pool's filtered negatives (see ``ssl_loss``).
 
         Args:
             features: final tokens on the CAMs' grid.

@@ -44,9 +44,9 @@ COCO_SUPERCLASSES: dict[str, tuple[int, ...]] = {
 
 #: Per-component keyword arguments of the two CPEWS configurations: ``"paper"`` (the
 #: paper's weights and formulas) and ``"official"`` (the released code's). The keys are
-#: the keywords of :meth:`CPEWSLoss.from_preset`: ``"loss_weights"`` -> the
-#: :class:`CPEWSLoss` weights, ``"pdl"`` -> :class:`PDLLoss`, ``"ssl"`` -> :class:`SSLLoss`,
-#: ``"pool"`` -> :class:`PrototypePool`.
+#: the keywords of ``CPEWSLoss.from_preset``: ``"loss_weights"`` -> the
+#: ``CPEWSLoss`` weights, ``"pdl"`` -> ``PDLLoss``, ``"ssl"`` -> ``SSLLoss``,
+#: ``"pool"`` -> ``PrototypePool``.
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "paper": {
         "loss_weights": {"ism": 0.12, "pdl": 1.5e-4, "ssl": 0.2},
@@ -83,7 +83,7 @@ def superclass_index(
     Raises:
         ShapeError: a table that does not fit ``K`` or a mapping that is not a partition.
 
-    Example:
+    Examples:
         >>> superclass_index({"a": (0, 2), "b": (1,)}, 3).tolist()
         [0, 1, 0]
         >>> superclass_index("voc", 20)[14].item(), superclass_index(None, 2).tolist()

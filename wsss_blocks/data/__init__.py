@@ -3,11 +3,11 @@
 Every dataset returns dicts with ``image`` ``(3, H, W)`` float32 (ImageNet-normalised),
 ``labels`` ``(K,)`` float32 multi-hot, ``mask`` ``(H, W)`` int64 (0 = background,
 ``k + 1`` = class ``k``, 255 = ignore), ``valid`` ``(H, W)`` bool (False on padding),
-``index`` and ``name``; :func:`collate` batches them. Importing this package does not
+``index`` and ``name``; ``collate`` batches them. Importing this package does not
 import Pillow, pycocotools or matplotlib: VOC / COCO import them when they read files.
-Class names, palettes and ImageNet statistics live in :mod:`wsss_blocks.constants`.
+Class names, palettes and ImageNet statistics live in ``wsss_blocks.constants``.
 
-Example:
+Examples:
     >>> from torch.utils.data import DataLoader
     >>> from wsss_blocks.data import SyntheticScenes, collate
     >>> loader = DataLoader(SyntheticScenes(length=4, image_size=32), batch_size=2, collate_fn=collate)

@@ -38,12 +38,12 @@ class COCO(SegmentationFolder):
     extra ``coco``): annotations are painted largest area first, so smaller objects stay on
     top; crowd regions get their class. ``source="auto"`` uses the mask folder when present,
     else the JSON; with neither, a ``label_file`` gives label-only items whose masks are all
-    ``ignore_index`` (as :class:`~wsss_blocks.data.voc.VOC`; no CAM evaluation then). Class
+    ``ignore_index`` (as ``VOC``; no CAM evaluation then). Class
     index ``k`` is ``COCO_CLASSES[k]``, i.e. annotation
     ``category_id`` ``COCO_CATEGORY_IDS[k]``; masks hold ``k + 1`` (0 background, 255
     ignore). Pre-rendered PNGs that store raw category ids are read with
     ``mask_values="category_id"``. Image labels are the classes present in the mask, or
-    come from ``label_file`` (see :class:`~wsss_blocks.data.voc.VOC`).
+    come from ``label_file`` (see ``VOC``).
 
     Names: ``split_file`` when given; otherwise the PNG stems of the mask folder, or the
     JSON's images (only those with at least one annotation when ``skip_empty``), sorted.
@@ -51,19 +51,19 @@ class COCO(SegmentationFolder):
     Args:
         root: dataset root (see layout).
         split: ``"train"`` or ``"val"`` (2014).
-        transform: see :class:`~wsss_blocks.data.voc.VOC` (normalise only by default).
+        transform: see ``VOC`` (normalise only by default).
         source: ``"auto"``, ``"masks"`` or ``"json"``.
         mask_dir: explicit pre-rendered mask folder (implies ``source="masks"``).
         annotation_file: explicit instances JSON (for ``source="json"``).
         mask_values: ``"index"`` (PNG holds ``k + 1``) or ``"category_id"`` (PNG holds COCO
-            category ids, mapped with :data:`~wsss_blocks.constants.COCO_CATEGORY_TO_INDEX`).
+            category ids, mapped with ``COCO_CATEGORY_TO_INDEX``).
         label_file: optional image-level label file.
         split_file: optional list of image names.
         skip_empty: with the JSON, drop images without annotations (the WSSS lists do).
 
     Attributes:
         num_classes: 80.
-        class_names: :data:`~wsss_blocks.constants.COCO_CLASSES`.
+        class_names: ``COCO_CLASSES``.
         palette: ``(256, 3)`` uint8 colour map.
         ignore_index: 255.
         names: image names of the split.
@@ -72,7 +72,7 @@ class COCO(SegmentationFolder):
         FileNotFoundError: naming the missing folder or file.
         ImportError: JSON source without pycocotools.
 
-    Example:
+    Examples:
         >>> try:
         ...     COCO("/nonexistent/coco", split="val")
         ... except FileNotFoundError as err:

@@ -1,6 +1,6 @@
 """SyntheticScenes: a tiny, download-free WSSS benchmark with ground-truth masks.
 
-See :class:`SyntheticScenes` for the scene grammar. Generation uses numpy only and is
+See ``SyntheticScenes`` for the scene grammar. Generation uses numpy only and is
 deterministic in ``(seed, split, index)``.
 """
 
@@ -142,10 +142,10 @@ class SyntheticScenes(Dataset):
     Items are dicts with keys ``image`` ``(3, H, W)`` float32 (normalised), ``labels``
     ``(K,)`` float32 multi-hot, ``mask`` ``(H, W)`` int64 (0 = background, ``c + 1`` =
     class ``c``), ``valid`` ``(H, W)`` bool (all True), ``index`` int and ``name`` str.
-    :meth:`scene` also returns the part map and the context layout for analyses (e.g. how
+    ``scene`` also returns the part map and the context layout for analyses (e.g. how
     much of a CAM falls on parts, bodies and contexts).
 
-    Example:
+    Examples:
         >>> ds = SyntheticScenes(split="train", length=8, image_size=(32, 48), seed=0)
         >>> item = ds[3]
         >>> item["image"].shape, item["labels"].shape, item["mask"].dtype
@@ -358,7 +358,7 @@ class SyntheticScenes(Dataset):
             (list of ``(class, shape name, part hidden)`` of the kept objects, bottom to
             top).
 
-        Example:
+        Examples:
             >>> s = SyntheticScenes(length=4, image_size=32).scene(0)
             >>> sorted(s)[:4], s["part"].dtype
             (['context_map', 'contexts', 'image', 'labels'], dtype('bool'))
@@ -477,7 +477,7 @@ class SyntheticScenes(Dataset):
     def tensors(self) -> tuple[Tensor, Tensor, Tensor]:
         """Materialise the split: ``(images (N,3,H,W), labels (N,K), masks (N,H,W))``.
 
-        Example:
+        Examples:
             >>> x, y, m = SyntheticScenes(length=3, image_size=16).tensors()
             >>> x.shape, y.shape, m.shape
             (torch.Size([3, 3, 16, 16]), torch.Size([3, 6]), torch.Size([3, 16, 16]))

@@ -54,7 +54,7 @@ def normalize(
     Shape:
         image: ``(3, H, W)`` -> ``(3, H, W)`` float32.
 
-    Example:
+    Examples:
         >>> x = normalize(torch.full((3, 2, 2), 255, dtype=torch.uint8))
         >>> [round(v, 3) for v in x[:, 0, 0].tolist()]
         [2.249, 2.429, 2.64]
@@ -81,7 +81,7 @@ def labels_from_mask(mask: Tensor, num_classes: int, *, ignore_index: int = 255)
     Raises:
         ValueError: when the mask holds a value outside ``0..K`` and ``ignore_index``.
 
-    Example:
+    Examples:
         >>> labels_from_mask(torch.tensor([[0, 3], [255, 1]]), 4).tolist()
         [1.0, 0.0, 1.0, 0.0]
     """
@@ -134,7 +134,7 @@ class TrainTransform:
         image ``(3, H, W)`` uint8/float, mask ``(H, W)`` int -> image ``(3, h, w)`` float32,
         mask ``(h, w)`` int64, valid ``(h, w)`` bool, with ``(h, w) = crop_size``.
 
-    Example:
+    Examples:
         >>> t = TrainTransform(32, scale_range=(0.5, 0.5), generator=torch.Generator().manual_seed(0))
         >>> out = t(torch.zeros(3, 40, 20, dtype=torch.uint8), torch.ones(40, 20, dtype=torch.long))
         >>> out["image"].shape, out["mask"].shape, int(out["valid"].sum())
@@ -231,7 +231,7 @@ class EvalTransform:
     Shape:
         image ``(3, H, W)``, mask ``(H, W)`` -> same sizes; float32 / int64 / bool.
 
-    Example:
+    Examples:
         >>> out = EvalTransform()(torch.zeros(3, 5, 7, dtype=torch.uint8), torch.zeros(5, 7, dtype=torch.uint8))
         >>> out["image"].shape, out["mask"].dtype, bool(out["valid"].all())
         (torch.Size([3, 5, 7]), torch.int64, True)
@@ -271,7 +271,7 @@ def collate(batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     Raises:
         ValueError: when tensors of one key have different shapes, or keys differ.
 
-    Example:
+    Examples:
         >>> from wsss_blocks.data import SyntheticScenes
         >>> ds = SyntheticScenes(length=4, image_size=16)
         >>> b = collate([ds[0], ds[1]])

@@ -55,8 +55,8 @@ class VOC(SegmentationFolder):
         root: dataset root (see layout).
         split: ``"train"``, ``"train_aug"`` or ``"val"``.
         transform: ``(image uint8 (3,H,W), mask int64 (H,W)) -> dict(image, mask, valid)``;
-            :class:`~wsss_blocks.data.transforms.EvalTransform` (normalise only) by default,
-            :class:`~wsss_blocks.data.transforms.TrainTransform` for training crops.
+            ``EvalTransform`` (normalise only) by default,
+            ``TrainTransform`` for training crops.
         label_file: optional image-level label file (see above).
         split_file: optional list file replacing ``ImageSets/Segmentation/<split>.txt``.
         mask_dir: optional folder of ``<name>.png`` masks (palette or grey, values = class
@@ -64,7 +64,7 @@ class VOC(SegmentationFolder):
 
     Attributes:
         num_classes: 20.
-        class_names: :data:`~wsss_blocks.constants.VOC_CLASSES`.
+        class_names: ``VOC_CLASSES``.
         palette: ``(256, 3)`` uint8 VOC colour map.
         ignore_index: 255.
         names: image names of the split.
@@ -76,7 +76,7 @@ class VOC(SegmentationFolder):
     Items: ``image`` ``(3, H, W)`` float32, ``labels`` ``(20,)`` float32, ``mask`` ``(H, W)``
     int64 (255 kept), ``valid`` ``(H, W)`` bool, ``index``, ``name``.
 
-    Example:
+    Examples:
         >>> try:
         ...     VOC("/nonexistent/voc")
         ... except FileNotFoundError as err:

@@ -8,9 +8,9 @@ output, with scores taken from the attention mixed with an RGB / embedding affin
 the paper leaves open is ours and is listed in the README's DOEI section; the defaults of
 ``st``, ``af``, ``sf`` and ``rgb_sigma`` are our own.
 
-Entry points: :func:`patch` (undoable, context manager) and the pure functions
-:func:`progressive_count`, :func:`patch_color_affinity`, :func:`hybrid_attention`,
-:func:`select_top_bottom` (returns :class:`TopBottom`), :func:`doei_delta`, which also serve
+Entry points: ``patch`` (undoable, context manager) and the pure functions
+``progressive_count``, ``patch_color_affinity``, ``hybrid_attention``,
+``select_top_bottom`` (returns ``TopBottom``), ``doei_delta``, which also serve
 as the reference of what a patched block computes.
 """
 

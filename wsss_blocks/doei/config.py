@@ -1,4 +1,4 @@
-"""DOEI hyperparameters (:class:`DOEIConfig`)."""
+"""DOEI hyperparameters (``DOEIConfig``)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ class DOEIConfig:
         use_cpdo: enable the class<->class branch.
         use_hfa: mix the RGB / embedding affinity into the scores.
         restrict_to_labels: only rows of present classes are modulated (needs
-            :meth:`DOEIHandle.set_labels`).
+            ``DOEIHandle.set_labels``).
         head_mean: score on the head-mean attention and add to the attention output;
             ``False`` scores every head and adds to the per-head outputs.
         image_mean: colour mean used to de-normalise the image for HFA's colour affinity.
@@ -42,7 +42,7 @@ class DOEIConfig:
         image_std: colour std, as ``image_mean`` (same warning).
         chunk_rows: query rows per chunk of the fused-mode softmax normaliser, ``>= 1``.
 
-    Example:
+    Examples:
         >>> DOEIConfig(alpha=0.5).alpha
         0.5
         >>> try:

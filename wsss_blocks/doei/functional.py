@@ -1,8 +1,8 @@
 """DOEI's pure functions: the dense reference of what a patched block computes.
 
-:func:`progressive_count`, :func:`select_top_bottom`, :func:`patch_color_affinity`,
-:func:`hybrid_attention` and :func:`doei_delta` work on full matrices; the patched forward
-(:mod:`wsss_blocks.doei.patching`) reuses the private helpers here on the few rows it needs.
+``progressive_count``, ``select_top_bottom``, ``patch_color_affinity``,
+``hybrid_attention`` and ``doei_delta`` work on full matrices; the patched forward
+(``wsss_blocks.doei.patching``) reuses the private helpers here on the few rows it needs.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def progressive_count(num_candidates: int, *, block_index: int, num_blocks: int,
         num_blocks: ``L``.
         st: the step in ``[0, 1]``.
 
-    Example:
+    Examples:
         >>> progressive_count(196, block_index=0, num_blocks=12, st=0.02)
         43
         >>> progressive_count(196, block_index=11, num_blocks=12, st=0.02)
@@ -63,13 +63,13 @@ def progressive_count(num_candidates: int, *, block_index: int, num_blocks: int,
 
 
 class TopBottom(NamedTuple):
-    """The two masks :func:`select_top_bottom` returns (unpacks as ``top, bottom``).
+    """The two masks ``select_top_bottom`` returns (unpacks as ``top, bottom``).
 
     Attributes:
         top: bool mask of the ``t`` largest entries of every row.
         bottom: bool mask of the ``t`` smallest entries of every row.
 
-    Example:
+    Examples:
         >>> out = select_top_bottom(torch.tensor([[3.0, 1.0, 2.0]]), t=1)
         >>> out.top.tolist(), out.bottom.tolist()
         ([[True, False, False]], [[False, True, False]])
@@ -93,13 +93,13 @@ def select_top_bottom(scores: Tensor, *, t: int, exclude_diagonal: bool = False)
         exclude_diagonal: leave ``scores[..., r, r]`` out of both sets.
 
     Returns:
-        :class:`TopBottom` ``(top, bottom)``, disjoint bool masks.
+        ``TopBottom`` ``(top, bottom)``, disjoint bool masks.
 
     Shape:
         - scores: ``(..., R, M)``
         - top, bottom: ``(..., R, M)``
 
-    Example:
+    Examples:
         >>> top, bottom = select_top_bottom(torch.tensor([[0.5, 0.4, 0.4, 0.2]]), t=1)
         >>> top.int().tolist(), bottom.int().tolist()
         ([[1, 0, 0, 0]], [[0, 0, 0, 1]])
@@ -159,7 +159,7 @@ def patch_color_affinity(
         - images: ``(B, 3, H, W)``
         - output: ``(B, n, n)``, ``n = (H // ph) * (W // pw)`` (ceil with ``pad``)
 
-    Example:
+    Examples:
         >>> patch_color_affinity(torch.zeros(2, 3, 32, 48), 16).shape
         torch.Size([2, 6, 6])
     """
@@ -232,7 +232,7 @@ def hybrid_attention(
     Args:
         tokens: the attention input (after ``norm1``).
         attn: post-softmax attention, head-mean or per head.
-        color_affinity: ``R`` from :func:`patch_color_affinity`.
+        color_affinity: ``R`` from ``patch_color_affinity``.
         num_prefix_tokens: ``P0``; prefix tokens have no colour (identity block of ``E``).
         alpha: mixing weight in ``[0, 1]``.
 
@@ -242,7 +242,7 @@ def hybrid_attention(
         - color_affinity: ``(B, n, n)``, ``n = N - P0``
         - output: shape of ``attn``
 
-    Example:
+    Examples:
         >>> a = torch.softmax(torch.randn(2, 5, 5), -1)
         >>> out = hybrid_attention(torch.randn(2, 5, 8), a, torch.eye(4).expand(2, 4, 4), num_prefix_tokens=1)
         >>> torch.allclose(out.sum(-1), torch.ones(2, 5))
@@ -325,7 +325,7 @@ def doei_delta(
     """PPDO + CPDO on full matrices: the change DOEI adds to an attention output.
 
     ``P = W[:C, P0:] + W[P0:, :C]^T`` and ``S = W[:C, :C] + W[:C, :C]^T``; the top-t / bottom-t
-    entries of each row (:func:`select_top_bottom`, diagonal of ``S`` excluded) are scaled by
+    entries of each row (``select_top_bottom``, diagonal of ``S`` excluded) are scaled by
     ``af`` / ``-sf``, others by 0; then ``dY_patch = (P o F_p)^T Y_cls``,
     ``dY_cls = (S o F_c) Y_cls``, and ``dY = 0`` on tokens ``C..P0-1`` (registers), with
     ``Y = attn_output``. Gradients flow through ``attn`` and ``attn_output``, not through the
@@ -349,7 +349,7 @@ def doei_delta(
           ``(B, H, N, N)``
         - output: shape of ``attn_output`` (its dtype)
 
-    Example:
+    Examples:
         >>> y, a = torch.randn(1, 5, 4), torch.softmax(torch.randn(1, 5, 5), -1)
         >>> d = doei_delta(y, a, num_class_tokens=1, num_prefix_tokens=1, t_p2c=1, t_c2c=0)
         >>> d.shape, bool(d[:, 0].abs().sum() == 0)

@@ -1,4 +1,4 @@
-"""``patch`` / ``unpatch`` / :class:`DOEIHandle`: DOEI inside timm's own attention forward."""
+"""``patch`` / ``unpatch`` / ``DOEIHandle``: DOEI inside timm's own attention forward."""
 
 from __future__ import annotations
 
@@ -50,10 +50,10 @@ class _BlockState:
 
 
 class DOEIHandle:
-    """The handle :func:`patch` returns; undo with :meth:`remove` or a ``with`` block.
+    """The handle ``patch`` returns; undo with ``remove`` or a ``with`` block.
 
     Attributes:
-        config: the :class:`DOEIConfig` in use; may be reassigned between forwards.
+        config: the ``DOEIConfig`` in use; may be reassigned between forwards.
         num_class_tokens: ``C``.
         num_prefix_tokens: ``P0`` at patch time.
         num_blocks: ``L``, the number of supported attention modules.
@@ -63,13 +63,13 @@ class DOEIHandle:
     backward before the next forward.
 
     Args:
-        model: the timm ViT :func:`patch` was given.
+        model: the timm ViT ``patch`` was given.
         modules: its supported attention modules, in ``model.modules()`` order.
         num_class_tokens: ``C``, validated.
-        config: the :class:`DOEIConfig`.
+        config: the ``DOEIConfig``.
         layers: the block indices to patch, 0-based and sorted.
 
-    Example:
+    Examples:
         >>> import timm
         >>> m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2,
         ...                       embed_dim=32, num_heads=2)
@@ -134,7 +134,7 @@ class DOEIHandle:
         Args:
             images: normalised images, or ``None`` to go back to the model's input.
 
-        Example:
+        Examples:
             >>> import timm
             >>> m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1,
             ...                       embed_dim=32, num_heads=2)
@@ -152,7 +152,7 @@ class DOEIHandle:
         Args:
             labels: multi-hot labels, one column per class token, or ``None``.
 
-        Example:
+        Examples:
             >>> import timm
             >>> m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1,
             ...                       embed_dim=32, num_heads=2)
@@ -166,7 +166,7 @@ class DOEIHandle:
     def remove(self) -> None:
         """Restore every patched module and remove all hooks (idempotent).
 
-        Example:
+        Examples:
             >>> import timm
             >>> m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1,
             ...                       embed_dim=32, num_heads=2)
@@ -422,17 +422,17 @@ def patch(
     Args:
         model: a timm ViT with ``C >= 1`` leading class tokens.
         num_class_tokens: ``C``; default ``num_prefix_tokens - num_reg_tokens``.
-        config: the :class:`DOEIConfig`.
+        config: the ``DOEIConfig``.
         layers: block indices to patch (negative allowed); ``i`` and ``L`` stay global.
             ``None`` = all.
 
     Returns:
-        A :class:`DOEIHandle` (context manager).
+        A ``DOEIHandle`` (context manager).
 
     Raises:
         RuntimeError: the model is already patched.
 
-    Example:
+    Examples:
         >>> import timm
         >>> m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2,
         ...                       embed_dim=32, num_heads=2)
@@ -466,12 +466,12 @@ def _layer_index(index: int, num_modules: int) -> int:
 
 
 def unpatch(model: nn.Module) -> None:
-    """Undo :func:`patch` on ``model``.
+    """Undo ``patch`` on ``model``.
 
     Raises:
         ValueError: the model is not patched.
 
-    Example:
+    Examples:
         >>> import timm
         >>> m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1,
         ...                       embed_dim=32, num_heads=2)

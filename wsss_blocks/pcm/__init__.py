@@ -1,15 +1,15 @@
 """ViT-PCM (Max Pooling with Vision Transformers reconciles class and shape in WSSS, ECCV 2022).
 
-* :class:`PatchClassifier` -- linear patch classifier over ``K + 1`` classes (background 0),
-  per-patch softmax and global max pooling (:func:`patch_class_probs`);
-* :func:`mce_loss` -- multi-label BCE on the pooled probabilities (Keras clipping);
-* :class:`HVBiLSTM` -- parallel row / column BiLSTMs over the patch grid;
-* the equivariance branch: :func:`dihedral_transform` / :func:`dihedral_inverse`,
-  :func:`mosaic` / :func:`unmosaic` with a :class:`MosaicRecord`, :func:`teacher_to_tiles`,
-  :func:`masked_renormalize` and :func:`et_loss`;
-* :func:`pseudo_mask` -- the baseline pseudo mask (arg-max, background channel 0);
-* :class:`ViTPCM` -- the whole model on a timm ViT with the official training step, and
-  :data:`PRESETS` for :meth:`ViTPCM.from_preset` (the paper's or the official code's values).
+* ``PatchClassifier`` -- linear patch classifier over ``K + 1`` classes (background 0),
+  per-patch softmax and global max pooling (``patch_class_probs``);
+* ``mce_loss`` -- multi-label BCE on the pooled probabilities (Keras clipping);
+* ``HVBiLSTM`` -- parallel row / column BiLSTMs over the patch grid;
+* the equivariance branch: ``dihedral_transform`` / ``dihedral_inverse``,
+  ``mosaic`` / ``unmosaic`` with a ``MosaicRecord``, ``teacher_to_tiles``,
+  ``masked_renormalize`` and ``et_loss``;
+* ``pseudo_mask`` -- the baseline pseudo mask (arg-max, background channel 0);
+* ``ViTPCM`` -- the whole model on a timm ViT with the official training step, and
+  ``PRESETS`` for ``ViTPCM.from_preset`` (the paper's or the official code's values).
 
 Where the paper and the official TensorFlow code differ, the defaults follow the code.
 """

@@ -28,7 +28,7 @@ class PCMOutput(NamedTuple):
 
 
 class PatchProbs(NamedTuple):
-    """What :func:`patch_class_probs` returns (unpacks as ``probs, pooled_probs``).
+    """What ``patch_class_probs`` returns (unpacks as ``probs, pooled_probs``).
 
     Attributes:
         probs: per-patch softmax over the classes ``P``, ``(B, C, h, w)``.
@@ -50,9 +50,9 @@ def patch_class_probs(logits: Tensor) -> PatchProbs:
 
     Shape:
         - logits: ``(B, C, h, w)``
-        - output: :class:`PatchProbs` with ``(B, C, h, w)`` and ``(B, C)``
+        - output: ``PatchProbs`` with ``(B, C, h, w)`` and ``(B, C)``
 
-    Example:
+    Examples:
         >>> out = patch_class_probs(torch.zeros(1, 4, 2, 3))
         >>> out.probs[0, :, 0, 0].tolist(), out.pooled_probs.tolist()
         ([0.25, 0.25, 0.25, 0.25], [[0.25, 0.25, 0.25, 0.25]])
@@ -69,7 +69,7 @@ class PatchClassifier(nn.Module):
     ``X' = Dropout(X)``, ``A = W X'`` (+ ``b``) at every patch, ``P = softmax_C(A)``,
     ``ŷ = max_{h,w} P``. With ``with_background=True`` there are ``C = K + 1`` outputs, background
     at channel 0 (the official code). The official classifier has no bias, a N(0, 0.05²)
-    initialisation and a Keras L2 regulariser ``0.01 · ΣW²`` (:meth:`l2_penalty`).
+    initialisation and a Keras L2 regulariser ``0.01 · ΣW²`` (``l2_penalty``).
 
     Args:
         in_dim: feature channels ``D``.
@@ -79,15 +79,15 @@ class PatchClassifier(nn.Module):
         dropout: dropout on the input features (official: 0.2).
         init_std: std of the normal initialisation of ``W``; ``None`` keeps PyTorch's
             ``nn.Linear`` initialisation.
-        l2: coefficient of :meth:`l2_penalty` (official Keras ``L2(0.01)``; the paper says 0.1).
+        l2: coefficient of ``l2_penalty`` (official Keras ``L2(0.01)``; the paper says 0.1).
         device: parameter device.
         dtype: parameter dtype.
 
     Shape:
         - features: ``(B, D, h, w)``
-        - output: :class:`PCMOutput` with ``(B, C, h, w)``, ``(B, C, h, w)``, ``(B, C)``
+        - output: ``PCMOutput`` with ``(B, C, h, w)``, ``(B, C, h, w)``, ``(B, C)``
 
-    Example:
+    Examples:
         >>> torch.manual_seed(0) and None
         >>> head = PatchClassifier(8, 2)
         >>> out = head(torch.randn(2, 8, 3, 4))
@@ -139,7 +139,7 @@ class PatchClassifier(nn.Module):
     def l2_penalty(self) -> Tensor:
         """``l2 · ΣW²`` (bias excluded), fp32 or the weight's wider dtype.
 
-        Example:
+        Examples:
             >>> head = PatchClassifier(2, 1, l2=0.01)
             >>> _ = head.weight.data.fill_(1.0)
             >>> round(head.l2_penalty().item(), 6)    # 0.01 * 4

@@ -33,7 +33,7 @@ def random_dihedral_codes(*, batch_size: int, square: bool = True, device: Any =
     Shape:
         - output: ``(B,)`` int64 in ``[0, 8)`` (``[0, 4)`` when not square)
 
-    Example:
+    Examples:
         >>> g = torch.Generator().manual_seed(0)
         >>> codes = random_dihedral_codes(batch_size=1000, square=False, generator=g)
         >>> codes.dtype, int(codes.min()), int(codes.max())
@@ -93,7 +93,7 @@ def dihedral_transform(maps: Tensor, codes: Tensor) -> Tensor:
         ShapeError: a transpose code on a non-square map (checked with one host read, only
             when ``h != w``).
 
-    Example:
+    Examples:
         >>> maps = torch.arange(9.0).view(1, 1, 3, 3)
         >>> dihedral_transform(maps, torch.tensor([5]))[0, 0].long().tolist()
         [[2, 5, 8], [1, 4, 7], [0, 3, 6]]
@@ -103,19 +103,19 @@ def dihedral_transform(maps: Tensor, codes: Tensor) -> Tensor:
 
 
 def dihedral_inverse(maps: Tensor, codes: Tensor) -> Tensor:
-    """Exact inverse of :func:`dihedral_transform`: transpose, then UD flip, then LR flip.
+    """Exact inverse of ``dihedral_transform``: transpose, then UD flip, then LR flip.
 
-    Equals :func:`dihedral_transform` with the inverse codes ``[0, 1, 2, 3, 4, 6, 5, 7]``.
+    Equals ``dihedral_transform`` with the inverse codes ``[0, 1, 2, 3, 4, 6, 5, 7]``.
 
     Args:
         maps: transformed maps.
-        codes: the codes :func:`dihedral_transform` was called with.
+        codes: the codes ``dihedral_transform`` was called with.
 
     Shape:
         - maps: ``(B, C, h, w)``; codes: ``(B,)`` int
         - output: ``(B, C, h, w)``
 
-    Example:
+    Examples:
         >>> maps = torch.randn(8, 2, 4, 4)
         >>> codes = torch.arange(8)
         >>> torch.equal(dihedral_inverse(dihedral_transform(maps, codes), codes), maps)

@@ -41,8 +41,8 @@ def et_loss(student_probs: Tensor, teacher_probs: Tensor, labels: Tensor, record
     """Equivariance loss between the mosaic student and the warped teacher (ViT-PCM ET, eq. 5-6).
 
     Target (no gradient): the teacher's probabilities on the branch-1 images are brought into
-    tile coordinates (:func:`teacher_to_tiles`) and label-masked / max-normalised /
-    class-renormalised (:func:`masked_renormalize`) per tile (``target_norm="tile"``,
+    tile coordinates (``teacher_to_tiles``) and label-masked / max-normalised /
+    class-renormalised (``masked_renormalize``) per tile (``target_norm="tile"``,
     official) or with the mask and max taken on the whole un-flipped teacher map before the
     crop (``"image"``; the class renormalisation stays last). Student: the unmosaicked
     probabilities ``S``, ``Ŝ = clamp(S / Σ_C S, ε, 1-ε)`` (Keras ``CategoricalCrossentropy``),
@@ -53,9 +53,9 @@ def et_loss(student_probs: Tensor, teacher_probs: Tensor, labels: Tensor, record
         student_probs: ``unmosaic`` of the model's probabilities on the mosaics.
         teacher_probs: teacher probabilities on the branch-1 images (detached here).
         labels: ``(B, K)`` image labels (``(B, C)`` for ``"from_labels"``).
-        record: the :class:`MosaicRecord` of the mosaics.
+        record: the ``MosaicRecord`` of the mosaics.
         teacher_codes: branch 1's dihedral codes, ``None`` when it was not transformed.
-        background: see :func:`mce_loss` (``"ignore"`` keeps the background in the target).
+        background: see ``mce_loss`` (``"ignore"`` keeps the background in the target).
         target_norm: ``"tile"`` (official) or ``"image"``.
         eps: Keras clip ``ε``.
         reduction: ``"mean"`` (scalar) or ``"none"`` (per patch).
@@ -65,7 +65,7 @@ def et_loss(student_probs: Tensor, teacher_probs: Tensor, labels: Tensor, record
         - teacher_probs: ``(B, C, H/p, W/p)``
         - output: scalar, or ``(B, th/p, tw/p)`` for ``reduction="none"``
 
-    Example:
+    Examples:
         >>> rec = MosaicRecord(torch.tensor([[0, 0, 1, 2]] * 4), torch.zeros(4, dtype=torch.long),
         ...                    (1, 2), (1, 2), 1, False)
         >>> teacher = torch.tensor([[[0.5, 0.2]], [[0.25, 0.5]], [[0.25, 0.3]]]).expand(4, 3, 1, 2)
@@ -98,19 +98,19 @@ def et_loss(student_probs: Tensor, teacher_probs: Tensor, labels: Tensor, record
 
 
 class ETLoss(nn.Module):
-    """Module form of :func:`et_loss`.
+    """Module form of ``et_loss``.
 
     Args:
-        background: see :func:`et_loss`.
-        target_norm: see :func:`et_loss`.
-        eps: see :func:`et_loss`.
-        reduction: see :func:`et_loss`.
+        background: see ``et_loss``.
+        target_norm: see ``et_loss``.
+        eps: see ``et_loss``.
+        reduction: see ``et_loss``.
 
     Shape:
         - student_probs: ``(B, C, th/p, tw/p)``; teacher_probs: ``(B, C, H/p, W/p)``
         - output: scalar, or ``(B, th/p, tw/p)``
 
-    Example:
+    Examples:
         >>> rec = MosaicRecord(torch.tensor([[0, 0, 1, 2]] * 4), torch.zeros(4, dtype=torch.long),
         ...                    (1, 2), (1, 2), 1, False)
         >>> teacher = torch.tensor([[[0.5, 0.2]], [[0.25, 0.5]], [[0.25, 0.3]]]).expand(4, 3, 1, 2)
@@ -132,7 +132,7 @@ class ETLoss(nn.Module):
 
     def forward(self, student_probs: Tensor, teacher_probs: Tensor, labels: Tensor, record: MosaicRecord, *,
                 teacher_codes: Tensor | None = None) -> Tensor:
-        """The ET loss of the unmosaicked student against the teacher; see :func:`et_loss`."""
+        """The ET loss of the unmosaicked student against the teacher; see ``et_loss``."""
         return et_loss(student_probs, teacher_probs, labels, record, teacher_codes=teacher_codes,
                        background=self.background, target_norm=self.target_norm, eps=self.eps,
                        reduction=self.reduction)

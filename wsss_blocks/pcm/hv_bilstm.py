@@ -44,7 +44,7 @@ class HVBiLSTM(nn.Module):
         and columns are laid out with einops (``"b d h w -> (b h) w d"`` /
         ``"b d h w -> (b w) h d"``), so the whole batch runs as two LSTM calls.
 
-    Example:
+    Examples:
         >>> hv = HVBiLSTM(8).eval()
         >>> hv(torch.randn(2, 8, 3, 5)).shape, hv.out_dim
         (torch.Size([2, 8, 3, 5]), 8)

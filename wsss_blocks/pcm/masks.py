@@ -16,7 +16,7 @@ __all__ = ["masked_renormalize", "pseudo_mask"]
 def masked_renormalize(probs: Tensor, labels: Tensor, *, background: Background = "always_one") -> Tensor:
     """Label-mask, max-normalise and class-renormalise patch probabilities (official ``merge_class_labels``).
 
-    ``M = P·y`` (absent classes zeroed; ``y`` as in :func:`mce_loss`, ``"ignore"`` keeps the
+    ``M = P·y`` (absent classes zeroed; ``y`` as in ``mce_loss``, ``"ignore"`` keeps the
     background), ``M̂ = M / max_{h,w} M`` per (image, class), ``T = M̂ / Σ_C M̂`` per patch.
     Both divisions give 0 where the denominator is 0 (Keras ``divide_no_nan``, no ε): an
     absent class or an all-zero map gives a zero channel, a patch with every kept channel 0
@@ -25,13 +25,13 @@ def masked_renormalize(probs: Tensor, labels: Tensor, *, background: Background 
     Args:
         probs: patch probabilities, background at channel 0.
         labels: ``(B, K)`` image labels (``(B, C)`` for ``"from_labels"``).
-        background: see :func:`mce_loss`.
+        background: see ``mce_loss``.
 
     Shape:
         - probs: ``(B, C, h, w)``
         - output: ``(B, C, h, w)`` (fp32, fp64 for fp64)
 
-    Example:
+    Examples:
         >>> probs = torch.tensor([[[[0.5, 0.2]], [[0.25, 0.5]], [[0.25, 0.3]]]])   # (1, 3, 1, 2)
         >>> t = masked_renormalize(probs, torch.tensor([[1, 0]]))
         >>> [[round(v, 4) for v in row] for row in t[0, :, 0].T.tolist()]
@@ -64,7 +64,7 @@ def pseudo_mask(probs: Tensor, labels: Tensor | None = None, *, size: tuple[int,
         - probs: ``(B, K+1, h, w)``
         - output: ``(B, H, W)`` int64, 0 = background, ``k + 1`` = class ``k``
 
-    Example:
+    Examples:
         >>> probs = torch.tensor([[[[0.6, 0.8, 0.5]], [[0.4, 0.1, 0.2]], [[0.0, 0.1, 0.3]]]])
         >>> pseudo_mask(probs, torch.tensor([[1, 1]]))[0].tolist()
         [[1, 0, 2]]

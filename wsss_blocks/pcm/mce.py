@@ -25,7 +25,7 @@ def mce_loss(pooled_probs: Tensor, labels: Tensor, *, background: Background = "
     stays fp64). A fully wrong ``ŷ`` gives ``-log(2ε)`` (15.4249), finite, zero gradient.
 
     Args:
-        pooled_probs: GMP probabilities ``ŷ`` (:attr:`PCMOutput.pooled_probs`).
+        pooled_probs: GMP probabilities ``ŷ`` (``PCMOutput.pooled_probs``).
         labels: ``(B, K)`` image labels (``(B, C)`` for ``"from_labels"``).
         background: ``"always_one"``, ``"from_labels"`` or ``"ignore"``.
         eps: Keras clip ``ε``.
@@ -34,7 +34,7 @@ def mce_loss(pooled_probs: Tensor, labels: Tensor, *, background: Background = "
         - pooled_probs: ``(B, C)``; labels: ``(B, C-1)`` or ``(B, C)``
         - output: scalar
 
-    Example:
+    Examples:
         >>> y_hat = torch.tensor([[0.8, 0.9, 0.1]])
         >>> round(mce_loss(y_hat, torch.tensor([[1, 0]])).item(), 6)
         0.144621
@@ -54,17 +54,17 @@ def mce_loss(pooled_probs: Tensor, labels: Tensor, *, background: Background = "
 
 
 class MCELoss(nn.Module):
-    """Module form of :func:`mce_loss`.
+    """Module form of ``mce_loss``.
 
     Args:
-        background: see :func:`mce_loss`.
-        eps: see :func:`mce_loss`.
+        background: see ``mce_loss``.
+        eps: see ``mce_loss``.
 
     Shape:
         - pooled_probs: ``(B, C)``; labels: ``(B, C-1)`` or ``(B, C)``
         - output: scalar
 
-    Example:
+    Examples:
         >>> loss = MCELoss(background="ignore")
         >>> round(loss(torch.tensor([[0.8, 0.9, 0.1]]), torch.tensor([[1, 0]])).item(), 6)
         0.10536
@@ -79,5 +79,5 @@ class MCELoss(nn.Module):
         return f"background={self.background!r}, eps={self.eps}"
 
     def forward(self, pooled_probs: Tensor, labels: Tensor) -> Tensor:
-        """The MCE loss of GMP probabilities ``(B, C)`` against image labels; see :func:`mce_loss`."""
+        """The MCE loss of GMP probabilities ``(B, C)`` against image labels; see ``mce_loss``."""
         return mce_loss(pooled_probs, labels, background=self.background, eps=self.eps)

@@ -24,7 +24,7 @@ from wsss_blocks.utils import eval_mode
 
 __all__ = ["ViTPCM"]
 
-#: The weight of each term of :meth:`ViTPCM.training_losses` (official: all 1).
+#: The weight of each term of ``ViTPCM.training_losses`` (official: all 1).
 LOSS_WEIGHTS = {"mce": 1.0, "et": 1.0, "l2": 1.0}
 
 
@@ -52,13 +52,13 @@ def _check_crop(crop: Any) -> int | tuple[int, int]:
 class ViTPCM(nn.Module):
     """ViT-PCM (ECCV 2022): patch-class mapping on top of a ViT, trained with MCE + ET + L2.
 
-    ``features`` (final-norm patch tokens as a grid) -> optional :class:`HVBiLSTM` ->
-    :class:`PatchClassifier` over ``K + 1`` classes (background 0) with per-patch softmax and
-    global max pooling. :meth:`training_losses` runs the official training step.
-    :meth:`from_preset` builds it with the paper's or the official code's values
-    (:data:`PRESETS`); without a preset the defaults are the code's except
-    ``align_corners=False``. For a loop that owns the backbone, compose :class:`HVBiLSTM` and
-    :class:`PatchClassifier` on its features instead.
+    ``features`` (final-norm patch tokens as a grid) -> optional ``HVBiLSTM`` ->
+    ``PatchClassifier`` over ``K + 1`` classes (background 0) with per-patch softmax and
+    global max pooling. ``training_losses`` runs the official training step.
+    ``from_preset`` builds it with the paper's or the official code's values
+    (``PRESETS``); without a preset the defaults are the code's except
+    ``align_corners=False``. For a loop that owns the backbone, compose ``HVBiLSTM`` and
+    ``PatchClassifier`` on its features instead.
 
     Args:
         backbone: a timm ViT (``forward_features``, ``patch_embed``, ``num_prefix_tokens``);
@@ -74,21 +74,21 @@ class ViTPCM(nn.Module):
         bias: classifier bias.
         init_std: classifier init std.
         l2: classifier L2 coefficient.
-        background: :meth:`training_losses`'s default background policy (see :func:`mce_loss`).
-        target_norm: the ET target normalisation of :meth:`training_losses` (see :func:`et_loss`).
-        crop_prob: :meth:`training_losses`'s default crop probability (see :func:`mosaic`).
-        crop: :meth:`training_losses`'s default crop size in pixels.
-        scale: :meth:`training_losses`'s default tile scale.
+        background: ``training_losses``'s default background policy (see ``mce_loss``).
+        target_norm: the ET target normalisation of ``training_losses`` (see ``et_loss``).
+        crop_prob: ``training_losses``'s default crop probability (see ``mosaic``).
+        crop: ``training_losses``'s default crop size in pixels.
+        scale: ``training_losses``'s default tile scale.
         align_corners: the resize convention of the mosaic and the teacher warp in
-            :meth:`training_losses` (official ``True``).
+            ``training_losses`` (official ``True``).
         device: device of the heads' parameters (the backbone stays where it is).
         dtype: dtype of the heads' parameters.
 
     Shape:
         - images: ``(B, 3, H, W)`` with ``H, W`` multiples of the patch size ``p``
-        - output: :class:`PCMOutput` on the ``(H/p, W/p)`` grid with ``C = K + 1``
+        - output: ``PCMOutput`` on the ``(H/p, W/p)`` grid with ``C = K + 1``
 
-    Example:
+    Examples:
         >>> import timm
         >>> vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, depth=1,
         ...                         dynamic_img_size=True)
@@ -124,7 +124,7 @@ class ViTPCM(nn.Module):
     @classmethod
     def from_preset(cls, backbone: nn.Module, num_classes: int, *, preset: Literal["paper", "official"],
                     **overrides: Any) -> ViTPCM:
-        """Build with the paper's or the official code's values (:data:`PRESETS`), single values overridden.
+        """Build with the paper's or the official code's values (``PRESETS``), single values overridden.
 
         Args:
             backbone: see the class.
@@ -136,7 +136,7 @@ class ViTPCM(nn.Module):
         Raises:
             ValueError: an unknown preset, or an override that is not a keyword of the class.
 
-        Example:
+        Examples:
             >>> import timm
             >>> vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, depth=1,
             ...                         dynamic_img_size=True)
@@ -183,7 +183,7 @@ class ViTPCM(nn.Module):
         """The ET teacher: ``forward`` without gradient and without any dropout.
 
         Every submodule's ``training`` flag is saved, set to eval and restored afterwards
-        (:func:`wsss_blocks.utils.eval_mode`), so a partly frozen model keeps its mixed modes.
+        (``wsss_blocks.utils.eval_mode``), so a partly frozen model keeps its mixed modes.
 
         Args:
             images: ``(B, 3, H, W)``.
@@ -207,7 +207,7 @@ class ViTPCM(nn.Module):
         Returns:
             the trainable parameters (for a fresh optimiser, as the official phase change).
 
-        Example:
+        Examples:
             >>> import timm
             >>> vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, depth=2)
             >>> m = ViTPCM(vit, 2)
@@ -238,13 +238,13 @@ class ViTPCM(nn.Module):
         """One official ViT-PCM training step's losses: terms ``mce``, ``et``, ``l2``, weights 1.
 
         Random codes ``c1``; ``x1 = dihedral_transform(images, c1)``; teacher =
-        :meth:`teacher` on ``x1`` (no grad, no dropout); MCE on ``self(x1)`` (dropout on);
+        ``teacher`` on ``x1`` (no grad, no dropout); MCE on ``self(x1)`` (dropout on);
         mosaic of ``images_et`` (or ``images``, un-flipped, own codes and crops) -> student
-        -> :func:`et_loss` against the teacher (with the module's ``target_norm`` and
+        -> ``et_loss`` against the teacher (with the module's ``target_norm`` and
         ``align_corners``). Weights 1 (official). ``None`` options take the module's values.
 
         The teacher and the MCE branch see the same ``x1``. With ``shared_teacher=True`` the
-        backbone runs once: the teacher is :meth:`head` in eval mode, without gradient, on the
+        backbone runs once: the teacher is ``head`` in eval mode, without gradient, on the
         MCE branch's detached features. That is the same teacher (and the same losses and
         gradients) as the separate pass exactly when the backbone computes the same in train and
         eval mode (no active dropout, drop path or batch norm), and saves one backbone forward
@@ -252,22 +252,22 @@ class ViTPCM(nn.Module):
 
         Args:
             images: branch-1 images.
-            labels: image labels (see :func:`mce_loss`).
+            labels: image labels (see ``mce_loss``).
             images_et: branch-2 images (e.g. with their own colour jitter); default ``images``.
-            background: see :func:`mce_loss`; ``None``: the module's ``background``.
+            background: see ``mce_loss``; ``None``: the module's ``background``.
             use_et: add the equivariance loss (needs ``B`` divisible by 4); without it the
                 ``et`` term is a detached 0.
-            crop_prob: see :func:`mosaic`; ``None``: the module's.
-            crop: see :func:`mosaic`; ``None``: the module's.
-            scale: see :func:`mosaic`; ``None``: the module's.
+            crop_prob: see ``mosaic``; ``None``: the module's.
+            crop: see ``mosaic``; ``None``: the module's.
+            scale: see ``mosaic``; ``None``: the module's.
             generator: random generator on the images' device.
             shared_teacher: reuse the MCE branch's backbone pass for the teacher (see above).
 
         Shape:
             - images: ``(B, 3, H, W)``; labels: ``(B, K)`` (``(B, K+1)`` for ``"from_labels"``)
-            - output: :class:`~wsss_blocks.outputs.LossOutput` of scalars
+            - output: ``LossOutput`` of scalars
 
-        Example:
+        Examples:
             >>> import timm
             >>> vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, depth=1)
             >>> m = ViTPCM(vit, 2, crop=16)
@@ -315,5 +315,5 @@ class ViTPCM(nn.Module):
                 f"scale={self.scale}, align_corners={self.align_corners}")
 
 
-#: The keywords :meth:`ViTPCM.from_preset` accepts as overrides.
+#: The keywords ``ViTPCM.from_preset`` accepts as overrides.
 _OPTIONS = tuple(p.name for p in inspect.signature(ViTPCM.__init__).parameters.values() if p.kind is p.KEYWORD_ONLY)

@@ -1,4 +1,4 @@
-"""ViT-PCM presets: the paper's values and the official TensorFlow code's, for :meth:`ViTPCM.from_preset`."""
+"""ViT-PCM presets: the paper's values and the official TensorFlow code's, for ``ViTPCM.from_preset``."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Any
 
 __all__ = ["PRESETS"]
 
-#: Keyword arguments of :class:`ViTPCM` per preset. The two differ where the paper states a
+#: Keyword arguments of ``ViTPCM`` per preset. The two differ where the paper states a
 #: value that the official code does not use; where the paper is silent both take the code's.
 #:
 #: * ``init_std``: the paper initialises the classifier with a "standard Gaussian" (std 1), the
@@ -21,7 +21,7 @@ __all__ = ["PRESETS"]
 #: Not module options, so not here: the schedule (paper: 2 frozen epochs, then the last 4
 #: blocks, ``set_backbone_trainable(num_blocks=4)``; code: 1 frozen epoch, then the last 5
 #: blocks and the final norm, ``num_blocks=5``, with a new Adam at 1e-4) and the backbone.
-#: Without a preset, :class:`ViTPCM` takes the code's values except ``align_corners=False``.
+#: Without a preset, ``ViTPCM`` takes the code's values except ``align_corners=False``.
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {
         "hv_lstm": True,

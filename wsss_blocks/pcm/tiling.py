@@ -17,7 +17,7 @@ __all__ = ["MosaicRecord", "MosaicOutput", "mosaic", "unmosaic", "teacher_to_til
 
 
 class MosaicRecord(NamedTuple):
-    """How :func:`mosaic` built its tiles, to warp the teacher into tile coordinates.
+    """How ``mosaic`` built its tiles, to warp the teacher into tile coordinates.
 
     Attributes:
         boxes: ``(B, 4)`` int64 ``(y0, x0, y1, x1)`` in source-image pixels, end-exclusive,
@@ -38,11 +38,11 @@ class MosaicRecord(NamedTuple):
 
 
 class MosaicOutput(NamedTuple):
-    """What :func:`mosaic` returns (unpacks as ``images, record``).
+    """What ``mosaic`` returns (unpacks as ``images, record``).
 
     Attributes:
         images: the mosaics ``(B/4, C, 2·th, 2·tw)``.
-        record: the :class:`MosaicRecord` that warps the teacher into tile coordinates.
+        record: the ``MosaicRecord`` that warps the teacher into tile coordinates.
     """
 
     images: Tensor
@@ -144,7 +144,7 @@ def mosaic(images: Tensor, *, crop_prob: float = 0.3, crop: int | tuple[int, int
 
     Shape:
         - images: ``(B, C, H, W)`` with ``B`` divisible by 4
-        - output: :class:`MosaicOutput` with ``images`` ``(B/4, C, 2·th, 2·tw)`` and the record
+        - output: ``MosaicOutput`` with ``images`` ``(B/4, C, 2·th, 2·tw)`` and the record
 
     Note:
         The per-sample crop + resize + dihedral code runs as one ``grid_sample`` on the pixel
@@ -153,7 +153,7 @@ def mosaic(images: Tensor, *, crop_prob: float = 0.3, crop: int | tuple[int, int
         einops ``rearrange``. No host sync
         with sampled boxes and codes.
 
-    Example:
+    Examples:
         >>> images = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 3, 32, 32)
         >>> out = mosaic(images, crop_prob=0.0, patch_size=8, dihedral=False)
         >>> out.images.shape, out.images[0, 0, ::16, ::16].tolist(), out.record.tile_size
@@ -196,16 +196,16 @@ def mosaic(images: Tensor, *, crop_prob: float = 0.3, crop: int | tuple[int, int
 def unmosaic(maps: Tensor) -> Tensor:
     """Split 2×2 mosaics back into their 4 tiles (top-left, top-right, bottom-left, bottom-right).
 
-    Mosaic ``m`` gives tiles ``4m .. 4m+3``, the inverse of the tiling of :func:`mosaic`.
+    Mosaic ``m`` gives tiles ``4m .. 4m+3``, the inverse of the tiling of ``mosaic``.
 
     Args:
-        maps: maps on the mosaics (e.g. the model's probabilities on :attr:`MosaicOutput.images`).
+        maps: maps on the mosaics (e.g. the model's probabilities on ``MosaicOutput.images``).
 
     Shape:
         - maps: ``(B/4, C, 2h, 2w)``
         - output: ``(B, C, h, w)``
 
-    Example:
+    Examples:
         >>> m = torch.arange(16.0).view(1, 1, 4, 4)
         >>> unmosaic(m)[:, 0].tolist()[1]
         [[2.0, 3.0], [6.0, 7.0]]
@@ -228,14 +228,14 @@ def teacher_to_tiles(teacher_probs: Tensor, record: MosaicRecord, *,
 
     Args:
         teacher_probs: the teacher's patch probabilities on the branch-1 images.
-        record: the :class:`MosaicRecord` of the student mosaic.
+        record: the ``MosaicRecord`` of the student mosaic.
         teacher_codes: branch 1's dihedral codes (``None``: the teacher saw un-flipped images).
 
     Shape:
         - teacher_probs: ``(B, C, H/p, W/p)``
         - output: ``(B, C, th/p, tw/p)``
 
-    Example:
+    Examples:
         >>> rec = MosaicRecord(torch.tensor([[0, 0, 4, 4]] * 4), torch.zeros(4, dtype=torch.long),
         ...                    (4, 4), (2, 2), 1, False)
         >>> teacher_to_tiles(torch.ones(4, 3, 4, 4), rec).shape

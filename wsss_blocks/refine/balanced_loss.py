@@ -37,7 +37,7 @@ def seg_loss(logits: Tensor, masks: Tensor, *, ignore_index: int = 255) -> Tenso
         - masks: ``(B, H, W)`` integer
         - output: scalar, fp32 (fp64 for fp64 logits)
 
-    Example:
+    Examples:
         >>> logits = torch.zeros(1, 3, 1, 3)                 # uniform: ce = log 3 everywhere
         >>> masks = torch.tensor([[[0, 2, 255]]])
         >>> round(seg_loss(logits, masks).item(), 6) == round(torch.log(torch.tensor(3.0)).item(), 6)
@@ -73,16 +73,16 @@ def seg_loss(logits: Tensor, masks: Tensor, *, ignore_index: int = 255) -> Tenso
 
 
 class SegLoss(nn.Module):
-    """Module form of :func:`seg_loss`.
+    """Module form of ``seg_loss``.
 
     Args:
-        ignore_index: see :func:`seg_loss`.
+        ignore_index: see ``seg_loss``.
 
     Shape:
         - logits: ``(B, K + 1, h, w)``; masks: ``(B, H, W)`` integer
         - output: scalar
 
-    Example:
+    Examples:
         >>> loss = SegLoss()
         >>> loss(torch.zeros(2, 21, 28, 28), torch.zeros(2, 448, 448, dtype=torch.long)).shape
         torch.Size([])
@@ -96,5 +96,5 @@ class SegLoss(nn.Module):
         return f"ignore_index={self.ignore_index}"
 
     def forward(self, logits: Tensor, masks: Tensor) -> Tensor:
-        """See :func:`seg_loss`."""
+        """See ``seg_loss``."""
         return seg_loss(logits, masks, ignore_index=self.ignore_index)

@@ -37,7 +37,7 @@ def _densecrf_module() -> Any:
 def crf_available() -> bool:
     """Whether the ``crf`` extra (``pydensecrf``) can be imported.
 
-    Example:
+    Examples:
         >>> isinstance(crf_available(), bool)
         True
     """
@@ -123,7 +123,7 @@ def dense_crf(
     Raises:
         ImportError: naming the ``crf`` extra when ``pydensecrf`` is not installed.
 
-    Example:
+    Examples:
         >>> images = torch.zeros(1, 3, 8, 8, dtype=torch.uint8)
         >>> probs = torch.full((1, 2, 8, 8), 0.5)
         >>> out = dense_crf(images, probs) if crf_available() else probs  # needs the extra
@@ -169,24 +169,24 @@ def dense_crf(
 
 
 class DenseCRF(nn.Module):
-    """Module form of :func:`dense_crf` (stores the keyword arguments; no parameters).
+    """Module form of ``dense_crf`` (stores the keyword arguments; no parameters).
 
     Args:
-        num_iters: see :func:`dense_crf`.
-        pos_xy_std: see :func:`dense_crf`.
-        pos_w: see :func:`dense_crf`.
-        bi_xy_std: see :func:`dense_crf`.
-        bi_rgb_std: see :func:`dense_crf`.
-        bi_w: see :func:`dense_crf`.
-        mean: see :func:`dense_crf`.
-        std: see :func:`dense_crf`.
-        workers: see :func:`dense_crf`.
+        num_iters: see ``dense_crf``.
+        pos_xy_std: see ``dense_crf``.
+        pos_w: see ``dense_crf``.
+        bi_xy_std: see ``dense_crf``.
+        bi_rgb_std: see ``dense_crf``.
+        bi_w: see ``dense_crf``.
+        mean: see ``dense_crf``.
+        std: see ``dense_crf``.
+        workers: see ``dense_crf``.
 
     Shape:
         - images: ``(B, 3, H, W)``; probs: ``(B, C, H, W)``
         - output: ``(B, C, H, W)`` fp32
 
-    Example:
+    Examples:
         >>> DenseCRF(workers=2)
         DenseCRF(num_iters=10, pos_xy_std=1.0, pos_w=1.0, bi_xy_std=121.0, bi_rgb_std=5.0, bi_w=4.0, workers=2)
     """
@@ -223,7 +223,7 @@ class DenseCRF(nn.Module):
         )
 
     def forward(self, images: Tensor, probs: Tensor) -> Tensor:
-        """See :func:`dense_crf`."""
+        """See ``dense_crf``."""
         return dense_crf(
             images,
             probs,

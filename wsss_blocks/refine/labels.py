@@ -32,7 +32,7 @@ def combine_levels(masks_high: Tensor, masks_low: Tensor, *, ignore_index: int =
         - masks_high, masks_low: ``(*)`` integer, same shape
         - output: same shape and dtype
 
-    Example:
+    Examples:
         >>> combine_levels(torch.tensor([2, 0, 0, 1]), torch.tensor([2, 0, 3, 1])).tolist()
         [2, 0, 255, 1]
     """
@@ -69,7 +69,7 @@ def par_label_levels(
     a softmax over the background and the *present* classes (absent classes get
     probability 0), PAR on ``images``, bilinear upsampling to ``size`` and an argmax give
     ``y_b`` (0 = background, ``k + 1`` = class ``k``; ``ignore_index`` outside ``valid``).
-    :func:`par_pseudo_labels` merges the two with :func:`combine_levels`.
+    ``par_pseudo_labels`` merges the two with ``combine_levels``.
 
     All images and both levels run in one batched PAR call, the levels as channels, so the
     affinities are built once (ToCo calls PAR per image and level). Runs under ``torch.no_grad()``.
@@ -81,20 +81,20 @@ def par_label_levels(
         low: background level of the generous copy (ToCo: 0.25).
         high: background level of the conservative copy (ToCo: 0.7), ``low < high``.
         valid: padding mask at any resolution (True on real pixels); PAR ignores padding
-            (see :func:`par`) and the output is ``ignore_index`` there.
+            (see ``par``) and the output is ``ignore_index`` there.
         size: output size (ToCo: the crop size); default the images' size.
         ignore_index: value of padded pixels.
-        dilations: see :func:`par`.
-        num_iters: see :func:`par`.
-        kernel_width: see :func:`par`.
-        pos_weight: see :func:`par`.
+        dilations: see ``par``.
+        num_iters: see ``par``.
+        kernel_width: see ``par``.
+        pos_weight: see ``par``.
 
     Shape:
         - images: ``(B, C, H, W)``; norm_cams: ``(B, K, h, w)``; labels: ``(B, K)``;
           valid: ``(B, H', W')`` bool
         - output: ``(B, 2, *size)`` int64, the ``high`` level first
 
-    Example:
+    Examples:
         >>> images = torch.zeros(1, 3, 8, 8)
         >>> images[..., 4:] = 1.0
         >>> cams = torch.zeros(1, 2, 8, 8)
@@ -159,9 +159,9 @@ def par_pseudo_labels(
     kernel_width: float = 0.3,
     pos_weight: float = 0.01,
 ) -> Tensor:
-    """Segmentation pseudo labels from CAMs refined by :func:`par`, two background levels (ToCo).
+    """Segmentation pseudo labels from CAMs refined by ``par``, two background levels (ToCo).
 
-    The two maps of :func:`par_label_levels` merged by ToCo's rule (:func:`combine_levels`)::
+    The two maps of ``par_label_levels`` merged by ToCo's rule (``combine_levels``)::
 
         y = y_high   where y_high > 0          (confident foreground)
         y = 0        where y_high = y_low = 0  (confident background)
@@ -171,25 +171,25 @@ def par_pseudo_labels(
     Runs under ``torch.no_grad()``.
 
     Args:
-        images: see :func:`par_label_levels`.
-        norm_cams: see :func:`par_label_levels`.
-        labels: see :func:`par_label_levels`.
-        low: see :func:`par_label_levels`.
-        high: see :func:`par_label_levels`.
-        valid: see :func:`par_label_levels`.
-        size: see :func:`par_label_levels`.
+        images: see ``par_label_levels``.
+        norm_cams: see ``par_label_levels``.
+        labels: see ``par_label_levels``.
+        low: see ``par_label_levels``.
+        high: see ``par_label_levels``.
+        valid: see ``par_label_levels``.
+        size: see ``par_label_levels``.
         ignore_index: value of unsure and padded pixels.
-        dilations: see :func:`par`.
-        num_iters: see :func:`par`.
-        kernel_width: see :func:`par`.
-        pos_weight: see :func:`par`.
+        dilations: see ``par``.
+        num_iters: see ``par``.
+        kernel_width: see ``par``.
+        pos_weight: see ``par``.
 
     Shape:
         - images: ``(B, C, H, W)``; norm_cams: ``(B, K, h, w)``; labels: ``(B, K)``;
           valid: ``(B, H', W')`` bool
         - output: ``(B, *size)`` int64
 
-    Example:
+    Examples:
         >>> images = torch.zeros(1, 3, 8, 8)
         >>> images[..., 4:] = 1.0                       # object on the right half
         >>> cams = torch.zeros(1, 2, 8, 8)

@@ -45,7 +45,7 @@ def par_stencil(*, dilations: Sequence[int] = _TOCO_DILATIONS) -> tuple[list[tup
         ``(offsets, distances)``: ``8 * len(dilations)`` offsets and a float64 tensor of
         their Euclidean lengths (``d`` or ``sqrt(2) d``).
 
-    Example:
+    Examples:
         >>> offsets, dist = par_stencil(dilations=(1, 2))
         >>> len(offsets), offsets[0], round(dist[0].item(), 4), dist[-1].item()
         (16, (-1, -1), 1.4142, 2.8284271247461903)
@@ -97,10 +97,10 @@ def par_affinity(
     pos_weight: float = 0.01,
     eps: float = 1e-8,
 ) -> Tensor:
-    """PAR's neighbour affinities ``a_ij`` from the image (no iteration), see :func:`par`.
+    """PAR's neighbour affinities ``a_ij`` from the image (no iteration), see ``par``.
 
     Neighbour ``j`` of pixel ``i`` is ``i + offsets[j]`` with the offsets of
-    :func:`par_stencil`. Without ``valid`` every row sums to ``1 + pos_weight``. With
+    ``par_stencil``. Without ``valid`` every row sums to ``1 + pos_weight``. With
     ``valid``, neighbours outside it get weight 0, ``sigma`` is taken over the valid
     neighbours only, and both softmaxes run over the valid neighbours.
 
@@ -119,7 +119,7 @@ def par_affinity(
         - images: ``(B, C, H, W)`` float; valid: ``(B, H', W')`` bool
         - output: ``(B, 8 * len(dilations), H, W)`` (no gradient to ``images``), fp32 (fp64 for fp64 images)
 
-    Example:
+    Examples:
         >>> aff = par_affinity(torch.rand(1, 3, 5, 6), dilations=(1, 2))
         >>> aff.shape, torch.allclose(aff.sum(1), torch.full((1, 5, 6), 1.01))
         (torch.Size([1, 16, 5, 6]), True)
@@ -185,7 +185,7 @@ def par(
 ) -> Tensor:
     """Pixel-adaptive refinement (ToCo's PAR): propagate maps along colour/position affinities.
 
-    Computes the affinities of :func:`par_affinity` once from ``images`` and applies
+    Computes the affinities of ``par_affinity`` once from ``images`` and applies
     ``m_i <- sum_j a_ij m_j`` ``num_iters`` times to every channel of ``maps`` (all images
     and classes at once). ``maps`` at another resolution are first resized to the image's
     (bilinear, ``align_corners=True``, as ToCo). ToCo runs PAR on the images and CAMs
@@ -219,7 +219,7 @@ def par(
         shifted views in place (``addcmul_``), so no ``(B, K, 48, H, W)`` neighbour stack (ToCo's
         form) is ever built. The only Python loop is over the fixed stencil offsets.
 
-    Example:
+    Examples:
         >>> images = torch.zeros(1, 3, 6, 8)
         >>> images[..., 4:] = 1.0                    # two flat halves
         >>> maps = torch.zeros(1, 1, 6, 8)
@@ -264,20 +264,20 @@ def par(
 
 
 class PAR(nn.Module):
-    """Module form of :func:`par` (stores the keyword arguments; no parameters).
+    """Module form of ``par`` (stores the keyword arguments; no parameters).
 
     Args:
-        dilations: see :func:`par`.
-        num_iters: see :func:`par`.
-        kernel_width: see :func:`par`.
-        pos_weight: see :func:`par`.
-        eps: see :func:`par`.
+        dilations: see ``par``.
+        num_iters: see ``par``.
+        kernel_width: see ``par``.
+        pos_weight: see ``par``.
+        eps: see ``par``.
 
     Shape:
         - images: ``(B, C, H, W)``; maps: ``(B, C', h, w)``; valid: ``(B, H', W')`` bool
         - output: ``(B, C', H, W)``
 
-    Example:
+    Examples:
         >>> refine = PAR()
         >>> refine
         PAR(dilations=(1, 2, 4, 8, 12, 24), num_iters=10, kernel_width=0.3, pos_weight=0.01)
@@ -308,7 +308,7 @@ class PAR(nn.Module):
         )
 
     def forward(self, images: Tensor, maps: Tensor, *, valid: Tensor | None = None) -> Tensor:
-        """See :func:`par`."""
+        """See ``par``."""
         return par(
             images,
             maps,

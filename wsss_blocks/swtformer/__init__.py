@@ -1,13 +1,13 @@
 """SWTformer (Ahmadi & Kasaei, MVIP 2024) building blocks: Swin CAMs, HFF, SIPE-style refinement.
 
-* **V1** -- a CAM head on a Swin's last-stage patch tokens (:class:`SwinCAMHead`,
-  :func:`swin_cam`), trained with the multilabel soft-margin loss;
-* **V2** -- adds the background map (:func:`cams_with_background`), structure-aware seeds
-  with the absolute-cosine similarity (:func:`locate_seeds`), Hierarchical Feature Fusion
-  (:class:`HFF`, our wiring: no code was released), background-aware prototypes and R-CAM
-  (:func:`seed_prototypes`, :func:`refine_cams`, SIPE's IS-CAM) and the GSC / CCL losses
-  (:func:`gsc_loss`, :func:`ccl_loss`); :class:`SWTformer` wires everything on a timm Swin,
-  :meth:`SWTformer.from_preset` with the paper's or SIPE's settings (:data:`PRESETS`).
+* **V1** -- a CAM head on a Swin's last-stage patch tokens (``SwinCAMHead``,
+  ``swin_cam``), trained with the multilabel soft-margin loss;
+* **V2** -- adds the background map (``cams_with_background``), structure-aware seeds
+  with the absolute-cosine similarity (``locate_seeds``), Hierarchical Feature Fusion
+  (``HFF``, our wiring: no code was released), background-aware prototypes and R-CAM
+  (``seed_prototypes``, ``refine_cams``, SIPE's IS-CAM) and the GSC / CCL losses
+  (``gsc_loss``, ``ccl_loss``); ``SWTformer`` wires everything on a timm Swin,
+  ``SWTformer.from_preset`` with the paper's or SIPE's settings (``PRESETS``).
 
 The seed/prototype/GSC parts follow SIPE's official code (chenqi1126/SIPE) in matmul form.
 """

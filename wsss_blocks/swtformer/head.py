@@ -23,7 +23,7 @@ def swin_cam(cams: Tensor, *, size: tuple[int, int] | None = None, eps: float = 
     included (SIPE's normalisation). Computed in fp32 (fp64 stays fp64).
 
     Args:
-        cams: raw CAMs ``F_out`` from :class:`SwinCAMHead`.
+        cams: raw CAMs ``F_out`` from ``SwinCAMHead``.
         size: optional output size ``(H, W)`` (the image's, for the paper's ``M``).
         eps: added to the max.
 
@@ -31,7 +31,7 @@ def swin_cam(cams: Tensor, *, size: tuple[int, int] | None = None, eps: float = 
         - cams: ``(B, K, h, w)``
         - output: ``(B, K, h, w)`` or ``(B, K, *size)``, values in ``[0, 1]``
 
-    Example:
+    Examples:
         >>> f = torch.tensor([[[[-1.0, 2.0], [1.0, 4.0]]]])
         >>> swin_cam(f).flatten().double().round(decimals=4).tolist()
         [0.0, 0.5, 0.25, 1.0]
@@ -48,10 +48,10 @@ def swin_cam(cams: Tensor, *, size: tuple[int, int] | None = None, eps: float = 
 
 
 class SwinCAMOutput(NamedTuple):
-    """What :class:`SwinCAMHead` returns.
+    """What ``SwinCAMHead`` returns.
 
     Attributes:
-        cams: raw CAMs ``F_out`` ``(B, K, h, w)`` (normalise them with :func:`swin_cam`).
+        cams: raw CAMs ``F_out`` ``(B, K, h, w)`` (normalise them with ``swin_cam``).
         logits: image logits ``(B, K)``, the spatial mean of ``cams``.
     """
 
@@ -78,9 +78,9 @@ class SwinCAMHead(nn.Module):
 
     Shape:
         - features: ``(B, in_dim, h, w)`` (or ``(B, h, w, in_dim)`` for NHWC)
-        - output: :class:`SwinCAMOutput` ``(cams (B, K, h, w), logits (B, K))``
+        - output: ``SwinCAMOutput`` ``(cams (B, K, h, w), logits (B, K))``
 
-    Example:
+    Examples:
         >>> head = SwinCAMHead(8, 3)
         >>> out = head(torch.randn(2, 8, 7, 5))
         >>> out.cams.shape, out.logits.shape
@@ -120,7 +120,7 @@ class SwinCAMHead(nn.Module):
             - output: ``cams (B, K, h, w)``, ``logits (B, K)``
 
         Returns:
-            :class:`SwinCAMOutput` ``(cams, logits)``: the convolution's output and its spatial
+            ``SwinCAMOutput`` ``(cams, logits)``: the convolution's output and its spatial
             mean.
 
         Raises:
@@ -141,21 +141,21 @@ def cams_with_background(
     """Label-masked CAMs with the background map of eq. 3 at channel 0, differentiable.
 
     ``C~_k = CAM_k * y_k * valid``, ``M_0 = (1 - max_k C~_k) * valid``, ``M = [M_0, C~]``
-    (:func:`wsss_blocks.cam.add_background`, then the valid mask). ``labels=None`` allows
+    (``wsss_blocks.cam.add_background``, then the valid mask). ``labels=None`` allows
     every class (test split). Absent classes are zeroed *before* the max (SIPE forms the
     background before masking).
 
     Args:
-        norm_cams: normalised foreground CAMs (:func:`swin_cam`).
+        norm_cams: normalised foreground CAMs (``swin_cam``).
         labels: multi-hot image labels, or ``None``.
         valid: padding mask at any resolution; a cell is valid iff at least half of it is
-            (:func:`wsss_blocks.cam.valid_to_grid`).
+            (``wsss_blocks.cam.valid_to_grid``).
 
     Shape:
         - norm_cams: ``(B, K, h, w)``; labels: ``(B, K)``; valid: ``(B, H', W')`` bool
         - output: ``(B, K+1, h, w)``
 
-    Example:
+    Examples:
         >>> cam = torch.tensor([[[[0.9, 0.2]], [[0.5, 0.7]]]])
         >>> m = cams_with_background(cam, torch.tensor([[1, 0]]))
         >>> m[0, :, 0].double().round(decimals=2).tolist()

@@ -52,7 +52,7 @@ class HFF(nn.Module):
         - features: 4 maps ``(B, C_i, h_i, w_i)`` with ``h_{i+1} = ceil(h_i / 2)`` (same for w)
         - output: ``(B, out_dim, h_3, w_3)`` or ``(B, out_dim, h_2, w_2)``
 
-    Example:
+    Examples:
         >>> hff = HFF((4, 8, 16, 32))
         >>> maps = [torch.randn(2, c, s, t) for c, s, t in ((4, 52, 36), (8, 26, 18), (16, 13, 9), (32, 7, 5))]
         >>> hff(maps).shape
@@ -118,7 +118,7 @@ class HFF(nn.Module):
 
         Args:
             features: the four stage maps ``S1..S4`` in the block's ``input_fmt`` (e.g.
-                :func:`wsss_blocks.tokens.stage_taps` ``.features``, NCHW).
+                ``wsss_blocks.tokens.stage_taps`` ``.features``, NCHW).
 
         Shape:
             - features: 4 maps ``(B, C_i, h_i, w_i)`` (NHWC: ``(B, h_i, w_i, C_i)``) with

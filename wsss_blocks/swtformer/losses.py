@@ -42,15 +42,15 @@ def gsc_loss(cams_with_bg: Tensor, rcams: Tensor, *, valid: Tensor | None = None
     ``x.sum() * 0`` when no pixel is valid.
 
     Args:
-        cams_with_bg: ``M`` (:func:`cams_with_background`).
-        rcams: R-CAMs (:func:`refine_cams`).
+        cams_with_bg: ``M`` (``cams_with_background``).
+        rcams: R-CAMs (``refine_cams``).
         valid: padding mask at any resolution.
 
     Shape:
         - cams_with_bg: ``(B, K+1, h, w)``; rcams: ``(B, K+1, hf, wf)``
         - output: ``()``
 
-    Example:
+    Examples:
         >>> import torch
         >>> gsc_loss(torch.ones(1, 2, 2, 2), torch.zeros(1, 2, 2, 2)).item()
         1.0
@@ -64,12 +64,12 @@ def gsc_loss(cams_with_bg: Tensor, rcams: Tensor, *, valid: Tensor | None = None
 
 
 class GSCLoss(nn.Module):
-    """Module form of :func:`gsc_loss` (it has no options).
+    """Module form of ``gsc_loss`` (it has no options).
 
     Shape:
-        - same as :func:`gsc_loss`
+        - same as ``gsc_loss``
 
-    Example:
+    Examples:
         >>> import torch
         >>> GSCLoss()(torch.ones(1, 2, 2, 2), torch.zeros(1, 2, 2, 2)).item()
         1.0
@@ -79,11 +79,11 @@ class GSCLoss(nn.Module):
         super().__init__()
 
     def forward(self, cams_with_bg: Tensor, rcams: Tensor, *, valid: Tensor | None = None) -> Tensor:
-        """The GSC loss (see :func:`gsc_loss`).
+        """The GSC loss (see ``gsc_loss``).
 
         Args:
-            cams_with_bg: ``M`` (:func:`cams_with_background`).
-            rcams: R-CAMs (:func:`refine_cams`).
+            cams_with_bg: ``M`` (``cams_with_background``).
+            rcams: R-CAMs (``refine_cams``).
             valid: padding mask at any resolution.
 
         Shape:
@@ -132,7 +132,7 @@ def ccl_loss(
         - cams_with_bg: ``(B, K+1, h, w)``; rcams: ``(B, K+1, hf, wf)``; labels: ``(B, K)``
         - output: ``()``
 
-    Example:
+    Examples:
         >>> import torch
         >>> m = torch.tensor([[[[0.0, 1.0]], [[1.0, 0.0]]]])   # background + one class
         >>> round(ccl_loss(m, m, torch.tensor([[1]])).item(), 6), round(2 / 9, 6)
@@ -164,7 +164,7 @@ def ccl_loss(
 
 
 class CCLLoss(nn.Module):
-    """Module form of :func:`ccl_loss` (stores ``variant``, ``detach_rcam``, ``eps``).
+    """Module form of ``ccl_loss`` (stores ``variant``, ``detach_rcam``, ``eps``).
 
     Args:
         variant: ``"paper"`` or ``"plain"``.
@@ -172,9 +172,9 @@ class CCLLoss(nn.Module):
         eps: norm clamp.
 
     Shape:
-        - same as :func:`ccl_loss`
+        - same as ``ccl_loss``
 
-    Example:
+    Examples:
         >>> import torch
         >>> m = torch.tensor([[[[0.0, 1.0]], [[1.0, 0.0]]]])
         >>> CCLLoss(variant="plain")(m, m, torch.tensor([[1]])).abs().item() < 1e-6
@@ -190,7 +190,7 @@ class CCLLoss(nn.Module):
     def forward(
         self, cams_with_bg: Tensor, rcams: Tensor, labels: Tensor, *, valid: Tensor | None = None
     ) -> Tensor:
-        """The CCL loss with the stored options (see :func:`ccl_loss`).
+        """The CCL loss with the stored options (see ``ccl_loss``).
 
         Args:
             cams_with_bg: ``M``.

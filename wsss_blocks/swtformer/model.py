@@ -30,7 +30,7 @@ LOSS_TERMS = ("gsc", "ccl")
 
 
 class SWTformerOutput(NamedTuple):
-    """What :class:`SWTformerHead` and :class:`SWTformer` return; ``None`` where a field does not apply.
+    """What ``SWTformerHead`` and ``SWTformer`` return; ``None`` where a field does not apply.
 
     Attributes:
         logits: image logits ``(B, K)`` (spatial mean of ``cams``).
@@ -79,10 +79,10 @@ def _keyword_options(cls: type) -> tuple[str, ...]:
 class SWTformerHead(nn.Module):
     """Everything of SWTformer after the backbone: CAM head, and for V2 HFF, seeds, R-CAM and losses.
 
-    :class:`SWTformer` is this module on top of a backbone; use it directly when the backbone
+    ``SWTformer`` is this module on top of a backbone; use it directly when the backbone
     lives elsewhere (a training loop that owns it) and pass the four stage maps, e.g. from
-    :func:`wsss_blocks.tokens.stage_taps` with ``final_norm=True``. Options as in
-    :class:`SWTformer`, with ``in_dims`` instead of the backbone.
+    ``wsss_blocks.tokens.stage_taps`` with ``final_norm=True``. Options as in
+    ``SWTformer``, with ``in_dims`` instead of the backbone.
 
     Args:
         in_dims: channels of the four stages (Swin-T: 96, 192, 384, 768).
@@ -90,14 +90,14 @@ class SWTformerHead(nn.Module):
         version: ``"v1"`` or ``"v2"``.
         head_kernel_size: the CAM head's convolution size (1; MCTformer: 3).
         head_bias: the CAM head's bias (False; MCTformer: True).
-        hff_out_dim: :class:`HFF` ``out_dim`` (default ``in_dims[2]``).
-        hff_output_stage: :class:`HFF` ``output_stage``.
-        hff_normalize: :class:`HFF` ``normalize``.
-        hff_detach_inputs: :class:`HFF` ``detach_inputs``.
-        similarity: :func:`locate_seeds` structure map (paper: ``"abs_cos"``; SIPE:
+        hff_out_dim: ``HFF`` ``out_dim`` (default ``in_dims[2]``).
+        hff_output_stage: ``HFF`` ``output_stage``.
+        hff_normalize: ``HFF`` ``normalize``.
+        hff_detach_inputs: ``HFF`` ``detach_inputs``.
+        similarity: ``locate_seeds`` structure map (paper: ``"abs_cos"``; SIPE:
             ``"relu_cos"``).
-        bg_scale: :func:`locate_seeds` background IoU factor.
-        ccl_variant: :func:`ccl_loss` ``variant``.
+        bg_scale: ``locate_seeds`` background IoU factor.
+        ccl_variant: ``ccl_loss`` ``variant``.
         loss_weights: weights of ``"gsc"`` and ``"ccl"`` (missing keys: 1; the ``cls`` term
             has weight 1). A weight of 0 leaves its term out of ``loss`` (it is still reported).
         device: where the parameters are created.
@@ -105,9 +105,9 @@ class SWTformerHead(nn.Module):
 
     Shape:
         - features: four ``(B, C_i, h_i, w_i)`` (``h_{i+1} = ceil(h_i / 2)``), the last normed
-        - output: :class:`SWTformerOutput`, see :class:`SWTformer`
+        - output: ``SWTformerOutput``, see ``SWTformer``
 
-    Example:
+    Examples:
         >>> heads = SWTformerHead((8, 16, 32, 64), 3, loss_weights={"ccl": 0.5})
         >>> maps = [torch.randn(2, c, s, s) for c, s in ((8, 16), (16, 8), (32, 4), (64, 2))]
         >>> out = heads(maps, torch.tensor([[1, 0, 1], [0, 1, 0]]))
@@ -160,7 +160,7 @@ class SWTformerHead(nn.Module):
     def from_preset(
         cls, in_dims: Sequence[int], num_classes: int, *, preset: Preset = "paper", **overrides: Any
     ) -> SWTformerHead:
-        """Build the head with the options of a preset (:data:`PRESETS`), keyword overrides on top.
+        """Build the head with the options of a preset (``PRESETS``), keyword overrides on top.
 
         Args:
             in_dims: channels of the four stages.
@@ -172,7 +172,7 @@ class SWTformerHead(nn.Module):
         Raises:
             ValueError: an unknown preset or option.
 
-        Example:
+        Examples:
             >>> heads = SWTformerHead.from_preset((8, 16, 32, 64), 3, preset="official", bg_scale=1.0)
             >>> heads.similarity, heads.bg_scale, heads.loss_weights
             ('relu_cos', 1.0, {'gsc': 1.0, 'ccl': 0.0})
@@ -188,15 +188,15 @@ class SWTformerHead(nn.Module):
             features: the four stage maps ``S1..S4`` (NCHW; the last one is ``T_out``, after
                 the final norm for the paper's model).
             labels: multi-hot image labels; ``None`` (test split): every class allowed, no loss.
-            valid: padding mask at any resolution (image size for :class:`SWTformer`).
+            valid: padding mask at any resolution (image size for ``SWTformer``).
 
         Shape:
             - features: four ``(B, C_i, h_i, w_i)`` with ``h_{i+1} = ceil(h_i / 2)``
             - labels: ``(B, K)``; valid: ``(B, H, W)`` bool
-            - output: see :class:`SWTformerOutput`
+            - output: see ``SWTformerOutput``
 
         Returns:
-            :class:`SWTformerOutput`; ``loss`` and ``terms`` only with labels, the V2 fields
+            ``SWTformerOutput``; ``loss`` and ``terms`` only with labels, the V2 fields
             only for V2.
         """
         if isinstance(features, Tensor) or len(features) != 4:
@@ -249,17 +249,17 @@ class SWTformer(nn.Module):
       ``F_out = Conv(T_out)``, logits = spatial mean, ``L_CLS`` = multilabel soft margin,
       ``CAM = Norm(ReLU(F_out))``.
     * **V2** adds: ``M`` = label-masked CAM with background (eq. 3); seeds from ``T_out``'s
-      absolute-cosine structure (eq. 4); ``F_hie`` from :class:`HFF` (our wiring, no code
+      absolute-cosine structure (eq. 4); ``F_hie`` from ``HFF`` (our wiring, no code
       released); prototypes and R-CAM on ``F_hie`` (SIPE); ``L = L_CLS + w_gsc L_GSC +
       w_ccl L_CCL`` (eq. 7). The seed map of the paper is the R-CAM
-      (:func:`rcam_pseudo_mask`).
+      (``rcam_pseudo_mask``).
 
-    The layers after the backbone are :class:`SWTformerHead` (``self.heads``; ``self.head`` and
+    The layers after the backbone are ``SWTformerHead`` (``self.heads``; ``self.head`` and
     ``self.hff`` are its CAM head and HFF). The backbone is registered as a submodule (so
     ``parameters()`` and ``state_dict()`` include it) but is never moved, cast or switched to
     eval here. Stage channels come from its ``feature_info``; it must have four stages, each
-    half the size of the previous. :meth:`from_preset` builds the model with the paper's or
-    SIPE's settings (:data:`PRESETS`).
+    half the size of the previous. ``from_preset`` builds the model with the paper's or
+    SIPE's settings (``PRESETS``).
 
     Args:
         backbone: a timm Swin (any timm model whose ``forward_intermediates`` gives four
@@ -269,13 +269,13 @@ class SWTformer(nn.Module):
         version: ``"v1"`` or ``"v2"``.
         head_kernel_size: the CAM head's convolution size (1; MCTformer: 3).
         head_bias: the CAM head's bias (False; MCTformer: True).
-        hff_out_dim: :class:`HFF` ``out_dim``.
-        hff_output_stage: :class:`HFF` ``output_stage`` (``"stage3"``: stride 16).
-        hff_normalize: :class:`HFF` ``normalize``.
-        hff_detach_inputs: :class:`HFF` ``detach_inputs``.
-        similarity: :func:`locate_seeds` structure map (paper ``"abs_cos"``).
-        bg_scale: :func:`locate_seeds` background IoU factor.
-        ccl_variant: :func:`ccl_loss` variant.
+        hff_out_dim: ``HFF`` ``out_dim``.
+        hff_output_stage: ``HFF`` ``output_stage`` (``"stage3"``: stride 16).
+        hff_normalize: ``HFF`` ``normalize``.
+        hff_detach_inputs: ``HFF`` ``detach_inputs``.
+        similarity: ``locate_seeds`` structure map (paper ``"abs_cos"``).
+        bg_scale: ``locate_seeds`` background IoU factor.
+        ccl_variant: ``ccl_loss`` variant.
         loss_weights: weights of ``"gsc"`` and ``"ccl"`` (paper: 1, 1; missing keys: 1); the
             ``cls`` term has weight 1.
         device: where the head's parameters are created.
@@ -283,12 +283,12 @@ class SWTformer(nn.Module):
 
     Shape:
         - images: ``(B, 3, H, W)``; labels: ``(B, K)``; valid: ``(B, H, W)`` bool
-        - output: :class:`SWTformerOutput` -- ``logits (B, K)``, ``cams`` and ``norm_cams``
+        - output: ``SWTformerOutput`` -- ``logits (B, K)``, ``cams`` and ``norm_cams``
           ``(B, K, h4, w4)``; V2 adds ``cams_with_bg`` and ``seeds`` ``(B, K+1, h4, w4)``,
           ``features (B, D_h, hf, wf)``, ``rcams (B, K+1, hf, wf)``; with labels ``loss``
           (0-d) and ``terms`` (``cls``; V2 also ``gsc``, ``ccl``).
 
-    Example:
+    Examples:
         >>> import timm
         >>> swin = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, embed_dim=16,
         ...                          depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), window_size=2,
@@ -338,7 +338,7 @@ class SWTformer(nn.Module):
     def from_preset(
         cls, backbone: nn.Module, num_classes: int, *, preset: Preset = "paper", **overrides: Any
     ) -> SWTformer:
-        """Build the model with the options of a preset (:data:`PRESETS`), keyword overrides on top.
+        """Build the model with the options of a preset (``PRESETS``), keyword overrides on top.
 
         ``"paper"``: eq. 4's absolute cosine, CLS + GSC + CCL (the constructor's defaults).
         ``"official"``: SWTformer released no code; SIPE's code for the parts taken from it
@@ -354,7 +354,7 @@ class SWTformer(nn.Module):
         Raises:
             ValueError: an unknown preset or option.
 
-        Example:
+        Examples:
             >>> import timm
             >>> swin = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, embed_dim=16,
             ...                          depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), window_size=2,
@@ -374,7 +374,7 @@ class SWTformer(nn.Module):
         return self.heads.hff
 
     def forward(self, images: Tensor, labels: Tensor | None = None, *, valid: Tensor | None = None) -> SWTformerOutput:
-        """Run the backbone's four stages through :class:`SWTformerHead`.
+        """Run the backbone's four stages through ``SWTformerHead``.
 
         Args:
             images: normalised images of a size the backbone takes.
@@ -383,10 +383,10 @@ class SWTformer(nn.Module):
 
         Shape:
             - images: ``(B, 3, H, W)``; labels: ``(B, K)``; valid: ``(B, H, W)`` bool
-            - output: see :class:`SWTformerOutput`
+            - output: see ``SWTformerOutput``
 
         Returns:
-            :class:`SWTformerOutput`; ``loss`` and ``terms`` only with labels, the V2 fields
+            ``SWTformerOutput``; ``loss`` and ``terms`` only with labels, the V2 fields
             only for V2.
         """
         dims = check_shape("images", images, ["B", 3, "H", "W"], dtype="float")

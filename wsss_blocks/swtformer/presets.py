@@ -1,4 +1,4 @@
-"""The paper and the official-code defaults of SWTformer (:data:`PRESETS`)."""
+"""The paper and the official-code defaults of SWTformer (``PRESETS``)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ __all__ = ["PRESETS", "Preset"]
 
 Preset = Literal["paper", "official"]
 
-#: Keyword options of :class:`SWTformerHead` / :class:`SWTformer` in the two configurations.
+#: Keyword options of ``SWTformerHead`` / ``SWTformer`` in the two configurations.
 #: SWTformer released no code, so ``"official"`` is the released code of SIPE (chenqi1126/SIPE)
 #: for the parts SWTformer takes from it: the ReLU-cosine structure map of the seeds, and the
 #: CLS + GSC objective with weights 1, 1 (SIPE has no CCL, so its weight is 0). ``"paper"``

@@ -38,7 +38,7 @@ def seed_prototypes(features: Tensor, seeds: Tensor) -> Tensor:
         - features: ``(B, D, hf, wf)``; seeds: ``(B, K+1, h, w)``
         - output: ``(B, K+1, D)``
 
-    Example:
+    Examples:
         >>> feats = torch.tensor([[1.0, 1.0, 0.0, 1.0], [0.0, 0.0, 1.0, 1.0]])[None, :, None]
         >>> seeds = torch.tensor([[0, 0, 1, 0], [1, 1, 0, 0], [0, 0, 0, 0]]).bool()[None, :, None]
         >>> seed_prototypes(feats, seeds)[0].tolist()
@@ -56,21 +56,21 @@ def seed_prototypes(features: Tensor, seeds: Tensor) -> Tensor:
 def refine_cams(features: Tensor, seeds: Tensor, *, eps: float = 1e-5) -> Tensor:
     """R-CAM: ``relu(cos(F_i, p_c))`` normalised by its spatial max (SIPE's IS-CAM).
 
-    ``p`` are the prototypes of :func:`seed_prototypes` (call it for them; it is one
+    ``p`` are the prototypes of ``seed_prototypes`` (call it for them; it is one
     ``bmm``), ``r = relu(p^ F^)`` (one ``bmm``) with ``x^ = x / max(||x||, 1e-8)`` (torch's
     cosine eps), ``R-CAM = r / (amax_hw r + eps)``. An empty seed (zero prototype) gives an
     all-zero R-CAM, never NaN. Differentiable in ``features`` (through the prototypes too).
 
     Args:
         features: ``F_hie``.
-        seeds: seeds on any grid (:func:`locate_seeds`).
+        seeds: seeds on any grid (``locate_seeds``).
         eps: added to the spatial max.
 
     Shape:
         - features: ``(B, D, hf, wf)``; seeds: ``(B, K+1, h, w)``
         - output: ``(B, K+1, hf, wf)`` in ``[0, 1]``
 
-    Example:
+    Examples:
         >>> feats = torch.tensor([[1.0, 1.0, 0.0, 1.0], [0.0, 0.0, 1.0, 1.0]])[None, :, None]
         >>> seeds = torch.tensor([[0, 0, 1, 0], [1, 1, 0, 0], [0, 0, 0, 0]]).bool()[None, :, None]
         >>> refine_cams(feats, seeds)[0, :, 0].double().round(decimals=4).tolist()
@@ -88,15 +88,15 @@ def refine_cams(features: Tensor, seeds: Tensor, *, eps: float = 1e-5) -> Tensor
 
 
 class PrototypeRefiner(nn.Module):
-    """Module form of :func:`refine_cams` (stores ``eps``; no parameters).
+    """Module form of ``refine_cams`` (stores ``eps``; no parameters).
 
     Args:
         eps: added to the spatial max.
 
     Shape:
-        - same as :func:`refine_cams`
+        - same as ``refine_cams``
 
-    Example:
+    Examples:
         >>> feats = torch.randn(2, 8, 6, 4)
         >>> seeds = torch.zeros(2, 3, 3, 2, dtype=torch.bool)
         >>> seeds[:, 0] = True
@@ -109,18 +109,18 @@ class PrototypeRefiner(nn.Module):
         self.eps = check_range("eps", eps, 0.0, low_inclusive=False)
 
     def forward(self, features: Tensor, seeds: Tensor) -> Tensor:
-        """The R-CAM of ``features`` for ``seeds`` (see :func:`refine_cams`).
+        """The R-CAM of ``features`` for ``seeds`` (see ``refine_cams``).
 
         Args:
             features: ``F_hie``.
-            seeds: seeds on any grid (:func:`locate_seeds`).
+            seeds: seeds on any grid (``locate_seeds``).
 
         Shape:
             - features: ``(B, D, hf, wf)``; seeds: ``(B, K+1, h, w)``
             - output: ``(B, K+1, hf, wf)`` in ``[0, 1]``
 
         Returns:
-            The R-CAMs; :func:`seed_prototypes` gives the prototypes behind them.
+            The R-CAMs; ``seed_prototypes`` gives the prototypes behind them.
         """
         return refine_cams(features, seeds, eps=self.eps)
 
@@ -144,7 +144,7 @@ def rcam_pseudo_mask(
     first channel, i.e. background) -> ``ignore_index`` outside ``valid``. No threshold.
 
     Args:
-        rcams: R-CAMs (:func:`refine_cams`), or any background-augmented score map.
+        rcams: R-CAMs (``refine_cams``), or any background-augmented score map.
         labels: multi-hot image labels; ``None`` allows every class.
         size: output size (the image's); ``None`` keeps the grid.
         valid: padding mask at any resolution (``valid_to_grid`` rule at ``size``).
@@ -154,7 +154,7 @@ def rcam_pseudo_mask(
         - rcams: ``(B, K+1, h, w)``; labels: ``(B, K)``
         - output: ``(B, *size)`` int64
 
-    Example:
+    Examples:
         >>> r = torch.tensor([[0.2, 0.5], [0.9, 0.5], [1.0, 0.1]])[None, :, None]  # (1, 3, 1, 2)
         >>> rcam_pseudo_mask(r, torch.tensor([[1, 0]])).tolist()
         [[[1, 0]]]

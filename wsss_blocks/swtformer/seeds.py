@@ -35,7 +35,7 @@ def structure_affinity(features: Tensor, *, similarity: Similarity = "abs_cos", 
         - features: ``(B, D, h, w)``
         - output: ``(B, h*w, h*w)``, symmetric
 
-    Example:
+    Examples:
         >>> t = torch.tensor([[1.0, -1.0, 0.0], [0.0, 0.0, 1.0]])[None, :, None]  # (1, 2, 1, 3)
         >>> structure_affinity(t, eps=0.0)[0].tolist()
         [[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
@@ -57,7 +57,7 @@ def structure_affinity(features: Tensor, *, similarity: Similarity = "abs_cos", 
 
 
 class SeedOutput(NamedTuple):
-    """What :func:`locate_seeds` returns.
+    """What ``locate_seeds`` returns.
 
     Attributes:
         seeds: one-hot seeds ``(B, K+1, h, w)`` bool, background at channel 0.
@@ -82,7 +82,7 @@ def locate_seeds(
 ) -> SeedOutput:
     """Hard seeds: every token takes the class whose CAM best matches its structure map (eq. 4), no grad.
 
-    With ``S`` from :func:`structure_affinity` and ``M`` the background-augmented CAM on the
+    With ``S`` from ``structure_affinity`` and ``M`` the background-augmented CAM on the
     same grid:
 
     * ``inter = M S^T`` (one ``bmm``), ``union = rowsum(S) + sum_j M_c,j - inter``,
@@ -97,9 +97,9 @@ def locate_seeds(
 
     Args:
         features: the features whose affinity defines structure (``T_out``).
-        cams_with_bg: ``M``, background at channel 0 (:func:`cams_with_background`).
+        cams_with_bg: ``M``, background at channel 0 (``cams_with_background``).
         labels: multi-hot image labels; ``None`` allows every class.
-        similarity: see :func:`structure_affinity`.
+        similarity: see ``structure_affinity``.
         bg_scale: background IoU factor.
         valid: padding mask at any resolution (``valid_to_grid`` rule).
         eps: token-norm epsilon and IoU union clamp.
@@ -109,13 +109,13 @@ def locate_seeds(
         - output: seeds ``(B, K+1, h, w)`` bool, iou ``(B, K+1, h, w)`` float
 
     Returns:
-        :class:`SeedOutput` ``(seeds, iou)``.
+        ``SeedOutput`` ``(seeds, iou)``.
 
     Note:
         SIPE's code builds the ``(B, K+1, HW, HW)`` product ``S[:, None] * M[:, :, None]``;
         the ``bmm`` gives the same ``inter`` with ``O(B HW^2)`` memory for ``S`` only.
 
-    Example:
+    Examples:
         >>> t = torch.tensor([[1.0, -1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]])[None, :, None]
         >>> cam = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]])[None, :, None]
         >>> from wsss_blocks.swtformer import cams_with_background
@@ -150,17 +150,17 @@ def locate_seeds(
 
 
 class SeedLocator(nn.Module):
-    """Module form of :func:`locate_seeds` (stores ``similarity``, ``bg_scale``, ``eps``).
+    """Module form of ``locate_seeds`` (stores ``similarity``, ``bg_scale``, ``eps``).
 
     Args:
-        similarity: see :func:`structure_affinity`.
+        similarity: see ``structure_affinity``.
         bg_scale: background IoU factor.
         eps: token-norm epsilon and IoU union clamp.
 
     Shape:
-        - same as :func:`locate_seeds`
+        - same as ``locate_seeds``
 
-    Example:
+    Examples:
         >>> loc = SeedLocator(similarity="relu_cos")
         >>> t = torch.tensor([[1.0, -1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]])[None, :, None]
         >>> cam = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]])[None, :, None]
@@ -184,7 +184,7 @@ class SeedLocator(nn.Module):
         *,
         valid: Tensor | None = None,
     ) -> SeedOutput:
-        """Seeds with the stored options (see :func:`locate_seeds`), no grad.
+        """Seeds with the stored options (see ``locate_seeds``), no grad.
 
         Args:
             features: the features whose affinity defines structure (``T_out``).
@@ -197,7 +197,7 @@ class SeedLocator(nn.Module):
             - output: seeds ``(B, K+1, h, w)`` bool, iou ``(B, K+1, h, w)`` float
 
         Returns:
-            :class:`SeedOutput` ``(seeds, iou)``.
+            ``SeedOutput`` ``(seeds, iou)``.
         """
         return locate_seeds(
             features, cams_with_bg, labels, similarity=self.similarity, bg_scale=self.bg_scale,
