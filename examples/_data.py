@@ -65,7 +65,7 @@ def build_datasets(cfg: Any) -> tuple[Dataset, Dataset, dict[str, Any]]:
     elif cfg.data in ("voc", "coco"):
         from wsss_blocks.data import COCO, VOC, EvalTransform, TrainTransform
 
-        t = TrainTransform(cfg.img_size)
+        t = TrainTransform(crop_size=cfg.img_size)
         if cfg.data == "voc":
             train = VOC(cfg.data_root, split="train_aug", transform=t)
             plain = VOC(cfg.data_root, split="train_aug", transform=EvalTransform())
