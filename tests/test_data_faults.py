@@ -35,7 +35,8 @@ def _read(root: Path, **kw: object) -> dict:
 def test_truncated_jpeg_names_the_image(tmp_path: Path) -> None:
     root, base = _voc(tmp_path)
     _cut(base / "JPEGImages" / f"{NAME}.jpg")
-    with pytest.raises(DataFileError, match=rf"JPEGImages/{NAME}.jpg: cannot read the image \(OSError: .*runcated") as info:
+    match = rf"JPEGImages/{NAME}.jpg: cannot read the image \(OSError: .*runcated"
+    with pytest.raises(DataFileError, match=match) as info:
         _read(root)
     assert info.value.path.endswith(f"{NAME}.jpg") and isinstance(info.value, OSError)
 
@@ -88,7 +89,8 @@ def test_all_ignore_mask_is_an_error_unless_a_label_file_gives_labels(tmp_path: 
 def test_mask_of_another_size_names_mask_and_image(tmp_path: Path) -> None:
     root, base = _voc(tmp_path)
     Image.fromarray(np.zeros((5, 7), np.uint8), mode="L").save(base / "SegmentationClassAug" / f"{NAME}.png")
-    with pytest.raises(DataFileError, match=rf"{NAME}.png: the mask is 5x7 \(HxW\) but its image .*{NAME}.jpg is 30x40"):
+    match = rf"{NAME}.png: the mask is 5x7 \(HxW\) but its image .*{NAME}.jpg is 30x40"
+    with pytest.raises(DataFileError, match=match):
         _read(root)
 
 

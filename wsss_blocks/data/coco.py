@@ -167,8 +167,8 @@ class COCO(SegmentationFolder):
         else:
             self.names = sorted(p.stem for p in self.image_dir.glob("*.jpg"))
         if not self.names:
-            source = {"json": ann_path, "masks": self.mask_dir}.get(self.source) or self.image_dir
-            raise DataFileError(source, f"COCO {split!r}: no images found")
+            where = {"json": ann_path, "masks": self.mask_dir}.get(self.source) or self.image_dir
+            raise DataFileError(where, f"COCO {split!r}: no images found")
         self._check_files()
         if self.source == "json":
             unknown = [n for n in self.names if n not in self._ids]
