@@ -234,7 +234,9 @@ def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, hint: Any)
     plain = f.default_factory is dataclasses.MISSING and f.default is not None
     default = "set by --data" if by_data else f.default if plain else "none"
     text = meta.get("help") or ""
-    kw: dict[str, Any] = {"dest": f.name, "help": f"{text} (default: {default})" if text else f"default: {default}"}
+    if "default" not in text:  # a help text that states its default keeps it
+        text = f"{text} (default: {default})" if text else f"default: {default}"
+    kw: dict[str, Any] = {"dest": f.name, "help": text}
     if "metavar" in meta:
         kw["metavar"] = meta["metavar"]
     hint = _inner(hint)
@@ -243,7 +245,7 @@ def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, hint: Any)
         parser.add_argument(flag, action="append", **kw)
     elif hint is bool:
         on = f.default is not True
-        kw["help"] = text or ("on" if on else "off")
+        kw["help"] = meta.get("help") or f"default: {'off' if on else 'on'}"
         parser.add_argument(flag if on else "--no-" + flag[2:], action="store_true" if on else "store_false", **kw)
     elif get_origin(hint) is Literal:
         parser.add_argument(flag, choices=list(args), **kw)
