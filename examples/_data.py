@@ -5,6 +5,12 @@ One concept: every training batch is a pure function of ``(seed, step, rank)``. 
 ``t``-th global batch (rank ``r`` takes its slice), and each item's augmentation is seeded
 from ``(seed, step, slot)``. Resuming at step ``t`` therefore continues exactly, without
 saving loader state, with any number of workers.
+
+A file that cannot be used (:class:`~wsss_blocks.data.DataFileError`) never stops a run half
+way: a training item is replaced by the next readable one of the list (a function of the
+index, so resume stays exact), an evaluation item by an all-ignored placeholder that adds
+nothing to the metrics. Every item carries ``faults``, the messages of the files it stands in
+for, which the loop counts and reports.
 """
 
 from __future__ import annotations
@@ -16,13 +22,17 @@ import torch
 from _config import ConfigError
 from torch.utils.data import DataLoader, Dataset
 
-from wsss_blocks.data import collate
+from wsss_blocks.data import DataFileError, collate
 
 __all__ = ["build_datasets", "StepBatchSampler", "train_loader", "eval_loader", "to_device"]
 
 
 class _Augmented(Dataset):
-    """Training view: items are fetched by ``(index, item_seed)``; augmentation seeded per item."""
+    """Training view: items are fetched by ``(index, item_seed)``; augmentation seeded per item.
+
+    An item whose files cannot be used is replaced by the next readable index (its message goes
+    to the item's ``faults``).
+    """
 
     def __init__(self, base: Dataset, kind: str) -> None:
         self.base, self.kind = base, kind
@@ -32,23 +42,56 @@ class _Augmented(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         index, item_seed = key
-        gen = torch.Generator().manual_seed(int(item_seed))
-        transform = getattr(self.base, "transform", None)
-        if transform is not None and hasattr(transform, "generator"):
-            transform.generator = gen  # VOC / COCO TrainTransform: crop, scale, flip
-        item = self.base[index]
-        if self.kind == "synthetic" and bool(torch.rand((), generator=gen) < 0.5):
-            item = dict(item)
-            for key_ in ("image", "mask", "valid"):
-                item[key_] = item[key_].flip(-1)
-        return item
+        faults: list[str] = []
+        for attempt in range(len(self)):
+            gen = torch.Generator().manual_seed(int(item_seed))
+            transform = getattr(self.base, "transform", None)
+            if transform is not None and hasattr(transform, "generator"):
+                transform.generator = gen  # VOC / COCO TrainTransform: crop, scale, flip
+            try:
+                item = dict(self.base[(index + attempt) % len(self)])
+            except DataFileError as err:
+                faults.append(str(err))
+                continue
+            if self.kind == "synthetic" and bool(torch.rand((), generator=gen) < 0.5):
+                for key_ in ("image", "mask", "valid"):
+                    item[key_] = item[key_].flip(-1)
+            return item | {"faults": tuple(faults)}
+        raise DataFileError(type(self.base).__name__, f"none of the {len(self)} training items can be read; "
+                            f"the first: {faults[0]}")
+
+
+class _Checked(Dataset):
+    """Evaluation view: an item whose files cannot be used becomes a ``size`` x ``size``
+    placeholder whose mask is all ignored (no metric counts it) and whose labels are empty."""
+
+    def __init__(self, base: Dataset, size: int) -> None:
+        self.base, self.size = base, size
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> Any:  # num_classes, names, ... of the dataset
+        if name == "base":  # not set yet (unpickling in a worker)
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        try:
+            return dict(self.base[index]) | {"faults": ()}
+        except DataFileError as err:
+            s = self.size
+            return {"image": torch.zeros(3, s, s), "labels": torch.zeros(int(self.base.num_classes)),
+                    "mask": torch.full((s, s), 255, dtype=torch.int64), "valid": torch.ones(s, s, dtype=torch.bool),
+                    "index": int(index), "name": self.base.names[index], "faults": (str(err),)}
 
 
 def build_datasets(cfg: Any) -> tuple[Dataset, Dataset, dict[str, Any]]:
     """``(train, val, info)`` for ``cfg.data``.
 
     ``info`` holds num_classes, class_names (background first), palette, superclasses and
-    ``train_plain`` (the training images without augmentation).
+    ``train_plain`` (the training images without augmentation). A dataset that cannot be built,
+    or an empty training or validation set, is a :class:`ConfigError` (exit status 2).
     """
     if cfg.data == "synthetic":
         from wsss_blocks.data import SyntheticScenes
@@ -58,32 +101,34 @@ def build_datasets(cfg: Any) -> tuple[Dataset, Dataset, dict[str, Any]]:
         try:
             train = SyntheticScenes(split="train", length=cfg.train_length, image_size=cfg.img_size,
                                     seed=cfg.seed, **scene)
+            val = SyntheticScenes(split="val", length=val_length, image_size=cfg.img_size, seed=cfg.seed, **scene)
         except ValueError as err:
             raise ConfigError(f"--scene: {err}") from err
         plain = train
-        val = SyntheticScenes(split="val", length=val_length, image_size=cfg.img_size, seed=cfg.seed, **scene)
     elif cfg.data in ("voc", "coco"):
         from wsss_blocks.data import COCO, VOC, EvalTransform, TrainTransform
 
-        t = TrainTransform(cfg.img_size)
-        if cfg.data == "voc":
-            train = VOC(cfg.data_root, split="train_aug", transform=t)
-            plain = VOC(cfg.data_root, split="train_aug", transform=EvalTransform())
-            val = VOC(cfg.data_root, split="val", transform=EvalTransform())
-        else:
-            train = COCO(cfg.data_root, split="train", transform=t)
-            plain = COCO(cfg.data_root, split="train", transform=EvalTransform())
-            val = COCO(cfg.data_root, split="val", transform=EvalTransform())
+        t = TrainTransform(crop_size=cfg.img_size)
+        cls, (train_split, val_split) = (VOC, ("train_aug", "val")) if cfg.data == "voc" else (COCO, ("train", "val"))
+        try:
+            train = cls(cfg.data_root, split=train_split, transform=t)
+            plain = cls(cfg.data_root, split=train_split, transform=EvalTransform())
+            val = cls(cfg.data_root, split=val_split, transform=EvalTransform())
+        except (OSError, ValueError) as err:  # missing folders, broken lists, annotation files, ...
+            raise ConfigError(f"--data-root: {err}") from None
     else:  # validated earlier
         raise ValueError(f"--data: unknown dataset {cfg.data!r}")
+    for split, ds in (("training", train), ("validation", val)):
+        if len(ds) == 0:
+            raise ConfigError(f"--data {cfg.data}: the {split} set is empty ({ds!r})")
     info = {
         "num_classes": int(train.num_classes),
         "class_names": ["background", *train.class_names],
         "palette": getattr(train, "palette", None),
         "superclasses": getattr(train, "superclasses", None),
-        "train_plain": plain,  # training images without augmentation (pool builds)
+        "train_plain": _Checked(plain, cfg.img_size),  # training images without augmentation (pool builds)
     }
-    return _Augmented(train, cfg.data), val, info
+    return _Augmented(train, cfg.data), _Checked(val, cfg.img_size), info
 
 
 class StepBatchSampler:

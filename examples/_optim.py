@@ -2,7 +2,7 @@
 
 One concept: AdamW with parameter groups (backbone / backbone norms / new heads at
 ``head_lr_mult`` times the base rate) and the linear warm-up + poly decay schedule of ToCo,
-driven by the global step (see ``shared/notes/ref_toco_cpews_cpal.md`` §1.9):
+driven by the global step:
 
 * ``t < warmup``: ``lr = lr0 * (1 - (1 - t / warmup) * (1 - warmup_ratio))`` (starts at
   ``lr0 * warmup_ratio``; ToCo uses ``warmup_ratio = 1e-6``);

@@ -10,7 +10,7 @@ import math
 import os
 from typing import Any
 
-__all__ = ["JsonlWriter", "plot_curves", "format_table", "TABLE_COLUMNS"]
+__all__ = ["JsonlWriter", "read_jsonl", "plot_curves", "format_table", "TABLE_COLUMNS"]
 
 TABLE_COLUMNS = (
     ("cam_miou", "CAM mIoU"),
@@ -38,10 +38,24 @@ class JsonlWriter:
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file (``[]`` when it does not exist). A last line without its
+    newline that does not parse was cut off by a killed process and is dropped; any other line
+    that does not parse raises ``ValueError`` naming the file and the line."""
     if not os.path.isfile(path):
         return []
     with open(path) as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+        lines = fh.readlines()
+    out = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if i == len(lines) - 1 and not line.endswith("\n"):
+                break
+            raise ValueError(f"{path}: line {i + 1} is not JSON ({err})") from None
+    return out
 
 
 def plot_curves(metrics_path: str, out_path: str, title: str = "") -> str | None:

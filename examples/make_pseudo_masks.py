@@ -26,10 +26,13 @@ levels (``--low`` / ``--high``) with an optional refinement (``--refine``):
   the image's classes (IRN's ``crf_inference_label`` form), then the levels are combined
   (:func:`wsss_blocks.refine.combine_levels`).
 
-Resumable: an existing ``<name>.png`` that decodes at the image's size is kept (and scored);
-one that does not decode (e.g. cut off) is written again; one of another size stops the run
+Resumable: an existing ``<name>.png`` that decodes at the image's size with label values
+(``0..K`` and 255) is kept (and scored); one that does not decode (e.g. cut off) or holds
+other values is written again, with a warning naming it; one of another size stops the run
 (it belongs to other data: remove it or pass ``--overwrite``). Writes are atomic (a
-temporary file in the same folder, then ``os.replace``). Under ``torchrun`` (or with
+temporary file in the same folder, then ``os.replace``). A training image or mask that
+cannot be read (:class:`~wsss_blocks.data.DataFileError`) gets no mask: it is skipped with a
+warning naming the file, counted and listed in the summary. Under ``torchrun`` (or with
 ``--rank/--world``) rank ``r`` handles items ``r::world``; with a process group the mIoU is
 summed over ranks. The mIoU of the masks against the ground truth (where the dataset has it),
 on their confident pixels, and their coverage go to ``<output>/pseudo_masks.json``
@@ -47,7 +50,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
@@ -56,7 +59,7 @@ if _HERE not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from _config import ConfigError, TrainConfig  # noqa: E402
+from _config import ConfigError, TrainConfig, check_scales  # noqa: E402
 from _config import _Parser as _ConfigParser  # noqa: E402
 from _data import build_datasets  # noqa: E402
 from _evaluate import cam_maps  # noqa: E402
@@ -67,7 +70,7 @@ from wsss_blocks.constants import VOC_PALETTE  # noqa: E402
 from wsss_blocks.metrics import MeanIoU  # noqa: E402
 from wsss_blocks.refine import combine_levels, crf_available, dense_crf, par_label_levels  # noqa: E402
 
-__all__ = ["main", "load_checkpoint_net", "make_masks", "write_mask", "mask_status", "MaskError"]
+__all__ = ["main", "load_checkpoint_net", "make_masks", "write_mask", "existing_mask", "ExistingMask", "MaskError"]
 
 REFINES = ("none", "par", "crf", "par+crf")
 SUMMARY = "pseudo_masks.json"
@@ -95,7 +98,11 @@ def load_checkpoint_net(checkpoint: str | os.PathLike[str], *, data: str | None 
     if not path.is_file():
         raise ConfigError(f"--checkpoint: {path} not found (expected a run folder holding last.pt, or the "
                           ".pt file examples/train.py wrote)")
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # torch / pickle / zip errors of a damaged file
+        raise ConfigError(f"--checkpoint: {path} is not a readable checkpoint ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0] if str(err) else 'no detail'})") from None
     if not isinstance(payload, dict) or "config" not in payload or "model" not in payload:
         raise ConfigError(f"--checkpoint: {path} is not a checkpoint of examples/train.py (no config / model)")
     resolved = payload["config"]
@@ -171,26 +178,43 @@ def make_masks(net: nn.Module, images: Tensor, labels: Tensor, *, scales: tuple[
 
 
 # ----------------------------------------------------------------------------- files
-def mask_status(path: Path, size: tuple[int, int]) -> str:
-    """``"missing"``, ``"broken"`` (does not decode: write again) or ``"complete"``; raises
-    :class:`MaskError` for a mask of another size or a non-label PNG (not ours to replace)."""
+class ExistingMask(NamedTuple):
+    """What :func:`existing_mask` found: ``state`` is ``"missing"``, ``"broken"`` (write it again,
+    ``reason`` says why) or ``"complete"`` (``mask`` holds its labels)."""
+
+    state: str
+    mask: Tensor | None = None
+    reason: str = ""
+
+
+def existing_mask(path: Path, size: tuple[int, int], *, num_classes: int) -> ExistingMask:
+    """The mask already at ``path`` for an image of ``size`` with ``num_classes`` classes.
+
+    A file that does not decode, or holds values other than ``0..num_classes`` and 255, is
+    ``"broken"``; a mask of another size or a non-label PNG is not ours to replace and raises
+    :class:`MaskError` naming it.
+    """
     from PIL import Image
 
     if not path.exists():
-        return "missing"
+        return ExistingMask("missing")
     try:
         with Image.open(path) as im:
             im.load()
             got, mode = (im.height, im.width), im.mode
-    except (OSError, SyntaxError, ValueError):  # truncated / not a PNG
-        return "broken"
+            values = np.asarray(im).astype(np.int64) if mode in ("P", "L") else None
+    except (OSError, SyntaxError, ValueError) as err:  # truncated / not a PNG
+        return ExistingMask("broken", reason=f"does not decode ({type(err).__name__}: {err})")
     if got != size:
         raise MaskError(f"{path}: the existing mask is {got[0]}x{got[1]} (HxW) but its image is "
                         f"{size[0]}x{size[1]}; it belongs to other data: remove it or pass --overwrite")
-    if mode not in ("P", "L"):
+    if values is None:
         raise MaskError(f"{path}: the existing file is a {mode!r} image, not a label PNG (P or L): remove it "
                         "or pass --overwrite")
-    return "complete"
+    bad = sorted(set(np.unique(values).tolist()) - set(range(num_classes + 1)) - {255})
+    if bad:
+        return ExistingMask("broken", reason=f"holds values {bad[:5]} outside 0..{num_classes} and 255")
+    return ExistingMask("complete", torch.from_numpy(values))
 
 
 def write_mask(path: Path, mask: np.ndarray) -> None:
@@ -209,12 +233,6 @@ def write_mask(path: Path, mask: np.ndarray) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-
-
-def _read_mask(path: Path) -> Tensor:
-    from wsss_blocks.data._folder import read_mask
-
-    return read_mask(path)
 
 
 def _check_writable(out: Path) -> None:
@@ -236,8 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", choices=["synthetic", "voc"], default=None, help="default: the checkpoint's")
     p.add_argument("--data-root", default=None, help="dataset root (default: the checkpoint's)")
     p.add_argument("--recipe", default=None, help="expected recipe (an error if the checkpoint's differs)")
-    p.add_argument("--scales", default=None, help="CAM scales, e.g. 1.0,0.5,1.5 (default: the checkpoint's "
-                   "--eval-scales)")
+    p.add_argument("--scales", default=None, help="CAM scales, each in (0, 4], e.g. 1.0,0.5,1.5 (default: the "
+                   "checkpoint's --eval-scales)")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                    help="flip CAMs (default: the checkpoint's --eval-flip)")
     p.add_argument("--low", type=float, default=None, help="background level (default: the checkpoint's)")
@@ -245,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refine", choices=REFINES, default="par")
     p.add_argument("--par-scale", type=float, default=0.5, help="PAR resolution as a fraction of the image")
     p.add_argument("--crf-gt-prob", type=float, default=0.7, help="CRF unary: probability of the map's label")
-    p.add_argument("--batch-size", type=int, default=None, help="default: 8 (synthetic), 1 (voc: sizes differ)")
+    p.add_argument("--batch-size", type=int, default=None, help=">= 1; default: 8 (synthetic), 1 (voc: sizes differ)")
     p.add_argument("--limit", type=int, default=None, help="only the first N training images")
     p.add_argument("--overwrite", action="store_true", help="write every mask again")
     p.add_argument("--rank", type=int, default=None, help="shard index (default: $RANK or 0)")
@@ -261,9 +279,7 @@ def _floats(text: str, flag: str) -> tuple[float, ...]:
         vals = tuple(float(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise ConfigError(f"{flag}: expected comma-separated numbers, got {text!r}") from None
-    if not vals or min(vals) <= 0:
-        raise ConfigError(f"{flag}: expected positive factors, got {text!r}")
-    return vals
+    return check_scales(vals, flag)
 
 
 def _device(flag: str, local_rank: int) -> torch.device:
@@ -290,6 +306,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise ConfigError(f"--crf-gt-prob: expected in (0, 1), got {args.crf_gt_prob}")
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit: expected >= 1, got {args.limit}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ConfigError(f"--batch-size: expected an integer >= 1, got {args.batch_size}")
+    if args.scales is not None:
+        _floats(args.scales, "--scales")  # before the checkpoint is read
     out = Path(args.output)
     _check_writable(out)
     device = _device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
@@ -318,7 +338,7 @@ def _export(args: argparse.Namespace, out: Path, device: torch.device, rank: int
     high = cfg.high if args.high is None else args.high
     if not 0 <= low < high <= 1:
         raise ConfigError(f"--low/--high: expected 0 <= low < high <= 1, got low={low}, high={high}")
-    batch_size = args.batch_size or (8 if cfg.data == "synthetic" else 1)
+    batch_size = args.batch_size if args.batch_size is not None else 8 if cfg.data == "synthetic" else 1
     if cfg.data != "synthetic" and batch_size != 1:
         raise ConfigError(f"--batch-size: {cfg.data} images have different sizes; use 1, got {batch_size}")
     n = len(dataset) if args.limit is None else min(args.limit, len(dataset))
@@ -326,7 +346,13 @@ def _export(args: argparse.Namespace, out: Path, device: torch.device, rank: int
     k1 = int(dataset.num_classes) + 1
     metric = MeanIoU(k1)
     counts = torch.zeros(2, dtype=torch.float64)  # confident GT pixels, GT pixels
-    stats = {"written": 0, "kept": 0, "rewritten_broken": 0}
+    stats = {"written": 0, "kept": 0, "rewritten_broken": 0, "skipped": 0}
+    notes: dict[str, list[str]] = {"skipped_files": [], "rewritten_files": []}
+
+    def warn(kind: str, message: str) -> None:
+        notes[kind].append(message)
+        print(f"make_pseudo_masks.py: warning: {message}", file=sys.stderr, flush=True)
+
     has_gt = False
     say = print if rank == 0 and not args.quiet else (lambda *a, **k: None)
     bar = None
@@ -344,9 +370,16 @@ def _export(args: argparse.Namespace, out: Path, device: torch.device, rank: int
         names = list(batch["name"])
         sizes = [tuple(int(s) for s in batch["image"].shape[-2:])] * len(names)
         paths = [out / f"{name}.png" for name in names]
-        status = ["missing" if args.overwrite else mask_status(p, s) for p, s in zip(paths, sizes, strict=True)]
-        todo = [i for i, s in enumerate(status) if s != "complete"]
-        masks: list[Tensor | None] = [None] * len(names)
+        usable = [i for i, faults in enumerate(batch["faults"]) if not faults]
+        for faults in batch["faults"]:
+            for message in faults:
+                warn("skipped_files", f"skipped (no mask written): {message}")
+        stats["skipped"] += len(names) - len(usable)
+        found = {i: ExistingMask("missing") if args.overwrite else existing_mask(paths[i], sizes[i], num_classes=k1 - 1)
+                 for i in usable}
+        todo = [i for i, e in found.items() if e.state != "complete"]
+        masks = {i: e.mask for i, e in found.items() if e.mask is not None}
+        stats["kept"] += len(masks)
         if todo:
             images = batch["image"][todo].to(device)
             labels = batch["labels"][todo].to(device)
@@ -357,16 +390,13 @@ def _export(args: argparse.Namespace, out: Path, device: torch.device, rank: int
                     raise MaskError(f"{names[i]}: the mask is {tuple(made[j].shape)} but its image is {sizes[i]}")
                 write_mask(paths[i], made[j].numpy().astype(np.uint8))
                 masks[i] = made[j]
-                stats["rewritten_broken" if status[i] == "broken" else "written"] += 1
-        for i in range(len(names)):
-            if masks[i] is None:
-                masks[i] = _read_mask(paths[i])
-                stats["kept"] += 1
+                if found[i].state == "broken":
+                    warn("rewritten_files", f"{paths[i]}: {found[i].reason}; written again")
+                stats["rewritten_broken" if found[i].state == "broken" else "written"] += 1
+        for i, m in masks.items():
             gt = batch["mask"][i]
             if (gt != 255).any():
                 has_gt = True
-                m = masks[i]
-                assert m is not None
                 metric.update(m[None], gt[None])
                 counted = gt != 255
                 counts += torch.stack([((m != 255) & counted).sum(), counted.sum()]).double()
@@ -383,12 +413,15 @@ def _export(args: argparse.Namespace, out: Path, device: torch.device, rank: int
         vec = vec.cpu()
         counts, has_gt = vec[:2], bool(vec[2] > 0)
         stats = {k: int(v) for k, v in zip(keys, vec[3:].tolist(), strict=True)}
+        parts: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(parts, notes)
+        notes = {kind: [m for part in parts for m in part[kind]] for kind in notes}
     scores = metric.compute()  # all-reduced over the process group when there is one
     summary: dict[str, Any] = {
         "checkpoint": str(args.checkpoint), "recipe": cfg.recipe, "data": cfg.data, "output": str(out),
         "total_items": n, "rank": rank, "world": world, "shard_items": len(indices),
         "scored_over": "all shards" if group or world == 1 else "this shard",
-        **stats, "scales": list(scales), "flip": flip, "low": low, "high": high, "refine": args.refine,
+        **stats, **notes, "scales": list(scales), "flip": flip, "low": low, "high": high, "refine": args.refine,
         "par_scale": args.par_scale, "crf_gt_prob": args.crf_gt_prob,
         "miou": float(scores["miou"]) if has_gt else None,
         "per_class_iou": [float(v) for v in scores["per_class"].tolist()] if has_gt else None,
@@ -403,7 +436,8 @@ def _export(args: argparse.Namespace, out: Path, device: torch.device, rank: int
     miou = "n/a (no ground truth)" if not has_gt else f"{100 * summary['miou']:.1f}"
     cov = "" if not has_gt else f", coverage {100 * summary['coverage']:.1f}%"
     say(f"pseudo masks ({args.refine}): {stats['written']} written, {stats['kept']} kept, "
-        f"{stats['rewritten_broken']} rewritten (broken) in {out}; mIoU {miou}{cov}")
+        f"{stats['rewritten_broken']} rewritten (broken), {stats['skipped']} skipped (unreadable) in {out}; "
+        f"mIoU {miou}{cov}")
     return summary
 
 

@@ -12,6 +12,12 @@ weighted loss terms and updates its own state (banks, pools) after each step; th
 the optimisation (AdamW, warm-up + poly, 10x lr on the recipe's heads), mixed precision,
 DDP, checkpoints / exact resume, evaluation (CAM and pseudo-mask mIoU), pictures and the
 summary. ``main(argv) -> dict`` runs in-process and returns the summary.
+
+A run never destroys another: an output folder that holds files is refused unless
+``--resume`` continues the run in it, a resume whose flags would change the run is refused
+unless ``--allow-config-change`` says so, and the folder is checked writable before anything
+trains. Configuration problems exit with status 2 (:class:`ConfigError`), a run that cannot go
+on (a diverged loss, no readable training item) with status 1 (:class:`RunError`).
 """
 
 from __future__ import annotations
@@ -19,11 +25,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import random
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -34,8 +43,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from _backbone import backbone_kind, build_backbone, feature_dim, final_feature_map  # noqa: E402
-from _checkpoint import load_checkpoint, save_checkpoint, set_rng_state  # noqa: E402
-from _config import DATASET_DEFAULTS, ConfigError, TrainConfig, parse_config  # noqa: E402
+from _checkpoint import load_checkpoint, read_checkpoint, save_checkpoint, set_rng_state  # noqa: E402
+from _config import ConfigError, TrainConfig, config_changes, parse_config  # noqa: E402
 from _data import build_datasets, eval_loader, to_device, train_loader  # noqa: E402
 from _decoder import LargeFOV  # noqa: E402
 from _evaluate import evaluate, save_panels  # noqa: E402
@@ -47,9 +56,38 @@ from recipes.base import LossTerm  # noqa: E402
 from torch import nn  # noqa: E402
 
 from wsss_blocks.cam import normalize_cam  # noqa: E402
+from wsss_blocks.data import DataFileError  # noqa: E402
 from wsss_blocks.refine import par_pseudo_labels, seg_loss  # noqa: E402
 
-__all__ = ["main", "TrainNet", "build_backbone", "grad_norms"]
+__all__ = ["main", "TrainNet", "RunError", "build_backbone", "grad_norms", "recipe_options"]
+
+
+class RunError(RuntimeError):
+    """A run that cannot go on (the loss diverged, no training item can be read); the message
+    says why and what is kept. ``train.py`` exits with status 1."""
+
+
+def recipe_options(recipe_cls: type[Recipe], raw: dict[str, str]) -> Any:
+    """``recipe_cls.Options`` from ``--opt`` strings, checked: typed by the fields' annotations,
+    every float finite, then ``Options.validate()`` when the class defines one (it raises
+    ``ValueError`` with a message that starts with the option's name, e.g. ``check_range``'s
+    ``"pool_fraction: expected a value in (0.0, 1.0], got 7.0"``). Errors are
+    :class:`ConfigError` naming ``--opt``."""
+    try:
+        options = parse_options(recipe_cls, raw)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    for f in dataclasses.fields(options):
+        value = getattr(options, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"--opt {f.name}: expected a finite number, got {value}")
+    check = getattr(options, "validate", None)
+    if callable(check):
+        try:
+            check()
+        except ValueError as err:
+            raise ConfigError(f"--opt {err}") from None
+    return options
 
 
 class TrainNet(nn.Module):
@@ -179,6 +217,141 @@ def _all_mean(values: dict[str, torch.Tensor], dist: _Dist) -> dict[str, float]:
     return dict(zip(keys, vec.cpu().tolist(), strict=True))  # sync-ok: logging interval only
 
 
+# ----------------------------------------------------------------------------- before a run
+#: what a run writes into its folder (each must be a file where it exists)
+_RUN_FILES = ("last.pt", "metrics.jsonl", "config.json", "summary.json", "curves.png")
+_COMPARISON_FILES = ("comparison.md", "comparison.json")
+
+
+@dataclasses.dataclass
+class _Start:
+    """How a run starts: fresh (``checkpoint`` None) or from a checkpoint, with the setting
+    changes accepted by ``--allow-config-change`` as ``(flag, old, new)``."""
+
+    checkpoint: str | None = None
+    changes: list[tuple[str, Any, Any]] = dataclasses.field(default_factory=list)
+
+
+def _fresh_folder(folder: Path) -> Path:
+    k = 2
+    while Path(f"{folder}-{k}").exists():
+        k += 1
+    return Path(f"{folder}-{k}")
+
+
+def _entries(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+
+
+def _check_folder(folder: Path, *, resuming: bool, files: tuple[str, ...]) -> None:
+    """The folder can take the run: not a file, empty unless resuming, ``files`` not folders, writable."""
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"--output: {folder} is a file, not a folder")
+    entries = _entries(folder)
+    if entries and not resuming:
+        shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+        raise ConfigError(f"--output: {folder} already holds files ({shown}); continue that run with --resume auto, "
+                          f"or start this one in a fresh folder (e.g. --output {_fresh_folder(folder)})")
+    for name in files:
+        if (folder / name).is_dir():
+            raise ConfigError(f"--output: {folder / name} is a folder, but the run writes a file there; move it away")
+    if (folder / "vis").exists() and not (folder / "vis").is_dir():
+        raise ConfigError(f"--output: {folder / 'vis'} is a file, but the run writes pictures into a folder there")
+    created = [p for p in (folder, *folder.parents) if not p.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check."):
+            pass
+    except OSError as err:
+        raise ConfigError(f"--output: cannot write to {folder} ({err.strerror or err})") from None
+    finally:  # the run creates its folder when it starts; a check leaves nothing behind
+        for p in created:
+            if p.is_dir():
+                p.rmdir()
+
+
+def _checkpoint_to_resume(folder: Path, resume: str | None) -> str | None:
+    """The checkpoint ``--resume`` continues from (None: a fresh start)."""
+    if resume is None:
+        return None
+    own = folder / "last.pt"
+    if resume == "auto":
+        if own.exists():
+            return str(own)
+        if _entries(folder):
+            raise ConfigError(f"--resume auto: {folder} holds files but no checkpoint (last.pt), so there is no run "
+                              f"to continue; remove them, or start in a fresh folder (e.g. --output "
+                              f"{_fresh_folder(folder)})")
+        return None
+    if _entries(folder) and not (own.is_file() and os.path.isfile(resume) and os.path.samefile(own, resume)):
+        raise ConfigError(f"--output: {folder} holds another run; continue {resume} into an empty folder or into "
+                          "the checkpoint's own folder")
+    return resume
+
+
+def _device_type(flag: str) -> str:
+    if flag == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(flag).type
+
+
+def _typed_opts(recipe: str, opts: dict[str, str]) -> dict[str, Any]:
+    """Every option of ``recipe`` with its value (defaults included), so ``1`` and ``1.0`` compare
+    equal; the raw strings when the recipe or a value no longer parses."""
+    try:
+        return dataclasses.asdict(recipe_options(get_recipe(recipe), opts))
+    except (ValueError, ConfigError):
+        return dict(opts)
+
+
+def _resume_changes(cfg: TrainConfig, checkpoint: str, dist: _Dist) -> list[tuple[str, Any, Any]]:
+    """The settings that alter the run and differ from the checkpoint's; refused unless
+    ``--allow-config-change``."""
+    saved = dict(read_checkpoint(checkpoint, mmap=True)["config"])
+    device = _device_type(cfg.device)
+    current = cfg.to_json() | {"device": device, "amp": _autocast_factory(cfg.amp, torch.device(device))[1]}
+    current["opts"] = _typed_opts(cfg.recipe, cfg.opts)
+    saved["opts"] = _typed_opts(str(saved.get("recipe", cfg.recipe)), dict(saved.get("opts", {})))
+    saved["device"] = _device_type(str(saved.get("device", device)))
+    changes = config_changes(saved, current)
+    if saved.get("world_size", 1) != dist.world:
+        changes.append(("processes (torchrun --nproc_per_node)", saved.get("world_size", 1), dist.world))
+    if changes and not cfg.allow_config_change:
+        listed = "; ".join(f"{flag} {old!r} -> {new!r}" for flag, old, new in changes)
+        raise ConfigError(f"--resume: {checkpoint} was trained with other settings: {listed}. Continuing would give a "
+                          "run that is neither the old one nor a new one: repeat the run's flags (or pass --config "
+                          f"{Path(checkpoint).parent / 'config.json'}), start a fresh run in another folder, or pass "
+                          "--allow-config-change to continue with the new values")
+    return changes
+
+
+def _plan_start(cfg: TrainConfig, out_dir: str, dist: _Dist) -> _Start:
+    folder = Path(out_dir)
+    _check_folder(folder, resuming=cfg.resume is not None, files=_RUN_FILES)
+    checkpoint = _checkpoint_to_resume(folder, cfg.resume)
+    return _Start(checkpoint, _resume_changes(cfg, checkpoint, dist) if checkpoint else [])
+
+
+def _preflight(cfg: TrainConfig, plan: list[tuple[str, TrainConfig, str]], dist: _Dist) -> list[_Start]:
+    """Check every run folder and checkpoint before anything trains (rank 0; the verdict is
+    broadcast so every rank stops alike)."""
+    result: list[_Start] | str = ""
+    if dist.is_main:
+        try:
+            if len(plan) > 1:
+                _check_folder(Path(cfg.output), resuming=cfg.resume is not None, files=_COMPARISON_FILES)
+            result = [_plan_start(sub, out_dir, dist) for _, sub, out_dir in plan]
+        except ConfigError as err:
+            result = str(err)
+    if dist.world > 1:
+        box = [result]
+        torch.distributed.broadcast_object_list(box, src=0)
+        result = box[0]
+    if isinstance(result, str):
+        raise ConfigError(result)
+    return result
+
+
 # ----------------------------------------------------------------------------- one run
 @dataclasses.dataclass
 class _Run:
@@ -202,7 +375,10 @@ class _Run:
     scaler: torch.amp.GradScaler  # disabled (a pass-through) unless --amp fp16
     resolved: dict[str, Any]
     writer: JsonlWriter  # metrics.jsonl on rank 0 (appends; _resume cuts it back first)
+    start: _Start = dataclasses.field(default_factory=_Start)
     start_step: int = 0
+    saved_step: int = 0  # step of the latest checkpoint
+    faults: dict[str, None] = dataclasses.field(default_factory=dict)  # unusable files met, in order
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     rng: Any = None  # RNG states of a resumed checkpoint, restored right before its first step
     vis_batch: dict[str, Any] | None = None
@@ -230,10 +406,7 @@ def _build_net(cfg: TrainConfig, info: dict[str, Any]) -> tuple[TrainNet, Any]:
     if kind not in recipe_cls.backbones:
         raise ConfigError(f"--recipe {cfg.recipe}: supports {'/'.join(sorted(recipe_cls.backbones))} "
                           f"backbones, --model {cfg.model} is a {kind}")
-    try:
-        options = parse_options(recipe_cls, cfg.opts)
-    except ValueError as err:
-        raise ConfigError(str(err)) from err
+    options = recipe_options(recipe_cls, cfg.opts)
     try:
         recipe = recipe_cls(backbone, info["num_classes"], cfg, options, dict(info, data=cfg.data))
     except (ValueError, TypeError) as err:  # option checks against the model / data
@@ -243,7 +416,7 @@ def _build_net(cfg: TrainConfig, info: dict[str, Any]) -> tuple[TrainNet, Any]:
                     low=cfg.low, high=cfg.high), options
 
 
-def _setup(cfg: TrainConfig, out_dir: str, dist: _Dist) -> _Run:
+def _setup(cfg: TrainConfig, out_dir: str, dist: _Dist, start: _Start) -> _Run:
     """Runtime (device, precision, threads, seeds), data, model, optimiser and schedule."""
     say = (lambda msg: print(msg, flush=True)) if dist.is_main and not cfg.quiet else (lambda msg: None)
     device = _resolve_device(cfg.device, dist)
@@ -251,9 +424,6 @@ def _setup(cfg: TrainConfig, out_dir: str, dist: _Dist) -> _Run:
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     _seed_everything(cfg.seed, cfg.deterministic)
-    if dist.is_main:
-        os.makedirs(out_dir, exist_ok=True)
-    dist.barrier()
 
     train_ds, val_ds, info = build_datasets(cfg)
     net, options = _build_net(cfg, info)
@@ -264,34 +434,45 @@ def _setup(cfg: TrainConfig, out_dir: str, dist: _Dist) -> _Run:
     scheduler = build_scheduler(optimizer, warmup=cfg.warmup, max_steps=cfg.iterations,
                                 warmup_ratio=cfg.warmup_ratio, power=cfg.power)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    if dist.is_main:  # the data and the model are there: the run starts writing
+        os.makedirs(out_dir, exist_ok=True)
+    dist.barrier()
     resolved = cfg.to_json() | {"recipe_options": dataclasses.asdict(options), "amp": amp,
                                 "device": str(device), "world_size": dist.world,
                                 "num_classes": info["num_classes"], "output": out_dir}
     return _Run(cfg=cfg, out_dir=out_dir, dist=dist, device=device, amp=amp, autocast=autocast, say=say,
                 info=info, train_ds=train_ds, val_ds=val_ds, net=net, options=options, optimizer=optimizer,
-                scheduler=scheduler, scaler=scaler, resolved=resolved,
+                scheduler=scheduler, scaler=scaler, resolved=resolved, start=start,
                 writer=JsonlWriter(os.path.join(out_dir, "metrics.jsonl") if dist.is_main else None))
 
 
 def _resume(run: _Run) -> None:
     """Load the checkpoint (``--resume``), write ``config.json`` and cut the metrics log back to
-    the checkpoint's step."""
-    cfg, dist = run.cfg, run.dist
-    resume = cfg.resume
-    if resume == "auto":
-        resume = run.ckpt_path if os.path.isfile(run.ckpt_path) else None
+    the checkpoint's step (recording accepted setting changes there)."""
+    cfg, dist, resume = run.cfg, run.dist, run.start.checkpoint
     if resume is not None:
         payload = load_checkpoint(resume, net=run.net, optimizer=run.optimizer, scheduler=run.scheduler,
                                   scaler=run.checkpoint_scaler, map_location=run.device)
         run.start_step, run.history = int(payload["step"]), list(payload["history"])
-        run.rng = payload["rng"]
+        run.saved_step, run.rng = run.start_step, payload["rng"]
         run.say(f"[{cfg.recipe}] resumed from {resume} at step {run.start_step}")
+        if dist.is_main:
+            for flag, old, new in run.start.changes:
+                print(f"[{cfg.recipe}] warning: --allow-config-change: {flag} {old!r} -> {new!r} from step "
+                      f"{run.start_step + 1}", file=sys.stderr, flush=True)
     if dist.is_main:
         with open(os.path.join(run.out_dir, "config.json"), "w") as fh:
             json.dump(run.resolved, fh, indent=2)
-        kept = [r for r in read_jsonl(run.metrics_path) if r.get("step", 0) <= run.start_step]
+        try:
+            records = read_jsonl(run.metrics_path)
+        except ValueError as err:
+            raise ConfigError(f"--resume: {err}") from None
+        kept = [r for r in records if r.get("step", 0) <= run.start_step]
         with open(run.metrics_path, "w") as fh:
             fh.writelines(json.dumps(r, sort_keys=True) + "\n" for r in kept)
+        if run.start.changes:
+            run.writer.write({"kind": "config_change", "step": run.start_step,
+                              "changes": {flag: [old, new] for flag, old, new in run.start.changes}})
     run.say(f"[{cfg.recipe}] config: " + json.dumps({k: v for k, v in run.resolved.items()
                                                      if v not in (None, {}, [])}, default=str))
 
@@ -308,6 +489,24 @@ def _wrap(run: _Run) -> nn.Module:
     return model
 
 
+def _take_faults(run: _Run, batch: dict[str, Any]) -> dict[str, Any]:
+    """Remove the batch's ``faults`` (messages of unusable files its items stand in for); warn
+    once per file (on the rank that met it) and remember them for the summary."""
+    for group in batch.pop("faults", ()):
+        for message in group:
+            if message not in run.faults:
+                run.faults[message] = None
+                rank = f" (rank {run.dist.rank})" if run.dist.world > 1 else ""
+                print(f"[{run.cfg.recipe}] warning{rank}: skipped an unusable file ({len(run.faults)} so far): "
+                      f"{message}", file=sys.stderr, flush=True)
+    return batch
+
+
+def _fault_free(run: _Run, batches: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    for batch in batches:
+        yield _take_faults(run, batch)
+
+
 def _services(run: _Run) -> LoopServices:
     """What :meth:`Recipe.after_step` may use (un-augmented training batches, autocast, log)."""
     dist, plain = run.dist, run.info["train_plain"]
@@ -316,7 +515,7 @@ def _services(run: _Run) -> LoopServices:
         # equal item (hence batch) counts on every rank: pool updates all-gather per batch
         n = min(n, len(plain))
         n -= n % dist.world
-        for b in eval_loader(plain, n, run.cfg.eval_batch_size, rank=dist.rank, world=dist.world):
+        for b in _fault_free(run, eval_loader(plain, n, run.cfg.eval_batch_size, rank=dist.rank, world=dist.world)):
             yield to_device(b, run.device)
 
     return LoopServices(backbone=run.net.backbone, config=run.cfg, device=run.device,
@@ -329,8 +528,8 @@ def _run_eval(run: _Run, step: int) -> dict[str, float]:
     t = time.time()
     loader = eval_loader(run.val_ds, cfg.eval_images, cfg.eval_batch_size, rank=dist.rank, world=dist.world,
                          workers=min(cfg.workers, 2))
-    metrics = evaluate(run.net, loader, num_classes=run.info["num_classes"], cfg=cfg, device=run.device,
-                       autocast=run.autocast)
+    metrics = evaluate(run.net, _fault_free(run, loader), num_classes=run.info["num_classes"], cfg=cfg,
+                       device=run.device, autocast=run.autocast)
     record = {"kind": "eval", "step": step, **metrics, "eval_time_s": time.time() - t}
     run.writer.write(record)
     run.history.append(record)
@@ -415,6 +614,18 @@ class _LossLog:
         return means, extra
 
 
+def _check_finite(run: _Run, step: int, means: dict[str, float]) -> None:
+    """Stop a diverged run (a NaN / inf mean loss) instead of training on; fp16 is exempt, where
+    the grad scaler skips overflowing steps by design."""
+    if run.amp == "fp16" or math.isfinite(means["total"]):
+        return
+    bad = ", ".join(f"{n} {v}" for n, v in means.items() if not math.isfinite(v))
+    kept = (f"the checkpoint {run.ckpt_path} of step {run.saved_step} is kept" if run.saved_step
+            else "no checkpoint was saved")
+    raise RunError(f"[{run.cfg.recipe}] step {step}: the loss is not finite ({bad}), so training diverged; "
+                   f"{kept}. Lower --lr / --head-lr-mult or check the --opt values")
+
+
 def _train_loop(run: _Run, model: nn.Module, services: LoopServices) -> tuple[int, float]:
     """Steps ``start_step + 1 .. end_step``: forward, optimiser step, recipe update, log, periodic
     evaluation and checkpoint. Returns ``(last step, training seconds without evaluation)``."""
@@ -439,6 +650,7 @@ def _train_loop(run: _Run, model: nn.Module, services: LoopServices) -> tuple[in
         set_rng_state(run.rng)  # after everything above that may draw from the global RNGs
     step = run.start_step
     for step, batch in enumerate(batches, start=run.start_step + 1):
+        batch = _take_faults(run, batch)
         with run.autocast():
             terms = model(to_device(batch, run.device), step)
         total = sum(t.weight * t.value.float() for t in terms.values() if t.weight != 0)
@@ -450,8 +662,11 @@ def _train_loop(run: _Run, model: nn.Module, services: LoopServices) -> tuple[in
         lr = run.optimizer.param_groups[0]["lr"]
         run.scheduler.step()
         log.add(terms, total, net.recipe.after_step(step, services))
-        if step % cfg.log_every == 0 or step == end_step:  # end_step: also a --stop-after stop
+        save = (step % ckpt_every == 0 or step == end_step) and dist.is_main
+        # end_step: also a --stop-after stop; a checkpoint step logs too, so no diverged state is saved
+        if step % cfg.log_every == 0 or step == end_step or step % ckpt_every == 0:
             means, extra = log.flush(dist)
+            _check_finite(run, step, means)
             run.writer.write({"kind": "train", "step": step, "lr": lr, **{f"loss/{n}": v for n, v in means.items()},
                               **extra, "time_s": time.time() - t_train})
             if pbar is not None:
@@ -460,9 +675,10 @@ def _train_loop(run: _Run, model: nn.Module, services: LoopServices) -> tuple[in
             pbar.update(1)
         if step % cfg.eval_every == 0 and step != cfg.iterations:  # the final one runs in _summarize
             _run_eval(run, step)
-        if (step % ckpt_every == 0 or step == end_step) and dist.is_main:
+        if save:
             save_checkpoint(run.ckpt_path, net=net, optimizer=run.optimizer, scheduler=run.scheduler,
                             scaler=run.checkpoint_scaler, step=step, config=run.resolved, history=run.history)
+            run.saved_step = step
     if pbar is not None:
         pbar.close()
     return step, time.time() - t_train - (run.eval_time - eval_before)
@@ -488,6 +704,13 @@ def _summarize(run: _Run, step: int, train_time: float, t_start: float) -> dict[
     cfg, dist = run.cfg, run.dist
     final = _final_metrics(run, step)
     in_sync = _states_in_sync(run.net, dist, run.device)
+    skipped = list(run.faults)
+    if dist.world > 1:
+        gathered: list[Any] = [None] * dist.world
+        torch.distributed.all_gather_object(gathered, skipped)
+        skipped = list(dict.fromkeys(m for part in gathered for m in part))
+    if skipped:
+        run.say(f"[{cfg.recipe}] {len(skipped)} unusable file(s) skipped (listed in summary.json, skipped_files)")
     curves = None
     if dist.is_main and cfg.plots:
         curves = plot_curves(run.metrics_path, os.path.join(run.out_dir, "curves.png"),
@@ -513,6 +736,7 @@ def _summarize(run: _Run, step: int, train_time: float, t_start: float) -> dict[
         "checkpoint": run.ckpt_path,
         "pictures": run.pictures,
         "curves": curves,
+        "skipped_files": skipped,
         "config": run.resolved,
     }
     if dist.is_main:
@@ -522,15 +746,15 @@ def _summarize(run: _Run, step: int, train_time: float, t_start: float) -> dict[
     return summary
 
 
-def _train_one(cfg: TrainConfig, out_dir: str, dist: _Dist) -> dict[str, Any]:
+def _train_one(cfg: TrainConfig, out_dir: str, dist: _Dist, start: _Start) -> dict[str, Any]:
     """Train one recipe into ``out_dir`` and return its summary."""
     t_start = time.time()
-    run = _setup(cfg, out_dir, dist)
+    run = _setup(cfg, out_dir, dist, start)
     _resume(run)
     model = _wrap(run)
     services = _services(run)
     if dist.is_main and cfg.plots and cfg.vis_images > 0:
-        run.vis_batch = make_vis_batch(run.val_ds, cfg.vis_images, cfg.img_size)
+        run.vis_batch = _take_faults(run, make_vis_batch(run.val_ds, cfg.vis_images, cfg.img_size))
     step, train_time = _train_loop(run, model, services)
     return _summarize(run, step, train_time, t_start)
 
@@ -542,11 +766,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     With a comparison (``--baseline on``, or ``auto`` on synthetic data) the baseline and the
     recipe are trained one after the other into ``OUTPUT/baseline`` and ``OUTPUT/<recipe>``,
     a table is printed and written to ``OUTPUT/comparison.md`` / ``comparison.json``, and the
-    returned summary has a ``comparison`` entry.
+    returned summary has a ``comparison`` entry. Every run folder and checkpoint is checked
+    before the first step.
     """
     cfg = parse_config(argv)
     try:  # unknown recipes and bad --opt values fail before anything starts
-        parse_options(get_recipe(cfg.recipe), cfg.opts)
+        recipe_options(get_recipe(cfg.recipe), cfg.opts)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     compare = cfg.recipe != "baseline" and (
@@ -554,30 +779,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if compare and cfg.resume not in (None, "auto"):
         raise ConfigError("--resume: with a baseline comparison use --resume auto "
                           "(or --baseline off to resume one run from a file)")
+    assert cfg.output is not None  # parse_config sets it
+    plan = [(cfg.recipe, cfg, cfg.output)]
+    if compare:  # each part is one run: its config.json replays it alone
+        plan = [(name, dataclasses.replace(cfg, recipe=name, opts=cfg.opts if name == cfg.recipe else {},
+                                           baseline="off", output=os.path.join(cfg.output, name)),
+                 os.path.join(cfg.output, name)) for name in ("baseline", cfg.recipe)]
     dist = _setup_distributed(cfg.device)
-    if cfg.grad_norms and dist.world > 1:
-        raise ConfigError("--grad-norms: single process only (per-term torch.autograd.grad bypasses DDP's "
-                          "gradient reduction)")
     try:
-        if not compare:
-            summary = _train_one(cfg, cfg.output, dist)
-            if dist.is_main:
-                print(format_table([(cfg.recipe, summary["final"], summary["total_time_s"])]),
-                      flush=True)
-            return summary
-        runs: dict[str, dict[str, Any]] = {}
-        for name in ("baseline", cfg.recipe):
-            opts = cfg.opts if name == cfg.recipe else dict(
-                DATASET_DEFAULTS[cfg.data].get("recipe_opts", {}).get(name, {}))
-            sub = dataclasses.replace(cfg, recipe=name, opts=opts)
-            runs[name] = _train_one(sub, os.path.join(cfg.output, name), dist)
+        if cfg.grad_norms and dist.world > 1:
+            raise ConfigError("--grad-norms: single process only (per-term torch.autograd.grad bypasses DDP's "
+                              "gradient reduction)")
+        starts = _preflight(cfg, plan, dist)
+        runs = {name: _train_one(sub, out_dir, dist, start)
+                for (name, sub, out_dir), start in zip(plan, starts, strict=True)}
         table = format_table([(n, s["final"], s["total_time_s"]) for n, s in runs.items()])
         summary = dict(runs[cfg.recipe])
+        if dist.is_main:
+            print(table, flush=True)
+        if not compare:
+            return summary
         summary["comparison"] = {n: s["final"] | {"total_time_s": s["total_time_s"]}
                                  for n, s in runs.items()}
         summary["comparison_table"] = table
         if dist.is_main:
-            print(table, flush=True)
             with open(os.path.join(cfg.output, "comparison.md"), "w") as fh:
                 fh.write(table + "\n")
             with open(os.path.join(cfg.output, "comparison.json"), "w") as fh:
@@ -594,3 +819,6 @@ if __name__ == "__main__":
     except ConfigError as err:
         print(f"train.py: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except (RunError, DataFileError) as err:
+        print(f"train.py: error: {err}", file=sys.stderr)
+        sys.exit(1)

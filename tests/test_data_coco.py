@@ -147,7 +147,7 @@ def test_png_masks(tmp_path: Path, values: str) -> None:
 
 def test_auto_prefers_masks_and_transforms(tmp_path: Path) -> None:
     root = make_coco(tmp_path, json_ann=True, masks="index")
-    t = TrainTransform(40, scale_range=(1.0, 1.0), generator=torch.Generator().manual_seed(1))
+    t = TrainTransform(crop_size=40, scale_range=(1.0, 1.0), generator=torch.Generator().manual_seed(1))
     ds = COCO(root, "train", transform=t)
     assert ds.source == "masks"
     batch = next(iter(DataLoader(ds, batch_size=2, collate_fn=collate)))

@@ -1,4 +1,4 @@
-"""SyntheticScenes regimes of issue 15: crossed superclasses, more classes, 96 px, co-occurrence rates."""
+"""SyntheticScenes regimes: crossed superclasses, more classes, 96 px, co-occurrence rates."""
 
 from __future__ import annotations
 

@@ -225,7 +225,7 @@ def test_missing_image_and_bad_mask(voc_root: Path) -> None:
 
 
 def test_train_transform_and_collate(voc_root: Path) -> None:
-    t = TrainTransform(48, scale_range=(0.5, 1.5), generator=torch.Generator().manual_seed(0))
+    t = TrainTransform(crop_size=48, scale_range=(0.5, 1.5), generator=torch.Generator().manual_seed(0))
     ds = VOC(voc_root, "train_aug", transform=t)
     batch = next(iter(DataLoader(ds, batch_size=4, collate_fn=collate)))
     assert batch["image"].shape == (4, 3, 48, 48)
@@ -264,7 +264,7 @@ def test_crop_pad_oracle(crop: tuple[int, int], size: tuple[int, int]) -> None:
     img = torch.randint(0, 256, (3, h, w), dtype=torch.uint8)
     msk = torch.randint(0, 21, (h, w))
     seed = 3
-    t = TrainTransform(crop, scale_range=(1.0, 1.0), hflip=0.0,
+    t = TrainTransform(crop_size=crop, scale_range=(1.0, 1.0), hflip=0.0,
                        generator=torch.Generator().manual_seed(seed))
     out = t(img, msk)
     # replay the same draws: rand (scale), rand (flip), then 4 randints
@@ -287,12 +287,12 @@ def test_crop_pad_oracle(crop: tuple[int, int], size: tuple[int, int]) -> None:
 def test_flip_and_scale() -> None:
     img = torch.arange(2 * 3, dtype=torch.uint8).view(1, 2, 3).repeat(3, 1, 1)
     msk = torch.tensor([[0, 1, 2], [3, 4, 5]])
-    out = TrainTransform((2, 3), scale_range=(1, 1), hflip=1.0)(img, msk)
+    out = TrainTransform(crop_size=(2, 3), scale_range=(1, 1), hflip=1.0)(img, msk)
     assert torch.equal(out["mask"], msk.flip(-1))
     torch.testing.assert_close(out["image"], normalize(img).flip(-1))
     # image, mask and valid move together (pixel value encodes the class), on a padded canvas
     coded = (msk * 40).to(torch.uint8)[None].repeat(3, 1, 1)
-    outs = [TrainTransform((4, 5), scale_range=(1, 1), hflip=p,
+    outs = [TrainTransform(crop_size=(4, 5), scale_range=(1, 1), hflip=p,
                            generator=torch.Generator().manual_seed(3))(coded, msk) for p in (0.0, 1.0)]
     for o in outs:
         assert torch.equal(o["valid"], o["mask"] != 255) and int(o["valid"].sum()) == 6
@@ -308,17 +308,17 @@ def test_flip_and_scale() -> None:
     # rescale x2: mask nearest keeps the label set; long_side fixes the long side
     m = torch.zeros(10, 20, dtype=torch.long)
     m[:, 10:] = 7
-    t = TrainTransform((40, 40), scale_range=(2, 2), hflip=0.0)
+    t = TrainTransform(crop_size=(40, 40), scale_range=(2, 2), hflip=0.0)
     out = t(torch.zeros(3, 10, 20, dtype=torch.uint8), m)
     assert int(out["valid"].sum()) == 20 * 40
     assert set(out["mask"].unique().tolist()) == {0, 7, 255}
-    t = TrainTransform((64, 64), long_side=(32, 32), hflip=0.0)
+    t = TrainTransform(crop_size=(64, 64), long_side=(32, 32), hflip=0.0)
     out = t(torch.zeros(3, 10, 20, dtype=torch.uint8), m)
     assert int(out["valid"].sum()) == 16 * 32
 
 
 def test_transform_validation() -> None:
-    t = TrainTransform(8)
+    t = TrainTransform(crop_size=8)
     with pytest.raises(ShapeError, match="image"):
         t(torch.zeros(2, 8, 8, dtype=torch.uint8), torch.zeros(8, 8, dtype=torch.long))
     with pytest.raises(ShapeError, match="mask"):
@@ -328,13 +328,32 @@ def test_transform_validation() -> None:
     with pytest.raises(ShapeError, match="image"):
         normalize(torch.zeros(3, 8, 8, dtype=torch.int32))
     with pytest.raises(ValueError, match="scale_range"):
-        TrainTransform(8, scale_range=(2.0, 1.0))
+        TrainTransform(crop_size=8, scale_range=(2.0, 1.0))
     with pytest.raises(ValueError, match="long_side"):
-        TrainTransform(8, long_side=(0, 5))
+        TrainTransform(crop_size=8, long_side=(0, 5))
     with pytest.raises(ValueError, match="crop_size"):
-        TrainTransform((0, 4))
+        TrainTransform(crop_size=(0, 4))
     with pytest.raises(ValueError, match="hflip"):
-        TrainTransform(8, hflip=2.0)
+        TrainTransform(crop_size=8, hflip=2.0)
+
+
+@pytest.mark.parametrize("stats", [dict(std=(0, 1, 1)), dict(std=(1, -1, 1)), dict(std=(1, 1, float("nan"))),
+                                   dict(mean=(0.5, float("inf"), 0.5)), dict(mean=(0.5, 0.5))])
+def test_normalisation_statistics_are_checked(stats: dict) -> None:
+    name = next(iter(stats))
+    img = torch.zeros(3, 4, 4, dtype=torch.uint8)
+    for build in (lambda: normalize(img, **stats), lambda: EvalTransform(**stats),
+                  lambda: TrainTransform(crop_size=4, **stats)):
+        with pytest.raises(ValueError, match=f"^{name}: "):
+            build()
+
+
+def test_options_are_keyword_only() -> None:
+    img = torch.zeros(3, 4, 4, dtype=torch.uint8)
+    with pytest.raises(TypeError):
+        normalize(img, (0.5, 0.5, 0.5))  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        TrainTransform(8)  # type: ignore[misc]
 
 
 def test_normalize_and_eval() -> None:

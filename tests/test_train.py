@@ -318,10 +318,18 @@ def test_defaults_are_the_cpu_main_job() -> None:
     assert (cfg.model, cfg.img_size, cfg.depth, cfg.patch_size) == ("vit_tiny_patch16_224", 64, 4, 8)
     assert cfg.output.startswith("runs" + os.sep)
     mct = parse_config(["--recipe", "mct", "--opt", "last_k=2"])
-    assert mct.opts == {"last_k": "2"}  # no per-dataset recipe options (issue 15)
+    assert mct.opts == {"last_k": "2"}  # no per-dataset recipe options
     assert parse_config(["--recipe", "mct", "--data", "voc", "--data-root", "."]).opts == {}
-    voc = parse_config(["--data", "coco", "--data-root", "."])
-    assert (voc.iterations, voc.img_size, voc.high, voc.lr, voc.warmup) == (80000, 448, 0.65, 6e-5, 1500)
+    # voc / coco: the recipe's paper settings (CPEWS: 2,000 warm-up iterations, batch 4 on COCO too)
+    coco = parse_config(["--data", "coco", "--data-root", "."])
+    assert (coco.iterations, coco.img_size, coco.high, coco.lr, coco.warmup, coco.batch_size) == (
+        80000, 448, 0.65, 6e-5, 2000, 4)
+    assert (coco.eval_batch_size, coco.eval_images, coco.workers) == (1, 5000, 4)  # runtime values
+    toco = parse_config(["--data", "coco", "--data-root", ".", "--recipe", "baseline"])
+    assert (toco.warmup, toco.batch_size) == (1500, 8)
+    mct_voc = parse_config(["--data", "voc", "--data-root", ".", "--recipe", "mct", "--warmup", "7"])
+    assert (mct_voc.model, mct_voc.img_size, mct_voc.weight_decay, mct_voc.warmup) == (
+        "deit_small_patch16_224", 224, 0.05, 7)
 
 
 def _fake_voc(root: Path) -> Path:

@@ -1,4 +1,4 @@
-"""Trainer pieces of issue 15: --grad-norms, defaults chosen by --pretrained, --scene, the VOC exporter."""
+"""Trainer pieces: --grad-norms, defaults chosen by --pretrained, --scene, the VOC exporter."""
 
 from __future__ import annotations
 

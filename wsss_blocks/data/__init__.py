@@ -3,7 +3,8 @@
 Every dataset returns dicts with ``image`` ``(3, H, W)`` float32 (ImageNet-normalised),
 ``labels`` ``(K,)`` float32 multi-hot, ``mask`` ``(H, W)`` int64 (0 = background,
 ``k + 1`` = class ``k``, 255 = ignore), ``valid`` ``(H, W)`` bool (False on padding),
-``index`` and ``name``; ``collate`` batches them. Importing this package does not
+``index`` and ``name``; ``collate`` batches them. A file that VOC / COCO cannot use
+raises ``DataFileError``, which names the file and what is wrong with it. Importing this package does not
 import Pillow, pycocotools or matplotlib: VOC / COCO import them when they read files.
 Class names, palettes and ImageNet statistics live in ``wsss_blocks.constants``.
 
@@ -16,6 +17,7 @@ Examples:
     (torch.Size([2, 3, 32, 32]), torch.Size([2, 6]), torch.Size([2, 32, 32]), torch.bool)
 """
 
+from wsss_blocks.data._folder import DataFileError
 from wsss_blocks.data.coco import COCO
 from wsss_blocks.data.synthetic import SyntheticScenes
 from wsss_blocks.data.transforms import (
@@ -36,4 +38,5 @@ __all__ = [
     "collate",
     "normalize",
     "labels_from_mask",
+    "DataFileError",
 ]

@@ -15,7 +15,14 @@ from torch import Tensor
 
 from wsss_blocks._validate import check_option
 from wsss_blocks.constants import COCO_CATEGORY_TO_INDEX, COCO_CLASSES, COCO_PALETTE
-from wsss_blocks.data._folder import SegmentationFolder, Transform, check_root, read_mask, read_names
+from wsss_blocks.data._folder import (
+    DataFileError,
+    SegmentationFolder,
+    Transform,
+    check_root,
+    read_mask,
+    read_names,
+)
 
 __all__ = ["COCO"]
 
@@ -71,6 +78,9 @@ class COCO(SegmentationFolder):
     Raises:
         FileNotFoundError: naming the missing folder or file.
         ImportError: JSON source without pycocotools.
+        DataFileError: naming the file: no images found, annotations that do not read, and
+            the item faults of ``VOC`` (values outside ``0..80``
+            and 255).
 
     Examples:
         >>> try:
@@ -143,6 +153,7 @@ class COCO(SegmentationFolder):
                 self.mask_dir = found_masks
         else:
             self._load_json(ann_path)
+        self._ann_path = ann_path
         if split_file is not None:
             if not Path(split_file).is_file():
                 raise FileNotFoundError(f"split_file: {split_file} does not exist")
@@ -155,6 +166,9 @@ class COCO(SegmentationFolder):
             self.names = sorted(p.stem for p in self.mask_dir.glob("*.png"))
         else:
             self.names = sorted(p.stem for p in self.image_dir.glob("*.jpg"))
+        if not self.names:
+            where = {"json": ann_path, "masks": self.mask_dir}.get(self.source) or self.image_dir
+            raise DataFileError(where, f"COCO {split!r}: no images found")
         self._check_files()
         if self.source == "json":
             unknown = [n for n in self.names if n not in self._ids]
@@ -173,8 +187,11 @@ class COCO(SegmentationFolder):
                 "COCO(source='json') renders masks with pycocotools: "
                 "pip install 'wsss-blocks[coco]' (or use pre-rendered PNG masks)"
             ) from err
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-            self._coco = _COCOApi(str(ann_path))
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+                self._coco = _COCOApi(str(ann_path))
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise DataFileError(ann_path, f"cannot read the annotations ({type(err).__name__}: {err})") from err
         self._ids = {Path(im["file_name"]).stem: int(i) for i, im in self._coco.imgs.items()}
 
     def _value_lut(self) -> np.ndarray:
@@ -193,14 +210,19 @@ class COCO(SegmentationFolder):
         for ann in sorted(anns, key=lambda a: -float(a.get("area", 0.0))):
             k = COCO_CATEGORY_TO_INDEX.get(int(ann["category_id"]))
             if k is None:
-                raise ValueError(f"COCO image {image_id}: unknown category_id {ann['category_id']}")
+                raise DataFileError(self._ann_path, f"image {image_id}: unknown category_id {ann['category_id']}")
             with warnings.catch_warnings():  # pycocotools' numpy-2 copy= deprecation
                 warnings.simplefilter("ignore", DeprecationWarning)
                 m = self._coco.annToMask(ann).astype(bool)
             if m.shape != size:
-                raise ValueError(f"COCO image {image_id}: annotation size {m.shape} != image {size}")
+                raise DataFileError(self._ann_path, f"image {image_id}: annotation size {m.shape} != image {size}")
             mask[m] = k + 1
         return torch.from_numpy(mask)
+
+    def _mask_source(self, index: int) -> str:
+        if self.source == "json":
+            return f"{self._ann_path} (image {self.names[index]})"
+        return super()._mask_source(index)
 
     def _load_mask(self, index: int, size: tuple[int, int]) -> Tensor | None:
         name = self.names[index]

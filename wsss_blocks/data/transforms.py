@@ -10,6 +10,7 @@ from torch's generator (pass ``generator=`` or rely on the global one, which
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -29,7 +30,6 @@ __all__ = [
 ]
 
 
-
 def _to_float01(image: Tensor) -> Tensor:
     check_shape("image", image, [3, "H", "W"])
     if image.dtype == torch.uint8:
@@ -39,8 +39,22 @@ def _to_float01(image: Tensor) -> Tensor:
     return image.float()
 
 
+def _check_stats(mean: Sequence[float], std: Sequence[float]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` as float tuples: three finite values each, every ``std`` > 0."""
+    out = []
+    for name, values in (("mean", mean), ("std", std)):
+        vals = tuple(float(v) for v in values)
+        if len(vals) != 3 or not all(math.isfinite(v) for v in vals):
+            raise ValueError(f"{name}: expected three finite per-channel values, got {tuple(values)!r}")
+        out.append(vals)
+    if min(out[1]) <= 0:
+        raise ValueError(f"std: expected three values > 0, got {tuple(std)!r}")
+    return out[0], out[1]
+
+
 def normalize(
     image: Tensor,
+    *,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
 ) -> Tensor:
@@ -48,8 +62,12 @@ def normalize(
 
     Args:
         image: ``(3, H, W)`` uint8 in 0..255 or float in [0, 1].
-        mean: per-channel mean.
-        std: per-channel std.
+        mean: per-channel mean (three finite values).
+        std: per-channel std (three finite values > 0).
+
+    Raises:
+        ValueError: naming ``mean`` or ``std`` when they are not three finite values, or a
+            ``std`` value is not positive.
 
     Shape:
         image: ``(3, H, W)`` -> ``(3, H, W)`` float32.
@@ -59,6 +77,7 @@ def normalize(
         >>> [round(v, 3) for v in x[:, 0, 0].tolist()]
         [2.249, 2.429, 2.64]
     """
+    mean, std = _check_stats(mean, std)
     x = _to_float01(image)
     m = torch.tensor(mean, dtype=x.dtype).view(3, 1, 1)
     s = torch.tensor(std, dtype=x.dtype).view(3, 1, 1)
@@ -135,7 +154,7 @@ class TrainTransform:
         mask ``(h, w)`` int64, valid ``(h, w)`` bool, with ``(h, w) = crop_size``.
 
     Examples:
-        >>> t = TrainTransform(32, scale_range=(0.5, 0.5), generator=torch.Generator().manual_seed(0))
+        >>> t = TrainTransform(crop_size=32, scale_range=(0.5, 0.5), generator=torch.Generator().manual_seed(0))
         >>> out = t(torch.zeros(3, 40, 20, dtype=torch.uint8), torch.ones(40, 20, dtype=torch.long))
         >>> out["image"].shape, out["mask"].shape, int(out["valid"].sum())
         (torch.Size([3, 32, 32]), torch.Size([32, 32]), 200)
@@ -145,8 +164,8 @@ class TrainTransform:
 
     def __init__(
         self,
-        crop_size: int | Sequence[int] = 448,
         *,
+        crop_size: int | Sequence[int] = 448,
         scale_range: Sequence[float] = (0.5, 2.0),
         long_side: Sequence[int] | None = None,
         hflip: float = 0.5,
@@ -172,7 +191,7 @@ class TrainTransform:
         if not 0.0 <= hflip <= 1.0:
             raise ValueError(f"hflip: expected a probability in [0, 1], got {hflip}")
         self.hflip = float(hflip)
-        self.mean, self.std = tuple(mean), tuple(std)
+        self.mean, self.std = _check_stats(mean, std)
         self.pad_value = float(pad_value)
         self.ignore_index = check_int("ignore_index", ignore_index)
         self.generator = generator
@@ -196,7 +215,7 @@ class TrainTransform:
         img, msk = _resize(img, mask.long(), size)
         if float(torch.rand((), generator=self.generator)) < self.hflip:
             img, msk = img.flip(-1), msk.flip(-1)
-        img = normalize(img, self.mean, self.std)
+        img = normalize(img, mean=self.mean, std=self.std)
 
         ch, cw = self.crop_size
         h, w = size
@@ -239,13 +258,13 @@ class EvalTransform:
 
     def __init__(self, *, mean: Sequence[float] = IMAGENET_MEAN,
                  std: Sequence[float] = IMAGENET_STD) -> None:
-        self.mean, self.std = tuple(mean), tuple(std)
+        self.mean, self.std = _check_stats(mean, std)
 
     def __call__(self, image: Tensor, mask: Tensor) -> dict[str, Tensor]:
         dims = check_shape("image", image, [3, "H", "W"])
         check_shape("mask", mask, ["H", "W"], dims, dtype="int")
         return {
-            "image": normalize(image, self.mean, self.std),
+            "image": normalize(image, mean=self.mean, std=self.std),
             "mask": mask.long(),
             "valid": torch.ones(mask.shape, dtype=torch.bool),
         }
@@ -254,7 +273,7 @@ class EvalTransform:
         return "EvalTransform()"
 
 
-def collate(batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Collate dataset items into a batch: tensors stacked, numbers to tensors, strings listed.
 
     Works for every wsss_blocks dataset (``image``, ``labels``, ``mask``, ``valid``,
@@ -262,7 +281,7 @@ def collate(batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     transform or ``batch_size=1``.
 
     Args:
-        batch: list of item dicts with the same keys.
+        samples: list of item dicts with the same keys.
 
     Returns:
         dict with the same keys: ``(B, ...)`` tensors, ``(B,)`` int64 for ints, lists for
@@ -278,15 +297,15 @@ def collate(batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         >>> b["image"].shape, b["valid"].shape, b["index"].tolist(), b["name"]
         (torch.Size([2, 3, 16, 16]), torch.Size([2, 16, 16]), [0, 1], ['train_000000', 'train_000001'])
     """
-    if len(batch) == 0:
+    if len(samples) == 0:
         raise ValueError("collate: got an empty batch")
-    keys = list(batch[0].keys())
+    keys = list(samples[0].keys())
     out: dict[str, Any] = {}
-    for item in batch[1:]:
+    for item in samples[1:]:
         if list(item.keys()) != keys:
             raise ValueError(f"collate: items have different keys: {keys} vs {list(item.keys())}")
     for key in keys:
-        values = [item[key] for item in batch]
+        values = [item[key] for item in samples]
         first = values[0]
         if isinstance(first, Tensor):
             shapes = {tuple(v.shape) for v in values}

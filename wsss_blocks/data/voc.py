@@ -72,6 +72,10 @@ class VOC(SegmentationFolder):
     Raises:
         FileNotFoundError: naming the missing folder or list file (or ``mask_dir``, or the
             masks missing from it).
+        DataFileError: naming the file: a list that names no image, a label file that does
+            not read; when an item is read, an image or mask that does not decode, a mask of
+            another size than its image or with values outside ``0..20`` and 255, and, with
+            labels from the masks, a mask whose every pixel is 255 (the image has no label).
 
     Items: ``image`` ``(3, H, W)`` float32, ``labels`` ``(20,)`` float32, ``mask`` ``(H, W)``
     int64 (255 kept), ``valid`` ``(H, W)`` bool, ``index``, ``name``.
