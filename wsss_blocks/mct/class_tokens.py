@@ -1,4 +1,4 @@
-"""Multi-class-token adapter (MCTformer-V1 style) for timm Vision Transformers.
+"""Class tokens of a multi-class-token ViT: add them, read them, their attention CAMs.
 
 ``add_class_tokens`` turns a timm ViT into a model with ``C`` leading class tokens in
 place (MCTformer: one token per class). ``final_tokens`` and ``class_scores`` give
