@@ -68,26 +68,13 @@ class RunError(RuntimeError):
 
 
 def recipe_options(recipe_cls: type[Recipe], raw: dict[str, str]) -> Any:
-    """``recipe_cls.Options`` from ``--opt`` strings, checked: typed by the fields' annotations,
-    every float finite, then ``Options.validate()`` when the class defines one (it raises
-    ``ValueError`` with a message that starts with the option's name, e.g. ``check_range``'s
-    ``"pool_fraction: expected a value in (0.0, 1.0], got 7.0"``). Errors are
-    :class:`ConfigError` naming ``--opt``."""
+    """``recipe_cls.Options`` from ``--opt`` strings, typed and checked by
+    :func:`recipes.base.parse_options` (types, finite numbers, declared bounds, then the class's
+    ``validate()``). Errors are :class:`ConfigError` naming ``--opt``."""
     try:
-        options = parse_options(recipe_cls, raw)
+        return parse_options(recipe_cls, raw)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    for f in dataclasses.fields(options):
-        value = getattr(options, f.name)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"--opt {f.name}: expected a finite number, got {value}")
-    check = getattr(options, "validate", None)
-    if callable(check):
-        try:
-            check()
-        except ValueError as err:
-            raise ConfigError(f"--opt {err}") from None
-    return options
 
 
 class TrainNet(nn.Module):

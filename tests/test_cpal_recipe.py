@@ -81,10 +81,11 @@ def test_cpal_recipe_resume_is_exact(tmp_path: Path) -> None:
     ("capacity", 0), ("num_prototypes", 1001), ("top_k", 0), ("top_k", 51), ("top_k", 2.0),
     ("recluster_every", -1), ("pooling", "max"), ("similarity", "cos"), ("weighting", "soft"),
 ])
-def test_cpal_options_validate_names_the_option(name: str, value: object) -> None:
+def test_cpal_options_check_names_the_option(name: str, value: object) -> None:
+    from recipes.base import check_options
     from recipes.cpal import CPALRecipe
 
-    CPALRecipe.Options().validate()
-    CPALRecipe.Options(temperature=0.5, recluster_every=0, num_prototypes=1000, top_k=1000).validate()
-    with pytest.raises(ValueError, match=f"^{name}: "):
-        CPALRecipe.Options(**{name: value}).validate()
+    check_options(CPALRecipe.Options())
+    check_options(CPALRecipe.Options(temperature=0.5, recluster_every=0, num_prototypes=1000, top_k=1000))
+    with pytest.raises(ValueError, match=f"^--opt {name}: "):
+        check_options(CPALRecipe.Options(**{name: value}))

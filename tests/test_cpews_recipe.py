@@ -16,7 +16,7 @@ if str(EXAMPLES) not in sys.path:
 import recipes.cpews as rc  # noqa: E402
 from _backbone import build_backbone  # noqa: E402
 from _config import ConfigError, parse_config  # noqa: E402
-from recipes.base import LossTerm, parse_options  # noqa: E402
+from recipes.base import LossTerm, check_options, parse_options  # noqa: E402
 
 TINY = ["--img-size", "32", "--patch-size", "8", "--depth", "3", "--embed-dim", "48", "--num-heads", "3",
         "--batch-size", "2", "--iterations", "10", "--baseline", "off"]
@@ -39,17 +39,17 @@ def test_options_out_of_range_fail_at_parse_time(name, text, value, interval):
     with pytest.raises(ValueError, match=message):
         parse_options(rc.CPEWSRecipe, {name: text})
     with pytest.raises(ValueError, match=message):  # the same check on Options built in code
-        rc.CPEWSRecipe.Options(**{name: value})
+        check_options(rc.CPEWSRecipe.Options(**{name: value}))
 
 
 def test_options_in_range_and_unset_values_pass():
     o = parse_options(rc.CPEWSRecipe, {"pool_fraction": "1", "pool_step": "none", "pool_refresh": "0",
                                        "ssl_source_share": "none", "ism_weight": "0", "mid_layer": "-1"})
     assert (o.pool_fraction, o.pool_step, o.ssl_source_share, o.ism_weight) == (1.0, None, None, 0.0)
-    o.validate()
-    o.pool_fraction = 2.0  # mutated after parsing: validate() still catches it
+    check_options(o)
+    o.pool_fraction = 2.0  # mutated after parsing: the check still catches it
     with pytest.raises(ValueError, match="pool_fraction"):
-        o.validate()
+        check_options(o)
 
 
 def test_trainer_rejects_a_bad_range_before_training(tmp_path: Path):

@@ -1,4 +1,4 @@
-"""The ``mct`` / ``doei`` recipes: option ranges (``Options.validate``) and one training step."""
+"""The ``mct`` / ``doei`` recipes: option bounds checked at parse time, and one training step."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ if str(EXAMPLES) not in sys.path:
 import train  # noqa: E402
 from _config import parse_config  # noqa: E402
 from recipes import RECIPES, parse_options  # noqa: E402
+from recipes.base import check_options  # noqa: E402
 
 TINY = ["--img-size", "32", "--patch-size", "8", "--depth", "2", "--embed-dim", "24", "--num-heads", "2",
         "--batch-size", "2", "--train-length", "8"]
@@ -23,7 +24,7 @@ TINY = ["--img-size", "32", "--patch-size", "8", "--depth", "2", "--embed-dim", 
 
 @pytest.mark.parametrize("name", ["mct", "doei"])
 def test_defaults_validate(name: str) -> None:
-    RECIPES[name].Options().validate()
+    check_options(RECIPES[name].Options())
 
 
 @pytest.mark.parametrize(
@@ -34,13 +35,12 @@ def test_defaults_validate(name: str) -> None:
      ("doei", {"rgb_sigma": "0"}, "rgb_sigma")],
 )
 def test_validate_names_the_option(name: str, opts: dict[str, str], bad: str) -> None:
-    options = parse_options(RECIPES[name], opts)
     with pytest.raises(ValueError, match=rf"--opt {bad}: expected"):
-        options.validate()
+        parse_options(RECIPES[name], opts)
 
 
 def test_doei_validate_accepts_the_range_ends() -> None:
-    parse_options(RECIPES["doei"], {"st": "0", "st_c2c": "1", "af": "0", "sf": "3", "alpha": "1"}).validate()
+    parse_options(RECIPES["doei"], {"st": "0", "st_c2c": "1", "af": "0", "sf": "3", "alpha": "1"})
 
 
 @pytest.mark.parametrize("name", ["mct", "doei"])

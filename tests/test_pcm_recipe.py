@@ -84,14 +84,16 @@ def test_bad_teacher_option() -> None:
         _recipe("--opt", "teacher=both")
 
 
-def test_options_validate_names_the_option() -> None:
+def test_options_check_names_the_option() -> None:
+    from recipes.base import check_options
+
     options = RECIPES["pcm"].Options
-    options().validate()  # the defaults are valid
-    options(crop_prob=1.0, crop=0, scale=1.5, dropout=0.0, l2=0.0, cam_gamma=0.0, et_start=1).validate()
+    check_options(options())  # the defaults are valid
+    check_options(options(crop_prob=1.0, crop=0, scale=1.5, dropout=0.0, l2=0.0, cam_gamma=0.0, et_start=1))
     bad = {"et_start": 0, "crop_prob": 1.5, "crop": -8, "scale": 0.0, "dropout": -0.1, "l2": -1.0,
            "cam_gamma": float("nan"), "target_norm": "patch", "background": "from_labels"}
     for name, value in bad.items():
         with pytest.raises(ValueError, match=f"--opt {name}: "):
-            options(**{name: value}).validate()
+            check_options(options(**{name: value}))
     with pytest.raises(ValueError, match="crop_prob"):
         _recipe("--opt", "crop_prob=2")

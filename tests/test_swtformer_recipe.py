@@ -65,8 +65,8 @@ def test_swtformer_recipe_options_presets_and_ranges() -> None:
     assert paper.similarity == "abs_cos" and paper.loss_weights == {"gsc": 1.0, "ccl": 1.0}
     official = cls(backbone, 3, cfg, parse_options(cls, {"preset": "official", "gsc_weight": "0.5"}), {}).heads
     assert official.similarity == "relu_cos" and official.loss_weights == {"gsc": 0.5, "ccl": 0.0}
-    parse_options(cls, {"ccl_weight": "0", "bg_scale": "1", "head_kernel_size": "3"}).validate()
+    parse_options(cls, {"ccl_weight": "0", "bg_scale": "1", "head_kernel_size": "3"})
     for key, value in (("gsc_weight", "-1"), ("ccl_weight", "nan"), ("bg_scale", "inf"),
                        ("head_kernel_size", "2"), ("head_kernel_size", "0")):
         with pytest.raises(ValueError, match=f"--opt {key}: expected"):
-            parse_options(cls, {key: value}).validate()
+            parse_options(cls, {key: value})

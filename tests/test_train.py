@@ -305,7 +305,7 @@ def test_runtime_config_errors(tmp_path: Path) -> None:
     # recipe constructor checks against the model become ConfigErrors too (clean CLI exit)
     with pytest.raises(ConfigError, match="--recipe cpews: block index -3 is out of range"):
         train.main([*base, "--recipe", "cpews", "--depth", "2"])  # default mid_layer=-3
-    with pytest.raises(ConfigError, match="--recipe mct: --opt last_k: expected >= 1"):
+    with pytest.raises(ConfigError, match="--opt last_k: expected a value >= 1, got 0"):
         train.main([*base, "--recipe", "mct", "--opt", "last_k=0"])
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="fp16 needs CUDA"):

@@ -247,29 +247,36 @@ def test_bad_flag_is_exit_status_2_without_traceback(tmp_path: Path) -> None:
     assert "Traceback" not in res.stderr and not (tmp_path / "x").exists()
 
 
-def test_recipe_options_must_be_finite_and_pass_validate(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"--opt pool_fraction: expected a finite number, got nan"):
+def test_recipe_options_are_checked_before_training(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"--opt pool_fraction: expected a value in \(0, 1\], got nan"):
         train.main([*BASE, "--recipe", "cpews", "--opt", "pool_fraction=nan", "--output", str(tmp_path / "a")])
-    with pytest.raises(ConfigError, match=r"--opt tau: expected a finite number, got inf"):
-        train.main([*BASE, "--recipe", "cpal", "--opt", "tau=inf", "--output", str(tmp_path / "b")])
+    with pytest.raises(ConfigError, match=r"--opt threshold: expected a value in \(0, 1\), got inf"):
+        train.main([*BASE, "--recipe", "cpal", "--opt", "threshold=inf", "--output", str(tmp_path / "b")])
 
     from recipes import Recipe
-
-    from wsss_blocks._validate import check_range
+    from recipes.base import option
 
     class Ranged(Recipe):  # not registered: recipe_options is the trainer-side hook
         name = "ranged"
 
         @dataclasses.dataclass
         class Options:
-            fraction: float = 0.3
+            fraction: float = option(0.3, bounds="(0, 1]")
+            weight: float = 1.0
+            low: float = 0.1
+            high: float = 0.9
 
             def validate(self) -> None:
-                check_range("fraction", self.fraction, 0.0, 1.0, low_inclusive=False)
+                if not self.low < self.high:
+                    raise ValueError(f"low: expected a value below high={self.high}, got {self.low}")
 
     assert train.recipe_options(Ranged, {"fraction": "1"}).fraction == 1.0
-    with pytest.raises(ConfigError, match=r"^--opt fraction: expected a value in \(0.0, 1.0\], got 7.0$"):
+    with pytest.raises(ConfigError, match=r"^--opt fraction: expected a value in \(0, 1\], got 7.0$"):
         train.recipe_options(Ranged, {"fraction": "7"})
+    with pytest.raises(ConfigError, match=r"^--opt weight: expected a finite number, got inf$"):
+        train.recipe_options(Ranged, {"weight": "inf"})
+    with pytest.raises(ConfigError, match=r"^--opt low: expected a value below high=0.2, got 0.5$"):
+        train.recipe_options(Ranged, {"low": "0.5", "high": "0.2"})
 
 
 def test_a_diverged_loss_stops_the_run_and_keeps_the_checkpoint(tmp_path: Path,

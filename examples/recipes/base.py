@@ -8,15 +8,18 @@ A recipe is one training method: an ``nn.Module`` holding the method's new heads
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, NamedTuple, Union, get_args, get_origin, get_type_hints
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Recipe", "LossTerm", "LoopServices", "OptionError", "option_types", "parse_option", "parse_options"]
+__all__ = ["Recipe", "LossTerm", "LoopServices", "OptionError", "option", "option_types", "parse_option",
+           "parse_options", "check_options"]
 
 
 class LossTerm(NamedTuple):
@@ -54,7 +57,9 @@ class Recipe(nn.Module):
 
     Subclasses set ``name`` and ``Options`` (a dataclass of recipe options, set with
     ``--opt key=value`` and typed by the fields' annotations: ``bool``, ``int``, ``float``,
-    ``str``, ``Literal[...]``, ``X | None``, where ``none`` gives ``None``) and implement
+    ``str``, ``Literal[...]``, ``X | None``, where ``none`` gives ``None``; a numeric option
+    declares its valid range with :func:`option`, rules between options go in an optional
+    ``Options.validate()``; :func:`check_options` applies all of them) and implement
     :meth:`forward` and :meth:`cam`; ``backbones`` lists the backbone families it supports
     (default ViT only). Parameters created in ``__init__`` are the "new heads"
     (``--head-lr-mult`` times the base rate); the backbone is passed to every call and is
@@ -84,6 +89,7 @@ class Recipe(nn.Module):
     def __init__(self, backbone: nn.Module, num_classes: int, config: Any, options: Any,
                  data_info: dict[str, Any] | None = None) -> None:
         super().__init__()
+        check_options(options)
         self.num_classes = int(num_classes)
         self.config = config
         self.options = options
@@ -232,7 +238,8 @@ def parse_option(name: str, text: str, hint: Any) -> Any:
 def parse_options(recipe_cls: type[Recipe], raw: dict[str, str]) -> Any:
     """Build ``recipe_cls.Options`` from ``--opt`` strings, typed by the fields' type hints.
 
-    Unknown keys and values that do not fit raise :class:`OptionError` (a ``ValueError``).
+    Unknown keys, values that do not fit and values outside their bounds raise
+    :class:`OptionError` (a ``ValueError``); see :func:`check_options`.
 
     Example:
         >>> from recipes.baseline import BaselineRecipe
@@ -247,4 +254,98 @@ def parse_options(recipe_cls: type[Recipe], raw: dict[str, str]) -> Any:
             f"allowed: {sorted(hints)}"
         )
     values = {k: parse_option(k, v, hints[k]) for k, v in raw.items()}
-    return recipe_cls.Options(**values)
+    return check_options(recipe_cls.Options(**values))
+
+
+_INTERVAL = re.compile(r"([\[(])\s*([^,\s]+)\s*,\s*([^\])\s]+)\s*([\])])")
+_BOUND = re.compile(r"(>=|>|<=|<)\s*(\S+)")
+
+
+def option(default: Any, *, bounds: str) -> Any:
+    """A recipe option whose values must lie in ``bounds``: ``"(0, 1]"``, ``"[0, 1)"``, ``">= 1"``,
+    ``"> 0"`` ... (``None`` is always allowed: the unset value of an ``X | None`` option).
+
+    Example:
+        >>> @dataclass
+        ... class Options:
+        ...     fraction: float = option(0.3, bounds="(0, 1]")
+        >>> check_options(Options(fraction=7.0))
+        Traceback (most recent call last):
+        ...
+        recipes.base.OptionError: --opt fraction: expected a value in (0, 1], got 7.0
+    """
+    _bounds_check(bounds)
+    return field(default=default, metadata={"bounds": bounds})
+
+
+def _bounds_check(bounds: str) -> tuple[Any, ...]:
+    if m := _INTERVAL.fullmatch(bounds.strip()):
+        return ("interval", m[1], float(m[2]), float(m[3]), m[4])
+    if m := _BOUND.fullmatch(bounds.strip()):
+        return ("bound", m[1], float(m[2]))
+    raise TypeError(f"unsupported option bounds {bounds!r} (use '(a, b]', '>= a', ...)")
+
+
+def _in_bounds(value: float, bounds: str) -> tuple[bool, str]:
+    spec = _bounds_check(bounds)
+    if spec[0] == "interval":
+        _, left, low, high, right = spec
+        ok = (value > low or (left == "[" and value == low)) and (value < high or (right == "]" and value == high))
+        return ok, f"a value in {bounds.strip()}"
+    _, op, bound = spec
+    ok = {">=": value >= bound, ">": value > bound, "<=": value <= bound, "<": value < bound}[op]
+    return ok, f"a value {bounds.strip()}"
+
+
+def check_options(options: Any) -> Any:
+    """Check a recipe's ``Options`` instance; :class:`OptionError` names the first bad option.
+
+    Every field must fit its type (``Literal`` choices, ``X | None``, ``bool``/``int``/``float``/
+    ``str``: options built in code are checked as strictly as ``--opt`` strings), every float must
+    be finite, every value must lie in the bounds its :func:`option` declares, and then
+    ``options.validate()`` (rules between options, when the class defines it) runs; its
+    ``ValueError`` should start with the option's name. Returns ``options``.
+
+    Example:
+        >>> from recipes.baseline import BaselineRecipe
+        >>> check_options(BaselineRecipe.Options(pooling="mean"))
+        Traceback (most recent call last):
+        ...
+        recipes.base.OptionError: --opt pooling: expected one of 'gmp_feat', 'gmp_cam', got 'mean'
+    """
+    hints = option_types(type(options))
+    for f in dataclasses.fields(options):
+        value = getattr(options, f.name)
+        if not _fits(value, hints[f.name]):
+            raise OptionError(f"--opt {f.name}: expected {_describe(hints[f.name])}, got {value!r}")
+        bounds = f.metadata.get("bounds")
+        if bounds is not None and value is not None:
+            ok, what = _in_bounds(value, bounds)  # NaN fits no bounds
+            if not ok:
+                raise OptionError(f"--opt {f.name}: expected {what}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise OptionError(f"--opt {f.name}: expected a finite number, got {value}")
+    check = getattr(options, "validate", None)
+    if callable(check):
+        try:
+            check()
+        except OptionError:
+            raise
+        except ValueError as err:
+            raise OptionError(f"--opt {err}") from None
+    return options
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if hint is _NONE_TYPE:
+        return value is None
+    if origin is Literal:
+        return any(value == a and type(value) is type(a) for a in args)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)

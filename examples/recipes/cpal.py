@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -29,7 +28,7 @@ from _backbone import feature_dim, final_feature_map
 from torch import Tensor, nn
 
 from recipes import register
-from recipes.base import LossTerm, Recipe
+from recipes.base import LossTerm, Recipe, option
 from wsss_blocks.cam import normalize_cam
 from wsss_blocks.cpal import CPAL
 
@@ -44,51 +43,34 @@ class CPALRecipe(Recipe):
     @dataclass
     class Options:
         pooling: Literal["gmp_feat", "gap"] = "gmp_feat"
-        self_weight: float = 1.0
-        proj_dim: int = 256
-        threshold: float = 0.1
-        capacity: int = 1000
-        num_prototypes: int = 50
-        top_k: int = 20
-        temperature: float | None = None  # None: sqrt(proj_dim)
+        self_weight: float = option(1.0, bounds=">= 0")
+        proj_dim: int = option(256, bounds=">= 1")
+        threshold: float = option(0.1, bounds="(0, 1)")
+        capacity: int = option(1000, bounds=">= 1")
+        num_prototypes: int = option(50, bounds=">= 1")
+        top_k: int = option(20, bounds=">= 1")
+        temperature: float | None = option(None, bounds="> 0")  # None: sqrt(proj_dim)
         similarity: Literal["dot", "cosine", "l2", "l1"] = "dot"
         weighting: Literal["positiveness", "uniform"] = "positiveness"
         align: bool = True
         detach_features: bool = False
         detach_pacam: bool = False
         normalize_pacam: bool = False
-        recluster_every: int = 0  # 0: one epoch of this run's training images
+        recluster_every: int = option(0, bounds=">= 0")  # 0: one epoch of this run's training images
         warmup_reclusters: bool = True
 
         def validate(self) -> None:
-            """Check every option's choices and range; the ``ValueError`` starts with the option's name."""
-            choices = {"pooling": ("gmp_feat", "gap"), "similarity": ("dot", "cosine", "l2", "l1"),
-                       "weighting": ("positiveness", "uniform")}
-            for name, allowed in choices.items():
-                if getattr(self, name) not in allowed:
-                    raise ValueError(f"{name}: expected one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-            if not (math.isfinite(self.self_weight) and self.self_weight >= 0.0):
-                raise ValueError(f"self_weight: expected a finite value >= 0, got {self.self_weight}")
-            if not 0.0 < self.threshold < 1.0:  # also rejects nan
-                raise ValueError(f"threshold: expected a value in (0, 1), got {self.threshold}")
-            if self.temperature is not None and not (math.isfinite(self.temperature) and self.temperature > 0.0):
-                raise ValueError(f"temperature: expected a finite value > 0 or none (sqrt(proj_dim)), "
-                                 f"got {self.temperature}")
-            for name, low, high in (("proj_dim", 1, None), ("capacity", 1, None),
-                                    ("num_prototypes", 1, self.capacity), ("top_k", 1, self.num_prototypes),
-                                    ("recluster_every", 0, None)):
-                value = getattr(self, name)
-                if isinstance(value, bool) or not isinstance(value, int) or value < low or (
-                        high is not None and value > high):
-                    bounds = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
-                    note = " (0: one epoch)" if name == "recluster_every" else ""
-                    raise ValueError(f"{name}: expected {bounds}{note}, got {value!r}")
+            """``top_k <= num_prototypes <= capacity``; the ``ValueError`` names the option."""
+            if self.num_prototypes > self.capacity:
+                raise ValueError(f"num_prototypes: expected at most capacity={self.capacity}, "
+                                 f"got {self.num_prototypes}")
+            if self.top_k > self.num_prototypes:
+                raise ValueError(f"top_k: expected at most num_prototypes={self.num_prototypes}, got {self.top_k}")
 
     def __init__(self, backbone: nn.Module, num_classes: int, config: Any, options: Any,
                  data_info: dict[str, Any] | None = None) -> None:
         super().__init__(backbone, num_classes, config, options, data_info)
         o = options
-        o.validate()
         dim = feature_dim(backbone)
         self.classifier = nn.Linear(dim, num_classes, bias=False)
         self.recluster_every = int(o.recluster_every) or self._epoch_length(config)

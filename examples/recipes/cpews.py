@@ -24,60 +24,23 @@
   form: ``--opt ssl_source_share=none --opt ssl_denominator=phi`` (``ssl_cam_scale=max`` is a
   third option).
 * Evaluation CAM: the final classifier on the final tokens.
-* Option ranges: every numeric option declares its valid range (``range`` in the field's
-  metadata); :meth:`CPEWSRecipe.Options.validate` checks them when the options are built,
-  so ``--opt pool_fraction=7`` fails at parse time.
+* Option ranges: every numeric option declares its bounds (:func:`recipes.base.option`), so
+  ``--opt pool_fraction=7`` fails at parse time.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from recipes import register
-from recipes.base import LoopServices, LossTerm, Recipe
+from recipes.base import LoopServices, LossTerm, Recipe, option
 from wsss_blocks.cam import normalize_cam, token_pseudo_labels
 from wsss_blocks.cpews import CPEWSHead, CPEWSLoss, PrototypePool, cpews_taps
 from wsss_blocks.tokens import resolve_block_index
-
-_INTERVAL = re.compile(r"([\[(])\s*([^,\s]+)\s*,\s*([^\])\s]+)\s*([\])])")
-_BOUND = re.compile(r"(>=|>|<=|<)\s*(\S+)")
-
-
-def _ranged(default: Any, interval: str) -> Any:
-    """A dataclass field whose valid values are ``interval``: ``"(0, 1]"``, ``">= 1"``, ...; ``None`` is
-    always allowed (the "unset" of ``X | None`` options)."""
-    return field(default=default, metadata={"range": interval})
-
-
-def _check_range(name: str, value: Any, interval: str) -> None:
-    """``ValueError`` naming the option when ``value`` lies outside ``interval`` (NaN never fits).
-
-    Example:
-        >>> _check_range("pool_fraction", 7.0, "(0, 1]")
-        Traceback (most recent call last):
-        ...
-        ValueError: pool_fraction: expected a value in (0, 1], got 7.0
-    """
-    if value is None:
-        return
-    if m := _INTERVAL.fullmatch(interval.strip()):
-        low, high = float(m[2]), float(m[3])
-        ok = (value > low or (m[1] == "[" and value == low)) and (value < high or (m[4] == "]" and value == high))
-        what = f"a value in {interval}"
-    elif m := _BOUND.fullmatch(interval.strip()):
-        bound = float(m[2])
-        ok = {">=": value >= bound, ">": value > bound, "<=": value <= bound, "<": value < bound}[m[1]]
-        what = f"a value {interval}"
-    else:
-        raise TypeError(f"option {name!r}: unsupported range {interval!r}")
-    if not ok:
-        raise ValueError(f"{name}: expected {what}, got {value!r}")
 
 
 @register
@@ -90,40 +53,23 @@ class CPEWSRecipe(Recipe):
     class Options:
         preset: Literal["paper", "official"] = "paper"  # loss weights and sub-loss settings
         mid_layer: int = -3  # checked against the model's depth when the recipe is built
-        pool_step: int | None = _ranged(None, ">= 1")  # None: round(pool_fraction * iterations)
-        pool_fraction: float = _ranged(0.3, "(0, 1]")
-        pool_refresh: int = _ranged(0, ">= 0")  # rebuild every N steps after the first build; 0 = once
-        pool_images: int = _ranged(1024, ">= 1")
-        num_prototypes: int = _ranged(10, ">= 1")
-        capacity: int = _ranged(2048, ">= 1")
-        ism_weight: float | None = _ranged(None, ">= 0")  # None: the preset's weight
-        pdl_weight: float | None = _ranged(None, ">= 0")
-        ssl_weight: float | None = _ranged(None, ">= 0")
+        pool_step: int | None = option(None, bounds=">= 1")  # None: round(pool_fraction * iterations)
+        pool_fraction: float = option(0.3, bounds="(0, 1]")
+        pool_refresh: int = option(0, bounds=">= 0")  # rebuild every N steps after the first build; 0 = once
+        pool_images: int = option(1024, bounds=">= 1")
+        num_prototypes: int = option(10, bounds=">= 1")
+        capacity: int = option(2048, bounds=">= 1")
+        ism_weight: float | None = option(None, bounds=">= 0")  # None: the preset's weight
+        pdl_weight: float | None = option(None, bounds=">= 0")
+        ssl_weight: float | None = option(None, bounds=">= 0")
         ssl_cam_scale: Literal["raw", "max"] = "raw"  # SSL on CAM logits (paper) or max-normalised
         ssl_denominator: Literal["phi", "gate"] = "gate"  # SSL mean over the gate (paper: phi, over Phi)
-        ssl_source_share: float | None = _ranged(0.5, "(0, 1]")  # also drop negatives of learned confusions
-
-        def __post_init__(self) -> None:
-            self.validate()
-
-        def validate(self) -> None:
-            """Check every option against its declared range; ``ValueError`` names the option.
-
-            Example:
-                >>> CPEWSRecipe.Options(pool_fraction=7.0)
-                Traceback (most recent call last):
-                ...
-                ValueError: pool_fraction: expected a value in (0, 1], got 7.0
-            """
-            for f in dataclasses.fields(self):
-                if "range" in f.metadata:
-                    _check_range(f.name, getattr(self, f.name), f.metadata["range"])
+        ssl_source_share: float | None = option(0.5, bounds="(0, 1]")  # also drop negatives of learned confusions
 
     def __init__(self, backbone: nn.Module, num_classes: int, config: Any, options: Any,
                  data_info: dict[str, Any] | None = None) -> None:
         super().__init__(backbone, num_classes, config, options, data_info)
         o = options
-        o.validate()
         self.mid_index = resolve_block_index(backbone, o.mid_layer)
         data = self.data_info.get("data")
         superclasses: Any = {"voc": "voc", "coco": "coco"}.get(str(data), self.data_info.get("superclasses"))

@@ -8,13 +8,13 @@ active in training and CAM generation. The colour affinity uses the data's norma
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor, nn
 
 from recipes import register
+from recipes.base import option
 from recipes.mct import MCTRecipe
 from wsss_blocks.constants import IMAGENET_MEAN, IMAGENET_STD
 from wsss_blocks.doei import DOEIConfig, patch
@@ -28,30 +28,16 @@ class DOEIRecipe(MCTRecipe):
 
     @dataclass
     class Options(MCTRecipe.Options):
-        st: float = 0.02  # st_p2c (and st_c2c unless st_c2c is set)
-        st_c2c: float | None = None
-        af: float = 1.0  # af_p2c = af_c2c
-        sf: float = 1.0  # sf_p2c = sf_c2c
-        alpha: float = 0.35
-        rgb_sigma: float = 0.1
+        st: float = option(0.02, bounds="[0, 1]")  # st_p2c (and st_c2c unless st_c2c is set)
+        st_c2c: float | None = option(None, bounds="[0, 1]")
+        af: float = option(1.0, bounds=">= 0")  # af_p2c = af_c2c
+        sf: float = option(1.0, bounds=">= 0")  # sf_p2c = sf_c2c
+        alpha: float = option(0.35, bounds="[0, 1]")
+        rgb_sigma: float = option(0.1, bounds="> 0")
         use_ppdo: bool = True
         use_cpdo: bool = True
         use_hfa: bool = True
         restrict_to_labels: bool = False
-
-        def validate(self) -> None:
-            """Check the ranges of the options (and the MCT ones); ``ValueError`` names the option."""
-            super().validate()
-            for name in ("st", "st_c2c", "alpha"):
-                value = getattr(self, name)
-                if value is not None and not 0.0 <= value <= 1.0:  # also rejects nan
-                    raise ValueError(f"--opt {name}: expected a value in [0, 1], got {value}")
-            for name in ("af", "sf"):
-                value = getattr(self, name)
-                if not (math.isfinite(value) and value >= 0.0):
-                    raise ValueError(f"--opt {name}: expected a finite value >= 0, got {value}")
-            if not (math.isfinite(self.rgb_sigma) and self.rgb_sigma > 0.0):
-                raise ValueError(f"--opt rgb_sigma: expected a finite value > 0, got {self.rgb_sigma}")
 
     def __init__(self, backbone: nn.Module, num_classes: int, config: Any, options: Any,
                  data_info: dict[str, Any] | None = None) -> None:

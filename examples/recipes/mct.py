@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from recipes import register
-from recipes.base import LossTerm, Recipe
+from recipes.base import LossTerm, Recipe, option
 from wsss_blocks.mct import add_class_tokens, attention_cams, class_scores, final_tokens
 from wsss_blocks.tokens import num_blocks
 
@@ -38,23 +38,13 @@ class MCTRecipe(Recipe):
 
     @dataclass
     class Options:
-        last_k: int | None = None  # None: 3 with --pretrained, all blocks without
+        last_k: int | None = option(None, bounds=">= 1")  # None: 3 with --pretrained, all blocks without
         refine: bool | None = None  # None: on with --pretrained, off without
         reduction: Literal["sum", "mean"] = "sum"  # attention_cams(fuse=...)
-
-        def validate(self) -> None:
-            """Check the ranges of the options; ``ValueError`` names the option."""
-            if self.last_k is not None and (isinstance(self.last_k, bool) or not isinstance(self.last_k, int)):
-                raise ValueError(f"--opt last_k: expected an int or none, got {self.last_k!r}")
-            if self.last_k is not None and not 1 <= self.last_k:
-                raise ValueError(f"--opt last_k: expected >= 1, got {self.last_k}")
-            if self.reduction not in ("sum", "mean"):
-                raise ValueError(f"--opt reduction: expected sum or mean, got {self.reduction!r}")
 
     def __init__(self, backbone: nn.Module, num_classes: int, config: Any, options: Any,
                  data_info: dict[str, Any] | None = None) -> None:
         super().__init__(backbone, num_classes, config, options, data_info)
-        options.validate()
         if getattr(backbone, "num_prefix_tokens", 0) == 1:
             add_class_tokens(backbone, num_classes)
         elif getattr(backbone, "num_prefix_tokens", 0) != num_classes:

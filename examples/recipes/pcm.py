@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from recipes import register
-from recipes.base import LossTerm, OptionError, Recipe
+from recipes.base import LossTerm, Recipe, option
 from wsss_blocks.pcm import (
     HVBiLSTM,
     PatchClassifier,
@@ -58,15 +58,6 @@ from wsss_blocks.utils import eval_mode
 def _patch_size(backbone: nn.Module) -> int:
     p: Any = getattr(getattr(backbone, "patch_embed", None), "patch_size", 16)
     return int(p if isinstance(p, int) else p[0])
-
-
-def _check_range(name: str, value: float, low: float, high: float | None = None, *,
-                 low_inclusive: bool = True) -> None:
-    """``--opt name`` must lie in ``[low, high]`` (``(low, ...`` without ``low_inclusive``; no ``high``: unbounded)."""
-    above = value >= low if low_inclusive else value > low
-    if not (above and (high is None or value <= high)):  # NaN fails both
-        bounds = f"{'[' if low_inclusive else '('}{low}, {'inf)' if high is None else f'{high}]'}"
-        raise OptionError(f"--opt {name}: expected a value in {bounds}, got {value!r}")
 
 
 class _PCMHead(nn.Module):
@@ -93,38 +84,21 @@ class PCMRecipe(Recipe):
     class Options:
         hv_lstm: bool = True
         et: bool = True
-        et_start: int = 1  # first step with the ET term (official: 1; > 1 = ET after an MCE warm-up)
+        et_start: int = option(1, bounds=">= 1")  # first ET step (official: 1; > 1 = after an MCE warm-up)
         background: Literal["always_one", "ignore"] = "always_one"
-        crop_prob: float = 0.3
-        crop: int = 0  # pixels; 0: img_size / 3 on the patch grid (official 128 of 384)
-        scale: float = 0.5
+        crop_prob: float = option(0.3, bounds="[0, 1]")
+        crop: int = option(0, bounds=">= 0")  # pixels; 0: img_size / 3 on the patch grid (official 128 of 384)
+        scale: float = option(0.5, bounds="> 0")  # tile / image size
         target_norm: Literal["tile", "image"] = "tile"
-        dropout: float = 0.2
-        l2: float = 0.01
-        cam_gamma: float = 0.0  # 0: log(cam_threshold) / log(0.5), see the module docstring
+        dropout: float = option(0.2, bounds="[0, 1]")
+        l2: float = option(0.01, bounds=">= 0")
+        cam_gamma: float = option(0.0, bounds=">= 0")  # 0: log(cam_threshold) / log(0.5), see the module docstring
         teacher: Literal["auto", "shared", "separate"] = "auto"  # see the module docstring
-
-        def validate(self) -> None:
-            """Check every option's choices and range; :class:`OptionError` (a ``ValueError``) names it."""
-            choices = {"background": ("always_one", "ignore"), "target_norm": ("tile", "image"),
-                       "teacher": ("auto", "shared", "separate")}
-            for name, allowed in choices.items():
-                if getattr(self, name) not in allowed:
-                    raise OptionError(f"--opt {name}: expected one of {', '.join(allowed)}, "
-                                      f"got {getattr(self, name)!r}")
-            _check_range("et_start", self.et_start, 1)  # steps count from 1
-            _check_range("crop_prob", self.crop_prob, 0.0, 1.0)
-            _check_range("crop", self.crop, 0)  # 0: img_size / 3 on the patch grid
-            _check_range("scale", self.scale, 0.0, low_inclusive=False)  # tile / image size
-            _check_range("dropout", self.dropout, 0.0, 1.0)
-            _check_range("l2", self.l2, 0.0)
-            _check_range("cam_gamma", self.cam_gamma, 0.0)  # 0: from cam_threshold
 
     def __init__(self, backbone: nn.Module, num_classes: int, config: Any, options: Any,
                  data_info: dict[str, Any] | None = None) -> None:
         super().__init__(backbone, num_classes, config, options, data_info)
         o = options
-        o.validate()
         dim: Any = backbone.embed_dim
         self.pcm = _PCMHead(int(dim), num_classes, hv_lstm=o.hv_lstm, dropout=o.dropout, l2=o.l2)
         self.patch = _patch_size(backbone)

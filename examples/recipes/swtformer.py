@@ -25,7 +25,6 @@ grids 32, 16, 8, 4).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -35,7 +34,7 @@ from _backbone import feature_stride
 from torch import Tensor, nn
 
 from recipes import register
-from recipes.base import LossTerm, Recipe
+from recipes.base import LossTerm, Recipe, option
 from wsss_blocks.swtformer import SWTformerHead, SWTformerOutput
 from wsss_blocks.tokens import stage_info, stage_taps
 
@@ -51,26 +50,21 @@ class SWTformerRecipe(Recipe):
     class Options:
         preset: Literal["paper", "official"] = "paper"  # defaults of similarity and the loss weights
         version: Literal["v1", "v2"] = "v2"
-        gsc_weight: float | None = None  # None: the preset's (1)
-        ccl_weight: float | None = None  # None: the preset's (paper 1, official 0)
+        gsc_weight: float | None = option(None, bounds=">= 0")  # None: the preset's (1)
+        ccl_weight: float | None = option(None, bounds=">= 0")  # None: the preset's (paper 1, official 0)
         ccl_variant: Literal["paper", "plain"] = "paper"
         similarity: Literal["abs_cos", "relu_cos", "cos"] | None = None  # None: the preset's
-        bg_scale: float = 0.5
+        bg_scale: float = option(0.5, bounds=">= 0")
         hff_output_stage: Literal["stage3", "stage2"] = "stage3"
         hff_detach_inputs: bool = True
-        head_kernel_size: int = 1
+        head_kernel_size: int = option(1, bounds=">= 1")
         final_norm: bool = True
         eval_map: Literal["auto", "cam", "rcam"] = "auto"  # auto: rcam for v2, cam for v1
 
         def validate(self) -> None:
-            """Raise ``ValueError`` naming the first numeric option out of its range."""
-            for name in ("gsc_weight", "ccl_weight", "bg_scale"):
-                value = getattr(self, name)
-                if value is not None and not (math.isfinite(value) and value >= 0):
-                    raise ValueError(f"--opt {name}: expected a finite value >= 0, got {value!r}")
-            k = self.head_kernel_size
-            if k < 1 or k % 2 == 0:
-                raise ValueError(f"--opt head_kernel_size: expected an odd int >= 1, got {k!r}")
+            """``head_kernel_size`` is odd (the CAM stays on the grid); the ``ValueError`` names it."""
+            if self.head_kernel_size % 2 == 0:
+                raise ValueError(f"head_kernel_size: expected an odd int, got {self.head_kernel_size}")
 
     def __init__(self, backbone: nn.Module, num_classes: int, config: Any, options: Any,
                  data_info: dict[str, Any] | None = None) -> None:
