@@ -125,6 +125,7 @@ def features_as_grid(
     grid: tuple[str, str] = ("h", "w"),
     input_fmt: str = "NCHW",
     hint: str = "permute it to NCHW with .permute(0, 3, 1, 2)",
+    grid_source: str = "size",
     dtype: str | None = None,
 ) -> Tensor:
     """Accept features as a map ``(B, D, h, w)`` or tokens ``(B, N, D)``; return the NCHW map.
@@ -152,6 +153,8 @@ def features_as_grid(
         grid: the names of ``h`` and ``w`` in ``dims``.
         input_fmt: ``"NCHW"`` or ``"NHWC"``, the layout of a 4-dim input.
         hint: the fix named for a channels-last map given as NCHW.
+        grid_source: where ``size`` comes from (``"size"``, or e.g. ``"cams_with_bg"``),
+            named when the features are not on it.
         dtype: dtype kind, see ``wsss_blocks._validate.check_tensor``.
 
     Shape:
@@ -189,30 +192,33 @@ def features_as_grid(
                 f"{name}: token input (B, N, D) needs the grid: pass size=(h, w); "
                 f"got shape {tuple(features.shape)}"
             )
-        check_shape(name, features, ["B", hw[0] * hw[1], channels], dims)
+        try:
+            check_shape(name, features, ["B", hw[0] * hw[1], channels], dims)
+        except ShapeError as err:
+            raise ShapeError(f"{err}; the grid {hw} comes from {grid_source}") from None
         out = tokens_to_grid(features, hw)
     elif features.dim() == 4:
         gh: str | int = grid[0] if hw is None else hw[0]
         gw: str | int = grid[1] if hw is None else hw[1]
-        if input_fmt == "NHWC":
-            check_shape(name, features, ["B", gh, gw, channels], dims)
-            out = rearrange(features, "b h w c -> b c h w")
-        else:
-            try:
-                check_shape(name, features, ["B", channels, gh, gw], dims)
-            except ShapeError as err:
-                c = channels if isinstance(channels, int) else dims.get(channels)
-                if c is not None:
-                    channels_last = features.shape[-1] == c and features.shape[1] != c
-                else:
-                    channels_last = hw is not None and tuple(features.shape[1:3]) == hw
-                if channels_last:
-                    raise ShapeError(
-                        f"{err}; the map looks channels-last (B, h, w, {channels if c is None else c}), "
-                        f"as timm's Swin hands it over: {hint}"
-                    ) from None
-                raise
-            out = features
+        nhwc = input_fmt == "NHWC"
+        try:
+            check_shape(name, features, ["B", gh, gw, channels] if nhwc else ["B", channels, gh, gw], dims)
+        except ShapeError as err:
+            msg = str(err) if hw is None else f"{err}; the grid {hw} comes from {grid_source}"
+            c = channels if isinstance(channels, int) else dims.get(channels)
+            if nhwc:
+                channels_last = False
+            elif c is not None:
+                channels_last = features.shape[-1] == c and features.shape[1] != c
+            else:
+                channels_last = hw is not None and tuple(features.shape[1:3]) == hw
+            if channels_last:
+                msg += (
+                    f"; the map looks channels-last (B, h, w, {channels if c is None else c}), "
+                    f"as timm's Swin hands it over: {hint}"
+                )
+            raise ShapeError(msg) from None
+        out = rearrange(features, "b h w c -> b c h w") if nhwc else features
     else:
         grid_text = "size=(h, w)" if hw is None else f"size={hw}"
         raise ShapeError(
