@@ -201,11 +201,11 @@ def features_as_grid(
         gh: str | int = grid[0] if hw is None else hw[0]
         gw: str | int = grid[1] if hw is None else hw[1]
         nhwc = input_fmt == "NHWC"
+        c = channels if isinstance(channels, int) else dims.get(channels)  # before the check binds it
         try:
             check_shape(name, features, ["B", gh, gw, channels] if nhwc else ["B", channels, gh, gw], dims)
         except ShapeError as err:
             msg = str(err) if hw is None else f"{err}; the grid {hw} comes from {grid_source}"
-            c = channels if isinstance(channels, int) else dims.get(channels)
             if nhwc:
                 channels_last = False
             elif c is not None:
@@ -214,7 +214,7 @@ def features_as_grid(
                 channels_last = hw is not None and tuple(features.shape[1:3]) == hw
             if channels_last:
                 msg += (
-                    f"; the map looks channels-last (B, h, w, {channels if c is None else c}), "
+                    f"; the map looks channels-last (B, h, w, {features.shape[-1]}), "
                     f"as timm's Swin hands it over: {hint}"
                 )
             raise ShapeError(msg) from None

@@ -59,7 +59,7 @@ def to_nchw(
     ``wsss_blocks.tokens.features_as_grid``.
     """
     if not isinstance(x, Tensor) or x.dim() != 4:
-        pattern = ["B", h, w, channels] if input_fmt == "NHWC" else ["B", channels, h, w]
+        pattern: list[str | int] = ["B", h, w, channels] if input_fmt == "NHWC" else ["B", channels, h, w]
         check_shape(name, x, pattern, dims, dtype="float")  # raises: a wrong rank
     return features_as_grid(
         name, x, None, dims, channels=channels, grid=(h, w), input_fmt=input_fmt, hint=hint, dtype="float"
