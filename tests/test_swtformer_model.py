@@ -189,8 +189,8 @@ def test_model_errors_and_state_dict_round_trip():
         model(torch.randn(2, 3, 64, 64), torch.ones(2, 4))
     with pytest.raises(ShapeError, match="images"):
         model(torch.randn(2, 64, 64))
-    with pytest.raises(ShapeError, match="valid"):
-        model(torch.randn(2, 3, 64, 64), valid=torch.ones(2, 32, 32, dtype=torch.bool))
+    with pytest.raises(ShapeError, match="valid"):  # any resolution, but the batch's size
+        model(torch.randn(2, 3, 64, 64), valid=torch.ones(1, 32, 32, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"img_size \(64, 64\)"):
         model(torch.randn(1, 3, 64, 48))
     with pytest.raises(ValueError, match="version"):

@@ -115,6 +115,120 @@ def features_as_tokens(
     )
 
 
+def features_as_grid(
+    name: str,
+    features: Tensor,
+    size: tuple[int, int] | None = None,
+    dims: MutableMapping[str, int] | None = None,
+    *,
+    channels: int | str = "D",
+    grid: tuple[str, str] = ("h", "w"),
+    input_fmt: str = "NCHW",
+    hint: str = "permute it to NCHW with .permute(0, 3, 1, 2)",
+    grid_source: str = "size",
+    dtype: str | None = None,
+) -> Tensor:
+    """Accept features as a map ``(B, D, h, w)`` or tokens ``(B, N, D)``; return the NCHW map.
+
+    The validator behind every public entry point that takes "features" in either layout and
+    computes on the grid. ``size`` is the grid when the call knows it (its ``size=`` argument,
+    or the grid of its CAMs): a map must lie on it and tokens must number ``h * w``. Without
+    ``size`` a map brings its own grid and tokens are an error that says to pass
+    ``size=(h, w)``; the grid never comes from ``sqrt(N)``. A map is returned as it is (the
+    same tensor), tokens as ``tokens_to_grid(features, size)``, so tokens give exactly the
+    result of their ``tokens_to_grid`` map.
+
+    With ``input_fmt="NHWC"`` a 4-dim input is read as ``(B, h, w, D)`` and returned permuted
+    (a view). With ``"NCHW"``, a 4-dim input that fails the check but looks channels-last
+    (its last dim is ``channels`` and dim 1 is not; with ``channels`` unknown, dims 1-2 are
+    the grid ``size``) gets an error that ends with ``hint``.
+
+    Args:
+        name: argument name for error messages.
+        features: ``(B, D, h, w)`` map (``(B, h, w, D)`` for ``"NHWC"``) or ``(B, N, D)`` tokens.
+        size: the grid ``(h, w)``, or ``None`` when the call has none (tokens then fail).
+        dims: named sizes bound so far (``B``, ``channels`` when a name, and the ``grid``
+            names are bound here).
+        channels: ``D`` as an int, or the name it is bound to in ``dims``.
+        grid: the names of ``h`` and ``w`` in ``dims``.
+        input_fmt: ``"NCHW"`` or ``"NHWC"``, the layout of a 4-dim input.
+        hint: the fix named for a channels-last map given as NCHW.
+        grid_source: where ``size`` comes from (``"size"``, or e.g. ``"cams_with_bg"``),
+            named when the features are not on it.
+        dtype: dtype kind, see ``wsss_blocks._validate.check_tensor``.
+
+    Shape:
+        - output: ``(B, D, h, w)``
+
+    Examples:
+        >>> import torch
+        >>> x = torch.randn(2, 5, 3, 4)
+        >>> features_as_grid("features", x) is x
+        True
+        >>> torch.equal(features_as_grid("features", grid_to_tokens(x), (3, 4)), x)
+        True
+        >>> try:
+        ...     features_as_grid("features", grid_to_tokens(x))
+        ... except ShapeError as err:
+        ...     print(err)
+        features: token input (B, N, D) needs the grid: pass size=(h, w); got shape (2, 12, 5)
+        >>> try:
+        ...     features_as_grid("features", x.permute(0, 2, 3, 1), channels=5)
+        ... except ShapeError as err:
+        ...     print(err)  # doctest: +ELLIPSIS
+        features: expected shape (B, 5, h, w), got (2, 3, 4, 5); the map looks channels-last ...
+    """
+    if not isinstance(features, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(features).__name__}")
+    if input_fmt not in ("NCHW", "NHWC"):
+        raise ValueError(f"input_fmt: expected one of ['NCHW', 'NHWC'], got {input_fmt!r}")
+    if dims is None:
+        dims = {}
+    hw = None if size is None else check_size("size", size)
+    check_shape(name, features, [None] * features.dim(), dtype=dtype)  # the dtype alone
+    if features.dim() == 3:
+        if hw is None:
+            raise ShapeError(
+                f"{name}: token input (B, N, D) needs the grid: pass size=(h, w); "
+                f"got shape {tuple(features.shape)}"
+            )
+        try:
+            check_shape(name, features, ["B", hw[0] * hw[1], channels], dims)
+        except ShapeError as err:
+            raise ShapeError(f"{err}; the grid {hw} comes from {grid_source}") from None
+        out = tokens_to_grid(features, hw)
+    elif features.dim() == 4:
+        gh: str | int = grid[0] if hw is None else hw[0]
+        gw: str | int = grid[1] if hw is None else hw[1]
+        nhwc = input_fmt == "NHWC"
+        c = channels if isinstance(channels, int) else dims.get(channels)  # before the check binds it
+        try:
+            check_shape(name, features, ["B", gh, gw, channels] if nhwc else ["B", channels, gh, gw], dims)
+        except ShapeError as err:
+            msg = str(err) if hw is None else f"{err}; the grid {hw} comes from {grid_source}"
+            if nhwc:
+                channels_last = False
+            elif c is not None:
+                channels_last = features.shape[-1] == c and features.shape[1] != c
+            else:
+                channels_last = hw is not None and tuple(features.shape[1:3]) == hw
+            if channels_last:
+                msg += (
+                    f"; the map looks channels-last (B, h, w, {features.shape[-1]}), "
+                    f"as timm's Swin hands it over: {hint}"
+                )
+            raise ShapeError(msg) from None
+        out = rearrange(features, "b h w c -> b c h w") if nhwc else features
+    else:
+        grid_text = "size=(h, w)" if hw is None else f"size={hw}"
+        raise ShapeError(
+            f"{name}: expected a (B, D, h, w) map or (B, N, D) tokens with {grid_text}, "
+            f"got shape {tuple(features.shape)}"
+        )
+    check_shape(name, out, [None, None, grid[0], grid[1]], dims)  # bind the grid names
+    return out
+
+
 class SplitTokens(NamedTuple):
     """A token sequence split by ``split_prefix_tokens``.
 

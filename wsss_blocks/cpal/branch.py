@@ -15,6 +15,7 @@ from wsss_blocks.cpal.loss import self_loss
 from wsss_blocks.cpal.neighbors import Similarity, Weighting, neighbor_weights, positiveness, soft_neighbors
 from wsss_blocks.cpal.prototype_cam import pacam
 from wsss_blocks.cpal.prototypes import instance_prototypes
+from wsss_blocks.tokens import features_as_grid
 
 __all__ = ["CPALOutput", "cpal_forward"]
 
@@ -71,7 +72,8 @@ def cpal_forward(
     with a graph.
 
     Args:
-        features: projected features (the CPAL head's output).
+        features: projected features (the CPAL head's output): a map, or tokens (the grid is
+            the CAM's).
         norm_cams: foreground CAMs in ``[0, 1]`` on the features' grid.
         labels: multi-hot image labels.
         context: context prototypes (see ``context_prototypes``).
@@ -89,7 +91,8 @@ def cpal_forward(
         terms)``.
 
     Shape:
-        - features: ``(B, P, h, w)``; norm_cams: ``(B, K, h, w)``; labels: ``(B, K)``
+        - features: ``(B, P, h, w)`` or tokens ``(B, h*w, P)``; norm_cams: ``(B, K, h, w)``;
+          labels: ``(B, K)``
         - context: ``(K+1, M, P)``; context_valid: ``(K+1, M)`` bool
         - pacam, cams_with_bg: ``(B, K+1, h, w)``; prototypes: ``(B, K+1, P)``;
           prototype_valid, active: ``(B, K+1)``; loss: ``()``
@@ -103,8 +106,10 @@ def cpal_forward(
         (torch.Size([2, 3, 3, 4]), [[True, True, False], [True, True, True]])
         >>> out.loss.backward()
     """
-    dims = check_shape("features", features, ["B", "P", "h", "w"], dtype="float")
-    check_shape("norm_cams", norm_cams, ["B", "K", "h", "w"], dims, dtype="float")
+    dims = check_shape("norm_cams", norm_cams, ["B", "K", "h", "w"], dtype="float")
+    features = features_as_grid(
+        "features", features, (dims["h"], dims["w"]), dims, channels="P", grid_source="norm_cams", dtype="float"
+    )
     check_labels("labels", labels, dims)
     dims["C"] = dims["K"] + 1
     check_context(context, context_valid, dims)

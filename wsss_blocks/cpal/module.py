@@ -15,6 +15,7 @@ from wsss_blocks.cpal.branch import CPALOutput, cpal_forward
 from wsss_blocks.cpal.neighbors import SIMILARITIES, WEIGHTINGS, Similarity, Weighting
 from wsss_blocks.cpal.prototypes import context_prototypes
 from wsss_blocks.prototypes import ClassBank
+from wsss_blocks.tokens import features_as_grid
 
 __all__ = ["CPAL"]
 
@@ -81,9 +82,8 @@ class CPAL(nn.Module):
             bank and context; anything else an fp32 one).
 
     Shape:
-        - features: ``(B, D, h, w)`` (a CNN map, or ViT tokens via
-          ``wsss_blocks.tokens.tokens_to_grid``); norm_cams: ``(B, K, h, w)`` in
-          ``[0, 1]``; labels: ``(B, K)``
+        - features: ``(B, D, h, w)`` (a CNN map) or ``(B, h*w, D)`` (a ViT's patch tokens, on
+          the grid of ``norm_cams``); norm_cams: ``(B, K, h, w)`` in ``[0, 1]``; labels: ``(B, K)``
         - output ``pacam``, ``cams_with_bg``: ``(B, K+1, h, w)``; ``loss``: ``()``
 
     Examples:
@@ -102,15 +102,14 @@ class CPAL(nn.Module):
         >>> cpal.is_built, int(cpal.num_steps), int(cpal.num_reclusters)
         (True, 2, 2)
 
-        A timm ViT's patch tokens go through the token grid first:
+        A timm ViT's patch tokens go in as they are; the grid is the CAM's:
 
         >>> import timm
-        >>> from wsss_blocks.tokens import tokens_to_grid
         >>> vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=1)
         >>> tokens = vit.forward_features(torch.randn(2, 3, 64, 64))[:, vit.num_prefix_tokens:]
         >>> cpal = CPAL(vit.embed_dim, 3, proj_dim=16, capacity=8, num_prototypes=4, top_k=2,
         ...             warn_unbuilt=False)
-        >>> cpal(tokens_to_grid(tokens, (4, 4)), torch.rand(2, 3, 4, 4), labels).pacam.shape
+        >>> cpal(tokens, torch.rand(2, 3, 4, 4), labels).pacam.shape
         torch.Size([2, 4, 4, 4])
     """
 
@@ -321,18 +320,29 @@ class CPAL(nn.Module):
 
     # ------------------------------------------------------------------ compute
 
-    def project(self, features: Tensor) -> Tensor:
+    def project(self, features: Tensor, *, size: tuple[int, int] | None = None) -> Tensor:
         """The projected features (of ``features.detach()`` when ``detach_features``).
 
+        Args:
+            features: a feature map, or tokens with ``size``.
+            size: the grid ``(h, w)`` of token input (a map brings its own; a ``size`` that
+                disagrees with it is an error).
+
         Shape:
-            - features: ``(B, D, h, w)``; output: ``(B, P, h, w)``
+            - features: ``(B, D, h, w)``, or tokens ``(B, h*w, D)`` with ``size=(h, w)``
+            - output: ``(B, P, h, w)``
+
+        Raises:
+            ShapeError: a wrong shape, or tokens without ``size``.
 
         Examples:
-            >>> CPAL(8, 2, proj_dim=4, capacity=4, num_prototypes=2, top_k=1).project(
-            ...     torch.randn(1, 8, 3, 5)).shape
+            >>> cpal = CPAL(8, 2, proj_dim=4, capacity=4, num_prototypes=2, top_k=1)
+            >>> cpal.project(torch.randn(1, 8, 3, 5)).shape
+            torch.Size([1, 4, 3, 5])
+            >>> cpal.project(torch.randn(1, 15, 8), size=(3, 5)).shape
             torch.Size([1, 4, 3, 5])
         """
-        check_shape("features", features, ["B", self.in_dim, "h", "w"], dtype="float")
+        features = features_as_grid("features", features, size, channels=self.in_dim, dtype="float")
         return self.head(features.detach() if self.detach_features else features)
 
     def forward(self, features: Tensor, norm_cams: Tensor, labels: Tensor) -> CPALOutput:
@@ -343,19 +353,27 @@ class CPAL(nn.Module):
         call warns unless ``warn_unbuilt=False``).
 
         Args:
-            features: backbone features on the CAM grid.
+            features: backbone features on the CAM grid: a map, or tokens (the grid is the
+                CAM's).
             norm_cams: foreground CAMs in ``[0, 1]`` (not range-checked: that would sync).
             labels: multi-hot image labels.
 
         Returns:
             ``CPALOutput`` ``(pacam, cams_with_bg, prototypes,
-            prototype_valid, active, loss, terms)``, as ``cpal_forward``.
+            prototype_valid, active, loss, terms)``, as ``cpal_forward``. Tokens give exactly
+            the result of their ``tokens_to_grid`` map.
 
         Shape:
             see the class docstring.
+
+        Raises:
+            ShapeError: a wrong shape, or features off the grid of ``norm_cams``.
         """
-        dims = check_shape("features", features, ["B", self.in_dim, "h", "w"], dtype="float")
-        check_shape("norm_cams", norm_cams, ["B", self.num_classes, "h", "w"], dims, dtype="float")
+        dims = check_shape("norm_cams", norm_cams, ["B", self.num_classes, "h", "w"], dtype="float")
+        features = features_as_grid(
+            "features", features, (dims["h"], dims["w"]), dims, channels=self.in_dim, grid_source="norm_cams",
+            dtype="float",
+        )
         if self.warn_unbuilt and not self._warned and not self.is_built:
             warnings.warn(
                 "CPAL: no context prototypes yet, the loss is 0 until the first recluster() "

@@ -11,6 +11,7 @@ from wsss_blocks._utils import no_autocast, to_compute
 from wsss_blocks._validate import ShapeError, check_int, check_labels, check_shape
 from wsss_blocks.cpal._common import check_threshold, present
 from wsss_blocks.prototypes import kmeans
+from wsss_blocks.tokens import features_as_grid
 
 __all__ = ["InstancePrototypes", "ContextPrototypes", "instance_prototypes", "context_prototypes"]
 
@@ -57,7 +58,7 @@ def instance_prototypes(
     anchors only select and weight neighbours).
 
     Args:
-        features: projected features on the CAM grid.
+        features: projected features on the CAM grid: a map, or tokens (the grid is the CAM's).
         cams_with_bg: CAMs in ``[0, 1]`` with the background at channel 0 (e.g.
             ``wsss_blocks.cam.add_background``).
         labels: multi-hot image labels (no background column).
@@ -68,10 +69,13 @@ def instance_prototypes(
         ``InstancePrototypes`` ``(prototypes, prototype_valid)``.
 
     Shape:
-        - features: ``(B, P, h, w)``; cams_with_bg: ``(B, C, h, w)`` with ``C = K + 1``;
-          labels: ``(B, K)``
+        - features: ``(B, P, h, w)`` or tokens ``(B, h*w, P)``; cams_with_bg: ``(B, C, h, w)``
+          with ``C = K + 1``; labels: ``(B, K)``
         - prototypes: ``(B, C, P)`` fp32 (fp64 for fp64 ``features``); prototype_valid:
           ``(B, C)`` bool
+
+    Raises:
+        ShapeError: a wrong shape, or features off the grid of ``cams_with_bg``.
 
     Examples:
         >>> features = torch.arange(4.0).view(1, 1, 2, 2)                # P = 1
@@ -80,8 +84,10 @@ def instance_prototypes(
         >>> protos.flatten().tolist(), valid.tolist()
         ([2.5, 0.5], [[True, True]])
     """
-    dims = check_shape("features", features, ["B", "P", "h", "w"], dtype="float")
-    check_shape("cams_with_bg", cams_with_bg, ["B", "C", "h", "w"], dims, dtype="float")
+    dims = check_shape("cams_with_bg", cams_with_bg, ["B", "C", "h", "w"], dtype="float")
+    features = features_as_grid(
+        "features", features, (dims["h"], dims["w"]), dims, channels="P", grid_source="cams_with_bg", dtype="float"
+    )
     if dims["C"] < 1:
         raise ShapeError(f"cams_with_bg: expected a background channel, got shape {tuple(cams_with_bg.shape)}")
     dims["K"] = dims["C"] - 1

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from wsss_blocks._utils import no_autocast, to_compute
 from wsss_blocks._validate import check_int, check_range, check_shape
+from wsss_blocks.tokens import features_as_grid
 
 __all__ = ["PCMOutput", "PatchProbs", "patch_class_probs", "PatchClassifier"]
 
@@ -84,7 +85,7 @@ class PatchClassifier(nn.Module):
         dtype: parameter dtype.
 
     Shape:
-        - features: ``(B, D, h, w)``
+        - features: ``(B, D, h, w)``, or tokens ``(B, h*w, D)`` with ``size=(h, w)``
         - output: ``PCMOutput`` with ``(B, C, h, w)``, ``(B, C, h, w)``, ``(B, C)``
 
     Examples:
@@ -93,6 +94,8 @@ class PatchClassifier(nn.Module):
         >>> out = head(torch.randn(2, 8, 3, 4))
         >>> out.logits.shape, out.probs.shape, out.pooled_probs.shape
         (torch.Size([2, 3, 3, 4]), torch.Size([2, 3, 3, 4]), torch.Size([2, 3]))
+        >>> head(torch.randn(2, 12, 8), size=(3, 4)).probs.shape      # ViT patch tokens
+        torch.Size([2, 3, 3, 4])
     """
 
     def __init__(self, in_dim: int, num_classes: int, *, with_background: bool = True, bias: bool = False,
@@ -126,9 +129,26 @@ class PatchClassifier(nn.Module):
         if self.linear.bias is not None:
             nn.init.zeros_(self.linear.bias)
 
-    def forward(self, features: Tensor) -> PCMOutput:
-        """Patch logits, probabilities and GMP probabilities of a feature map ``(B, D, h, w)``."""
-        check_shape("features", features, ["B", self.in_dim, "h", "w"], dtype="float")
+    def forward(self, features: Tensor, *, size: tuple[int, int] | None = None) -> PCMOutput:
+        """Patch logits, probabilities and GMP probabilities of a feature map, or of tokens with ``size``.
+
+        Args:
+            features: a feature map, or patch tokens (prefix tokens removed) with ``size``.
+            size: the grid ``(h, w)`` of token input (a map brings its own; a ``size`` that
+                disagrees with it is an error).
+
+        Shape:
+            - features: ``(B, D, h, w)``, or tokens ``(B, h*w, D)`` with ``size=(h, w)``
+            - output: ``PCMOutput`` with ``(B, C, h, w)``, ``(B, C, h, w)``, ``(B, C)``
+
+        Returns:
+            ``PCMOutput`` ``(logits, probs, pooled_probs)``; tokens give exactly the result of
+            their ``tokens_to_grid`` map.
+
+        Raises:
+            ShapeError: a wrong shape, or tokens without ``size``.
+        """
+        features = features_as_grid("features", features, size, channels=self.in_dim, dtype="float")
         x = self.dropout(features)
         logits = torch.einsum("bdhw,cd->bchw", x, self.linear.weight.to(x.dtype))
         if self.linear.bias is not None:

@@ -9,7 +9,8 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from wsss_blocks._validate import check_int, check_range, check_shape
+from wsss_blocks._validate import check_int, check_range
+from wsss_blocks.tokens import features_as_grid
 
 __all__ = ["HVBiLSTM"]
 
@@ -35,7 +36,7 @@ class HVBiLSTM(nn.Module):
         dtype: parameter dtype.
 
     Shape:
-        - features: ``(B, D, h, w)``
+        - features: ``(B, D, h, w)``, or tokens ``(B, h*w, D)`` with ``size=(h, w)``
         - output: ``(B, 4H, h, w)``
 
     Note:
@@ -48,6 +49,8 @@ class HVBiLSTM(nn.Module):
         >>> hv = HVBiLSTM(8).eval()
         >>> hv(torch.randn(2, 8, 3, 5)).shape, hv.out_dim
         (torch.Size([2, 8, 3, 5]), 8)
+        >>> hv(torch.randn(2, 15, 8), size=(3, 5)).shape                # ViT patch tokens
+        torch.Size([2, 8, 3, 5])
     """
 
     def __init__(self, in_dim: int, *, hidden_dim: int | None = None, dropout: float = 0.2,
@@ -93,9 +96,26 @@ class HVBiLSTM(nn.Module):
                     elif name.startswith("bias_hh"):
                         p.zero_()
 
-    def forward(self, features: Tensor) -> Tensor:
-        """Row and column BiLSTM features of a feature map ``(B, D, h, w)``, concatenated on channels."""
-        dims = check_shape("features", features, ["B", self.in_dim, "h", "w"], dtype="float")
+    def forward(self, features: Tensor, *, size: tuple[int, int] | None = None) -> Tensor:
+        """Row and column BiLSTM features of a feature map (or tokens with ``size``), concatenated on channels.
+
+        Args:
+            features: a feature map, or patch tokens (prefix tokens removed) with ``size``.
+            size: the grid ``(h, w)`` of token input (a map brings its own; a ``size`` that
+                disagrees with it is an error).
+
+        Shape:
+            - features: ``(B, D, h, w)``, or tokens ``(B, h*w, D)`` with ``size=(h, w)``
+            - output: ``(B, 4H, h, w)``
+
+        Returns:
+            ``Z``; tokens give exactly the result of their ``tokens_to_grid`` map.
+
+        Raises:
+            ShapeError: a wrong shape, or tokens without ``size``.
+        """
+        dims: dict[str, int] = {}
+        features = features_as_grid("features", features, size, dims, channels=self.in_dim, dtype="float")
         b = dims["B"]
         x = self.dropout(features)
         rows = self.row_dropout(rearrange(x, "b d h w -> (b h) w d"))

@@ -19,7 +19,7 @@ from wsss_blocks.pcm.hv_bilstm import HVBiLSTM
 from wsss_blocks.pcm.mce import mce_loss
 from wsss_blocks.pcm.presets import PRESETS
 from wsss_blocks.pcm.tiling import mosaic, unmosaic
-from wsss_blocks.tokens import patch_grid, split_prefix_tokens, tokens_to_grid
+from wsss_blocks.tokens import features_as_grid, patch_grid, split_prefix_tokens, tokens_to_grid
 from wsss_blocks.utils import eval_mode
 
 __all__ = ["ViTPCM"]
@@ -170,9 +170,28 @@ class ViTPCM(nn.Module):
         _, patches = split_prefix_tokens(tokens, int(getattr(bb, "num_prefix_tokens", 1)))
         return tokens_to_grid(patches, patch_grid(bb, (dims["H"], dims["W"])))
 
-    def head(self, features: Tensor) -> PCMOutput:
-        """[HV-BiLSTM] then the patch classifier on a feature map ``(B, D, h, w)``."""
-        x = features if self.hv is None else self.hv(features)
+    def head(self, features: Tensor, *, size: tuple[int, int] | None = None) -> PCMOutput:
+        """[HV-BiLSTM] then the patch classifier on a feature map, or on tokens with ``size``.
+
+        Args:
+            features: a feature map (``features``), or the backbone's patch tokens (prefix
+                tokens removed) with ``size``.
+            size: the grid ``(h, w)`` of token input, e.g. ``tokens.patch_grid`` (a map brings
+                its own; a ``size`` that disagrees with it is an error).
+
+        Shape:
+            - features: ``(B, D, h, w)``, or tokens ``(B, h*w, D)`` with ``size=(h, w)``
+            - output: ``PCMOutput`` on the ``(h, w)`` grid
+
+        Returns:
+            ``PCMOutput``; tokens give exactly the result of their ``tokens_to_grid`` map.
+
+        Raises:
+            ShapeError: a wrong shape, or tokens without ``size``.
+        """
+        x = features_as_grid("features", features, size, channels=self.in_dim, dtype="float")
+        if self.hv is not None:
+            x = self.hv(x)
         return self.classifier(x)
 
     def forward(self, images: Tensor) -> PCMOutput:

@@ -6,11 +6,11 @@ from collections.abc import MutableMapping
 from typing import Literal
 
 import torch
-from einops import rearrange
 from torch import Tensor
 
 from wsss_blocks._validate import ShapeError, check_labels, check_shape
 from wsss_blocks.cam import valid_to_grid
+from wsss_blocks.tokens import features_as_grid
 
 __all__ = ["allowed_channels", "valid_on_grid", "to_nchw"]
 
@@ -51,22 +51,16 @@ def to_nchw(
     w: str = "w",
     hint: str = 'pass input_fmt="NHWC"',
 ) -> Tensor:
-    """Check a ``channels``-wide map in ``input_fmt`` and return it as NCHW.
+    """Check a ``channels``-wide stage map in ``input_fmt`` and return it as NCHW.
 
-    A map that fails the NCHW check but would pass as NHWC (timm's Swin hands stage maps
-    over channels-last) gets an error that ends with ``hint`` (by default: name
-    ``input_fmt="NHWC"``).
+    Stage maps are 4-dim only (no tokens: a stage has no grid argument). A map that fails the
+    NCHW check but would pass as NHWC (timm's Swin hands stage maps over channels-last) gets
+    an error that ends with ``hint`` (by default: name ``input_fmt="NHWC"``); see
+    ``wsss_blocks.tokens.features_as_grid``.
     """
-    if input_fmt == "NHWC":
-        check_shape(name, x, ["B", h, w, channels], dims, dtype="float")
-        return rearrange(x, "b h w c -> b c h w")
-    try:
-        check_shape(name, x, ["B", channels, h, w], dims, dtype="float")
-    except ShapeError as err:
-        if x.dim() == 4 and x.shape[-1] == channels and x.shape[1] != channels:
-            raise ShapeError(
-                f"{err}; the map looks channels-last (B, h, w, {channels}), as timm's Swin hands it "
-                f"over: {hint}"
-            ) from None
-        raise
-    return x
+    if not isinstance(x, Tensor) or x.dim() != 4:
+        pattern: list[str | int] = ["B", h, w, channels] if input_fmt == "NHWC" else ["B", channels, h, w]
+        check_shape(name, x, pattern, dims, dtype="float")  # raises: a wrong rank
+    return features_as_grid(
+        name, x, None, dims, channels=channels, grid=(h, w), input_fmt=input_fmt, hint=hint, dtype="float"
+    )

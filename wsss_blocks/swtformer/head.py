@@ -10,7 +10,8 @@ from torch import Tensor, nn
 
 from wsss_blocks._validate import check_int, check_option, check_range, check_shape, check_size
 from wsss_blocks.cam import add_background, normalize_cam
-from wsss_blocks.swtformer._common import to_nchw, valid_on_grid
+from wsss_blocks.swtformer._common import valid_on_grid
+from wsss_blocks.tokens import features_as_grid
 
 __all__ = ["swin_cam", "SwinCAMOutput", "SwinCAMHead", "cams_with_background"]
 
@@ -77,14 +78,20 @@ class SwinCAMHead(nn.Module):
         dtype: its precision.
 
     Shape:
-        - features: ``(B, in_dim, h, w)`` (or ``(B, h, w, in_dim)`` for NHWC)
+        - features: ``(B, in_dim, h, w)`` (or ``(B, h, w, in_dim)`` for NHWC), or tokens
+          ``(B, h*w, in_dim)`` with ``size=(h, w)``
         - output: ``SwinCAMOutput`` ``(cams (B, K, h, w), logits (B, K))``
 
     Examples:
         >>> head = SwinCAMHead(8, 3)
-        >>> out = head(torch.randn(2, 8, 7, 5))
+        >>> x = torch.randn(2, 8, 7, 5)
+        >>> out = head(x)
         >>> out.cams.shape, out.logits.shape
         (torch.Size([2, 3, 7, 5]), torch.Size([2, 3]))
+        >>> from wsss_blocks.tokens import tokens_to_grid
+        >>> tokens = x.flatten(2).transpose(1, 2)                 # (2, 35, 8)
+        >>> torch.equal(head(tokens, size=(7, 5)).cams, head(tokens_to_grid(tokens, (7, 5))).cams)
+        True
     """
 
     def __init__(
@@ -109,25 +116,31 @@ class SwinCAMHead(nn.Module):
             self.in_dim, self.num_classes, k, padding=k // 2, bias=bias, device=device, dtype=dtype
         )
 
-    def forward(self, features: Tensor) -> SwinCAMOutput:
-        """Raw CAMs and image logits of a last-stage feature map.
+    def forward(self, features: Tensor, *, size: tuple[int, int] | None = None) -> SwinCAMOutput:
+        """Raw CAMs and image logits of a last-stage feature map, or of its tokens with ``size``.
 
         Args:
-            features: ``T_out``, in the head's ``input_fmt``.
+            features: ``T_out``: a map in the head's ``input_fmt``, or tokens.
+            size: the grid ``(h, w)`` of token input (a map brings its own; a ``size`` that
+                disagrees with it is an error).
 
         Shape:
-            - features: ``(B, in_dim, h, w)``, or ``(B, h, w, in_dim)`` with ``input_fmt="NHWC"``
+            - features: ``(B, in_dim, h, w)`` (``(B, h, w, in_dim)`` with ``input_fmt="NHWC"``),
+              or tokens ``(B, h*w, in_dim)`` with ``size=(h, w)``
             - output: ``cams (B, K, h, w)``, ``logits (B, K)``
 
         Returns:
             ``SwinCAMOutput`` ``(cams, logits)``: the convolution's output and its spatial
-            mean.
+            mean. Tokens give exactly the result of their ``tokens_to_grid`` map.
 
         Raises:
-            ShapeError: a wrong shape; a channels-last map given to an NCHW head says to pass
-                ``input_fmt="NHWC"``.
+            ShapeError: a wrong shape; tokens without ``size``; a channels-last map given to an
+                NCHW head says to pass ``input_fmt="NHWC"``.
         """
-        x = to_nchw("features", features, self.in_dim, {}, self.input_fmt)
+        x = features_as_grid(
+            "features", features, size, channels=self.in_dim, input_fmt=self.input_fmt,
+            hint='pass input_fmt="NHWC"', dtype="float",
+        )
         cams = self.conv(x)
         return SwinCAMOutput(cams, cams.mean(dim=(-2, -1)))
 

@@ -49,7 +49,9 @@ class HFF(nn.Module):
         dtype: their precision.
 
     Shape:
-        - features: 4 maps ``(B, C_i, h_i, w_i)`` with ``h_{i+1} = ceil(h_i / 2)`` (same for w)
+        - features: 4 maps ``(B, C_i, h_i, w_i)`` (``(B, h_i, w_i, C_i)`` with ``input_fmt="NHWC"``)
+          with ``h_{i+1} = ceil(h_i / 2)`` (same for w); maps only, not tokens: each stage has
+          its own grid and the block takes none (``wsss_blocks.tokens.tokens_to_grid`` first)
         - output: ``(B, out_dim, h_3, w_3)`` or ``(B, out_dim, h_2, w_2)``
 
     Examples:
@@ -118,7 +120,8 @@ class HFF(nn.Module):
 
         Args:
             features: the four stage maps ``S1..S4`` in the block's ``input_fmt`` (e.g.
-                ``wsss_blocks.tokens.stage_taps`` ``.features``, NCHW).
+                ``wsss_blocks.tokens.stage_taps`` ``.features``, NCHW). Maps only: token
+                sequences go through ``wsss_blocks.tokens.tokens_to_grid`` first.
 
         Shape:
             - features: 4 maps ``(B, C_i, h_i, w_i)`` (NHWC: ``(B, h_i, w_i, C_i)``) with

@@ -104,7 +104,10 @@ class SWTformerHead(nn.Module):
         dtype: their precision.
 
     Shape:
-        - features: four ``(B, C_i, h_i, w_i)`` (``h_{i+1} = ceil(h_i / 2)``), the last normed
+        - features: four NCHW maps ``(B, C_i, h_i, w_i)`` (``h_{i+1} = ceil(h_i / 2)``), the last
+          normed; maps only (``stage_taps`` gives NCHW whatever the backbone's layout; a
+          channels-last map is an error that says to permute it, tokens go through
+          ``wsss_blocks.tokens.tokens_to_grid`` first)
         - output: ``SWTformerOutput``, see ``SWTformer``
 
     Examples:
@@ -185,14 +188,15 @@ class SWTformerHead(nn.Module):
         """CAMs, and for V2 seeds, ``F_hie`` and R-CAMs, of four stage maps; the losses with labels.
 
         Args:
-            features: the four stage maps ``S1..S4`` (NCHW; the last one is ``T_out``, after
-                the final norm for the paper's model).
+            features: the four stage maps ``S1..S4``, NCHW (as ``stage_taps`` gives them; the
+                last one is ``T_out``, after the final norm for the paper's model). Maps
+                only: a channels-last map is an error that says to permute it.
             labels: multi-hot image labels; ``None`` (test split): every class allowed, no loss.
-            valid: padding mask at any resolution (image size for ``SWTformer``).
+            valid: padding mask at any resolution (e.g. the image's).
 
         Shape:
             - features: four ``(B, C_i, h_i, w_i)`` with ``h_{i+1} = ceil(h_i / 2)``
-            - labels: ``(B, K)``; valid: ``(B, H, W)`` bool
+            - labels: ``(B, K)``; valid: ``(B, H', W')`` bool
             - output: see ``SWTformerOutput``
 
         Returns:
@@ -207,7 +211,7 @@ class SWTformerHead(nn.Module):
         if labels is not None:
             check_labels("labels", labels, dims, pattern=("B", self.num_classes))
         if valid is not None:
-            check_shape("valid", valid, ["B", "H", "W"], dims, dtype="bool")
+            check_shape("valid", valid, ["B", "H_valid", "W_valid"], dims, dtype="bool")
         cams, logits = self.head(t_out)
         norm_cams = swin_cam(cams)
         terms: dict[str, Tensor] = {}
@@ -282,7 +286,8 @@ class SWTformer(nn.Module):
         dtype: their precision.
 
     Shape:
-        - images: ``(B, 3, H, W)``; labels: ``(B, K)``; valid: ``(B, H, W)`` bool
+        - images: ``(B, 3, H, W)``; labels: ``(B, K)``; valid: ``(B, H', W')`` bool (any
+          resolution)
         - output: ``SWTformerOutput`` -- ``logits (B, K)``, ``cams`` and ``norm_cams``
           ``(B, K, h4, w4)``; V2 adds ``cams_with_bg`` and ``seeds`` ``(B, K+1, h4, w4)``,
           ``features (B, D_h, hf, wf)``, ``rcams (B, K+1, hf, wf)``; with labels ``loss``
@@ -379,10 +384,11 @@ class SWTformer(nn.Module):
         Args:
             images: normalised images of a size the backbone takes.
             labels: multi-hot image labels; ``None`` (test split): every class allowed, no loss.
-            valid: padding mask at image size.
+            valid: padding mask at any resolution (e.g. the image's); every grid of the model
+                takes it through ``wsss_blocks.cam.valid_to_grid``.
 
         Shape:
-            - images: ``(B, 3, H, W)``; labels: ``(B, K)``; valid: ``(B, H, W)`` bool
+            - images: ``(B, 3, H, W)``; labels: ``(B, K)``; valid: ``(B, H', W')`` bool
             - output: see ``SWTformerOutput``
 
         Returns:
@@ -393,7 +399,7 @@ class SWTformer(nn.Module):
         if labels is not None:
             check_labels("labels", labels, dims, pattern=("B", self.heads.num_classes))
         if valid is not None:
-            check_shape("valid", valid, ["B", "H", "W"], dims, dtype="bool")
+            check_shape("valid", valid, ["B", "H_valid", "W_valid"], dims, dtype="bool")
         maps = stage_taps(self.backbone, images, final_norm=self.final_norm).features
         return self.heads(maps, labels, valid=valid)
 

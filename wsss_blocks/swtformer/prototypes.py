@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from wsss_blocks._utils import compute_dtype, no_autocast
 from wsss_blocks._validate import check_int, check_range, check_shape, check_size
 from wsss_blocks.swtformer._common import allowed_channels, valid_on_grid
+from wsss_blocks.tokens import features_as_grid
 
 __all__ = ["seed_prototypes", "refine_cams", "PrototypeRefiner", "rcam_pseudo_mask"]
 
@@ -21,7 +22,7 @@ def _seeds_on(seeds: Tensor, size: tuple[int, int], dtype: torch.dtype) -> Tenso
     return r.flatten(2)
 
 
-def seed_prototypes(features: Tensor, seeds: Tensor) -> Tensor:
+def seed_prototypes(features: Tensor, seeds: Tensor, *, size: tuple[int, int] | None = None) -> Tensor:
     """Image-specific prototypes: the mean of ``features`` over each class's seed (background included).
 
     ``R = nearest(seeds -> hf x wf)``, ``p_c = sum_i R_ci F_i / max(sum_i R_ci, 1)`` (one
@@ -31,12 +32,19 @@ def seed_prototypes(features: Tensor, seeds: Tensor) -> Tensor:
     Computed in fp32 (fp64 stays fp64) with autocast off.
 
     Args:
-        features: the hierarchical feature ``F_hie``.
+        features: the hierarchical feature ``F_hie``: a map, or tokens with ``size``.
         seeds: hard (bool) or soft seeds on any grid, resized by nearest.
+        size: the grid ``(hf, wf)`` of token input (the seeds' grid need not be it; a map
+            brings its own, and a ``size`` that disagrees with it is an error).
 
     Shape:
-        - features: ``(B, D, hf, wf)``; seeds: ``(B, K+1, h, w)``
+        - features: ``(B, D, hf, wf)``, or tokens ``(B, hf*wf, D)`` with ``size=(hf, wf)``;
+          seeds: ``(B, K+1, h, w)``
         - output: ``(B, K+1, D)``
+
+    Raises:
+        ShapeError: a wrong shape; tokens without ``size``; a channels-last map on the
+            ``size`` grid says to permute it to NCHW.
 
     Examples:
         >>> feats = torch.tensor([[1.0, 1.0, 0.0, 1.0], [0.0, 0.0, 1.0, 1.0]])[None, :, None]
@@ -44,7 +52,8 @@ def seed_prototypes(features: Tensor, seeds: Tensor) -> Tensor:
         >>> seed_prototypes(feats, seeds)[0].tolist()
         [[0.0, 1.0], [1.0, 0.0], [0.0, 0.0]]
     """
-    dims = check_shape("features", features, ["B", "D", "hf", "wf"], dtype="float")
+    dims: dict[str, int] = {}
+    features = features_as_grid("features", features, size, dims, grid=("hf", "wf"), dtype="float")
     check_shape("seeds", seeds, ["B", "K1", "h", "w"], dims)
     dtype = compute_dtype(features)
     with no_autocast(features.device.type):
@@ -53,7 +62,9 @@ def seed_prototypes(features: Tensor, seeds: Tensor) -> Tensor:
         return torch.bmm(r, f.transpose(1, 2)) / r.sum(dim=-1, keepdim=True).clamp_min(1.0)
 
 
-def refine_cams(features: Tensor, seeds: Tensor, *, eps: float = 1e-5) -> Tensor:
+def refine_cams(
+    features: Tensor, seeds: Tensor, *, size: tuple[int, int] | None = None, eps: float = 1e-5
+) -> Tensor:
     """R-CAM: ``relu(cos(F_i, p_c))`` normalised by its spatial max (SIPE's IS-CAM).
 
     ``p`` are the prototypes of ``seed_prototypes`` (call it for them; it is one
@@ -62,13 +73,19 @@ def refine_cams(features: Tensor, seeds: Tensor, *, eps: float = 1e-5) -> Tensor
     all-zero R-CAM, never NaN. Differentiable in ``features`` (through the prototypes too).
 
     Args:
-        features: ``F_hie``.
+        features: ``F_hie``: a map, or tokens with ``size``.
         seeds: seeds on any grid (``locate_seeds``).
+        size: the grid ``(hf, wf)`` of token input (see ``seed_prototypes``).
         eps: added to the spatial max.
 
     Shape:
-        - features: ``(B, D, hf, wf)``; seeds: ``(B, K+1, h, w)``
+        - features: ``(B, D, hf, wf)``, or tokens ``(B, hf*wf, D)`` with ``size=(hf, wf)``;
+          seeds: ``(B, K+1, h, w)``
         - output: ``(B, K+1, hf, wf)`` in ``[0, 1]``
+
+    Raises:
+        ShapeError: a wrong shape; tokens without ``size``; a channels-last map on the
+            ``size`` grid says to permute it to NCHW.
 
     Examples:
         >>> feats = torch.tensor([[1.0, 1.0, 0.0, 1.0], [0.0, 0.0, 1.0, 1.0]])[None, :, None]
@@ -77,6 +94,7 @@ def refine_cams(features: Tensor, seeds: Tensor, *, eps: float = 1e-5) -> Tensor
         [[0.0, 0.0, 1.0, 0.7071], [1.0, 1.0, 0.0, 0.7071], [0.0, 0.0, 0.0, 0.0]]
     """
     check_range("eps", eps, 0.0, low_inclusive=False)
+    features = features_as_grid("features", features, size, grid=("hf", "wf"), dtype="float")
     protos = seed_prototypes(features, seeds)
     with no_autocast(features.device.type):
         f = features.to(protos.dtype).flatten(2)  # (B, D, N)
@@ -108,21 +126,23 @@ class PrototypeRefiner(nn.Module):
         super().__init__()
         self.eps = check_range("eps", eps, 0.0, low_inclusive=False)
 
-    def forward(self, features: Tensor, seeds: Tensor) -> Tensor:
+    def forward(self, features: Tensor, seeds: Tensor, *, size: tuple[int, int] | None = None) -> Tensor:
         """The R-CAM of ``features`` for ``seeds`` (see ``refine_cams``).
 
         Args:
-            features: ``F_hie``.
+            features: ``F_hie``: a map, or tokens with ``size``.
             seeds: seeds on any grid (``locate_seeds``).
+            size: the grid ``(hf, wf)`` of token input.
 
         Shape:
-            - features: ``(B, D, hf, wf)``; seeds: ``(B, K+1, h, w)``
+            - features: ``(B, D, hf, wf)``, or tokens ``(B, hf*wf, D)`` with ``size=(hf, wf)``;
+              seeds: ``(B, K+1, h, w)``
             - output: ``(B, K+1, hf, wf)`` in ``[0, 1]``
 
         Returns:
             The R-CAMs; ``seed_prototypes`` gives the prototypes behind them.
         """
-        return refine_cams(features, seeds, eps=self.eps)
+        return refine_cams(features, seeds, size=size, eps=self.eps)
 
     def extra_repr(self) -> str:
         return f"eps={self.eps}"

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from wsss_blocks._utils import compute_dtype, no_autocast
 from wsss_blocks._validate import check_option, check_range, check_shape
 from wsss_blocks.swtformer._common import allowed_channels, valid_on_grid
+from wsss_blocks.tokens import features_as_grid
 
 __all__ = ["Similarity", "structure_affinity", "SeedOutput", "locate_seeds", "SeedLocator"]
 
@@ -18,7 +19,13 @@ Similarity = Literal["abs_cos", "relu_cos", "cos"]
 _SIMILARITIES = ("abs_cos", "relu_cos", "cos")
 
 
-def structure_affinity(features: Tensor, *, similarity: Similarity = "abs_cos", eps: float = 1e-5) -> Tensor:
+def structure_affinity(
+    features: Tensor,
+    *,
+    size: tuple[int, int] | None = None,
+    similarity: Similarity = "abs_cos",
+    eps: float = 1e-5,
+) -> Tensor:
     """Cross-token structure map ``S`` of eq. 4: the (absolute) cosine between every token pair.
 
     ``f^_i = t_i / (||t_i|| + eps)``, ``A = f^T f^``; ``S = |A|`` (``"abs_cos"``, the paper),
@@ -27,13 +34,19 @@ def structure_affinity(features: Tensor, *, similarity: Similarity = "abs_cos", 
     computed in fp32 (fp64 stays fp64) with autocast off.
 
     Args:
-        features: a feature map (``T_out`` as NCHW).
+        features: a feature map (``T_out`` as NCHW), or its tokens with ``size``.
+        size: the grid ``(h, w)`` of token input (a map brings its own; a ``size`` that
+            disagrees with it is an error).
         similarity: ``"abs_cos"``, ``"relu_cos"`` or ``"cos"``.
         eps: added to the token norm (SIPE: 1e-5).
 
     Shape:
-        - features: ``(B, D, h, w)``
+        - features: ``(B, D, h, w)``, or tokens ``(B, h*w, D)`` with ``size=(h, w)``
         - output: ``(B, h*w, h*w)``, symmetric
+
+    Raises:
+        ShapeError: a wrong shape; tokens without ``size``; a channels-last map on the
+            ``size`` grid says to permute it to NCHW.
 
     Examples:
         >>> t = torch.tensor([[1.0, -1.0, 0.0], [0.0, 0.0, 1.0]])[None, :, None]  # (1, 2, 1, 3)
@@ -42,7 +55,7 @@ def structure_affinity(features: Tensor, *, similarity: Similarity = "abs_cos", 
         >>> structure_affinity(t, similarity="relu_cos", eps=0.0)[0, 0].tolist()
         [1.0, 0.0, 0.0]
     """
-    check_shape("features", features, ["B", "D", "h", "w"], dtype="float")
+    features = features_as_grid("features", features, size, dtype="float")
     check_option("similarity", similarity, _SIMILARITIES)
     check_range("eps", eps, 0.0)
     with no_autocast(features.device.type):
@@ -96,8 +109,10 @@ def locate_seeds(
     argmax reads, so returning it costs nothing extra.
 
     Args:
-        features: the features whose affinity defines structure (``T_out``).
-        cams_with_bg: ``M``, background at channel 0 (``cams_with_background``).
+        features: the features whose affinity defines structure (``T_out``): a map or
+            tokens on the grid of ``cams_with_bg``.
+        cams_with_bg: ``M``, background at channel 0 (``cams_with_background``); its grid is
+            the grid of ``features``.
         labels: multi-hot image labels; ``None`` allows every class.
         similarity: see ``structure_affinity``.
         bg_scale: background IoU factor.
@@ -105,11 +120,17 @@ def locate_seeds(
         eps: token-norm epsilon and IoU union clamp.
 
     Shape:
-        - features: ``(B, D, h, w)``; cams_with_bg: ``(B, K+1, h, w)``; labels: ``(B, K)``
+        - features: ``(B, D, h, w)`` or tokens ``(B, h*w, D)``; cams_with_bg: ``(B, K+1, h, w)``;
+          labels: ``(B, K)``
         - output: seeds ``(B, K+1, h, w)`` bool, iou ``(B, K+1, h, w)`` float
 
     Returns:
-        ``SeedOutput`` ``(seeds, iou)``.
+        ``SeedOutput`` ``(seeds, iou)``. Tokens give exactly the result of their
+        ``tokens_to_grid`` map.
+
+    Raises:
+        ShapeError: a wrong shape; a channels-last map ``(B, h, w, D)`` says to permute it
+            to NCHW.
 
     Note:
         SIPE's code builds the ``(B, K+1, HW, HW)`` product ``S[:, None] * M[:, :, None]``;
@@ -126,8 +147,10 @@ def locate_seeds(
         >>> out.iou[0, 1, 0].double().round(decimals=2).tolist()
         [0.5, 0.5, 0.0, 0.0]
     """
-    dims = check_shape("features", features, ["B", "D", "h", "w"], dtype="float")
-    check_shape("cams_with_bg", cams_with_bg, ["B", "K1", "h", "w"], dims, dtype="float")
+    dims = check_shape("cams_with_bg", cams_with_bg, ["B", "K1", "h", "w"], dtype="float")
+    features = features_as_grid(
+        "features", features, (dims["h"], dims["w"]), dims, grid_source="cams_with_bg", dtype="float"
+    )
     check_range("bg_scale", bg_scale, 0.0)
     check_range("eps", eps, 0.0, low_inclusive=False)
     allowed = allowed_channels(labels, dims, cams_with_bg)
@@ -187,13 +210,15 @@ class SeedLocator(nn.Module):
         """Seeds with the stored options (see ``locate_seeds``), no grad.
 
         Args:
-            features: the features whose affinity defines structure (``T_out``).
+            features: the features whose affinity defines structure (``T_out``): a map or
+                tokens on the grid of ``cams_with_bg``.
             cams_with_bg: ``M``, background at channel 0.
             labels: multi-hot image labels; ``None`` allows every class.
             valid: padding mask at any resolution.
 
         Shape:
-            - features: ``(B, D, h, w)``; cams_with_bg: ``(B, K+1, h, w)``; labels: ``(B, K)``
+            - features: ``(B, D, h, w)`` or tokens ``(B, h*w, D)``; cams_with_bg:
+              ``(B, K+1, h, w)``; labels: ``(B, K)``
             - output: seeds ``(B, K+1, h, w)`` bool, iou ``(B, K+1, h, w)`` float
 
         Returns:
