@@ -526,7 +526,7 @@ def test_cpews_loss_from_preset_builds_pool_and_losses():
     assert crit.pool.superclass_of.tolist() == [0, 0, 1]
     assert crit.warn_unbuilt is False and crit.pdl.warn_unbuilt is False and crit.ssl.warn_unbuilt is False
     with pytest.raises(TypeError):
-        CPEWSLoss.from_preset(4, 3, pool={"no_such_option": 1})
+        CPEWSLoss.from_preset(4, 3, preset="paper", pool={"no_such_option": 1})
 
 
 def test_cpews_loss_follows_fp64_inputs():
@@ -577,7 +577,7 @@ def test_cpews_loss_one_warning_whichever_sub_loss_reads_the_pool():
             for _ in range(3):
                 crit(**_loss_inputs()[2])
         assert sum("not built" in str(w.message) for w in rec) == 1, weights
-    crit = CPEWSLoss.from_preset(4, 3, loss_weights={"ism": 0.0, "pdl": 0.0, "ssl": 0.0})
+    crit = CPEWSLoss.from_preset(4, 3, preset="paper", loss_weights={"ism": 0.0, "pdl": 0.0, "ssl": 0.0})
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing reads the pool: nothing to warn about
         crit(**_loss_inputs()[2])

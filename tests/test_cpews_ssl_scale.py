@@ -109,7 +109,7 @@ def test_module_and_preset_plumbing():
         SSLLoss(cam_scale="sigmoid")
     with pytest.raises(ValueError, match="cam_scale"):
         ssl_loss(*_hand(), cam_scale="l2")
-    crit = CPEWSLoss.from_preset(4, 3, ssl={"cam_scale": "max"})
+    crit = CPEWSLoss.from_preset(4, 3, preset="paper", ssl={"cam_scale": "max"})
     assert crit.ssl.cam_scale == "max"
 
 

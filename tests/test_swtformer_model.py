@@ -222,7 +222,7 @@ def test_loss_weights_partial_and_total_is_weighted_terms():
 def test_presets_and_overrides():
     assert set(PRESETS) == {"paper", "official"}
     swin = _swin()
-    paper = SWTformer.from_preset(swin, 3)
+    paper = SWTformer.from_preset(swin, 3, preset="paper")
     default = SWTformer(swin, 3)
     assert repr(paper) == repr(default)  # the paper preset is the constructor's defaults
     official = SWTformer.from_preset(swin, 3, preset="official")
@@ -233,13 +233,13 @@ def test_presets_and_overrides():
     assert not tuned.final_norm and tuned.heads.similarity == "relu_cos"
     assert PRESETS["official"]["loss_weights"] == {"gsc": 1.0, "ccl": 0.0}  # the table is not mutated
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['affinity'\]"):
-        SWTformer.from_preset(swin, 3, affinity="relu_cos")
+        SWTformer.from_preset(swin, 3, preset="paper", affinity="relu_cos")
     with pytest.raises(ValueError, match="preset"):
         SWTformer.from_preset(swin, 3, preset="sipe")
     heads = SWTformerHead.from_preset((8, 16, 32, 64), 3, preset="official", hff_output_stage="stage2")
     assert heads.similarity == "relu_cos" and heads.hff is not None and heads.hff.output_stage == "stage2"
     with pytest.raises(ValueError, match="final_norm"):  # a model option, not a head option
-        SWTformerHead.from_preset((8, 16, 32, 64), 3, final_norm=False)
+        SWTformerHead.from_preset((8, 16, 32, 64), 3, preset="paper", final_norm=False)
     swin.train()
     x = torch.randn(2, 3, 64, 64)
     y = torch.tensor([[1, 0, 1], [0, 1, 0]])

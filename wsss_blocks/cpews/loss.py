@@ -118,7 +118,7 @@ class CPEWSLoss(nn.Module):
         in_dim: int,
         num_classes: int,
         *,
-        preset: Literal["paper", "official"] = "paper",
+        preset: Literal["paper", "official"],
         loss_weights: Mapping[str, float] | None = None,
         superclasses: Literal["voc", "coco"] | Mapping[str, Sequence[int]] | None = None,
         pool: Mapping[str, Any] | None = None,

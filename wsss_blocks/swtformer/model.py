@@ -161,7 +161,7 @@ class SWTformerHead(nn.Module):
 
     @classmethod
     def from_preset(
-        cls, in_dims: Sequence[int], num_classes: int, *, preset: Preset = "paper", **overrides: Any
+        cls, in_dims: Sequence[int], num_classes: int, *, preset: Preset, **overrides: Any
     ) -> SWTformerHead:
         """Build the head with the options of a preset (``PRESETS``), keyword overrides on top.
 
@@ -341,7 +341,7 @@ class SWTformer(nn.Module):
 
     @classmethod
     def from_preset(
-        cls, backbone: nn.Module, num_classes: int, *, preset: Preset = "paper", **overrides: Any
+        cls, backbone: nn.Module, num_classes: int, *, preset: Preset, **overrides: Any
     ) -> SWTformer:
         """Build the model with the options of a preset (``PRESETS``), keyword overrides on top.
 
