@@ -78,9 +78,11 @@ def cpal_forward(
         labels: multi-hot image labels.
         context: context prototypes (see ``context_prototypes``).
         context_valid: which context prototypes exist.
-        threshold, bg_threshold: see ``instance_prototypes``.
+        threshold: see ``instance_prototypes``.
+        bg_threshold: see ``instance_prototypes``.
         top_k: see ``soft_neighbors``.
-        temperature, similarity: see ``positiveness``.
+        temperature: see ``positiveness``.
+        similarity: see ``positiveness``.
         weighting: see ``neighbor_weights``.
         align: apply ``alignment_shift`` to the anchors.
         normalize_pacam: ``normalize`` of ``pacam``.

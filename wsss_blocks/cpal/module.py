@@ -62,8 +62,8 @@ class CPAL(nn.Module):
         hidden_dim: ``H`` (``None``: ``D``).
         proj_dim: ``P``.
         detach_features: project ``features.detach()`` (the loss does not train the backbone).
-        threshold, bg_threshold: CAM thresholds of the instance prototypes
-            (``bg_threshold=None``: ``threshold``).
+        threshold: CAM threshold of the instance prototypes.
+        bg_threshold: CAM threshold of the background prototype (``None``: ``threshold``).
         capacity: ``L``, bank slots per class.
         num_prototypes: ``M``, context prototypes per class.
         top_k: ``T``, soft neighbours per anchor; ``1 <= T <= M <= L``.
@@ -78,8 +78,9 @@ class CPAL(nn.Module):
         kmeans_iters: Lloyd steps per recluster.
         seed: k-means seed; recluster ``r`` uses ``seed + r``.
         warn_unbuilt: warn (once) when ``forward`` runs before any context exists.
-        device, dtype: of the head's parameters and the state (``float64`` gives an fp64
-            bank and context; anything else an fp32 one).
+        device: of the head's parameters and the state.
+        dtype: of the head's parameters (``float64`` also gives an fp64 bank and context;
+            anything else an fp32 one).
 
     Shape:
         - features: ``(B, D, h, w)`` (a CNN map) or ``(B, h*w, D)`` (a ViT's patch tokens, on
