@@ -4,7 +4,9 @@
 * ``final_tokens`` + ``class_scores`` give the class logits (the mean of each final class
   token over ``D``, no final norm);
 * ``attention_cams`` gives the class-to-patch attention maps of the last blocks, optionally
-  refined by the patch-to-patch attention, as in MCTformer's released code.
+  refined by the patch-to-patch attention, as in MCTformer's released code;
+* ``patch_cam`` / ``PatchCAM`` give MCTformer-V2's patch-token CAM and ``fused_cam`` /
+  ``FusedCAM`` its fusion with the attention maps.
 
 Examples:
     >>> import timm, torch
@@ -16,5 +18,16 @@ Examples:
 """
 
 from wsss_blocks.mct.class_tokens import FinalTokens, add_class_tokens, attention_cams, class_scores, final_tokens
+from wsss_blocks.mct.patch_cam import FusedCAM, PatchCAM, fused_cam, patch_cam
 
-__all__ = ["FinalTokens", "add_class_tokens", "final_tokens", "class_scores", "attention_cams"]
+__all__ = [
+    "FinalTokens",
+    "add_class_tokens",
+    "final_tokens",
+    "class_scores",
+    "attention_cams",
+    "patch_cam",
+    "PatchCAM",
+    "fused_cam",
+    "FusedCAM",
+]
