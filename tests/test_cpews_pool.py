@@ -218,7 +218,7 @@ def test_pool_state_dict_and_old_prototypes_until_finalize():
     pool.finalize()
     sd = pool.state_dict()
     assert set(sd) == {"pos", "pos_valid", "neg", "neg_valid", "neg_scores", "neg_labels",
-                       "superclass_of", "built"}
+                       "neg_filter", "superclass_of", "built"}
     fresh = PrototypePool(3, 2, num_prototypes=2, capacity=16)
     assert not fresh.is_built
     fresh.load_state_dict(sd)

@@ -37,7 +37,7 @@ from wsss_blocks.doei import (
     progressive_count,
     select_top_bottom,
 )
-from wsss_blocks.mct import class_scores
+from wsss_blocks.mct import class_scores, fused_cam, patch_cam
 from wsss_blocks.metrics import confusion_matrix, iou_from_confusion
 from wsss_blocks.pcm import (
     dihedral_inverse,
@@ -89,6 +89,7 @@ __all__ = [
     "dihedral_transform",
     "doei_delta",
     "et_loss",
+    "fused_cam",
     "grid_to_tokens",
     "gsc_loss",
     "hybrid_attention",
@@ -109,6 +110,7 @@ __all__ = [
     "par_affinity",
     "par_label_levels",
     "par_pseudo_labels",
+    "patch_cam",
     "patch_class_probs",
     "patch_color_affinity",
     "pdl_loss",

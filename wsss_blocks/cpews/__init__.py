@@ -6,7 +6,8 @@ ToCo without CTC plus:
   intermediate-layer CAM (``ism_loss``, ToCo PTC parity by default);
 * **CPM** -- a per-class pool of positive (k-means) and negative (top-scoring absent
   class regions) prototypes (``PrototypePool``) built from region embeddings
-  (``region_embeddings``);
+  (``region_embeddings``), or imported (``PrototypePool.load_prototypes``; the official
+  code's saved pool through ``prototypes_from_cpews_upload``);
 * **PDL** / **SSL** -- the prototype discrimination and superclass suppression losses
   (``pdl_loss``, ``ssl_loss``), SSL differentiable (the official code's is not);
 * the two-branch classifier head (``CPEWSHead``, ``cpews_taps``) and the
@@ -21,7 +22,7 @@ from wsss_blocks.cpews.head import CPEWSHead, CPEWSHeadOutput, cpews_taps
 from wsss_blocks.cpews.ism import ISMLoss, ism_loss
 from wsss_blocks.cpews.loss import CPEWSLoss
 from wsss_blocks.cpews.pdl import PDLLoss, pdl_loss
-from wsss_blocks.cpews.pool import PrototypePool
+from wsss_blocks.cpews.pool import PoolPrototypes, PrototypePool, prototypes_from_cpews_upload
 from wsss_blocks.cpews.regions import RegionEmbeddings, region_embeddings
 from wsss_blocks.cpews.ssl import SSLLoss, ssl_loss
 from wsss_blocks.cpews.tables import (
@@ -44,6 +45,8 @@ __all__ = [
     "region_embeddings",
     "RegionEmbeddings",
     "PrototypePool",
+    "PoolPrototypes",
+    "prototypes_from_cpews_upload",
     "pdl_loss",
     "PDLLoss",
     "ssl_loss",

@@ -1,10 +1,15 @@
-"""CPEWS class-wise prototype pool (Contextual Prototype Module, paper eq. 4-6)."""
+"""CPEWS class-wise prototype pool (Contextual Prototype Module, paper eq. 4-6).
+
+Also imports prototypes built elsewhere: ``PrototypePool.load_prototypes`` takes padded
+tensors with validity masks, and ``prototypes_from_cpews_upload`` maps the file the
+official CPEWS code saves (``clusters.pth``) to them.
+"""
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -17,13 +22,14 @@ from wsss_blocks._validate import (
     check_option,
     check_range,
     check_shape,
+    checks_enabled,
 )
 from wsss_blocks.cam import valid_to_grid
 from wsss_blocks.cpews.regions import region_embeddings
 from wsss_blocks.cpews.tables import superclass_index
 from wsss_blocks.prototypes import kmeans
 
-__all__ = ["PrototypePool"]
+__all__ = ["PrototypePool", "PoolPrototypes", "prototypes_from_cpews_upload"]
 
 
 class PrototypePool(nn.Module):
@@ -33,7 +39,9 @@ class PrototypePool(nn.Module):
     ``finalize`` (or ``build`` for the whole loop); refresh by calling
     ``build`` again. The losses read ``pos``, ``pos_valid``, ``neg``, ``neg_valid``
     and ``suppression_mask``; they see the previous prototypes until ``finalize``.
-    ``is_built`` says whether there is anything to read.
+    ``is_built`` says whether there is anything to read. Prototypes built elsewhere come
+    in with ``load_prototypes`` (the official CPEWS file through
+    ``prototypes_from_cpews_upload``).
 
     * **Positives**: the region embedding ``A_bc`` (``region_embeddings``) of every
       present class with a non-empty region goes into a per-class store of ``capacity``
@@ -49,14 +57,21 @@ class PrototypePool(nn.Module):
       The multi-hot label of each negative's source image is kept (``neg_labels``) for
       the superclass filter.
 
+    * **A class without positive prototypes** (no valid ``pos``) is left out of PDL and SSL
+      even when it is present. The official code differs for SSL: its positive distance is
+      then a large constant, so every activated token of a present class without positives
+      that has a kept negative is flagged and pushed down.
+
     State: persistent buffers ``pos``/``neg`` ``(K, M, D)``, ``pos_valid``/``neg_valid``/
-    ``neg_scores`` ``(K, M)``, ``neg_labels`` ``(K, M, K)`` bool, ``superclass_of``
-    ``(K,)`` (-1 without a table) and ``built`` (set by ``finalize``); the accumulation
-    stores are non-persistent. Everything is fp32 and no-grad; ``.double()`` makes the state fp64,
-    while ``.half()`` / ``.to(torch.bfloat16)`` (e.g. of a model holding the pool) leave it
-    fp32. Inputs of any float dtype are cast to the state's dtype. Under ``torch.distributed`` every
-    rank all-gathers the batch before updating and ``finalize`` broadcasts rank 0's
-    result, so all ranks hold the same pool. Store memory is ``K * capacity * D * 4``
+    ``neg_scores`` ``(K, M)``, ``neg_labels`` ``(K, M, K)`` bool, ``neg_filter`` ``(K, M)``
+    bool (negatives an imported superclass filter keeps; all True unless ``load_prototypes``
+    got ``neg_keep``), ``superclass_of`` ``(K,)`` (-1 without a table) and ``built`` (set by
+    ``finalize`` and ``load_prototypes``); the accumulation stores are non-persistent.
+    Everything is fp32 and no-grad; ``.double()`` makes the state fp64, while ``.half()`` /
+    ``.to(torch.bfloat16)`` (e.g. of a model holding the pool) leave it fp32. Inputs of any
+    float dtype are cast to the state's dtype. Under ``torch.distributed`` every rank
+    all-gathers the batch before updating and ``finalize`` broadcasts rank 0's result, so all
+    ranks hold the same pool. Store memory is ``K * capacity * D * 4``
     bytes (126 MB for VOC at 2048 x 768).
 
     Args:
@@ -94,6 +109,7 @@ class PrototypePool(nn.Module):
     neg_valid: Tensor
     neg_scores: Tensor
     neg_labels: Tensor
+    neg_filter: Tensor
     superclass_of: Tensor
     built: Tensor
     _store: Tensor
@@ -141,6 +157,7 @@ class PrototypePool(nn.Module):
         self.register_buffer("neg_valid", torch.zeros(k, m, **b8))
         self.register_buffer("neg_scores", torch.full((k, m), float("-inf"), **f32))
         self.register_buffer("neg_labels", torch.zeros(k, m, k, **b8))
+        self.register_buffer("neg_filter", torch.ones(k, m, **b8))
         self.register_buffer("superclass_of", superclass_index(superclasses, k, device=device))
         self.register_buffer("built", torch.zeros((), **b8))
         # accumulation state (non-persistent); the store has one scratch row at index C
@@ -184,8 +201,9 @@ class PrototypePool(nn.Module):
     def is_built(self) -> bool:
         """Whether the pool holds prototypes for the losses to read.
 
-        ``True`` once ``finalize`` has run (the persistent ``built`` flag) or when any
-        prototype is valid, so a pool loaded from a checkpoint or filled by hand counts.
+        ``True`` once ``finalize`` or ``load_prototypes`` has run (the persistent ``built``
+        flag) or when any prototype is valid, so a pool loaded from a checkpoint or filled by
+        hand counts.
         Read from the buffers once after they change (they are tracked by their version
         counters), so a training step that leaves the pool alone costs no device sync.
 
@@ -223,6 +241,11 @@ class PrototypePool(nn.Module):
 
     def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args)
+        key = prefix + "neg_filter"
+        missing_keys = args[2]
+        if key not in state_dict and key in missing_keys:  # a pool saved before neg_filter existed
+            missing_keys.remove(key)
+            self.neg_filter.fill_(True)
         self._built_cache = None
         _ = self.is_built  # sync-ok: load time, so the first training step does not sync
 
@@ -395,6 +418,7 @@ class PrototypePool(nn.Module):
         self.neg_valid.copy_(neg_valid)
         self.neg_scores.copy_(self._stage_scores)
         self.neg_labels.copy_(self._stage_labels & neg_valid[:, :, None])
+        self.neg_filter.fill_(True)
         self.built.fill_(True)
         broadcast_from_rank0(self.pos, self.pos_valid, self.neg, self.neg_valid, self.neg_scores,
                              self.neg_labels)
@@ -429,6 +453,99 @@ class PrototypePool(nn.Module):
             self.update(**model_fn(batch))
         self.finalize()
 
+    @torch.no_grad()
+    def load_prototypes(
+        self,
+        pos: Tensor,
+        pos_valid: Tensor,
+        neg: Tensor,
+        neg_valid: Tensor,
+        neg_labels: Tensor | None = None,
+        neg_keep: Tensor | None = None,
+    ) -> None:
+        """Replace the prototypes with ones built elsewhere; the pool is built afterwards.
+
+        Layout (the pool's own): per class ``c``, up to ``M`` (``num_prototypes``) positive
+        prototypes ``pos[c]`` with ``pos_valid[c]`` marking the real rows, the same for the
+        negatives, padded with invalid rows (any values; they are zeroed). Fewer than ``M``
+        slots are padded, more raise. Tensors are validated, copied and moved to the pool's
+        device and dtype; ``neg_scores`` (unknown here) become 0 for valid negatives. The
+        accumulation stores are left alone. ``is_built`` is True afterwards and the losses
+        read the new prototypes at their next call. Under ``torch.distributed`` call it on
+        every rank with the same tensors (nothing is broadcast).
+
+        For SSL's superclass filter give either the source-image labels of the negatives
+        (``neg_labels``; the pool's table then filters as after its own build) or a fixed
+        ``neg_keep`` (negatives already filtered elsewhere, e.g. the official upload's
+        ``neg_unshared``), or both (both filters apply). Without either, the table filter
+        cannot drop any negative (only ``suppress_singletons=False`` can).
+
+        Args:
+            pos: positive prototypes.
+            pos_valid: which ``pos`` rows are real.
+            neg: negative prototypes.
+            neg_valid: which ``neg`` rows are real.
+            neg_labels: multi-hot labels of each negative's source image, or ``None``.
+            neg_keep: negatives that SSL may use (a fixed superclass filter), or ``None``.
+
+        Shape:
+            - pos: ``(K, M_pos, D)``; pos_valid: ``(K, M_pos)``, ``M_pos <= M``
+            - neg: ``(K, M_neg, D)``; neg_valid, neg_keep: ``(K, M_neg)``, ``M_neg <= M``;
+              neg_labels: ``(K, M_neg, K)`` (bool, int or float in ``{0, 1}``)
+
+        Examples:
+            >>> pool = PrototypePool(2, 2, num_prototypes=3)
+            >>> pos = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]])             # one per class
+            >>> neg = torch.tensor([[[0.0, 2.0], [0.0, 3.0]], [[2.0, 0.0], [9.0, 9.0]]])
+            >>> pool.load_prototypes(pos, torch.ones(2, 1, dtype=torch.bool),
+            ...                      neg, torch.tensor([[True, True], [True, False]]))
+            >>> pool.is_built, pool.pos_valid.tolist(), pool.neg_valid.tolist()
+            (True, [[True, False, False], [True, False, False]], [[True, True, False], [True, False, False]])
+        """
+        k, m, d = self.num_classes, self.num_prototypes, self.in_dim
+        dims: dict[str, int] = {"K": k, "D": d}
+        check_shape("pos", pos, ["K", "M_pos", "D"], dims, dtype="float")
+        check_shape("pos_valid", pos_valid, ["K", "M_pos"], dims, dtype="bool")
+        check_shape("neg", neg, ["K", "M_neg", "D"], dims, dtype="float")
+        check_shape("neg_valid", neg_valid, ["K", "M_neg"], dims, dtype="bool")
+        if neg_labels is not None:
+            check_shape("neg_labels", neg_labels, ["K", "M_neg", "K"], dims, dtype="label")
+            check_labels("neg_labels", neg_labels.flatten(0, 1), {"K": k})
+        if neg_keep is not None:
+            check_shape("neg_keep", neg_keep, ["K", "M_neg"], dims, dtype="bool")
+        for name in ("M_pos", "M_neg"):
+            if dims[name] > m:
+                raise ShapeError(
+                    f"{'pos' if name == 'M_pos' else 'neg'}: {dims[name]} prototypes per class, the pool holds "
+                    f"num_prototypes={m}; build the pool with num_prototypes>={dims[name]}"
+                )
+        if checks_enabled() and pos.device.type == "cpu" and neg.device.type == "cpu":
+            bad = [n for n, t, ok in (("pos", pos, pos_valid), ("neg", neg, neg_valid))
+                   if not bool(torch.isfinite(t[ok]).all())]  # sync-ok: CPU tensors, import time
+            if bad:
+                raise ValueError(f"{bad[0]}: valid prototypes must be finite")
+
+        def padded(x: Tensor, fill: Any) -> Tensor:
+            out = torch.full((k, m, *x.shape[2:]), fill, dtype=x.dtype, device=x.device)
+            out[:, : x.shape[1]] = x
+            return out
+
+        dev, dtype = self.pos.device, self.pos.dtype
+        pv = padded(pos_valid, False).to(dev)
+        nv = padded(neg_valid, False).to(dev)
+        self.pos.copy_(padded(pos.detach(), 0.0).to(dev, dtype).where(pv[:, :, None], 0.0))
+        self.pos_valid.copy_(pv)
+        self.neg.copy_(padded(neg.detach(), 0.0).to(dev, dtype).where(nv[:, :, None], 0.0))
+        self.neg_valid.copy_(nv)
+        self.neg_scores.copy_(torch.zeros_like(self.neg_scores).masked_fill(~nv, float("-inf")))
+        labels = torch.zeros_like(self.neg_labels) if neg_labels is None else padded(neg_labels != 0, False).to(dev)
+        self.neg_labels.copy_(labels & nv[:, :, None])
+        keep = torch.ones_like(self.neg_filter) if neg_keep is None else padded(neg_keep, False).to(dev)
+        self.neg_filter.copy_(keep)
+        self.built.fill_(True)
+        key = self._built_key()
+        self._built_cache = None if key is None else (key, True)
+
     # ------------------------------------------------------------------ use
     def suppression_mask(self, *, suppress_singletons: bool = True, source_share: float | None = None) -> Tensor:
         """Negatives that SSL may use for each class after the superclass filter.
@@ -447,6 +564,10 @@ class PrototypePool(nn.Module):
         them contain one other class, ``c``'s CAM fires on that class's objects, i.e. the
         two look alike, whatever the table says (look-alike classes whose superclasses
         differ). ``None`` (the paper's filter): the table only.
+
+        Negatives imported with a fixed filter (``load_prototypes(..., neg_keep=...)``,
+        e.g. the official upload's unshared negatives) are kept only where that filter
+        keeps them, on top of the rules above.
 
         Args:
             suppress_singletons: keep the negatives of singleton superclasses (paper).
@@ -474,8 +595,161 @@ class PrototypePool(nn.Module):
             share = src.sum(1).float() / self.neg_valid.sum(1, keepdim=True).clamp_min(1).float()  # (K, K)
             same = same | (share >= source_share)
         shared = (self.neg_labels & same[:, None, :]).any(dim=-1)  # (K, M)
-        keep = self.neg_valid & ~shared
+        keep = self.neg_valid & self.neg_filter & ~shared
         if not suppress_singletons:
             singleton = grouped & ((g[:, None] == g[None, :]) & grouped[:, None]).sum(dim=1).eq(1)
             keep = keep & ~singleton[:, None]
         return keep
+
+
+class PoolPrototypes(NamedTuple):
+    """Prototypes in the layout of ``PrototypePool.load_prototypes`` (unpack it into that call).
+
+    Attributes:
+        pos: positive prototypes ``(K, M, D)``, padded with zero rows.
+        pos_valid: which ``pos`` rows are real ``(K, M)``.
+        neg: negative prototypes ``(K, M, D)``, padded with zero rows.
+        neg_valid: which ``neg`` rows are real ``(K, M)``.
+        neg_labels: source-image labels of the negatives ``(K, M, K)``, or ``None`` (unknown).
+        neg_keep: negatives SSL may use ``(K, M)`` (a fixed superclass filter), or ``None``.
+
+    Examples:
+        >>> t = PoolPrototypes(torch.zeros(2, 1, 4), torch.ones(2, 1, dtype=torch.bool),
+        ...                    torch.zeros(2, 1, 4), torch.ones(2, 1, dtype=torch.bool), None, None)
+        >>> pool = PrototypePool(4, 2, num_prototypes=1)
+        >>> pool.load_prototypes(*t); pool.is_built
+        True
+    """
+
+    pos: Tensor
+    pos_valid: Tensor
+    neg: Tensor
+    neg_valid: Tensor
+    neg_labels: Tensor | None
+    neg_keep: Tensor | None
+
+
+def _cpews_rows(name: str, rows: Any, k: int | None) -> list[Tensor]:
+    """One ``(n_c, D)`` tensor per class (an empty tensor -> ``(0, D)`` later)."""
+    if isinstance(rows, Tensor) or not isinstance(rows, Sequence):
+        raise TypeError(f"{name}: expected a list of per-class tensors, got {type(rows).__name__}")
+    if k is not None and len(rows) != k:
+        raise ShapeError(f"{name}: {len(rows)} classes, 'pos' has {k}")
+    out = []
+    for c, t in enumerate(rows):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}[{c}]: expected a tensor, got {type(t).__name__}")
+        if t.numel() and (t.dim() != 2 or not t.is_floating_point()):
+            raise ShapeError(f"{name}[{c}]: expected a float (n, D) tensor or an empty one, got {tuple(t.shape)}")
+        out.append(t.detach().to("cpu"))
+    return out
+
+
+def prototypes_from_cpews_upload(
+    clusters: Mapping[str, Any] | Sequence[Any],
+    *,
+    num_prototypes: int | None = None,
+) -> PoolPrototypes:
+    """Map the prototypes the official CPEWS code saves to ``PrototypePool.load_prototypes``'s layout.
+
+    The official code builds its pool once before training and saves it with
+    ``torch.save`` as ``clusters.pth``: a dict with three lists of ``K`` tensors, one per
+    class (its builder returns the same three lists as a tuple):
+
+    * ``"pos"``: the k-means centres of the class, ``(n_c, D)``, ``n_c <= 10``;
+    * ``"neg"``: its negatives, ``(n_c, D)``: one mean feature per top-scoring image without
+      the class; PDL compares against all of them;
+    * ``"neg_unshared"``: the negatives that passed the superclass filter (no class of the
+      same superclass in the source image, and a superclass of more than one class), the
+      ones SSL uses; the same vectors as in ``"neg"``, in the same order.
+
+    A class with nothing has an empty 1-D tensor. The source-image labels are not saved,
+    so ``neg_labels`` is ``None`` and the superclass filter comes as ``neg_keep``: the
+    ``"neg"`` rows that reappear in ``"neg_unshared"`` (matched in order, exactly). Tensors
+    are moved to the CPU; ``load_prototypes`` moves them to the pool.
+
+    Args:
+        clusters: the loaded ``clusters.pth`` dict, or the ``(pos, neg, neg_unshared)`` tuple.
+        num_prototypes: slots per class ``M`` (default: the largest count in the file).
+
+    Returns:
+        ``PoolPrototypes(pos, pos_valid, neg, neg_valid, None, neg_keep)``.
+
+    Shape:
+        - output: pos, neg ``(K, M, D)``; pos_valid, neg_valid, neg_keep ``(K, M)``
+
+    Examples:
+        >>> upload = {"pos": [torch.ones(2, 3), torch.Tensor([])],
+        ...           "neg": [torch.zeros(1, 3), torch.eye(3)[:2]],
+        ...           "neg_unshared": [torch.Tensor([]), torch.eye(3)[1:2]]}
+        >>> p = prototypes_from_cpews_upload(upload)
+        >>> p.pos.shape, p.pos_valid.tolist(), p.neg_keep.tolist()
+        (torch.Size([2, 2, 3]), [[True, True], [False, False]], [[False, False], [False, True]])
+        >>> pool = PrototypePool(3, 2, num_prototypes=10, superclasses=None)
+        >>> pool.load_prototypes(*p)
+        >>> pool.suppression_mask()[:, :2].tolist()
+        [[False, False], [False, True]]
+    """
+    if isinstance(clusters, Mapping):
+        missing = [key for key in ("pos", "neg") if key not in clusters]
+        if missing:
+            raise ValueError(
+                f"clusters: expected the keys 'pos', 'neg' and 'neg_unshared' of the CPEWS file, "
+                f"missing {missing} (keys: {sorted(map(str, clusters))})"
+            )
+        parts = [clusters["pos"], clusters["neg"], clusters.get("neg_unshared")]
+    elif isinstance(clusters, Sequence) and not isinstance(clusters, (Tensor, str)) and len(clusters) in (2, 3):
+        parts = [*clusters, None][:3]
+    else:
+        raise TypeError(
+            f"clusters: expected the CPEWS clusters dict or a (pos, neg, neg_unshared) tuple, "
+            f"got {type(clusters).__name__}"
+        )
+    pos_rows = _cpews_rows("pos", parts[0], None)
+    k = len(pos_rows)
+    if k == 0:
+        raise ShapeError("pos: no classes")
+    neg_rows = _cpews_rows("neg", parts[1], k)
+    unshared = None if parts[2] is None else _cpews_rows("neg_unshared", parts[2], k)
+    filled = [t for t in pos_rows + neg_rows if t.numel()]
+    if not filled:
+        raise ShapeError("clusters: every class is empty")
+    d = filled[0].shape[1]
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in filled) else torch.float32
+    for name, rows in (("pos", pos_rows), ("neg", neg_rows), ("neg_unshared", unshared or [])):
+        for c, t in enumerate(rows):
+            if t.numel() and t.shape[1] != d:
+                raise ShapeError(f"{name}[{c}]: D={t.shape[1]}, expected D={d} (as {name} elsewhere)")
+    most = max(t.shape[0] if t.numel() else 0 for t in pos_rows + neg_rows)
+    m = max(most, 1) if num_prototypes is None else check_int("num_prototypes", num_prototypes, low=1)
+    if most > m:
+        raise ShapeError(f"clusters: a class has {most} prototypes, num_prototypes={m}")
+
+    def stack(rows: list[Tensor]) -> tuple[Tensor, Tensor]:
+        out = torch.zeros(k, m, d, dtype=dtype)
+        ok = torch.zeros(k, m, dtype=torch.bool)
+        for c, t in enumerate(rows):
+            if t.numel():
+                out[c, : t.shape[0]] = t.to(dtype)
+                ok[c, : t.shape[0]] = True
+        return out, ok
+
+    pos, pos_valid = stack(pos_rows)
+    neg, neg_valid = stack(neg_rows)
+    neg_keep = None
+    if unshared is not None:
+        neg_keep = torch.zeros(k, m, dtype=torch.bool)
+        for c, kept in enumerate(unshared):
+            j, count = 0, int(neg_valid[c].sum())
+            for r in range(kept.shape[0] if kept.numel() else 0):
+                row = kept[r].to(dtype)
+                while j < count and not torch.equal(neg[c, j], row):
+                    j += 1
+                if j == count:
+                    raise ValueError(
+                        f"neg_unshared[{c}]: row {r} is not among the rows of neg[{c}] (in order); "
+                        "expected the unshared negatives to be a subset of the negatives"
+                    )
+                neg_keep[c, j] = True
+                j += 1
+    return PoolPrototypes(pos, pos_valid, neg, neg_valid, None, neg_keep)

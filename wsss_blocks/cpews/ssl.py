@@ -90,7 +90,9 @@ def ssl_loss(
     ``PrototypePool.suppression_mask``; none kept -> never suppressed). The set
     ``Phi = present & activated & valid & (D- < D+)``, with "activated" =
     ``relu(cams)/max > act_threshold`` (``None``: every token) and classes without a
-    valid positive prototype left out. Then ``L = sum_Phi g(cams) / max(|Phi|, 1)``,
+    valid positive prototype left out (the official code differs: there ``D+`` is a large
+    constant, so every activated token of a present class without positives is in ``Phi``
+    as soon as the class has a kept negative). Then ``L = sum_Phi g(cams) / max(|Phi|, 1)``,
     ``g = relu`` or identity. Unlike the official code (which detaches the CAM, so its
     SSL trains nothing) the gradient reaches the classifier that made ``cams`` and the
     tokens. Note: the paper's weight 0.2 on raw CAM logits is ~1300x the official 1.5e-4.

@@ -46,7 +46,10 @@ COCO_SUPERCLASSES: dict[str, tuple[int, ...]] = {
 #: paper's weights and formulas) and ``"official"`` (the released code's). The keys are
 #: the keywords of ``CPEWSLoss.from_preset``: ``"loss_weights"`` -> the
 #: ``CPEWSLoss`` weights, ``"pdl"`` -> ``PDLLoss``, ``"ssl"`` -> ``SSLLoss``,
-#: ``"pool"`` -> ``PrototypePool``.
+#: ``"pool"`` -> ``PrototypePool``. A known difference that no preset changes: a present
+#: class with no positive prototypes is left out of SSL here, while the official code
+#: flags all of that class's activated tokens (its positive distance is then a large
+#: constant) whenever the class has a kept negative.
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "paper": {
         "loss_weights": {"ism": 0.12, "pdl": 1.5e-4, "ssl": 0.2},
