@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 from einops import rearrange
 from torch import Tensor, nn
 
-from wsss_blocks._validate import ShapeError, check_int, check_shape, check_size
+from wsss_blocks._validate import Dims, ShapeError, check_int, check_shape, check_size, check_tensor
 
 __all__ = [
     "ViTTaps",
@@ -80,6 +80,9 @@ def features_as_tokens(
     features: Tensor,
     size: tuple[int, int],
     dims: MutableMapping[str, int] | None = None,
+    *,
+    grid_source: str | None = None,
+    dtype: str | None = None,
 ) -> Tensor:
     """Accept features as tokens ``(B, N, D)`` or a map ``(B, D, h, w)``; return tokens.
 
@@ -91,6 +94,9 @@ def features_as_tokens(
         features: ``(B, N, D)`` tokens or ``(B, D, h, w)`` map.
         size: the grid ``(h, w)``.
         dims: named sizes bound so far (``B`` and ``D`` are bound here).
+        grid_source: the argument the grid comes from, named when the features are off it
+            (default: the argument that bound ``h`` in ``dims``, else ``size``).
+        dtype: dtype kind, see ``wsss_blocks._validate.check_tensor``.
 
     Shape:
         - output: ``(B, h*w, D)``
@@ -102,13 +108,23 @@ def features_as_tokens(
         >>> features_as_tokens("features", torch.zeros(2, 12, 5), (3, 4)).shape
         torch.Size([2, 12, 5])
     """
+    check_tensor(name, features, dtype=dtype)
     h, w = check_size("size", size)
-    if features.dim() == 4:
-        check_shape(name, features, ["B", "D", h, w], dims)
-        return grid_to_tokens(features)
-    if features.dim() == 3:
-        check_shape(name, features, ["B", h * w, "D"], dims)
-        return features
+    if dims is None:
+        dims = Dims()
+    if grid_source is None:
+        grid_source = (dims.sources.get("h") if isinstance(dims, Dims) else None) or "size"
+    try:
+        if features.dim() == 4:
+            check_shape(name, features, ["B", "D", h, w], dims)
+            return grid_to_tokens(features)
+        if features.dim() == 3:
+            check_shape(name, features, ["B", h * w, "D"], dims)
+            return features
+    except ShapeError as err:
+        if grid_source == name:
+            raise
+        raise ShapeError(f"{err}; the grid {(h, w)} comes from {grid_source}") from None
     raise ShapeError(
         f"{name}: expected (B, N={h * w}, D) tokens or (B, D, {h}, {w}) map, "
         f"got shape {tuple(features.shape)}"
@@ -183,7 +199,7 @@ def features_as_grid(
     if input_fmt not in ("NCHW", "NHWC"):
         raise ValueError(f"input_fmt: expected one of ['NCHW', 'NHWC'], got {input_fmt!r}")
     if dims is None:
-        dims = {}
+        dims = Dims()
     hw = None if size is None else check_size("size", size)
     check_shape(name, features, [None] * features.dim(), dtype=dtype)  # the dtype alone
     if features.dim() == 3:
