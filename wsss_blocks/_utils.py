@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["no_autocast", "compute_dtype", "to_compute", "promoted_dtype", "promote", "autocast_on", "call_promoted"]
+__all__ = [
+    "no_autocast",
+    "compute_dtype",
+    "to_compute",
+    "promoted_dtype",
+    "promote",
+    "autocast_on",
+    "call_promoted",
+    "to_model_dtype",
+    "empty_batch",
+]
 
 
 def compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -107,6 +118,55 @@ def call_promoted(module: nn.Module, *inputs: Tensor) -> Any:
     cast = {n: p.to(dtype) for n, p in module.named_parameters() if p.is_floating_point()}
     args = tuple(x.to(dtype) if x.is_floating_point() else x for x in inputs)
     return torch.func.functional_call(module, cast, args)
+
+
+def to_model_dtype(model: nn.Module, x: Tensor) -> Tensor:
+    """Floating ``x`` in the dtype of ``model``'s parameters (a backbone the library does not own).
+
+    A user's backbone computes in its own precision: floating input of another dtype is cast to
+    it (as autocast would). Under autocast, or for a model without floating parameters, ``x``
+    is returned as it is.
+
+    Examples:
+        >>> to_model_dtype(nn.Linear(2, 2).double(), torch.zeros(1, 2)).dtype
+        torch.float64
+    """
+    if not x.is_floating_point() or autocast_on(x.device.type):
+        return x
+    for p in model.parameters():
+        if p.is_floating_point():
+            return x if p.dtype == x.dtype else x.to(p.dtype)
+    return x
+
+
+def empty_batch(model: nn.Module, fn: Callable[[Tensor], Any], x: Tensor) -> Any:
+    """What ``fn`` returns for the empty batch ``x`` (``B = 0``), for a backbone that cannot run on one.
+
+    ``fn`` runs once on one zero sample, in eval mode and without gradient, and every tensor
+    of its result is cut to its first 0 rows: the shapes and dtypes of a real call, with batch 0.
+
+    Examples:
+        >>> out = empty_batch(nn.Identity(), lambda x: [x * 2], torch.zeros(0, 3))
+        >>> out[0].shape
+        torch.Size([0, 3])
+    """
+    from wsss_blocks.utils import eval_mode
+
+    with eval_mode(model), torch.no_grad():
+        out = fn(x.new_zeros((1, *x.shape[1:])))
+    return _cut(out)
+
+
+def _cut(out: Any) -> Any:
+    if isinstance(out, Tensor):
+        return out[:0] if out.dim() else out
+    if isinstance(out, tuple) and hasattr(out, "_fields"):
+        return type(out)(*(_cut(v) for v in out))
+    if isinstance(out, (list, tuple)):
+        return type(out)(_cut(v) for v in out)
+    if isinstance(out, dict):
+        return {k: _cut(v) for k, v in out.items()}
+    return out
 
 
 def no_autocast(device_type: str) -> contextlib.AbstractContextManager[Any]:
