@@ -45,6 +45,7 @@ __all__ = [
     "check_callable",
     "check_mapping",
     "check_class_values",
+    "check_floats",
     "checks_enabled",
 ]
 
@@ -535,3 +536,42 @@ def check_class_values(name: str, x: Tensor, num_values: int, *, ignore_index: i
         value = x[bad][0].item()  # sync-ok: CPU tensor, error path
         allowed = f"[0, {num_values})" + ("" if ignore_index is None else f" or ignore_index={ignore_index}")
         raise ShapeError(f"{name}: expected values in {allowed}, got {value}")
+
+
+def check_floats(
+    name: str,
+    value: Any,
+    *,
+    length: int | None = None,
+    low: float | None = None,
+    low_inclusive: bool = True,
+) -> tuple[float, ...]:
+    """A sequence of finite numbers (e.g. per-channel ``mean`` / ``std``) as a tuple of floats.
+
+    Args:
+        name: argument name used in the message (entries are named ``name[i]``).
+        value: the sequence.
+        length: the required length, if any.
+        low: a lower bound of every entry (``low_inclusive=False``: strictly above it).
+
+    Raises:
+        TypeError: not a sequence of numbers.
+        ValueError: a wrong length, or an entry that is not finite or below ``low``.
+
+    Examples:
+        >>> check_floats("std", [0.2, 0.2, 0.2], length=3, low=0.0, low_inclusive=False)
+        (0.2, 0.2, 0.2)
+        >>> try:
+        ...     check_floats("std", (0.2, 0.0, 0.2), length=3, low=0.0, low_inclusive=False)
+        ... except ValueError as err:
+        ...     print(err)
+        std[1]: expected a value in (0.0, inf), got 0.0
+    """
+    if isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, Tensor)) and not hasattr(value, "__len__"):
+        raise TypeError(f"{name}: expected a sequence of numbers, got {type(value).__name__}")
+    items = list(value)
+    if length is not None and len(items) != length:
+        raise ValueError(f"{name}: expected {length} numbers, got {len(items)}")
+    return tuple(
+        float(check_range(f"{name}[{i}]", v, low, low_inclusive=low_inclusive)) for i, v in enumerate(items)
+    )
