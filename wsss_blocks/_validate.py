@@ -511,10 +511,13 @@ def check_mapping(name: str, value: Any) -> Mapping[Any, Any]:
     return value
 
 
-def check_class_values(name: str, x: Tensor, num_values: int, *, ignore_index: int | None = None) -> None:
+def check_class_values(
+    name: str, x: Tensor, num_values: int, *, ignore_index: int | None = None, bound_from: str | None = None
+) -> None:
     """Check that an integer label map holds values in ``[0, num_values)`` (or ``ignore_index``).
 
-    Read only for CPU tensors (no device synchronisation), like ``check_labels``.
+    Read only for CPU tensors (no device synchronisation), like ``check_labels``. ``bound_from``
+    names where ``num_values`` comes from (another argument), for the message.
 
     Raises:
         ShapeError: naming ``name`` and the first value out of range.
@@ -534,7 +537,8 @@ def check_class_values(name: str, x: Tensor, num_values: int, *, ignore_index: i
         bad &= x != ignore_index
     if bool(bad.any()):  # CPU tensor: no device sync
         value = x[bad][0].item()  # sync-ok: CPU tensor, error path
-        allowed = f"[0, {num_values})" + ("" if ignore_index is None else f" or ignore_index={ignore_index}")
+        allowed = f"[0, {num_values})" + ("" if bound_from is None else f" ({bound_from})")
+        allowed += "" if ignore_index is None else f" or ignore_index={ignore_index}"
         raise ShapeError(f"{name}: expected values in {allowed}, got {value}")
 
 
