@@ -512,9 +512,11 @@ def check_mapping(name: str, value: Any) -> Mapping[Any, Any]:
 
 
 def check_class_values(
-    name: str, x: Tensor, num_values: int, *, ignore_index: int | None = None, bound_from: str | None = None
+    name: str, x: Tensor, num_values: int | None, *, ignore_index: int | None = None, bound_from: str | None = None
 ) -> None:
     """Check that an integer label map holds values in ``[0, num_values)`` (or ``ignore_index``).
+
+    ``num_values=None``: only non-negative values (the number of classes is not known).
 
     Read only for CPU tensors (no device synchronisation), like ``check_labels``. ``bound_from``
     names where ``num_values`` comes from (another argument), for the message.
@@ -532,12 +534,15 @@ def check_class_values(
     """
     if not (checks_enabled() and x.device.type == "cpu"):
         return
-    bad = (x < 0) | (x >= num_values)
+    bad = x < 0
+    if num_values is not None:
+        bad |= x >= num_values
     if ignore_index is not None:
         bad &= x != ignore_index
     if bool(bad.any()):  # CPU tensor: no device sync
         value = x[bad][0].item()  # sync-ok: CPU tensor, error path
-        allowed = f"[0, {num_values})" + ("" if bound_from is None else f" ({bound_from})")
+        upper = "inf" if num_values is None else num_values
+        allowed = f"[0, {upper})" + ("" if bound_from is None else f" ({bound_from})")
         allowed += "" if ignore_index is None else f" or ignore_index={ignore_index}"
         raise ShapeError(f"{name}: expected values in {allowed}, got {value}")
 
