@@ -558,7 +558,7 @@ def check_floats(
     """A sequence of finite numbers (e.g. per-channel ``mean`` / ``std``) as a tuple of floats.
 
     Args:
-        name: argument name used in the message (entries are named ``name[i]``).
+        name: argument name used in the message.
         value: the sequence.
         length: the required length, if any.
         low: a lower bound of every entry (``low_inclusive=False``: strictly above it).
@@ -574,13 +574,17 @@ def check_floats(
         ...     check_floats("std", (0.2, 0.0, 0.2), length=3, low=0.0, low_inclusive=False)
         ... except ValueError as err:
         ...     print(err)
-        std[1]: expected a value in (0.0, inf), got 0.0
+        std: expected 3 finite values > 0.0, got (0.2, 0.0, 0.2)
     """
-    if isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, Tensor)) and not hasattr(value, "__len__"):
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or not hasattr(value, "__iter__"):
         raise TypeError(f"{name}: expected a sequence of numbers, got {type(value).__name__}")
-    items = list(value)
-    if length is not None and len(items) != length:
-        raise ValueError(f"{name}: expected {length} numbers, got {len(items)}")
-    return tuple(
-        float(check_range(f"{name}[{i}]", v, low, low_inclusive=low_inclusive)) for i, v in enumerate(items)
-    )
+    items = tuple(value)
+    out = tuple(_real(name, v) for v in items)
+    ok = all(math.isfinite(v) for v in out) and (length is None or len(out) == length)
+    if ok and low is not None:
+        ok = all(v >= low if low_inclusive else v > low for v in out)
+    if not ok:
+        count = "" if length is None else f"{length} "
+        bound = "" if low is None else f" {'>=' if low_inclusive else '>'} {low}"
+        raise ValueError(f"{name}: expected {count}finite values{bound}, got {items!r}")
+    return out
