@@ -66,7 +66,7 @@ class ShapeError(ValueError):
     """
 
 
-class Dims(dict):  # type: ignore[type-arg]
+class Dims(dict[str, int]):
     """Named sizes bound by ``check_shape``, and the argument that bound each (``sources``).
 
     A plain ``dict`` works too; a ``Dims`` lets a later disagreement name the argument the size

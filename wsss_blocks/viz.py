@@ -94,6 +94,7 @@ def denormalize(
     m = check_floats("mean", mean, length=3)
     s = check_floats("std", std, length=3, low=0.0, low_inclusive=False)
     x = x * np.asarray(s, np.float32)[:, None, None] + np.asarray(m, np.float32)[:, None, None]
+    x = np.nan_to_num(x, nan=0.0)  # a NaN pixel is drawn black
     return (np.clip(x, 0.0, 1.0) * 255.0).round().astype(np.uint8).transpose(1, 2, 0)
 
 

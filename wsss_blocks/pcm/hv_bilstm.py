@@ -119,7 +119,7 @@ class HVBiLSTM(nn.Module):
         features = features_as_grid("features", features, size, dims, channels=self.in_dim, dtype="float")
         b = dims["B"]
         if b == 0:  # an empty batch: the empty output, attached to the features' graph
-            dtype = promoted_dtype(features, self.lstm_h.weight_ih_l0)
+            dtype = promoted_dtype(features, *self.lstm_h.parameters())
             out = features.new_zeros((0, self.out_dim, dims["h"], dims["w"]), dtype=dtype)
             return out + features.to(dtype).sum() * 0.0
         x = self.dropout(features)

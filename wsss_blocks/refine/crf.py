@@ -144,12 +144,11 @@ def dense_crf(
         check_range(name, value, 0.0, low_inclusive=False)
     check_range("pos_w", pos_w, 0.0)
     check_range("bi_w", bi_w, 0.0)
-    mean = check_floats("mean", mean, length=3)
-    std = check_floats("std", std, length=3, low=0.0, low_inclusive=False)
+    stats = (check_floats("mean", mean, length=3), check_floats("std", std, length=3, low=0.0, low_inclusive=False))
     _densecrf_module()  # fail early with the extra's name
     if dims["B"] == 0:
         return torch.zeros(probs.shape, dtype=torch.float32, device=probs.device)
-    rgb = _to_rgb_uint8(images, mean, std)
+    rgb = _to_rgb_uint8(images, *stats)
     prob = np.ascontiguousarray(probs.detach().float().cpu().numpy())  # sync-ok: host CRF
     jobs = [
         (
