@@ -336,6 +336,8 @@ def check_range(
     lo_ok = low is None or (v >= low if low_inclusive else v > low)
     hi_ok = high is None or (v <= high if high_inclusive else v < high)
     if not (math.isfinite(v) and lo_ok and hi_ok):
+        if low is None and high is None:
+            raise ValueError(f"{name}: expected a finite number, got {value}")
         lb = "[" if low_inclusive and low is not None else "("
         hb = "]" if high_inclusive and high is not None else ")"
         lo = float("-inf") if low is None else low
