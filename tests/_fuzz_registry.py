@@ -7,8 +7,8 @@ configuration) only where the callable needs one. A new public name without an e
 the fuzz test.
 
 Sizes are distinct per concept so that one perturbation of a dimension size hits one concept:
-B = 2 (4 where a mosaic needs it), K = 3 (K + 1 = 4), D = 8, grid 5 x 6 (N = 30), images 16 x 16
-(32 x 32 / 64 x 64 for the timm models), M = 7 prototypes, L = 9 bank slots.
+B = 2 (4 where a mosaic needs it), K = 3 (K + 1 = 4), D = 8, grid 5 x 6 (N = 30), images 10 x 12
+(32 x 32 for the timm models: depth <= 2, pretrained=False), M = 7 prototypes, L = 9 bank slots.
 """
 
 from __future__ import annotations
@@ -229,10 +229,10 @@ def _vit_cached(dynamic: bool, depth: int) -> nn.Module:
 
 @functools.cache
 def swin() -> nn.Module:
-    """A tiny timm Swin (img_size 64, stages 16 x 16 ... 2 x 2, dims 16, 32, 64, 128)."""
+    """A tiny timm Swin (img_size 32, stages 8 x 8 ... 1 x 1, dims 16, 32, 64, 128)."""
     torch.manual_seed(0)
     return _timm().create_model("swin_tiny_patch4_window7_224", pretrained=False, embed_dim=16,
-                                depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), window_size=2, img_size=64,
+                                depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), window_size=2, img_size=32,
                                 drop_path_rate=0.0).eval()
 
 
@@ -373,14 +373,14 @@ def _(seed: int) -> Call:
 
 @case("tokens.check_stage_input")
 def _(seed: int) -> Call:
-    return Call(tokens.check_stage_input, {"model": swin(), "image_size": (64, 64)}, batch=None,
+    return Call(tokens.check_stage_input, {"model": swin(), "image_size": (32, 32)}, batch=None,
                 skip={"image_size[0]=-1": "a fixed-size model names its one size", })
 
 
 @case("tokens.stage_taps")
 def _(seed: int) -> Call:
     r = Rand(seed)
-    return Call(tokens.stage_taps, {"model": swin(), "images": r.randn(B, 3, 64, 64), "stages": (1, -1),
+    return Call(tokens.stage_taps, {"model": swin(), "images": r.randn(B, 3, 32, 32), "stages": (1, -1),
                                     "final_norm": True}, rules={"stages": Rule(-4, 3)}, same_rtol=1e-4)
 
 
@@ -1340,7 +1340,7 @@ def _(seed: int) -> Call:
     r = Rand(seed)
     torch.manual_seed(seed)
     model = SWTformer(swin(), K, hff_out_dim=12)
-    return Call(model.forward, {"images": r.randn(B, 3, 64, 64), "labels": r.labels(), "valid": r.valid()},
+    return Call(model.forward, {"images": r.randn(B, 3, 32, 32), "labels": r.labels(), "valid": r.valid()},
                 same_rtol=1e-4)
 
 
