@@ -66,7 +66,7 @@ def test_stage_taps_subset_order_and_negative_indices():
     torch.testing.assert_close(sub[1], full[1])
     with pytest.raises(ValueError, match="stage index 4 is out of range"):
         stage_taps(m, x, stages=(4,))
-    with pytest.raises(ValueError, match="stage: expected an int"):
+    with pytest.raises(ValueError, match=r"stages\[0\]: expected an int"):
         stage_taps(m, x, stages=(1.0,))
     with pytest.raises(ValueError, match="at least one"):
         stage_taps(m, x, stages=())

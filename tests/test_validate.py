@@ -97,9 +97,11 @@ def test_option_threshold_range_size():
     for bad in ((3,), (0, 4), None):
         with pytest.raises(ValueError, match="^size: expected"):
             check_size("size", bad)
-    for bad in ((2.7, 3.2), (2.0, 3), ("a", "b")):  # never truncated
+    for bad in ((2.7, 3.2), (2.0, 3)):  # never truncated
         with pytest.raises(ValueError, match=r"^size\[0\]: expected an int"):
             check_size("size", bad)
+    with pytest.raises(TypeError, match=r"^size\[0\]: expected an int, got str"):
+        check_size("size", ("a", "b"))
 
 
 def test_check_int_is_the_one_integer_validator():
@@ -107,8 +109,11 @@ def test_check_int_is_the_one_integer_validator():
     assert check_int("n", np.int64(4), low=0) == 4
     assert check_int("n", torch.tensor(5)) == 5
     assert type(check_int("n", np.int64(4))) is int
-    for bad in (2.7, 2.0, True, "3", None, torch.tensor(1.0)):
+    for bad in (2.7, 2.0, True, float("nan"), torch.tensor(1.0)):
         with pytest.raises(ValueError, match=r"^n: expected an int, got "):
+            check_int("n", bad)
+    for bad in ("3", None, [3]):  # not a number at all: a wrong Python type
+        with pytest.raises(TypeError, match=r"^n: expected an int, got "):
             check_int("n", bad)
     with pytest.raises(ValueError, match=r"^n: expected an int >= 1, got 0$"):
         check_int("n", 0, low=1)

@@ -19,13 +19,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from wsss_blocks._utils import compute_dtype, no_autocast
+from wsss_blocks._utils import compute_dtype, no_autocast, promote
 from wsss_blocks._validate import (
     ShapeError,
+    check_bool,
+    check_callable,
+    check_ignore_index,
     check_labels,
     check_option,
+    check_range,
     check_shape,
     check_size,
+    check_tensor,
     check_thresholds,
 )
 from wsss_blocks.tokens import features_as_tokens
@@ -80,20 +85,27 @@ def cam_from_features(
         ...                feats.sum(1, keepdim=True), atol=1e-5)
         True
     """
+    check_tensor("features", features, dtype="float")
+    check_tensor("weight", weight, dtype="float")
     if weight.dim() == 4:
         check_shape("weight", weight, ["K", "D", 1, 1])
         weight = weight.flatten(1)
     dims = check_shape("weight", weight, ["K", "D"])
+    if bias is not None:
+        check_shape("bias", bias, ["K"], dims, dtype="float")
     if size is None:
         if features.dim() != 4:
             raise ShapeError(
                 f"features: token input (B, N, D) needs size=(h, w); got shape {tuple(features.shape)}"
             )
         size = (features.shape[-2], features.shape[-1])
-    tokens = features_as_tokens("features", features, size, dims)
+    tokens = features_as_tokens("features", features, size, dims, grid_source="size")
+    if bias is None:
+        tokens, weight = promote(tokens, weight)
+    else:
+        tokens, weight, bias = promote(tokens, weight, bias)
     cam = torch.einsum("bnd,kd->bkn", tokens, weight)
     if bias is not None:
-        check_shape("bias", bias, ["K"], dims)
         cam = cam + bias[None, :, None]
     return cam.unflatten(2, check_size("size", size))
 
@@ -104,14 +116,16 @@ def normalize_cam(
     """Normalise every (image, class) map to ``[0, 1]``.
 
     * ``"max"``: ``relu(cam) / (max relu(cam) + eps)``; an all-non-positive map becomes 0.
-    * ``"minmax"``: ``(cam - min) / (max - min + eps)`` (ToCo's multi-scale CAM).
+    * ``"minmax"``: ``(cam - min) / (max - min + eps)`` (ToCo's multi-scale CAM); a constant
+      map becomes 0.
 
-    Computed in fp32 (or fp64 for fp64 input); differentiable.
+    Both hold for any ``eps >= 0``, also ``eps=0``. Computed in fp32 (or fp64 for fp64 input);
+    differentiable.
 
     Args:
         cams: raw CAMs.
         mode: ``"max"`` or ``"minmax"``.
-        eps: added to the denominator.
+        eps: added to the denominator, ``>= 0``.
 
     Shape:
         - cams: ``(B, K, h, w)``
@@ -126,13 +140,15 @@ def normalize_cam(
     """
     check_shape("cams", cams, ["B", "K", "h", "w"], dtype="float")
     check_option("mode", mode, ("max", "minmax"))
+    eps = check_range("eps", eps, 0.0)
     x = cams.to(compute_dtype(cams))
     if mode == "max":
         x = x.relu()
-        return x / (x.amax(dim=(-2, -1), keepdim=True) + eps)
-    low = x.amin(dim=(-2, -1), keepdim=True)
-    x = x - low
-    return x / (x.amax(dim=(-2, -1), keepdim=True) + eps)
+    else:
+        x = x - x.amin(dim=(-2, -1), keepdim=True)
+    # a map that is 0 everywhere (all non-positive / constant) stays 0, also for eps=0
+    denom = (x.amax(dim=(-2, -1), keepdim=True) + eps).clamp_min(torch.finfo(x.dtype).tiny)
+    return x / denom
 
 
 def add_background(norm_cams: Tensor, labels: Tensor) -> Tensor:
@@ -207,7 +223,7 @@ def pseudo_labels(
         low: background threshold.
         high: foreground threshold, ``low < high``.
         valid: padding mask at any resolution (resampled by ``valid_to_grid``).
-        ignore_index: value of unsure and padded cells.
+        ignore_index: value of unsure and padded cells; not a label value ``0..K``.
 
     Shape:
         - norm_cams: ``(B, K, h, w)``; labels: ``(B, K)``; valid: ``(B, H', W')``
@@ -221,6 +237,7 @@ def pseudo_labels(
     dims = check_shape("norm_cams", norm_cams, ["B", "K", "h", "w"], dtype="float")
     check_labels("labels", labels, dims)
     check_thresholds("low", low, "high", high)
+    ignore_index = check_ignore_index(ignore_index, dims["K"] + 1)
     masked = norm_cams * _label_weights(labels, norm_cams)
     value, index = masked.max(dim=1)
     out = torch.where(value > high, index + 1, torch.full_like(index, ignore_index))
@@ -281,7 +298,7 @@ def token_pseudo_labels(
         low: background threshold (CPEWS alpha).
         high: foreground threshold (CPEWS beta).
         valid: padding mask, any resolution.
-        ignore_index: value of unsure and padded tokens.
+        ignore_index: value of unsure and padded tokens; not a label value ``0..K``.
 
     Shape:
         - norm_cams: ``(B, K, H', W')``; labels: ``(B, K)``; valid: ``(B, H'', W'')``
@@ -337,9 +354,9 @@ def masked_average_pool(
     Args:
         features: features on the weights' grid.
         weights: non-negative soft weights, e.g. normalised CAMs.
-        threshold: optional binarisation threshold.
+        threshold: optional binarisation threshold (finite).
         valid: optional validity mask at any resolution (see ``valid_to_grid``).
-        eps: added to the denominator.
+        eps: added to the denominator, ``>= 0``.
 
     Shape:
         - features: ``(B, N, D)`` or ``(B, D, h, w)``; weights: ``(B, K, h, w)``
@@ -354,8 +371,11 @@ def masked_average_pool(
         ([1.5], [[True]])
     """
     dims = check_shape("weights", weights, ["B", "K", "h", "w"], dtype="float")
+    if threshold is not None:
+        threshold = check_range("threshold", threshold)
+    eps = check_range("eps", eps, 0.0)
     size = (dims["h"], dims["w"])
-    tokens = features_as_tokens("features", features, size, dims)
+    tokens = features_as_tokens("features", features, size, dims, dtype="float")
     dtype = compute_dtype(tokens, weights)
     with no_autocast(tokens.device.type):
         w = weights.to(dtype)
@@ -407,10 +427,13 @@ def multiscale_cam(
         >>> cam.shape, bool((cam >= 0).all())
         (torch.Size([2, 4, 8, 12]), True)
     """
+    check_callable("cam_fn", cam_fn)
     check_shape("images", images, ["B", 3, "H", "W"], dtype="float")
     check_option("fuse", fuse, ("sum", "mean", "max"))
-    if len(scales) == 0 or any(float(s) <= 0 for s in scales):
+    flip = check_bool("flip", flip)
+    if isinstance(scales, (str, bytes)) or not isinstance(scales, Sequence) or len(scales) == 0:
         raise ValueError(f"scales: expected a non-empty sequence of positive factors, got {scales!r}")
+    scales = [check_range(f"scales[{i}]", s, 0.0, low_inclusive=False) for i, s in enumerate(scales)]
     height, width = images.shape[-2:]
     out_size = check_size("size", size) if size is not None else (height, width)
     batch = images.shape[0]

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from wsss_blocks._validate import check_int
+
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -75,7 +77,7 @@ def pascal_palette(*, num_colors: int = 256) -> np.ndarray:
     ``3j + 2`` blue. Index 0 is black, 255 (ignore) is ``(224, 224, 192)``.
 
     Args:
-        num_colors: number of entries.
+        num_colors: number of entries, ``>= 1``.
 
     Returns:
         ``(num_colors, 3)`` uint8 array.
@@ -86,6 +88,7 @@ def pascal_palette(*, num_colors: int = 256) -> np.ndarray:
         >>> pascal_palette()[255].tolist()
         [224, 224, 192]
     """
+    num_colors = check_int("num_colors", num_colors, low=1)
     idx = np.arange(num_colors, dtype=np.int64)
     out = np.zeros((num_colors, 3), dtype=np.int64)
     for j in range(8):  # 8 bit planes

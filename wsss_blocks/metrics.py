@@ -137,6 +137,9 @@ def iou_from_confusion(confusion: Tensor) -> IoU:
     if confusion.dim() != 2 or confusion.shape[0] != confusion.shape[1]:
         raise ShapeError(f"confusion: expected a square (C, C) matrix, got shape {tuple(confusion.shape)}")
     confusion = confusion.double()
+    bad = ~torch.isfinite(confusion) | (confusion < 0)
+    if bool(bad.any()):  # sync-ok: off the training path
+        raise ShapeError(f"confusion: expected non-negative finite counts, got {confusion[bad][0].item()}")
     tp = confusion.diagonal()
     union = confusion.sum(1) + confusion.sum(0) - tp
     iou = torch.where(union > 0, tp / union.clamp_min(1.0), torch.full_like(tp, float("nan")))
@@ -233,6 +236,7 @@ class MeanIoU(nn.Module):
             4
         """
         check_tensor("preds", preds)
+        check_tensor("masks", masks)
         if preds.is_floating_point():
             if preds.dim() != masks.dim() + 1 or preds.shape[1] != self.num_classes:
                 raise ShapeError(

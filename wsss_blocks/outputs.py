@@ -8,6 +8,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from wsss_blocks._validate import check_mapping, check_range, check_shape
+
 __all__ = ["LossOutput", "weighted_total"]
 
 
@@ -46,20 +48,29 @@ def weighted_total(terms: Mapping[str, Tensor], *, loss_weights: Mapping[str, fl
         loss_weights: the weight of each term (the same keys).
 
     Raises:
-        ValueError: ``terms`` is empty, or ``loss_weights`` misses a term or has extra keys.
+        ValueError: ``terms`` is empty, ``loss_weights`` misses a term or has extra keys, or a
+            weight is not finite.
+        TypeError: ``terms`` or ``loss_weights`` is not a mapping, or a term is not a tensor.
 
     Examples:
         >>> weighted_total({"a": torch.tensor(1.0)}, loss_weights={"a": 3.0}).loss
         tensor(3.)
     """
+    check_mapping("terms", terms)
+    check_mapping("loss_weights", loss_weights)
     if not terms:
         raise ValueError("terms: expected at least one loss term")
     if set(loss_weights) != set(terms):
-        raise ValueError(f"loss_weights: expected the keys {sorted(terms)}, got {sorted(loss_weights)}")
+        raise ValueError(
+            f"loss_weights: expected the keys of terms {sorted(terms)}, got {sorted(loss_weights)}"
+        )
+    for name, value in terms.items():
+        check_shape(f"terms[{name!r}]", value, [], dtype="float")
+    weights = {k: float(check_range(f"loss_weights[{k!r}]", loss_weights[k])) for k in terms}
     first = next(iter(terms.values()))
     total = torch.zeros((), dtype=first.dtype, device=first.device)
     for name, value in terms.items():
-        w = float(loss_weights[name])
+        w = weights[name]
         if w:
             total = total + w * value.to(first.dtype)
-    return LossOutput(total, dict(terms), {k: float(loss_weights[k]) for k in terms})
+    return LossOutput(total, dict(terms), weights)

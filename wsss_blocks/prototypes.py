@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from wsss_blocks._distributed import all_gather_rows, world_size
 from wsss_blocks._utils import no_autocast
-from wsss_blocks._validate import check_int, check_shape
+from wsss_blocks._validate import Dims, check_bool, check_instance, check_int, check_shape
 
 __all__ = ["KMeansOutput", "kmeans", "ClassBank"]
 
@@ -115,7 +115,10 @@ def kmeans(
     3. **Few points**: a group with ``n <= num_clusters`` valid points returns those ``n``
        points in slot order as its first ``n`` centres (valid) and zeros (invalid) for the
        rest; ``n = 0`` gives all-invalid zeros. (With ``n == num_clusters`` k-means would
-       return the same points, just in another order.)
+       return the same points, just in another order.) When ``num_clusters >= N`` every group
+       is such a group and the answer is known at once: no k-means runs, and the time is that
+       of writing the ``(G, k, D)`` output (the output keeps ``k`` slots whatever ``N``, so
+       ``k`` must fit in memory as ``G * k * D`` values).
 
     Note:
         Each group is clustered around its valid mean (subtracted before, added back
@@ -164,8 +167,7 @@ def kmeans(
         check_shape("point_valid", valid, ["G", "N"], dims, dtype="bool")
     k = check_int("num_clusters", num_clusters, low=1)
     iters = check_int("num_iters", num_iters, low=0)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed: expected an int, got {seed!r}")
+    seed = check_int("seed", seed)
 
     dtype = torch.float64 if points.dtype == torch.float64 else torch.float32
     g, n, d = points.shape
@@ -188,6 +190,8 @@ def kmeans(
         small_valid = torch.arange(k, device=device)[None, :] < num[:, None]
         small = x.gather(1, source[:, :k, None].expand(g, k, d))
         small = torch.where(small_valid[:, :, None], small, torch.zeros_like(small))
+        if k >= n:  # static shapes: every group has at most k valid points
+            return KMeansOutput(small, small_valid)
 
         # --- k-means path, on points centred at their group's valid mean: the matmul
         # distance form cancels catastrophically when points share a large offset ---
@@ -289,6 +293,7 @@ class ClassBank(nn.Module):
         self.in_dim = check_int("in_dim", in_dim, low=1)
         self.num_classes = check_int("num_classes", num_classes, low=1)
         self.capacity = check_int("capacity", capacity, low=1)
+        check_instance("dtype", dtype, torch.dtype, "a torch.dtype")
         if not dtype.is_floating_point:
             raise ValueError(f"dtype: expected a floating dtype, got {dtype}")
         self.register_buffer(
@@ -356,9 +361,11 @@ class ClassBank(nn.Module):
             >>> bank.memory.flatten().tolist(), bank.ptr.tolist(), bank.count.tolist()
             ([4.0, 3.0], [1], [2])
         """
-        dims = {"C": self.num_classes, "D": self.in_dim}
+        dims = Dims({"C": self.num_classes, "D": self.in_dim},
+                    sources={"C": "the bank's num_classes", "D": "the bank's in_dim"})
         check_shape("items", items, ["B", "C", "D"], dims, dtype="float")
         check_shape("item_valid", item_valid, ["B", "C"], dims, dtype="bool")
+        distributed = check_bool("distributed", distributed)
         items = items.detach().to(device=self.memory.device, dtype=self.memory.dtype)
         valid = item_valid.to(self.memory.device)
         if distributed and world_size() > 1:

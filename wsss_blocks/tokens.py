@@ -17,7 +17,17 @@ from typing import Any, NamedTuple
 from einops import rearrange
 from torch import Tensor, nn
 
-from wsss_blocks._validate import ShapeError, check_int, check_shape, check_size
+from wsss_blocks._utils import empty_batch, to_model_dtype
+from wsss_blocks._validate import (
+    Dims,
+    ShapeError,
+    check_bool,
+    check_instance,
+    check_int,
+    check_shape,
+    check_size,
+    check_tensor,
+)
 
 __all__ = [
     "ViTTaps",
@@ -80,6 +90,9 @@ def features_as_tokens(
     features: Tensor,
     size: tuple[int, int],
     dims: MutableMapping[str, int] | None = None,
+    *,
+    grid_source: str | None = None,
+    dtype: str | None = None,
 ) -> Tensor:
     """Accept features as tokens ``(B, N, D)`` or a map ``(B, D, h, w)``; return tokens.
 
@@ -91,6 +104,9 @@ def features_as_tokens(
         features: ``(B, N, D)`` tokens or ``(B, D, h, w)`` map.
         size: the grid ``(h, w)``.
         dims: named sizes bound so far (``B`` and ``D`` are bound here).
+        grid_source: the argument the grid comes from, named when the features are off it
+            (default: the argument that bound ``h`` in ``dims``, else ``size``).
+        dtype: dtype kind, see ``wsss_blocks._validate.check_tensor``.
 
     Shape:
         - output: ``(B, h*w, D)``
@@ -102,13 +118,23 @@ def features_as_tokens(
         >>> features_as_tokens("features", torch.zeros(2, 12, 5), (3, 4)).shape
         torch.Size([2, 12, 5])
     """
+    check_tensor(name, features, dtype=dtype)
     h, w = check_size("size", size)
-    if features.dim() == 4:
-        check_shape(name, features, ["B", "D", h, w], dims)
-        return grid_to_tokens(features)
-    if features.dim() == 3:
-        check_shape(name, features, ["B", h * w, "D"], dims)
-        return features
+    if dims is None:
+        dims = Dims()
+    if grid_source is None:
+        grid_source = (dims.sources.get("h") if isinstance(dims, Dims) else None) or "size"
+    try:
+        if features.dim() == 4:
+            check_shape(name, features, ["B", "D", h, w], dims)
+            return grid_to_tokens(features)
+        if features.dim() == 3:
+            check_shape(name, features, ["B", h * w, "D"], dims)
+            return features
+    except ShapeError as err:
+        if grid_source == name:
+            raise
+        raise ShapeError(f"{err}; the grid {(h, w)} comes from {grid_source}") from None
     raise ShapeError(
         f"{name}: expected (B, N={h * w}, D) tokens or (B, D, {h}, {w}) map, "
         f"got shape {tuple(features.shape)}"
@@ -183,7 +209,7 @@ def features_as_grid(
     if input_fmt not in ("NCHW", "NHWC"):
         raise ValueError(f"input_fmt: expected one of ['NCHW', 'NHWC'], got {input_fmt!r}")
     if dims is None:
-        dims = {}
+        dims = Dims()
     hw = None if size is None else check_size("size", size)
     check_shape(name, features, [None] * features.dim(), dtype=dtype)  # the dtype alone
     if features.dim() == 3:
@@ -265,9 +291,10 @@ def split_prefix_tokens(tokens: Tensor, num_prefix_tokens: int) -> SplitTokens:
         (torch.Size([2, 1, 8]), torch.Size([2, 16, 8]))
     """
     check_shape("tokens", tokens, ["B", "N", "D"])
+    num_prefix_tokens = check_int("num_prefix_tokens", num_prefix_tokens)
     if not 0 <= num_prefix_tokens <= tokens.shape[1]:
         raise ValueError(
-            f"num_prefix_tokens: expected 0..{tokens.shape[1]}, got {num_prefix_tokens}"
+            f"num_prefix_tokens: expected 0..{tokens.shape[1]} (the tokens' N), got {num_prefix_tokens}"
         )
     return SplitTokens(tokens[:, :num_prefix_tokens], tokens[:, num_prefix_tokens:])
 
@@ -283,7 +310,7 @@ def num_blocks(model: nn.Module) -> int:
     blocks = getattr(model, "blocks", None)
     if blocks is None:
         raise TypeError(
-            f"{type(model).__name__} has no .blocks; expected a timm VisionTransformer-family model"
+            f"model: {type(model).__name__} has no .blocks; expected a timm VisionTransformer-family model"
         )
     return len(blocks)
 
@@ -322,7 +349,7 @@ def patch_grid(model: nn.Module, image_size: tuple[int, int]) -> tuple[int, int]
     size = check_size("image_size", image_size)
     embed = getattr(model, "patch_embed", None)
     if embed is None:
-        raise TypeError(f"{type(model).__name__} has no .patch_embed; expected a timm ViT")
+        raise TypeError(f"model: {type(model).__name__} has no .patch_embed; expected a timm ViT")
     dynamic = getattr(model, "dynamic_img_size", False) or getattr(embed, "dynamic_img_size", False)
     if dynamic and hasattr(embed, "dynamic_feat_size"):
         h, w = embed.dynamic_feat_size(size)
@@ -442,7 +469,7 @@ def stage_info(model: nn.Module) -> tuple[StageInfo, ...]:
     info: Any = getattr(model, "feature_info", None)
     if info is None:
         raise TypeError(
-            f"{type(model).__name__} has no feature_info; expected a hierarchical timm model "
+            f"model: {type(model).__name__} has no feature_info; expected a hierarchical timm model "
             "(Swin, ConvNeXt, ...)"
         )
     entries = getattr(info, "info", info)  # timm FeatureInfo wraps the list in .info
@@ -450,7 +477,7 @@ def stage_info(model: nn.Module) -> tuple[StageInfo, ...]:
         StageInfo(int(e["num_chs"]), int(e["reduction"]), str(e.get("module", ""))) for e in entries
     )
     if not out:
-        raise TypeError(f"{type(model).__name__}.feature_info is empty")
+        raise TypeError(f"model: {type(model).__name__}.feature_info is empty")
     return out
 
 
@@ -486,8 +513,14 @@ def check_stage_input(model: nn.Module, image_size: tuple[int, int]) -> tuple[in
         ...     check_stage_input(m, (62, 64))
         ... except ValueError as err:
         ...     print(err)
-        image size (62, 64): height 62 is not a multiple of the patch size 4 (try 60 or 64)
+        image_size (62, 64): height 62 is not a multiple of the patch size 4 (try 60 or 64)
     """
+    return _check_stage_input(model, image_size, "image_size")
+
+
+def _check_stage_input(model: nn.Module, image_size: tuple[int, int], name: str) -> tuple[int, int]:
+    """``check_stage_input`` whose errors name ``name`` (``"images"`` for a call that takes images)."""
+    check_instance("model", model, nn.Module, "an nn.Module (a hierarchical timm model)")
     h, w = check_size("image_size", image_size)
     embed: Any = getattr(model, "patch_embed", None)
     if embed is None:
@@ -496,19 +529,19 @@ def check_stage_input(model: nn.Module, image_size: tuple[int, int]) -> tuple[in
         fixed = _pair(embed.img_size)
         if (h, w) != fixed:
             raise ValueError(
-                f"image size ({h}, {w}): {type(model).__name__} was built for img_size {fixed} "
+                f"{name} ({h}, {w}): {type(model).__name__} was built for img_size {fixed} "
                 f"and accepts only that size; pass {fixed} or build it with dynamic_img_size=True"
             )
         return h, w
     patch = _pair(getattr(embed, "patch_size", 1))
     if getattr(embed, "dynamic_img_pad", False):
         return h, w  # timm pads the input up to the patch grid itself
-    for name, n, p in (("height", h, patch[0]), ("width", w, patch[1])):
+    for side, n, p in (("height", h, patch[0]), ("width", w, patch[1])):
         if n % p:
             low, high = (n // p) * p, (n // p + 1) * p
             options = f"{low} or {high}" if low > 0 else f"{high}"
             raise ValueError(
-                f"image size ({h}, {w}): {name} {n} is not a multiple of the patch size {p} "
+                f"{name} ({h}, {w}): {side} {n} is not a multiple of the patch size {p} "
                 f"(try {options})"
             )
     return h, w
@@ -575,28 +608,36 @@ def stage_taps(
         >>> [tuple(f.shape) for f in taps.features], taps.strides
         ([(1, 16, 16, 12), (1, 32, 8, 6), (1, 64, 4, 3), (1, 128, 2, 2)], (4, 8, 16, 32))
     """
+    check_instance("model", model, nn.Module, "an nn.Module (a hierarchical timm model)")
     check_shape("images", images, ["B", 3, "H", "W"], dtype="float")
+    final_norm = check_bool("final_norm", final_norm)
     if not hasattr(model, "forward_intermediates"):
         raise TypeError(
-            f"{type(model).__name__} has no forward_intermediates; expected a timm model (timm>=1.0.9)"
+            f"model: {type(model).__name__} has no forward_intermediates; expected a timm model (timm>=1.0.9)"
         )
     info = stage_info(model)
     n = len(info)
+    if stages is not None and (isinstance(stages, (str, bytes)) or not isinstance(stages, Sequence)):
+        raise TypeError(f"stages: expected a sequence of stage indices, got {type(stages).__name__}")
     wanted = list(range(n)) if stages is None else list(stages)
     resolved = []
-    for i in wanted:
-        i = check_int("stage", i)
+    for j, i in enumerate(wanted):
+        i = check_int(f"stages[{j}]", i)
         if not -n <= i < n:
-            raise ValueError(f"stage index {i} is out of range for a model with {n} stages")
+            raise ValueError(f"stages[{j}]: stage index {i} is out of range for a model with {n} stages")
         resolved.append(i % n)
     if not resolved:
         raise ValueError("stages: expected at least one stage index, got none")
-    check_stage_input(model, (int(images.shape[-2]), int(images.shape[-1])))
+    _check_stage_input(model, (int(images.shape[-2]), int(images.shape[-1])), "images")
     indices = sorted(set(resolved))
     net: Any = model  # a timm model: attributes beyond nn.Module
-    maps = net.forward_intermediates(
-        images, indices=indices, norm=final_norm, stop_early=True, intermediates_only=True
-    )
+    images = to_model_dtype(model, images)
+
+    def run(x: Tensor) -> list[Tensor]:
+        return net.forward_intermediates(x, indices=indices, norm=final_norm, stop_early=True,
+                                         intermediates_only=True)
+
+    maps = run(images) if images.shape[0] else empty_batch(model, run, images)
     by_index: dict[int, Tensor] = {}
     for i, m in zip(indices, maps, strict=True):
         c = info[i].channels

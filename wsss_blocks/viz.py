@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from wsss_blocks._validate import check_floats, check_int, check_range
 from wsss_blocks.constants import IMAGENET_MEAN, IMAGENET_STD, VOC_PALETTE
 
 __all__ = ["colorize_mask", "denormalize", "overlay", "save_grid"]
@@ -21,11 +22,21 @@ __all__ = ["colorize_mask", "denormalize", "overlay", "save_grid"]
 ArrayLike = Any  # Tensor | np.ndarray
 
 
-def _np(x: ArrayLike) -> np.ndarray:
+def _np(x: ArrayLike, name: str = "array") -> np.ndarray:
+    """A tensor, array or nested list of numbers as a numpy array; a ``TypeError`` naming ``name`` else."""
     if isinstance(x, Tensor):
         x = x.detach().float() if x.is_floating_point() else x.detach()
         return x.cpu().numpy()  # sync-ok: visualisation
-    return np.asarray(x)
+    out = np.asarray(x) if x is not None else None
+    if out is None or out.dtype.kind not in "biuf":
+        raise TypeError(f"{name}: expected a tensor or an array of numbers, got {type(x).__name__}")
+    return out
+
+
+def _check_color(name: str, value: Sequence[int]) -> np.ndarray:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 3:
+        raise ValueError(f"{name}: expected three ints in [0, 255], got {value!r}")
+    return np.asarray([check_int(f"{name}[{i}]", v, low=0, high=255) for i, v in enumerate(value)], np.uint8)
 
 
 def colorize_mask(
@@ -50,16 +61,18 @@ def colorize_mask(
         >>> colorize_mask(np.array([[0, 1], [255, 2]]), palette=np.array([[0, 0, 0], [9, 9, 9], [5, 6, 7]])).tolist()
         [[[0, 0, 0], [9, 9, 9]], [[255, 255, 255], [5, 6, 7]]]
     """
-    m = _np(mask).astype(np.int64)
+    m = _np(mask, "mask").astype(np.int64)
     if m.ndim != 2:
         raise ValueError(f"mask: expected (H, W), got shape {m.shape}")
-    pal = np.asarray(VOC_PALETTE if palette is None else _np(palette), dtype=np.uint8)
+    ignore_index = check_int("ignore_index", ignore_index)
+    color = _check_color("ignore_color", ignore_color)
+    pal = np.asarray(VOC_PALETTE if palette is None else _np(palette, "palette"), dtype=np.uint8)
     if pal.ndim != 2 or pal.shape[1] != 3:
         raise ValueError(f"palette: expected (N, 3), got shape {pal.shape}")
     out = np.empty(m.shape + (3,), dtype=np.uint8)
     bad = (m < 0) | (m >= len(pal)) | (m == ignore_index)
     out[...] = pal[np.clip(m, 0, len(pal) - 1)]
-    out[bad] = np.asarray(ignore_color, dtype=np.uint8)
+    out[bad] = color
     return out
 
 
@@ -75,10 +88,13 @@ def denormalize(
         >>> denormalize(torch.zeros(3, 1, 1)).tolist()
         [[[124, 116, 104]]]
     """
-    x = _np(image).astype(np.float32)
+    x = _np(image, "image").astype(np.float32)
     if x.ndim != 3 or x.shape[0] != 3:
         raise ValueError(f"image: expected (3, H, W), got shape {x.shape}")
-    x = x * np.asarray(std, np.float32)[:, None, None] + np.asarray(mean, np.float32)[:, None, None]
+    m = check_floats("mean", mean, length=3)
+    s = check_floats("std", std, length=3, low=0.0, low_inclusive=False)
+    x = x * np.asarray(s, np.float32)[:, None, None] + np.asarray(m, np.float32)[:, None, None]
+    x = np.nan_to_num(x, nan=0.0)  # a NaN pixel is drawn black
     return (np.clip(x, 0.0, 1.0) * 255.0).round().astype(np.uint8).transpose(1, 2, 0)
 
 
@@ -134,7 +150,9 @@ def overlay(
     """
     base = denormalize(image, mean=mean, std=std).astype(np.float32)
     size = base.shape[:2]
-    m = _np(mask_or_cam)
+    opacity = float(check_range("opacity", opacity, 0.0, 1.0))
+    ignore_index = check_int("ignore_index", ignore_index)
+    m = _np(mask_or_cam, "mask_or_cam")
     if m.dtype == np.bool_ or np.issubdtype(m.dtype, np.integer):
         if m.ndim != 2:
             raise ValueError(f"mask_or_cam: expected an (h, w) mask, got shape {m.shape}")
@@ -150,6 +168,8 @@ def overlay(
         m = m / (m.max() + 1e-5)
         import matplotlib
 
+        if not isinstance(cmap, str) or cmap not in matplotlib.colormaps:
+            raise ValueError(f"cmap: expected a matplotlib colour map name (e.g. 'jet'), got {cmap!r}")
         color = matplotlib.colormaps[cmap](m)[..., :3].astype(np.float32) * 255.0
         a = np.full(size + (1,), opacity, dtype=np.float32)
     return (base * (1.0 - a) + color * a).round().clip(0, 255).astype(np.uint8)
@@ -191,17 +211,17 @@ def save_grid(
         >>> g.shape
         (22, 42, 3)
     """
-    imgs = _np(images)
+    imgs = _np(images, "images")
     if imgs.ndim != 4 or imgs.shape[1] != 3:
         raise ValueError(f"images: expected (B, 3, H, W), got shape {imgs.shape}")
     b, _, h, w = imgs.shape
     for name, x in (("masks", masks), ("cams", cams)):
-        if x is not None and len(x) != b:
-            raise ValueError(f"{name}: expected {b} entries (one per image), got {len(x)}")
-    if ncols < 1:
-        raise ValueError(f"ncols: expected >= 1, got {ncols}")
-    if scale is None:
-        scale = max(1, -(-128 // min(h, w)))
+        if x is not None and len(_np(x, name)) != b:
+            raise ValueError(f"{name}: expected {b} entries (one per image of images), got {len(x)}")
+    ncols = check_int("ncols", ncols, low=1)
+    scale = max(1, -(-128 // max(1, min(h, w)))) if scale is None else check_int("scale", scale, low=1)
+    opacity = float(check_range("opacity", opacity, 0.0, 1.0))
+    pad = check_int("pad", pad, low=0)
     tiles_per = 1 + (masks is not None) + (cams is not None)
     samples = []
     for i in range(b):
@@ -212,10 +232,10 @@ def save_grid(
             tiles.append(overlay(imgs[i], _np(cams[i]).astype(np.float32), opacity=opacity))
         samples.append([t.repeat(scale, 0).repeat(scale, 1) for t in tiles])
     th, tw = h * scale, w * scale
-    ncols = min(ncols, b)
+    ncols = max(1, min(ncols, b))  # an empty batch: an empty (white, at least 1 x 1) grid
     nrows = -(-b // ncols)
     cell_w = tiles_per * (tw + pad)
-    grid = np.full((nrows * (th + pad) + pad, ncols * cell_w + pad, 3), 255, dtype=np.uint8)
+    grid = np.full((max(1, nrows * (th + pad) + pad), ncols * cell_w + pad, 3), 255, dtype=np.uint8)
     for i, tiles in enumerate(samples):
         r, c = divmod(i, ncols)
         y = pad + r * (th + pad)

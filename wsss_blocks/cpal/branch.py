@@ -7,12 +7,19 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from wsss_blocks._validate import check_labels, check_shape
+from wsss_blocks._validate import Dims, check_bool, check_labels, check_option, check_shape
 from wsss_blocks.cam import add_background
 from wsss_blocks.cpal._common import check_context, present
 from wsss_blocks.cpal.alignment import alignment_shift
 from wsss_blocks.cpal.loss import self_loss
-from wsss_blocks.cpal.neighbors import Similarity, Weighting, neighbor_weights, positiveness, soft_neighbors
+from wsss_blocks.cpal.neighbors import (
+    WEIGHTINGS,
+    Similarity,
+    Weighting,
+    _neighbor_weights,
+    positiveness,
+    soft_neighbors,
+)
 from wsss_blocks.cpal.prototype_cam import pacam
 from wsss_blocks.cpal.prototypes import instance_prototypes
 from wsss_blocks.tokens import features_as_grid
@@ -114,7 +121,12 @@ def cpal_forward(
     )
     check_labels("labels", labels, dims)
     dims["C"] = dims["K"] + 1
+    if isinstance(dims, Dims):
+        dims.sources["C"] = "norm_cams (K + 1)"
     check_context(context, context_valid, dims)
+    align = check_bool("align", align)
+    normalize_pacam = check_bool("normalize_pacam", normalize_pacam)
+    detach_pacam = check_bool("detach_pacam", detach_pacam)
     cams_with_bg = add_background(norm_cams, labels)
     with torch.no_grad():
         protos, valid = instance_prototypes(features, cams_with_bg, labels, threshold=threshold,
@@ -123,9 +135,9 @@ def cpal_forward(
         if align:
             anchors = protos + alignment_shift(protos, valid, context, context_valid)[None]
         indices, selected = soft_neighbors(anchors, context, context_valid, top_k=top_k)
-        weights = neighbor_weights(
+        weights = _neighbor_weights(
             positiveness(anchors, context, context_valid, temperature=temperature, similarity=similarity),
-            indices, selected, weighting=weighting,
+            indices, selected, check_option("weighting", weighting, WEIGHTINGS),
         )
         active = present(labels, features) & valid & context_valid.any(-1)[None]
         weights = weights * active.to(weights.dtype)[:, :, None]

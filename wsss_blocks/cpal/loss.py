@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from wsss_blocks._utils import no_autocast, to_compute
-from wsss_blocks._validate import check_shape
+from wsss_blocks._validate import check_bool, check_shape
 
 __all__ = ["self_loss"]
 
@@ -43,7 +43,7 @@ def self_loss(
     check_shape("pacam", pacam, ["B", "C", "h", "w"], dims, dtype="float")
     if active is not None:
         check_shape("active", active, ["B", "C"], dims, dtype="bool")
-    target = pacam.detach() if detach_pacam else pacam
+    target = pacam.detach() if check_bool("detach_pacam", detach_pacam) else pacam
     with no_autocast(cams_with_bg.device.type):
         diff = (to_compute(cams_with_bg) - to_compute(target)).abs()
         if active is not None:

@@ -9,7 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from wsss_blocks._distributed import broadcast_from_rank0
-from wsss_blocks._validate import check_int, check_option, check_range, check_shape
+from wsss_blocks._utils import call_promoted
+from wsss_blocks._validate import check_bool, check_int, check_option, check_range, check_shape
 from wsss_blocks.cpal._common import check_threshold
 from wsss_blocks.cpal.branch import CPALOutput, cpal_forward
 from wsss_blocks.cpal.neighbors import SIMILARITIES, WEIGHTINGS, Similarity, Weighting
@@ -163,15 +164,15 @@ class CPAL(nn.Module):
             "recluster_every", recluster_every, low=1)
         self.kmeans_iters = check_int("kmeans_iters", kmeans_iters, low=0)
         self.seed = check_int("seed", seed)
-        self.warmup_reclusters = bool(warmup_reclusters)
-        self.detach_features = bool(detach_features)
-        self.align = bool(align)
-        self.normalize_pacam = bool(normalize_pacam)
-        self.detach_pacam = bool(detach_pacam)
-        self.warn_unbuilt = bool(warn_unbuilt)
+        self.warmup_reclusters = check_bool("warmup_reclusters", warmup_reclusters)
+        self.detach_features = check_bool("detach_features", detach_features)
+        self.align = check_bool("align", align)
+        self.normalize_pacam = check_bool("normalize_pacam", normalize_pacam)
+        self.detach_pacam = check_bool("detach_pacam", detach_pacam)
+        self.warn_unbuilt = check_bool("warn_unbuilt", warn_unbuilt)
 
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
-        if projection:
+        if check_bool("projection", projection):
             hidden = self.in_dim if hidden_dim is None else check_int("hidden_dim", hidden_dim, low=1)
             self.proj_dim = check_int("proj_dim", proj_dim, low=1)
             self.head: nn.Module = nn.Sequential(
@@ -344,7 +345,7 @@ class CPAL(nn.Module):
             torch.Size([1, 4, 3, 5])
         """
         features = features_as_grid("features", features, size, channels=self.in_dim, dtype="float")
-        return self.head(features.detach() if self.detach_features else features)
+        return call_promoted(self.head, features.detach() if self.detach_features else features)
 
     def forward(self, features: Tensor, norm_cams: Tensor, labels: Tensor) -> CPALOutput:
         """Project the features and compute the PACAM and the loss; changes no state.

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from wsss_blocks._utils import compute_dtype, no_autocast
-from wsss_blocks._validate import check_int, check_option, check_range, check_shape
+from wsss_blocks._validate import check_class_values, check_int, check_option, check_range, check_shape
 from wsss_blocks.cpal._common import check_context, unit
 
 __all__ = [
@@ -139,7 +139,9 @@ def soft_neighbors(
     """
     dims = check_shape("anchors", anchors, ["B", "C", "P"], dtype="float")
     check_context(context, context_valid, dims)
-    t = check_int("top_k", top_k, low=1, high=dims["M"])
+    t = check_int("top_k", top_k, low=1)
+    if t > dims["M"]:
+        raise ValueError(f"top_k: expected at most M={dims['M']} (the prototypes per class of context), got {t}")
     with no_autocast(anchors.device.type):
         dtype = compute_dtype(anchors, context)
         cos = torch.einsum("bcp,cmp->bcm", unit(anchors, -1).to(dtype), unit(context, -1).to(dtype))
@@ -171,7 +173,8 @@ def neighbor_weights(
 
     Args:
         positiveness: from ``positiveness``.
-        indices: neighbour indices from ``soft_neighbors``.
+        indices: neighbour indices from ``soft_neighbors``, in ``[0, M)`` (checked for CPU
+            tensors).
         selected: which picks are real neighbours.
         weighting: ``"positiveness" | "uniform"``.
 
@@ -191,6 +194,12 @@ def neighbor_weights(
     check_shape("indices", indices, ["B", "C", "T"], dims, dtype="int")
     check_shape("selected", selected, ["B", "C", "T"], dims, dtype="bool")
     check_option("weighting", weighting, WEIGHTINGS)
+    check_class_values("indices", indices, dims["M"], bound_from="M of positiveness")
+    return _neighbor_weights(positiveness, indices.long(), selected, weighting)
+
+
+def _neighbor_weights(positiveness: Tensor, indices: Tensor, selected: Tensor, weighting: str) -> Tensor:
+    """``neighbor_weights`` on checked input (the training path: ``soft_neighbors``' own indices)."""
     sel = selected.to(positiveness.dtype)
     if weighting == "positiveness":
         picked = positiveness.gather(-1, indices) * sel

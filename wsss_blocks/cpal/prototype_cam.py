@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from wsss_blocks._utils import compute_dtype, no_autocast, to_compute
-from wsss_blocks._validate import check_shape
+from wsss_blocks._validate import Dims, check_bool, check_shape
 from wsss_blocks.cpal._common import unit
 from wsss_blocks.tokens import features_as_grid
 
@@ -52,8 +52,9 @@ def pacam(
         >>> pacam(features, context, torch.tensor([[[0.75, 0.25]]])).flatten().tolist()
         [0.75]
     """
-    dims: dict[str, int] = {}
+    dims = Dims()
     features = features_as_grid("features", features, size, dims, channels="P", dtype="float")
+    normalize = check_bool("normalize", normalize)
     check_shape("context", context, ["C", "M", "P"], dims, dtype="float")
     check_shape("neighbor_weights", neighbor_weights, ["B", "C", "M"], dims, dtype="float")
     with no_autocast(features.device.type):

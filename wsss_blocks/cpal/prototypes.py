@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from wsss_blocks._utils import no_autocast, to_compute
-from wsss_blocks._validate import ShapeError, check_int, check_labels, check_shape
+from wsss_blocks._validate import Dims, ShapeError, check_int, check_labels, check_shape
 from wsss_blocks.cpal._common import check_threshold, present
 from wsss_blocks.prototypes import kmeans
 from wsss_blocks.tokens import features_as_grid
@@ -91,6 +91,8 @@ def instance_prototypes(
     if dims["C"] < 1:
         raise ShapeError(f"cams_with_bg: expected a background channel, got shape {tuple(cams_with_bg.shape)}")
     dims["K"] = dims["C"] - 1
+    if isinstance(dims, Dims):
+        dims.sources["K"] = "cams_with_bg (C - 1)"
     check_labels("labels", labels, dims)
     threshold = check_threshold("threshold", threshold)
     bg = threshold if bg_threshold is None else check_threshold("bg_threshold", bg_threshold)

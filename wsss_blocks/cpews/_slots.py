@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from wsss_blocks._utils import compute_dtype
-from wsss_blocks._validate import check_shape
+from wsss_blocks._validate import check_bool, check_shape
 
 __all__ = ["check_prototypes", "class_slots", "take_slots", "per_slot", "PoolLoss"]
 
@@ -41,6 +41,7 @@ def class_slots(labels: Tensor, compact: bool | None) -> Tensor | None:
     """
     if compact is None:
         compact = labels.device.type == "cpu"
+    compact = check_bool("compact", compact)
     if not compact:
         return None
     present = labels != 0
@@ -74,7 +75,7 @@ class PoolLoss(nn.Module):
 
     def __init__(self, *, warn_unbuilt: bool = True) -> None:
         super().__init__()
-        self.warn_unbuilt = bool(warn_unbuilt)
+        self.warn_unbuilt = check_bool("warn_unbuilt", warn_unbuilt)
         self._warned = False
 
     def _unbuilt_zero(self, features: Tensor, cams: Tensor) -> Tensor:

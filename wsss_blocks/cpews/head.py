@@ -7,7 +7,8 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from wsss_blocks._validate import ShapeError, check_int, check_option, check_size
+from wsss_blocks._utils import promote
+from wsss_blocks._validate import Dims, ShapeError, check_int, check_option, check_size
 from wsss_blocks.tokens import ViTTaps, features_as_tokens, resolve_block_index, vit_taps
 
 __all__ = ["cpews_taps", "CPEWSHead", "CPEWSHeadOutput"]
@@ -125,11 +126,12 @@ class CPEWSHead(nn.Module):
 
     def _branch(self, name: str, features: Tensor, weight: Tensor, size: tuple[int, int],
                 dims: dict[str, int]) -> tuple[Tensor, Tensor]:
-        x = features_as_tokens(name, features, size, dims)
+        x = features_as_tokens(name, features, size, dims, dtype="float")
         if x.shape[-1] != weight.shape[1]:
             raise ShapeError(
                 f"{name}: expected D={weight.shape[1]}, got shape {tuple(features.shape)}"
             )
+        x, weight = promote(x, weight)
         cam = torch.einsum("bnd,kd->bkn", x, weight)
         if self.pooling == "gmp_feat":
             logits = torch.nn.functional.linear(x.amax(dim=1), weight)
@@ -148,7 +150,7 @@ class CPEWSHead(nn.Module):
             size: the token grid ``(h, w)``.
         """
         size = check_size("size", size)
-        dims: dict[str, int] = {}
+        dims = Dims()
         z_mid, cams_mid = self._branch(
             "features_mid", features_mid, self.classifier_mid.weight, size, dims
         )

@@ -7,27 +7,44 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from wsss_blocks._utils import compute_dtype, no_autocast
-from wsss_blocks._validate import ShapeError, check_range, check_shape, check_tensor
+from wsss_blocks._validate import (
+    ShapeError,
+    check_bool,
+    check_class_values,
+    check_int,
+    check_range,
+    check_shape,
+    check_tensor,
+)
 from wsss_blocks.tokens import features_as_tokens
 
 __all__ = ["ism_loss", "ISMLoss"]
 
 
-def _ism_inputs(features: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
-    """Validate; return tokens ``(B, N, D)`` and labels ``(B, N)``."""
-    check_tensor("features", features, dtype="float")
-    check_tensor("masks", masks, dtype="int")
+def _ism_inputs(
+    features: Tensor,
+    masks: Tensor,
+    ignore_index: int,
+    *,
+    names: tuple[str, str] = ("features", "masks"),
+    num_values: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Validate; return tokens ``(B, N, D)`` and labels ``(B, N)`` (``names``: the caller's)."""
+    fname, mname = names
+    check_tensor(fname, features, dtype="float")
+    check_tensor(mname, masks, dtype="int")
+    check_class_values(mname, masks, num_values, ignore_index=ignore_index)
     if masks.dim() == 3:
-        dims = check_shape("masks", masks, ["B", "h", "w"])
-        x = features_as_tokens("features", features, (dims["h"], dims["w"]), dims)
+        dims = check_shape(mname, masks, ["B", "h", "w"])
+        x = features_as_tokens(fname, features, (dims["h"], dims["w"]), dims)
         return x, masks.flatten(1)
     if masks.dim() == 2:
-        dims = check_shape("masks", masks, ["B", "N"])
+        dims = check_shape(mname, masks, ["B", "N"])
         if features.dim() == 4:  # a map: flatten its own grid, then N must match the labels
-            features = features_as_tokens("features", features, (features.shape[2], features.shape[3]))
-        check_shape("features", features, ["B", "N", "D"], dims)
+            features = features_as_tokens(fname, features, (features.shape[2], features.shape[3]))
+        check_shape(fname, features, ["B", "N", "D"], dims)
         return features, masks
-    raise ShapeError(f"masks: expected (B, h, w) or (B, N), got shape {tuple(masks.shape)}")
+    raise ShapeError(f"{mname}: expected (B, h, w) or (B, N), got shape {tuple(masks.shape)}")
 
 
 def ism_loss(
@@ -51,13 +68,15 @@ def ism_loss(
     ``max(N+-, 1)``). ``abs_cos=True`` (ToCo parity): ``s+ = s- = |S|``; ``abs_cos=False``
     (the paper's intent, eq. 5 without its typo): ``s+ = S`` and ``s- = relu(S)``.
     Computed in fp32 with autocast off; gradients flow into ``features`` only. With no
-    valid pair the value is 0.5 with zero gradient.
+    valid pair the value is 0.5 with zero gradient; an empty batch (``B = 0``) gives a
+    graph-attached 0.
 
     Args:
         features: final-layer tokens (ToCo/CPEWS: after the final norm, no projection).
         masks: pseudo label maps on the token grid from the intermediate CAM (CPEWS's
             ``masks_mid``), e.g. ``wsss_blocks.cam.token_pseudo_labels``; 0 =
-            background, ``ignore_index`` = ignored. Flattened ``(B, N)`` labels work too.
+            background, ``ignore_index`` = ignored (other values are non-negative, checked
+            for CPU tensors). Flattened ``(B, N)`` labels work too.
         abs_cos: absolute cosine in both terms (ToCo) or ``S`` / ``relu(S)``.
         count_offset: ``c >= 0`` added to both pair counts (ToCo: 1).
         ignore_index: label value of ignored tokens.
@@ -81,10 +100,19 @@ def ism_loss(
         >>> round(ism_loss(features, torch.tensor([[1, 1, 2]])).item(), 6)   # 0.5 * (1 - 2/3)
         0.166667
     """
-    x, y = _ism_inputs(features, masks)
+    ignore_index = check_int("ignore_index", ignore_index)
+    abs_cos = check_bool("abs_cos", abs_cos)
+    x, y = _ism_inputs(features, masks, ignore_index)
     c = float(check_range("count_offset", count_offset, 0.0))
+    return _ism(x, y, abs_cos, c, ignore_index)
+
+
+def _ism(x: Tensor, y: Tensor, abs_cos: bool, c: float, ignore_index: int) -> Tensor:
+    """``ism_loss`` on validated tokens ``(B, N, D)`` and labels ``(B, N)``."""
     n = x.shape[1]
     dtype = compute_dtype(x)
+    if x.shape[0] == 0:  # an empty batch: a graph-attached 0
+        return x.to(dtype).sum() * 0.0
     with no_autocast(x.device.type):
         f = F.normalize(x.to(dtype), dim=-1, eps=1e-8)  # (B, N, D), with grad
         fd = f.detach()
@@ -140,9 +168,9 @@ class ISMLoss(nn.Module):
         self, *, abs_cos: bool = True, count_offset: float = 1.0, ignore_index: int = 255
     ) -> None:
         super().__init__()
-        self.abs_cos = bool(abs_cos)
+        self.abs_cos = check_bool("abs_cos", abs_cos)
         self.count_offset = float(check_range("count_offset", count_offset, 0.0))
-        self.ignore_index = int(ignore_index)
+        self.ignore_index = check_int("ignore_index", ignore_index)
 
     def extra_repr(self) -> str:
         return (

@@ -11,19 +11,42 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from wsss_blocks._utils import compute_dtype
-from wsss_blocks._validate import ShapeError, check_labels, check_option, check_range, check_shape
-from wsss_blocks.cpews.ism import ISMLoss
+from wsss_blocks._validate import (
+    Dims,
+    ShapeError,
+    check_bool,
+    check_instance,
+    check_labels,
+    check_mapping,
+    check_option,
+    check_range,
+    check_shape,
+)
+from wsss_blocks.cpews.ism import ISMLoss, _ism_inputs
 from wsss_blocks.cpews.pdl import PDLLoss
 from wsss_blocks.cpews.pool import PrototypePool
 from wsss_blocks.cpews.ssl import SSLLoss
 from wsss_blocks.cpews.tables import PRESETS
 from wsss_blocks.outputs import LossOutput, weighted_total
+from wsss_blocks.tokens import features_as_tokens
 
 __all__ = ["CPEWSLoss"]
 
 
 #: the terms whose weights a preset sets (and ``loss_weights`` overrides)
 WEIGHTED = ("ism", "pdl", "ssl")
+
+
+def _build(name: str, kind: type[nn.Module], overrides: Mapping[str, Any] | None, **base: Any) -> Any:
+    """``kind(**base)`` with the keyword ``overrides``; an error about an override names the mapping."""
+    if overrides is not None:
+        check_mapping(name, overrides)
+    try:
+        return kind(**{**base, **(overrides or {})})
+    except (TypeError, ValueError) as err:
+        if not overrides:
+            raise
+        raise type(err)(f"{name}: {err}") from None
 
 
 class CPEWSLoss(nn.Module):
@@ -106,7 +129,10 @@ class CPEWSLoss(nn.Module):
             k: float(check_range(f"loss_weights[{k!r}]", merged[k], 0.0)) for k in WEIGHTED
         }
         self.pool = pool
-        self.warn_unbuilt = bool(warn_unbuilt)
+        self.warn_unbuilt = check_bool("warn_unbuilt", warn_unbuilt)
+        for name, value, kind in (("ism", ism, ISMLoss), ("pdl", pdl, PDLLoss), ("ssl", ssl, SSLLoss)):
+            if value is not None:
+                check_instance(name, value, kind)
         self.ism = ism if ism is not None else ISMLoss()
         self.pdl = pdl if pdl is not None else PDLLoss(**config["pdl"], warn_unbuilt=self.warn_unbuilt)
         self.ssl = ssl if ssl is not None else SSLLoss(**config["ssl"], warn_unbuilt=self.warn_unbuilt)
@@ -151,12 +177,13 @@ class CPEWSLoss(nn.Module):
             ({'ism': 0.2, 'pdl': 0.12, 'ssl': 0.00015}, 4, 'rms', 0.2)
         """
         config = PRESETS[check_option("preset", preset, tuple(PRESETS))]
-        built = PrototypePool(in_dim, num_classes, superclasses=superclasses, device=device,
-                              **{**config["pool"], **(pool or {})})
+        warn_unbuilt = check_bool("warn_unbuilt", warn_unbuilt)
+        built = _build("pool", PrototypePool, pool, in_dim=in_dim, num_classes=num_classes,
+                       superclasses=superclasses, device=device, **config["pool"])
         return cls(
-            built, preset=preset, loss_weights=loss_weights, ism=ISMLoss(**(ism or {})),
-            pdl=PDLLoss(**{**config["pdl"], "warn_unbuilt": warn_unbuilt, **(pdl or {})}),
-            ssl=SSLLoss(**{**config["ssl"], "warn_unbuilt": warn_unbuilt, **(ssl or {})}),
+            built, preset=preset, loss_weights=loss_weights, ism=_build("ism", ISMLoss, ism),
+            pdl=_build("pdl", PDLLoss, pdl, **config["pdl"], warn_unbuilt=warn_unbuilt),
+            ssl=_build("ssl", SSLLoss, ssl, **config["ssl"], warn_unbuilt=warn_unbuilt),
             warn_unbuilt=warn_unbuilt,
         )
 
@@ -195,12 +222,23 @@ class CPEWSLoss(nn.Module):
                 f"cams_final: K={dims['K']} does not match the pool's "
                 f"{self.pool.num_classes} classes"
             )
+        grid = Dims(dims, sources=getattr(dims, "sources", {}))
+        grid["D"], grid.sources["D"] = self.pool.in_dim, "the pool (in_dim)"
+        features_as_tokens("features_final", features_final, (dims["h"], dims["w"]), grid, dtype="float")
+        _ism_inputs(features_final, masks_mid, self.ism.ignore_index, names=("features_final", "masks_mid"),
+                    num_values=dims["K"] + 1)
         dtype = compute_dtype(logits_final)
         target = labels.to(dtype)
-        terms: dict[str, Tensor] = {
-            "cls_mid": F.multilabel_soft_margin_loss(logits_mid.to(dtype), target),
-            "cls_final": F.multilabel_soft_margin_loss(logits_final.to(dtype), target),
-        }
+        if dims["B"] == 0:  # an empty batch: graph-attached zeros, not the NaN of a mean over nothing
+            terms: dict[str, Tensor] = {
+                "cls_mid": logits_mid.to(dtype).sum() * 0.0,
+                "cls_final": logits_final.to(dtype).sum() * 0.0,
+            }
+        else:
+            terms = {
+                "cls_mid": F.multilabel_soft_margin_loss(logits_mid.to(dtype), target),
+                "cls_final": F.multilabel_soft_margin_loss(logits_final.to(dtype), target),
+            }
         detached_zero = torch.zeros((), dtype=dtype, device=cams_final.device)
         w = self.loss_weights
         terms["ism"] = self.ism(features_final, masks_mid) if w["ism"] else detached_zero

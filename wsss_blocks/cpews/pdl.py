@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from wsss_blocks._utils import no_autocast
-from wsss_blocks._validate import check_labels, check_option, check_range, check_shape
+from wsss_blocks._validate import check_bool, check_instance, check_labels, check_option, check_range, check_shape
 from wsss_blocks.cpews._slots import PoolLoss, check_prototypes, class_slots, per_slot, take_slots
 from wsss_blocks.cpews.pool import PrototypePool
 from wsss_blocks.cpews.regions import region_embeddings
@@ -180,7 +180,7 @@ class PDLLoss(PoolLoss):
             check_range("threshold", threshold, 0.0, 1.0, high_inclusive=False)
         self.threshold = threshold
         self.eps = float(check_range("eps", eps, 0.0, 1.0, low_inclusive=False, high_inclusive=False))
-        self.compact = compact
+        self.compact = None if compact is None else check_bool("compact", compact)
 
     def extra_repr(self) -> str:
         return (
@@ -201,6 +201,7 @@ class PDLLoss(PoolLoss):
             pool: the prototype pool (a graph-attached 0 while it is unbuilt).
             valid: padding mask at any resolution.
         """
+        check_instance("pool", pool, PrototypePool)
         if not pool.is_built:
             return self._unbuilt_zero(features, cams)
         return pdl_loss(

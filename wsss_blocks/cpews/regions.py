@@ -9,6 +9,7 @@ from torch import Tensor
 
 from wsss_blocks._validate import check_range, check_shape
 from wsss_blocks.cam import masked_average_pool, normalize_cam
+from wsss_blocks.tokens import features_as_tokens
 
 __all__ = ["RegionEmbeddings", "region_embeddings"]
 
@@ -64,7 +65,8 @@ def region_embeddings(
         >>> regions.prototypes[0, 0].tolist(), regions.prototype_valid.tolist()
         ([2.0, 0.0], [[True, False]])
     """
-    check_shape("cams", cams, ["B", "K", "h", "w"], dtype="float")
+    dims = check_shape("cams", cams, ["B", "K", "h", "w"], dtype="float")
+    features_as_tokens("features", features, (dims["h"], dims["w"]), dims, dtype="float")
     if threshold is not None:
         check_range("threshold", threshold, 0.0, 1.0, high_inclusive=False)
     weights = normalize_cam(cams.detach(), mode="max")

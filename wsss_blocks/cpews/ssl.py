@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from wsss_blocks._utils import compute_dtype, no_autocast
-from wsss_blocks._validate import check_labels, check_option, check_range, check_shape
+from wsss_blocks._validate import check_bool, check_instance, check_labels, check_option, check_range, check_shape
 from wsss_blocks.cam import normalize_cam, valid_to_grid
 from wsss_blocks.cpews._slots import PoolLoss, check_prototypes, class_slots, per_slot, take_slots
 from wsss_blocks.cpews.pool import PrototypePool
@@ -234,8 +234,8 @@ class SSLLoss(PoolLoss):
         warn_unbuilt: bool = True,
     ) -> None:
         super().__init__(warn_unbuilt=warn_unbuilt)
-        self.suppress_singletons = bool(suppress_singletons)
-        self.compact = compact
+        self.suppress_singletons = check_bool("suppress_singletons", suppress_singletons)
+        self.compact = None if compact is None else check_bool("compact", compact)
         if act_threshold is not None:
             check_range("act_threshold", act_threshold, 0.0, 1.0, high_inclusive=False)
         self.act_threshold = act_threshold
@@ -267,6 +267,7 @@ class SSLLoss(PoolLoss):
             pool: the prototype pool (a graph-attached 0 while it is unbuilt).
             valid: padding mask at any resolution.
         """
+        check_instance("pool", pool, PrototypePool)
         if not pool.is_built:
             return self._unbuilt_zero(features, cams)
         neg_keep = pool.suppression_mask(

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from wsss_blocks._validate import ShapeError
+from wsss_blocks._validate import ShapeError, check_int, check_mapping
 
 __all__ = [
     "VOC_SUPERCLASSES",
@@ -92,7 +92,7 @@ def superclass_index(
         >>> superclass_index("voc", 20)[14].item(), superclass_index(None, 2).tolist()
         (0, [-1, -1])
     """
-    k = int(num_classes)
+    k = check_int("num_classes", num_classes, low=1)
     if superclasses is None:
         return torch.full((k,), -1, dtype=torch.long, device=device)
     if isinstance(superclasses, str):
@@ -106,13 +106,17 @@ def superclass_index(
                 f"superclasses={superclasses!r} needs num_classes={need}, got {k}"
             )
     else:
-        table = superclasses
+        table = check_mapping("superclasses", superclasses)
     out = [-1] * k
     for g, (name, members) in enumerate(table.items()):
+        if isinstance(members, (str, bytes)) or not isinstance(members, Sequence):
+            raise TypeError(
+                f"superclasses[{name!r}]: expected a sequence of class indices, got {type(members).__name__}"
+            )
         for c in members:
-            c = int(c)
+            c = check_int(f"superclasses[{name!r}]", c)
             if not 0 <= c < k:
-                raise ShapeError(f"superclasses[{name!r}]: class {c} is outside 0..{k - 1}")
+                raise ShapeError(f"superclasses[{name!r}]: class {c} is outside 0..{k - 1} (num_classes={k})")
             if out[c] != -1:
                 raise ShapeError(f"superclasses: class {c} belongs to more than one group")
             out[c] = g

@@ -146,6 +146,8 @@ def read_label_file(path: str | os.PathLike[str], num_classes: int) -> dict[str,
 
 def check_root(kind: str, root: str | os.PathLike[str]) -> Path:
     """``root`` as a ``Path``; ``FileNotFoundError`` (``"<kind> root ... does not exist"``) if absent."""
+    if not isinstance(root, (str, os.PathLike)):
+        raise TypeError(f"root: expected a path (str or os.PathLike), got {type(root).__name__}")
     root = Path(root)
     if not root.exists():
         raise FileNotFoundError(f"{kind} root {root} does not exist")

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from wsss_blocks._validate import check_option
+from wsss_blocks._validate import check_bool, check_option
 from wsss_blocks.constants import COCO_CATEGORY_TO_INDEX, COCO_CLASSES, COCO_PALETTE
 from wsss_blocks.data._folder import (
     DataFileError,
@@ -112,6 +112,7 @@ class COCO(SegmentationFolder):
         check_option("split", split, ("train", "val"))
         check_option("source", source, ("auto", "masks", "json"))
         check_option("mask_values", mask_values, ("index", "category_id"))
+        skip_empty = check_bool("skip_empty", skip_empty)
         root = check_root("COCO", root)
         self.root, self.split, self.mask_values = root, split, mask_values
         sub = f"{split}2014"

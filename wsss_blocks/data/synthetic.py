@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from wsss_blocks._validate import check_int, check_option, check_range, check_size
+from wsss_blocks._validate import check_floats, check_int, check_option, check_range, check_size
 from wsss_blocks.constants import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["SyntheticScenes"]
@@ -204,8 +204,8 @@ class SyntheticScenes(Dataset):
         check_range("noise", noise, 0.0)
         check_range("min_visible", min_visible, 0.0, 1.0, low_inclusive=False)  # > 0: labels == mask
         check_option("superclass_layout", superclass_layout, ("body", "crossed"))
-        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-            raise ValueError(f"mean/std: expected 3 values each, std > 0; got {mean}, {std}")
+        mean = check_floats("mean", mean, length=3)
+        std = check_floats("std", std, length=3, low=0.0, low_inclusive=False)
 
         self.num_classes = int(num_classes)
         self.image_size = (h, w)
@@ -366,6 +366,7 @@ class SyntheticScenes(Dataset):
         return self._generate(self._check_index(index), details=True)
 
     def _check_index(self, index: int) -> int:
+        index = check_int("index", index)
         if not -self.length <= index < self.length:
             raise IndexError(f"index {index} out of range for {self.length} items")
         return int(index) % self.length

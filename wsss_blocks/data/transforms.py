@@ -10,7 +10,6 @@ from torch's generator (pass ``generator=`` or rely on the global one, which
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -18,7 +17,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from wsss_blocks._validate import ShapeError, check_int, check_shape, check_size
+from wsss_blocks._validate import (
+    ShapeError,
+    check_floats,
+    check_instance,
+    check_int,
+    check_range,
+    check_shape,
+    check_size,
+    check_tensor,
+)
 from wsss_blocks.constants import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
@@ -41,15 +49,8 @@ def _to_float01(image: Tensor) -> Tensor:
 
 def _check_stats(mean: Sequence[float], std: Sequence[float]) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """``(mean, std)`` as float tuples: three finite values each, every ``std`` > 0."""
-    out = []
-    for name, values in (("mean", mean), ("std", std)):
-        vals = tuple(float(v) for v in values)
-        if len(vals) != 3 or not all(math.isfinite(v) for v in vals):
-            raise ValueError(f"{name}: expected three finite per-channel values, got {tuple(values)!r}")
-        out.append(vals)
-    if min(out[1]) <= 0:
-        raise ValueError(f"std: expected three values > 0, got {tuple(std)!r}")
-    return out[0], out[1]
+    return (check_floats("mean", mean, length=3),
+            check_floats("std", std, length=3, low=0.0, low_inclusive=False))
 
 
 def normalize(
@@ -98,18 +99,24 @@ def labels_from_mask(mask: Tensor, num_classes: int, *, ignore_index: int = 255)
         ``(K,)`` float32 multi-hot labels.
 
     Raises:
-        ValueError: when the mask holds a value outside ``0..K`` and ``ignore_index``.
+        ValueError: when the mask holds a value outside ``0..K`` and ``ignore_index``, or
+            ``ignore_index`` is one of ``1..K``.
 
     Examples:
         >>> labels_from_mask(torch.tensor([[0, 3], [255, 1]]), 4).tolist()
         [1.0, 0.0, 1.0, 0.0]
     """
+    check_tensor("mask", mask, dtype="int")
+    num_classes = check_int("num_classes", num_classes, low=1)
+    ignore_index = check_int("ignore_index", ignore_index)
+    if 1 <= ignore_index <= num_classes:
+        raise ValueError(f"ignore_index: {ignore_index} is a class value (1..{num_classes}); pick another (255)")
     values = torch.unique(mask)
     values = values[(values != 0) & (values != ignore_index)]
     if values.numel() and (int(values.min()) < 1 or int(values.max()) > num_classes):
         raise ValueError(
             f"mask: values must be 0, 1..{num_classes} or {ignore_index}, "
-            f"got {sorted(values.tolist())}"
+            f"got {sorted(values.tolist())}" + ("" if ignore_index == 255 else f" (ignore_index={ignore_index})")
         )
     labels = torch.zeros(num_classes, dtype=torch.float32)
     labels[values.long() - 1] = 1.0
@@ -178,7 +185,8 @@ class TrainTransform:
         if isinstance(crop_size, int):
             crop_size = (crop_size, crop_size)
         self.crop_size = check_size("crop_size", crop_size)
-        lo, hi = (float(v) for v in scale_range)
+        scales = check_floats("scale_range", scale_range, length=2)
+        lo, hi = scales
         if not 0 < lo <= hi:
             raise ValueError(f"scale_range: expected 0 < low <= high, got {tuple(scale_range)}")
         self.scale_range = (lo, hi)
@@ -188,12 +196,12 @@ class TrainTransform:
                 raise ValueError(f"long_side: expected 0 < low <= high, got {long_side!r}")
             long_side = ls
         self.long_side = long_side
-        if not 0.0 <= hflip <= 1.0:
-            raise ValueError(f"hflip: expected a probability in [0, 1], got {hflip}")
-        self.hflip = float(hflip)
+        self.hflip = float(check_range("hflip", hflip, 0.0, 1.0))
         self.mean, self.std = _check_stats(mean, std)
-        self.pad_value = float(pad_value)
+        self.pad_value = float(check_range("pad_value", pad_value))
         self.ignore_index = check_int("ignore_index", ignore_index)
+        if generator is not None:
+            check_instance("generator", generator, torch.Generator)
         self.generator = generator
 
     def _uniform(self, lo: float, hi: float) -> float:

@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from wsss_blocks._validate import ShapeError, check_labels, check_option
+from wsss_blocks._validate import Dims, ShapeError, check_labels, check_option
 
 __all__ = ["Background", "BACKGROUNDS"]
 
@@ -17,15 +17,18 @@ BACKGROUNDS = ("always_one", "from_labels", "ignore")
 
 
 def _targets(labels: Tensor, channels: int, background: str, dims: MutableMapping[str, int],
-             like: Tensor) -> Tensor:
+             like: Tensor, probs_name: str = "probs") -> Tensor:
     """``(B, C)`` targets: ``[1, labels]`` (``always_one`` / ``ignore``) or ``labels`` (``from_labels``)."""
     check_option("background", background, BACKGROUNDS)
     if background == "from_labels":
         check_labels("labels", labels, dims, pattern=("B", "C"))
         return labels.to(device=like.device, dtype=like.dtype)
     if channels < 2:
-        raise ShapeError(f"labels: background={background!r} needs a background channel, got C={channels}")
-    dims.setdefault("K", channels - 1)
+        raise ShapeError(f"{probs_name}: background={background!r} needs a background channel, got C={channels}")
+    if "K" not in dims:
+        dims["K"] = channels - 1
+        if isinstance(dims, Dims):
+            dims.sources["K"] = f"{probs_name} (C - 1)"
     check_labels("labels", labels, dims, pattern=("B", "K"))
     y = labels.to(device=like.device, dtype=like.dtype)
     return torch.cat([torch.ones_like(y[:, :1]), y], dim=1)

@@ -7,8 +7,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from wsss_blocks._utils import no_autocast, to_compute
-from wsss_blocks._validate import check_int, check_range, check_shape
+from wsss_blocks._utils import autocast_on, no_autocast, promote, to_compute
+from wsss_blocks._validate import check_bool, check_int, check_range, check_shape
 from wsss_blocks.tokens import features_as_grid
 
 __all__ = ["PCMOutput", "PatchProbs", "patch_class_probs", "PatchClassifier"]
@@ -104,7 +104,7 @@ class PatchClassifier(nn.Module):
         super().__init__()
         self.in_dim = check_int("in_dim", in_dim, low=1)
         self.num_classes = check_int("num_classes", num_classes, low=1)
-        self.with_background = bool(with_background)
+        self.with_background = check_bool("with_background", with_background)
         self.out_channels = self.num_classes + int(self.with_background)
         check_range("dropout", dropout, 0.0, 1.0)
         self.l2 = float(check_range("l2", l2, 0.0))
@@ -112,7 +112,8 @@ class PatchClassifier(nn.Module):
             check_range("init_std", init_std, 0.0, low_inclusive=False)
         self.init_std = init_std
         self.dropout = nn.Dropout(dropout)
-        self.linear = nn.Linear(self.in_dim, self.out_channels, bias=bias, device=device, dtype=dtype)
+        self.linear = nn.Linear(self.in_dim, self.out_channels, bias=check_bool("bias", bias), device=device,
+                                dtype=dtype)
         self.reset_parameters()
 
     @property
@@ -150,7 +151,12 @@ class PatchClassifier(nn.Module):
         """
         features = features_as_grid("features", features, size, channels=self.in_dim, dtype="float")
         x = self.dropout(features)
-        logits = torch.einsum("bdhw,cd->bchw", x, self.linear.weight.to(x.dtype))
+        weight = self.linear.weight
+        if autocast_on(x.device.type):
+            weight = weight.to(x.dtype)
+        else:  # mixed dtypes of features and weight: the promoted one
+            x, weight = promote(x, weight)
+        logits = torch.einsum("bdhw,cd->bchw", x, weight)
         if self.linear.bias is not None:
             logits = logits + self.linear.bias.to(logits.dtype)[:, None, None]
         probs, pooled_probs = patch_class_probs(logits)

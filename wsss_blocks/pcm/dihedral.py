@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from wsss_blocks._validate import ShapeError, check_int, check_shape, checks_enabled
+from wsss_blocks._validate import ShapeError, check_bool, check_int, check_shape, checks_enabled
 
 __all__ = ["random_dihedral_codes", "dihedral_transform", "dihedral_inverse"]
 
@@ -40,6 +40,7 @@ def random_dihedral_codes(*, batch_size: int, square: bool = True, device: Any =
         (torch.int64, 0, 3)
     """
     n = check_int("batch_size", batch_size, low=0)
+    square = check_bool("square", square)
     return torch.randint(0, 8 if square else 4, (n,), device=device, generator=generator)
 
 

@@ -11,7 +11,7 @@ from wsss_blocks._utils import no_autocast, to_compute
 from wsss_blocks._validate import ShapeError, check_option, check_range, check_shape
 from wsss_blocks.pcm._common import BACKGROUNDS, Background, _class_renorm, _mask_max, _targets
 from wsss_blocks.pcm.dihedral import _check_codes, dihedral_inverse
-from wsss_blocks.pcm.tiling import MosaicRecord, _resample_boxes
+from wsss_blocks.pcm.tiling import MosaicRecord, _check_boxes, _resample_boxes
 
 __all__ = ["et_loss", "ETLoss"]
 
@@ -78,7 +78,7 @@ def et_loss(student_probs: Tensor, teacher_probs: Tensor, labels: Tensor, record
     if dims["B"] % 4:
         raise ShapeError(f"student_probs: batch must be divisible by 4 (mosaic tiles), got B={dims['B']}")
     check_shape("teacher_probs", teacher_probs, ["B", "C", hh // p, ww // p], dims, dtype="float")
-    check_shape("record.boxes", record.boxes, ["B", 4], dims, dtype="int")
+    _check_boxes(record.boxes, dims, hh, ww, p, "record.boxes")
     check_shape("record.codes", record.codes, ["B"], dims, dtype="int")
     _check_codes(student_probs, record.codes, "student_probs", "record.codes")
     if teacher_codes is not None:
@@ -90,10 +90,12 @@ def et_loss(student_probs: Tensor, teacher_probs: Tensor, labels: Tensor, record
         s = to_compute(student_probs)
         with torch.no_grad():
             mode = "always_one" if background == "ignore" else background
-            y = _targets(labels, dims["C"], mode, dims, s)
+            y = _targets(labels, dims["C"], mode, dims, s, "student_probs")
             target = _et_target(teacher_probs, y, record, teacher_codes, target_norm).to(s.dtype)
         s_hat = (s / s.sum(dim=1, keepdim=True).clamp_min(torch.finfo(s.dtype).tiny)).clamp(eps, 1.0 - eps)
         ell = -(target * torch.log(s_hat)).sum(dim=1)
+        if reduction == "mean" and ell.numel() == 0:  # an empty batch: a graph-attached 0
+            return ell.sum()
         return ell.mean() if reduction == "mean" else ell
 
 

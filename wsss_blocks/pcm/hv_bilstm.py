@@ -9,7 +9,8 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from wsss_blocks._validate import check_int, check_range
+from wsss_blocks._utils import call_promoted, promoted_dtype
+from wsss_blocks._validate import Dims, check_bool, check_int, check_range
 from wsss_blocks.tokens import features_as_grid
 
 __all__ = ["HVBiLSTM"]
@@ -67,7 +68,7 @@ class HVBiLSTM(nn.Module):
         check_range("dropout", dropout, 0.0, 1.0)
         q = dropout if lstm_dropout is None else lstm_dropout
         check_range("lstm_dropout", q, 0.0, 1.0)
-        self.keras_init = bool(keras_init)
+        self.keras_init = check_bool("keras_init", keras_init)
         self.dropout = nn.Dropout(dropout)
         self.row_dropout = nn.Dropout(q)
         self.col_dropout = nn.Dropout(q)
@@ -114,14 +115,18 @@ class HVBiLSTM(nn.Module):
         Raises:
             ShapeError: a wrong shape, or tokens without ``size``.
         """
-        dims: dict[str, int] = {}
+        dims = Dims()
         features = features_as_grid("features", features, size, dims, channels=self.in_dim, dtype="float")
         b = dims["B"]
+        if b == 0:  # an empty batch: the empty output, attached to the features' graph
+            dtype = promoted_dtype(features, *self.lstm_h.parameters())
+            out = features.new_zeros((0, self.out_dim, dims["h"], dims["w"]), dtype=dtype)
+            return out + features.to(dtype).sum() * 0.0
         x = self.dropout(features)
         rows = self.row_dropout(rearrange(x, "b d h w -> (b h) w d"))
         cols = self.col_dropout(rearrange(x, "b d h w -> (b w) h d"))
-        rows = self.lstm_h(rows)[0]
-        cols = self.lstm_v(cols)[0]
+        rows = call_promoted(self.lstm_h, rows)[0]
+        cols = call_promoted(self.lstm_v, cols)[0]
         rows = rearrange(rows, "(b h) w e -> b e h w", b=b)
         cols = rearrange(cols, "(b w) h e -> b e h w", b=b)
         return torch.cat([rows, cols.to(rows.dtype)], dim=1)

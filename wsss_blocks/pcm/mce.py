@@ -45,11 +45,13 @@ def mce_loss(pooled_probs: Tensor, labels: Tensor, *, background: Background = "
     check_range("eps", eps, 0.0, 0.5, low_inclusive=False, high_inclusive=False)
     with no_autocast(pooled_probs.device.type):
         p = to_compute(pooled_probs)
-        y = _targets(labels, dims["C"], background, dims, p)
+        y = _targets(labels, dims["C"], background, dims, p, "pooled_probs")
         if background == "ignore":
             p, y = p[:, 1:], y[:, 1:]
         pc = p.clamp(eps, 1.0 - eps)
         ell = -(y * torch.log(pc + eps) + (1.0 - y) * torch.log(1.0 - pc + eps))
+        if ell.numel() == 0:  # an empty batch: a graph-attached 0, not the NaN of an empty mean
+            return ell.sum()
         return ell.mean()
 
 

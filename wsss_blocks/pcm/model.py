@@ -9,7 +9,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from wsss_blocks._validate import ShapeError, check_int, check_option, check_range, check_shape
+from wsss_blocks._utils import empty_batch, to_model_dtype
+from wsss_blocks._validate import ShapeError, check_bool, check_int, check_option, check_range, check_shape
 from wsss_blocks.outputs import LossOutput, weighted_total
 from wsss_blocks.pcm._common import BACKGROUNDS, Background
 from wsss_blocks.pcm.classifier import PatchClassifier, PCMOutput
@@ -19,7 +20,7 @@ from wsss_blocks.pcm.hv_bilstm import HVBiLSTM
 from wsss_blocks.pcm.mce import mce_loss
 from wsss_blocks.pcm.presets import PRESETS
 from wsss_blocks.pcm.tiling import mosaic, unmosaic
-from wsss_blocks.tokens import features_as_grid, patch_grid, split_prefix_tokens, tokens_to_grid
+from wsss_blocks.tokens import _check_stage_input, features_as_grid, patch_grid, split_prefix_tokens, tokens_to_grid
 from wsss_blocks.utils import eval_mode
 
 __all__ = ["ViTPCM"]
@@ -110,11 +111,12 @@ class ViTPCM(nn.Module):
         self.crop_prob = float(check_range("crop_prob", crop_prob, 0.0, 1.0))
         self.crop = _check_crop(crop)
         self.scale = float(check_range("scale", scale, 0.0, low_inclusive=False))
-        self.align_corners = bool(align_corners)
+        self.align_corners = check_bool("align_corners", align_corners)
+        check_bool("keras_init", keras_init)
         self.backbone = backbone
         self.hv: HVBiLSTM | None = None
         dim = self.in_dim
-        if hv_lstm:
+        if check_bool("hv_lstm", hv_lstm):
             self.hv = HVBiLSTM(self.in_dim, hidden_dim=hidden_dim, dropout=dropout, keras_init=keras_init,
                                device=device, dtype=dtype)
             dim = self.hv.out_dim
@@ -162,13 +164,22 @@ class ViTPCM(nn.Module):
         """Final-norm patch tokens of the backbone as a grid ``(B, D, H/p, W/p)`` (prefix tokens dropped).
 
         Args:
-            images: ``(B, 3, H, W)``, ``H`` and ``W`` multiples of the patch size.
+            images: ``(B, 3, H, W)``, ``H`` and ``W`` multiples of the patch size (exactly the
+                backbone's ``img_size`` unless it was built with ``dynamic_img_size=True``);
+                cast to the backbone's dtype.
         """
         bb: Any = self.backbone
         dims = check_shape("images", images, ["B", 3, "H", "W"], dtype="float")
-        tokens = bb.forward_features(images)
-        _, patches = split_prefix_tokens(tokens, int(getattr(bb, "num_prefix_tokens", 1)))
-        return tokens_to_grid(patches, patch_grid(bb, (dims["H"], dims["W"])))
+        _check_stage_input(bb, (dims["H"], dims["W"]), "images")
+        images = to_model_dtype(bb, images)
+        size = patch_grid(bb, (dims["H"], dims["W"]))
+        num_prefix = int(getattr(bb, "num_prefix_tokens", 1))
+
+        def run(x: Tensor) -> Tensor:
+            _, patches = split_prefix_tokens(bb.forward_features(x), num_prefix)
+            return tokens_to_grid(patches, size)
+
+        return run(images) if dims["B"] else empty_batch(bb, run, images)
 
     def head(self, features: Tensor, *, size: tuple[int, int] | None = None) -> PCMOutput:
         """[HV-BiLSTM] then the patch classifier on a feature map, or on tokens with ``size``.
@@ -299,6 +310,8 @@ class ViTPCM(nn.Module):
         crop = self.crop if crop is None else crop
         scale = self.scale if scale is None else scale
         dims = check_shape("images", images, ["B", 3, "H", "W"], dtype="float")
+        use_et = check_bool("use_et", use_et)
+        shared_teacher = check_bool("shared_teacher", shared_teacher)
         if use_et and dims["B"] % 4:
             raise ShapeError(f"images: batch must be divisible by 4 for the ET mosaic, got B={dims['B']}")
         if images_et is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping, Sequence
 from typing import NamedTuple
 
 import torch
@@ -10,7 +11,7 @@ from einops import rearrange
 from torch import Tensor
 
 from wsss_blocks._utils import compute_dtype
-from wsss_blocks._validate import ShapeError, check_int, check_range, check_shape
+from wsss_blocks._validate import ShapeError, check_bool, check_int, check_range, check_shape, checks_enabled
 from wsss_blocks.pcm.dihedral import _check_codes, _dihedral_source, dihedral_inverse, random_dihedral_codes
 
 __all__ = ["MosaicRecord", "MosaicOutput", "mosaic", "unmosaic", "teacher_to_tiles"]
@@ -93,11 +94,13 @@ def _tile_geometry(h: int, w: int, scale: float, crop: int | tuple[int, int], p:
             raise ValueError(f"scale: {n} = scale * {side} = {side * scale} must be a positive multiple of "
                              f"patch_size={p}")
         tile.append(t)
-    cr = (crop, crop) if isinstance(crop, int) else tuple(crop)
-    if len(cr) != 2:
-        raise ValueError(f"crop: expected an int or a pair (ch, cw), got {crop!r}")
-    ch = check_int("crop[0]", cr[0], low=1)
-    cw = check_int("crop[1]", cr[1], low=1)
+    if isinstance(crop, Sequence) and not isinstance(crop, str):
+        if len(crop) != 2:
+            raise ValueError(f"crop: expected an int or a pair (ch, cw), got {crop!r}")
+        ch = check_int("crop[0]", crop[0], low=1)
+        cw = check_int("crop[1]", crop[1], low=1)
+    else:
+        ch = cw = check_int("crop", crop, low=1)
     if ch % p or cw % p:
         raise ValueError(f"crop: expected multiples of patch_size={p}, got {(ch, cw)}")
     if used and (ch > h or cw > w):
@@ -105,14 +108,16 @@ def _tile_geometry(h: int, w: int, scale: float, crop: int | tuple[int, int], p:
     return (tile[0], tile[1]), (ch, cw)
 
 
-def _check_boxes(boxes: Tensor, b: int, h: int, w: int, p: int) -> None:
-    check_shape("boxes", boxes, [b, 4], dtype="int")
-    bx = boxes.detach().cpu()  # sync-ok: explicit boxes are checked only when passed
+def _check_boxes(boxes: Tensor, dims: MutableMapping[str, int], h: int, w: int, p: int, name: str = "boxes") -> None:
+    check_shape(name, boxes, ["B", 4], dims, dtype="int")
+    if not (checks_enabled() and boxes.device.type == "cpu"):
+        return
+    bx = boxes.detach()
     y0, x0, y1, x1 = bx.unbind(1)
     bad = (bx % p != 0).any() or (y0 < 0).any() or (x0 < 0).any() or (y1 > h).any() or (x1 > w).any()
     bad = bad or (y1 <= y0).any() or (x1 <= x0).any()
-    if bool(bad):
-        raise ValueError(f"boxes: expected (y0, x0, y1, x1) multiples of patch_size={p} with "
+    if bool(bad):  # CPU tensor: no device sync
+        raise ValueError(f"{name}: expected (y0, x0, y1, x1) multiples of patch_size={p} with "
                          f"0 <= y0 < y1 <= {h}, 0 <= x0 < x1 <= {w}, got {bx.tolist()}")
 
 
@@ -165,6 +170,8 @@ def mosaic(images: Tensor, *, crop_prob: float = 0.3, crop: int | tuple[int, int
         raise ShapeError(f"images: batch must be divisible by 4 for the 2x2 mosaic, got B={b}")
     p = check_int("patch_size", patch_size, low=1)
     check_range("crop_prob", crop_prob, 0.0, 1.0)
+    dihedral = check_bool("dihedral", dihedral)
+    align_corners = check_bool("align_corners", align_corners)
     if h % p or w % p:
         raise ValueError(f"images: size {(h, w)} must be a multiple of patch_size={p}")
     (th, tw), (ch, cw) = _tile_geometry(h, w, scale, crop, p, crop_prob > 0 and boxes is None)
@@ -179,7 +186,7 @@ def mosaic(images: Tensor, *, crop_prob: float = 0.3, crop: int | tuple[int, int
         boxes = torch.stack([y0, x0, torch.where(take, y0 + ch, zero + h),
                              torch.where(take, x0 + cw, zero + w)], dim=1)
     else:
-        _check_boxes(boxes, b, h, w, p)
+        _check_boxes(boxes, dims, h, w, p)
         boxes = boxes.to(device=dev, dtype=torch.int64)
     if codes is None:
         codes = (random_dihedral_codes(batch_size=b, square=th == tw, device=dev, generator=generator) if dihedral
@@ -244,7 +251,7 @@ def teacher_to_tiles(teacher_probs: Tensor, record: MosaicRecord, *,
     p = record.patch_size
     (hh, ww), (th, tw) = record.image_size, record.tile_size
     dims = check_shape("teacher_probs", teacher_probs, ["B", "C", hh // p, ww // p], dtype="float")
-    check_shape("record.boxes", record.boxes, [dims["B"], 4], dtype="int")
+    _check_boxes(record.boxes, dims, hh, ww, p, "record.boxes")
     t = teacher_probs.detach()
     if teacher_codes is not None:
         _check_codes(t, teacher_codes, "teacher_probs", "teacher_codes")

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from wsss_blocks._validate import ShapeError, check_int, check_range, check_shape
+from wsss_blocks._validate import ShapeError, check_floats, check_int, check_range, check_shape
 from wsss_blocks.constants import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["dense_crf", "DenseCRF", "crf_available"]
@@ -144,8 +144,11 @@ def dense_crf(
         check_range(name, value, 0.0, low_inclusive=False)
     check_range("pos_w", pos_w, 0.0)
     check_range("bi_w", bi_w, 0.0)
+    stats = (check_floats("mean", mean, length=3), check_floats("std", std, length=3, low=0.0, low_inclusive=False))
     _densecrf_module()  # fail early with the extra's name
-    rgb = _to_rgb_uint8(images, mean, std)
+    if dims["B"] == 0:
+        return torch.zeros(probs.shape, dtype=torch.float32, device=probs.device)
+    rgb = _to_rgb_uint8(images, *stats)
     prob = np.ascontiguousarray(probs.detach().float().cpu().numpy())  # sync-ok: host CRF
     jobs = [
         (
@@ -211,8 +214,10 @@ class DenseCRF(nn.Module):
         self.bi_xy_std = float(check_range("bi_xy_std", bi_xy_std, 0.0, low_inclusive=False))
         self.bi_rgb_std = float(check_range("bi_rgb_std", bi_rgb_std, 0.0, low_inclusive=False))
         self.bi_w = float(check_range("bi_w", bi_w, 0.0))
-        self.mean: tuple[float, float, float] = (float(mean[0]), float(mean[1]), float(mean[2]))
-        self.std: tuple[float, float, float] = (float(std[0]), float(std[1]), float(std[2]))
+        m = check_floats("mean", mean, length=3)
+        sd = check_floats("std", std, length=3, low=0.0, low_inclusive=False)
+        self.mean: tuple[float, float, float] = (m[0], m[1], m[2])
+        self.std: tuple[float, float, float] = (sd[0], sd[1], sd[2])
         self.workers = check_int("workers", workers, low=0)
 
     def extra_repr(self) -> str:

@@ -9,7 +9,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from wsss_blocks._utils import compute_dtype, no_autocast
-from wsss_blocks._validate import ShapeError, check_int, check_labels, check_shape, check_size, check_thresholds
+from wsss_blocks._validate import (
+    ShapeError,
+    check_ignore_index,
+    check_labels,
+    check_shape,
+    check_size,
+    check_tensor,
+    check_thresholds,
+)
 from wsss_blocks.cam import valid_to_grid
 from wsss_blocks.refine.pixel_adaptive import _TOCO_DILATIONS, par
 
@@ -27,6 +35,7 @@ def combine_levels(masks_high: Tensor, masks_low: Tensor, *, ignore_index: int =
         y = ignore   where y_high = 0 < y_low  (unsure)
 
     An ``ignore_index`` in ``y_high`` stays ignored; in ``y_low`` (with ``y_high = 0``) too.
+    ``ignore_index`` cannot be 0, the background.
 
     Shape:
         - masks_high, masks_low: ``(*)`` integer, same shape
@@ -36,11 +45,13 @@ def combine_levels(masks_high: Tensor, masks_low: Tensor, *, ignore_index: int =
         >>> combine_levels(torch.tensor([2, 0, 0, 1]), torch.tensor([2, 0, 3, 1])).tolist()
         [2, 0, 255, 1]
     """
+    check_tensor("masks_high", masks_high, dtype="int")
+    check_tensor("masks_low", masks_low, dtype="int")
     if masks_high.shape != masks_low.shape:
         raise ShapeError(
             f"masks_low: expected the shape of masks_high {tuple(masks_high.shape)}, got {tuple(masks_low.shape)}"
         )
-    ignore = check_int("ignore_index", ignore_index)
+    ignore = check_ignore_index(ignore_index, 1)
     y_high, y_low = masks_high, masks_low
     out = torch.where(y_high > 0, y_high, torch.zeros_like(y_high))
     return torch.where((y_high == 0) & (y_low > 0), torch.full_like(out, ignore), out)
@@ -83,7 +94,7 @@ def par_label_levels(
         valid: padding mask at any resolution (True on real pixels); PAR ignores padding
             (see ``par``) and the output is ``ignore_index`` there.
         size: output size (ToCo: the crop size); default the images' size.
-        ignore_index: value of padded pixels.
+        ignore_index: value of padded pixels; not a label value ``0..K``.
         dilations: see ``par``.
         num_iters: see ``par``.
         kernel_width: see ``par``.
@@ -107,7 +118,7 @@ def par_label_levels(
     check_shape("norm_cams", norm_cams, ["B", "K", "h", "w"], dims, dtype="float")
     check_labels("labels", labels, dims)
     check_thresholds("low", low, "high", high)
-    ignore = check_int("ignore_index", ignore_index)
+    ignore = check_ignore_index(ignore_index, dims["K"] + 1)
     h, w = images.shape[-2:]
     out_size = (h, w) if size is None else check_size("size", size)
     grid_valid = None
@@ -178,7 +189,7 @@ def par_pseudo_labels(
         high: see ``par_label_levels``.
         valid: see ``par_label_levels``.
         size: see ``par_label_levels``.
-        ignore_index: value of unsure and padded pixels.
+        ignore_index: value of unsure and padded pixels; not a label value ``0..K``.
         dilations: see ``par``.
         num_iters: see ``par``.
         kernel_width: see ``par``.

@@ -18,7 +18,7 @@ the border pixel (replicate padding), as in ToCo's ``PAR`` module.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -80,11 +80,11 @@ def _masked_softmax(logits: Tensor, mask: Tensor | None) -> Tensor:
     return prob / prob.sum(dim=1, keepdim=True).clamp_min(torch.finfo(logits.dtype).tiny)
 
 
-def _check_valid(valid: Tensor | None, b: int, h: int, w: int) -> Tensor | None:
+def _check_valid(valid: Tensor | None, dims: MutableMapping[str, int], h: int, w: int) -> Tensor | None:
     """A padding mask at any resolution, resampled to the image's ``(h, w)``."""
     if valid is None:
         return None
-    check_shape("valid", valid, [b, "H_valid", "W_valid"], dtype="bool")
+    check_shape("valid", valid, ["B", "H_valid", "W_valid"], dims, dtype="bool")
     return valid_to_grid(valid, (h, w))
 
 
@@ -124,9 +124,9 @@ def par_affinity(
         >>> aff.shape, torch.allclose(aff.sum(1), torch.full((1, 5, 6), 1.01))
         (torch.Size([1, 16, 5, 6]), True)
     """
-    check_shape("images", images, ["B", "C", "H", "W"], dtype="float")
+    dims = check_shape("images", images, ["B", "C", "H", "W"], dtype="float")
     b, h, w = images.shape[0], images.shape[-2], images.shape[-1]
-    valid = _check_valid(valid, b, h, w)
+    valid = _check_valid(valid, dims, h, w)
     offsets, dist = par_stencil(dilations=dilations)
     t = float(check_range("kernel_width", kernel_width, 0.0, low_inclusive=False))
     w_pos = float(check_range("pos_weight", pos_weight, 0.0))
@@ -231,8 +231,8 @@ def par(
     dims = check_shape("images", images, ["B", "C", "H", "W"], dtype="float")
     check_shape("maps", maps, ["B", "C_maps", "h", "w"], dims, dtype="float")
     n_iter = check_int("num_iters", num_iters, low=0)
-    b, h, w = images.shape[0], images.shape[-2], images.shape[-1]
-    valid = _check_valid(valid, b, h, w)
+    h, w = images.shape[-2], images.shape[-1]
+    valid = _check_valid(valid, dims, h, w)
     aff = par_affinity(
         images,
         valid=valid,

@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from wsss_blocks._validate import ShapeError, check_labels, check_shape
+from wsss_blocks._validate import Dims, ShapeError, check_labels, check_shape
 from wsss_blocks.cam import valid_to_grid
 from wsss_blocks.tokens import features_as_grid
 
@@ -24,8 +24,10 @@ def allowed_channels(
         return torch.ones(b, k1, dtype=torch.bool, device=like.device)
     check_labels(name, labels, dims, pattern=("B", "K"))
     if dims["K"] + 1 != k1:
+        src = dims.sources.get("K1") if isinstance(dims, Dims) else None
+        of = "" if src is None else f" of {src}"
         raise ShapeError(
-            f"{name}: expected (B, K={k1 - 1}) labels for K+1={k1} channels, got {tuple(labels.shape)}"
+            f"{name}: expected (B, K={k1 - 1}) labels for the K+1={k1} channels{of}, got {tuple(labels.shape)}"
         )
     fg = labels != 0
     return torch.cat([torch.ones(b, 1, dtype=torch.bool, device=fg.device), fg], dim=1)

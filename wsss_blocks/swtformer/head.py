@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from wsss_blocks._validate import check_int, check_option, check_range, check_shape, check_size
+from wsss_blocks._utils import call_promoted
+from wsss_blocks._validate import check_bool, check_int, check_option, check_range, check_shape, check_size
 from wsss_blocks.cam import add_background, normalize_cam
 from wsss_blocks.swtformer._common import valid_on_grid
 from wsss_blocks.tokens import features_as_grid
@@ -113,7 +114,8 @@ class SwinCAMHead(nn.Module):
             raise ValueError(f"kernel_size: expected an odd int (the grid is kept), got {k}")
         self.input_fmt: Literal["NCHW", "NHWC"] = check_option("input_fmt", input_fmt, ("NCHW", "NHWC"))
         self.conv = nn.Conv2d(
-            self.in_dim, self.num_classes, k, padding=k // 2, bias=bias, device=device, dtype=dtype
+            self.in_dim, self.num_classes, k, padding=k // 2, bias=check_bool("bias", bias), device=device,
+            dtype=dtype,
         )
 
     def forward(self, features: Tensor, *, size: tuple[int, int] | None = None) -> SwinCAMOutput:
@@ -141,7 +143,7 @@ class SwinCAMHead(nn.Module):
             "features", features, size, channels=self.in_dim, input_fmt=self.input_fmt,
             hint='pass input_fmt="NHWC"', dtype="float",
         )
-        cams = self.conv(x)
+        cams = call_promoted(self.conv, x)
         return SwinCAMOutput(cams, cams.mean(dim=(-2, -1)))
 
     def extra_repr(self) -> str:

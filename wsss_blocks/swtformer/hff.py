@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from wsss_blocks._validate import ShapeError, check_int, check_option, check_range
+from wsss_blocks._utils import autocast_on, call_promoted, promoted_dtype
+from wsss_blocks._validate import Dims, ShapeError, check_bool, check_int, check_option, check_range
 from wsss_blocks.swtformer._common import to_nchw
 
 __all__ = ["HFF"]
@@ -85,8 +86,8 @@ class HFF(nn.Module):
         self.output_stage: Literal["stage3", "stage2"] = check_option(
             "output_stage", output_stage, ("stage3", "stage2")
         )
-        self.normalize = bool(normalize)
-        self.detach_inputs = bool(detach_inputs)
+        self.normalize = check_bool("normalize", normalize)
+        self.detach_inputs = check_bool("detach_inputs", detach_inputs)
         self.input_fmt: Literal["NCHW", "NHWC"] = check_option("input_fmt", input_fmt, ("NCHW", "NHWC"))
         self.eps = check_range("eps", eps, 0.0)
         c1, c2 = dims[0], dims[0] + dims[1]
@@ -100,7 +101,7 @@ class HFF(nn.Module):
         if isinstance(features, Tensor) or len(features) != 4:
             n = "a tensor" if isinstance(features, Tensor) else f"{len(features)} maps"
             raise ShapeError(f"features: expected a sequence of 4 stage maps, got {n}")
-        dims: dict[str, int] = {}
+        dims = Dims()
         out = [
             to_nchw(f"features[{i}]", x, c, dims, self.input_fmt, h=f"h{i}", w=f"w{i}")
             for i, (x, c) in enumerate(zip(features, self.in_dims, strict=True))
@@ -137,16 +138,19 @@ class HFF(nn.Module):
                 an NCHW block says to pass ``input_fmt="NHWC"``.
         """
         s = self._check(features)
+        if not autocast_on(s[0].device.type):  # mixed dtypes of the stages and the convs: the promoted one
+            dtype = promoted_dtype(*s, self.fuse.weight)
+            s = [x.to(dtype) for x in s]
         if self.detach_inputs:
             s = [x.detach() for x in s]
         if self.normalize:
             s = [x / (x.norm(dim=1, keepdim=True) + self.eps) for x in s]
         s1, s2, s3, s4 = s
-        f12 = torch.cat([self.down1(s1), s2], dim=1)
+        f12 = torch.cat([call_promoted(self.down1, s1), s2], dim=1)
         f34 = torch.cat([s3, _up(s4, s3)], dim=1)
         if self.down12 is not None:
-            return self.fuse(torch.cat([self.down12(f12), f34], dim=1))
-        return self.fuse(torch.cat([f12, _up(f34, f12)], dim=1))
+            return call_promoted(self.fuse, torch.cat([call_promoted(self.down12, f12), f34], dim=1))
+        return call_promoted(self.fuse, torch.cat([f12, _up(f34, f12)], dim=1))
 
     def extra_repr(self) -> str:
         return (

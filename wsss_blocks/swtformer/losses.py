@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from wsss_blocks._utils import compute_dtype, no_autocast
-from wsss_blocks._validate import check_option, check_range, check_shape
+from wsss_blocks._validate import check_bool, check_option, check_range, check_shape, check_tensor
 from wsss_blocks.swtformer._common import allowed_channels, valid_on_grid
 
 __all__ = ["gsc_loss", "GSCLoss", "ccl_loss", "CCLLoss"]
@@ -59,7 +59,7 @@ def gsc_loss(cams_with_bg: Tensor, rcams: Tensor, *, valid: Tensor | None = None
     with no_autocast(r.device.type):
         diff = (m - r).abs()
         if w is None:
-            return diff.mean()
+            return diff.sum() if diff.numel() == 0 else diff.mean()  # an empty batch: a graph-attached 0
         return (diff * w).sum() / (w.sum() * diff.shape[1]).clamp_min(1.0)
 
 
@@ -140,7 +140,9 @@ def ccl_loss(
     """
     check_option("variant", variant, ("paper", "plain"))
     check_range("eps", eps, 0.0, low_inclusive=False)
+    detach_rcam = check_bool("detach_rcam", detach_rcam)
     m, r, w, dims = _pair_on_rcam_grid(cams_with_bg, rcams, valid)
+    check_tensor("labels", labels)
     a = allowed_channels(labels, dims, rcams).to(m.dtype)
     if detach_rcam:
         r = r.detach()
@@ -158,7 +160,7 @@ def ccl_loss(
             loss = 1.0 - s
         per_image = (a * loss).sum(dim=1) / a.sum(dim=1)  # background keeps sum(a) >= 1
         if w is None:
-            return per_image.mean()
+            return per_image.sum() if per_image.numel() == 0 else per_image.mean()  # empty batch: 0
         has = (w.flatten(1).sum(dim=1) > 0).to(s.dtype)
         return (has * per_image).sum() / has.sum().clamp_min(1.0)
 
@@ -184,7 +186,7 @@ class CCLLoss(nn.Module):
     def __init__(self, *, variant: CCLVariant = "paper", detach_rcam: bool = False, eps: float = 1e-8) -> None:
         super().__init__()
         self.variant: CCLVariant = check_option("variant", variant, ("paper", "plain"))
-        self.detach_rcam = bool(detach_rcam)
+        self.detach_rcam = check_bool("detach_rcam", detach_rcam)
         self.eps = check_range("eps", eps, 0.0, low_inclusive=False)
 
     def forward(

@@ -12,7 +12,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from wsss_blocks._utils import no_autocast
-from wsss_blocks._validate import ShapeError, check_int, check_labels, check_option, check_range, check_shape
+from wsss_blocks._validate import (
+    Dims,
+    ShapeError,
+    check_bool,
+    check_instance,
+    check_int,
+    check_labels,
+    check_option,
+    check_range,
+    check_shape,
+)
 from wsss_blocks.outputs import weighted_total
 from wsss_blocks.swtformer._common import to_nchw
 from wsss_blocks.swtformer.head import SwinCAMHead, cams_with_background, swin_cam
@@ -148,6 +158,16 @@ class SWTformerHead(nn.Module):
         self.bg_scale = check_range("bg_scale", bg_scale, 0.0)
         self.ccl_variant: CCLVariant = check_option("ccl_variant", ccl_variant, ("paper", "plain"))
         self.loss_weights = _check_loss_weights(loss_weights)
+        # the options of the parts, checked under the names this constructor takes them by
+        head_kernel_size = check_int("head_kernel_size", head_kernel_size, low=1)
+        if head_kernel_size % 2 == 0:
+            raise ValueError(f"head_kernel_size: expected an odd int (the grid is kept), got {head_kernel_size}")
+        head_bias = check_bool("head_bias", head_bias)
+        if hff_out_dim is not None:
+            hff_out_dim = check_int("hff_out_dim", hff_out_dim, low=1)
+        hff_output_stage = check_option("hff_output_stage", hff_output_stage, ("stage3", "stage2"))
+        hff_normalize = check_bool("hff_normalize", hff_normalize)
+        hff_detach_inputs = check_bool("hff_detach_inputs", hff_detach_inputs)
         self.head = SwinCAMHead(
             dims[-1], self.num_classes, kernel_size=head_kernel_size, bias=head_bias,
             device=device, dtype=dtype,
@@ -205,7 +225,7 @@ class SWTformerHead(nn.Module):
         """
         if isinstance(features, Tensor) or len(features) != 4:
             raise ShapeError("features: expected a sequence of 4 stage maps")
-        dims: dict[str, int] = {}
+        dims = Dims()
         t_out = to_nchw("features[3]", features[-1], self.in_dims[-1], dims, "NCHW",
                         hint="permute it to NCHW (tokens.stage_taps gives NCHW maps)")
         if labels is not None:
@@ -217,7 +237,10 @@ class SWTformerHead(nn.Module):
         terms: dict[str, Tensor] = {}
         if labels is not None:
             with no_autocast(logits.device.type):
-                terms["cls"] = F.multilabel_soft_margin_loss(logits.float(), labels.float())
+                if dims["B"] == 0:  # an empty batch: a graph-attached 0, not the NaN of an empty mean
+                    terms["cls"] = logits.float().sum() * 0.0
+                else:
+                    terms["cls"] = F.multilabel_soft_margin_loss(logits.float(), labels.float())
         cams_with_bg = seeds = fused = rcams = None
         if self.hff is not None:
             cams_with_bg = cams_with_background(norm_cams, labels, valid=valid)
@@ -325,8 +348,12 @@ class SWTformer(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.final_norm = bool(final_norm)
-        info = stage_info(backbone)
+        self.final_norm = check_bool("final_norm", final_norm)
+        check_instance("backbone", backbone, nn.Module, "an nn.Module (a timm Swin)")
+        try:
+            info = stage_info(backbone)
+        except TypeError as err:
+            raise TypeError(f"backbone: {str(err).removeprefix('model: ')}") from None
         if len(info) != 4:
             raise ValueError(
                 f"backbone: expected a 4-stage hierarchical model, {type(backbone).__name__} has {len(info)}"

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from wsss_blocks._utils import compute_dtype, no_autocast
-from wsss_blocks._validate import check_int, check_range, check_shape, check_size
+from wsss_blocks._validate import Dims, check_ignore_index, check_range, check_shape, check_size
 from wsss_blocks.swtformer._common import allowed_channels, valid_on_grid
 from wsss_blocks.tokens import features_as_grid
 
@@ -52,7 +52,7 @@ def seed_prototypes(features: Tensor, seeds: Tensor, *, size: tuple[int, int] | 
         >>> seed_prototypes(feats, seeds)[0].tolist()
         [[0.0, 1.0], [1.0, 0.0], [0.0, 0.0]]
     """
-    dims: dict[str, int] = {}
+    dims = Dims()
     features = features_as_grid("features", features, size, dims, grid=("hf", "wf"), dtype="float")
     check_shape("seeds", seeds, ["B", "K1", "h", "w"], dims)
     dtype = compute_dtype(features)
@@ -168,7 +168,7 @@ def rcam_pseudo_mask(
         labels: multi-hot image labels; ``None`` allows every class.
         size: output size (the image's); ``None`` keeps the grid.
         valid: padding mask at any resolution (``valid_to_grid`` rule at ``size``).
-        ignore_index: value of invalid pixels.
+        ignore_index: value of invalid pixels; not a label value ``0..K``.
 
     Shape:
         - rcams: ``(B, K+1, h, w)``; labels: ``(B, K)``
@@ -180,7 +180,7 @@ def rcam_pseudo_mask(
         [[[1, 0]]]
     """
     dims = check_shape("rcams", rcams, ["B", "K1", "h", "w"], dtype="float")
-    ignore_index = check_int("ignore_index", ignore_index)
+    ignore_index = check_ignore_index(ignore_index, dims["K1"])
     out_size = (dims["h"], dims["w"]) if size is None else check_size("size", size)
     allowed = allowed_channels(labels, dims, rcams)
     keep = valid_on_grid(valid, dims, out_size)
