@@ -19,7 +19,7 @@ from wsss_blocks.pcm.hv_bilstm import HVBiLSTM
 from wsss_blocks.pcm.mce import mce_loss
 from wsss_blocks.pcm.presets import PRESETS
 from wsss_blocks.pcm.tiling import mosaic, unmosaic
-from wsss_blocks.tokens import patch_grid, split_prefix_tokens, tokens_to_grid
+from wsss_blocks.tokens import tokens_to_grid, vit_taps
 from wsss_blocks.utils import eval_mode
 
 __all__ = ["ViTPCM"]
@@ -61,7 +61,8 @@ class ViTPCM(nn.Module):
     ``PatchClassifier`` on its features instead.
 
     Args:
-        backbone: a timm ViT (``forward_features``, ``patch_embed``, ``num_prefix_tokens``);
+        backbone: a ViT read through ``wsss_blocks.adapters`` (a timm ViT, or a copy of its
+            layout: ``forward_features``, ``patch_embed``, ``blocks``, ``norm``);
             ``D`` is read from its ``num_features`` (or ``embed_dim``). Build it with
             ``num_classes=0`` and ``dynamic_img_size=True`` to run at any multiple of the patch
             size (official: train at 384, infer at 960).
@@ -164,11 +165,9 @@ class ViTPCM(nn.Module):
         Args:
             images: ``(B, 3, H, W)``, ``H`` and ``W`` multiples of the patch size.
         """
-        bb: Any = self.backbone
-        dims = check_shape("images", images, ["B", 3, "H", "W"], dtype="float")
-        tokens = bb.forward_features(images)
-        _, patches = split_prefix_tokens(tokens, int(getattr(bb, "num_prefix_tokens", 1)))
-        return tokens_to_grid(patches, patch_grid(bb, (dims["H"], dims["W"])))
+        check_shape("images", images, ["B", 3, "H", "W"], dtype="float")
+        taps = vit_taps(self.backbone, images, layers=())
+        return tokens_to_grid(taps.final, taps.size)
 
     def head(self, features: Tensor) -> PCMOutput:
         """[HV-BiLSTM] then the patch classifier on a feature map ``(B, D, h, w)``."""
