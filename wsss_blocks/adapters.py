@@ -30,7 +30,8 @@ is read through its first item; DOEI adds its delta to that item and passes the 
 * ``timm.models.beit.Attention`` (BEiT, BEiT v2): ``BeitAttentionAdapter``; the block's
   relative position bias and the model's shared one, ``q_bias`` / ``v_bias``.
 * ``timm.models.vision_transformer_relpos.RelPosAttention`` (``vit_relpos_*``):
-  ``RelPosAttentionAdapter``; relative position bias, own or shared.
+  ``RelPosAttentionAdapter``; relative position bias, own or shared (a bias MLP with dropout
+  only in eval mode or on the explicit path).
 
 A module of a class defined outside timm is read as a ViT copy with ``FusedQKVAdapter``
 when its structure is that of the timm 0.3-0.6 attention: a ``qkv`` ``nn.Linear`` whose output
@@ -429,7 +430,10 @@ class RelPosAttentionAdapter(AttentionAdapter):
     """timm's ``RelPosAttention`` (``vit_relpos_*``): fused ``qkv`` plus a relative position bias.
 
     ``attn_bias`` is the block's ``rel_pos.get_bias()`` when it has one, else the call's
-    ``shared_rel_pos``, as in the module's own forward.
+    ``shared_rel_pos``, as in the module's own forward. A relative position MLP with dropout
+    samples a new bias on every call: in training its fused path is refused
+    (``NotImplementedError``; the explicit path, ``fused_attn=False``, gives the module's own
+    probabilities).
 
     Examples:
         >>> import torch
@@ -457,6 +461,14 @@ class RelPosAttentionAdapter(AttentionAdapter):
         """
         q, k = _split_qk(module, _captured(module, call, "qkv"))
         rel_pos = getattr(module, "rel_pos", None)
+        if rel_pos is not None and rel_pos.training and any(
+            isinstance(m, nn.Dropout) and m.p > 0 for m in rel_pos.modules()
+        ):
+            raise NotImplementedError(
+                "RelPosAttention in training with dropout inside its relative position MLP: the bias is "
+                "sampled anew on every call, so the bias of the module's own pass cannot be rebuilt; use its "
+                "explicit path (fused_attn=False), eval mode, or a model without that dropout"
+            )
         bias = rel_pos.get_bias() if rel_pos is not None else call.call_kwargs.get("shared_rel_pos")
         return QueryKey(q, k, float(getattr(module, "scale")), bias)
 
