@@ -246,7 +246,10 @@ class AttentionAdapter:
 def _heads(module: nn.Module) -> int:
     heads = getattr(module, "num_heads", None)
     if not isinstance(heads, int) or isinstance(heads, bool):
-        raise TypeError(f"{type(module).__name__} has no integer num_heads; an attention adapter needs it")
+        raise TypeError(
+            f"{type(module).__name__} has no integer num_heads, which its adapter needs; register an adapter that "
+            f"reads this layout with {_REGISTER_ATTENTION}"
+        )
     return heads
 
 

@@ -209,6 +209,16 @@ def patch_grid(model: nn.Module, image_size: tuple[int, int]) -> tuple[int, int]
     return vit_adapter(model).grid(model, image_size)
 
 
+def _sizes_known(adapter: ViTAdapter, model: nn.Module) -> bool:
+    """Whether ``check_image_size`` knows the sizes the model takes (timm's patch embeddings do)."""
+    try:
+        embed = adapter.patch_embed(model)
+    except TypeError:
+        return True
+    dynamic = getattr(model, "dynamic_img_size", False) or getattr(embed, "dynamic_img_size", False)
+    return bool(dynamic) or getattr(embed, "grid_size", None) is not None
+
+
 def run_model(
     model: nn.Module,
     images: Tensor,
@@ -221,9 +231,10 @@ def run_model(
 
     ``hooks`` installs extra hooks and returns their handles (removed afterwards). Returns
     the full token output of each block in ``block_indices`` (a block that returns a tuple,
-    as the ViT copies do, gives its first item). An exception raised before the first block
-    runs, for an image size other than the one the model was built for, becomes a
-    ``ValueError`` that names the size and the size the model was built for.
+    as the ViT copies do, gives its first item). For a ViT copy whose patch embedding does not
+    say which sizes it takes (no ``grid_size``), an ``AssertionError`` or ``RuntimeError``
+    raised before the first block runs, for an image size other than the one the model was
+    built for, becomes a ``ValueError`` that names both sizes.
     """
     adapter = adapter if adapter is not None else vit_adapter(model)
     blocks = adapter.blocks(model)
@@ -248,8 +259,10 @@ def run_model(
             adapter.run(model, images)
         except (AssertionError, RuntimeError) as err:
             size = (int(images.shape[-2]), int(images.shape[-1]))
+            if started or _sizes_known(adapter, model):
+                raise
             native = adapter.native_image_size(model)
-            if started or native is None or size == native:
+            if native is None or size == native:
                 raise
             raise ValueError(
                 f"image size {size}: {type(model).__name__} refused it before its first block "

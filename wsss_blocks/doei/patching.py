@@ -232,7 +232,7 @@ class DOEIHandle:
                 f"doei.unpatch(model) and doei.patch(model) again"
             )
         images = args[0] if args else kwargs.get("x")
-        if isinstance(images, Tensor) and images.dim() == 4:
+        if _mod is not model and isinstance(images, Tensor) and images.dim() == 4:  # the patch embedding's input
             self._vit.check_image_size(model, (int(images.shape[-2]), int(images.shape[-1])))
         if self._images_override is not None:
             return
