@@ -1,9 +1,10 @@
 """Benchmark DOEI: patched vs unpatched timm ViT, and a naive dense implementation.
 
-(a) CPU: ViT-S/16 224, B=8, ``fused_attn=False`` in every model, default DOEIConfig,
-    C=1 and C=20 (both models converted with ``mct.add_class_tokens``): eval forward and
-    training forward+backward time; bytes saved for backward (CPU has no peak-memory
-    counter). Target: patched eval forward <= 1.3x unpatched.
+(a) CPU: ViT-S/16 224, B=8, ``fused_attn=False`` in every model (``--fused``: timm's
+    fused SDPA attention in the patched and unpatched models), default DOEIConfig, C=1 and
+    C=20 (both models converted with ``mct.add_class_tokens``): eval forward and training
+    forward+backward time; bytes saved for backward (CPU has no peak-memory counter).
+    Target: patched eval forward <= 1.3x unpatched.
 (b) GPU (when CUDA is available): ViT-B/16 448, B=4, C=20, bf16 autocast, training
     forward+backward: unpatched (fused), patched (fused) and naive (explicit (B,H,N,N)
     attention + the dense functions). Time and peak memory
@@ -58,9 +59,9 @@ def median_s(fn: Callable[[], object], min_run_time: float) -> float:
     return _timing.median_s(fn, min_run_time=min_run_time)
 
 
-def bench_cpu_classes(c: int, img: Tensor, cfg: DOEIConfig, min_run_time: float) -> dict:
+def bench_cpu_classes(c: int, img: Tensor, cfg: DOEIConfig, min_run_time: float, fused: bool = False) -> dict:
     """One row of the CPU table: ViT-S/16 with ``c`` class tokens."""
-    model = build("vit_small_patch16_224", img.shape[-1], c, fused=False, device="cpu")
+    model = build("vit_small_patch16_224", img.shape[-1], c, fused=fused, device="cpu")
     res: dict = {"C": c}
 
     def plain() -> Tensor:
@@ -104,11 +105,12 @@ def bench_cpu(args: argparse.Namespace) -> dict:
     img = torch.randn(args.batch, 3, args.img, args.img)
     rows = []
     for c in (1, 20):
-        res = bench_cpu_classes(c, img, cfg, args.min_run_time)
+        res = bench_cpu_classes(c, img, cfg, args.min_run_time, fused=args.fused)
         rows.append(res)
         print(json.dumps(res, indent=1), flush=True)
     return {
-        "setting": f"ViT-S/16 {args.img}, B={args.batch}, fused_attn=False in all models, default DOEIConfig",
+        "setting": f"ViT-S/16 {args.img}, B={args.batch}, fused_attn={args.fused} in the patched and unpatched "
+                   "models (the naive reference is explicit), default DOEIConfig",
         "target": "eval forward patched <= 1.3x unpatched",
         "threads": torch.get_num_threads(),
         "note": "saved_for_backward_MB sums every tensor autograd saves (views of one buffer counted "
@@ -164,6 +166,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--img", type=int, default=224, help="CPU image size (smaller for a smoke run)")
     parser.add_argument("--min-run-time", type=float, default=3.0)
+    parser.add_argument("--fused", action="store_true",
+                        help="CPU: timm's fused (SDPA) attention in the patched and unpatched models")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -543,23 +543,18 @@ def test_config_reassignment_changes_output():
 
 
 def test_errors_no_attention_and_unsupported_classes():
-    with pytest.raises(ValueError, match="no timm.layers.Attention"):
+    with pytest.raises(ValueError, match="no attention module.*register_attention_adapter"):
         doei.patch(nn.Sequential(nn.Linear(2, 2)))
     diff = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1, attn_layer="diff")
-    with pytest.raises(TypeError, match="DiffAttention"):
+    with pytest.raises(TypeError, match=r"DiffAttention.*two softmax maps.*register_attention_adapter"):
         doei.patch(diff)
-    from timm.models.eva import Eva
-
-    eva = Eva(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2)
-    with pytest.raises(TypeError, match="EvaAttention"):
-        doei.patch(eva)
 
     class MyAttention(timm.layers.Attention):
         pass
 
     model = tiny_vit(depth=1)
     model.blocks[0].attn = MyAttention(32, num_heads=2)
-    with pytest.raises(TypeError, match="MyAttention"):
+    with pytest.raises(TypeError, match=r"MyAttention.*subclass.*register_attention_adapter\(MyAttention"):
         doei.patch(model)
     assert not hasattr(model, "_doei_handle")
 

@@ -86,6 +86,8 @@ def _block_outputs(model, images):
         ("vit_tiny_patch16_224", {"reg_tokens": 2}, (32, 32)),
         ("vit_tiny_patch16_224", {"dynamic_img_size": True}, (48, 80)),
         ("vit_tiny_patch16_224", {"img_size": (32, 64), "patch_size": 8}, (32, 64)),
+        ("eva02_tiny_patch14_224", {"img_size": 28}, (28, 28)),
+        ("beit_base_patch16_224", {"embed_dim": 64, "num_heads": 2}, (32, 32)),
     ],
 )
 def test_vit_taps_matches_hooked_forward(name, kw, size):
@@ -116,6 +118,19 @@ def test_vit_taps_grad_mode_and_empty_layers():
         vit_taps(model, images, layers=(4,))
     with pytest.raises(ShapeError, match="images"):
         vit_taps(model, torch.randn(1, 1, 32, 32))
+
+
+def test_vit_taps_gradients_under_grad_checkpointing():
+    grads = []
+    for checkpointing in (False, True):
+        model = _tiny(depth=3, embed_dim=32, num_heads=2, patch_size=8).train()
+        model.set_grad_checkpointing(checkpointing)
+        images = torch.randn(1, 3, 32, 32, requires_grad=True)
+        taps = vit_taps(model, images, layers=(0,))
+        (taps.final.sum() + taps.intermediate[0].square().sum()).backward()
+        grads.append((images.grad, model.blocks[0].attn.qkv.weight.grad))
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
 
 
 def test_resolve_block_index():

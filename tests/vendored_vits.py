@@ -6,7 +6,7 @@ parameter shapes, forward signatures and return conventions. Defaults are tiny (
 depth 2, 2 heads, img_size 32, patch 8) so every fixture runs on CPU in milliseconds. Weights
 are random; numbers are not meant to match any released checkpoint.
 
-Layouts mirrored (snapshots read for this file; details in ``/work/plan/vendored_vits.md``):
+Layouts mirrored (the source snapshots each class was written from):
 
 * ``OldTimmViT``: timm 0.4.12 / 0.5.4 ``VisionTransformer`` (optionally distilled, DeiT style).
 * ``Timm06ViT``: timm 0.6.x ``VisionTransformer`` (``num_prefix_tokens``, LayerScale slots).

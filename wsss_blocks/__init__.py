@@ -12,6 +12,7 @@ Examples:
 """
 
 from wsss_blocks import (
+    adapters,
     cam,
     constants,
     cpal,
@@ -46,6 +47,7 @@ __all__ = [
     "StageTaps",
     "ViTTaps",
     "__version__",
+    "adapters",
     "cam",
     "constants",
     "cpal",

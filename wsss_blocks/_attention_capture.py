@@ -1,120 +1,258 @@
-"""Shared attention capture for timm ViTs (private; used by ``doei.py`` and ``mct.py``).
+"""Attention capture shared by DOEI and MCT (private), on top of ``wsss_blocks.adapters``.
 
-Everything here reads the model's own attention without changing how timm computes it:
+Everything here reads the model's own attention without changing how it is computed:
 
-* ``find_attention_modules`` finds exactly the supported timm ``Attention`` modules;
-* ``qk_from_qkv`` turns a captured ``attn.qkv`` output into per-head ``q`` and ``k``
-  (with the module's ``q_norm`` / ``k_norm``), so the fused (SDPA) path needs no change;
-* ``class_row_attention``, ``row_logsumexp`` and ``patch_patch_attention`` build
-  the few attention rows a method needs without keeping a ``(B, heads, N, N)`` tensor alive;
-* ``QKVTap`` hooks ``attn.qkv`` of chosen modules and hands their output to a callback;
-* ``default_class_tokens`` validates the shared class-token count.
+* ``find_attention_modules`` finds every attention module with the adapter that reads it;
+* ``CaptureState`` / ``install_capture`` hook the children an adapter names (``qkv``,
+  ``q_norm`` ...) and its probabilities module during the module's own forward, so the fused
+  (SDPA) path needs no change;
+* ``AttentionTap`` hands each call's ``QueryKey`` to a callback (attention CAMs);
+* ``class_row_attention``, ``row_logsumexp`` and ``patch_patch_attention`` build the few
+  attention rows a method needs without keeping a ``(B, heads, N, N)`` tensor alive;
+* ``default_class_tokens`` validates the class-token count and names the fix when a model
+  has none.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
-from einops import rearrange
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from wsss_blocks._validate import check_int
+from wsss_blocks.adapters import AttentionAdapter, AttentionCall, QueryKey, ViTAdapter, _lookup, vit_adapter
 
 __all__ = [
-    "supported_attention_classes",
     "find_attention_modules",
-    "qk_from_qkv",
+    "call_arguments",
+    "refuse_masks",
+    "CaptureState",
+    "install_capture",
+    "AttentionTap",
     "class_row_attention",
     "row_logsumexp",
     "patch_patch_attention",
-    "QKVTap",
     "default_class_tokens",
 ]
 
 
-def default_class_tokens(model: nn.Module, num_class_tokens: int | None) -> int:
-    """Validated ``C``: ``num_class_tokens``, or by default ``num_prefix_tokens - num_reg_tokens``.
+def default_class_tokens(
+    model: nn.Module, num_class_tokens: int | None, *, adapter: ViTAdapter | None = None, what: str = "this"
+) -> int:
+    """Validated ``C``: ``num_class_tokens``, or by default the model's class tokens (registers excluded).
 
     Raises:
-        ValueError: ``C`` is not an int in ``[1, num_prefix_tokens]``.
+        ValueError: the model has no class token (naming the fix), or ``C`` is not an int in
+            ``[1, num_prefix_tokens]``.
     """
-    p0 = int(getattr(model, "num_prefix_tokens", 0))
-    if num_class_tokens is None:
-        c = p0 - int(getattr(model, "num_reg_tokens", 0) or 0)
-    else:
-        c = check_int("num_class_tokens", num_class_tokens)
+    adapter = adapter if adapter is not None else vit_adapter(model)
+    p0 = adapter.num_prefix_tokens(model)
+    c = adapter.num_class_tokens(model) if num_class_tokens is None else check_int("num_class_tokens", num_class_tokens)
+    if p0 == 0 or (num_class_tokens is None and c < 1):
+        raise ValueError(
+            f"{what} needs class tokens, but {type(model).__name__} has none (num_prefix_tokens={p0}); build it "
+            f"with a class token (timm: class_token=True) and give it one per class with "
+            f"mct.add_class_tokens(model, num_classes)"
+        )
     if not 1 <= c <= p0:
         raise ValueError(f"num_class_tokens: expected 1 <= C <= num_prefix_tokens={p0}, got {c}")
     return c
 
 
-def supported_attention_classes() -> tuple[type, ...]:
-    """The attention classes we patch: ``timm.layers.Attention`` (+ the old ViT alias)."""
-    from timm.layers import Attention
-
-    classes: list[type] = [Attention]
-    try:
-        from timm.models import vision_transformer as _vit
-
-        old = getattr(_vit, "Attention", None)
-        if isinstance(old, type) and old is not Attention:
-            classes.append(old)
-    except ImportError:  # pragma: no cover - very old timm
-        pass
-    return tuple(classes)
-
-
-def find_attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Supported attention modules of ``model`` in ``model.modules()`` order.
+def find_attention_modules(model: nn.Module) -> list[tuple[str, nn.Module, AttentionAdapter]]:
+    """Every attention module of ``model`` with its path and adapter, in ``model.modules()`` order.
 
     Raises:
-        TypeError: a module whose class name ends in ``Attention`` is not exactly a
-            supported class (subclasses, ``DiffAttention``, ``EvaAttention`` ...).
-        ValueError: no supported attention module was found.
+        TypeError: an attention module the library cannot read (the message names the reason
+            and ``register_attention_adapter``).
+        ValueError: ``model`` has no attention module.
     """
-    supported = supported_attention_classes()
-    found: list[tuple[str, nn.Module]] = []
+    found: list[tuple[str, nn.Module, AttentionAdapter]] = []
     for name, mod in model.named_modules():
-        cls = type(mod)
-        if cls in supported:
-            found.append((name, mod))
-        elif cls.__name__.endswith("Attention"):
-            raise TypeError(
-                f"unsupported attention class {cls.__module__}.{cls.__qualname__} at "
-                f"module path {name!r}; only timm.layers.Attention is supported"
-            )
+        adapter = _lookup(mod, name)
+        if adapter is not None:
+            found.append((name, mod, adapter))
     if not found:
         raise ValueError(
-            f"no timm.layers.Attention module found in {type(model).__name__}; "
-            "expected a timm VisionTransformer-style model"
+            f"no attention module found in {type(model).__name__}; expected a ViT-family model (timm's "
+            "Attention, EvaAttention, BEiT's Attention, or a copy with a fused qkv); register an adapter for "
+            "another layout with wsss_blocks.adapters.register_attention_adapter"
         )
     return found
 
 
-def qk_from_qkv(attn: nn.Module, qkv: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-head ``q``, ``k`` (B, H, N, d) from an ``attn.qkv`` output (B, N, 3·H·d).
+_PARAMS: dict[type, list[str]] = {}
 
-    Applies the module's ``q_norm`` / ``k_norm`` exactly as timm does; ``q`` is not scaled.
+
+def _forward_parameters(cls: type) -> list[str]:
+    """Names of ``cls.forward``'s positional parameters after ``self`` (cached per class)."""
+    names = _PARAMS.get(cls)
+    if names is None:
+        import inspect
+
+        try:
+            sig = inspect.signature(getattr(cls, "forward"))
+            kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+            names = [p.name for p in sig.parameters.values() if p.kind in kinds][1:]
+        except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+            names = []
+        _PARAMS[cls] = names
+    return names
+
+
+def call_arguments(module: nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """Split one call ``module(*args, **kwargs)`` into its input tokens and its other arguments by name."""
+    extra = dict(kwargs)
+    params = _forward_parameters(type(module))
+    if args:
+        extra.update(zip(params[1:], args[1:], strict=False))
+        return args[0], extra
+    return extra.pop(params[0] if params else "x", None), extra
+
+
+def refuse_masks(adapter: AttentionAdapter, call_kwargs: Mapping[str, Any], what: str) -> None:
+    """``NotImplementedError`` when the call sets one of the adapter's ``mask_kwargs``."""
+    used = [k for k in adapter.mask_kwargs if call_kwargs.get(k) is not None and call_kwargs.get(k) is not False]
+    if used:
+        raise NotImplementedError(
+            f"{what} does not support {' / '.join(adapter.mask_kwargs)} (the call set {', '.join(used)})"
+        )
+
+
+class CaptureState:
+    """What the hooks of one attention module saw during the current call (cleared after it)."""
+
+    __slots__ = ("active", "tokens", "call_kwargs", "captured", "probs")
+
+    def __init__(self) -> None:
+        self.active = False
+        self.tokens: Tensor | None = None
+        self.call_kwargs: dict[str, Any] = {}
+        self.captured: dict[str, Any] = {}
+        self.probs: Tensor | None = None
+
+    def begin(self, tokens: Tensor, call_kwargs: dict[str, Any]) -> None:
+        self.active, self.tokens, self.call_kwargs = True, tokens, call_kwargs
+        self.captured = {}
+        self.probs = None
+
+    def clear(self) -> None:
+        self.active = False
+        self.tokens = self.probs = None
+        self.call_kwargs, self.captured = {}, {}
+
+    def call(self) -> AttentionCall:
+        assert self.tokens is not None
+        return AttentionCall(self.tokens, self.captured, self.call_kwargs)
+
+
+def install_capture(
+    module: nn.Module, adapter: AttentionAdapter, state: CaptureState, *, probs: bool
+) -> list[RemovableHandle]:
+    """Hooks on the adapter's ``captures`` children (and its ``probs_module`` with ``probs``).
+
+    They record into ``state`` only while ``state.active``.
     """
-    heads = int(getattr(attn, "num_heads"))
-    q, k, _ = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=heads).unbind(0)
-    q_norm = getattr(attn, "q_norm", None)
-    k_norm = getattr(attn, "k_norm", None)
-    if q_norm is not None:
-        q = q_norm(q)
-    if k_norm is not None:
-        k = k_norm(k)
-    return q, k
+    handles: list[RemovableHandle] = []
+    try:
+        for name in adapter.captures:
+            child = getattr(module, name, None)
+            if not isinstance(child, nn.Module):
+                raise TypeError(
+                    f"{adapter!r} reads the child {name!r} of {type(module).__name__}, which has no such module; "
+                    "register a matching adapter with wsss_blocks.adapters.register_attention_adapter"
+                )
+
+            def hook(_m: nn.Module, _args: Any, out: Any, name: str = name) -> None:
+                if state.active:
+                    state.captured[name] = out
+
+            handles.append(child.register_forward_hook(hook))
+        probs_child = getattr(module, adapter.probs_module, None) if probs and adapter.probs_module else None
+        if isinstance(probs_child, nn.Module):
+
+            def probs_hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
+                if state.active and args:
+                    state.probs = args[0]
+
+            handles.append(probs_child.register_forward_pre_hook(probs_hook))
+    except BaseException:
+        for h in handles:
+            h.remove()
+        raise
+    return handles
 
 
-def class_row_attention(q: Tensor, k: Tensor, num_rows: int) -> Tensor:
+class AttentionTap:
+    """Hooks that hand each call's ``QueryKey`` of chosen attention modules to a callback.
+
+    Args:
+        entries: ``(module, adapter)`` pairs, in order.
+        callback: ``callback(position, module, query_key)``; ``position`` indexes ``entries``.
+        what: the caller's name for error messages (a masked call is refused).
+    """
+
+    def __init__(
+        self,
+        entries: Sequence[tuple[nn.Module, AttentionAdapter]],
+        callback: Callable[[int, nn.Module, QueryKey], None],
+        *,
+        what: str,
+    ) -> None:
+        self._handles: list[RemovableHandle] = []
+        try:
+            for pos, (module, adapter) in enumerate(entries):
+                state = CaptureState()
+                self._handles += install_capture(module, adapter, state, probs=False)
+
+                def pre(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+                        state: CaptureState = state, adapter: AttentionAdapter = adapter) -> None:
+                    tokens, extra = call_arguments(m, args, kwargs)
+                    refuse_masks(adapter, extra, what)
+                    state.begin(tokens, extra)
+
+                def post(m: nn.Module, _args: Any, _out: Any, pos: int = pos,
+                         state: CaptureState = state, adapter: AttentionAdapter = adapter) -> None:
+                    if not state.active:
+                        return
+                    try:
+                        qk = adapter.query_key(m, state.call())
+                    finally:
+                        state.clear()
+                    callback(pos, m, qk)
+
+                self._handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+                self._handles.append(module.register_forward_hook(post))
+        except BaseException:
+            self.remove()
+            raise
+
+    def remove(self) -> None:
+        """Remove every hook (idempotent)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def __enter__(self) -> AttentionTap:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+
+def class_row_attention(q: Tensor, k: Tensor, num_rows: int, attn_bias: Tensor | None = None) -> Tensor:
     """Softmax attention of the first ``num_rows`` queries over all keys.
 
-    ``q`` must already be scaled. Shapes: ``q, k`` (B, H, N, d) -> (B, H, num_rows, N).
+    ``q`` must already be scaled; ``attn_bias`` (broadcastable to (B, H, N, N)) is added to the
+    scores. Shapes: ``q, k`` (B, H, N, d) -> (B, H, num_rows, N).
     """
-    return torch.softmax(q[:, :, :num_rows] @ k.transpose(-1, -2), dim=-1)
+    scores = q[:, :, :num_rows] @ k.transpose(-1, -2)
+    if attn_bias is not None:
+        scores = scores + attn_bias[..., :num_rows, :].to(scores.dtype)
+    return torch.softmax(scores, dim=-1)
 
 
 def _chunks(total: int, size: int) -> Iterator[tuple[int, int]]:
@@ -168,11 +306,14 @@ def row_logsumexp(q: Tensor, k: Tensor, chunk_rows: int) -> Tensor:
 
 
 @torch.no_grad()
-def patch_patch_attention(q: Tensor, k: Tensor, num_prefix_tokens: int, chunk_rows: int) -> Tensor:
+def patch_patch_attention(
+    q: Tensor, k: Tensor, num_prefix_tokens: int, chunk_rows: int, attn_bias: Tensor | None = None
+) -> Tensor:
     """Head-mean softmax of the patch rows over all keys, restricted to patch columns.
 
-    ``q`` must already be scaled. No gradient. Shapes: ``q, k`` (B, H, N, d) -> (B, n, n),
-    ``n = N - num_prefix_tokens``; rows are not renormalised.
+    ``q`` must already be scaled; ``attn_bias`` is added to the scores. No gradient.
+    Shapes: ``q, k`` (B, H, N, d) -> (B, n, n), ``n = N - num_prefix_tokens``; rows are not
+    renormalised.
     """
     p0 = num_prefix_tokens
     b, _, n_all, _ = q.shape
@@ -180,42 +321,9 @@ def patch_patch_attention(q: Tensor, k: Tensor, num_prefix_tokens: int, chunk_ro
     out = q.new_empty(b, n, n)
     kt = k.transpose(-1, -2)
     for r0, r1 in _chunks(n, chunk_rows):
-        a = torch.softmax(q[:, :, p0 + r0 : p0 + r1] @ kt, dim=-1)
+        scores = q[:, :, p0 + r0 : p0 + r1] @ kt
+        if attn_bias is not None:
+            scores = scores + attn_bias[..., p0 + r0 : p0 + r1, :].to(scores.dtype)
+        a = torch.softmax(scores, dim=-1)
         out[:, r0:r1] = a[..., p0:].mean(1)
     return out
-
-
-class QKVTap:
-    """Forward hooks on ``attn.qkv`` that pass each output to a callback.
-
-    Args:
-        modules: the attention modules to tap, in order.
-        callback: ``callback(position, attn_module, qkv_output)``; ``position`` is the index
-            into ``modules``.
-    """
-
-    def __init__(
-        self,
-        modules: Sequence[nn.Module],
-        callback: Callable[[int, nn.Module, Tensor], None],
-    ) -> None:
-        self._handles = []
-        for pos, attn in enumerate(modules):
-
-            def hook(_m: nn.Module, _args: Any, out: Tensor, pos: int = pos, attn: nn.Module = attn) -> None:
-                callback(pos, attn, out)
-
-            qkv: nn.Module = getattr(attn, "qkv")
-            self._handles.append(qkv.register_forward_hook(hook))
-
-    def remove(self) -> None:
-        """Remove every hook (idempotent)."""
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-    def __enter__(self) -> QKVTap:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.remove()

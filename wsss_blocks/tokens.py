@@ -1,8 +1,10 @@
-"""Token sequences, feature grids and the geometry of timm Vision Transformers.
+"""Token sequences, feature grids and the geometry of Vision Transformers.
 
 Everything here takes the grid ``(h, w)`` from the model or from an explicit argument,
-never from ``sqrt(N)``, and splits prefix (class, register, distillation) tokens off
-with the model's own ``num_prefix_tokens``.
+never from ``sqrt(N)``, and splits prefix (class, register, distillation) tokens off with
+the model's own count. The model is read through its ``wsss_blocks.adapters.ViTAdapter``:
+timm's ViT family and the ViT copies WSSS codebases ship work as they are; register an
+adapter for another layout.
 
 Hierarchical models (Swin and others with ``forward_intermediates`` and ``feature_info``)
 are served by ``stage_info`` and ``stage_taps``: per-stage NCHW maps whatever the
@@ -11,7 +13,7 @@ model's internal layout, strides and channels read from the model.
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping, Sequence
+from collections.abc import Callable, Iterable, MutableMapping, Sequence
 from typing import Any, NamedTuple
 
 from einops import rearrange
@@ -28,6 +30,7 @@ from wsss_blocks._validate import (
     check_size,
     check_tensor,
 )
+from wsss_blocks.adapters import ViTAdapter, vit_adapter
 
 __all__ = [
     "ViTTaps",
@@ -300,19 +303,14 @@ def split_prefix_tokens(tokens: Tensor, num_prefix_tokens: int) -> SplitTokens:
 
 
 def num_blocks(model: nn.Module) -> int:
-    """Number of transformer blocks of a timm ViT-family model (``len(model.blocks)``).
+    """Number of transformer blocks of a ViT-family model (``len(model.blocks)``).
 
     Examples:
         >>> import timm
         >>> num_blocks(timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=3))
         3
     """
-    blocks = getattr(model, "blocks", None)
-    if blocks is None:
-        raise TypeError(
-            f"model: {type(model).__name__} has no .blocks; expected a timm VisionTransformer-family model"
-        )
-    return len(blocks)
+    return len(vit_adapter(model).blocks(model))
 
 
 def resolve_block_index(model: nn.Module, index: int) -> int:
@@ -334,10 +332,13 @@ def resolve_block_index(model: nn.Module, index: int) -> int:
 
 
 def patch_grid(model: nn.Module, image_size: tuple[int, int]) -> tuple[int, int]:
-    """The patch grid ``(h, w)`` a timm ViT produces for an image of ``image_size``.
+    """The patch grid ``(h, w)`` a ViT produces for an image of ``image_size``.
 
-    Uses ``patch_embed.dynamic_feat_size`` for ``dynamic_img_size`` models (it also
-    handles ``dynamic_img_pad``), else the fixed ``patch_embed.grid_size``.
+    Uses ``patch_embed.dynamic_feat_size`` for timm's ``dynamic_img_size`` models (it also
+    handles ``dynamic_img_pad``), the fixed ``patch_embed.grid_size`` of other timm models,
+    and ``(H // p, W // p)`` for ViT copies whose patch embedding has no ``grid_size``.
+    Whether the model takes that size is not checked here (``vit_taps`` and the methods
+    check it).
 
     Examples:
         >>> import timm
@@ -346,16 +347,78 @@ def patch_grid(model: nn.Module, image_size: tuple[int, int]) -> tuple[int, int]
         >>> patch_grid(m, (48, 80))
         (3, 5)
     """
-    size = check_size("image_size", image_size)
-    embed = getattr(model, "patch_embed", None)
-    if embed is None:
-        raise TypeError(f"model: {type(model).__name__} has no .patch_embed; expected a timm ViT")
+    return vit_adapter(model).grid(model, image_size)
+
+
+def _sizes_known(adapter: ViTAdapter, model: nn.Module) -> bool:
+    """Whether ``check_image_size`` knows the sizes the model takes (timm's patch embeddings do)."""
+    try:
+        embed = adapter.patch_embed(model)
+    except TypeError:
+        return True
     dynamic = getattr(model, "dynamic_img_size", False) or getattr(embed, "dynamic_img_size", False)
-    if dynamic and hasattr(embed, "dynamic_feat_size"):
-        h, w = embed.dynamic_feat_size(size)
-    else:
-        h, w = embed.grid_size
-    return int(h), int(w)
+    return bool(dynamic) or getattr(embed, "grid_size", None) is not None
+
+
+def run_model(
+    model: nn.Module,
+    images: Tensor,
+    *,
+    adapter: ViTAdapter | None = None,
+    hooks: Callable[[], Iterable[Any]] = lambda: (),
+    block_indices: Sequence[int] = (),
+) -> dict[int, Tensor]:
+    """One pass of ``model`` on ``images`` through its adapter's ``run``, with forward hooks.
+
+    ``hooks`` installs extra hooks and returns their handles (removed afterwards). Returns
+    the full token output of each block in ``block_indices`` (a block that returns a tuple,
+    as the ViT copies do, gives its first item). For a ViT copy whose patch embedding does not
+    say which sizes it takes (no ``grid_size``), an ``AssertionError`` or ``RuntimeError``
+    raised before the first block runs, for an image size other than the one the model was
+    built for, becomes a ``ValueError`` that names both sizes.
+    """
+    adapter = adapter if adapter is not None else vit_adapter(model)
+    blocks = adapter.blocks(model)
+    outs: dict[int, Tensor] = {}
+    started: list[bool] = []
+
+    def first(_m: nn.Module, _args: Any) -> None:
+        started.append(True)
+
+    handles: list[Any] = []
+    try:
+        if len(blocks):
+            handles.append(blocks[0].register_forward_pre_hook(first))
+        for i in block_indices:
+
+            def keep(_m: nn.Module, _args: Any, out: Any, i: int = i) -> None:
+                outs[i] = out[0] if isinstance(out, (tuple, list)) else out
+
+            handles.append(blocks[i].register_forward_hook(keep))
+        handles.extend(hooks())
+        try:
+            adapter.run(model, images)
+        except (AssertionError, RuntimeError) as err:
+            size = (int(images.shape[-2]), int(images.shape[-1]))
+            if started or _sizes_known(adapter, model):
+                raise
+            native = adapter.native_image_size(model)
+            if native is None or size == native:
+                raise
+            raise ValueError(
+                f"image size {size}: {type(model).__name__} refused it before its first block "
+                f"({type(err).__name__}: {err}); it was built for img_size {native}, pass that size"
+            ) from err
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [i for i in block_indices if i not in outs]
+    if missing:
+        raise RuntimeError(
+            f"blocks {missing} of {type(model).__name__} did not run during the model's pass; register a "
+            "ViTAdapter whose run() passes the images through every block (wsss_blocks.adapters.register_vit_adapter)"
+        )
+    return outs
 
 
 class ViTTaps(NamedTuple):
@@ -369,66 +432,99 @@ class ViTTaps(NamedTuple):
         prefix: prefix tokens (class, registers, distillation) after the final norm,
             ``(B, P, D)``.
         size: the token grid ``(h, w)``, ``h * w == N``.
+        logits: the model's classifier output ``(B, K)`` from the same pass (``vit_taps(...,
+            head=True)``), else ``None``.
 
     Examples:
         >>> import torch
         >>> taps = ViTTaps(torch.zeros(1, 4, 8), {0: torch.zeros(1, 4, 8)},
         ...                torch.zeros(1, 1, 8), (2, 2))
-        >>> taps.size
-        (2, 2)
+        >>> taps.size, taps.logits
+        ((2, 2), None)
     """
 
     final: Tensor
     intermediate: dict[int, Tensor]
     prefix: Tensor
     size: tuple[int, int]
+    logits: Tensor | None = None
 
 
-def vit_taps(model: nn.Module, images: Tensor, *, layers: Sequence[int] = (-3, -1)) -> ViTTaps:
-    """Final and intermediate patch tokens of any timm VisionTransformer-family model.
+def vit_taps(
+    model: nn.Module, images: Tensor, *, layers: Sequence[int] = (-3, -1), head: bool = False
+) -> ViTTaps:
+    """Final and intermediate patch tokens of a ViT-family model, from one forward pass.
 
-    One forward pass through timm's public ``forward_intermediates``. Works for ViT, DeiT
-    (also distilled), register tokens, ``dynamic_img_size=True`` and non-square input.
-    Gradients flow; the model's train/eval mode is left as it is.
+    Runs the model's own ``forward_features`` (its position embeddings, its blocks) with
+    forward hooks on the blocks; the final tokens are the last block's output through the
+    model's ``norm``. Works for timm's ViT family (ViT, DeiT, also distilled, register tokens,
+    ``dynamic_img_size=True``, non-square input, EVA, BEiT) and for the ViT copies WSSS
+    codebases ship (MCTformer, TS-CAM, ToCo, CPEWS, timm 0.4-0.6 layouts), whose blocks may
+    return ``(tokens, attention)`` and which have no ``forward_intermediates``; another layout
+    needs a ``wsss_blocks.adapters.ViTAdapter``. Gradients flow; the model's train/eval mode
+    is left as it is.
+
+    timm's global-pool models (``global_pool="avg"`` and the like, ``fc_norm=True``) keep
+    ``norm`` as ``Identity`` and normalise the pooled token with ``fc_norm`` instead: for them
+    ``final`` and ``prefix`` are the last block's tokens without any norm, and ``logits`` (with
+    ``head=True``) go through ``fc_norm`` as the model's own head does.
 
     Args:
-        model: a timm model with ``forward_intermediates``, ``blocks`` and
-            ``num_prefix_tokens``.
-        images: the image batch.
+        model: a ViT-family model (see ``wsss_blocks.adapters``).
+        images: the image batch; its size must be one the model takes.
         layers: block indices to tap (negative counts from the end). Empty: only the
             final tokens.
+        head: also run the model's classification head on the final tokens of the same pass
+            (``model.forward_head`` for timm models) and return its output as ``logits``;
+            no second forward.
 
     Shape:
         - images: ``(B, 3, H, W)``
         - output: ``ViTTaps`` with ``final`` ``(B, N, D)``, ``intermediate[i]``
-          ``(B, N, D)``, ``prefix`` ``(B, P, D)``.
+          ``(B, N, D)``, ``prefix`` ``(B, P, D)``, ``logits`` ``(B, K)`` or ``None``.
+
+    Raises:
+        ValueError: a block index out of range, or an image size the model cannot take
+            (the message names the sizes that work).
+        TypeError: ``head=True`` on a layout without a head the library can run.
 
     Examples:
         >>> import torch
         >>> import timm
         >>> m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32,
-        ...                       depth=4, reg_tokens=2)
-        >>> taps = vit_taps(m, torch.randn(2, 3, 32, 32), layers=(-3, -1))
+        ...                       depth=4, reg_tokens=2, num_classes=5)
+        >>> taps = vit_taps(m, torch.randn(2, 3, 32, 32), layers=(-3, -1), head=True)
         >>> taps.final.shape, sorted(taps.intermediate), taps.prefix.shape, taps.size
         (torch.Size([2, 4, 192]), [1, 3], torch.Size([2, 3, 192]), (2, 2))
+        >>> taps.logits.shape
+        torch.Size([2, 5])
     """
-    check_shape("images", images, ["B", 3, "H", "W"], dtype="float")
-    if not hasattr(model, "forward_intermediates"):
-        raise TypeError(
-            f"{type(model).__name__} has no forward_intermediates; expected a timm ViT (timm>=1.0.9)"
-        )
+    dims = check_shape("images", images, ["B", 3, "H", "W"], dtype="float")
+    adapter = vit_adapter(model)
     wanted = sorted({resolve_block_index(model, i) for i in layers})
-    indices = wanted if wanted else [num_blocks(model) - 1]
-    vit: Any = model  # a timm ViT: attributes beyond nn.Module
-    final, inter = vit.forward_intermediates(
-        images, indices=indices, return_prefix_tokens=True, norm=False, output_fmt="NCHW"
-    )
-    prefix, patches = split_prefix_tokens(final, int(vit.num_prefix_tokens))
-    maps = [m for m, _ in inter]
-    grid = (int(maps[0].shape[-2]), int(maps[0].shape[-1]))
-    intermediate = {i: grid_to_tokens(m) for i, m in zip(indices, maps, strict=True) if i in wanted}
-    return ViTTaps(final=patches, intermediate=intermediate, prefix=prefix, size=grid)
-
+    last = num_blocks(model) - 1
+    image_size = adapter.check_image_size(model, (dims["H"], dims["W"]))
+    outs = run_model(model, images, adapter=adapter, block_indices=sorted({*wanted, last}))
+    full = adapter.final_norm(model)(outs[last])
+    prefix, patches = split_prefix_tokens(full, adapter.num_prefix_tokens(model))
+    grid = adapter.grid(model, image_size)
+    if grid[0] * grid[1] != patches.shape[1]:
+        raise ShapeError(
+            f"images: shape {tuple(images.shape)} gives a {grid[0]}x{grid[1]} patch grid, but the last block "
+            f"has {patches.shape[1]} patch tokens (patch dropout in training drops tokens)"
+        )
+    logits = None
+    if head:
+        logits = adapter.head(model, full)
+        if logits is None:
+            raise TypeError(
+                f"head=True: {type(model).__name__} has no forward_head, so its logits are not defined by the "
+                "layout; compute them from the taps, or register a ViTAdapter whose head() does "
+                "(wsss_blocks.adapters.register_vit_adapter)"
+            )
+    p = adapter.num_prefix_tokens(model)
+    intermediate = {i: outs[i][:, p:] for i in wanted}
+    return ViTTaps(final=patches, intermediate=intermediate, prefix=prefix, size=grid, logits=logits)
 
 
 class StageInfo(NamedTuple):

@@ -15,7 +15,7 @@ __all__ = ["cpews_taps", "CPEWSHead", "CPEWSHeadOutput"]
 
 
 def cpews_taps(model: nn.Module, images: Tensor, *, mid_layer: int = -3) -> ViTTaps:
-    """Intermediate (``mid_layer``) and final patch tokens of a timm ViT, with gradients.
+    """Intermediate (``mid_layer``) and final patch tokens of a ViT, with gradients.
 
     A thin wrapper over ``wsss_blocks.tokens.vit_taps``: one forward pass; prefix
     tokens are split off. ``taps.final`` is after the model's final norm;
@@ -24,7 +24,8 @@ def cpews_taps(model: nn.Module, images: Tensor, *, mid_layer: int = -3) -> ViTT
     block 9 of 12).
 
     Args:
-        model: a timm VisionTransformer-family model.
+        model: a timm VisionTransformer-family model, or a ViT copy such as ToCo's or CPEWS's
+            encoder (see ``wsss_blocks.adapters``).
         images: the image batch.
         mid_layer: the intermediate block (negative counts from the end).
 
@@ -33,7 +34,7 @@ def cpews_taps(model: nn.Module, images: Tensor, *, mid_layer: int = -3) -> ViTT
         - output: ``ViTTaps``, tokens ``(B, N, D)``
 
     Raises:
-        ValueError: ``mid_layer`` outside ``[-L, L)``.
+        ValueError: ``mid_layer`` outside ``[-L, L)``, or an image size the model cannot take.
 
     Examples:
         >>> import timm

@@ -11,14 +11,18 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from wsss_blocks._attention_capture import (
+    CaptureState,
+    call_arguments,
     class_row_attention,
     default_class_tokens,
     find_attention_modules,
-    qk_from_qkv,
+    install_capture,
+    refuse_masks,
     row_logsumexp,
 )
 from wsss_blocks._utils import compute_dtype, no_autocast
 from wsss_blocks._validate import ShapeError, check_int, check_labels, check_shape
+from wsss_blocks.adapters import AttentionAdapter, _lookup, vit_adapter
 from wsss_blocks.constants import IMAGENET_MEAN, IMAGENET_STD
 from wsss_blocks.doei.config import DOEIConfig
 from wsss_blocks.doei.functional import (
@@ -28,24 +32,21 @@ from wsss_blocks.doei.functional import (
     patch_color_affinity,
     progressive_count,
 )
-from wsss_blocks.tokens import patch_grid
 
 __all__ = ["DOEIHandle", "patch", "unpatch"]
 
 
-class _BlockState:
-    """Per-module capture state (cleared after every call)."""
+class _BlockState(CaptureState):
+    """Per-module capture state plus the plan of the current call (cleared after every call)."""
+
+    __slots__ = ("plan",)
 
     def __init__(self) -> None:
-        self.active = False
-        self.qkv: Tensor | None = None
-        self.attn: Tensor | None = None
-        self.x: Tensor | None = None
+        super().__init__()
         self.plan: tuple[int, int, bool, bool] | None = None
 
     def clear(self) -> None:
-        self.active = False
-        self.qkv = self.attn = self.x = None
+        super().clear()
         self.plan = None
 
 
@@ -55,16 +56,18 @@ class DOEIHandle:
     Attributes:
         config: the ``DOEIConfig`` in use; may be reassigned between forwards.
         num_class_tokens: ``C``.
-        num_prefix_tokens: ``P0`` at patch time.
-        num_blocks: ``L``, the number of supported attention modules.
+        num_prefix_tokens: ``P0`` at patch time (a later change of the model's class tokens
+            is refused at the next forward: unpatch, convert, patch again).
+        num_blocks: ``L``, the number of attention modules.
         patched_blocks: the patched block indices (0-based, sorted).
 
     Gradient checkpointing recomputes blocks with the handle's current images: run
     backward before the next forward.
 
     Args:
-        model: the timm ViT ``patch`` was given.
-        modules: its supported attention modules, in ``model.modules()`` order.
+        model: the ViT ``patch`` was given.
+        modules: its attention modules, in ``model.modules()`` order (each read through its
+            ``wsss_blocks.adapters.AttentionAdapter``).
         num_class_tokens: ``C``, validated.
         config: the ``DOEIConfig``.
         layers: the block indices to patch, 0-based and sorted.
@@ -90,8 +93,15 @@ class DOEIHandle:
     ) -> None:
         self._model = model
         self._modules = modules
+        self._vit = vit_adapter(model)
+        self._adapters: list[AttentionAdapter] = []
+        for m in modules:
+            adapter = _lookup(m, None)
+            if adapter is None:
+                raise TypeError(f"modules: {type(m).__name__} is not an attention module the library can read")
+            self._adapters.append(adapter)
         self.num_class_tokens = num_class_tokens
-        self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens"))
+        self.num_prefix_tokens = self._vit.num_prefix_tokens(model)
         self.num_blocks = len(modules)
         self.patched_blocks = tuple(layers)
         self._config = config
@@ -104,11 +114,11 @@ class DOEIHandle:
         self._saved_forward: dict[int, Any] = {}
         self._removed = False
         embed = getattr(model, "patch_embed", None)
-        target = embed if embed is not None else model
+        target = embed if isinstance(embed, nn.Module) else model
         try:
             self._hooks.append(target.register_forward_pre_hook(self._images_hook, with_kwargs=True))
             for i in layers:
-                self._wrap(i, modules[i])
+                self._wrap(i, modules[i], self._adapters[i])
         except BaseException:
             self.remove()
             raise
@@ -201,77 +211,93 @@ class DOEIHandle:
     # -- internals ----------------------------------------------------------------------
 
     def _check_config(self, config: DOEIConfig) -> None:
-        if not config.head_mean and not all(hasattr(m, "norm") for m in self._modules):
-            raise NotImplementedError("head_mean=False needs timm's attn.norm (timm >= 0.9)")
+        if config.head_mean:
+            return
+        for i in self.patched_blocks:
+            mod, adapter = self._modules[i], self._adapters[i]
+            name = adapter.head_output_module
+            if name is None or not isinstance(getattr(mod, name, None), nn.Module):
+                raise NotImplementedError(
+                    f"head_mean=False needs the per-head outputs before the projection, which "
+                    f"{type(mod).__name__} does not expose ({adapter!r} names no head_output_module it has; "
+                    f"timm's Attention and EvaAttention have attn.norm)"
+                )
 
     def _images_hook(self, _mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        model = self._model
+        if self._vit.num_prefix_tokens(model) != self.num_prefix_tokens:
+            raise RuntimeError(
+                f"the model's prefix tokens changed since doei.patch (P0 {self.num_prefix_tokens} -> "
+                f"{self._vit.num_prefix_tokens(model)}, e.g. mct.add_class_tokens after patching); call "
+                f"doei.unpatch(model) and doei.patch(model) again"
+            )
+        images = args[0] if args else kwargs.get("x")
+        if _mod is not model and isinstance(images, Tensor) and images.dim() == 4:  # the patch embedding's input
+            self._vit.check_image_size(model, (int(images.shape[-2]), int(images.shape[-1])))
         if self._images_override is not None:
             return
-        self._images = args[0] if args else kwargs.get("x")
+        self._images = images
         self._affinity_cache = None
 
-    def _wrap(self, index: int, attn: nn.Module) -> None:
+    def _wrap(self, index: int, attn: nn.Module, adapter: AttentionAdapter) -> None:
         # Hook flow of one patched block, per forward:
-        #   1. the instance ``forward`` below runs timm's own forward (``orig``) with
-        #      ``state.active`` set, so the hooks record what DOEI needs:
-        #   2. ``qkv_hook`` keeps the ``attn.qkv`` output (fused SDPA path: q, k rebuilt later);
-        #   3. ``drop_pre_hook`` keeps the post-softmax attention (non-fused path only);
-        #   4. with ``head_mean=False``, ``norm_pre_hook`` adds the per-head delta to the
-        #      attention output before timm's ``attn.norm`` and projection;
+        #   1. the instance ``forward`` below runs the module's own forward (``orig``) with
+        #      ``state.active`` set, so the hooks the adapter names record what DOEI needs:
+        #   2. the ``captures`` hooks keep what ``adapter.query_key`` reads (timm: the ``qkv``
+        #      output; fused SDPA path: q, k rebuilt later);
+        #   3. the ``probs_module`` pre-hook keeps the post-softmax attention (explicit path only);
+        #   4. with ``head_mean=False``, a pre-hook on ``head_output_module`` adds the per-head
+        #      delta to the attention output before timm's ``attn.norm`` and projection;
         #   5. with ``head_mean=True`` (default) the delta is added to the (projected)
-        #      attention output after ``orig`` returns. ``state.clear()`` drops the captures.
+        #      attention output after ``orig`` returns (the first item when it returns a
+        #      tuple, as the ViT copies' ``(out, weights)``; the weights stay the module's
+        #      own). ``state.clear()`` drops the captures.
         existing = attn.__dict__.get("forward")
         if getattr(existing, "_doei_wrapper", False):
             raise RuntimeError("this attention module is already patched by DOEI")
         self._saved_forward[index] = existing
         orig = attn.forward  # instance forward if any, else the bound class forward
         state = _BlockState()
+        self._hooks.extend(install_capture(attn, adapter, state, probs=True))
+        head_name = adapter.head_output_module
+        head_out = getattr(attn, head_name, None) if head_name is not None else None
+        if isinstance(head_out, nn.Module):
 
-        def qkv_hook(_m: nn.Module, _args: Any, out: Tensor) -> None:
-            if state.active:
-                state.qkv = out
-
-        def drop_pre_hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
-            if state.active:
-                state.attn = args[0]
-
-        qkv: nn.Module = getattr(attn, "qkv")
-        attn_drop: nn.Module = getattr(attn, "attn_drop")
-        self._hooks.append(qkv.register_forward_hook(qkv_hook))
-        self._hooks.append(attn_drop.register_forward_pre_hook(drop_pre_hook))
-        norm: nn.Module | None = getattr(attn, "norm", None)
-        if norm is not None:
-
-            def norm_pre_hook(_m: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+            def head_pre_hook(_m: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
                 if not (state.active and not self._config.head_mean):
                     return None
                 heads = int(getattr(attn, "num_heads"))
                 per_head = rearrange(args[0], "b n (h d) -> b h n d", h=heads)
-                per_head = self._add_delta(attn, state, per_head, per_head=True)
+                per_head = self._add_delta(attn, adapter, state, per_head, per_head=True)
                 return (rearrange(per_head, "b h n d -> b n (h d)"),) + tuple(args[1:])
 
-            self._hooks.append(norm.register_forward_pre_hook(norm_pre_hook))
+            self._hooks.append(head_out.register_forward_pre_hook(head_pre_hook))
 
-        def forward(module: nn.Module, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        def forward(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
             if module is not attn:
                 raise RuntimeError(
                     "this attention module belongs to a copy of a DOEI-patched model (copy.deepcopy "
                     "copies the patch, which still points at the original model); copy the model "
                     "before patching, or call doei.unpatch(copy) and then doei.patch(copy)"
                 )
-            if attn_mask is not None or is_causal:
-                raise NotImplementedError("DOEI-patched attention does not support attn_mask / is_causal")
+            x, call_kwargs = call_arguments(attn, args, kwargs)
+            refuse_masks(adapter, call_kwargs, "DOEI-patched attention")
             plan = self._plan(index, x.shape[1])
             if plan is None:
-                return orig(x)
-            state.active, state.x, state.plan = True, x, plan
+                return orig(*args, **kwargs)
+            state.begin(x, call_kwargs)
+            state.plan = plan
             try:
-                y = orig(x)
+                result = orig(*args, **kwargs)
                 if self._config.head_mean:
-                    y = self._add_delta(attn, state, y, per_head=False)
+                    if isinstance(result, tuple):
+                        out = self._add_delta(attn, adapter, state, result[0], per_head=False)
+                        result = (out, *result[1:])
+                    else:
+                        result = self._add_delta(attn, adapter, state, result, per_head=False)
             finally:
                 state.clear()
-            return y
+            return result
 
         forward._doei_wrapper = True  # type: ignore[attr-defined]
         # bound to ``attn``: a deep copy rebinds it to the copied module, which the check above catches
@@ -315,18 +341,19 @@ class DOEIHandle:
         if embed is None:
             raise RuntimeError("HFA needs model.patch_embed for the patch size; set use_hfa=False")
         dims = check_shape("images", images, ["B", 3, "H", "W"], {"B": batch}, dtype="float")
-        gh, gw = patch_grid(model, (dims["H"], dims["W"]))
+        gh, gw = self._vit.grid(model, (dims["H"], dims["W"]))
+        patch_size = self._vit.patch_size(model)
         if gh * gw != n:
             raise ShapeError(
                 f"images: shape {tuple(images.shape)} gives a {gh}x{gw} patch grid, "
                 f"but the tokens have n={n} patches"
             )
         pad = bool(getattr(embed, "dynamic_img_pad", False))
-        r = patch_color_affinity(images, embed.patch_size, rgb_sigma=cfg.rgb_sigma, mean=mean, std=std, pad=pad)
+        r = patch_color_affinity(images, patch_size, rgb_sigma=cfg.rgb_sigma, mean=mean, std=std, pad=pad)
         if r.shape[-1] != n:  # e.g. a fixed-size model given another image size via set_images
             raise ShapeError(
                 f"images: shape {tuple(images.shape)} has {r.shape[-1]} patches of size "
-                f"{tuple(embed.patch_size)}, but the tokens have n={n} (model grid {gh}x{gw})"
+                f"{patch_size}, but the tokens have n={n} (model grid {gh}x{gw})"
             )
         self._affinity_cache = (key, r)
         return r
@@ -341,35 +368,39 @@ class DOEIHandle:
         mask = (labels != 0)[:, :, None]
         return mask[:, None] if per_head else mask
 
-    def _add_delta(self, attn: nn.Module, state: _BlockState, y: Tensor, *, per_head: bool) -> Tensor:
+    def _add_delta(
+        self, attn: nn.Module, adapter: AttentionAdapter, state: _BlockState, y: Tensor, *, per_head: bool
+    ) -> Tensor:
         """Steps 4-8 for one block: ``y`` (B, N, D) or per-head (B, H, N, d) -> y + delta."""
-        assert state.plan is not None and state.x is not None
+        assert state.plan is not None and state.tokens is not None
         t_p, t_c, act_p, act_c = state.plan
         cfg = self._config
         c, p0 = self.num_class_tokens, self.num_prefix_tokens
-        x = state.x
+        x = state.tokens
         b, n_all = x.shape[0], x.shape[1]
         n = n_all - p0
         s = compute_dtype(x)
-        qk = None
-        if state.attn is None:
-            if state.qkv is None:
-                raise RuntimeError("DOEI could not capture attn.qkv; is the attention module timm's Attention?")
-            qk = qk_from_qkv(attn, state.qkv)  # in the ambient autocast state, as timm
+        # the adapter's q, k in the ambient autocast state, as the module computes them
+        qk = adapter.query_key(attn, state.call()) if state.probs is None else None
         row_mask = self._row_mask(b, per_head)
         hfa = cfg.use_hfa and cfg.alpha > 0
         r = self._color_affinity(b, n) if hfa else None
         with no_autocast(x.device.type):
-            if qk is None:
-                a = state.attn
-                assert a is not None
+            a = state.probs
+            if qk is not None and qk.attn_bias is not None:
+                # an additive score bias (relative positions): the probabilities are built
+                # explicitly, (B, H, N, N), as the module's explicit path does
+                scores = (qk.q.to(s) * float(qk.scale)) @ qk.k.to(s).transpose(-1, -2)
+                a = torch.softmax(scores + qk.attn_bias.to(s), dim=-1)
+            if a is not None:
                 w_c = a[:, :, :c, :].to(s)
                 w_pc = a[:, :, p0:, :c].to(s) if act_p else None
             else:
+                assert qk is not None
                 # contiguous once: q and k are strided views into qkv, which every matmul
                 # below (and each one rebuilt in backward) would otherwise copy again
-                q = (qk[0].to(s) * float(getattr(attn, "scale"))).contiguous()
-                k = qk[1].to(s).contiguous()
+                q = (qk.q.to(s) * float(qk.scale)).contiguous()
+                k = qk.k.to(s).contiguous()
                 w_c = class_row_attention(q, k, c)
                 w_pc = None
                 if act_p:
@@ -408,20 +439,33 @@ def patch(
     config: DOEIConfig = _DEFAULT_CONFIG,
     layers: Sequence[int] | None = None,
 ) -> DOEIHandle:
-    """Patch every supported attention module of a timm ViT with DOEI (undoable).
+    """Patch every attention module of a ViT with DOEI (undoable).
 
-    Finds exactly ``timm.layers.Attention`` modules (other ``*Attention`` classes raise
-    ``TypeError``; none raises ``ValueError``), replaces their instance ``forward`` by a
-    wrapper and adds capture hooks. Never calls ``.eval()`` / ``.to()``; parameters and
-    ``state_dict`` keys are unchanged. Works in timm's fused and non-fused modes.
+    Finds the attention modules through ``wsss_blocks.adapters`` (timm's ``Attention``,
+    ``EvaAttention``, ``AttentionRope``, BEiT's and ``RelPosAttention``, and the ViT copies with
+    a fused ``qkv`` that MCTformer, TS-CAM, ToCo and CPEWS ship), replaces their instance
+    ``forward`` by a wrapper and adds capture hooks; an attention class the library cannot
+    read raises ``TypeError`` naming ``register_attention_adapter``, none raises
+    ``ValueError``. Never calls ``.eval()`` / ``.to()``; parameters and ``state_dict`` keys
+    are unchanged. Works in fused (SDPA) and explicit modes; attention with a relative
+    position bias (BEiT, ``RelPosAttention``) builds its ``(B, H, N, N)`` probabilities
+    explicitly in the fused mode. A module whose forward returns ``(out, weights)`` (the ViT
+    copies) gets the delta on ``out``; ``weights`` stay the module's own probabilities.
+    ``head_mean=False`` needs the per-head outputs (timm's ``Attention`` and ``EvaAttention``).
+
+    Patch after ``mct.add_class_tokens``: the handle counts the class tokens now, the
+    conversion refuses a patched model, and a forward after the model's prefix tokens
+    changed raises ``RuntimeError``. An image size the model cannot take raises
+    ``ValueError`` at the forward (naming the sizes that work).
 
     Do not ``copy.deepcopy`` a patched model: the copy's attention modules would still run
     the original's patch, so calling them raises ``RuntimeError``. Copy the model before
     patching (or ``doei.unpatch(copy)``) and patch the copy separately with ``doei.patch(copy)``.
 
     Args:
-        model: a timm ViT with ``C >= 1`` leading class tokens.
-        num_class_tokens: ``C``; default ``num_prefix_tokens - num_reg_tokens``.
+        model: a ViT with ``C >= 1`` leading class tokens (timm, or a copy of its layout).
+        num_class_tokens: ``C``; default the model's class tokens (registers excluded; a
+            distillation token counts).
         config: the ``DOEIConfig``.
         layers: block indices to patch (negative allowed); ``i`` and ``L`` stay global.
             ``None`` = all.
@@ -431,6 +475,8 @@ def patch(
 
     Raises:
         RuntimeError: the model is already patched.
+        TypeError: an attention module the library cannot read.
+        ValueError: no attention module, no class token (naming the fix), or bad options.
 
     Examples:
         >>> import timm
@@ -445,9 +491,9 @@ def patch(
         raise RuntimeError("model is already patched by DOEI; call unpatch(model) first")
     if not isinstance(config, DOEIConfig):
         raise TypeError(f"config: expected a DOEIConfig, got {type(config).__name__}")
-    modules = [m for _, m in find_attention_modules(model)]
+    modules = [m for _, m, _ in find_attention_modules(model)]
     big_l = len(modules)
-    c = default_class_tokens(model, num_class_tokens)
+    c = default_class_tokens(model, num_class_tokens, what="doei.patch")
     if layers is None:
         idx = list(range(big_l))
     else:

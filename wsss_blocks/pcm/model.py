@@ -20,7 +20,7 @@ from wsss_blocks.pcm.hv_bilstm import HVBiLSTM
 from wsss_blocks.pcm.mce import mce_loss
 from wsss_blocks.pcm.presets import PRESETS
 from wsss_blocks.pcm.tiling import mosaic, unmosaic
-from wsss_blocks.tokens import _check_stage_input, features_as_grid, patch_grid, split_prefix_tokens, tokens_to_grid
+from wsss_blocks.tokens import features_as_grid, tokens_to_grid, vit_taps
 from wsss_blocks.utils import eval_mode
 
 __all__ = ["ViTPCM"]
@@ -62,7 +62,8 @@ class ViTPCM(nn.Module):
     ``PatchClassifier`` on its features instead.
 
     Args:
-        backbone: a timm ViT (``forward_features``, ``patch_embed``, ``num_prefix_tokens``);
+        backbone: a ViT read through ``wsss_blocks.adapters`` (a timm ViT, or a copy of its
+            layout: ``forward_features``, ``patch_embed``, ``blocks``, ``norm``);
             ``D`` is read from its ``num_features`` (or ``embed_dim``). Build it with
             ``num_classes=0`` and ``dynamic_img_size=True`` to run at any multiple of the patch
             size (official: train at 384, infer at 960).
@@ -170,14 +171,11 @@ class ViTPCM(nn.Module):
         """
         bb: Any = self.backbone
         dims = check_shape("images", images, ["B", 3, "H", "W"], dtype="float")
-        _check_stage_input(bb, (dims["H"], dims["W"]), "images")
         images = to_model_dtype(bb, images)
-        size = patch_grid(bb, (dims["H"], dims["W"]))
-        num_prefix = int(getattr(bb, "num_prefix_tokens", 1))
 
         def run(x: Tensor) -> Tensor:
-            _, patches = split_prefix_tokens(bb.forward_features(x), num_prefix)
-            return tokens_to_grid(patches, size)
+            taps = vit_taps(bb, x, layers=())
+            return tokens_to_grid(taps.final, taps.size)
 
         return run(images) if dims["B"] else empty_batch(bb, run, images)
 
