@@ -154,19 +154,19 @@ def evaluate(net: nn.Module, loader: Iterable[dict[str, Any]], *, num_classes: i
         stats = torch.stack([confident, total])
         torch.distributed.all_reduce(stats)
         confident, total = stats[0], stats[1]
-    best = [m.compute()["miou"] for m in grid]
+    best = [m.compute().miou for m in grid]
     i_best = max(range(len(best)), key=lambda i: best[i])
     out = {
-        "cam_miou": fixed.compute()["miou"],
+        "cam_miou": fixed.compute().miou,
         "cam_miou_best": best[i_best],
         "best_threshold": THRESHOLDS[i_best],
-        "pseudo_miou": pseudo.compute()["miou"],
+        "pseudo_miou": pseudo.compute().miou,
         "pseudo_coverage": float(confident / total.clamp_min(1)),  # sync-ok: evaluation
     }
     if seg is not None:
-        out["seg_miou"] = seg.compute()["miou"]
+        out["seg_miou"] = seg.compute().miou
     if seg_crf is not None:
-        out["seg_crf_miou"] = seg_crf.compute()["miou"]
+        out["seg_crf_miou"] = seg_crf.compute().miou
     return {k: float(v) for k, v in out.items()}
 
 

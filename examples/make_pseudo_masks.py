@@ -423,8 +423,8 @@ def _export(args: argparse.Namespace, out: Path, device: torch.device, rank: int
         "scored_over": "all shards" if group or world == 1 else "this shard",
         **stats, **notes, "scales": list(scales), "flip": flip, "low": low, "high": high, "refine": args.refine,
         "par_scale": args.par_scale, "crf_gt_prob": args.crf_gt_prob,
-        "miou": float(scores["miou"]) if has_gt else None,
-        "per_class_iou": [float(v) for v in scores["per_class"].tolist()] if has_gt else None,
+        "miou": float(scores.miou) if has_gt else None,
+        "per_class_iou": [float(v) for v in scores.per_class.tolist()] if has_gt else None,
         "coverage": float(counts[0] / counts[1].clamp_min(1)) if has_gt else None,
         "time_s": time.time() - t0,
     }

@@ -252,7 +252,7 @@ def linear_probe(backbone: nn.Module, *, level: str = "patch", train_images: int
         return float(_average_precision(scores, yva))
     miou = MeanIoU(num_classes + 1)
     miou.update(scores.argmax(1)[None], yva[None])
-    return float(miou.compute()["miou"])
+    return float(miou.compute().miou)
 
 
 # ----------------------------------------------------------------------------- model

@@ -98,7 +98,7 @@ def test_all_ignored_gives_nan():
     m = MeanIoU(2)
     m.update(torch.zeros(2, 3, dtype=torch.long), t)
     out = m.compute()
-    assert math.isnan(out["miou"]) and math.isnan(out["pixel_accuracy"])
+    assert math.isnan(out.miou) and math.isnan(out.pixel_accuracy)
 
 
 def test_streaming_equals_one_shot():
@@ -110,14 +110,14 @@ def test_streaming_equals_one_shot():
         torch.cat([p.flatten() for p in preds]), torch.cat([t.flatten() for t in targets]), 4
     )
     out = m.compute()
-    assert torch.equal(out["confusion"], one)
+    assert torch.equal(out.confusion, one)
     iou, miou = iou_from_confusion(one)
-    torch.testing.assert_close(out["per_class"], iou, equal_nan=True)
-    assert out["miou"] == miou
+    torch.testing.assert_close(out.per_class, iou, equal_nan=True)
+    assert out.miou == miou
     conf = one.double()
-    assert out["pixel_accuracy"] == pytest.approx(float(conf.trace() / conf.sum()))
+    assert out.pixel_accuracy == pytest.approx(float(conf.trace() / conf.sum()))
     recall = conf.diagonal() / conf.sum(1)
-    assert out["mean_accuracy"] == pytest.approx(float(recall.nanmean()))
+    assert out.mean_accuracy == pytest.approx(float(recall.nanmean()))
 
 
 def test_meaniou_logits_names_state_dict_reset():
@@ -129,7 +129,7 @@ def test_meaniou_logits_names_state_dict_reset():
     ref = confusion_matrix(logits.argmax(1), target, 3)
     assert torch.equal(m.confusion, ref)
     out = m.compute()
-    assert list(out["per_class_named"]) == names
+    assert list(out.per_class_named) == names
     other = MeanIoU(3)
     other.load_state_dict(m.state_dict())
     assert torch.equal(other.confusion, ref)
@@ -166,7 +166,7 @@ def test_validation():
 def _rank_confusions(rank: int) -> dict:
     m = MeanIoU(4)
     m.update(*random_maps(rank))
-    return {"confusion": m.compute()["confusion"], "local": m.confusion}
+    return {"confusion": m.compute().confusion, "local": m.confusion}
 
 
 @pytest.mark.slow
@@ -174,5 +174,5 @@ def test_meaniou_all_reduce_gloo():
     r0, r1 = run_gloo(_rank_confusions)
     c0 = confusion_matrix(*random_maps(0), 4)
     c1 = confusion_matrix(*random_maps(1), 4)
-    assert torch.equal(r0["confusion"], c0 + c1) and torch.equal(r1["confusion"], c0 + c1)
+    assert torch.equal(r0.confusion, c0 + c1) and torch.equal(r1.confusion, c0 + c1)
     assert torch.equal(r0["local"], c0) and torch.equal(r1["local"], c1)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from wsss_blocks._distributed import world_size
 from wsss_blocks._validate import ShapeError, check_int, check_tensor
 
-__all__ = ["IoU", "confusion_matrix", "iou_from_confusion", "MeanIoU"]
+__all__ = ["IoU", "confusion_matrix", "iou_from_confusion", "MeanIoU", "MeanIoUResult"]
 
 
 def _check_values(name: str, x: Tensor, num_classes: int, ignore_index: int) -> None:
@@ -152,6 +152,32 @@ def iou_from_confusion(confusion: Tensor) -> IoU:
 
 
 
+class MeanIoUResult(NamedTuple):
+    """What ``MeanIoU.compute`` returns.
+
+    Attributes:
+        miou: mean IoU over the classes present in the ground truth or the prediction.
+        per_class: ``(C,)`` float64 IoU, NaN for a class absent from both.
+        pixel_accuracy: the share of counted pixels predicted right.
+        mean_accuracy: mean recall over the classes present in the ground truth.
+        confusion: ``(C, C)`` int64, rows = target, columns = prediction (all ranks summed).
+        per_class_named: class name -> IoU, when the metric was given ``class_names``.
+
+    Examples:
+        >>> m = MeanIoU(2)
+        >>> m.update(torch.tensor([0, 1]), torch.tensor([0, 1]))
+        >>> m.compute().miou
+        1.0
+    """
+
+    miou: float
+    per_class: Tensor
+    pixel_accuracy: float
+    mean_accuracy: float
+    confusion: Tensor
+    per_class_named: dict[str, float] | None
+
+
 class MeanIoU(nn.Module):
     """Streaming mean IoU: accumulate a confusion matrix over batches, then compute.
 
@@ -174,7 +200,7 @@ class MeanIoU(nn.Module):
         >>> metric.update(torch.tensor([[0, 1]]), torch.tensor([[0, 1]]))
         >>> metric.update(torch.tensor([[1, 1]]), torch.tensor([[0, 255]]))
         >>> out = metric.compute()
-        >>> round(out["miou"], 4), out["per_class_named"]
+        >>> round(out.miou, 4), out.per_class_named
         (0.5, {'bg': 0.5, 'cat': 0.5})
         >>> metric.reset(); int(metric.confusion.sum())
         0
@@ -248,21 +274,21 @@ class MeanIoU(nn.Module):
         self.confusion += confusion.to(self.confusion.device)
 
     @torch.no_grad()
-    def compute(self) -> dict[str, Any]:
+    def compute(self) -> MeanIoUResult:
         """Compute the metrics (summed over ranks under ``torch.distributed``).
 
         Returns:
-            A dict with ``miou`` (float, mean over classes present in GT or prediction),
-            ``per_class`` (``(C,)`` float64 IoU, NaN for absent classes),
+            A ``MeanIoUResult``: ``miou`` (float, mean over classes present in GT or
+            prediction), ``per_class`` (``(C,)`` float64 IoU, NaN for absent classes),
             ``pixel_accuracy`` (float), ``mean_accuracy`` (float, mean recall over classes
-            present in GT), ``confusion`` (``(C, C)`` int64, all ranks summed) and, when
-            ``class_names`` was given, ``per_class_named`` (name -> float).
+            present in GT), ``confusion`` (``(C, C)`` int64, all ranks summed) and
+            ``per_class_named`` (name -> float when ``class_names`` was given, else ``None``).
 
         Examples:
             >>> m = MeanIoU(2)
             >>> m.update(torch.tensor([0, 1, 1]), torch.tensor([0, 1, 0]))
             >>> out = m.compute()
-            >>> out["per_class"], round(out["pixel_accuracy"], 4)
+            >>> out.per_class, round(out.pixel_accuracy, 4)
             (tensor([0.5000, 0.5000], dtype=torch.float64), 0.6667)
         """
         confusion = self.confusion.clone()
@@ -281,18 +307,10 @@ class MeanIoU(nn.Module):
             mean_acc = float((confd.diagonal()[has_gt] / gt[has_gt]).mean())  # sync-ok
         else:
             mean_acc = math.nan
-        out: dict[str, Any] = {
-            "miou": miou,
-            "per_class": per_class.cpu(),  # sync-ok
-            "pixel_accuracy": pixel_acc,
-            "mean_accuracy": mean_acc,
-            "confusion": confusion,
-        }
+        named = None
         if self.class_names is not None:
-            out["per_class_named"] = {
-                n: float(v) for n, v in zip(self.class_names, per_class.tolist(), strict=True)  # sync-ok
-            }
-        return out
+            named = {n: float(v) for n, v in zip(self.class_names, per_class.tolist(), strict=True)}  # sync-ok
+        return MeanIoUResult(miou, per_class.cpu(), pixel_acc, mean_acc, confusion, named)  # sync-ok
 
     def forward(self, preds: Tensor, masks: Tensor) -> None:
         """Same as ``update`` (so the metric can be called like a module).
@@ -300,7 +318,7 @@ class MeanIoU(nn.Module):
         Examples:
             >>> m = MeanIoU(2)
             >>> m(torch.tensor([0, 1]), torch.tensor([0, 1]))
-            >>> m.compute()["miou"]
+            >>> m.compute().miou
             1.0
         """
         self.update(preds, masks)

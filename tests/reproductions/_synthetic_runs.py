@@ -66,7 +66,7 @@ def chance_levels(num_images: int = 128) -> dict[str, float]:
         bg.update(torch.zeros_like(mask), mask)
         first = int(item["labels"].argmax()) + 1
         fill.update(torch.full_like(mask, first), mask)
-    return {"all_background": bg.compute()["miou"], "fill_first_present_class": fill.compute()["miou"]}
+    return {"all_background": bg.compute().miou, "fill_first_present_class": fill.compute().miou}
 
 
 def aggregate(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
