@@ -415,7 +415,7 @@ def main() -> None:
             "classes, no host sync): its SSL matmul (B*N, D) x (D, 2*K*M) is 1.9 GFLOP at "
             "K=20 and 7.7 at K=80, so on CPU it is bounded by the FLOP ratio to the loop, "
             "which visits only present pairs. The loop's cost is per-iteration launches and "
-            "host syncs, which dominate on GPU (spec target). The ISM peak includes the "
+            "host syncs, which dominate on GPU (the target device). The ISM peak includes the "
             "(B, N, D) normalised tokens, products and gradients (~4 x 9.6 MB) that both "
             "versions need."
         )

@@ -1,6 +1,6 @@
 """Benchmark of the SWTformer-V2 block (matmul forms) against SIPE's official broadcast forms.
 
-Shapes (spec): ``swin_tiny_patch4_window7_224`` at 224 (S4 7x7, ``F_hie`` 14x14x384) and at
+Target shapes: ``swin_tiny_patch4_window7_224`` at 224 (S4 7x7, ``F_hie`` 14x14x384) and at
 384 (``window_size=12``; S4 12x12, ``F_hie`` 24x24x384), B=16, K=20.
 
 * (b) **block**: the V2 block -- CAM head, background, seeds, HFF, prototypes, R-CAM, CLS +
@@ -225,7 +225,7 @@ def main() -> None:
                 res["step"][str(img)] = bench_step(img, step_b[img], device, max(1, args.repeats - 1))
                 print(device, "step", img, json.dumps(res["step"][str(img)]), flush=True)
         if device == "cpu":
-            res["scaled"] = (f"CPU: the block runs at the spec shapes (B={args.block_batch}, K=20); the full V1/V2 "
+            res["scaled"] = (f"CPU: the block runs at the target shapes (B={args.block_batch}, K=20); the full V1/V2 "
                              f"step is scaled to B={step_b[224]} at 224 and B={step_b[384]} at 384 (random-init "
                              "Swin-T), 2 shared CPU cores")
         b384 = res["block"]["384"]

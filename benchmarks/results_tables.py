@@ -122,18 +122,6 @@ def _seed_list(seeds: Any) -> str:
     return ", ".join(str(s) for s in seeds)
 
 
-def label(text: str) -> str:
-    """A JSON label or description as shown on the site: "spec" in the files means the paper's form
-    (labels) or the design target (shapes, targets); references to the project's tracker are dropped."""
-    text = re.sub(r"\s*\(issue \d+\)|\bissue \d+:?\s*", "", text)
-    text = text.replace("spec shapes", "target shapes").replace("spec target", "target")
-    text = text.replace("table (spec)", "superclass table (paper)")
-    text = text.replace("spec (raw, mean over Phi)", "paper form (raw CAM logits, mean over Phi)")
-    text = text.replace("spec SSL", "paper-form SSL")
-    text = re.sub(r"\bspec defaults\b", "paper defaults", text)
-    return re.sub(r"\bspec\b", "paper", text)
-
-
 def device(d: dict[str, Any], *, threads: bool = True) -> str:
     """The device line of a result: CPU or GPU, model, threads, torch, load at the start."""
     env = d.get("environment") or {}
@@ -158,7 +146,7 @@ def device(d: dict[str, Any], *, threads: bool = True) -> str:
 
 def caption(*, data: str, seeds: Any = None, dev: str, source: str, note: str = "") -> str:
     """The line under every table: data configuration, seeds, device, source file."""
-    bits = [f"**Data:** {label(data).rstrip('.')}."]
+    bits = [f"**Data:** {data.rstrip('.')}."]
     if seeds is not None:
         bits.append(f"**Seeds:** {seeds if isinstance(seeds, str) else _seed_list(seeds)}.")
     bits.append(f"**Device:** {dev}.")
@@ -219,7 +207,7 @@ def _metric_rows(summary: dict[str, Any], labels: dict[str, str] | None = None,
                  per_seed: dict[str, list[dict[str, Any]]] | None = None, cpu: bool = True) -> list[list[str]]:
     rows = []
     for key, agg in summary.items():
-        row = [label((labels or {}).get(key, key)), pm(agg, "cam_miou"), pm(agg, "cam_miou_best"),
+        row = [(labels or {}).get(key, key), pm(agg, "cam_miou"), pm(agg, "cam_miou_best"),
                pm(agg, "pseudo_miou"), pm(agg, "pseudo_coverage")]
         if per_seed is not None:
             row.append(" / ".join(pct(r["cam_miou_best"]) for r in per_seed[key]))
@@ -271,10 +259,10 @@ def t_doei_sweep(name: str = "doei_sweep_cpu.json") -> str:
     rows = []
     for key, agg in d["summary"].items():
         cfg = d["configs"][key]
-        rows.append([label(key), f"`{cfg['recipe']}` " + _options(cfg["opts"]), pm(agg, "cam_miou_best"),
+        rows.append([key, f"`{cfg['recipe']}` " + _options(cfg["opts"]), pm(agg, "cam_miou_best"),
                      " / ".join(pct(r["cam_miou_best"]) for r in d["per_seed"][key]),
                      pm(agg, "pseudo_miou"), pm(agg, "pseudo_coverage")])
-    best = label(d.get("best_of_sweep_by_cam_miou_best", ""))
+    best = d.get("best_of_sweep_by_cam_miou_best", "")
     return "\n\n".join([
         _table(["run", "recipe and options", "best CAM mIoU", "per seed", "pseudo mIoU", "coverage"], rows),
         caption(data="MCT + DOEI, one factor at a time around the defaults plus the paper's Table 4 ablation; "
@@ -288,10 +276,10 @@ def t_doei_sweep(name: str = "doei_sweep_cpu.json") -> str:
 @table("doei-af-confirm", "doei_af_confirm_cpu.json")
 def t_doei_af_confirm(name: str = "doei_af_confirm_cpu.json") -> str:
     d = load(name)
-    rows = [[label(k), pm(agg, "cam_miou_best"), " / ".join(pct(r["cam_miou_best"]) for r in d["per_seed"][k]),
+    rows = [[k, pm(agg, "cam_miou_best"), " / ".join(pct(r["cam_miou_best"]) for r in d["per_seed"][k]),
              pm(agg, "pseudo_miou"), pm(agg, "pseudo_coverage")] for k, agg in d["summary"].items()]
     a, b = list(d["summary"])[:2]
-    rows.append([f"paired difference {label(b)} − {label(a)}", "", " / ".join(
+    rows.append([f"paired difference {b} − {a}", "", " / ".join(
         pct(x, sign=True) for x in d["paired_diff_cam_miou_best"]), "", ""])
     return "\n\n".join([
         _table(["run", "best CAM mIoU", "per seed", "pseudo mIoU", "coverage"], rows),
@@ -450,7 +438,7 @@ def t_matrix(name: str = "reproduce_matrix_cpu.json", metric: str = "cam_miou_be
             a = d["summary"][c].get(r)
             cells.append("" if a is None else f"{pm(a, metric)} (n={a['n']})")
         if any(cells):
-            rows.append([label(r)] + cells)
+            rows.append([r] + cells)
     return "\n\n".join([
         _table(["run"] + [f"`{c}`" for c in cfgs], rows),
         caption(data=_matrix_data_line(d) + "; mean ± std over the seeds run (n), percent", seeds=d["seeds"],
@@ -485,7 +473,7 @@ def t_matrix_verdicts(name: str = "reproduce_matrix_cpu.json") -> str:
                 continue
             dd = e["delta_best_cam_miou"]
             cells.append(f"{pct(dd['mean'], sign=True)} {e['verdict']} (n={len(dd['seeds'])})")
-        rows.append([label(key)] + cells)
+        rows.append([key] + cells)
     return "\n\n".join([
         _table(["comparison (best CAM mIoU, paired)"] + [f"`{c}`" for c in cfgs], rows),
         caption(data=_matrix_data_line(d) + f"; mean paired difference in points; rule: {d['verdict_rule']}",
@@ -496,7 +484,7 @@ def t_matrix_verdicts(name: str = "reproduce_matrix_cpu.json") -> str:
 @table("matrix-pilot", "reproduce_matrix_pilot300_cpu.jsonl")
 def t_matrix_pilot(name: str = "reproduce_matrix_pilot300_cpu.jsonl") -> str:
     runs = load(name)
-    rows = [[f"`{r['config']}`", label(r["row"]), str(r["seed"]), str(r["steps"]), pct(r["cam_miou_best"]),
+    rows = [[f"`{r['config']}`", r["row"], str(r["seed"]), str(r["steps"]), pct(r["cam_miou_best"]),
              pct(r["pseudo_miou"]), pct(r["pseudo_coverage"])] for r in runs]
     seeds = sorted({r["seed"] for r in runs})
     steps = sorted({r["steps"] for r in runs})
@@ -507,8 +495,8 @@ def t_matrix_pilot(name: str = "reproduce_matrix_pilot300_cpu.jsonl") -> str:
     ])
 
 
+SSL_PAPER_FORM = "paper form (raw CAM logits, mean over Phi)"  # the key of SSL in the paper's form
 SSL_VARIANTS = {
-    "spec (raw, mean over Phi)": "paper form (raw CAM logits, mean over Phi)",
     "cam_scale=max": "`ssl_cam_scale=\"max\"`",
     "reduction=gate": "`ssl_reduction=\"gate\"`",
     "max + gate": "max and gate",
@@ -535,7 +523,7 @@ def _ssl_caption(d: dict[str, Any], name: str) -> str:
 def t_ssl_mechanism(name: str = "ssl_mechanism_cpu.json") -> str:
     d = load(name)
     runs = _ssl_runs(d)
-    table_key = "table (spec)"
+    table_key = "superclass table (paper)"
     cols = list(runs)
 
     def row(title: str, fn: Callable[[dict[str, Any]], str]) -> list[str]:
@@ -549,7 +537,7 @@ def t_ssl_mechanism(name: str = "ssl_mechanism_cpu.json") -> str:
         row("share of the class's activated own-object tokens suppressed",
             lambda r: f"{pct(r['suppression_set'][table_key]['own_object_share_suppressed'])} %"),
         row("SSL / classification gradient norm at the pool build, backbone (paper form)",
-            lambda r: f"{_ssl_ratio(r['grad_norms_at_pool_step (ssl weight 0.2)']['spec (raw, mean over Phi)']):.1f}x"),
+            lambda r: f"{_ssl_ratio(r['grad_norms_at_pool_step (ssl weight 0.2)'][SSL_PAPER_FORM]):.1f}x"),
     ]
     return "\n\n".join([_table([""] + [f"`{c}`" for c in cols], rows), _ssl_caption(d, name)])
 
@@ -560,7 +548,7 @@ def t_ssl_gradients(name: str = "ssl_mechanism_cpu.json") -> str:
     runs = _ssl_runs(d)
     cols = list(runs)
     variants = list(next(iter(runs.values()))["grad_norms_at_pool_step (ssl weight 0.2)"])
-    rows = [[SSL_VARIANTS.get(v, label(v))]
+    rows = [[SSL_VARIANTS.get(v, v)]
             + [f"{_ssl_ratio(runs[c]['grad_norms_at_pool_step (ssl weight 0.2)'][v]):.2f}x" for c in cols]
             for v in variants]
     return "\n\n".join([
@@ -575,7 +563,7 @@ def t_ssl_filter(name: str = "ssl_mechanism_cpu.json") -> str:
     rows = []
     for cfg, r in runs.items():
         for key, s in r["suppression_set"].items():
-            rows.append([f"`{cfg}`", label(key), ", ".join(str(x) for x in s["kept_negatives_per_class"]),
+            rows.append([f"`{cfg}`", key, ", ".join(str(x) for x in s["kept_negatives_per_class"]),
                          f"{s['phi_tokens']:.0f}", f"{pct(s['phi_share']['own_context'])} %",
                          f"{pct(s['phi_share']['own_part'] + s['phi_share']['own_body'])} %"])
     return "\n\n".join([
@@ -683,7 +671,7 @@ def t_rerun(name: str = "reproduce_rerun_cpu.json") -> str:
     rows = []
     for key, r in d["rows"].items():
         for s in r["per_seed"]:
-            rows.append([label(key), f"`{r['source']}`", str(s["seed"]),
+            rows.append([key, f"`{r['source']}`", str(s["seed"]),
                          f"{s['cam_miou_best_committed']:.1f} → {s['cam_miou_best_rerun']:.1f}",
                          f"{s['pseudo_miou_committed']:.1f} → {s['pseudo_miou_rerun']:.1f}"])
     return "\n\n".join([

@@ -5,13 +5,13 @@
 #
 #   bash benchmarks/run_gpu.sh 2>&1 | tee run_gpu.log
 #
-# Budget: the steps share BUDGET seconds (default 480, so that one call fits a 10-minute command
-# limit with the machine's start-up); each step also has its own limit, is cut to what is left,
+# Budget: the steps share BUDGET seconds (default 480, so that the run and the machine's start-up
+# fit in 10 minutes); each step also has its own limit, is cut to what is left,
 # and is skipped when under 15 s are left. The script goes on after a failure and exits non-zero
 # if any step failed or was skipped. Needs no install: it runs from the checkout with
 # PYTHONPATH set (torch, timm, einops, numpy and opt_einsum must be importable by $PYTHON,
-# default python3). When $OUT is set (this project's device machine), every JSON written by the
-# run is packed into $OUT/gpu_results.tar.gz; unpack it at the repository root and commit.
+# default python3). When $OUT is set (an output folder collected after the run), every JSON
+# written by the run is packed into $OUT/gpu_results.tar.gz; unpack it at the repository root and commit.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

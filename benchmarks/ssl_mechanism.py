@@ -5,13 +5,13 @@ For the ``default`` synthetic scenes (superclass = body pair) and the ``crossed`
 in different superclasses), train the cpews recipe (paper preset) up to the prototype-pool
 build (step 60 of 200, the matrix's schedule), then on 128 validation scenes:
 
-* classify every token SSL would suppress (with the superclass table alone, the spec, and
+* classify every token SSL would suppress (with the superclass table alone, the paper's form, and
   with the learned confusions of ``suppression_mask(source_share=0.5)``) (``Phi``) by what it really is: the class's own
   discriminative part, its own body, another object, its own context texture, or other
   background (ground truth from :meth:`SyntheticScenes.scene`);
 * the share of the class's own object tokens that pass the activation gate and land in ``Phi``;
 * on one training batch, the gradient norm each term sends to the backbone and the heads
-  (``train.grad_norms``) for SSL in the spec's form (raw CAM logits, mean over ``Phi``) and the
+  (``train.grad_norms``) for SSL in the paper's form (raw CAM logits, mean over ``Phi``) and the
   alternatives (``cam_scale="max"``, ``denominator="gate"``), against the classification term.
 
 Writes ``benchmarks/results/ssl_mechanism_cpu.json``. ~2 minutes on one CPU core.
@@ -51,7 +51,7 @@ SCENES = {"default": [], "crossed": ["--scene", "num_classes=8", "--scene", "sup
           "k12": ["--scene", "num_classes=12", "--scene", "group_size=3", "--scene", "co_occurrence=0.95",
                   "--scene", "context_alone=0.2"]}
 CATEGORIES = ("own_part", "own_body", "other_object", "own_context", "other_background")
-VARIANTS = {"spec (raw, mean over Phi)": {}, "cam_scale=max": {"cam_scale": "max"},
+VARIANTS = {"paper form (raw CAM logits, mean over Phi)": {}, "cam_scale=max": {"cam_scale": "max"},
             "denominator=gate": {"denominator": "gate"}, "max + gate": {"cam_scale": "max", "denominator": "gate"}}
 
 
@@ -73,7 +73,7 @@ def analyse(name: str, extra: list[str], tmp: Path, seed: int) -> dict[str, Any]
     net.eval()
     recipe, backbone, pool = net.recipe, net.backbone, net.recipe.pool
     assert pool.is_built
-    filters = {"table (spec)": None, "table + learned confusions (source_share=0.5)": 0.5}
+    filters = {"superclass table (paper)": None, "table + learned confusions (source_share=0.5)": 0.5}
     counts = {f: torch.zeros(len(CATEGORIES)) for f in filters}
     own_obj_gate = dict.fromkeys(filters, 0.0)
     own_obj_phi = dict.fromkeys(filters, 0.0)

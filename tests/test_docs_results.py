@@ -172,7 +172,7 @@ def test_reproduction_tables_match_the_json(rt: Any) -> None:
     assert _p(pilot[0]["cam_miou_best"]) in rt.render_table("matrix-pilot").split("\n")[2]
 
     ssl = _json("ssl_mechanism_cpu.json")["results"]["crossed"]["0"]
-    share = ssl["suppression_set"]["table (spec)"]["phi_share"]["own_context"]
+    share = ssl["suppression_set"]["superclass table (paper)"]["phi_share"]["own_context"]
     assert f"{_p(share)} %" in rt.render_table("ssl-mechanism")
     g = ssl["grad_norms_at_pool_step (ssl weight 0.2)"]["reduction=gate"]
     assert f"{g['grad/ssl/backbone'] / g['grad/cls_final/backbone']:.2f}x" in rt.render_table("ssl-gradients")

@@ -1,8 +1,8 @@
 """Slow: DOEI defaults sweep and Table 4 ablation on the synthetic scenes (doei.md §4, T11).
 
-One factor at a time around the spec defaults (st=0.02, af=sf=1): st in {.01,.02,.04},
+One factor at a time around the paper defaults (st=0.02, af=sf=1): st in {.01,.02,.04},
 af in {.5,1,2}, sf in {.5,1,2}; ablation MCT, +CPDO, +PPDO, +CPDO+PPDO, +HFA (= full DOEI).
-Writes ``benchmarks/results/doei_sweep_cpu.json``. Asserts sanity only; whether the spec
+Writes ``benchmarks/results/doei_sweep_cpu.json``. Asserts sanity only; whether the paper
 defaults are best is reported in the JSON, never used to change library defaults.
 """
 
@@ -44,10 +44,10 @@ def test_doei_sweep(tmp_path: Path) -> None:
     write("doei_sweep_cpu.json", {
         "what": "MCT + DOEI on the synthetic scenes (default trainer config: tiny random-init "
                 "ViT, depth 4, 300 steps, unrefined attention CAMs of all blocks), one factor "
-                "at a time around the spec defaults, plus the Table 4 ablation",
+                "at a time around the paper defaults, plus the Table 4 ablation",
         "seeds": list(SEEDS), "configs": {n: {"recipe": r, "opts": o} for n, (r, o) in CONFIGS.items()},
         "per_seed": per, "summary": rows, "best_of_sweep_by_cam_miou_best": best,
-        "spec_defaults_best": best == DEFAULT, "table_markdown": table})
+        "paper_defaults_best": best == DEFAULT, "table_markdown": table})
     print("\n" + table)
     for name, runs in per.items():
         for r in runs:
@@ -68,7 +68,7 @@ def test_doei_af_confirmation(tmp_path: Path) -> None:
     diffs = [a["cam_miou_best"] - d["cam_miou_best"] for a, d in zip(per["af=0.5"], per[DEFAULT], strict=True)]
     table = markdown(rows, len(CONFIRM_SEEDS))
     write("doei_af_confirm_cpu.json", {
-        "what": "confirmation of the sweep's best setting (af=0.5) against the spec defaults on "
+        "what": "confirmation of the sweep's best setting (af=0.5) against the paper defaults on "
                 "seeds disjoint from the sweep's; paired differences of best CAM mIoU",
         "seeds": list(CONFIRM_SEEDS), "per_seed": per, "summary": rows,
         "paired_diff_cam_miou_best": diffs, "table_markdown": table})

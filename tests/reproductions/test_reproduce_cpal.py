@@ -22,8 +22,8 @@ ROWS = {
     "cpal: context prototypes (uniform, no alignment)": ("cpal", {"weighting": "uniform", "align": "false"}),
     "cpal: + positiveness": ("cpal", {"weighting": "positiveness", "align": "false"}),
     "cpal: + alignment (full)": ("cpal", {}),
-    # not in the paper's table: the two choices the paper leaves open (spec decisions 5.2 and the
-    # PACAM scale): SIPE-style detached features, and a max-normalised PACAM
+    # not in the paper's table: the two choices the paper leaves open (whether the features are
+    # detached, and the PACAM scale): SIPE-style detached features, and a max-normalised PACAM
     "cpal: full, detach_features": ("cpal", {"detach_features": "true"}),
     "cpal: full, normalize_pacam": ("cpal", {"normalize_pacam": "true"}),
 }

@@ -60,7 +60,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "voc_crossed96": {"scene": CROSSED, "img_size": 96, "voc": True},
 }
 NO = "0"
-SPEC = {"ssl_denominator": "phi", "ssl_source_share": "none"}  # the spec's SSL (explicit: not the recipe default)
+SPEC = {"ssl_denominator": "phi", "ssl_source_share": "none"}  # the paper's SSL (explicit: not the recipe default)
 ROWS: dict[str, tuple[str, dict[str, str]]] = {
     "baseline": ("baseline", {}),
     "cpews (paper, SSL raw)": ("cpews", {"ssl_cam_scale": "raw", **SPEC}),
@@ -96,7 +96,7 @@ ROWS: dict[str, tuple[str, dict[str, str]]] = {
     "baseline (swin)": ("baseline", {}),
     "swtformer (swin)": ("swtformer", {}),
 }
-#: every recipe (cpews in the paper preset = the spec's SSL, with the chosen SSL, and without SSL):
+#: every recipe (cpews in the paper preset = the paper's SSL, with the chosen SSL, and without SSL):
 #: all seeds on every configuration
 MAIN_ROWS = ("baseline", "cpews (paper, SSL raw)", "cpews (SSL learned+gate)", "cpews no SSL", "mct", "doei", "pcm",
              "cpal", "cpal normalize_pacam", "baseline (swin)", "swtformer (swin)")
@@ -287,7 +287,7 @@ def write_summary() -> Path:
     runs = read_runs()
     summary = summarize(runs)
     payload = {
-        "what": "issue 15 reproduction matrix: data configurations x recipes x seeds + ablations, "
+        "what": "reproduction matrix: data configurations x recipes x seeds + ablations, "
                 f"tiny random-init ViT (depth 4, width 96, patch 8), {STEPS} steps (the CLI default is 300; "
                 "fewer to fit a shared 2-core CPU), batch 16, CPU, "
                 "final evaluation on 128 val images (best CAM mIoU over background thresholds)",

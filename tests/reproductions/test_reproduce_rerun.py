@@ -23,12 +23,12 @@ import pytest
 from _synthetic_runs import RESULTS, run, write
 
 ROWS = {  # name -> (committed JSON, row label there, recipe)
-    "cpews (spec SSL)": ("reproduce_synthetic_cpu.json", "cpews", "cpews"),
+    "cpews (paper-form SSL)": ("reproduce_synthetic_cpu.json", "cpews", "cpews"),
     "doei": ("reproduce_synthetic_cpu.json", "doei", "doei"),
     "pcm: MCE + ET + HV-BiLSTM": ("reproduce_pcm_cpu.json", "pcm: MCE + ET + HV-BiLSTM", "pcm"),
 }
-# the committed cpews rows predate the recipe's new SSL default: pin the spec form they ran
-EXTRA = {"cpews (spec SSL)": {"ssl_source_share": "none", "ssl_denominator": "phi"}}
+# the committed cpews rows predate the recipe's new SSL default: pin the paper form they ran
+EXTRA = {"cpews (paper-form SSL)": {"ssl_source_share": "none", "ssl_denominator": "phi"}}
 SEEDS = tuple(range(int(os.environ.get("WSSS_REPRO_SEEDS", "3"))))
 # recipe options renamed since the committed runs recorded them (cpews: the library's names)
 RENAMED = {"cpews": {"aux_layer": "mid_layer", "ssl_reduction": "ssl_denominator"}}

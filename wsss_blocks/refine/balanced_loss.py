@@ -22,10 +22,10 @@ def seg_loss(logits: Tensor, masks: Tensor, *, ignore_index: int = 255) -> Tenso
         L = 0.5 * sum_{p in G} ce_p / |G| + 0.5 * sum_{p in F} ce_p / |F|
 
     as ToCo's ``get_seg_loss`` (two mean cross-entropies, one per set). Unlike ToCo, an
-    empty set contributes 0 instead of NaN (ToCo issues #3, #8, #15): with every pixel
-    ignored the loss is a graph-attached 0. Logits at another resolution than ``masks``
-    are first upsampled to it (bilinear, ``align_corners=False``), as ToCo does with its
-    decoder output. Computed in fp32 with autocast off.
+    empty set contributes 0 instead of NaN (reported in ToCo's issue tracker as #3, #8 and
+    #15): with every pixel ignored the loss is a graph-attached 0. Logits at another
+    resolution than ``masks`` are first upsampled to it (bilinear, ``align_corners=False``),
+    as ToCo does with its decoder output. Computed in fp32 with autocast off.
 
     Args:
         logits: segmentation logits, channel 0 = background, channel ``k + 1`` = class ``k``.
