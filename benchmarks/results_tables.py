@@ -498,7 +498,7 @@ def t_matrix_pilot(name: str = "reproduce_matrix_pilot300_cpu.jsonl") -> str:
 SSL_PAPER_FORM = "paper form (raw CAM logits, mean over Phi)"  # the key of SSL in the paper's form
 SSL_VARIANTS = {
     "cam_scale=max": "`ssl_cam_scale=\"max\"`",
-    "reduction=gate": "`ssl_reduction=\"gate\"`",
+    "denominator=gate": "`ssl_denominator=\"gate\"`",
     "max + gate": "max and gate",
 }
 

@@ -174,7 +174,7 @@ def test_reproduction_tables_match_the_json(rt: Any) -> None:
     ssl = _json("ssl_mechanism_cpu.json")["results"]["crossed"]["0"]
     share = ssl["suppression_set"]["superclass table (paper)"]["phi_share"]["own_context"]
     assert f"{_p(share)} %" in rt.render_table("ssl-mechanism")
-    g = ssl["grad_norms_at_pool_step (ssl weight 0.2)"]["reduction=gate"]
+    g = ssl["grad_norms_at_pool_step (ssl weight 0.2)"]["denominator=gate"]
     assert f"{g['grad/ssl/backbone'] / g['grad/cls_final/backbone']:.2f}x" in rt.render_table("ssl-gradients")
     kept = ssl["suppression_set"]["table + learned confusions (source_share=0.5)"]["kept_negatives_per_class"]
     assert ", ".join(map(str, kept)) in rt.render_table("ssl-filter")
