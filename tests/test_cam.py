@@ -167,10 +167,10 @@ def _toco_sliced_valid(box, size):
 
 
 def test_token_pseudo_labels_spec_cases():
-    # spec §7.3 (1): thresholds on a 1x4 CAM already at token size
+    # thresholds on a 1x4 CAM already at token size
     cam = torch.tensor([[[[0.8, 0.7, 0.3, 0.25]], [[0.0, 0.0, 0.0, 0.0]]]])
     assert token_pseudo_labels(cam, torch.tensor([[1, 0]]), (1, 4)).tolist() == [[[1, 255, 255, 0]]]
-    # spec §7.3 (2): a 448x448 image with 28x28 tokens, boxes in pixels
+    # a 448x448 image with 28x28 tokens, boxes in pixels
     cam = torch.ones(2, 1, 448, 448)
     box = torch.tensor([[0, 100, 0, 448], [100, 350, 0, 448]])
     valid = box_to_valid_mask(box, (448, 448))

@@ -1,4 +1,4 @@
-"""CPEWS: tables, taps/head and the ISM loss (cpews.md §3.1, §3.3, §5.12, §7.1-2, §7.7, §7.9)."""
+"""CPEWS: tables, taps/head and the ISM loss."""
 
 from __future__ import annotations
 

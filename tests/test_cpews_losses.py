@@ -1,4 +1,4 @@
-"""CPEWS PDL, SSL and the combined loss (cpews.md §3.6-3.8, §7.5-6, §7.10-11)."""
+"""CPEWS PDL, SSL and the combined loss."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""CPEWS region embeddings, the prototype pool and its superclass filter (cpews.md §3.4-3.5, §7.4, §7.7-8)."""
+"""CPEWS region embeddings, the prototype pool and its superclass filter."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The layer rule, checked by reading every module's imports (conventions §1).
+"""The layer rule, checked by reading every module's imports (docs/conventions.md, "Package layout").
 
 Core modules import no method and no ``data``; a method imports the core only (never another
 method or ``data``); ``data`` and ``viz`` import the core. Only the package ``__init__`` and

@@ -159,7 +159,7 @@ def test_voc_export_round_trip(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- cpews SSL default
-def test_cpews_ssl_default_and_spec_form(tmp_path: Path) -> None:
+def test_cpews_ssl_default_and_paper_form(tmp_path: Path) -> None:
     s = train.main([*TINY, *CPEWS, "--output", str(tmp_path / "d"), "--no-plots", "--iterations", "2",
                     "--eval-every", "2"])
     o = s["recipe_options"]

@@ -1,4 +1,4 @@
-"""Slow: DOEI defaults sweep and Table 4 ablation on the synthetic scenes (doei.md §4, T11).
+"""Slow: DOEI defaults sweep and Table 4 ablation on the synthetic scenes.
 
 One factor at a time around the paper defaults (st=0.02, af=sf=1): st in {.01,.02,.04},
 af in {.5,1,2}, sf in {.5,1,2}; ablation MCT, +CPDO, +PPDO, +CPDO+PPDO, +HFA (= full DOEI).

@@ -1,4 +1,4 @@
-"""Slow: every recipe and the per-term ablations on several data regimes, 3 seeds (issue 15).
+"""Slow: every recipe and the per-term ablations on several data regimes, 3 seeds.
 
 Data configurations (synthetic scenes, tiny random-init ViT depth 4 / width 96 / patch 8):
 
@@ -102,10 +102,10 @@ MAIN_ROWS = ("baseline", "cpews (paper, SSL raw)", "cpews (SSL learned+gate)", "
              "cpal", "cpal normalize_pacam", "baseline (swin)", "swtformer (swin)")
 #: SSL variants that were tried and rejected: seed 0 on every configuration
 VARIANT_ROWS = ("cpews (paper, SSL max)", "cpews (SSL max, w=0.05)", "cpews (SSL gate)", "cpews (SSL max+gate)")
-#: per-term ablations: all seeds, ``crossed`` (the issue's regime) first, then ``default``
+#: per-term ablations: all seeds, ``crossed`` (the regime where SSL collapses CAMs) first, then ``default``
 ABLATION_ROWS = ("cpews head only", "cpews +ISM", "cpews +PDL", "cpews +PDL w=0.12", "cpews +SSL raw",
                  "cpews +SSL max", "doei PPDO only", "doei HFA only", "doei CPDO only")
-#: issue 13: the main ViT recipes from the fractal-pretrained checkpoint (mct/doei unrefined, as
+#: the main ViT recipes from the fractal-pretrained checkpoint (mct/doei unrefined, as
 #: their random-init rows; cpews with the recipe default)
 PRETRAINED_ROWS = ("baseline [pretrained]", "cpews [pretrained]", "mct [pretrained]", "doei [pretrained]",
                    "pcm [pretrained]", "cpal [pretrained]")

@@ -8,7 +8,7 @@ same options in both regimes (all blocks, no patch-affinity refinement) so that 
 backbone's initialisation differs. The random-init rows are the committed runs of the same
 configuration (``reproduce_synthetic_cpu.json``, ``reproduce_pcm_cpu.json``,
 ``reproduce_cpal_cpu.json``: the same seeds; set ``WSSS_RERUN_RANDOM=1`` to run them again here),
-because a 2-core CPU cannot afford both regimes in one session. Writes
+because a 2-core CPU cannot afford both regimes in one run. Writes
 ``benchmarks/results/reproduce_pretrained_cpu.json`` (a line per run is appended to
 ``reproduce_pretrained_cpu.jsonl`` as it finishes). Asserts only that every run
 finishes; the verdicts are reported.

@@ -7,7 +7,7 @@ have moved since, so that the rerun is the same configuration) and the same seed
 mIoU / pseudo mIoU and their difference. Nothing is asserted beyond sanity; a difference
 larger than the row's seed spread says the committed table no longer describes the code.
 
-Rows now: the code changes of issue 14 (k-means++ draws: cpews' prototype pool; doei's fused
+Rows now: the k-means and DOEI speed-ups (k-means++ draws: cpews' prototype pool; doei's fused
 attention path, same values up to rounding; pcm's teacher shared with the student's backbone
 pass, same losses up to rounding).
 """
