@@ -24,7 +24,7 @@ import torch
 from _fuzz import Call, Pert, Rule
 from torch import nn
 
-from wsss_blocks import cam, metrics, outputs, prototypes, tokens, utils
+from wsss_blocks import adapters, cam, metrics, outputs, prototypes, tokens, utils
 from wsss_blocks.constants import pascal_palette
 from wsss_blocks.cpal import (
     CPAL,
@@ -48,6 +48,7 @@ from wsss_blocks.cpews import (
     cpews_taps,
     ism_loss,
     pdl_loss,
+    prototypes_from_cpews_upload,
     region_embeddings,
     ssl_loss,
     superclass_index,
@@ -73,7 +74,17 @@ from wsss_blocks.doei import (
     select_top_bottom,
     unpatch,
 )
-from wsss_blocks.mct import add_class_tokens, attention_cams, class_scores, final_tokens
+from wsss_blocks.mct import (
+    FusedCAM,
+    PatchCAM,
+    add_class_tokens,
+    attention_cams,
+    class_scores,
+    final_tokens,
+    fused_cam,
+    load_mctformer,
+    patch_cam,
+)
 from wsss_blocks.pcm import (
     ETLoss,
     HVBiLSTM,
@@ -215,9 +226,9 @@ def vit(*, dynamic: bool = False, fresh: bool = False, depth: int = 2) -> nn.Mod
     return _vit_cached(dynamic, depth)
 
 
-def _vit(dynamic: bool, depth: int) -> nn.Module:
+def _vit(dynamic: bool, depth: int, num_classes: int = 0) -> nn.Module:
     torch.manual_seed(0)
-    return _timm().create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32,
+    return _timm().create_model("vit_tiny_patch16_224", pretrained=False, num_classes=num_classes, img_size=32,
                                 patch_size=8, embed_dim=32, num_heads=2, depth=depth,
                                 dynamic_img_size=dynamic).eval()
 
@@ -225,6 +236,12 @@ def _vit(dynamic: bool, depth: int) -> nn.Module:
 @functools.cache
 def _vit_cached(dynamic: bool, depth: int) -> nn.Module:
     return _vit(dynamic, depth)
+
+
+@functools.cache
+def vit_with_head() -> nn.Module:
+    """The tiny ViT with a K-class linear head (``forward_head`` gives logits)."""
+    return _vit(False, 1, num_classes=K)
 
 
 @functools.cache
@@ -362,7 +379,7 @@ def _(seed: int) -> Call:
 @case("tokens.vit_taps")
 def _(seed: int) -> Call:
     r = Rand(seed)
-    return Call(tokens.vit_taps, {"model": vit(), "images": r.randn(B, 3, 32, 32), "layers": (0, -1)},
+    return Call(tokens.vit_taps, {"model": vit(), "images": r.randn(B, 3, 32, 32), "layers": (0, -1), "head": False},
                 rules={"layers": Rule(-2, 1)}, same_rtol=1e-4)
 
 
@@ -382,6 +399,202 @@ def _(seed: int) -> Call:
     r = Rand(seed)
     return Call(tokens.stage_taps, {"model": swin(), "images": r.randn(B, 3, 32, 32), "stages": (1, -1),
                                     "final_norm": True}, rules={"stages": Rule(-4, 3)}, same_rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- adapters
+
+
+def _attention_call(module: nn.Module, adapter: adapters.AttentionAdapter, x: torch.Tensor) -> adapters.AttentionCall:
+    """One call of ``module`` on ``x`` as the library records it: the outputs of the adapter's ``captures``.
+
+    An empty batch (some modules cannot run one) is recorded from one sample, cut to 0 rows.
+    """
+    captured: dict[str, Any] = {}
+    hooks = [getattr(module, name).register_forward_hook(lambda _m, _a, out, name=name: captured.__setitem__(name, out))
+             for name in adapter.captures]
+    try:
+        with torch.no_grad():
+            module(x if x.shape[0] else x.new_zeros((1, *x.shape[1:])))
+    finally:
+        for h in hooks:
+            h.remove()
+    if not x.shape[0]:
+        captured = {k: v[:0] for k, v in captured.items()}
+    return adapters.AttentionCall(x, captured, {})
+
+
+def _query_key_case(adapter: adapters.AttentionAdapter, build: Callable[[], nn.Module], n: int,
+                    fn: Callable[..., Any] | None = None) -> Factory:
+    """``adapter.query_key`` on one call of a tiny attention module (D = 8, 2 heads, ``n`` tokens).
+
+    The call's tensors come from one forward of the module, so they agree with each other and
+    with the module; the generated call-level perturbations would change some of them (the
+    tokens, not the captured child outputs). Batch 0 and float64 are therefore given as whole
+    calls of the module (``extra``).
+    """
+
+    def make(seed: int) -> Call:
+        r = Rand(seed)
+        torch.manual_seed(seed)
+        module = build().eval()
+        x = r.randn(B, n, D)
+        module64 = build().double().eval()
+        module64.load_state_dict(module.state_dict())
+        extra = [
+            Pert("batch 0 (one call of the module)", "batch0", {"call": _attention_call(module, adapter, x[:0])},
+                 ("call",), "batch0"),
+            Pert("float64 (module and call)", "dtype",
+                 {"module": module64, "call": _attention_call(module64, adapter, x.double())}, ("module", "call"),
+                 "success"),
+            Pert("call: a plain tuple", "pytype", {"call": tuple(_attention_call(module, adapter, x))}, ("call",),
+                 "error"),
+            Pert("call=str", "pytype", {"call": "x"}, ("call",), "error"),
+            Pert("call=None", "pytype", {"call": None}, ("call",), "error"),
+        ]
+        return Call(fn or adapter.query_key, {"module": module, "call": _attention_call(module, adapter, x)},
+                    batch_args=(), extra=extra,
+                    skip={"cls:size1": "a size-1 dim of the tokens alone is not a call the module can make (its "
+                                       "captured outputs keep their sizes); batch 0 and float64 come as whole calls",
+                          "all float64": "given as a float64 module and its own call (extra)"})
+
+    return make
+
+
+def _timm_attention() -> nn.Module:
+    return _timm().layers.Attention(D, num_heads=2)
+
+
+def _eva_attention() -> nn.Module:
+    from timm.models.eva import EvaAttention
+
+    return EvaAttention(D, num_heads=2, norm_layer=nn.LayerNorm)
+
+
+def _beit_attention() -> nn.Module:
+    from timm.models.beit import Attention
+
+    return Attention(D, num_heads=2, qkv_bias=True, window_size=(2, 2))  # 2 x 2 patches + the class token
+
+
+def _relpos_attention() -> nn.Module:
+    from timm.models.vision_transformer_relpos import RelPosAttention
+
+    return RelPosAttention(D, num_heads=2)
+
+
+def _base_query_key(module: Any, call: Any) -> str:
+    """The base class's ``query_key``: it checks its arguments, then says a subclass must implement it."""
+    try:
+        adapters.AttentionAdapter().query_key(module, call)
+    except NotImplementedError:
+        return "not implemented"
+    raise AssertionError("AttentionAdapter.query_key returned")
+
+
+case("adapters.AttentionAdapter.query_key")(_query_key_case(adapters.FusedQKVAdapter(), _timm_attention, 5,
+                                                            fn=_base_query_key))
+case("adapters.FusedQKVAdapter.query_key")(_query_key_case(adapters.FusedQKVAdapter(), _timm_attention, 5))
+case("adapters.EvaAttentionAdapter.query_key")(_query_key_case(adapters.EvaAttentionAdapter(), _eva_attention, 5))
+case("adapters.BeitAttentionAdapter.query_key")(_query_key_case(adapters.BeitAttentionAdapter(), _beit_attention, 5))
+case("adapters.RelPosAttentionAdapter.query_key")(
+    _query_key_case(adapters.RelPosAttentionAdapter(), _relpos_attention, 5))
+
+
+def _summary(x: Any) -> Any:
+    """Numbers as they are, modules by their class name and length (outputs the checker compares)."""
+    if isinstance(x, nn.Module):
+        return type(x).__name__, len(x) if hasattr(x, "__len__") else None
+    return x
+
+
+for _name in ("blocks", "num_prefix_tokens", "num_class_tokens", "patch_embed", "patch_size", "native_image_size",
+              "final_norm"):
+    @case(f"adapters.ViTAdapter.{_name}")
+    def _(seed: int, _name: str = _name) -> Call:
+        method = getattr(adapters.ViTAdapter(), _name)
+        return Call(lambda model: _summary(method(model)), {"model": vit()}, batch=None)
+
+
+@case("adapters.ViTAdapter.check_image_size")
+def _(seed: int) -> Call:
+    return Call(adapters.ViTAdapter().check_image_size, {"model": vit(), "image_size": (32, 32)}, batch=None,
+                extra=[Pert("image_size: another size than the model's", "option", {"image_size": (32, 40)},
+                            ("image_size",), "error")])
+
+
+@case("adapters.ViTAdapter.grid")
+def _(seed: int) -> Call:
+    return Call(adapters.ViTAdapter().grid, {"model": vit(dynamic=True), "image_size": (32, 48)}, batch=None)
+
+
+@case("adapters.ViTAdapter.run")
+def _(seed: int) -> Call:
+    r = Rand(seed)
+    return Call(adapters.ViTAdapter().run, {"model": vit(), "images": r.randn(B, 3, 32, 32)}, same_rtol=1e-4)
+
+
+@case("adapters.ViTAdapter.head")
+def _(seed: int) -> Call:
+    r = Rand(seed)
+    return Call(adapters.ViTAdapter().head, {"model": vit_with_head(), "tokens": r.randn(B, 1 + 16, 32)},
+                same_rtol=1e-4)
+
+
+@case("adapters.attention_adapter")
+def _(seed: int) -> Call:
+    return Call(lambda module: type(adapters.attention_adapter(module)).__name__,
+                {"module": vit().blocks[0].attn}, batch=None,
+                extra=[Pert("module: not attention", "pytype", {"module": nn.Linear(2, 2)}, ("module",))])
+
+
+@case("adapters.vit_adapter")
+def _(seed: int) -> Call:
+    return Call(lambda model: type(adapters.vit_adapter(model)).__name__, {"model": vit()}, batch=None)
+
+
+class _ThrowawayAttention(nn.Module):
+    """A class registered and unregistered by the registration entries (the global registry stays clean)."""
+
+
+class _ThrowawayViT(nn.Module):
+    """As ``_ThrowawayAttention``, for ``register_vit_adapter``."""
+
+
+def _unregister(table: dict[type, Any], cls: type) -> Callable[[], None]:
+    return lambda: table.pop(cls, None)
+
+
+@case("adapters.register_attention_adapter")
+def _(seed: int) -> Call:
+    # observe: the class is read with the registered adapter; cleanup: the registration is undone
+    return Call(adapters.register_attention_adapter,
+                {"attention_class": _ThrowawayAttention, "adapter": adapters.FusedQKVAdapter()}, batch=None,
+                observe=lambda _: type(adapters.attention_adapter(_ThrowawayAttention())).__name__,
+                cleanup=_unregister(adapters._ATTENTION, _ThrowawayAttention),
+                extra=[Pert("attention_class=str", "pytype", {"attention_class": "Attention"}, ("attention_class",),
+                            "error"),
+                       Pert("attention_class: not a module class", "pytype", {"attention_class": int},
+                            ("attention_class",), "error"),
+                       Pert("attention_class: an instance", "pytype", {"attention_class": _ThrowawayAttention()},
+                            ("attention_class",), "error"),
+                       Pert("adapter=None", "pytype", {"adapter": None}, ("adapter",), "error"),
+                       Pert("adapter: a ViTAdapter", "pytype", {"adapter": adapters.ViTAdapter()}, ("adapter",),
+                            "error"),
+                       Pert("adapter: the class", "pytype", {"adapter": adapters.FusedQKVAdapter}, ("adapter",),
+                            "error")])
+
+
+@case("adapters.register_vit_adapter")
+def _(seed: int) -> Call:
+    return Call(adapters.register_vit_adapter, {"model_class": _ThrowawayViT, "adapter": adapters.ViTAdapter()},
+                batch=None, observe=lambda _: adapters.vit_adapter(_ThrowawayViT()) is not adapters._DEFAULT_VIT,
+                cleanup=_unregister(adapters._VIT, _ThrowawayViT),
+                extra=[Pert("model_class=str", "pytype", {"model_class": "ViT"}, ("model_class",), "error"),
+                       Pert("model_class: not a module class", "pytype", {"model_class": int}, ("model_class",),
+                            "error"),
+                       Pert("adapter=None", "pytype", {"adapter": None}, ("adapter",), "error"),
+                       Pert("adapter: an AttentionAdapter", "pytype", {"adapter": adapters.FusedQKVAdapter()},
+                            ("adapter",), "error")])
 
 
 # ----------------------------------------------------------------------------- prototypes, metrics, outputs
@@ -895,6 +1108,54 @@ def _(seed: int) -> Call:
 def _(seed: int) -> Call:
     pool, _ = _pool(seed, superclasses={"a": (0, 2), "b": (1,)})
     return Call(pool.suppression_mask, {"suppress_singletons": True, "source_share": 0.5}, batch=None)
+
+
+@case("cpews.pool.PrototypePool.load_prototypes")
+def _(seed: int) -> Call:
+    r = Rand(seed)
+    pool = PrototypePool(D, K, num_prototypes=3, capacity=8, superclasses={"a": (0, 2), "b": (1,)})
+    neg_labels = r.bool(K, 2, K, p=0.4)
+    return Call(pool.load_prototypes, {"pos": r.randn(K, 2, D), "pos_valid": r.bool(K, 2), "neg": r.randn(K, 2, D),
+                                       "neg_valid": r.bool(K, 2), "neg_labels": neg_labels,
+                                       "neg_keep": r.bool(K, 2)},
+                batch=None, observe=_state(pool, exclude=POOL_EXCLUDE),
+                extra=[Pert("pos: more prototypes than the pool holds", "dim",
+                            {"pos": r.randn(K, 4, D), "pos_valid": r.bool(K, 4)}, ("pos",), "error"),
+                       Pert("neg_labels: a value 2", "nonfinite", {"neg_labels": neg_labels.long() * 2},
+                            ("neg_labels",), "error")])
+
+
+def _upload(r: Rand) -> dict[str, list[torch.Tensor]]:
+    """A CPEWS clusters.pth: per class a (n, D) tensor or an empty one; neg_unshared a subset of neg, in order."""
+    neg = [r.randn(2, D), r.randn(3, D), torch.Tensor([])]
+    return {"pos": [r.randn(2, D), torch.Tensor([]), r.randn(1, D)], "neg": neg,
+            "neg_unshared": [neg[0][1:], neg[1][[0, 2]], torch.Tensor([])]}
+
+
+@case("cpews.pool.prototypes_from_cpews_upload")
+def _(seed: int) -> Call:
+    r = Rand(seed)
+    up = _upload(r)
+    bad = {**up, "neg_unshared": [r.randn(1, D), torch.Tensor([]), torch.Tensor([])]}
+    return Call(prototypes_from_cpews_upload, {"clusters": up, "num_prototypes": 4}, batch=None,
+                extra=[Pert("clusters: as the (pos, neg, neg_unshared) tuple", "pytype",
+                            {"clusters": (up["pos"], up["neg"], up["neg_unshared"])}, ("clusters",), "success"),
+                       Pert("clusters: no 'neg'", "option", {"clusters": {"pos": up["pos"]}}, ("clusters",), "error"),
+                       Pert("clusters: a class count that differs", "dim", {"clusters": {**up, "neg": up["neg"][:2]}},
+                            ("clusters",), "error"),
+                       Pert("clusters: a D that differs", "dim",
+                            {"clusters": {**up, "pos": [r.randn(2, D + 1), *up["pos"][1:]]}}, ("clusters",), "error"),
+                       Pert("clusters: a 3-dim entry", "rank",
+                            {"clusters": {**up, "pos": [r.randn(1, 2, D), *up["pos"][1:]]}}, ("clusters",), "error"),
+                       Pert("clusters: an int64 entry", "dtype",
+                            {"clusters": {**up, "pos": [torch.ones(2, D, dtype=torch.long), *up["pos"][1:]]}},
+                            ("clusters",), "error"),
+                       Pert("clusters: an entry that is not a tensor", "pytype",
+                            {"clusters": {**up, "pos": [[1.0] * D, *up["pos"][1:]]}}, ("clusters",), "error"),
+                       Pert("clusters: neg_unshared not among neg", "option", {"clusters": bad}, ("clusters",),
+                            "error"),
+                       Pert("num_prototypes below the largest count", "option", {"num_prototypes": 2},
+                            ("num_prototypes",), "error")])
 
 
 def _cpews_loss(seed: int) -> tuple[CPEWSLoss, Rand]:
@@ -1498,6 +1759,79 @@ def _(seed: int) -> Call:
     return Call(attention_cams, {"model": _mct_vit(), "images": r.randn(B, 3, 32, 32), "last_k": 2,
                                  "num_class_tokens": K, "fuse": "sum", "refine": True}, same_rtol=1e-4,
                 rules={"last_k": Rule(1, 2)})
+
+
+@case("mct.patch_cam.patch_cam")
+def _(seed: int) -> Call:
+    r = Rand(seed)
+    return Call(patch_cam, {"features": r.randn(B, N, D), "weight": r.randn(K, D, 3, 3), "size": (H, W),
+                            "bias": r.randn(K)},
+                extra=[Pert("features: a map", "layout", {"features": tokens.tokens_to_grid(r.randn(B, N, D), (H, W)),
+                                                          "size": None}, ("features",), "success"),
+                       Pert("weight: (K, D), a 1 x 1 kernel", "rank", {"weight": r.randn(K, D)}, ("weight",),
+                            "success"),
+                       Pert("weight: an even kernel", "dim", {"weight": r.randn(K, D, 2, 2)}, ("weight",), "error")])
+
+
+@case("mct.patch_cam.PatchCAM.__init__")
+def _(seed: int) -> Call:
+    return Call(PatchCAM, {"in_dim": D, "num_classes": K, "kernel_size": 3, "bias": True, "device": None,
+                           "dtype": torch.float32}, batch=None,
+                extra=[Pert("kernel_size=2 (even)", "option", {"kernel_size": 2}, ("kernel_size",), "error")])
+
+
+@case("mct.patch_cam.PatchCAM.forward")
+def _(seed: int) -> Call:
+    r = Rand(seed)
+    torch.manual_seed(seed)
+    return Call(PatchCAM(D, K).forward, {"features": r.randn(B, N, D), "size": (H, W)})
+
+
+@case("mct.patch_cam.fused_cam")
+def _(seed: int) -> Call:
+    r = Rand(seed)
+    return Call(fused_cam, {"attn_cams": r.rand(B, K, H, W), "patch_cams": r.randn(B, K, H, W), "fuse": "geometric"})
+
+
+@case("mct.patch_cam.FusedCAM.__init__", "mct.patch_cam.FusedCAM.extra_repr")
+def _(seed: int) -> Call:
+    return Call(lambda **kw: FusedCAM(**kw).extra_repr(), {"fuse": "geometric"}, batch=None)
+
+
+@case("mct.patch_cam.FusedCAM.forward")
+def _(seed: int) -> Call:
+    r = Rand(seed)
+    return Call(FusedCAM().forward, {"attn_cams": r.rand(B, K, H, W), "patch_cams": r.randn(B, K, H, W)})
+
+
+@functools.cache
+def _mct_checkpoint() -> dict[str, torch.Tensor]:
+    """An MCTformer-V2-like state dict for the tiny ViT: K class tokens and a 3 x 3 PatchCAM head."""
+    sd = add_class_tokens(vit(fresh=True, depth=1), K).state_dict()
+    g = torch.Generator().manual_seed(0)
+    return {**sd, "head.weight": torch.randn(K, 32, 3, 3, generator=g), "head.bias": torch.zeros(K)}
+
+
+@case("mct.checkpoints.load_mctformer")
+def _(seed: int) -> Call:
+    sd = _mct_checkpoint()
+    return Call(lambda model, state_dict, **kw: load_mctformer(model, state_dict, **kw)._replace(head=None),
+                {"model": vit(fresh=True, depth=1), "state_dict": {"model": sd}, "variant": "auto",
+                 "strict": True}, batch=None,
+                extra=[Pert("state_dict: with the module. prefix", "option",
+                            {"state_dict": {f"module.{k}": v for k, v in sd.items()}}, ("state_dict",), "success"),
+                       Pert("state_dict: no tensors", "option", {"state_dict": {"model": {"epoch": 3}}},
+                            ("state_dict",), "error"),
+                       Pert("state_dict: a key missing", "option",
+                            {"state_dict": {k: v for k, v in sd.items() if k != "norm.weight"}}, ("state_dict",),
+                            "error"),
+                       Pert("variant='v1' for a V2 checkpoint", "option", {"variant": "v1"}, ("variant",)),
+                       Pert("model: another width", "pytype",
+                            {"model": _timm().create_model("vit_tiny_patch16_224", num_classes=0, img_size=32,
+                                                           patch_size=8, embed_dim=16, num_heads=2, depth=1)},
+                            ("model",), "error"),
+                       Pert("model: without position embeddings", "pytype", {"model": nn.Linear(2, 2)}, ("model",),
+                            "error")])
 
 
 # ----------------------------------------------------------------------------- data

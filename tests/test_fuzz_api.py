@@ -30,54 +30,6 @@ from test_vocabulary import _callables
 
 CALLABLES = _callables()
 
-#: Callables whose contract failures wait for changes in progress elsewhere, with the reason.
-#: A listed callable that fails is an expected failure; one that passes fails the test, so
-#: the list only shrinks.
-PENDING: dict[str, str] = {
-    # tokens.vit_taps and cpews.head.cpews_taps (being reworked)
-    "wsss_blocks.tokens.vit_taps": (
-        "an image size the ViT does not take gives timm's AssertionError, images of another dtype than the "
-        "model a RuntimeError, batch 0 a reshape RuntimeError; layers errors name 'index', a non-model "
-        "does not name model"),
-    "wsss_blocks.cpews.head.cpews_taps": (
-        "built on vit_taps: timm's AssertionError for an image size, a dtype RuntimeError, batch 0 a reshape "
-        "RuntimeError"),
-    # mct (being reworked)
-    "wsss_blocks.mct.class_tokens.add_class_tokens": (
-        "a non-model raises a ValueError about cls_token, not naming model"),
-    "wsss_blocks.mct.class_tokens.final_tokens": (
-        "timm's AssertionError for an image size, a dtype RuntimeError for images of another dtype, final_norm "
-        "not checked as a bool, a non-model named as num_class_tokens"),
-    "wsss_blocks.mct.class_tokens.attention_cams": (
-        "timm's AssertionError for an image size, a dtype RuntimeError for images of another dtype, refine not "
-        "checked as a bool, a non-model named as num_class_tokens"),
-    # doei (being reworked)
-    "wsss_blocks.doei.config.DOEIConfig.__init__": (
-        "image_mean/image_std entries that are not numbers give float()'s error"),
-    "wsss_blocks.doei.functional.doei_delta": (
-        "t_p2c/t_c2c = -1 accepted (acts as 0); af_*/sf_* accept NaN, inf, negative values, and strings or None "
-        "give obscure errors; a rank error of attn_output names attn; too few tokens name only t"),
-    "wsss_blocks.doei.functional.hybrid_attention": (
-        "a num_prefix_tokens or token count that changes the patch count is named as color_affinity's n only"),
-    "wsss_blocks.doei.functional.patch_color_affinity": (
-        "mean/std not checked (NaN, zero and negative std accepted, strings give torch's error); pad not checked "
-        "as a bool"),
-    "wsss_blocks.doei.functional.select_top_bottom": (
-        "exclude_diagonal not checked as a bool; a t above the candidates of a smaller scores names only t"),
-    "wsss_blocks.doei.patching.DOEIHandle.__init__": (
-        "model, num_class_tokens and layers not checked: AttributeError, NaN/negative/str accepted, list-index "
-        "TypeError"),
-    "wsss_blocks.doei.patching.patch": "a non-model raises AttributeError",
-    "wsss_blocks.doei.patching.unpatch": "a non-model raises 'str is not patched by DOEI' without naming model",
-    # cpews.pool (being reworked)
-    "wsss_blocks.cpews.pool.PrototypePool.build": (
-        "model_fn not checked: calling a non-callable raises Python's TypeError"),
-    "wsss_blocks.cpews.pool.PrototypePool.suppression_mask": "suppress_singletons not checked as a bool",
-    "wsss_blocks.cpews.pool.PrototypePool.update": (
-        "a batch mismatch of cams is reported on labels without naming cams (its dims carry no source)"),
-}
-
-
 def _params(qual: str) -> dict[str, inspect.Parameter]:
     """The parameters of ``qual`` (an ``extra_repr`` entry calls the constructor: its parameters)."""
     out: dict[str, inspect.Parameter] = {}
@@ -97,10 +49,6 @@ def _baseline(qual: str, seed: int) -> tuple[Call, object]:
 
 
 def _report(qual: str, problems: list[str], total: int) -> None:
-    if qual in PENDING:
-        if problems:
-            pytest.xfail(f"PENDING ({PENDING[qual]}): {len(problems)} of {total}: " + " | ".join(problems[:3]))
-        pytest.fail(f"{qual} is listed in PENDING but passes all {total} perturbations: remove it from PENDING")
     assert not problems, f"{qual}: {len(problems)} of {total} perturbations break the contract:\n" + "\n".join(
         problems)
 
@@ -112,7 +60,6 @@ def test_every_public_callable_is_registered():
         "@case(...) returning a cheap valid Call): " + ", ".join(missing))
     stale = sorted(set(REGISTRY) - set(CALLABLES))
     assert not stale, f"registry entries for names that are not public (remove them): {stale}"
-    assert set(PENDING) <= set(CALLABLES), f"PENDING names that are not public: {sorted(set(PENDING) - set(CALLABLES))}"
 
 
 @pytest.mark.usefixtures("single_thread")
@@ -154,8 +101,6 @@ def test_random(qual):
             problems.append(f"seed {seed}: {problem}")
 
     examples()
-    if problems and qual in PENDING:
-        pytest.xfail(f"PENDING ({PENDING[qual]}): " + " | ".join(problems))
     assert not problems, f"{qual}: " + "\n".join(problems)
 
 

@@ -104,7 +104,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from wsss_blocks._validate import check_size
+from wsss_blocks._utils import to_model_dtype
+from wsss_blocks._validate import ShapeError, check_instance, check_shape, check_size
 
 __all__ = [
     "QueryKey",
@@ -123,6 +124,17 @@ __all__ = [
 
 _REGISTER_ATTENTION = "wsss_blocks.adapters.register_attention_adapter"
 _REGISTER_VIT = "wsss_blocks.adapters.register_vit_adapter"
+
+
+def _check_model(model: Any) -> nn.Module:
+    """``model`` as an ``nn.Module``; anything else is a ``TypeError`` naming ``model``."""
+    return check_instance("model", model, nn.Module, "an nn.Module (a ViT-family model)")
+
+
+def _check_query_key_args(module: Any, call: Any) -> None:
+    """The arguments of ``AttentionAdapter.query_key``: an attention module and an ``AttentionCall``."""
+    check_instance("module", module, nn.Module, "an nn.Module (an attention module)")
+    check_instance("call", call, AttentionCall, "an AttentionCall (tokens, captured, call_kwargs)")
 
 
 class QueryKey(NamedTuple):
@@ -225,6 +237,11 @@ class AttentionAdapter:
         Returns:
             ``QueryKey`` ``(q, k, scale, attn_bias)``.
 
+        Raises:
+            TypeError: ``module`` is not an ``nn.Module`` or ``call`` not an ``AttentionCall``
+                (the built-in adapters check both).
+            NotImplementedError: this base class (a subclass implements it).
+
         Shape:
             - call.tokens: ``(B, N, D)``
             - output q, k: ``(B, H, N, d)``
@@ -237,6 +254,7 @@ class AttentionAdapter:
             >>> FusedQKVAdapter().query_key(attn, call).q.shape
             torch.Size([1, 2, 5, 4])
         """
+        _check_query_key_args(module, call)
         raise NotImplementedError(f"{type(self).__name__} does not implement query_key")
 
     def __repr__(self) -> str:
@@ -308,6 +326,7 @@ class FusedQKVAdapter(AttentionAdapter):
             >>> FusedQKVAdapter().query_key(attn, AttentionCall(x, {"qkv": attn.qkv(x)}, {})).k.shape
             torch.Size([1, 2, 5, 4])
         """
+        _check_query_key_args(module, call)
         q, k = _split_qk(module, _captured(module, call, "qkv"))
         return QueryKey(q, k, float(getattr(module, "scale")))
 
@@ -349,6 +368,7 @@ class EvaAttentionAdapter(AttentionAdapter):
             >>> EvaAttentionAdapter().query_key(attn, AttentionCall(x, calls, {})).q.shape
             torch.Size([1, 2, 5, 4])
         """
+        _check_query_key_args(module, call)
         q = _captured(module, call, "q_norm")
         k = _captured(module, call, "k_norm")
         rope = call.call_kwargs.get("rope")
@@ -414,6 +434,7 @@ class BeitAttentionAdapter(AttentionAdapter):
             >>> qk.q.shape, qk.attn_bias.shape
             (torch.Size([1, 2, 5, 4]), torch.Size([1, 2, 5, 5]))
         """
+        _check_query_key_args(module, call)
         q_bias = getattr(module, "q_bias", None)
         if q_bias is None:
             qkv = _captured(module, call, "qkv")
@@ -462,6 +483,7 @@ class RelPosAttentionAdapter(AttentionAdapter):
             >>> RelPosAttentionAdapter().query_key(attn, AttentionCall(x, {"qkv": attn.qkv(x)}, {})).scale
             0.5
         """
+        _check_query_key_args(module, call)
         q, k = _split_qk(module, _captured(module, call, "qkv"))
         rel_pos = getattr(module, "rel_pos", None)
         if rel_pos is not None and rel_pos.training and any(
@@ -527,10 +549,11 @@ class ViTAdapter:
             >>> len(ViTAdapter().blocks(timm.create_model("vit_tiny_patch16_224", depth=3)))
             3
         """
+        _check_model(model)
         blocks = getattr(model, "blocks", None)
         if blocks is None:
             raise TypeError(
-                f"{type(model).__name__} has no .blocks; expected a timm VisionTransformer-family model or a "
+                f"model: {type(model).__name__} has no .blocks; expected a timm VisionTransformer-family model or a "
                 f"copy with the same layout (register a ViTAdapter for other layouts with {_REGISTER_VIT})"
             )
         return blocks
@@ -546,6 +569,7 @@ class ViTAdapter:
             >>> ViTAdapter().num_prefix_tokens(timm.create_model("vit_tiny_patch16_224", reg_tokens=4))
             5
         """
+        _check_model(model)
         n = getattr(model, "num_prefix_tokens", None)
         if n is not None:
             return int(n)
@@ -567,6 +591,7 @@ class ViTAdapter:
             >>> ViTAdapter().num_class_tokens(timm.create_model("vit_tiny_patch16_224", reg_tokens=4))
             1
         """
+        _check_model(model)
         regs = getattr(model, "num_reg_tokens", None)
         if regs is None:
             reg = getattr(model, "reg_token", None)
@@ -584,11 +609,12 @@ class ViTAdapter:
             >>> type(ViTAdapter().patch_embed(timm.create_model("vit_tiny_patch16_224"))).__name__
             'PatchEmbed'
         """
+        _check_model(model)
         embed = getattr(model, "patch_embed", None)
         if not isinstance(embed, nn.Module):
             raise TypeError(
-                f"{type(model).__name__} has no .patch_embed; expected a timm ViT or a copy with the same layout "
-                f"(register a ViTAdapter for other layouts with {_REGISTER_VIT})"
+                f"model: {type(model).__name__} has no .patch_embed; expected a timm ViT or a copy with the same "
+                f"layout (register a ViTAdapter for other layouts with {_REGISTER_VIT})"
             )
         return embed
 
@@ -613,7 +639,7 @@ class ViTAdapter:
             image_size: ``(H, W)``.
 
         Raises:
-            ValueError: naming the size and the sizes that work.
+            ValueError: naming ``image_size``, the size and the sizes that work.
 
         Examples:
             >>> import timm
@@ -622,7 +648,7 @@ class ViTAdapter:
             ...     ViTAdapter().check_image_size(vit, (48, 32))
             ... except ValueError as err:
             ...     print(err)
-            image size (48, 32): VisionTransformer was built for img_size (32, 32) and accepts only that size; ...
+            image_size (48, 32): VisionTransformer was built for img_size (32, 32) and accepts only that size; ...
         """
         h, w = check_size("image_size", image_size)
         embed = self.patch_embed(model)
@@ -635,7 +661,7 @@ class ViTAdapter:
             if (h, w) != fixed:
                 hint = " or build it with dynamic_img_size=True" if hasattr(model, "dynamic_img_size") else ""
                 raise ValueError(
-                    f"image size ({h}, {w}): {name} was built for img_size {fixed} and accepts only that size; "
+                    f"image_size ({h}, {w}): {name} was built for img_size {fixed} and accepts only that size; "
                     f"pass {fixed}{hint}"
                 )
             return h, w
@@ -646,11 +672,11 @@ class ViTAdapter:
                 low, high = (n // p) * p, (n // p + 1) * p
                 options = f"{low} or {high}" if low > 0 else f"{high}"
                 raise ValueError(
-                    f"image size ({h}, {w}): {side} {n} is not a multiple of the patch size {p} (try {options})"
+                    f"image_size ({h}, {w}): {side} {n} is not a multiple of the patch size {p} (try {options})"
                 )
             if n < p:
                 raise ValueError(
-                    f"image size ({h}, {w}): {side} {n} is smaller than the patch size {p} of {name}; "
+                    f"image_size ({h}, {w}): {side} {n} is smaller than the patch size {p} of {name}; "
                     f"pass at least one patch"
                 )
         return h, w
@@ -706,11 +732,16 @@ class ViTAdapter:
             >>> type(ViTAdapter().final_norm(timm.create_model("vit_tiny_patch16_224"))).__name__
             'LayerNorm'
         """
+        _check_model(model)
         norm = getattr(model, "norm", None)
         return norm if isinstance(norm, nn.Module) else nn.Identity()
 
     def run(self, model: nn.Module, images: Tensor) -> Any:
         """One pass through every block (the library taps the blocks with forward hooks).
+
+        The default checks ``images`` (a float ``(B, 3, H, W)`` batch of a size
+        ``check_image_size`` accepts; errors name ``images``) and casts them to the dtype of the
+        model's parameters.
 
         Args:
             model: the ViT.
@@ -725,16 +756,21 @@ class ViTAdapter:
             >>> ViTAdapter().run(vit, torch.randn(1, 3, 32, 32)).shape
             torch.Size([1, 5, 192])
         """
+        _check_model(model)
+        _check_images(self, model, images)
         forward = getattr(model, "forward_features", None)
         if not callable(forward):
             raise TypeError(
-                f"{type(model).__name__} has no forward_features; register a ViTAdapter whose run() passes the "
-                f"images through every block with {_REGISTER_VIT}"
+                f"model: {type(model).__name__} has no forward_features; register a ViTAdapter whose run() passes "
+                f"the images through every block with {_REGISTER_VIT}"
             )
-        return forward(images)
+        return forward(to_model_dtype(model, images))
 
     def head(self, model: nn.Module, tokens: Tensor) -> Tensor | None:
         """Logits from the final-normed full token sequence, or ``None`` when the layout has no head.
+
+        The default checks ``tokens`` (float, ``D`` the model's ``embed_dim`` when it has one)
+        and casts them to the dtype of the model's parameters.
 
         Args:
             model: the ViT.
@@ -750,11 +786,43 @@ class ViTAdapter:
             >>> ViTAdapter().head(vit, torch.randn(2, 197, 192)).shape
             torch.Size([2, 3])
         """
+        _check_model(model)
+        dims = check_shape("tokens", tokens, ["B", "N", "D"], dtype="float")
         forward_head = getattr(model, "forward_head", None)
-        return forward_head(tokens) if callable(forward_head) else None
+        if not callable(forward_head):
+            return None
+        p = self.num_prefix_tokens(model)
+        if dims["N"] < max(p, 1):
+            raise ValueError(
+                f"tokens: expected the full sequence, prefix tokens first (N >= {max(p, 1)}), got shape "
+                f"{tuple(tokens.shape)}"
+            )
+        width = getattr(model, "embed_dim", None)
+        if isinstance(width, int) and not isinstance(width, bool) and dims["D"] != width:
+            raise ValueError(f"tokens: expected D={width} (the model's embed_dim), got shape {tuple(tokens.shape)}")
+        return forward_head(to_model_dtype(model, tokens))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+def _check_images(adapter: ViTAdapter, model: nn.Module, images: Any) -> tuple[int, int]:
+    """``images`` as a float ``(B, 3, H, W)`` batch of a size ``model`` takes; return ``(H, W)``."""
+    dims = check_shape("images", images, ["B", 3, "H", "W"], dtype="float")
+    return _check_images_size(adapter, model, (dims["H"], dims["W"]))
+
+
+def _check_images_size(adapter: ViTAdapter, model: nn.Module, size: tuple[int, int]) -> tuple[int, int]:
+    """``adapter.check_image_size`` for the size of an ``images`` argument; its error names ``images``."""
+    try:
+        return adapter.check_image_size(model, size)
+    except ValueError as err:
+        msg = str(err)
+        if msg.startswith("images"):
+            raise
+        if msg.startswith("image_size "):  # the size is the images' size here, not an image_size argument
+            msg = "image size " + msg[len("image_size "):]
+        raise (ShapeError if isinstance(err, ShapeError) else ValueError)(f"images: {msg}") from None
 
 
 # --------------------------------------------------------------------------- registries
@@ -882,12 +950,16 @@ def vit_adapter(model: nn.Module) -> ViTAdapter:
     Args:
         model: the ViT.
 
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+
     Examples:
         >>> import timm
         >>> from wsss_blocks import adapters
         >>> adapters.vit_adapter(timm.create_model("vit_tiny_patch16_224", depth=1))
         ViTAdapter()
     """
+    _check_model(model)
     for klass in type(model).__mro__:
         adapter = _VIT.get(klass)
         if adapter is not None:
@@ -951,8 +1023,9 @@ def attention_adapter(module: nn.Module) -> AttentionAdapter | None:
         module: any module.
 
     Raises:
-        TypeError: an attention module the library refuses or does not know (the message
-            names the reason and ``register_attention_adapter``).
+        TypeError: ``module`` is not an ``nn.Module``, or an attention module the library
+            refuses or does not know (the message names the reason and
+            ``register_attention_adapter``).
 
     Examples:
         >>> import timm
@@ -967,4 +1040,5 @@ def attention_adapter(module: nn.Module) -> AttentionAdapter | None:
         ...     print(str(err).split(":")[0])
         unsupported attention class timm.layers.diff_attention.DiffAttention
     """
+    check_instance("module", module, nn.Module, "an nn.Module")
     return _lookup(module, None)

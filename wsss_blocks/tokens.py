@@ -30,7 +30,7 @@ from wsss_blocks._validate import (
     check_size,
     check_tensor,
 )
-from wsss_blocks.adapters import ViTAdapter, vit_adapter
+from wsss_blocks.adapters import ViTAdapter, _check_images, vit_adapter
 
 __all__ = [
     "ViTTaps",
@@ -331,6 +331,25 @@ def resolve_block_index(model: nn.Module, index: int) -> int:
     return i % depth
 
 
+def block_indices(model: nn.Module, layers: Any, name: str = "layers") -> list[int]:
+    """Absolute indices of the blocks ``layers`` names (negative counts from the end), in order.
+
+    Raises:
+        TypeError: ``layers`` is not a sequence of ints (naming ``name``).
+        ValueError: an index out of range (naming ``name[j]``).
+    """
+    if isinstance(layers, (str, bytes, Tensor)) or not isinstance(layers, Iterable):
+        raise TypeError(f"{name}: expected a sequence of block indices, got {type(layers).__name__} {layers!r}")
+    depth = num_blocks(model)
+    out = []
+    for j, index in enumerate(layers):
+        i = check_int(f"{name}[{j}]", index)
+        if not -depth <= i < depth:
+            raise ValueError(f"{name}[{j}]: block index {i} is out of range for a model with {depth} blocks")
+        out.append(i % depth)
+    return out
+
+
 def patch_grid(model: nn.Module, image_size: tuple[int, int]) -> tuple[int, int]:
     """The patch grid ``(h, w)`` a ViT produces for an image of ``image_size``.
 
@@ -370,6 +389,7 @@ def run_model(
 ) -> dict[int, Tensor]:
     """One pass of ``model`` on ``images`` through its adapter's ``run``, with forward hooks.
 
+    Floating images of another dtype than the model's parameters are cast to it first.
     ``hooks`` installs extra hooks and returns their handles (removed afterwards). Returns
     the full token output of each block in ``block_indices`` (a block that returns a tuple,
     as the ViT copies do, gives its first item). For a ViT copy whose patch embedding does not
@@ -379,6 +399,7 @@ def run_model(
     """
     adapter = adapter if adapter is not None else vit_adapter(model)
     blocks = adapter.blocks(model)
+    images = to_model_dtype(model, images)
     outs: dict[int, Tensor] = {}
     started: list[bool] = []
 
@@ -406,7 +427,7 @@ def run_model(
             if native is None or size == native:
                 raise
             raise ValueError(
-                f"image size {size}: {type(model).__name__} refused it before its first block "
+                f"images: image size {size}: {type(model).__name__} refused it before its first block "
                 f"({type(err).__name__}: {err}); it was built for img_size {native}, pass that size"
             ) from err
     finally:
@@ -471,7 +492,9 @@ def vit_taps(
 
     Args:
         model: a ViT-family model (see ``wsss_blocks.adapters``).
-        images: the image batch; its size must be one the model takes.
+        images: the image batch; its size must be one the model takes. Images of another
+            floating dtype than the model's parameters are cast to it (the model computes in
+            its own dtype).
         layers: block indices to tap (negative counts from the end). Empty: only the
             final tokens.
         head: also run the model's classification head on the final tokens of the same pass
@@ -484,9 +507,10 @@ def vit_taps(
           ``(B, N, D)``, ``prefix`` ``(B, P, D)``, ``logits`` ``(B, K)`` or ``None``.
 
     Raises:
-        ValueError: a block index out of range, or an image size the model cannot take
-            (the message names the sizes that work).
-        TypeError: ``head=True`` on a layout without a head the library can run.
+        ValueError: a block index out of range (naming ``layers``), or an image size the model
+            cannot take (naming ``images`` and the sizes that work).
+        TypeError: ``model`` is not a module, ``layers`` not a sequence of ints, or
+            ``head=True`` on a layout without a head the library can run.
 
     Examples:
         >>> import torch
@@ -499,11 +523,12 @@ def vit_taps(
         >>> taps.logits.shape
         torch.Size([2, 5])
     """
-    dims = check_shape("images", images, ["B", 3, "H", "W"], dtype="float")
+    check_shape("images", images, ["B", 3, "H", "W"], dtype="float")
     adapter = vit_adapter(model)
-    wanted = sorted({resolve_block_index(model, i) for i in layers})
+    wanted = sorted(set(block_indices(model, layers)))
+    head = check_bool("head", head)
     last = num_blocks(model) - 1
-    image_size = adapter.check_image_size(model, (dims["H"], dims["W"]))
+    image_size = _check_images(adapter, model, images)
     outs = run_model(model, images, adapter=adapter, block_indices=sorted({*wanted, last}))
     full = adapter.final_norm(model)(outs[last])
     prefix, patches = split_prefix_tokens(full, adapter.num_prefix_tokens(model))

@@ -16,7 +16,10 @@ from torch import Tensor, nn
 
 from wsss_blocks._distributed import all_gather_rows, broadcast_from_rank0, world_size
 from wsss_blocks._validate import (
+    Dims,
     ShapeError,
+    check_bool,
+    check_callable,
     check_int,
     check_labels,
     check_option,
@@ -306,7 +309,7 @@ class PrototypePool(nn.Module):
             >>> pool.seen.tolist()
             [2, 1]
         """
-        dims: dict[str, int] = {"K": self.num_classes}
+        dims = Dims({"K": self.num_classes}, sources={"K": "the pool's num_classes"})
         check_shape("cams", cams, ["B", "K", "h", "w"], dims, dtype="float")
         check_labels("labels", labels, dims)
         if self.score == "prob":
@@ -448,9 +451,18 @@ class PrototypePool(nn.Module):
             >>> pool.pos_valid.tolist(), pool.neg_valid.tolist()
             ([[True], [False]], [[False], [True]])
         """
+        check_callable("model_fn", model_fn)
+        if not isinstance(loader, Iterable):
+            raise TypeError(f"loader: expected an iterable of batches, got {type(loader).__name__}")
         self.reset()
         for batch in loader:
-            self.update(**model_fn(batch))
+            kwargs = model_fn(batch)
+            if not isinstance(kwargs, Mapping):
+                raise TypeError(
+                    f"model_fn: expected it to return update()'s keyword arguments as a mapping, got "
+                    f"{type(kwargs).__name__}"
+                )
+            self.update(**kwargs)
         self.finalize()
 
     @torch.no_grad()
@@ -503,7 +515,7 @@ class PrototypePool(nn.Module):
             (True, [[True, False, False], [True, False, False]], [[True, True, False], [True, False, False]])
         """
         k, m, d = self.num_classes, self.num_prototypes, self.in_dim
-        dims: dict[str, int] = {"K": k, "D": d}
+        dims = Dims({"K": k, "D": d}, sources={"K": "the pool's num_classes", "D": "the pool's in_dim"})
         check_shape("pos", pos, ["K", "M_pos", "D"], dims, dtype="float")
         check_shape("pos_valid", pos_valid, ["K", "M_pos"], dims, dtype="bool")
         check_shape("neg", neg, ["K", "M_neg", "D"], dims, dtype="float")
@@ -586,6 +598,7 @@ class PrototypePool(nn.Module):
             >>> pool.suppression_mask().tolist(), pool.suppression_mask(source_share=0.5).tolist()
             ([[False], [True], [True]], [[False], [True], [False]])
         """
+        suppress_singletons = check_bool("suppress_singletons", suppress_singletons)
         g = self.superclass_of
         grouped = g >= 0
         same = (g[:, None] == g[None, :]) & grouped[:, None]  # (K, K): j in c's group
@@ -632,15 +645,18 @@ class PoolPrototypes(NamedTuple):
 def _cpews_rows(name: str, rows: Any, k: int | None) -> list[Tensor]:
     """One ``(n_c, D)`` tensor per class (an empty tensor -> ``(0, D)`` later)."""
     if isinstance(rows, Tensor) or not isinstance(rows, Sequence):
-        raise TypeError(f"{name}: expected a list of per-class tensors, got {type(rows).__name__}")
+        raise TypeError(f"clusters: {name}: expected a list of per-class tensors, got {type(rows).__name__}")
     if k is not None and len(rows) != k:
-        raise ShapeError(f"{name}: {len(rows)} classes, 'pos' has {k}")
+        raise ShapeError(f"clusters: {name}: {len(rows)} classes, 'pos' has {k}")
     out = []
     for c, t in enumerate(rows):
         if not isinstance(t, Tensor):
-            raise TypeError(f"{name}[{c}]: expected a tensor, got {type(t).__name__}")
+            raise TypeError(f"clusters: {name}[{c}]: expected a tensor, got {type(t).__name__}")
         if t.numel() and (t.dim() != 2 or not t.is_floating_point()):
-            raise ShapeError(f"{name}[{c}]: expected a float (n, D) tensor or an empty one, got {tuple(t.shape)}")
+            raise ShapeError(
+                f"clusters: {name}[{c}]: expected a float (n, D) tensor or an empty one, got shape "
+                f"{tuple(t.shape)}, dtype {t.dtype}"
+            )
         out.append(t.detach().to("cpu"))
     return out
 
@@ -708,7 +724,7 @@ def prototypes_from_cpews_upload(
     pos_rows = _cpews_rows("pos", parts[0], None)
     k = len(pos_rows)
     if k == 0:
-        raise ShapeError("pos: no classes")
+        raise ShapeError("clusters: pos: no classes")
     neg_rows = _cpews_rows("neg", parts[1], k)
     unshared = None if parts[2] is None else _cpews_rows("neg_unshared", parts[2], k)
     filled = [t for t in pos_rows + neg_rows if t.numel()]
@@ -719,7 +735,7 @@ def prototypes_from_cpews_upload(
     for name, rows in (("pos", pos_rows), ("neg", neg_rows), ("neg_unshared", unshared or [])):
         for c, t in enumerate(rows):
             if t.numel() and t.shape[1] != d:
-                raise ShapeError(f"{name}[{c}]: D={t.shape[1]}, expected D={d} (as {name} elsewhere)")
+                raise ShapeError(f"clusters: {name}[{c}]: D={t.shape[1]}, expected D={d} (as elsewhere in the file)")
     most = max(t.shape[0] if t.numel() else 0 for t in pos_rows + neg_rows)
     m = max(most, 1) if num_prototypes is None else check_int("num_prototypes", num_prototypes, low=1)
     if most > m:
@@ -747,7 +763,7 @@ def prototypes_from_cpews_upload(
                     j += 1
                 if j == count:
                     raise ValueError(
-                        f"neg_unshared[{c}]: row {r} is not among the rows of neg[{c}] (in order); "
+                        f"clusters: neg_unshared[{c}]: row {r} is not among the rows of neg[{c}] (in order); "
                         "expected the unshared negatives to be a subset of the negatives"
                     )
                 neg_keep[c, j] = True

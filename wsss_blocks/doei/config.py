@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-from wsss_blocks._validate import check_int, check_range
+from wsss_blocks._validate import check_floats, check_int, check_range
 
 __all__ = ["DOEIConfig"]
 
@@ -83,10 +82,7 @@ class DOEIConfig:
             v = getattr(self, name)
             if v is None:
                 continue
-            if len(tuple(v)) != 3 or not all(math.isfinite(float(c)) for c in v):
-                raise ValueError(f"{name}: expected None or 3 finite floats, got {v!r}")
-            if name == "image_std" and not all(float(c) > 0 for c in v):
-                raise ValueError(f"{name}: expected positive values, got {v!r}")
-            object.__setattr__(self, name, tuple(float(c) for c in v))
+            low = 0.0 if name == "image_std" else None
+            object.__setattr__(self, name, check_floats(name, v, length=3, low=low, low_inclusive=False))
         check_int("chunk_rows", self.chunk_rows, low=1)
 

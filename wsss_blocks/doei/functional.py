@@ -16,7 +16,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from wsss_blocks._utils import compute_dtype, no_autocast
-from wsss_blocks._validate import ShapeError, check_int, check_labels, check_range, check_shape, check_tensor
+from wsss_blocks._validate import (
+    Dims,
+    ShapeError,
+    check_bool,
+    check_floats,
+    check_int,
+    check_labels,
+    check_range,
+    check_shape,
+    check_tensor,
+)
 from wsss_blocks.constants import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
@@ -107,13 +117,17 @@ def select_top_bottom(scores: Tensor, *, t: int, exclude_diagonal: bool = False)
     check_tensor("scores", scores, dtype="float")
     if scores.dim() < 2:
         raise ShapeError(f"scores: expected at least 2 dims (..., R, M), got shape {tuple(scores.shape)}")
+    exclude_diagonal = check_bool("exclude_diagonal", exclude_diagonal)
     rows, m = scores.shape[-2], scores.shape[-1]
     if exclude_diagonal and rows != m:
         raise ShapeError(f"scores: exclude_diagonal needs square (..., M, M) scores, got {tuple(scores.shape)}")
     m_eff = m - 1 if exclude_diagonal else m
     t = check_int("t", t)
     if not 0 <= t <= max(m_eff, 0) // 2:
-        raise ValueError(f"t: expected a value in [0, {max(m_eff, 0) // 2}] for {m_eff} candidates, got {t}")
+        raise ValueError(
+            f"t: expected a value in [0, {max(m_eff, 0) // 2}] for {m_eff} candidates per row of scores "
+            f"(shape {tuple(scores.shape)}), got {t}"
+        )
     top = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
     bottom = torch.zeros_like(top)
     if t == 0:
@@ -171,6 +185,9 @@ def patch_color_affinity(
     if ph < 1 or pw < 1:
         raise ValueError(f"patch_size: expected positive sizes, got {patch_size!r}")
     check_range("rgb_sigma", rgb_sigma, 0.0, low_inclusive=False)
+    mean = check_floats("mean", mean, length=3)
+    std = check_floats("std", std, length=3, low=0.0, low_inclusive=False)
+    pad = check_bool("pad", pad)
     dtype = compute_dtype(images)
     with no_autocast(images.device.type):
         img = images.to(dtype)
@@ -181,8 +198,8 @@ def patch_color_affinity(
             img = img[..., : (h // ph) * ph, : (w // pw) * pw]
         if img.shape[-1] == 0 or img.shape[-2] == 0:
             raise ShapeError(f"images: {tuple(images.shape)} is smaller than one patch {(ph, pw)}")
-        m = torch.as_tensor(tuple(mean), dtype=dtype, device=img.device).view(1, 3, 1, 1)
-        s = torch.as_tensor(tuple(std), dtype=dtype, device=img.device).view(1, 3, 1, 1)
+        m = torch.as_tensor(mean, dtype=dtype, device=img.device).view(1, 3, 1, 1)
+        s = torch.as_tensor(std, dtype=dtype, device=img.device).view(1, 3, 1, 1)
         colors = F.avg_pool2d(img * s + m, (ph, pw)).flatten(2).transpose(1, 2)  # (B, n, 3)
         dist2 = (colors[:, :, None, :] - colors[:, None, :, :]).square().sum(-1)
         return torch.exp(dist2 / (-2.0 * float(rgb_sigma) ** 2))
@@ -248,7 +265,8 @@ def hybrid_attention(
         >>> torch.allclose(out.sum(-1), torch.ones(2, 5))
         True
     """
-    dims = check_shape("tokens", tokens, ["B", "N", "D"], dtype="float")
+    dims = Dims()
+    check_shape("tokens", tokens, ["B", "N", "D"], dims, dtype="float")
     check_tensor("attn", attn, dtype="float")
     if attn.dim() == 3:
         check_shape("attn", attn, ["B", "N", "N"], dims)
@@ -258,6 +276,7 @@ def hybrid_attention(
     if not 0 <= p0 <= dims["N"]:
         raise ValueError(f"num_prefix_tokens: expected 0..{dims['N']}, got {num_prefix_tokens}")
     dims["n"] = dims["N"] - p0
+    dims.sources["n"] = f"the tokens' N={dims['N']} minus num_prefix_tokens={p0}"
     check_shape("color_affinity", color_affinity, ["B", "n", "n"], dims, dtype="float")
     check_range("alpha", alpha, 0.0, 1.0)
     s = compute_dtype(attn, tokens)
@@ -357,18 +376,41 @@ def doei_delta(
     """
     y = attn_output
     check_tensor("attn_output", y, dtype="float")
+    check_tensor("attn", attn, dtype="float")
+    if y.dim() not in (3, 4):
+        raise ShapeError(
+            f"attn_output: expected 3 dims (B, N, D) or 4 per-head dims (B, H, N, D), got shape {tuple(y.shape)}"
+        )
+    if attn.dim() != y.dim():
+        raise ShapeError(
+            f"attn: expected {y.dim()} dims like attn_output ((B, N, N) with (B, N, D), (B, H, N, N) with "
+            f"(B, H, N, D)), got shape {tuple(attn.shape)} with attn_output {tuple(y.shape)}"
+        )
     if y.dim() == 3:
         dims = check_shape("attn_output", y, ["B", "N", "D"])
-        check_shape("attn", attn, ["B", "N", "N"], dims, dtype="float")
+        check_shape("attn", attn, ["B", "N", "N"], dims)
     else:
         dims = check_shape("attn_output", y, ["B", "H", "N", "D"])
-        check_shape("attn", attn, ["B", "H", "N", "N"], dims, dtype="float")
+        check_shape("attn", attn, ["B", "H", "N", "N"], dims)
     c = check_int("num_class_tokens", num_class_tokens)
     p0 = check_int("num_prefix_tokens", num_prefix_tokens)
-    t_p, t_c = check_int("t_p2c", t_p2c), check_int("t_c2c", t_c2c)
+    t_p, t_c = check_int("t_p2c", t_p2c, low=0), check_int("t_c2c", t_c2c, low=0)
+    factors = (check_range("af_p2c", af_p2c, 0.0), check_range("sf_p2c", sf_p2c, 0.0),
+               check_range("af_c2c", af_c2c, 0.0), check_range("sf_c2c", sf_c2c, 0.0))
     if not 1 <= c <= p0 <= dims["N"]:
         raise ValueError(
             f"num_class_tokens / num_prefix_tokens: expected 1 <= C <= P0 <= N={dims['N']}, got C={c}, P0={p0}"
+        )
+    n = dims["N"] - p0
+    if t_p > n // 2:
+        raise ValueError(
+            f"t_p2c: t: expected a value in [0, {n // 2}] for {n} candidates (the patch tokens of attn_output / "
+            f"attn: N={dims['N']} minus num_prefix_tokens={p0}), got {t_p}"
+        )
+    if t_c > (c - 1) // 2:
+        raise ValueError(
+            f"t_c2c: t: expected a value in [0, {(c - 1) // 2}] for {c - 1} candidates (the other class tokens of "
+            f"num_class_tokens={c}), got {t_c}"
         )
     row_mask = None
     if labels is not None:
@@ -385,7 +427,7 @@ def doei_delta(
         s_scores = wcc + wcc.transpose(-1, -2) if t_c > 0 else None
         d_cls, d_patch = _delta_from_scores(
             p_scores, s_scores, y[..., :c, :].to(s), t_p, t_c,
-            (af_p2c, sf_p2c, af_c2c, sf_c2c), row_mask,
+            factors, row_mask,
         )
         return _assemble(torch.zeros_like(y), d_cls, d_patch, c, p0)
 

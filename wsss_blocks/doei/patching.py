@@ -21,8 +21,8 @@ from wsss_blocks._attention_capture import (
     row_logsumexp,
 )
 from wsss_blocks._utils import compute_dtype, no_autocast
-from wsss_blocks._validate import ShapeError, check_int, check_labels, check_shape
-from wsss_blocks.adapters import AttentionAdapter, _lookup, vit_adapter
+from wsss_blocks._validate import ShapeError, check_instance, check_int, check_labels, check_shape
+from wsss_blocks.adapters import AttentionAdapter, _check_images_size, _lookup, vit_adapter
 from wsss_blocks.constants import IMAGENET_MEAN, IMAGENET_STD
 from wsss_blocks.doei.config import DOEIConfig
 from wsss_blocks.doei.functional import (
@@ -68,9 +68,9 @@ class DOEIHandle:
         model: the ViT ``patch`` was given.
         modules: its attention modules, in ``model.modules()`` order (each read through its
             ``wsss_blocks.adapters.AttentionAdapter``).
-        num_class_tokens: ``C``, validated.
+        num_class_tokens: ``C``, in ``[1, P0]``.
         config: the ``DOEIConfig``.
-        layers: the block indices to patch, 0-based and sorted.
+        layers: the block indices to patch (negative counts from the end; no duplicates).
 
     Examples:
         >>> import timm
@@ -91,19 +91,30 @@ class DOEIHandle:
         config: DOEIConfig,
         layers: list[int],
     ) -> None:
+        check_instance("model", model, nn.Module, "an nn.Module (a ViT)")
+        if isinstance(modules, nn.Module) or not isinstance(modules, (list, tuple)):
+            raise TypeError(f"modules: expected a list of attention modules, got {type(modules).__name__}")
+        if not isinstance(config, DOEIConfig):
+            raise TypeError(f"config: expected a DOEIConfig, got {type(config).__name__}")
         self._model = model
-        self._modules = modules
+        self._modules = list(modules)
         self._vit = vit_adapter(model)
         self._adapters: list[AttentionAdapter] = []
-        for m in modules:
+        for j, m in enumerate(self._modules):
+            check_instance(f"modules[{j}]", m, nn.Module, "an attention module")
             adapter = _lookup(m, None)
             if adapter is None:
                 raise TypeError(f"modules: {type(m).__name__} is not an attention module the library can read")
             self._adapters.append(adapter)
-        self.num_class_tokens = num_class_tokens
         self.num_prefix_tokens = self._vit.num_prefix_tokens(model)
-        self.num_blocks = len(modules)
-        self.patched_blocks = tuple(layers)
+        self.num_class_tokens = check_int("num_class_tokens", num_class_tokens, low=1)
+        if self.num_class_tokens > self.num_prefix_tokens:
+            raise ValueError(
+                f"num_class_tokens: expected 1 <= C <= num_prefix_tokens={self.num_prefix_tokens}, "
+                f"got {self.num_class_tokens}"
+            )
+        self.num_blocks = len(self._modules)
+        self.patched_blocks = tuple(_layer_indices(layers, self.num_blocks))
         self._config = config
         self._check_config(config)
         self._images: Tensor | None = None
@@ -117,8 +128,8 @@ class DOEIHandle:
         target = embed if isinstance(embed, nn.Module) else model
         try:
             self._hooks.append(target.register_forward_pre_hook(self._images_hook, with_kwargs=True))
-            for i in layers:
-                self._wrap(i, modules[i], self._adapters[i])
+            for i in self.patched_blocks:
+                self._wrap(i, self._modules[i], self._adapters[i])
         except BaseException:
             self.remove()
             raise
@@ -233,7 +244,7 @@ class DOEIHandle:
             )
         images = args[0] if args else kwargs.get("x")
         if _mod is not model and isinstance(images, Tensor) and images.dim() == 4:  # the patch embedding's input
-            self._vit.check_image_size(model, (int(images.shape[-2]), int(images.shape[-1])))
+            _check_images_size(self._vit, model, (int(images.shape[-2]), int(images.shape[-1])))
         if self._images_override is not None:
             return
         self._images = images
@@ -487,6 +498,7 @@ def patch(
         torch.Size([2, 1000])
         >>> unpatch(m)
     """
+    check_instance("model", model, nn.Module, "an nn.Module (a ViT)")
     if getattr(model, "_doei_handle", None) is not None:
         raise RuntimeError("model is already patched by DOEI; call unpatch(model) first")
     if not isinstance(config, DOEIConfig):
@@ -494,21 +506,23 @@ def patch(
     modules = [m for _, m, _ in find_attention_modules(model)]
     big_l = len(modules)
     c = default_class_tokens(model, num_class_tokens, what="doei.patch")
-    if layers is None:
-        idx = list(range(big_l))
-    else:
-        idx = sorted(_layer_index(v, big_l) for v in layers)
-        if len(set(idx)) != len(idx):
-            raise ValueError(f"layers: duplicate indices in {list(layers)}")
+    idx = list(range(big_l)) if layers is None else _layer_indices(layers, big_l)
     return DOEIHandle(model, modules, num_class_tokens=c, config=config, layers=idx)
 
 
-def _layer_index(index: int, num_modules: int) -> int:
-    """An index into the ``num_modules`` attention modules (negative counts from the end)."""
-    i = check_int("layers", index)
-    if not -num_modules <= i < num_modules:
-        raise ValueError(f"layers: index {index} is out of range for {num_modules} attention modules")
-    return i % num_modules
+def _layer_indices(layers: Any, num_modules: int) -> list[int]:
+    """Sorted indices into the ``num_modules`` attention modules (negative counts from the end), no duplicates."""
+    if isinstance(layers, (str, bytes, Tensor)) or not isinstance(layers, Sequence):
+        raise TypeError(f"layers: expected a sequence of block indices, got {type(layers).__name__} {layers!r}")
+    idx = []
+    for j, index in enumerate(layers):
+        i = check_int(f"layers[{j}]", index)
+        if not -num_modules <= i < num_modules:
+            raise ValueError(f"layers: index {index} is out of range for {num_modules} attention modules")
+        idx.append(i % num_modules)
+    if len(set(idx)) != len(idx):
+        raise ValueError(f"layers: duplicate indices in {list(layers)}")
+    return sorted(idx)
 
 
 def unpatch(model: nn.Module) -> None:
@@ -523,7 +537,8 @@ def unpatch(model: nn.Module) -> None:
         ...                       embed_dim=32, num_heads=2)
         >>> _ = patch(m); unpatch(m)
     """
+    check_instance("model", model, nn.Module, "an nn.Module (a ViT patched by doei.patch)")
     handle = getattr(model, "_doei_handle", None)
     if handle is None:
-        raise ValueError(f"{type(model).__name__} is not patched by DOEI")
+        raise ValueError(f"model: {type(model).__name__} is not patched by DOEI")
     handle.remove()

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from wsss_blocks._utils import compute_dtype
-from wsss_blocks._validate import ShapeError, check_option
+from wsss_blocks._validate import ShapeError, check_bool, check_instance, check_option
 from wsss_blocks.mct.class_tokens import add_class_tokens
 from wsss_blocks.mct.patch_cam import PatchCAM
 
@@ -116,23 +116,25 @@ def _require(sd: Mapping[str, Tensor], variant: str) -> None:
     missing = [k for k in need if k not in sd]
     if missing:
         raise ValueError(
-            f"load_mctformer(variant={variant!r}): the checkpoint lacks {missing} "
+            f"state_dict: load_mctformer(variant={variant!r}): the checkpoint lacks {missing} "
             f"(detected variant: {_detect(sd)!r}; {len(sd)} tensors, first keys {sorted(sd)[:6]})"
         )
     if variant in ("v2", "plus") and sd["head.weight"].dim() != 4:
         raise ShapeError(
-            f"load_mctformer(variant={variant!r}): head.weight should be the PatchCAM conv (C, D, k, k), "
+            f"state_dict: load_mctformer(variant={variant!r}): head.weight should be the PatchCAM conv (C, D, k, k), "
             f"got shape {tuple(sd['head.weight'].shape)} (a V1 checkpoint?)"
         )
     cls = sd["cls_token"]
     if cls.dim() != 3 or cls.shape[0] != 1:
-        raise ShapeError(f"cls_token: expected shape (1, C, D), got {tuple(cls.shape)}")
+        raise ShapeError(f"state_dict: cls_token: expected shape (1, C, D), got {tuple(cls.shape)}")
 
 
 def _square_side(name: str, count: int) -> int:
     side = math.isqrt(count)
     if side * side != count:
-        raise ShapeError(f"{name}: {count} patch positions do not form a square grid (MCTformer's are square)")
+        raise ShapeError(
+            f"state_dict: {name}: {count} patch positions do not form a square grid (MCTformer's are square)"
+        )
     return side
 
 
@@ -157,7 +159,7 @@ def _model_grid(model: nn.Module) -> tuple[int, int]:
     embed = getattr(model, "patch_embed", None)
     grid = getattr(embed, "grid_size", None)
     if grid is None:
-        raise TypeError(f"{type(model).__name__}: expected a timm VisionTransformer (patch_embed.grid_size)")
+        raise TypeError(f"model: {type(model).__name__}: expected a timm VisionTransformer (patch_embed.grid_size)")
     return int(grid[0]), int(grid[1])
 
 
@@ -167,14 +169,15 @@ def _check_model(model: nn.Module, c: int, d: int) -> dict[str, tuple[int, ...]]
     pos = getattr(model, "pos_embed", None)
     if not isinstance(cls, Tensor) or not isinstance(pos, Tensor):
         raise TypeError(
-            f"{type(model).__name__}: expected a timm VisionTransformer with a class token and position embeddings"
+            f"model: {type(model).__name__}: expected a timm VisionTransformer with a class token and position "
+            "embeddings"
         )
     if int(getattr(model, "num_reg_tokens", 0) or 0) > 0 or getattr(model, "dist_token", None) is not None:
         raise ValueError("model: MCTformer has no register or distillation tokens; build the ViT without them")
     if getattr(model, "no_embed_class", False):
         raise ValueError("model: no_embed_class=True; MCTformer gives every class token a position slot")
     if cls.shape[-1] != d:
-        raise ShapeError(f"cls_token: the checkpoint has D={d}, the model D={cls.shape[-1]}")
+        raise ShapeError(f"model: D={cls.shape[-1]} (its cls_token), the checkpoint's (state_dict) D={d}")
     if cls.shape[1] != c and cls.shape[1] != 1:
         raise ValueError(f"model: has {cls.shape[1]} class tokens, the checkpoint {c}")
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -262,7 +265,9 @@ def load_mctformer(
         >>> out.variant, vit.cls_token.shape, out.head.weight.shape
         ('v2', torch.Size([1, 3, 32]), torch.Size([3, 32, 3, 3]))
     """
+    check_instance("model", model, nn.Module, "an nn.Module (a timm VisionTransformer)")
     check_option("variant", variant, VARIANTS)
+    strict = check_bool("strict", strict)
     sd = _unwrap(state_dict)
     kind = _detect(sd) if variant == "auto" else variant
     _require(sd, kind)
@@ -283,16 +288,16 @@ def load_mctformer(
         if "pos_embed" in sd:
             dropped.append("pos_embed")
         if tuple(cls_pos.shape) != (1, c, d):
-            raise ShapeError(f"pos_embed_cls: expected shape (1, {c}, {d}), got {tuple(cls_pos.shape)}")
+            raise ShapeError(f"state_dict: pos_embed_cls: expected shape (1, {c}, {d}), got {tuple(cls_pos.shape)}")
         name = "pos_embed_pat"
     else:
         pos = sd["pos_embed"]
         if pos.dim() != 3 or pos.shape[1] <= c or pos.shape[2] != d:
-            raise ShapeError(f"pos_embed: expected shape (1, {c} + P, {d}), got {tuple(pos.shape)}")
+            raise ShapeError(f"state_dict: pos_embed: expected shape (1, {c} + P, {d}), got {tuple(pos.shape)}")
         cls_pos, patch_pos = pos[:, :c], pos[:, c:]
         name = "pos_embed"
     if patch_pos.dim() != 3 or patch_pos.shape[2] != d:
-        raise ShapeError(f"{name}: expected shape (1, P, {d}), got {tuple(patch_pos.shape)}")
+        raise ShapeError(f"state_dict: {name}: expected shape (1, P, {d}), got {tuple(patch_pos.shape)}")
     side = _square_side(name, int(patch_pos.shape[1]))
     resized_from = None
     if (side, side) != size:
@@ -311,13 +316,15 @@ def load_mctformer(
         w = sd["head.weight"]
         b = sd.get("head.bias")
         if w.shape[0] != c or w.shape[1] != d or w.shape[2] != w.shape[3] or w.shape[2] % 2 != 1:
-            raise ShapeError(f"head.weight: expected the PatchCAM conv ({c}, {d}, k, k), got {tuple(w.shape)}")
+            raise ShapeError(
+                f"state_dict: head.weight: expected the PatchCAM conv ({c}, {d}, k, k), got {tuple(w.shape)}"
+            )
         ref = model.get_parameter("cls_token")
         head = PatchCAM(d, c, kernel_size=int(w.shape[2]), bias=b is not None, device=ref.device, dtype=ref.dtype)
         head.load_state_dict({"weight": w, **({"bias": b} if b is not None else {})})
         extra = [k for k in head_keys if k not in ("head.weight", "head.bias")]
         if extra:
-            raise ValueError(f"load_mctformer(variant={kind!r}): unexpected head keys {extra}")
+            raise ValueError(f"state_dict: load_mctformer(variant={kind!r}): unexpected head keys {extra}")
 
     fits = {k: v for k, v in converted.items() if target.get(k) == tuple(v.shape)}
     missing = [k for k in target if k not in fits]
@@ -325,7 +332,7 @@ def load_mctformer(
     if strict and (missing or unexpected):
         shapes = [f"{k}: {tuple(converted[k].shape)} vs model {target[k]}" for k in unexpected if k in target]
         raise ValueError(
-            f"load_mctformer(variant={kind!r}): missing keys {missing}, unexpected keys {unexpected}"
+            f"state_dict: load_mctformer(variant={kind!r}): missing keys {missing}, unexpected keys {unexpected}"
             + (f", shape mismatches [{'; '.join(shapes)}]" if shapes else "")
             + _hints(kind, missing, unexpected)
         )

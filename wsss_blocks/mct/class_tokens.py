@@ -28,8 +28,8 @@ from wsss_blocks._attention_capture import (
     patch_patch_attention,
 )
 from wsss_blocks._utils import compute_dtype, no_autocast
-from wsss_blocks._validate import ShapeError, check_int, check_option, check_shape
-from wsss_blocks.adapters import QueryKey, vit_adapter
+from wsss_blocks._validate import ShapeError, check_bool, check_instance, check_int, check_option, check_shape
+from wsss_blocks.adapters import QueryKey, _check_images, vit_adapter
 from wsss_blocks.tokens import run_model
 
 __all__ = ["FinalTokens", "add_class_tokens", "final_tokens", "class_scores", "attention_cams"]
@@ -87,6 +87,7 @@ def add_class_tokens(model: nn.Module, num_classes: int) -> nn.Module:
         >>> m.cls_token.shape, m.pos_embed.shape, m.num_prefix_tokens
         (torch.Size([1, 3, 32]), torch.Size([1, 7, 32]), 3)
     """
+    check_instance("model", model, nn.Module, "an nn.Module (a ViT with one class token)")
     c = check_int("num_classes", num_classes, low=1)
     if getattr(model, "_doei_handle", None) is not None:
         raise ValueError(
@@ -96,7 +97,7 @@ def add_class_tokens(model: nn.Module, num_classes: int) -> nn.Module:
     cls = getattr(model, "cls_token", None)
     if cls is None:
         raise ValueError(
-            f"{type(model).__name__} has no class token (cls_token is None); build it with one "
+            f"model: {type(model).__name__} has no class token (cls_token is None); build it with one "
             "(timm: class_token=True)"
         )
     if cls.shape[1] != 1:
@@ -140,7 +141,7 @@ def final_tokens(
 
     Args:
         model: a ViT (usually after ``add_class_tokens``).
-        images: normalised images, of a size the model takes.
+        images: normalised images, of a size the model takes (cast to the model's dtype).
         num_class_tokens: ``C``; default the model's class tokens (registers excluded).
         final_norm: apply the model's final norm (MCTformer never does: default ``False``).
 
@@ -164,10 +165,11 @@ def final_tokens(
         >>> out.class_tokens.shape, out.features.shape
         (torch.Size([2, 4, 32]), torch.Size([2, 4, 32]))
     """
-    dims = check_shape("images", images, ["B", 3, "H", "W"], dtype="float")
+    check_shape("images", images, ["B", 3, "H", "W"], dtype="float")
     adapter = vit_adapter(model)
     c = default_class_tokens(model, num_class_tokens, adapter=adapter, what="mct.final_tokens")
-    adapter.check_image_size(model, (dims["H"], dims["W"]))
+    final_norm = check_bool("final_norm", final_norm)
+    _check_images(adapter, model, images)
     last = len(adapter.blocks(model)) - 1
     tokens = run_model(model, images, adapter=adapter, block_indices=(last,))[last]
     if final_norm:
@@ -218,7 +220,7 @@ def attention_cams(
     Args:
         model: a ViT with ``C`` leading class tokens (timm, EVA, BEiT, or a ViT copy such as
             MCTformer's).
-        images: normalised images, of a size the model takes.
+        images: normalised images, of a size the model takes (cast to the model's dtype).
         last_k: blocks used, in ``[1, L]``.
         num_class_tokens: ``C``; default the model's class tokens (registers excluded).
         fuse: ``"sum"`` or ``"mean"`` of the maps of the ``last_k`` blocks.
@@ -241,8 +243,9 @@ def attention_cams(
         >>> attention_cams(m, torch.randn(1, 3, 32, 32), last_k=2).shape
         torch.Size([1, 3, 2, 2])
     """
-    dims = check_shape("images", images, ["B", 3, "H", "W"], dtype="float")
+    check_shape("images", images, ["B", 3, "H", "W"], dtype="float")
     check_option("fuse", fuse, ("sum", "mean"))
+    refine = check_bool("refine", refine)
     adapter = vit_adapter(model)
     c = default_class_tokens(model, num_class_tokens, adapter=adapter, what="mct.attention_cams")
     entries = [(m, a) for _, m, a in find_attention_modules(model)]
@@ -250,7 +253,7 @@ def attention_cams(
     last_k = check_int("last_k", last_k)
     if not 1 <= last_k <= big_l:
         raise ValueError(f"last_k: expected a value in [1, {big_l}], got {last_k}")
-    image_size = adapter.check_image_size(model, (dims["H"], dims["W"]))
+    image_size = _check_images(adapter, model, images)
     h, w = adapter.grid(model, image_size)
     p0 = adapter.num_prefix_tokens(model)
     first_cam = big_l - last_k

@@ -23,7 +23,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from wsss_blocks._utils import compute_dtype, no_autocast
-from wsss_blocks._validate import ShapeError, check_int, check_option, check_shape, check_tensor
+from wsss_blocks._validate import (
+    Dims,
+    ShapeError,
+    check_bool,
+    check_instance,
+    check_int,
+    check_option,
+    check_shape,
+    check_size,
+    check_tensor,
+)
 from wsss_blocks.tokens import features_as_tokens, tokens_to_grid
 
 __all__ = ["patch_cam", "PatchCAM", "fused_cam", "FusedCAM"]
@@ -62,27 +72,28 @@ def patch_cam(
         >>> patch_cam(feats, torch.tensor([[1.0, 1.0]]), (1, 2), bias=torch.tensor([0.5]))
         tensor([[[[1.5000, 2.5000]]]])
     """
+    check_tensor("features", features, dtype="float")
+    check_tensor("weight", weight, dtype="float")
+    dims = Dims()
     if features.dim() == 4:
-        dims = check_shape("features", features, ["B", "D", "h", "w"], dtype="float")
+        check_shape("features", features, ["B", "D", "h", "w"], dims)
         grid = (dims["h"], dims["w"])
-        if size is not None and tuple(size) != grid:
+        if size is not None and check_size("size", size) != grid:
             raise ShapeError(f"features: a {grid[0]}x{grid[1]} map, but size={tuple(size)}")
         fmap = features
     else:
         if size is None:
             raise ShapeError("size: required when features are tokens (B, n, D); the grid never comes from sqrt(n)")
-        check_tensor("features", features, dtype="float")
-        fmap = tokens_to_grid(features_as_tokens("features", features, size), size)
-    d = fmap.shape[1]
+        fmap = tokens_to_grid(features_as_tokens("features", features, size, dims), size)
     if weight.dim() == 2:
-        check_shape("weight", weight, ["K", d], dtype="float")
+        check_shape("weight", weight, ["K", "D"], dims)
         weight = weight[:, :, None, None]
-    check_shape("weight", weight, ["K", d, "k", "k"], dtype="float")
+    check_shape("weight", weight, ["K", "D", "k", "k"], dims)
     k = weight.shape[-1]
     if k % 2 != 1:
         raise ShapeError(f"weight: expected an odd square kernel (k, k), got shape {tuple(weight.shape)}")
     if bias is not None:
-        check_shape("bias", bias, [weight.shape[0]], dtype="float")
+        check_shape("bias", bias, ["K"], dims, dtype="float")
         bias = bias.to(fmap.dtype)
     return F.conv2d(fmap, weight.to(fmap.dtype), bias, stride=1, padding=k // 2)
 
@@ -130,8 +141,11 @@ class PatchCAM(nn.Conv2d):
         kernel_size = check_int("kernel_size", kernel_size, low=1)
         if kernel_size % 2 != 1:
             raise ValueError(f"kernel_size: expected an odd size, got {kernel_size}")
+        bias = check_bool("bias", bias)
+        if dtype is not None and not check_instance("dtype", dtype, torch.dtype).is_floating_point:
+            raise ValueError(f"dtype: expected a floating dtype, got {dtype}")
         super().__init__(
-            in_dim, num_classes, kernel_size, stride=1, padding=kernel_size // 2, bias=bool(bias),
+            in_dim, num_classes, kernel_size, stride=1, padding=kernel_size // 2, bias=bias,
             device=device, dtype=dtype,
         )
 
