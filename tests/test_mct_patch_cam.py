@@ -49,10 +49,16 @@ def test_patch_cam_equals_conv2d_in_both_layouts_and_module():
     assert one.bias is None and one(tokens, (3, 5)).shape == (2, 2, 3, 5)
 
 
-def test_patch_cam_follows_the_features_dtype():
+def test_patch_cam_computes_mixed_dtypes_in_the_promoted_one():
     w = torch.randn(2, 4, 3, 3)
-    assert mct.patch_cam(torch.randn(1, 4, 2, 2).double(), w).dtype == torch.float64
-    assert mct.patch_cam(torch.randn(1, 4, 2, 2).bfloat16(), w, bias=torch.zeros(2)).dtype == torch.bfloat16
+    x = torch.randn(1, 4, 2, 2)
+    assert mct.patch_cam(x.double(), w).dtype == torch.float64
+    half = mct.patch_cam(x.bfloat16(), w, bias=torch.zeros(2))
+    assert half.dtype == torch.float32  # bfloat16 features with float32 weights: float32
+    torch.testing.assert_close(half, mct.patch_cam(x.bfloat16().float(), w, bias=torch.zeros(2)))
+    assert mct.patch_cam(x.bfloat16(), w.bfloat16()).dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert mct.patch_cam(x, w).dtype == torch.bfloat16  # autocast decides
 
 
 def test_patch_cam_errors():

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from wsss_blocks._utils import compute_dtype, no_autocast
+from wsss_blocks._utils import autocast_on, compute_dtype, no_autocast, promote
 from wsss_blocks._validate import (
     Dims,
     ShapeError,
@@ -53,7 +53,8 @@ def patch_cam(
     ``cams[b, c] = sum_d weight[c, d] * features[b, d]`` (correlated over a ``k x k``
     window, zero padding ``k // 2``, so the grid keeps its size) ``+ bias[c]``. Raw scores
     of any sign (the released code applies ReLU only when it fuses or saves the map).
-    The result follows the features' dtype; ``weight`` and ``bias`` are cast to it.
+    Mixed floating dtypes of ``features`` and ``weight`` are computed in the promoted one
+    (``bias`` follows); under autocast, autocast decides.
 
     Args:
         features: the last block's patch tokens (MCTformer: no final norm), as tokens with
@@ -94,8 +95,12 @@ def patch_cam(
         raise ShapeError(f"weight: expected an odd square kernel (k, k), got shape {tuple(weight.shape)}")
     if bias is not None:
         check_shape("bias", bias, ["K"], dims, dtype="float")
+    if autocast_on(fmap.device.type):  # autocast decides the precision of the convolution
+        return F.conv2d(fmap, weight, bias, stride=1, padding=k // 2)
+    fmap, weight = promote(fmap, weight)
+    if bias is not None:
         bias = bias.to(fmap.dtype)
-    return F.conv2d(fmap, weight.to(fmap.dtype), bias, stride=1, padding=k // 2)
+    return F.conv2d(fmap, weight, bias, stride=1, padding=k // 2)
 
 
 class PatchCAM(nn.Conv2d):
