@@ -1761,7 +1761,7 @@ def _(seed: int) -> Call:
                 rules={"last_k": Rule(1, 2)})
 
 
-@case("mct.patch_cam.patch_cam")
+@case("mct.patch_head.patch_cam")
 def _(seed: int) -> Call:
     r = Rand(seed)
     return Call(patch_cam, {"features": r.randn(B, N, D), "weight": r.randn(K, D, 3, 3), "size": (H, W),
@@ -1773,32 +1773,32 @@ def _(seed: int) -> Call:
                        Pert("weight: an even kernel", "dim", {"weight": r.randn(K, D, 2, 2)}, ("weight",), "error")])
 
 
-@case("mct.patch_cam.PatchCAM.__init__")
+@case("mct.patch_head.PatchCAM.__init__")
 def _(seed: int) -> Call:
     return Call(PatchCAM, {"in_dim": D, "num_classes": K, "kernel_size": 3, "bias": True, "device": None,
                            "dtype": torch.float32}, batch=None,
                 extra=[Pert("kernel_size=2 (even)", "option", {"kernel_size": 2}, ("kernel_size",), "error")])
 
 
-@case("mct.patch_cam.PatchCAM.forward")
+@case("mct.patch_head.PatchCAM.forward")
 def _(seed: int) -> Call:
     r = Rand(seed)
     torch.manual_seed(seed)
     return Call(PatchCAM(D, K).forward, {"features": r.randn(B, N, D), "size": (H, W)})
 
 
-@case("mct.patch_cam.fused_cam")
+@case("mct.patch_head.fused_cam")
 def _(seed: int) -> Call:
     r = Rand(seed)
     return Call(fused_cam, {"attn_cams": r.rand(B, K, H, W), "patch_cams": r.randn(B, K, H, W), "fuse": "geometric"})
 
 
-@case("mct.patch_cam.FusedCAM.__init__", "mct.patch_cam.FusedCAM.extra_repr")
+@case("mct.patch_head.FusedCAM.__init__", "mct.patch_head.FusedCAM.extra_repr")
 def _(seed: int) -> Call:
     return Call(lambda **kw: FusedCAM(**kw).extra_repr(), {"fuse": "geometric"}, batch=None)
 
 
-@case("mct.patch_cam.FusedCAM.forward")
+@case("mct.patch_head.FusedCAM.forward")
 def _(seed: int) -> Call:
     r = Rand(seed)
     return Call(FusedCAM().forward, {"attn_cams": r.rand(B, K, H, W), "patch_cams": r.randn(B, K, H, W)})

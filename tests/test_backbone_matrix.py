@@ -283,13 +283,13 @@ def _class_token_model(bb: Backbone, model: nn.Module, method: str) -> tuple[nn.
         if method == "DOEI":
             raise refused(lambda: doei.patch(model), TypeError, "unsupported attention class .*WindowAttention",
                           "No class token, and window attention (`doei.patch` refuses Swin's `WindowAttention`)")
-        raise refused(lambda: mct.add_class_tokens(model, K), ValueError, "has no class token",
+        raise refused(lambda: mct.add_class_tokens(model, K), ValueError, "has no class-token parameter",
                       "No class token (`add_class_tokens` refuses a model without one)")
     if bb.kind == "cnn":
         if method == "DOEI":
             raise refused(lambda: doei.patch(model), ValueError, "no attention module found",
                           "No attention and no class token (`doei.patch` finds no attention module)")
-        raise refused(lambda: mct.add_class_tokens(model, K), ValueError, "has no class token",
+        raise refused(lambda: mct.add_class_tokens(model, K), ValueError, "has no class-token parameter",
                       "No class token (`add_class_tokens` refuses a model without one)")
     if model.cls_token.shape[1] == K:
         return model, ""
@@ -352,13 +352,13 @@ def run_swtformer(bb: Backbone, model: nn.Module) -> Cell:
     labels = LABELS[:2]
     if bb.kind == "vit":
         if hasattr(model, "feature_info"):  # timm ViTs list their blocks as features, all at one stride
-            err, match = ValueError, "expected a 4-stage hierarchical model"
+            err, match = ValueError, "expected a hierarchical model with 4 stages whose strides double"
         else:
             err, match = TypeError, "has no feature_info"
         raise refused(lambda: SWTformer(model, K), err, match,
                       "SWTformer needs a four-stage hierarchical backbone (strides 4 to 32); a ViT has one grid")
     if bb.kind == "cnn":
-        raise refused(lambda: SWTformer(model, K), ValueError, "expected a 4-stage hierarchical model",
+        raise refused(lambda: SWTformer(model, K), ValueError, "expected a hierarchical model with 4 stages whose strides double",
                       "SWTformer needs four stages of strides 4 to 32 (a Swin); this ResNet lists five "
                       "feature levels and stops at stride 16")
     images = images_for(bb)

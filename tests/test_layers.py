@@ -79,3 +79,25 @@ def test_layers_point_one_way(rel, src, dst):
         assert dst_layer == "core", f"{rel}: a method imports {dst} ({dst_layer})"
     else:  # data, viz
         assert dst_layer == "core", f"{rel}: {src_layer} imports {dst} ({dst_layer})"
+
+
+def _packages() -> list[str]:
+    return ["wsss_blocks"] + sorted(
+        f"wsss_blocks.{p.parent.relative_to(PACKAGE).as_posix().replace('/', '.')}"
+        for p in PACKAGE.rglob("__init__.py") if p.parent != PACKAGE
+    )
+
+
+@pytest.mark.parametrize("package", _packages())
+def test_no_module_is_shadowed_by_a_name_its_package_exports(package):
+    """``import wsss_blocks.refine.par`` must give the module, not a function of that name."""
+    import importlib
+    import pkgutil
+    import types
+
+    pkg = importlib.import_module(package)
+    for sub in pkgutil.iter_modules(pkg.__path__):
+        attr = getattr(pkg, sub.name, None)
+        assert attr is None or isinstance(attr, types.ModuleType), (
+            f"{package}.{sub.name} is a module, but {package} exports a {type(attr).__name__} of that name"
+        )

@@ -52,10 +52,13 @@ def default_class_tokens(
     p0 = adapter.num_prefix_tokens(model)
     c = adapter.num_class_tokens(model) if num_class_tokens is None else check_int("num_class_tokens", num_class_tokens)
     if p0 == 0 or (num_class_tokens is None and c < 1):
+        fix = (
+            "build it with a class token (timm: class_token=True) and give it one per class with "
+            "mct.add_class_tokens(model, num_classes)"
+            if hasattr(model, "cls_token") else "it needs a ViT with class tokens (not a Swin or a CNN)"
+        )
         raise ValueError(
-            f"{what} needs class tokens, but {type(model).__name__} has none (num_prefix_tokens={p0}); build it "
-            f"with a class token (timm: class_token=True) and give it one per class with "
-            f"mct.add_class_tokens(model, num_classes)"
+            f"{what} needs class tokens, but {type(model).__name__} has none (num_prefix_tokens={p0}); {fix}"
         )
     if not 1 <= c <= p0:
         raise ValueError(f"num_class_tokens: expected 1 <= C <= num_prefix_tokens={p0}, got {c}")

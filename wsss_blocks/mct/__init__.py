@@ -21,7 +21,7 @@ Examples:
 
 from wsss_blocks.mct.checkpoints import LoadResult, load_mctformer
 from wsss_blocks.mct.class_tokens import FinalTokens, add_class_tokens, attention_cams, class_scores, final_tokens
-from wsss_blocks.mct.patch_cam import FusedCAM, PatchCAM, fused_cam, patch_cam
+from wsss_blocks.mct.patch_head import FusedCAM, PatchCAM, fused_cam, patch_cam
 
 __all__ = [
     "FinalTokens",

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from wsss_blocks._utils import compute_dtype
 from wsss_blocks._validate import ShapeError, check_bool, check_instance, check_option
 from wsss_blocks.mct.class_tokens import add_class_tokens
-from wsss_blocks.mct.patch_cam import PatchCAM
+from wsss_blocks.mct.patch_head import PatchCAM
 
 __all__ = ["LoadResult", "load_mctformer"]
 

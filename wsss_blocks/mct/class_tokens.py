@@ -94,6 +94,11 @@ def add_class_tokens(model: nn.Module, num_classes: int) -> nn.Module:
             "model is patched by DOEI, whose handle counted its class tokens at patch time; call "
             "doei.unpatch(model), then add_class_tokens, then doei.patch(model) again"
         )
+    if not hasattr(model, "cls_token"):
+        raise ValueError(
+            f"model: {type(model).__name__} has no class-token parameter (cls_token); multi-class tokens need a "
+            "ViT (not a Swin or a CNN)"
+        )
     cls = getattr(model, "cls_token", None)
     if cls is None:
         raise ValueError(

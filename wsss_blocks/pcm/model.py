@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from wsss_blocks._utils import empty_batch, to_model_dtype
 from wsss_blocks._validate import ShapeError, check_bool, check_int, check_option, check_range, check_shape
+from wsss_blocks.adapters import vit_adapter
 from wsss_blocks.outputs import LossOutput, weighted_total
 from wsss_blocks.pcm._common import BACKGROUNDS, Background
 from wsss_blocks.pcm.classifier import PatchClassifier, PCMOutput
@@ -35,6 +36,13 @@ def _backbone_dim(backbone: Any) -> int:
         raise TypeError(f"backbone: expected an nn.Module (a timm ViT), got {type(backbone).__name__}")
     if not callable(getattr(backbone, "forward_features", None)):
         raise TypeError(f"backbone: expected a timm ViT with forward_features, got {type(backbone).__name__}")
+    try:  # a ViT: token taps read its blocks (a Swin or a CNN has none; use PatchClassifier on its map)
+        vit_adapter(backbone).blocks(backbone)
+    except TypeError as err:
+        raise TypeError(
+            f"backbone: {str(err).removeprefix('model: ')}; on another backbone compose HVBiLSTM and "
+            "PatchClassifier on its feature map"
+        ) from None
     for name in ("num_features", "embed_dim"):
         dim = getattr(backbone, name, None)
         if isinstance(dim, int) and not isinstance(dim, bool):

@@ -354,9 +354,11 @@ class SWTformer(nn.Module):
             info = stage_info(backbone)
         except TypeError as err:
             raise TypeError(f"backbone: {str(err).removeprefix('model: ')}") from None
-        if len(info) != 4:
+        strides = [s.stride for s in info]
+        if len(info) != 4 or any(b != 2 * a for a, b in zip(strides, strides[1:], strict=False)):
             raise ValueError(
-                f"backbone: expected a 4-stage hierarchical model, {type(backbone).__name__} has {len(info)}"
+                f"backbone: expected a hierarchical model with 4 stages whose strides double (a Swin: 4, 8, "
+                f"16, 32), {type(backbone).__name__} has {len(info)} stages at strides {strides}"
             )
         self.backbone = backbone
         self.heads = SWTformerHead(
