@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping, Sequence
-from functools import reduce
 from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from wsss_blocks._utils import no_autocast
+from wsss_blocks._utils import no_autocast, promoted_dtype
 from wsss_blocks._validate import (
     Dims,
     ShapeError,
@@ -255,7 +254,7 @@ class SWTformerHead(nn.Module):
         if not terms:
             return SWTformerOutput(logits, cams, norm_cams, cams_with_bg, seeds, fused, rcams, None, None)
         # the total (and every term) in the widest term precision, as ``cls + w * gsc + ...`` promotes
-        wide = reduce(torch.promote_types, (t.dtype for t in terms.values()))
+        wide = promoted_dtype(*terms.values())
         terms = {k: t.to(wide) for k, t in terms.items()}
         weights = {"cls": 1.0, **{k: self.loss_weights[k] for k in terms if k != "cls"}}
         total = weighted_total(terms, loss_weights=weights)
