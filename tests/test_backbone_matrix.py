@@ -358,7 +358,8 @@ def run_swtformer(bb: Backbone, model: nn.Module) -> Cell:
         raise refused(lambda: SWTformer(model, K), err, match,
                       "SWTformer needs a four-stage hierarchical backbone (strides 4 to 32); a ViT has one grid")
     if bb.kind == "cnn":
-        raise refused(lambda: SWTformer(model, K), ValueError, "expected a hierarchical model with 4 stages whose strides double",
+        raise refused(lambda: SWTformer(model, K), ValueError,
+                      "expected a hierarchical model with 4 stages whose strides double",
                       "SWTformer needs four stages of strides 4 to 32 (a Swin); this ResNet lists five "
                       "feature levels and stops at stride 16")
     images = images_for(bb)
