@@ -46,6 +46,7 @@ def shipped_files() -> list[Path]:
     files |= set((ROOT / "benchmarks" / "results").glob("*.json"))
     files |= set((ROOT / "benchmarks" / "results").glob("*.jsonl"))
     files |= set((ROOT / "examples" / "configs").glob("*.json"))
+    files |= set((ROOT / "examples").glob("*.md"))
     return sorted(f for f in files if f.is_file())
 
 
@@ -63,7 +64,7 @@ def test_the_file_set_is_what_ships() -> None:
     rel = {f.relative_to(ROOT).as_posix() for f in shipped_files()}
     for must in ("README.md", "CHANGELOG.md", "mkdocs.yml", "pyproject.toml", "docs/index.md",
                  "wsss_blocks/__init__.py", "examples/train.py", "benchmarks/results_tables.py",
-                 "benchmarks/results/synthetic_cpu.json"):
+                 "benchmarks/results/synthetic_cpu.json", "examples/README.md"):
         assert must in rel, must
 
 
