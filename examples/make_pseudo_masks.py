@@ -63,6 +63,7 @@ from _config import ConfigError, TrainConfig, check_scales  # noqa: E402
 from _config import _Parser as _ConfigParser  # noqa: E402
 from _data import build_datasets  # noqa: E402
 from _evaluate import cam_maps  # noqa: E402
+from _process import exit_process  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 from wsss_blocks.cam import pseudo_labels  # noqa: E402
@@ -446,4 +447,5 @@ if __name__ == "__main__":
         main()
     except (ConfigError, MaskError, ImportError) as err:
         print(f"make_pseudo_masks.py: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        exit_process(2)
+    exit_process(0)

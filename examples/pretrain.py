@@ -46,6 +46,7 @@ import torch.nn.functional as F  # noqa: E402
 from _checkpoint import load_checkpoint, save_checkpoint, set_rng_state  # noqa: E402
 from _config import DATASET_DEFAULTS  # noqa: E402
 from _optim import build_optimizer, build_scheduler  # noqa: E402
+from _process import exit_process  # noqa: E402
 from _report import JsonlWriter  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
@@ -422,3 +423,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     main()
+    exit_process(0)

@@ -50,6 +50,7 @@ from _decoder import LargeFOV  # noqa: E402
 from _evaluate import evaluate, save_panels  # noqa: E402
 from _evaluate import vis_batch as make_vis_batch  # noqa: E402
 from _optim import build_optimizer, build_scheduler  # noqa: E402
+from _process import exit_process  # noqa: E402
 from _report import JsonlWriter, format_table, plot_curves, read_jsonl  # noqa: E402
 from recipes import LoopServices, Recipe, get_recipe, parse_options  # noqa: E402
 from recipes.base import LossTerm  # noqa: E402
@@ -805,7 +806,8 @@ if __name__ == "__main__":
         main()
     except ConfigError as err:
         print(f"train.py: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        exit_process(2)
     except (RunError, DataFileError) as err:
         print(f"train.py: error: {err}", file=sys.stderr)
-        sys.exit(1)
+        exit_process(1)
+    exit_process(0)

@@ -395,6 +395,19 @@ def test_ddp_two_process_gloo_smoke(tmp_path: Path, name: str) -> None:
     assert summary["final"]["cam_miou"] >= 0.0
 
 
+@pytest.mark.parametrize(("world_size", "code"), [("1", 0), ("1", 3), ("2", 0), ("2", 3)])
+def test_exit_process_keeps_the_status_and_flushes(world_size: str, code: int) -> None:
+    # Under a launcher the scripts leave without interpreter shutdown (gloo's worker threads may
+    # still free finished collectives then, which aborts the process): the status is the run's and
+    # the buffered output still arrives.
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); from _process import exit_process; "
+              "print('written', end=''); print('err', end='', file=sys.stderr); exit_process(int(sys.argv[2]))")
+    env = dict(os.environ, WORLD_SIZE=world_size)
+    res = subprocess.run([sys.executable, "-c", script, str(EXAMPLES), str(code)], capture_output=True,
+                         text=True, timeout=60, env=env)
+    assert (res.returncode, res.stdout, res.stderr) == (code, "written", "err")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name", sorted(RECIPE_OPTS))
