@@ -18,12 +18,7 @@ import os
 import sys
 from typing import NoReturn
 
-__all__ = ["launched_distributed", "exit_process"]
-
-
-def launched_distributed() -> bool:
-    """Whether a ``torch.distributed`` launcher started this process with more than one rank."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+__all__ = ["exit_process"]
 
 
 def exit_process(code: int = 0) -> NoReturn:
@@ -31,7 +26,7 @@ def exit_process(code: int = 0) -> NoReturn:
 
     Call it only from a script's ``__main__`` block, after every file is written and closed.
     """
-    if not launched_distributed():
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:  # not started by a launcher with several ranks
         sys.exit(code)
     sys.stdout.flush()
     sys.stderr.flush()
